@@ -1,0 +1,58 @@
+# bnbook: every command a reader or CI needs. `make book` and `make test` do
+# all set-up on a fresh machine (a virtual environment in .venv with the
+# pinned set from requirements-lock.txt); re-running them reinstalls nothing
+# unless the lock file or pyproject.toml changed.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# One thread per process: the notebooks' printed numbers must not depend on
+# how many cores a reader has (reduction order changes the last bits).
+export OMP_NUM_THREADS ?= 1
+export MKL_NUM_THREADS ?= 1
+export PYDEVD_DISABLE_FILE_VALIDATION := 1
+export MPLBACKEND := Agg
+
+.PHONY: help setup book test test-unit test-notebooks test-book bench lab clean
+
+help:
+	@echo "make book   build the HTML book in _build/html (executes every chapter fresh)"
+	@echo "make test   run every test: bnlib unit/property tests, nbval on the chapters, the book build and a browser check"
+	@echo "make bench  time bnlib against torch's native batch norm"
+	@echo "make lab    open the chapters in JupyterLab from the project's environment"
+
+setup: $(STAMP)
+
+$(STAMP): requirements-lock.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-lock.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	@touch $(STAMP)
+
+book: $(STAMP)
+	rm -rf _build/html _build/.doctrees _build/jupyter_execute
+	$(VENV)/bin/jupyter-book build . -W -n --keep-going
+	@echo
+	@echo "The book is built: open $(CURDIR)/_build/html/index.html"
+
+# The book is built first: its build executes every chapter, and the browser
+# test reads the HTML it leaves in _build/html.
+test: book
+	$(PY) -m pytest -q -p no:cacheprovider --nbval --nbval-current-env --nbval-sanitize-with tests/sanitize.cfg tests chapters
+
+test-unit: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider tests -m "not browser"
+
+test-notebooks: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider --nbval --nbval-current-env --nbval-sanitize-with tests/sanitize.cfg chapters
+
+bench: $(STAMP)
+	$(PY) bench/bench_batchnorm.py
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab chapters
+
+clean:
+	rm -rf _build .pytest_cache .hypothesis
