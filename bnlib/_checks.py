@@ -1,0 +1,56 @@
+"""Argument checks shared by every BN variant (NumPy and torch paths).
+
+They raise ``ValueError`` before any state is touched, with a message that
+says what was expected and what came (the contract's "Bad input" section).
+Shapes are passed in, so this file imports neither NumPy nor torch.
+"""
+
+import math
+
+
+def check_norm_args(num_features, eps, momentum):
+    """Validate constructor arguments: ``num_features >= 1``, ``eps > 0``,
+    ``momentum`` in ``[0, 1]`` or ``None`` (cumulative average)."""
+    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+        raise ValueError(f"num_features must be an integer >= 1, got {num_features!r}")
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not (eps > 0) or math.isinf(eps):
+        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+    if momentum is not None:
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not (0.0 <= momentum <= 1.0):
+            raise ValueError(f"momentum must be a number in [0, 1] or None, got {momentum!r}")
+
+
+def check_input_dims(class_name, shape, allowed_dims):
+    """The number of dimensions must be one of ``allowed_dims`` (e.g. (2, 3))."""
+    ndim = len(shape)
+    if ndim not in allowed_dims:
+        expected = " or ".join(f"{d}D" for d in allowed_dims)
+        raise ValueError(f"{class_name} expected {expected} input (got {ndim}D input)")
+
+
+def check_num_channels(class_name, shape, num_features):
+    """The channel axis (axis 1) must have ``num_features`` entries."""
+    if len(shape) < 2 or shape[1] != num_features:
+        got = shape[1] if len(shape) >= 2 else "no channel axis"
+        raise ValueError(
+            f"{class_name} expected input with {num_features} channels (num_features) "
+            f"on axis 1, got {got} (input shape {tuple(shape)})"
+        )
+
+
+def values_per_channel(shape):
+    """How many values each channel holds: ``m = N * prod(spatial dims)``."""
+    count = shape[0]
+    for size in shape[2:]:
+        count *= size
+    return count
+
+
+def check_batch_size(shape, size_text=None):
+    """Training needs more than one value per channel, or the variance is 0/0.
+
+    ``size_text`` is how the shape is printed (torch prints ``torch.Size([1, 3])``).
+    """
+    if values_per_channel(shape) == 1:
+        shown = size_text if size_text is not None else str(tuple(shape))
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {shown}")

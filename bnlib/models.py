@@ -1,0 +1,201 @@
+r"""Small fully connected networks for the book's experiments.
+
+``make_mlp`` builds a multilayer perceptron as one flat ``nn.Sequential``
+whose layers have readable names, so hooks and plots can find them::
+
+    fc1 -> [norm1] -> act1 -> fc2 -> [norm2] -> act2 -> ... -> act{depth} -> out
+
+Hidden layer ``l`` computes the pre-activation ``z`` and the activation
+
+.. math::
+
+    z^{[l]} = W^{[l]} a^{[l-1]} + b^{[l]}, \qquad
+    a^{[l]} = f\bigl(\mathrm{BN}(z^{[l]})\bigr) \ \text{(with norm)} \quad\text{or}\quad
+    a^{[l]} = f(z^{[l]}) \ \text{(without)},
+
+with ``a^{[0]} = x`` of shape ``(N, in_features)``; ``out`` maps the last
+activation to ``out_features`` logits. BN sits between the linear map and the
+activation function, as in Ioffe and Szegedy (2015).
+
+The activation functions and their derivatives (closed forms) live here too:
+
+.. math::
+
+    \sigma(z) = \frac{1}{1 + e^{-z}},\quad \sigma'(z) = \sigma(z)(1 - \sigma(z)),\qquad
+    \tanh'(z) = 1 - \tanh^2(z),\qquad \mathrm{relu}'(z) = [z > 0].
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+__all__ = [
+    "ACTIVATIONS",
+    "activation_derivative",
+    "make_mlp",
+    "get_layers",
+]
+
+#: The activation functions ``make_mlp`` accepts, by name.
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "relu": nn.ReLU,
+}
+
+
+def _check_activation(name: str) -> str:
+    if name not in ACTIVATIONS:
+        raise ValueError(
+            f"activation must be one of {sorted(ACTIVATIONS)}, got {name!r}"
+        )
+    return name
+
+
+def activation_derivative(z: torch.Tensor, name: str) -> torch.Tensor:
+    r"""The derivative ``f'(z)`` elementwise, in closed form, same shape as ``z``.
+
+    - ``"sigmoid"``: :math:`\sigma(z)(1-\sigma(z))`, largest (1/4) at ``z = 0``
+    - ``"tanh"``: :math:`1 - \tanh^2(z)`, largest (1) at ``z = 0``
+    - ``"relu"``: 1 where ``z > 0``, else 0
+    """
+    _check_activation(name)
+    z = torch.as_tensor(z)
+    if name == "sigmoid":
+        s = torch.sigmoid(z)
+        return s * (1 - s)
+    if name == "tanh":
+        return 1 - torch.tanh(z) ** 2
+    return (z > 0).to(z.dtype if z.is_floating_point() else torch.get_default_dtype())
+
+
+def _norm_factory(norm: str | None, norm_layer: Callable[[int], nn.Module] | None):
+    if norm is not None and norm_layer is not None:
+        raise ValueError("give norm or norm_layer, not both")
+    if norm_layer is not None:
+        return norm_layer
+    if norm is None:
+        return None
+    if norm == "bn":
+        import bnlib.nn  # imported here so models works without the core loaded
+
+        return bnlib.nn.BatchNorm1d
+    raise ValueError(f"norm must be None or 'bn', got {norm!r}")
+
+
+def make_mlp(
+    in_features: int,
+    hidden: int | Sequence[int],
+    out_features: int,
+    depth: int | None = None,
+    activation: str = "tanh",
+    norm: str | None = None,
+    weight_scale: float | None = None,
+    *,
+    bias: bool | None = None,
+    bias_init: float | None = None,
+    norm_layer: Callable[[int], nn.Module] | None = None,
+    seed: int | None = None,
+) -> nn.Sequential:
+    r"""A multilayer perceptron ``fc1, [norm1,] act1, ..., fc{depth}, [norm{depth},] act{depth}, out``.
+
+    Parameters
+    ----------
+    in_features, out_features
+        Input width and number of outputs (logits). Input shape ``(N, in_features)``,
+        output shape ``(N, out_features)``.
+    hidden
+        Width of every hidden layer (an int, then ``depth`` is required), or
+        one width per hidden layer (then ``depth`` is ``None`` or ``len(hidden)``).
+    activation
+        ``"tanh"``, ``"sigmoid"`` or ``"relu"``.
+    norm
+        ``None`` (no normalization) or ``"bn"``: a ``bnlib.nn.BatchNorm1d``
+        between each hidden linear layer and its activation.
+    norm_layer
+        Instead of ``norm``: any factory ``num_features -> nn.Module`` (for
+        example ``torch.nn.BatchNorm1d``); its layers are named ``norm{l}`` too.
+    weight_scale
+        ``None``: torch's default initialization. A number ``s``: hidden weights
+        drawn from :math:`\mathcal{N}(0, s^2 / \text{fan\_in})` and biases set to
+        0, so ``s = 1`` keeps the variance of a linear map's output equal to that
+        of its input; the ``out`` layer then gets ``s = 1``.
+    bias
+        Whether hidden linear layers have a bias. Default: only without a
+        normalization layer, because BN subtracts the mean and ``b`` cancels.
+    bias_init
+        If given, every hidden bias is set to this constant (needs a bias).
+    seed
+        If given, the parameters are drawn from ``torch.manual_seed(seed)``
+        without touching the caller's global random state.
+    """
+    if isinstance(hidden, int):
+        if depth is None:
+            raise ValueError("depth is required when hidden is an int")
+        widths = [hidden] * depth
+    else:
+        widths = [int(h) for h in hidden]
+        if depth is not None and depth != len(widths):
+            raise ValueError(f"depth={depth} but {len(widths)} hidden widths were given")
+    if len(widths) < 1 or min(widths) < 1:
+        raise ValueError(f"need at least one hidden layer of width >= 1, got widths {widths}")
+    if in_features < 1 or out_features < 1:
+        raise ValueError(
+            f"in_features and out_features must be >= 1, got {in_features} and {out_features}"
+        )
+    _check_activation(activation)
+    factory = _norm_factory(norm, norm_layer)
+    if bias is None:
+        bias = factory is None
+    if bias_init is not None and not bias:
+        raise ValueError("bias_init needs hidden biases: pass bias=True")
+    if weight_scale is not None and not weight_scale > 0:
+        raise ValueError(f"weight_scale must be > 0 or None, got {weight_scale}")
+
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        layers: OrderedDict[str, nn.Module] = OrderedDict()
+        fan_in = in_features
+        for l, width in enumerate(widths, start=1):
+            fc = nn.Linear(fan_in, width, bias=bias)
+            if weight_scale is not None:
+                _normal_init(fc, weight_scale)
+            if bias_init is not None:
+                nn.init.constant_(fc.bias, bias_init)
+            layers[f"fc{l}"] = fc
+            if factory is not None:
+                layers[f"norm{l}"] = factory(width)
+            layers[f"act{l}"] = ACTIVATIONS[activation]()
+            fan_in = width
+        out = nn.Linear(fan_in, out_features)
+        if weight_scale is not None:
+            _normal_init(out, 1.0)
+        layers["out"] = out
+    return nn.Sequential(layers)
+
+
+def _normal_init(fc: nn.Linear, scale: float) -> None:
+    """W ~ N(0, scale^2 / fan_in), b = 0."""
+    with torch.no_grad():
+        fc.weight.normal_(0.0, scale / fc.in_features**0.5)
+        if fc.bias is not None:
+            fc.bias.zero_()
+
+
+def get_layers(model: nn.Module, kind: str) -> list[nn.Module]:
+    """The hidden layers of one kind, in order: ``kind`` is ``"fc"``, ``"norm"`` or ``"act"``.
+
+    ``get_layers(model, "fc")`` is ``[model.fc1, model.fc2, ...]``.
+    """
+    if kind not in ("fc", "norm", "act"):
+        raise ValueError(f"kind must be 'fc', 'norm' or 'act', got {kind!r}")
+    found = []
+    for name, module in model.named_children():
+        if name.startswith(kind) and name[len(kind):].isdigit():
+            found.append((int(name[len(kind):]), module))
+    return [m for _, m in sorted(found, key=lambda p: p[0])]

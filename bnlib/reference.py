@@ -1,0 +1,246 @@
+r"""Batch Normalization in NumPy: the math on the page.
+
+For an input ``x`` of shape ``(N, C, *spatial)`` the statistics of channel
+``c`` are taken over every axis except 1, i.e. over the
+``m = N * prod(spatial)`` values that channel holds in the mini-batch:
+
+.. math::
+
+    \mu = \frac{1}{m} \sum_i x_i, \qquad
+    \mathrm{var} = \frac{1}{m} \sum_i (x_i - \mu)^2, \qquad
+    \hat{x}_i = \frac{x_i - \mu}{\sqrt{\mathrm{var} + \epsilon}}, \qquad
+    y_i = \gamma \hat{x}_i + \beta.
+
+The names in the code are the book's: ``mu``, ``var``, ``x_hat``, ``gamma``,
+``beta``, ``eps``, ``momentum``. float64 is the reference precision; float32
+is accepted (float16 is computed in float32). This module never imports torch.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from bnlib._checks import (
+    check_batch_size,
+    check_input_dims,
+    check_norm_args,
+    check_num_channels,
+    values_per_channel,
+)
+
+__all__ = ["batchnorm_forward", "batchnorm_backward", "BatchNorm", "BatchNormCache"]
+
+
+def _stat_axes(x):
+    """Every axis except the channel axis 1: (0, 2, 3, ...)."""
+    return (0,) + tuple(range(2, x.ndim))
+
+
+def _per_channel(v, ndim):
+    """Reshape a per-channel vector (C,) to (1, C, 1, ...) so it broadcasts."""
+    return np.reshape(v, (1, -1) + (1,) * (ndim - 2))
+
+
+def _compute_dtype(x):
+    return np.result_type(x.dtype, np.float32)
+
+
+@dataclass
+class BatchNormCache:
+    """What the backward pass needs from the forward pass."""
+
+    x_hat: np.ndarray  # normalized input, same shape as x
+    gamma: np.ndarray  # (C,), ones when the layer has no scale
+    invstd: np.ndarray  # (C,), 1 / sqrt(var + eps)
+    has_gamma: bool
+    has_beta: bool
+    mu: np.ndarray = None  # (C,) batch mean (None in eval mode)
+    var: np.ndarray = None  # (C,) biased batch variance (None in eval mode)
+    eval_mode: bool = False  # statistics were the running estimates (constants)
+
+
+def batchnorm_forward(x, gamma, beta, eps=1e-5):
+    """Training-mode batch norm with the statistics of this batch.
+
+    Args:
+        x: array ``(N, C, *spatial)``, 2 to 5 dims.
+        gamma, beta: arrays ``(C,)``, or ``None`` for no scale / no shift.
+        eps: added to the variance before the square root.
+
+    Returns:
+        ``(y, cache)``: ``y = gamma * x_hat + beta`` with the shape of ``x``,
+        and the :class:`BatchNormCache` for :func:`batchnorm_backward`.
+        ``cache.mu`` and ``cache.var`` are the batch statistics (biased var).
+    """
+    x = np.asarray(x)
+    dtype = _compute_dtype(x)
+    x = x.astype(dtype, copy=False)
+    axes = _stat_axes(x)
+    num_channels = x.shape[1]
+    if values_per_channel(x.shape) == 0:
+        # An empty batch has no statistics: NaN, which never reaches the
+        # running estimates (see BatchNorm._update_running_stats).
+        mu = np.full(num_channels, np.nan, dtype)
+        var = np.full(num_channels, np.nan, dtype)
+        gamma_vec = np.ones(num_channels, dtype) if gamma is None else np.asarray(gamma, dtype)
+        cache = BatchNormCache(x.copy(), gamma_vec, np.full(num_channels, np.nan, dtype),
+                               gamma is not None, beta is not None, mu, var)
+        return x.copy(), cache
+
+    mu = x.mean(axis=axes)
+    # Two passes: subtract the mean first, then average the squares. The
+    # one-pass E[x^2] - E[x]^2 cancels catastrophically when |mu| >> std.
+    x_centered = x - _per_channel(mu, x.ndim)
+    var = np.mean(x_centered * x_centered, axis=axes)
+    invstd = 1.0 / np.sqrt(var + eps)
+    x_hat = x_centered * _per_channel(invstd, x.ndim)
+
+    gamma_vec = np.ones(num_channels, dtype) if gamma is None else np.asarray(gamma, dtype)
+    y = x_hat * _per_channel(gamma_vec, x.ndim)
+    if beta is not None:
+        y = y + _per_channel(np.asarray(beta, dtype), x.ndim)
+
+    cache = BatchNormCache(x_hat, gamma_vec, invstd, gamma is not None, beta is not None, mu, var)
+    return y, cache
+
+
+def batchnorm_backward(dy, cache):
+    r"""Gradients of training-mode batch norm: ``(dx, dgamma, dbeta)``.
+
+    With ``m`` values per channel, the chain rule through ``mu`` and ``var``
+    collapses to the compact formula (derived in the chapter "The Batch
+    Normalization algorithm"):
+
+    .. math::
+
+        \frac{\partial L}{\partial \beta} = \sum_i dy_i, \qquad
+        \frac{\partial L}{\partial \gamma} = \sum_i dy_i \hat{x}_i,
+
+        dx_i = \frac{\gamma}{m \sqrt{\mathrm{var} + \epsilon}}
+               \Big(m\, dy_i - \sum_j dy_j - \hat{x}_i \sum_j dy_j \hat{x}_j\Big).
+
+    ``dgamma`` / ``dbeta`` are ``None`` when the forward had no gamma / beta.
+    """
+    dy = np.asarray(dy, dtype=cache.x_hat.dtype)
+    x_hat = cache.x_hat
+    ndim = x_hat.ndim
+    axes = _stat_axes(x_hat)
+    m = values_per_channel(x_hat.shape)
+
+    sum_dy = dy.sum(axis=axes)
+    sum_dy_x_hat = (dy * x_hat).sum(axis=axes)
+    if m == 0:
+        dx = np.zeros_like(x_hat)
+    else:
+        scale = _per_channel(cache.gamma * cache.invstd / m, ndim)
+        dx = scale * (m * dy - _per_channel(sum_dy, ndim) - x_hat * _per_channel(sum_dy_x_hat, ndim))
+    dgamma = sum_dy_x_hat if cache.has_gamma else None
+    dbeta = sum_dy if cache.has_beta else None
+    return dx, dgamma, dbeta
+
+
+class BatchNorm:
+    """A batch-norm layer with running statistics, for inputs ``(N, C, *spatial)``.
+
+    Training mode normalizes with the batch statistics and updates the running
+    estimates (PyTorch's convention):
+
+        ``running = (1 - momentum) * running + momentum * batch``
+
+    where the batch variance in the running estimate is the unbiased one,
+    ``var * m / (m - 1)``; ``momentum=None`` uses the cumulative average
+    (factor ``1 / num_batches_tracked``). Eval mode normalizes with the
+    running estimates. A channel whose batch statistics are not finite (NaN
+    or Inf in the batch) leaves its running estimates unchanged.
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True):
+        check_norm_args(num_features, eps, momentum)
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        self.gamma = np.ones(num_features) if affine else None
+        self.beta = np.zeros(num_features) if affine else None
+        self.dgamma = None
+        self.dbeta = None
+        if track_running_stats:
+            self.running_mean = np.zeros(num_features)
+            self.running_var = np.ones(num_features)
+            self.num_batches_tracked = 0
+        else:
+            self.running_mean = None
+            self.running_var = None
+            self.num_batches_tracked = None
+        self.training = True
+        self._cache = None
+
+    def train(self, mode=True):
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def _check_input(self, x):
+        check_input_dims(type(self).__name__, x.shape, (2, 3, 4, 5))
+        check_num_channels(type(self).__name__, x.shape, self.num_features)
+        if self.training:
+            check_batch_size(x.shape)
+
+    def forward(self, x):
+        x = np.asarray(x)
+        self._check_input(x)
+        use_batch_stats = self.training or not self.track_running_stats
+        if use_batch_stats:
+            with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+                y, cache = batchnorm_forward(x, self.gamma, self.beta, self.eps)
+            if self.training and self.track_running_stats:
+                self._update_running_stats(cache.mu, cache.var, values_per_channel(x.shape))
+        else:
+            y, cache = self._forward_with_running_stats(x)
+        self._cache = cache
+        return y
+
+    __call__ = forward
+
+    def _update_running_stats(self, mu, var, m):
+        self.num_batches_tracked += 1
+        factor = 1.0 / self.num_batches_tracked if self.momentum is None else self.momentum
+        unbiased_var = var * m / max(m - 1, 1)
+        finite = np.isfinite(mu) & np.isfinite(unbiased_var)
+        new_mean = (1 - factor) * self.running_mean + factor * mu
+        new_var = (1 - factor) * self.running_var + factor * unbiased_var
+        self.running_mean = np.where(finite, new_mean, self.running_mean)
+        self.running_var = np.where(finite, new_var, self.running_var)
+
+    def _forward_with_running_stats(self, x):
+        """Eval mode: ``x_hat = (x - running_mean) / sqrt(running_var + eps)``."""
+        dtype = _compute_dtype(x)
+        x = x.astype(dtype, copy=False)
+        invstd = 1.0 / np.sqrt(self.running_var + self.eps)
+        x_hat = (x - _per_channel(self.running_mean, x.ndim)) * _per_channel(invstd, x.ndim)
+        gamma = np.ones(self.num_features, dtype) if self.gamma is None else self.gamma
+        y = x_hat * _per_channel(gamma, x.ndim)
+        if self.beta is not None:
+            y = y + _per_channel(self.beta, x.ndim)
+        cache = BatchNormCache(x_hat, gamma, invstd, self.gamma is not None, self.beta is not None, eval_mode=True)
+        return y.astype(dtype, copy=False), cache
+
+    def backward(self, dy):
+        """Gradient of the last forward; sets ``self.dgamma`` and ``self.dbeta``."""
+        if self._cache is None:
+            raise ValueError("backward() called before forward()")
+        cache = self._cache
+        if cache.eval_mode:
+            # The statistics are constants: y is an affine map of x.
+            dy = np.asarray(dy, dtype=cache.x_hat.dtype)
+            axes = _stat_axes(cache.x_hat)
+            dx = dy * _per_channel(cache.gamma * cache.invstd, dy.ndim)
+            dgamma = (dy * cache.x_hat).sum(axis=axes) if cache.has_gamma else None
+            dbeta = dy.sum(axis=axes) if cache.has_beta else None
+        else:
+            dx, dgamma, dbeta = batchnorm_backward(dy, cache)
+        self.dgamma, self.dbeta = dgamma, dbeta
+        return dx
