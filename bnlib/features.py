@@ -185,9 +185,12 @@ def whitening_fit(X, method="zca", eps=1e-5):
     lam = np.clip(lam, 0.0, None)          # round-off can make tiny ones negative
     signs = np.sign(U[np.argmax(np.abs(U), axis=0), np.arange(U.shape[1])])
     U = U * signs
+    if eps == 0 and lam[-1] <= lam[0] * lam.shape[0] * np.finfo(float).eps:
+        raise ValueError(
+            f"the covariance is singular (eigenvalues from {lam[0]:.3g} down to {lam[-1]:.3g}): "
+            "whitening needs eps > 0"
+        )
     scale = 1.0 / np.sqrt(lam + eps)
-    if not np.all(np.isfinite(scale)):
-        raise ValueError("the covariance is singular: whitening needs eps > 0")
     W = scale[:, None] * U.T               # (Lambda + eps)^{-1/2} U^T
     if method == "zca":
         W = U @ W                           # U (Lambda + eps)^{-1/2} U^T

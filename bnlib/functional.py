@@ -41,12 +41,25 @@ def _per_channel(v, ndim):
     return v.view((1, -1) + (1,) * (ndim - 2))
 
 
+def _fma(shift, x, scale, out=None):
+    """``x * scale + shift`` in one pass; ``shift`` and ``scale`` are (C,).
+
+    The shift is expanded to x's shape first: with a (1, C, 1, 1) first
+    operand, ``torch.addcmul`` on CPU picks a slow iteration order (measured
+    up to 10x slower on (4096, 1024)).
+    """
+    ndim = x.dim()
+    return torch.addcmul(_per_channel(shift, ndim).expand_as(x), x, _per_channel(scale, ndim), out=out)
+
+
 def _stat_dims(ndim):
     return [0] + list(range(2, ndim))
 
 
-def _batch_mean_var(x):
-    """Per-channel mean and biased variance, and the centered input.
+def _batch_stats(x):
+    """Per-channel mean and biased variance, the centered input, and a
+    scratch buffer of x's shape (the squares), which the caller reuses for
+    the output so the forward pass allocates two tensors, not three.
 
     Two passes, stable in float32 for any mean: the one-pass
     ``E[x^2] - E[x]^2`` loses every digit when ``|mu| >> std``.
@@ -54,8 +67,9 @@ def _batch_mean_var(x):
     dims = _stat_dims(x.dim())
     mu = x.mean(dims)
     x_centered = x - _per_channel(mu, x.dim())
-    var = torch.linalg.vector_norm(x_centered, dim=dims).square_() / max(values_per_channel(x.shape), 1)
-    return mu, var, x_centered
+    squares = torch.mul(x_centered, x_centered)
+    var = squares.mean(dims)
+    return mu, var, x_centered, squares
 
 
 class BatchNormTrainFunction(torch.autograd.Function):
@@ -69,14 +83,13 @@ class BatchNormTrainFunction(torch.autograd.Function):
     def forward(ctx, input, weight, bias, eps):
         x = input.to(_compute_dtype(input.dtype))
         ndim = x.dim()
-        mu, var, x_centered = _batch_mean_var(x)
+        mu, var, x_centered, y = _batch_stats(x)
         invstd = torch.rsqrt(var + eps)
-        # y = gamma * (x - mu) * invstd + beta, in one pass over x_centered.
+        # y = gamma * (x - mu) * invstd + beta, one pass over x_centered,
+        # written into the scratch buffer of the squares (no new allocation).
         scale = invstd if weight is None else invstd * weight.to(x.dtype)
-        if bias is None:
-            y = x_centered * _per_channel(scale, ndim)
-        else:
-            y = torch.addcmul(_per_channel(bias.to(x.dtype), ndim), x_centered, _per_channel(scale, ndim))
+        shift = torch.zeros_like(scale) if bias is None else bias.to(x.dtype)
+        _fma(shift, x_centered, scale, out=y)
         ctx.save_for_backward(x_centered, invstd, weight)
         ctx.has_bias = bias is not None
         ctx.mark_non_differentiable(mu, var)
@@ -104,12 +117,13 @@ class BatchNormTrainFunction(torch.autograd.Function):
         dy32 = dy.to(x_centered.dtype)
 
         sum_dy = dy32.sum(dims)
-        sum_dy_x_hat = (dy32 * x_centered).sum(dims) * invstd
+        products = torch.mul(dy32, x_centered)  # reused below as dx's buffer
+        sum_dy_x_hat = products.sum(dims) * invstd
 
         grad_input = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             k = invstd if weight is None else invstd * weight.to(invstd.dtype)
-            dx = torch.addcmul(_per_channel(-k * sum_dy / m, ndim), dy32, _per_channel(k, ndim))
+            dx = _fma(-k * sum_dy / m, dy32, k, out=products)
             dx.addcmul_(x_centered, _per_channel(-k * invstd * sum_dy_x_hat / m, ndim))
             grad_input = dx.to(dy.dtype)
         if weight is not None and ctx.needs_input_grad[1]:
@@ -137,7 +151,7 @@ class BatchNormEvalFunction(torch.autograd.Function):
         shift = -mean * scale
         if bias is not None:
             shift = shift + bias.to(dtype)
-        y = torch.addcmul(_per_channel(shift, ndim), x, _per_channel(scale, ndim))
+        y = _fma(shift, x, scale)
         ctx.save_for_backward(input, mean, invstd, scale, weight)
         ctx.has_bias = bias is not None
         return y.to(input.dtype)

@@ -1,0 +1,109 @@
+r"""Data sets for the book's experiments: generated here or bundled with scikit-learn.
+
+Nothing is downloaded. Inputs are standardized with statistics of the
+training split only (no data leakage): for feature ``j``,
+
+.. math::
+
+    \mu_j = \frac{1}{n}\sum_{i=1}^{n} x_{ij}, \qquad
+    \mathrm{std}_j = \sqrt{\frac{1}{n}\sum_{i=1}^{n} (x_{ij} - \mu_j)^2}, \qquad
+    x'_{ij} = \frac{x_{ij} - \mu_j}{\mathrm{std}_j},
+
+over the ``n`` training rows; a feature that is constant on the training
+split (``std_j = 0``, e.g. a pixel that is always blank) gets ``std_j = 1``
+so it stays 0 instead of becoming NaN.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+__all__ = [
+    "Split",
+    "fit_standardizer",
+    "standardize",
+    "load_digits_split",
+    "gaussian_blobs",
+]
+
+
+class Split(NamedTuple):
+    """A train/test split: ``x_*`` of shape ``(n, d)`` (float), ``y_*`` of shape ``(n,)`` (int64)."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+
+def fit_standardizer(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature ``(mu, std)`` of ``x`` (shape ``(n, d)``), biased std, 0 replaced by 1."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] < 1:
+        raise ValueError(f"expected a 2-D array (n, d) with n >= 1, got shape {x.shape}")
+    mu = x.mean(axis=0)
+    std = x.std(axis=0)
+    std = np.where(std > 0, std, 1.0)
+    return mu, std
+
+
+def standardize(x: np.ndarray, mu: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """``(x - mu) / std`` with statistics from :func:`fit_standardizer`."""
+    return (np.asarray(x, dtype=np.float64) - mu) / std
+
+
+def load_digits_split(
+    test_size: float = 0.25, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> Split:
+    """scikit-learn's 8x8 digits (1797 images, 64 features, 10 classes), split and standardized.
+
+    The split is stratified by class and reproducible (``seed``). Features are
+    standardized with the training split's ``mu`` and ``std`` only, then the
+    same transform is applied to the test split. Returns a :class:`Split` of
+    tensors: ``x_*`` of ``dtype`` and shape ``(n, 64)``, ``y_*`` int64 of shape ``(n,)``.
+    """
+    if not 0 < test_size < 1:
+        raise ValueError(f"test_size must be in (0, 1), got {test_size}")
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        digits.data, digits.target, test_size=test_size, random_state=seed, stratify=digits.target
+    )
+    mu, std = fit_standardizer(x_tr)
+    return Split(
+        torch.as_tensor(standardize(x_tr, mu, std), dtype=dtype),
+        torch.as_tensor(y_tr, dtype=torch.int64),
+        torch.as_tensor(standardize(x_te, mu, std), dtype=dtype),
+        torch.as_tensor(y_te, dtype=torch.int64),
+    )
+
+
+def gaussian_blobs(
+    n_samples: int,
+    n_features: int = 2,
+    n_classes: int = 2,
+    spread: float = 1.0,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Points around ``n_classes`` random centres: ``x = c_y + spread * e``.
+
+    Centres ``c_k ~ N(0, 4 I)`` in ``n_features`` dimensions, labels
+    ``y = i mod n_classes`` (balanced), noise ``e ~ N(0, I)``. Returns
+    ``x`` of shape ``(n_samples, n_features)`` and ``y`` (int64) of shape ``(n_samples,)``.
+    """
+    if n_samples < 1 or n_features < 1 or n_classes < 1:
+        raise ValueError(
+            "n_samples, n_features and n_classes must be >= 1, got "
+            f"{n_samples}, {n_features}, {n_classes}"
+        )
+    g = torch.Generator().manual_seed(seed)
+    centres = 2.0 * torch.randn(n_classes, n_features, generator=g, dtype=torch.float64)
+    y = torch.arange(n_samples) % n_classes
+    x = centres[y] + spread * torch.randn(n_samples, n_features, generator=g, dtype=torch.float64)
+    return x.to(dtype), y

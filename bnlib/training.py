@@ -1,0 +1,138 @@
+r"""A small, deterministic training loop for classifiers.
+
+One step on a mini-batch ``B`` of size ``m`` minimizes the mean
+cross-entropy
+
+.. math::
+
+    L = -\frac{1}{m} \sum_{i \in B} \log \operatorname{softmax}(f(x_i))_{y_i},
+
+with plain SGD (``w <- w - lr * (g + weight_decay * w)``, optionally with
+momentum) or Adam. Mini-batches are drawn without replacement from a fresh
+permutation every epoch, from a ``torch.Generator`` seeded with ``seed``, so
+the same call gives the same numbers every time (with one thread).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["History", "minibatches", "accuracy", "evaluate", "train"]
+
+
+@dataclass
+class History:
+    """One entry per update step: the step number (1, 2, ...), the batch loss and batch accuracy."""
+
+    step: list[int] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+    accuracy: list[float] = field(default_factory=list)
+
+
+def minibatches(
+    n: int, batch_size: int, generator: torch.Generator, drop_last: bool = True
+) -> Iterator[torch.Tensor]:
+    """Index tensors of one epoch: a random permutation of ``range(n)`` cut into batches.
+
+    With ``drop_last`` the last, smaller batch is skipped (BN needs more than
+    one sample, and equal batch sizes keep the statistics comparable).
+    """
+    if not 1 <= batch_size <= n:
+        raise ValueError(f"batch_size must be in [1, n={n}], got {batch_size}")
+    perm = torch.randperm(n, generator=generator)
+    stop = n - n % batch_size if drop_last else n
+    for start in range(0, stop, batch_size):
+        yield perm[start : start + batch_size]
+
+
+def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
+    """Fraction of rows of ``logits`` (``(N, K)``) whose argmax equals ``y`` (``(N,)``)."""
+    return float((logits.argmax(dim=1) == y).double().mean())
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """``(loss, accuracy)`` of ``model`` on ``(x, y)`` in eval mode, without gradients.
+
+    The model's mode is restored afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(x)
+            return float(F.cross_entropy(logits, y)), accuracy(logits, y)
+    finally:
+        model.train(was_training)
+
+
+def _optimizer(model, optimizer, lr, momentum, weight_decay):
+    if optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
+
+
+def train(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    steps: int | None = None,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    lr: float = 0.1,
+    optimizer: str = "sgd",
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    callback: Callable[[int, nn.Module], None] | None = None,
+) -> History:
+    """Train ``model`` on ``x`` (``(N, d)``) and labels ``y`` (``(N,)``) in training mode.
+
+    Give exactly one of ``steps`` (number of updates) or ``epochs`` (passes
+    over the data). ``batch_size=None`` means full-batch gradient descent.
+    ``callback(step, model)`` is called with ``step=0`` before the first update
+    and with ``step=t`` after update ``t``, so it sees the initial and every
+    later state. Returns a :class:`History`; the model is trained in place.
+    """
+    if (steps is None) == (epochs is None):
+        raise ValueError(f"give exactly one of steps or epochs, got steps={steps}, epochs={epochs}")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"x and y must have the same number of rows, got {x.shape[0]} and {y.shape[0]}")
+    n = x.shape[0]
+    m = n if batch_size is None else batch_size
+    per_epoch = n // m if m <= n else 0
+    if per_epoch < 1:
+        raise ValueError(f"batch_size must be in [1, n={n}], got {batch_size}")
+    total = steps if steps is not None else epochs * per_epoch
+    if total < 0:
+        raise ValueError(f"steps/epochs must be >= 0, got {steps if steps is not None else epochs}")
+    opt = _optimizer(model, optimizer, lr, momentum, weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    history = History()
+    model.train()
+    if callback is not None:
+        callback(0, model)
+    step = 0
+    while step < total:
+        for idx in minibatches(n, m, gen):
+            if step == total:
+                break
+            opt.zero_grad(set_to_none=True)
+            logits = model(x[idx])
+            loss = F.cross_entropy(logits, y[idx])
+            loss.backward()
+            opt.step()
+            step += 1
+            history.step.append(step)
+            history.loss.append(float(loss.detach()))
+            history.accuracy.append(accuracy(logits.detach(), y[idx]))
+            if callback is not None:
+                callback(step, model)
+    return history
