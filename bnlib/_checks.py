@@ -6,17 +6,21 @@ Shapes are passed in, so this file imports neither NumPy nor torch.
 """
 
 import math
+import numbers
 
 
 def check_norm_args(num_features, eps, momentum):
     """Validate constructor arguments: ``num_features >= 1``, ``eps > 0``,
-    ``momentum`` in ``[0, 1]`` or ``None`` (cumulative average)."""
-    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+    ``momentum`` in ``[0, 1]`` or ``None`` (cumulative average).
+
+    NumPy scalars are accepted like Python numbers (as torch does).
+    """
+    if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral) or num_features < 1:
         raise ValueError(f"num_features must be an integer >= 1, got {num_features!r}")
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not (eps > 0) or math.isinf(eps):
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (0 < eps < math.inf):
         raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
     if momentum is not None:
-        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not (0.0 <= momentum <= 1.0):
+        if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not (0 <= momentum <= 1):
             raise ValueError(f"momentum must be a number in [0, 1] or None, got {momentum!r}")
 
 

@@ -113,8 +113,12 @@ class BatchNormTrainFunction(torch.autograd.Function):
         x_centered, invstd, weight = ctx.saved_tensors
         ndim = x_centered.dim()
         dims = _stat_dims(ndim)
-        m = max(values_per_channel(x_centered.shape), 1)
+        m = values_per_channel(x_centered.shape)
         dy32 = dy.to(x_centered.dtype)
+        if m == 0:
+            # An empty batch: its statistics are NaN, but nothing depends on them.
+            invstd = torch.zeros_like(invstd)
+            m = 1
 
         sum_dy = dy32.sum(dims)
         products = torch.mul(dy32, x_centered)  # reused below as dx's buffer
