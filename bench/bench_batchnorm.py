@@ -27,11 +27,14 @@ def module_pair(shape):
     return cls[0](shape[1]), cls[1](shape[1])
 
 
+CLOCK = time.perf_counter
+
+
 def time_call(fn, reps):
-    start = time.perf_counter()
+    start = CLOCK()
     for _ in range(reps):
         fn()
-    return (time.perf_counter() - start) / reps
+    return (CLOCK() - start) / reps
 
 
 def torch_steps(module, x, dy):
@@ -85,11 +88,16 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--quick", action="store_true", help="few rounds, for a smoke test")
+    parser.add_argument("--clock", choices=["wall", "thread"], default="wall",
+                        help="'thread' counts only this thread's CPU time (steadier on a busy machine, "
+                             "meaningful with --threads 1)")
     args = parser.parse_args()
+    global CLOCK
+    CLOCK = time.thread_time if args.clock == "thread" else time.perf_counter
     torch.set_num_threads(args.threads)
     rounds = 3 if args.quick else args.rounds
 
-    print(f"torch {torch.__version__}, numpy {np.__version__}, {args.threads} thread(s), "
+    print(f"torch {torch.__version__}, numpy {np.__version__}, {args.threads} thread(s), {args.clock} clock, "
           f"median of {rounds} interleaved rounds; ratio = time / torch native time")
     header = f"{'shape':<20}{'pass':<9}{'native ms':>11}{'bnlib ms':>10}{'bnlib/native':>14}{'numpy ms':>10}{'numpy/native':>14}"
     print(header)

@@ -29,6 +29,7 @@ __all__ = [
     "standardize_fit",
     "standardize_apply",
     "standardize",
+    "standardize_by_batch",
     "minmax_fit",
     "minmax_apply",
     "minmax_scale",
@@ -105,6 +106,26 @@ def standardize(X_train, X_test=None):
     Z_train = standardize_apply(X_train, m, sigma)
     Z_test = None if X_test is None else standardize_apply(X_test, m, sigma)
     return Z_train, Z_test, m, sigma
+
+
+def standardize_by_batch(X, batch_size, seed=0):
+    """Standardize each random batch of rows with that batch's own statistics.
+
+    The rows are shuffled (``seed``) and cut into batches of ``batch_size``
+    (the last one may be smaller); each batch gets ``x_i <- (x_i - m_i) / sigma_i``
+    with its own ``m_i`` and ``sigma_i``, as batch normalization does in
+    training. Returns an array like X, rows in their original order: a row's
+    result depends on which other rows shared its batch.
+    """
+    X = _as_2d(X)
+    if not (isinstance(batch_size, (int, np.integer)) and batch_size >= 1):
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    order = np.random.default_rng(seed).permutation(X.shape[0])
+    Z = np.empty_like(X)
+    for start in range(0, X.shape[0], batch_size):
+        rows = order[start:start + batch_size]
+        Z[rows] = standardize_apply(X[rows], *standardize_fit(X[rows]))
+    return Z
 
 
 # --------------------------------------------------------------------------

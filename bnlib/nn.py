@@ -141,3 +141,8 @@ class BatchNorm3d(_BatchNorm):
     """Batch norm for ``(N, C, D, H, W)`` inputs: statistics over (N, D, H, W)."""
 
     allowed_dims = (5,)
+
+from bnlib.alternatives import LayerNorm, GroupNorm, InstanceNorm1d, InstanceNorm2d, BatchRenorm1d, BatchRenorm2d, weight_norm, spectral_norm  # noqa: E402
+
+from bnlib.sync_batchnorm import SyncBatchNorm  # noqa: E402
+from bnlib.ghost_batchnorm import GhostBatchNorm  # noqa: E402

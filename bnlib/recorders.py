@@ -202,21 +202,34 @@ def init_grad_norms(
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
+    wrt: str = "weight",
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
 ) -> np.ndarray:
-    """Per-layer weight gradient norms of ``loss_fn(model(x), y)``, without an update.
+    r"""Per-layer gradient norms of ``loss_fn(model(x), y)`` at the current parameters, without an update.
+
+    ``wrt="weight"``: :func:`weight_grad_norms`, :math:`\|\partial L/\partial W^{[l]}\|`
+    for every ``nn.Linear`` (the output layer last), shape ``(n_linear_layers,)``.
+    ``wrt="act_in"``: :math:`\|\partial L/\partial u^{[l]}\|` (Frobenius norm over
+    the batch) of every activation's input ``u`` (``z``, or ``BN(z)`` with BN),
+    the signal that backpropagation carries down, shape ``(n_hidden_layers,)``.
 
     Gradients are zeroed first and left in ``.grad``; BN running statistics are
     restored, so the model is exactly as before apart from ``.grad``.
-    Returns :func:`weight_grad_norms`, shape ``(n_linear_layers,)``.
     """
+    if wrt not in ("weight", "act_in"):
+        raise ValueError(f"wrt must be 'weight' or 'act_in', got {wrt!r}")
     saved = [b.detach().clone() for b in model.buffers()]
     model.zero_grad(set_to_none=True)
-    loss_fn(model(x), y).backward()
-    with torch.no_grad():
-        for b, s in zip(model.buffers(), saved):
-            b.copy_(s)
-    return weight_grad_norms(model)
+    try:
+        with record(model, grads=True) as rec:
+            loss_fn(model(x), y).backward()
+    finally:
+        with torch.no_grad():
+            for b, s in zip(model.buffers(), saved):
+                b.copy_(s)
+    if wrt == "weight":
+        return weight_grad_norms(model)
+    return np.array([float(g.norm()) if g is not None else float("nan") for g in rec.grad_act_in])
 
 
 def unit_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -249,15 +262,24 @@ def gaussian_w2(
     return torch.sqrt((mu_a - mu_b) ** 2 + (std_a - std_b) ** 2)
 
 
-def drift(x_a: torch.Tensor, x_b: torch.Tensor) -> float:
-    """Mean over units of :func:`gaussian_w2` between the unit stats of ``x_a`` and ``x_b``.
+def drift(x_a: torch.Tensor, x_b: torch.Tensor, relative: bool = False) -> float:
+    r"""How far a layer's distribution moved from ``x_a`` to ``x_b``: the mean over units of :func:`gaussian_w2`.
 
     ``x_a``, ``x_b``: the same layer's values at two moments, shapes ``(N, C, ...)``
-    with the same ``C``. Returns a float (0 when nothing moved).
+    (``N`` may differ) with the same ``C``. With ``relative=True`` the result is
+    divided by the mean per-unit std of ``x_a``, so layers of different scale
+    compare: :math:`\overline{W_2} / \overline{\mathrm{std}_a}`. Returns a float
+    (0 when nothing moved).
     """
-    if x_a.shape[1] != x_b.shape[1]:
-        raise ValueError(f"need the same number of units, got {x_a.shape[1]} and {x_b.shape[1]}")
-    return float(gaussian_w2(*unit_stats(x_a), *unit_stats(x_b)).mean())
+    if x_a.ndim < 2 or x_b.ndim < 2 or x_a.shape[1] != x_b.shape[1]:
+        raise ValueError(
+            f"need (N, C, ...) inputs with the same C, got shapes {tuple(x_a.shape)} and {tuple(x_b.shape)}"
+        )
+    mu_a, std_a = unit_stats(x_a)
+    w2 = gaussian_w2(mu_a, std_a, *unit_stats(x_b)).mean()
+    if relative:
+        w2 = w2 / std_a.mean()
+    return float(w2)
 
 
 class Snapshots:
@@ -283,11 +305,12 @@ class Snapshots:
             self.steps.append(step)
             self.recordings.append(probe(model, self.x_probe, train=self.train))
 
-    def drift(self, what: str = "act_in", reference: str = "previous") -> np.ndarray:
+    def drift(self, what: str = "act_in", reference: str = "previous", relative: bool = False) -> np.ndarray:
         """:func:`drift` of every layer between snapshots, shape ``(n_snapshots - 1, n_layers)``.
 
         ``what``: ``"z"``, ``"act_in"`` or ``"a"``. ``reference``: ``"previous"``
         (snapshot ``k`` vs ``k - 1``) or ``"first"`` (snapshot ``k`` vs the first).
+        ``relative``: divide by the reference's mean std (see :func:`drift`).
         """
         if what not in ("z", "act_in", "a"):
             raise ValueError(f"what must be 'z', 'act_in' or 'a', got {what!r}")
@@ -299,5 +322,5 @@ class Snapshots:
         out = []
         for k in range(1, len(layers)):
             ref = layers[k - 1] if reference == "previous" else layers[0]
-            out.append([drift(ref[l], layers[k][l]) for l in range(len(ref))])
+            out.append([drift(ref[l], layers[k][l], relative) for l in range(len(ref))])
         return np.array(out)

@@ -244,3 +244,5 @@ class BatchNorm:
             dx, dgamma, dbeta = batchnorm_backward(dy, cache)
         self.dgamma, self.dbeta = dgamma, dbeta
         return dx
+
+from bnlib.reference_alternatives import *  # noqa: E402,F401,F403

@@ -194,17 +194,24 @@ def errors(path, theta_star):
     return np.linalg.norm(np.asarray(path) - np.asarray(theta_star), axis=1)
 
 
-def measured_rate(path, theta_star, k=20):
-    """The error's shrink factor per step over the last k steps.
+def measured_rate(path, theta_star, k=20, floor=1e-12):
+    """The error's shrink factor per step, measured at the end of the path.
 
-    ``(||e_T|| / ||e_{T-k}||)^{1/k}``: the geometric mean of the last k ratios,
-    which tends to :func:`predicted_rate` once the slower direction dominates.
-    Use an even k: an error that flips sign every step is measured the same.
+    ``(||e_T|| / ||e_{T-k}||)^{1/k}``: the geometric mean of k successive
+    ratios, which tends to :func:`predicted_rate` once the slowest direction
+    dominates. ``T`` is the last step, or, if the error has fallen below
+    ``floor * ||e_0||`` (where round-off, not the rate, decides), the last step
+    above that floor; ``k`` shrinks to fit (at least 2). Keep k even: an error
+    that flips sign every step is then measured the same.
     """
     e = errors(path, theta_star)
     if len(e) <= k:
         raise ValueError(f"the path needs more than k={k} steps, got {len(e) - 1}")
-    return float((e[-1] / e[-1 - k]) ** (1.0 / k))
+    T = int(np.flatnonzero(e >= floor * e[0])[-1])
+    k = min(k, T - T % 2)
+    if k < 2:
+        raise ValueError(f"the error fell below floor={floor} within {T + 1} steps: too fast to measure")
+    return float((e[T] / e[T - k]) ** (1.0 / k))
 
 
 def iterations_to(values, tol):

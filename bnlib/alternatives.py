@@ -1,0 +1,867 @@
+r"""The alternatives to batch norm in torch, with hand-written backward passes.
+
+Drop-ins for torch's modules, with the same constructors, parameters, buffers
+and state-dict keys, outputs and gradients:
+
+- :class:`LayerNorm` (``torch.nn.LayerNorm``), :class:`GroupNorm`
+  (``torch.nn.GroupNorm``), :class:`InstanceNorm1d` / :class:`InstanceNorm2d`
+  (``torch.nn.InstanceNorm1d/2d``): normalize groups of values *of one sample*
+  (see ``bnlib.reference_alternatives`` for the math);
+- :func:`weight_norm` and :func:`spectral_norm`
+  (``torch.nn.utils.parametrizations.weight_norm`` / ``spectral_norm``):
+  reparametrize a weight, ``w = g v / ||v||`` and ``W_SN = W / sigma(W)``,
+  registered with ``torch.nn.utils.parametrize`` under the same names
+  (``parametrizations.weight.original0/original1``; ``original`` and
+  ``0._u`` / ``0._v``), so state dicts move between the two;
+
+and, where torch has none, :class:`BatchRenorm1d` / :class:`BatchRenorm2d`
+(Ioffe 2017), batch norm whose batch statistics are corrected towards the
+running ones by two constants ``r`` and ``d``.
+
+Every normalization is written as an ``torch.autograd.Function`` whose
+backward is batch norm's compact formula applied to the right groups of values
+(:func:`_rows_backward`), not autograd replaying the forward. float16 and
+bfloat16 inputs are computed in float32 and returned in their own dtype.
+
+The modules with running statistics derive from torch's own ``_NormBase`` (the
+base of ``torch.nn.InstanceNorm*d``), not from ``bnlib.nn._NormBase``: the
+buffers and state-dict handling are then torch's by construction, and this
+module does not import ``bnlib.nn`` (which re-exports these names on its last
+line, so importing either module first works).
+"""
+
+import math
+from numbers import Integral, Real
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _NormBase as _TorchNormBase
+from torch.nn.utils import parametrize
+
+from bnlib import functional as bnF
+from bnlib._checks import check_batch_size, check_input_dims, check_norm_args, check_num_channels, values_per_channel
+
+__all__ = [
+    "layer_norm",
+    "group_norm",
+    "instance_norm",
+    "batch_renorm",
+    "LayerNorm",
+    "GroupNorm",
+    "InstanceNorm1d",
+    "InstanceNorm2d",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "LinearRamp",
+    "paper_schedule",
+    "weight_norm",
+    "spectral_norm",
+]
+
+
+def _compute_dtype(dtype):
+    """Half inputs are computed in float32; float32 and float64 as they are."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _check_eps(eps):
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not (eps > 0) or math.isinf(eps):
+        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+
+
+def _check_positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+# --------------------------------------------------------------------------
+# One autograd Function for layer, group and instance norm
+# --------------------------------------------------------------------------
+
+
+def _rows_backward(dx_hat, x_hat, invstd):
+    r"""Batch norm's compact formula, per row of ``m`` values (last axis):
+
+    ``dx = invstd * (dx_hat - mean(dx_hat) - x_hat * mean(dx_hat * x_hat))``,
+
+    the ``- mean(dx_hat)`` term being the path through ``mu`` and the
+    ``- x_hat * mean(...)`` term the path through ``var``; ``gamma`` is
+    already inside ``dx_hat = dy * gamma``.
+    """
+    mean_dx_hat = dx_hat.mean(-1, keepdim=True)
+    mean_dx_hat_x_hat = (dx_hat * x_hat).mean(-1, keepdim=True)
+    return invstd * (dx_hat - mean_dx_hat - x_hat * mean_dx_hat_x_hat)
+
+
+class GroupedNormFunction(torch.autograd.Function):
+    """Normalize every row of ``input.reshape(row_shape)``; then ``y = x_hat * w + b``.
+
+    ``param_view`` is the shape ``weight`` and ``bias`` are viewed as to
+    broadcast against the input (``(1, C, 1, ...)`` per channel, or the
+    normalized shape for layer norm), ``param_dims`` the input dims summed for
+    their gradients. ``forward`` returns ``(y, mu, var)``, the per-row
+    statistics (shape ``row_shape[:-1]``, not differentiable).
+    """
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, row_shape, param_view, param_dims, eps):
+        x = input.to(_compute_dtype(input.dtype))
+        rows = x.reshape(row_shape)
+        mu = rows.mean(-1, keepdim=True)
+        x_centered = rows - mu  # two passes: stable when |mu| >> std
+        var = (x_centered * x_centered).mean(-1, keepdim=True)
+        invstd = torch.rsqrt(var + eps)
+        x_hat = (x_centered * invstd).reshape(x.shape)
+        y = x_hat if weight is None else x_hat * weight.to(x.dtype).view(param_view)
+        if bias is not None:
+            y = y + bias.to(x.dtype).view(param_view)
+        ctx.save_for_backward(x_hat, invstd, weight)
+        ctx.has_bias = bias is not None
+        ctx.bias_shape = None if bias is None else bias.shape
+        ctx.row_shape, ctx.param_view, ctx.param_dims = row_shape, param_view, param_dims
+        mu, var = mu.squeeze(-1), var.squeeze(-1)
+        ctx.mark_non_differentiable(mu, var)
+        return y.to(input.dtype), mu, var
+
+    @staticmethod
+    def backward(ctx, dy, _grad_mu, _grad_var):
+        x_hat, invstd, weight = ctx.saved_tensors
+        dy32 = dy.to(x_hat.dtype)
+        grad_input = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            dx_hat = dy32 if weight is None else dy32 * weight.to(x_hat.dtype).view(ctx.param_view)
+            dx = _rows_backward(dx_hat.reshape(ctx.row_shape), x_hat.reshape(ctx.row_shape), invstd)
+            grad_input = dx.reshape(x_hat.shape).to(dy.dtype)
+        param_dtype = weight.dtype if weight is not None else dy32.dtype
+        if weight is not None and ctx.needs_input_grad[1]:
+            grad_weight = (dy32 * x_hat).sum(ctx.param_dims).reshape(weight.shape).to(param_dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = dy32.sum(ctx.param_dims).reshape(ctx.bias_shape).to(param_dtype)
+        return grad_input, grad_weight, grad_bias, None, None, None, None
+
+
+def _channel_view(ndim):
+    return (1, -1) + (1,) * (ndim - 2)
+
+
+def _not_channel_dims(ndim):
+    return (0,) + tuple(range(2, ndim))
+
+
+# --------------------------------------------------------------------------
+# Functional forms (the signatures of torch.nn.functional's)
+# --------------------------------------------------------------------------
+
+
+def _normalized_shape_tuple(normalized_shape):
+    if isinstance(normalized_shape, Integral):
+        normalized_shape = (normalized_shape,)
+    return tuple(normalized_shape)
+
+
+def _check_layer_norm_input(input, normalized_shape):
+    k = len(normalized_shape)
+    if input.dim() < k or tuple(input.shape[input.dim() - k:]) != normalized_shape:
+        raise ValueError(
+            f"Given normalized_shape={list(normalized_shape)}, expected input with shape "
+            f"[*, {', '.join(map(str, normalized_shape))}], but got input of size{list(input.shape)}"
+        )
+
+
+def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    r"""Layer norm; the signature and meaning of ``torch.nn.functional.layer_norm``.
+
+    Each sample is normalized over its trailing ``normalized_shape`` dims
+    (``m = prod(normalized_shape)`` values), ``y = x_hat * weight + bias`` with
+    ``weight``, ``bias`` of shape ``normalized_shape`` (Ba et al. 2016).
+    """
+    normalized_shape = _normalized_shape_tuple(normalized_shape)
+    _check_layer_norm_input(input, normalized_shape)
+    k = len(normalized_shape)
+    lead = tuple(input.shape[: input.dim() - k])
+    row_shape = lead + (math.prod(normalized_shape),)
+    param_dims = tuple(range(input.dim() - k))
+    y, _, _ = GroupedNormFunction.apply(input, weight, bias, row_shape, normalized_shape, param_dims, eps)
+    return y
+
+
+def _check_group_size(input, num_groups):
+    """torch's ``_verify_batch_size`` on ``[N * C / G, G, *spatial]``: raises when it holds one value."""
+    size = [input.shape[0] * input.shape[1] // num_groups, num_groups] + list(input.shape[2:])
+    if values_per_channel(size) == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
+
+
+def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
+    r"""Group norm; the signature and meaning of ``torch.nn.functional.group_norm``.
+
+    For ``(N, C, *spatial)``, sample ``n``'s channels are split into
+    ``num_groups`` groups of ``C / num_groups`` consecutive channels, and each
+    group is normalized over its ``m = C / G * prod(spatial)`` values
+    (Wu & He 2018); ``weight``, ``bias``: per channel, ``(C,)``.
+    """
+    if input.dim() < 2:
+        raise ValueError(f"group_norm expected an input with at least 2 dimensions (N, C, ...), got {input.dim()}D input")
+    num_channels = input.shape[1]
+    if num_channels % num_groups != 0:
+        raise ValueError(
+            f"Expected number of channels in input to be divisible by num_groups, "
+            f"but got input of shape {list(input.shape)} and num_groups={num_groups}"
+        )
+    for name, tensor in (("weight", weight), ("bias", bias)):
+        if tensor is not None and tensor.numel() != num_channels:
+            raise ValueError(f"{name} should have {num_channels} elements (one per channel), got {tensor.numel()}")
+    _check_group_size(input, num_groups)
+    m = num_channels // num_groups * math.prod(input.shape[2:])
+    row_shape = (input.shape[0], num_groups, m)
+    ndim = input.dim()
+    y, _, _ = GroupedNormFunction.apply(input, weight, bias, row_shape, _channel_view(ndim), _not_channel_dims(ndim), eps)
+    return y
+
+
+@torch.no_grad()
+def _update_instance_running_stats(running_mean, running_var, mu, var, m, momentum):
+    """torch's rule for instance norm: the per-instance statistics (``(N, C)``)
+    averaged over the batch, the variance unbiased over ``m`` spatial values,
+    then ``running = (1 - momentum) * running + momentum * batch``.
+    A channel with non-finite statistics keeps its estimates (no host sync)."""
+    unbiased_var = var * (m / (m - 1)) if m > 1 else var
+    batch_mean, batch_var = mu.mean(0), unbiased_var.mean(0)
+    finite = torch.isfinite(batch_mean) & torch.isfinite(batch_var)
+    new_mean = (1 - momentum) * running_mean + momentum * batch_mean.to(running_mean.dtype)
+    new_var = (1 - momentum) * running_var + momentum * batch_var.to(running_var.dtype)
+    running_mean.copy_(torch.where(finite, new_mean, running_mean))
+    running_var.copy_(torch.where(finite, new_var, running_var))
+
+
+def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
+                  use_input_stats=True, momentum=0.1, eps=1e-5):
+    r"""Instance norm; the signature and meaning of ``torch.nn.functional.instance_norm``.
+
+    ``use_input_stats``: each channel of each sample normalized over its
+    spatial dims, ``m = prod(spatial)`` values (Ulyanov et al. 2016), and the
+    running estimates, when given, updated in place with the batch average of
+    the per-instance statistics. Otherwise the running estimates normalize,
+    as in batch norm's eval mode.
+    """
+    if input.dim() < 3:
+        raise ValueError(f"instance_norm expected an input with at least 3 dimensions (N, C, L, ...), got {input.dim()}D input")
+    num_channels = input.shape[1]
+    for name, tensor in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
+        if tensor is not None and tensor.numel() != num_channels:
+            raise ValueError(f"{name} should have {num_channels} elements (one per channel), got {tensor.numel()}")
+    if not use_input_stats:
+        if running_mean is None or running_var is None:
+            raise ValueError("instance_norm with use_input_stats=False needs running_mean and running_var")
+        return bnF.batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, eps)
+    m = math.prod(input.shape[2:])
+    if m == 1:
+        raise ValueError(f"Expected more than 1 spatial element when training, got input size {input.size()}")
+    ndim = input.dim()
+    row_shape = (input.shape[0], num_channels, m)
+    y, mu, var = GroupedNormFunction.apply(input, weight, bias, row_shape, _channel_view(ndim), _not_channel_dims(ndim), eps)
+    if running_mean is not None and running_var is not None:
+        _update_instance_running_stats(running_mean, running_var, mu, var, m, momentum)
+    return y
+
+
+# --------------------------------------------------------------------------
+# Modules: LayerNorm, GroupNorm, InstanceNorm1d/2d
+# --------------------------------------------------------------------------
+
+
+class LayerNorm(nn.Module):
+    """Drop-in for ``torch.nn.LayerNorm``: normalize each sample over its last dims.
+
+    ``weight`` and ``bias`` have shape ``normalized_shape`` (one per element).
+    The same in training and evaluation: no running statistics.
+    """
+
+    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True, device=None, dtype=None):
+        normalized_shape = _normalized_shape_tuple(normalized_shape)
+        if len(normalized_shape) == 0:
+            raise ValueError("normalized_shape must have at least one dimension, got ()")
+        for size in normalized_shape:
+            _check_positive_int("every entry of normalized_shape", size)
+        _check_eps(eps)
+        factory_kwargs = {"device": device, "dtype": dtype}
+        super().__init__()
+        self.normalized_shape = normalized_shape
+        self.eps = eps
+        self.elementwise_affine = elementwise_affine
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.empty(normalized_shape, **factory_kwargs))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(normalized_shape, **factory_kwargs))
+            else:
+                self.register_parameter("bias", None)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        if self.elementwise_affine:
+            nn.init.ones_(self.weight)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
+
+    def forward(self, input):
+        return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+
+    def extra_repr(self):
+        return (
+            f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
+            f"bias={self.bias is not None}"
+        )
+
+
+class GroupNorm(nn.Module):
+    """Drop-in for ``torch.nn.GroupNorm``: per sample, per group of ``C // num_groups`` channels.
+
+    ``num_channels`` must be divisible by ``num_groups`` (``ValueError`` at
+    construction). ``weight`` and ``bias`` are per channel, ``(C,)``. The same
+    in training and evaluation: no running statistics.
+    """
+
+    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, device=None, dtype=None, *, bias=True):
+        _check_positive_int("num_groups", num_groups)
+        _check_positive_int("num_channels", num_channels)
+        _check_eps(eps)
+        if num_channels % num_groups != 0:
+            raise ValueError(f"num_channels ({num_channels}) must be divisible by num_groups ({num_groups})")
+        factory_kwargs = {"device": device, "dtype": dtype}
+        super().__init__()
+        self.num_groups = num_groups
+        self.num_channels = num_channels
+        self.eps = eps
+        self.affine = affine
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_channels, **factory_kwargs))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(num_channels, **factory_kwargs))
+            else:
+                self.register_parameter("bias", None)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        if self.affine:
+            nn.init.ones_(self.weight)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
+
+    def forward(self, input):
+        name = type(self).__name__
+        if input.dim() < 2:
+            raise ValueError(f"{name} expected an input with at least 2 dimensions (N, C, ...), got {input.dim()}D input")
+        check_num_channels(name, input.shape, self.num_channels)
+        return group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+
+    def extra_repr(self):
+        return (
+            f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, "
+            f"bias={self.bias is not None}"
+        )
+
+
+class _InstanceNorm(_TorchNormBase):
+    """Instance norm with torch's defaults: ``affine=False, track_running_stats=False``.
+
+    As in torch: an unbatched input (no N axis) is accepted; with
+    ``track_running_stats`` the running estimates are the batch average of the
+    per-instance statistics, updated with ``momentum`` (torch passes
+    ``momentum=None`` as 0, so they then stay put) without counting
+    ``num_batches_tracked``, and used in eval mode. Unlike torch, a channel
+    count other than ``num_features`` is always a ``ValueError`` (torch only
+    warns when ``affine=False``), per bnlib's contract.
+    """
+
+    allowed_dims = ()  # batched input dims, e.g. (3,) for InstanceNorm1d
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=False, track_running_stats=False,
+                 device=None, dtype=None, *, bias=True):
+        check_norm_args(num_features, eps, momentum)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype, bias=bias)
+
+    def forward(self, input):
+        name = type(self).__name__
+        batched = self.allowed_dims[0]
+        check_input_dims(name, input.shape, (batched - 1, batched))
+        unbatched = input.dim() == batched - 1
+        x = input.unsqueeze(0) if unbatched else input
+        check_num_channels(name, x.shape, self.num_features)
+        use_input_stats = self.training or not self.track_running_stats
+        update = self.training and self.track_running_stats
+        y = instance_norm(
+            x,
+            self.running_mean if update or not use_input_stats else None,
+            self.running_var if update or not use_input_stats else None,
+            self.weight,
+            self.bias,
+            use_input_stats,
+            self.momentum if self.momentum is not None else 0.0,
+            self.eps,
+        )
+        return y.squeeze(0) if unbatched else y
+
+
+class InstanceNorm1d(_InstanceNorm):
+    """Drop-in for ``torch.nn.InstanceNorm1d``: ``(N, C, L)`` or unbatched ``(C, L)``."""
+
+    allowed_dims = (3,)
+
+
+class InstanceNorm2d(_InstanceNorm):
+    """Drop-in for ``torch.nn.InstanceNorm2d``: ``(N, C, H, W)`` or unbatched ``(C, H, W)``."""
+
+    allowed_dims = (4,)
+
+
+# --------------------------------------------------------------------------
+# Batch renormalization
+# --------------------------------------------------------------------------
+
+
+class BatchRenormTrainFunction(torch.autograd.Function):
+    r"""Training-mode batch renorm (Ioffe 2017, Algorithm 1), ``r`` and ``d`` stop-gradient.
+
+    Per channel, ``sigma_B = sqrt(var_B + eps)``, ``sigma = sqrt(running_var + eps)``:
+
+        r = clamp(sigma_B / sigma, 1 / r_max, r_max)
+        d = clamp((mu_B - running_mean) / sigma, -d_max, d_max)
+        x_hat = (x - mu_B) / sigma_B * r + d,      y = gamma * x_hat + beta
+
+    ``forward`` returns ``(y, mu_B, var_B, r, d)``; all but ``y`` are not
+    differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, running_mean, running_var, eps, r_max, d_max):
+        x = input.to(_compute_dtype(input.dtype))
+        ndim = x.dim()
+        mu, var, x_centered, _ = bnF._batch_stats(x)  # two passes
+        invstd = torch.rsqrt(var + eps)
+        sigma = torch.sqrt(running_var.to(x.dtype) + eps)
+        r = torch.clamp(torch.sqrt(var + eps) / sigma, 1.0 / r_max, r_max)
+        d = torch.clamp((mu - running_mean.to(x.dtype)) / sigma, -d_max, d_max)
+        x_hat_batch = x_centered * bnF._per_channel(invstd, ndim)
+        x_hat = x_hat_batch * bnF._per_channel(r, ndim) + bnF._per_channel(d, ndim)
+        y = x_hat if weight is None else x_hat * bnF._per_channel(weight.to(x.dtype), ndim)
+        if bias is not None:
+            y = y + bnF._per_channel(bias.to(x.dtype), ndim)
+        ctx.save_for_backward(x_hat_batch, x_hat, invstd, r, weight)
+        ctx.has_bias = bias is not None
+        ctx.mark_non_differentiable(mu, var, r, d)
+        return y.to(input.dtype), mu, var, r, d
+
+    @staticmethod
+    def backward(ctx, dy, _grad_mu, _grad_var, _grad_r, _grad_d):
+        r"""``r`` and ``d`` are constants, so ``y = (gamma * r) * x_hat_B + (gamma * d + beta)``
+        is batch norm with scale ``gamma * r``, and ``dx`` is batch norm's
+        compact formula with that scale:
+        ``dx = gamma * r * invstd * (dy - mean(dy) - x_hat_B * mean(dy * x_hat_B))``;
+        ``dgamma = sum(dy * x_hat)``, ``dbeta = sum(dy)``.
+        """
+        x_hat_batch, x_hat, invstd, r, weight = ctx.saved_tensors
+        ndim = x_hat.dim()
+        dims = _not_channel_dims(ndim)
+        m = max(values_per_channel(x_hat.shape), 1)
+        dy32 = dy.to(x_hat.dtype)
+        sum_dy = dy32.sum(dims)
+        grad_input = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            k = invstd * r if weight is None else invstd * r * weight.to(x_hat.dtype)
+            mean_dy = bnF._per_channel(sum_dy / m, ndim)
+            mean_dy_x_hat = bnF._per_channel((dy32 * x_hat_batch).sum(dims) / m, ndim)
+            dx = bnF._per_channel(k, ndim) * (dy32 - mean_dy - x_hat_batch * mean_dy_x_hat)
+            grad_input = dx.to(dy.dtype)
+        if weight is not None and ctx.needs_input_grad[1]:
+            grad_weight = (dy32 * x_hat).sum(dims).to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = sum_dy.to(weight.dtype if weight is not None else dy32.dtype)
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None
+
+
+def _batch_renorm_train(input, running_mean, running_var, weight, bias, momentum, eps, r_max, d_max):
+    """Training step of :func:`batch_renorm`; returns ``(y, r, d)``, ``r``, ``d`` of shape ``(C,)``."""
+    if input.dim() < 2:
+        raise ValueError(f"batch_renorm expected an input with at least 2 dimensions (N, C, ...), got {input.dim()}D input")
+    num_channels = input.shape[1]
+    for name, tensor in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
+        if tensor is not None and tensor.numel() != num_channels:
+            raise ValueError(f"{name} should have {num_channels} elements (one per channel), got {tensor.numel()}")
+    check_batch_size(input.shape, str(input.size()))
+    _check_limit("r_max", r_max, 1.0)
+    _check_limit("d_max", d_max, 0.0)
+    y, mu, var, r, d = BatchRenormTrainFunction.apply(input, weight, bias, running_mean, running_var, eps, r_max, d_max)
+    bnF._update_running_stats(running_mean, running_var, mu, var, values_per_channel(input.shape), momentum)
+    return y, r, d
+
+
+def batch_renorm(input, running_mean, running_var, weight=None, bias=None, training=False,
+                 momentum=0.1, eps=1e-5, r_max=3.0, d_max=5.0):
+    """Batch renormalization; ``torch.nn.functional.batch_norm``'s arguments plus ``r_max``, ``d_max``.
+
+    Training: normalize with the batch statistics corrected by ``r`` and ``d``
+    (:class:`BatchRenormTrainFunction`), then update the running estimates
+    in place exactly as batch norm does (the unbiased batch variance goes into
+    ``running_var``). Eval: batch norm with the running estimates.
+    """
+    if running_mean is None or running_var is None:
+        raise ValueError("batch_renorm needs running_mean and running_var (r and d are measured against them)")
+    if not training:
+        return bnF.batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
+    y, _, _ = _batch_renorm_train(input, running_mean, running_var, weight, bias, momentum, eps, r_max, d_max)
+    return y
+
+
+class LinearRamp:
+    """A schedule ``step -> value``: ``start_value`` up to ``start_step``, then a
+    straight line to ``end_value`` at ``end_step``, constant after.
+
+    ``LinearRamp(5000, 40000, 1.0, 3.0)`` is the paper's ``r_max`` schedule.
+    """
+
+    def __init__(self, start_step, end_step, start_value, end_value):
+        if not 0 <= start_step <= end_step:
+            raise ValueError(f"need 0 <= start_step <= end_step, got {start_step} and {end_step}")
+        self.start_step, self.end_step = start_step, end_step
+        self.start_value, self.end_value = float(start_value), float(end_value)
+
+    def __call__(self, step):
+        if step <= self.start_step:
+            return self.start_value
+        if step >= self.end_step:
+            return self.end_value
+        t = (step - self.start_step) / (self.end_step - self.start_step)
+        return self.start_value + t * (self.end_value - self.start_value)
+
+    def __repr__(self):
+        return (f"LinearRamp({self.start_step}, {self.end_step}, {self.start_value}, {self.end_value})")
+
+
+def paper_schedule(scale=1.0, r_max=3.0, d_max=5.0):
+    """The ``r_max`` / ``d_max`` schedules of Ioffe (2017), steps multiplied by ``scale``.
+
+    BN for the first 5000 steps (``r_max = 1``, ``d_max = 0``), then ``r_max``
+    relaxed linearly to 3 by step 40000 and ``d_max`` to 5 by step 25000.
+    Returns ``{"r_max": LinearRamp, "d_max": LinearRamp}``, to pass as
+    ``BatchRenorm2d(C, **paper_schedule(scale=0.01))``.
+    """
+    s = scale
+    return {
+        "r_max": LinearRamp(round(5000 * s), round(40000 * s), 1.0, r_max),
+        "d_max": LinearRamp(round(5000 * s), round(25000 * s), 0.0, d_max),
+    }
+
+
+def _check_limit(name, value, lowest):
+    """``r_max`` must be a finite number >= 1, ``d_max`` one >= 0."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not (lowest <= value < math.inf):
+        raise ValueError(f"{name} must be a finite number >= {lowest:g}, got {value!r}")
+
+
+class _BatchRenorm(_TorchNormBase):
+    r"""Batch renormalization (Ioffe 2017): batch norm whose training output
+    uses the batch statistics corrected towards the running ones.
+
+    Constructor: batch norm's, plus ``r_max`` and ``d_max``, each a number or
+    a schedule ``step -> number`` (e.g. :class:`LinearRamp`,
+    :func:`paper_schedule`), evaluated at ``step = num_batches_tracked``
+    (the number of training batches seen before this one).
+    ``r_max = 1, d_max = 0`` is batch norm, outputs, gradients and running
+    statistics alike.
+
+    Running statistics: updated exactly like batch norm's (``running_mean``,
+    and the unbiased batch variance into ``running_var``), and the running
+    standard deviation of the paper is ``sigma = sqrt(running_var + eps)``.
+    The paper averages ``sigma_B`` itself; averaging the variance instead
+    keeps the buffers, the state dict and eval mode identical to
+    ``BatchNorm*d``'s, so a trained BN's state loads into it and back.
+    ``track_running_stats`` must be True (``r`` and ``d`` need the estimates).
+    After a training step ``last_r`` and ``last_d`` hold the ``(C,)`` values used.
+    """
+
+    allowed_dims = ()
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 device=None, dtype=None, *, bias=True, r_max=3.0, d_max=5.0):
+        check_norm_args(num_features, eps, momentum)
+        if not track_running_stats:
+            raise ValueError("BatchRenorm needs track_running_stats=True: r and d compare the batch with the running statistics")
+        if not callable(r_max):
+            _check_limit("r_max", r_max, 1.0)
+        if not callable(d_max):
+            _check_limit("d_max", d_max, 0.0)
+        super().__init__(num_features, eps, momentum, affine, True, device=device, dtype=dtype, bias=bias)
+        self.r_max = r_max
+        self.d_max = d_max
+        self.last_r = None
+        self.last_d = None
+
+    def current_limits(self):
+        """``(r_max, d_max)`` for the next training step."""
+        step = int(self.num_batches_tracked)
+        r_max = self.r_max(step) if callable(self.r_max) else self.r_max
+        d_max = self.d_max(step) if callable(self.d_max) else self.d_max
+        _check_limit("r_max", r_max, 1.0)
+        _check_limit("d_max", d_max, 0.0)
+        return float(r_max), float(d_max)
+
+    def forward(self, input):
+        name = type(self).__name__
+        check_input_dims(name, input.shape, self.allowed_dims)
+        check_num_channels(name, input.shape, self.num_features)
+        if not self.training:
+            return bnF.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        check_batch_size(input.shape, str(input.size()))
+        r_max, d_max = self.current_limits()  # may raise: still before any state changes
+        self.num_batches_tracked.add_(1)
+        factor = self.momentum
+        if factor is None:
+            factor = 1.0 / float(self.num_batches_tracked)  # cumulative average, as in BN
+        y, r, d = _batch_renorm_train(input, self.running_mean, self.running_var, self.weight, self.bias,
+                                      factor, self.eps, r_max, d_max)
+        self.last_r, self.last_d = r, d
+        return y
+
+    def extra_repr(self):
+        return super().extra_repr() + f", r_max={self.r_max}, d_max={self.d_max}"
+
+
+class BatchRenorm1d(_BatchRenorm):
+    """Batch renorm for ``(N, C)`` or ``(N, C, L)`` inputs."""
+
+    allowed_dims = (2, 3)
+
+
+class BatchRenorm2d(_BatchRenorm):
+    """Batch renorm for ``(N, C, H, W)`` inputs: statistics over (N, H, W)."""
+
+    allowed_dims = (4,)
+
+
+# --------------------------------------------------------------------------
+# Weight normalization
+# --------------------------------------------------------------------------
+
+
+def _norm_except_dim(v, dim):
+    """``||v||`` over every dim but ``dim``, keeping dims (the shape of ``g``);
+    over the whole tensor (a 0-dim tensor) when ``dim == -1``, as in torch."""
+    if dim == -1:
+        return torch.linalg.vector_norm(v)
+    others = tuple(d for d in range(v.dim()) if d != dim)
+    if not others:
+        return v.abs()
+    return torch.linalg.vector_norm(v, dim=others, keepdim=True)
+
+
+class WeightNormFunction(torch.autograd.Function):
+    r"""``w = g * v / ||v||``, the norm over every dim but ``dim``.
+
+    Backward, with ``n = ||v||`` and the sums over the same dims as the norm:
+
+        dg = sum(dw * v) / n
+        dv = (g / n) * dw - (g * dg / n**2) * v
+
+    i.e. ``dv`` is ``(g / n)`` times ``dw`` with its component along ``v``
+    removed: a step on ``v`` changes the direction, never the length, of ``w``
+    (Salimans & Kingma 2016, eq. 3).
+    """
+
+    @staticmethod
+    def forward(ctx, v, g, dim):
+        norm = _norm_except_dim(v, dim)
+        ctx.save_for_backward(v, g, norm)
+        ctx.dim = dim
+        return v * (g / norm)
+
+    @staticmethod
+    def backward(ctx, dw):
+        v, g, norm = ctx.saved_tensors
+        dv = dg = None
+        if ctx.dim == -1:
+            dot = (dw * v).sum()
+        else:
+            others = tuple(d for d in range(v.dim()) if d != ctx.dim)
+            dot = (dw * v).sum(others, keepdim=True) if others else dw * v
+        if ctx.needs_input_grad[1]:
+            dg = (dot / norm).reshape(g.shape)
+        if ctx.needs_input_grad[0]:
+            dv = (g / norm) * dw - (g * dot / norm**3) * v
+        return dv, dg, None
+
+
+class _WeightNorm(nn.Module):
+    """The parametrization ``(g, v) -> g * v / ||v||``; ``original0`` is ``g``, ``original1`` is ``v``."""
+
+    def __init__(self, dim=0):
+        super().__init__()
+        self.dim = -1 if dim is None else dim
+
+    def _dim_for(self, v):
+        # torch: -1 (dim=None) means the whole tensor; other negative dims wrap.
+        return self.dim if self.dim >= -1 else self.dim + v.dim()
+
+    def forward(self, weight_g, weight_v):
+        return WeightNormFunction.apply(weight_v, weight_g, self._dim_for(weight_v))
+
+    def right_inverse(self, weight):
+        """From a weight: ``g = ||weight||`` (per ``dim``), ``v = weight``."""
+        weight_g = _norm_except_dim(weight, self._dim_for(weight))
+        return weight_g, weight
+
+
+def weight_norm(module, name="weight", dim=0):
+    r"""Weight normalization, ``w = g * v / ||v||``; behaves like
+    ``torch.nn.utils.parametrizations.weight_norm``.
+
+    Replaces ``module.<name>`` by a parametrization with two parameters,
+    ``module.parametrizations.<name>.original0`` (``g``, the length, one per
+    slice along ``dim``; one number when ``dim=None``) and ``original1``
+    (``v``, the direction), starting from ``g = ||w||``, ``v = w``. Old-style
+    state dicts with ``<name>_g`` / ``<name>_v`` load too. Returns ``module``.
+    """
+    weight = getattr(module, name, None)
+    if not isinstance(weight, torch.Tensor):
+        raise ValueError(f"Module '{module}' has no parameter or buffer with name '{name}'")
+    parametrize.register_parametrization(module, name, _WeightNorm(dim), unsafe=True)
+
+    def _weight_norm_compat_hook(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        g_key, v_key = f"{prefix}{name}_g", f"{prefix}{name}_v"
+        if g_key in state_dict and v_key in state_dict:
+            state_dict[f"{prefix}parametrizations.{name}.original0"] = state_dict.pop(g_key)
+            state_dict[f"{prefix}parametrizations.{name}.original1"] = state_dict.pop(v_key)
+
+    module._register_load_state_dict_pre_hook(_weight_norm_compat_hook)
+    return module
+
+
+# --------------------------------------------------------------------------
+# Spectral normalization
+# --------------------------------------------------------------------------
+
+
+class DimensionError(IndexError, ValueError):
+    """A dimension out of range: an ``IndexError`` as in torch, and a ``ValueError`` as in bnlib."""
+
+
+def _l2_normalize(x, eps):
+    """``x / max(||x||, eps)``, as ``torch.nn.functional.normalize``."""
+    return x / torch.linalg.vector_norm(x).clamp_min(eps)
+
+
+def _to_matrix(weight, dim):
+    """``dim`` first, the rest flattened: ``(weight.shape[dim], -1)``."""
+    if dim != 0:
+        weight = weight.permute(dim, *(d for d in range(weight.dim()) if d != dim))
+    return weight.flatten(1)
+
+
+def _from_matrix(matrix, like, dim):
+    """Inverse of :func:`_to_matrix`: a ``(h, w)`` matrix back to ``like``'s layout."""
+    if dim == 0:
+        return matrix.reshape(like.shape)
+    order = [dim] + [d for d in range(like.dim()) if d != dim]
+    permuted = matrix.reshape([like.shape[d] for d in order])
+    return permuted.permute(*[order.index(d) for d in range(like.dim())])
+
+
+class SpectralNormFunction(torch.autograd.Function):
+    r"""``W_SN = W / sigma`` with ``sigma = u^T W_mat v``, ``u`` and ``v`` constants.
+
+    Backward (Miyato et al. 2018, eq. 12), with ``d sigma / d W_mat = u v^T``:
+
+        dW = dW_SN / sigma - (sum(dW_SN * W) / sigma**2) * u v^T
+
+    (the ``u v^T`` term in the weight's layout): the gradient loses its
+    component that would grow the largest singular value.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, u, v, dim):
+        sigma = torch.dot(u, torch.mv(_to_matrix(weight, dim), v))
+        ctx.save_for_backward(weight, u, v, sigma)
+        ctx.dim = dim
+        return weight / sigma
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, u, v, sigma = ctx.saved_tensors
+        outer = _from_matrix(torch.outer(u, v), weight, ctx.dim)
+        grad_weight = grad_out / sigma - ((grad_out * weight).sum() / sigma**2) * outer
+        return grad_weight, None, None, None
+
+
+class _SpectralNorm(nn.Module):
+    """The parametrization ``W -> W / sigma(W)``, ``sigma`` from power iteration.
+
+    Buffers ``_u`` (``(h,)``) and ``_v`` (``(w,)``) hold the estimates of the
+    top singular vectors of ``W_mat`` (``(h, w)``, ``dim`` first). At
+    registration: random normal, then 15 iterations; then
+    ``n_power_iterations`` more at every forward in training mode, none in
+    eval mode. The same draws and order as torch's, so the same seed gives the
+    same ``u``, ``v``.
+    """
+
+    def __init__(self, weight, n_power_iterations=1, dim=0, eps=1e-12):
+        super().__init__()
+        ndim = weight.ndim
+        if dim >= ndim or dim < -ndim:
+            raise DimensionError(f"Dimension out of range (expected to be in range of [-{ndim}, {ndim - 1}] but got {dim})")
+        if isinstance(n_power_iterations, bool) or not isinstance(n_power_iterations, Integral) or n_power_iterations <= 0:
+            raise ValueError(f"Expected n_power_iterations to be positive, but got n_power_iterations={n_power_iterations}")
+        self.dim = dim if dim >= 0 else dim + ndim
+        self.eps = eps
+        if ndim > 1:
+            self.n_power_iterations = n_power_iterations
+            weight_mat = _to_matrix(weight, self.dim)
+            h, w = weight_mat.size()
+            u = weight_mat.new_empty(h).normal_(0, 1)
+            v = weight_mat.new_empty(w).normal_(0, 1)
+            self.register_buffer("_u", _l2_normalize(u, self.eps))
+            self.register_buffer("_v", _l2_normalize(v, self.eps))
+            self._power_method(weight_mat, 15)
+
+    @torch.no_grad()
+    def _power_method(self, weight_mat, n_power_iterations):
+        """``u <- normalize(W v)``, ``v <- normalize(W^T u)``, in place in the buffers."""
+        for _ in range(n_power_iterations):
+            self._u.copy_(_l2_normalize(torch.mv(weight_mat, self._v), self.eps))
+            self._v.copy_(_l2_normalize(torch.mv(weight_mat.t(), self._u), self.eps))
+
+    def forward(self, weight):
+        if weight.ndim == 1:
+            return _l2_normalize(weight, self.eps)
+        if self.training:
+            self._power_method(_to_matrix(weight.detach(), self.dim), self.n_power_iterations)
+        u = self._u.clone(memory_format=torch.contiguous_format)
+        v = self._v.clone(memory_format=torch.contiguous_format)
+        return SpectralNormFunction.apply(weight, u, v, self.dim)
+
+    def right_inverse(self, value):
+        return value
+
+
+def spectral_norm(module, name="weight", n_power_iterations=1, eps=1e-12, dim=None):
+    r"""Spectral normalization, ``W_SN = W / sigma(W)``; behaves like
+    ``torch.nn.utils.parametrizations.spectral_norm``.
+
+    ``sigma(W)``, the largest singular value of the weight seen as a matrix
+    (``dim`` first: 0, or 1 for transposed convolutions), is estimated by
+    power iteration (:class:`_SpectralNorm`) as in Miyato et al. (2018), so
+    the layer's Lipschitz constant is about 1. The original weight lives in
+    ``module.parametrizations.<name>.original``, the vectors in
+    ``module.parametrizations.<name>[0]._u`` / ``._v``. Returns ``module``.
+    """
+    weight = getattr(module, name, None)
+    if not isinstance(weight, torch.Tensor):
+        raise ValueError(f"Module '{module}' has no parameter or buffer with name '{name}'")
+    if dim is None:
+        dim = 1 if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)) else 0
+    parametrize.register_parametrization(module, name, _SpectralNorm(weight, n_power_iterations, dim, eps))
+    return module

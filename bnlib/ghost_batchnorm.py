@@ -1,0 +1,141 @@
+r"""Ghost batch normalization (Hoffer, Hubara and Soudry 2017): BN over virtual batches.
+
+One process, one mini-batch of ``N`` samples, cut along axis 0 into
+consecutive *virtual* batches of ``virtual_batch_size`` samples (the last
+one holds the remainder, ``N mod virtual_batch_size``, when it is not 0).
+Each virtual batch ``j``, with ``m_j`` values per channel, is normalized
+with its own statistics, exactly as a device would normalize its slice of
+a data-parallel batch without synchronization:
+
+.. math::
+
+    \mu_j = \frac{1}{m_j}\sum_{i \in j} x_i, \quad
+    \mathrm{var}_j = \frac{1}{m_j}\sum_{i \in j} (x_i - \mu_j)^2, \quad
+    y_i = \gamma\,\frac{x_i - \mu_j}{\sqrt{\mathrm{var}_j + \epsilon}} + \beta
+    \quad (i \in j),
+
+with one ``gamma`` and ``beta`` for all of them. Forward and backward of
+every virtual batch are :class:`bnlib.functional.BatchNormTrainFunction`
+(the compact backward formula, per virtual batch). So a chapter can show
+what per-device batches of 2, 4, 8, ... do to training without starting
+several processes. With one virtual batch (``virtual_batch_size >= N``)
+this is BatchNorm.
+
+Running estimates: updated **once per forward call**, with the statistics
+of the ``k`` virtual batches pooled (``m = sum_j m_j``):
+
+.. math::
+
+    \mu_{\text{pool}} = \sum_j \frac{m_j}{m}\,\mu_j, \qquad
+    \mathrm{var}_{\text{pool}} = \frac{\sum_j m_j\,\mathrm{var}_j}{m - k},
+
+the mean of the whole batch and the pooled unbiased variance within the
+virtual batches (each virtual batch's unbiased variance, weighted by
+``m_j - 1``). Why this and not ``k`` updates in a row, one per virtual
+batch: one forward call is one training step, so ``momentum`` and
+``num_batches_tracked`` keep the meaning they have in BatchNorm (``k``
+updates would turn ``momentum`` into ``1 - (1 - momentum)**k`` and count
+virtual batches as steps, which breaks ``momentum=None``); every virtual
+batch's ``mu_j`` and unbiased ``var_j`` estimate the same population
+values, and the weighted average is the unbiased estimate of smallest
+variance, the one ``k`` devices would reach by averaging their buffers;
+and the variance is the within-virtual-batch one, the spread the layer
+actually divided by in training. With ``k = 1`` it is BatchNorm's update.
+
+Eval mode with running estimates is plain BatchNorm. Without running
+estimates (``track_running_stats=False``) eval normalizes each virtual
+batch with its own statistics, as training does.
+"""
+
+import sys
+
+if "bnlib.nn" not in sys.modules:
+    # Circular import, resolved as in bnlib.sync_batchnorm (see the comment
+    # there): bnlib.nn imports this module at its end and returns that copy.
+    _half_built = sys.modules.pop(__name__)
+    import bnlib.nn  # noqa: F401
+    sys.modules.setdefault(__name__, _half_built)  # bnlib.nn did not import us: carry on
+
+import torch
+
+from bnlib import nn as bnn
+from bnlib._checks import check_num_channels, values_per_channel
+from bnlib.functional import BatchNormTrainFunction
+from bnlib.sync_batchnorm import update_running_stats
+
+__all__ = ["GhostBatchNorm"]
+
+
+class GhostBatchNorm(bnn._BatchNorm):
+    """Batch norm over virtual batches of ``virtual_batch_size`` samples.
+
+    Args: BatchNorm's, with ``virtual_batch_size`` (an int >= 1) second:
+    ``(num_features, virtual_batch_size, eps=1e-5, momentum=0.1,
+    affine=True, track_running_stats=True, device=None, dtype=None, *,
+    bias=True)``. Parameters, buffers and state-dict keys are BatchNorm's.
+    Input ``(N, C, *S)`` with at least 2 dims; output of the same shape.
+
+    Raises ``ValueError`` (state untouched) for fewer than 2 dims, a channel
+    count that is not ``num_features``, and, when batch statistics are
+    used, a virtual batch with one value per channel (e.g. ``N = 9`` with
+    ``virtual_batch_size=4`` on ``(N, C)`` input leaves a last virtual batch
+    of 1 sample).
+    """
+
+    def __init__(self, num_features, virtual_batch_size, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, device=None, dtype=None, *, bias=True):
+        if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int) or virtual_batch_size < 1:
+            raise ValueError(f"virtual_batch_size must be an integer >= 1, got {virtual_batch_size!r}")
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        self.virtual_batch_size = virtual_batch_size
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"
+
+    def _check_input(self, input):
+        """Shape checks (the plain path of eval mode calls this too)."""
+        if input.dim() < 2:
+            raise ValueError(f"GhostBatchNorm expected at least 2D input (N, C, ...) (got {input.dim()}D input)")
+        check_num_channels("GhostBatchNorm", input.shape, self.num_features)
+
+    def _check_virtual_batches(self, input):
+        """Every virtual batch needs more than one value per channel."""
+        n = input.shape[0]
+        if n == 0:
+            return  # an empty batch, as BatchNorm: empty output, running estimates kept
+        smallest = n % self.virtual_batch_size or self.virtual_batch_size  # the last virtual batch
+        if values_per_channel((smallest,) + tuple(input.shape[1:])) == 1:
+            raise ValueError(
+                "Expected more than 1 value per channel when training, got a virtual batch of "
+                f"input size {[smallest] + list(input.shape[1:])} (input size {list(input.shape)}, "
+                f"virtual_batch_size={self.virtual_batch_size})"
+            )
+
+    def forward(self, input):
+        if not self.training and self.running_mean is not None:
+            return super().forward(input)  # eval with running estimates: plain BatchNorm
+        self._check_input(input)
+        self._check_virtual_batches(input)
+
+        outputs, means, m2s, counts = [], [], [], []
+        for chunk in input.split(self.virtual_batch_size):
+            y, mu, var = BatchNormTrainFunction.apply(chunk, self.weight, self.bias, self.eps)
+            m = values_per_channel(chunk.shape)
+            outputs.append(y)
+            means.append(mu * m)
+            m2s.append(var * m)
+            counts.append(m)
+        output = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked)  # cumulative average, as BatchNorm
+            else:
+                factor = self.momentum
+            m, k = sum(counts), len(counts)
+            # m == 0 (an empty batch): NaN statistics, so the estimates are kept.
+            mu_pool = torch.stack(means).sum(0) / m
+            var_pool = torch.stack(m2s).sum(0) / (m - k)
+            update_running_stats(self.running_mean, self.running_var, mu_pool, var_pool, factor)
+        return output

@@ -1,0 +1,408 @@
+r"""The alternatives to batch norm in NumPy: layer, group and instance norm, batch renorm.
+
+Layer, group and instance norm differ from batch norm only in *which values
+share a mean and a variance*. For an input ``x`` of shape ``(N, C, *spatial)``:
+
+- layer norm: all the values of one sample, ``(C, *spatial)``;
+- group norm: the values of one sample in one group of ``C // num_groups``
+  consecutive channels;
+- instance norm: the values of one sample in one channel, ``(*spatial)``.
+
+None of them looks at the other samples of the batch, so train and test
+compute the same thing. Each is "reshape ``x`` into rows, normalize every
+row", with ``m`` values per row:
+
+.. math::
+
+    \mu = \frac{1}{m} \sum_i x_i, \qquad
+    \mathrm{var} = \frac{1}{m} \sum_i (x_i - \mu)^2, \qquad
+    \hat{x}_i = \frac{x_i - \mu}{\sqrt{\mathrm{var} + \epsilon}}, \qquad
+    y_i = \gamma \hat{x}_i + \beta,
+
+where ``gamma`` and ``beta`` are per channel (group, instance norm) or per
+element of the normalized shape (layer norm, as in ``torch.nn.LayerNorm``).
+The backward pass is batch norm's compact formula applied to each row (see
+:func:`_rows_backward`).
+
+Batch renormalization (Ioffe 2017) keeps batch norm's statistics but corrects
+them towards the running estimates with two constants ``r`` and ``d``:
+
+.. math::
+
+    \hat{x} = \frac{x - \mu_B}{\sigma_B}\, r + d, \quad
+    r = \mathrm{clip}_{[1/r_{max},\, r_{max}]}\Big(\frac{\sigma_B}{\sigma}\Big), \quad
+    d = \mathrm{clip}_{[-d_{max},\, d_{max}]}\Big(\frac{\mu_B - \mu}{\sigma}\Big),
+
+with ``sigma_B = sqrt(var_B + eps)`` and, here, ``sigma = sqrt(running_var + eps)``.
+
+Every ``<name>_forward`` returns ``(y, cache)``; every ``<name>_backward(dy,
+cache)`` returns ``(dx, dgamma, dbeta)`` (``None`` for an absent parameter).
+float64 is the reference precision; float32 is kept; float16 is computed in
+float32. Variances are two-pass. This module never imports torch.
+"""
+
+from dataclasses import dataclass
+from math import prod
+
+import numpy as np
+
+__all__ = [
+    "NormCache",
+    "BatchRenormCache",
+    "layernorm_forward",
+    "layernorm_backward",
+    "groupnorm_forward",
+    "groupnorm_backward",
+    "instancenorm_forward",
+    "instancenorm_backward",
+    "batchrenorm_forward",
+    "batchrenorm_backward",
+]
+
+
+def _as_compute(x):
+    """float64 stays float64, everything else (float16, float32, ints) becomes float32."""
+    x = np.asarray(x)
+    return x.astype(np.result_type(x.dtype, np.float32), copy=False)
+
+
+def _param(name, value, shape, dtype):
+    """``gamma``/``beta`` as an array of ``shape``, or ``None``; ValueError on a wrong shape."""
+    if value is None:
+        return None
+    value = np.asarray(value, dtype=dtype)
+    if value.shape != tuple(shape):
+        raise ValueError(f"{name} should have shape {tuple(shape)}, got {value.shape}")
+    return value
+
+
+def _normalize_rows(rows, eps):
+    """Normalize the last axis of ``rows`` (shape ``(..., m)``), two-pass variance.
+
+    Returns ``x_hat`` (shape of ``rows``), ``mu``, ``var`` (shape ``rows.shape[:-1]``)
+    and ``invstd = 1 / sqrt(var + eps)`` (shape ``(..., 1)``, ready to broadcast).
+    """
+    mu = rows.mean(axis=-1, keepdims=True)
+    # Subtract the mean first, then average the squares: E[x^2] - E[x]^2
+    # would cancel catastrophically when |mu| >> std.
+    x_centered = rows - mu
+    var = np.mean(x_centered * x_centered, axis=-1, keepdims=True)
+    invstd = 1.0 / np.sqrt(var + eps)
+    return x_centered * invstd, mu[..., 0], var[..., 0], invstd
+
+
+def _rows_backward(dx_hat, x_hat, invstd):
+    r"""``dx`` from ``dx_hat = dL/dx_hat`` for rows normalized by :func:`_normalize_rows`.
+
+    Batch norm's compact formula, per row of ``m`` values:
+
+    .. math::
+
+        dx_i = \frac{1}{m \sqrt{\mathrm{var} + \epsilon}}
+               \Big(m\, d\hat{x}_i - \sum_j d\hat{x}_j - \hat{x}_i \sum_j d\hat{x}_j \hat{x}_j\Big).
+
+    The ``- sum`` term is the path through ``mu`` (``d mu / d x_i = 1/m``), the
+    ``- x_hat * sum`` term the path through ``var``
+    (``d var / d x_i = 2 (x_i - mu) / m``); ``gamma`` is already in ``dx_hat``.
+    """
+    mean_dx_hat = dx_hat.mean(axis=-1, keepdims=True)
+    mean_dx_hat_x_hat = (dx_hat * x_hat).mean(axis=-1, keepdims=True)
+    return invstd * (dx_hat - mean_dx_hat - x_hat * mean_dx_hat_x_hat)
+
+
+@dataclass
+class NormCache:
+    """What the backward pass of layer, group or instance norm needs."""
+
+    x_hat: np.ndarray  # normalized input, shape of x
+    invstd: np.ndarray  # 1 / sqrt(var + eps), shape row_shape[:-1] + (1,)
+    gamma: np.ndarray  # gamma reshaped to broadcast against x, or None
+    has_beta: bool
+    row_shape: tuple  # x reshaped so that each row is one normalization group
+    param_axes: tuple  # axes of x summed for dgamma / dbeta
+    param_shape: tuple  # shape of gamma / beta
+    mu: np.ndarray = None  # per-group mean, shape row_shape[:-1]
+    var: np.ndarray = None  # per-group biased variance, shape row_shape[:-1]
+
+
+def _grouped_forward(x, gamma, beta, eps, row_shape, param_view, param_axes, param_shape):
+    """Normalize every row of ``x.reshape(row_shape)``, then ``y = gamma * x_hat + beta``."""
+    rows = x.reshape(row_shape)
+    with np.errstate(invalid="ignore", divide="ignore"):  # an empty row gives NaN, as the math says
+        x_hat_rows, mu, var, invstd = _normalize_rows(rows, eps)
+    x_hat = x_hat_rows.reshape(x.shape)
+    gamma_b = None if gamma is None else gamma.reshape(param_view)
+    y = x_hat.copy() if gamma_b is None else x_hat * gamma_b
+    if beta is not None:
+        y = y + beta.reshape(param_view)
+    cache = NormCache(x_hat, invstd, gamma_b, beta is not None, row_shape, param_axes, param_shape, mu, var)
+    return y, cache
+
+
+def _grouped_backward(dy, cache):
+    dy = np.asarray(dy, dtype=cache.x_hat.dtype)
+    dx_hat = dy if cache.gamma is None else dy * cache.gamma
+    dx_rows = _rows_backward(dx_hat.reshape(cache.row_shape), cache.x_hat.reshape(cache.row_shape), cache.invstd)
+    dx = dx_rows.reshape(cache.x_hat.shape)
+    dgamma = None
+    if cache.gamma is not None:
+        dgamma = (dy * cache.x_hat).sum(axis=cache.param_axes).reshape(cache.param_shape)
+    dbeta = dy.sum(axis=cache.param_axes).reshape(cache.param_shape) if cache.has_beta else None
+    return dx, dgamma, dbeta
+
+
+def _check_eps(eps):
+    if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and np.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+
+
+# --------------------------------------------------------------------------
+# Layer norm
+# --------------------------------------------------------------------------
+
+
+def _is_shape(value):
+    return isinstance(value, (int, np.integer)) or (
+        isinstance(value, tuple) and all(isinstance(s, (int, np.integer)) for s in value)
+    )
+
+
+def layernorm_forward(x, gamma=None, beta=None, eps=1e-5, normalized_shape=None):
+    r"""Layer norm: each sample normalized over its trailing ``normalized_shape`` axes.
+
+    With ``normalized_shape = x.shape[k:]``, the statistics of sample
+    ``x[i_0, ..., i_{k-1}]`` are taken over its ``m = prod(normalized_shape)``
+    values (Ba et al. 2016); ``gamma`` and ``beta`` have shape
+    ``normalized_shape`` (one per element, as in ``torch.nn.LayerNorm``).
+
+    Args:
+        x: array ``(*, *normalized_shape)``.
+        gamma, beta: arrays of shape ``normalized_shape``, or ``None``.
+        eps: added to the variance.
+        normalized_shape: the trailing shape to normalize over. Default: the
+            shape of ``gamma`` if given, else every axis but the first
+            (``x.shape[1:]``, the layer norm of the GN paper's figure).
+            torch's order ``layernorm_forward(x, normalized_shape, gamma, beta, eps)``
+            is accepted too (an int or a tuple of ints in second place).
+
+    Returns:
+        ``(y, cache)``; ``cache.mu`` and ``cache.var`` have shape ``x.shape[:-len(normalized_shape)]``.
+    """
+    if _is_shape(gamma):
+        # torch.nn.functional.layer_norm's order (x, normalized_shape, weight, bias, eps):
+        # the slots hold (gamma, beta, eps, normalized_shape) = (shape, weight, bias or 1e-5, eps or None).
+        bias = None if isinstance(eps, float) else eps
+        eps = 1e-5 if normalized_shape is None else normalized_shape
+        normalized_shape, gamma, beta = gamma, beta, bias
+    _check_eps(eps)
+    x = _as_compute(x)
+    if normalized_shape is None:
+        normalized_shape = np.shape(gamma) if gamma is not None else x.shape[1:]
+    if isinstance(normalized_shape, (int, np.integer)):
+        normalized_shape = (normalized_shape,)
+    normalized_shape = tuple(int(s) for s in normalized_shape)
+    k = len(normalized_shape)
+    if k == 0 or x.ndim < k or x.shape[x.ndim - k:] != normalized_shape:
+        raise ValueError(
+            f"Given normalized_shape={list(normalized_shape)}, expected input with shape "
+            f"[*, {', '.join(map(str, normalized_shape))}], but got input of size {list(x.shape)}"
+        )
+    gamma = _param("gamma", gamma, normalized_shape, x.dtype)
+    beta = _param("beta", beta, normalized_shape, x.dtype)
+    lead = x.shape[: x.ndim - k]
+    row_shape = lead + (prod(normalized_shape),)
+    param_axes = tuple(range(x.ndim - k))
+    return _grouped_forward(x, gamma, beta, eps, row_shape, normalized_shape, param_axes, normalized_shape)
+
+
+def layernorm_backward(dy, cache):
+    """Gradients of :func:`layernorm_forward`: ``(dx, dgamma, dbeta)``.
+
+    ``dx`` is the compact formula per sample with ``dx_hat = dy * gamma``;
+    ``dgamma = sum(dy * x_hat)`` and ``dbeta = sum(dy)`` over the leading axes.
+    """
+    return _grouped_backward(dy, cache)
+
+
+# --------------------------------------------------------------------------
+# Group norm and instance norm
+# --------------------------------------------------------------------------
+
+
+def _check_channels_first(name, x, min_ndim=2):
+    if x.ndim < min_ndim:
+        raise ValueError(f"{name} expected an input with at least {min_ndim} dimensions (N, C, ...), got {x.ndim}D input")
+
+
+def groupnorm_forward(x, gamma=None, beta=None, num_groups=None, eps=1e-5):
+    r"""Group norm: each sample's channels split into ``num_groups`` groups, each normalized.
+
+    For ``x`` of shape ``(N, C, *spatial)``, group ``g`` of sample ``n`` is
+    ``x[n, g*C/G:(g+1)*C/G, ...]``, with ``m = (C / G) * prod(spatial)`` values
+    (Wu & He 2018). ``gamma``, ``beta``: per channel, shape ``(C,)``.
+    ``num_groups = 1`` is layer norm over ``(C, *spatial)`` (with per-channel
+    gamma); ``num_groups = C`` is instance norm.
+
+    torch's order ``groupnorm_forward(x, num_groups, gamma, beta, eps)`` is
+    accepted too (an int in second place).
+
+    Returns:
+        ``(y, cache)``; ``cache.mu`` and ``cache.var`` have shape ``(N, num_groups)``.
+    """
+    if isinstance(gamma, (int, np.integer)) and not isinstance(gamma, bool):  # F.group_norm's order
+        num_groups, gamma, beta, eps = gamma, beta, num_groups, eps
+    _check_eps(eps)
+    x = _as_compute(x)
+    _check_channels_first("groupnorm_forward", x)
+    num_channels = x.shape[1]
+    if not isinstance(num_groups, (int, np.integer)) or isinstance(num_groups, bool) or num_groups < 1:
+        raise ValueError(f"num_groups must be an integer >= 1, got {num_groups!r}")
+    if num_channels % num_groups != 0:
+        raise ValueError(f"num_channels ({num_channels}) must be divisible by num_groups ({num_groups})")
+    gamma = _param("gamma", gamma, (num_channels,), x.dtype)
+    beta = _param("beta", beta, (num_channels,), x.dtype)
+    m = (num_channels // num_groups) * prod(x.shape[2:])
+    row_shape = (x.shape[0], num_groups, m)
+    param_view = (1, num_channels) + (1,) * (x.ndim - 2)
+    param_axes = (0,) + tuple(range(2, x.ndim))
+    return _grouped_forward(x, gamma, beta, eps, row_shape, param_view, param_axes, (num_channels,))
+
+
+def groupnorm_backward(dy, cache):
+    """Gradients of :func:`groupnorm_forward`: ``(dx, dgamma, dbeta)``.
+
+    ``dx`` is the compact formula per (sample, group) with ``dx_hat = dy * gamma[c]``;
+    ``dgamma[c] = sum(dy * x_hat)`` and ``dbeta[c] = sum(dy)`` over ``(N, *spatial)``.
+    """
+    return _grouped_backward(dy, cache)
+
+
+def instancenorm_forward(x, gamma=None, beta=None, eps=1e-5):
+    r"""Instance norm: each channel of each sample normalized over its spatial axes.
+
+    For ``x`` of shape ``(N, C, *spatial)`` (at least one spatial axis),
+    ``mu[n, c]`` and ``var[n, c]`` are taken over ``x[n, c]``, ``m = prod(spatial)``
+    values (Ulyanov et al. 2016). ``gamma``, ``beta``: per channel, ``(C,)``.
+    Group norm with ``num_groups = C``.
+
+    Returns:
+        ``(y, cache)``; ``cache.mu`` and ``cache.var`` have shape ``(N, C)``.
+    """
+    x = _as_compute(x)
+    _check_channels_first("instancenorm_forward", x, min_ndim=3)
+    return groupnorm_forward(x, gamma, beta, num_groups=x.shape[1], eps=eps)
+
+
+def instancenorm_backward(dy, cache):
+    """Gradients of :func:`instancenorm_forward`: ``(dx, dgamma, dbeta)``."""
+    return _grouped_backward(dy, cache)
+
+
+# --------------------------------------------------------------------------
+# Batch renormalization
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class BatchRenormCache:
+    """What the backward pass of batch renorm needs, and the statistics it used."""
+
+    x_hat_batch: np.ndarray  # (x - mu) / sigma_B, shape of x
+    x_hat: np.ndarray  # x_hat_batch * r + d, shape of x
+    gamma: np.ndarray  # (C,), ones when the layer has no scale
+    invstd: np.ndarray  # (C,), 1 / sigma_B = 1 / sqrt(var + eps)
+    r: np.ndarray  # (C,), the clipped ratio sigma_B / sigma (a constant in backward)
+    d: np.ndarray  # (C,), the clipped shift (mu - running_mean) / sigma (a constant in backward)
+    mu: np.ndarray  # (C,) batch mean
+    var: np.ndarray  # (C,) biased batch variance
+    has_gamma: bool
+    has_beta: bool
+
+
+def _stat_axes(ndim):
+    return (0,) + tuple(range(2, ndim))
+
+
+def _per_channel(v, ndim):
+    return np.reshape(v, (1, -1) + (1,) * (ndim - 2))
+
+
+def batchrenorm_forward(x, gamma, beta, running_mean, running_var, r_max=3.0, d_max=5.0, eps=1e-5):
+    r"""Training-mode batch renormalization (Ioffe 2017, Algorithm 1).
+
+    Per channel, over every axis but 1, with ``sigma = sqrt(running_var + eps)``:
+
+    .. math::
+
+        \sigma_B = \sqrt{\mathrm{var}_B + \epsilon}, \quad
+        r = \mathrm{clip}\big(\sigma_B / \sigma,\ 1/r_{max},\ r_{max}\big), \quad
+        d = \mathrm{clip}\big((\mu_B - \mu_{running}) / \sigma,\ -d_{max},\ d_{max}\big),
+
+        \hat{x} = \frac{x - \mu_B}{\sigma_B}\, r + d, \qquad y = \gamma \hat{x} + \beta.
+
+    ``r_max = 1, d_max = 0`` gives ``r = 1, d = 0``: batch norm. Updating the
+    running estimates is the caller's job (as for batch norm: ``cache.mu``,
+    and ``cache.var * m / (m - 1)``).
+
+    Args:
+        x: ``(N, C, *spatial)``. gamma, beta: ``(C,)`` or ``None``.
+        running_mean, running_var: ``(C,)``, the current running estimates.
+        r_max (>= 1), d_max (>= 0): the clipping limits.
+    """
+    x = _as_compute(x)
+    _check_channels_first("batchrenorm_forward", x)
+    _check_eps(eps)
+    if not r_max >= 1:
+        raise ValueError(f"r_max must be >= 1, got {r_max!r}")
+    if not d_max >= 0:
+        raise ValueError(f"d_max must be >= 0, got {d_max!r}")
+    num_channels = x.shape[1]
+    running_mean = _param("running_mean", running_mean, (num_channels,), x.dtype)
+    running_var = _param("running_var", running_var, (num_channels,), x.dtype)
+    has_gamma, has_beta = gamma is not None, beta is not None
+    gamma = _param("gamma", gamma, (num_channels,), x.dtype)
+    beta = _param("beta", beta, (num_channels,), x.dtype)
+    if gamma is None:
+        gamma = np.ones(num_channels, x.dtype)
+
+    axes = _stat_axes(x.ndim)
+    mu = x.mean(axis=axes)
+    x_centered = x - _per_channel(mu, x.ndim)
+    var = np.mean(x_centered * x_centered, axis=axes)  # two passes
+    sigma_batch = np.sqrt(var + eps)
+    sigma = np.sqrt(running_var + eps)
+    r = np.clip(sigma_batch / sigma, 1.0 / r_max, r_max)
+    d = np.clip((mu - running_mean) / sigma, -d_max, d_max)
+    x_hat_batch = x_centered / _per_channel(sigma_batch, x.ndim)
+    x_hat = x_hat_batch * _per_channel(r, x.ndim) + _per_channel(d, x.ndim)
+    y = x_hat * _per_channel(gamma, x.ndim)
+    if has_beta:
+        y = y + _per_channel(beta, x.ndim)
+    cache = BatchRenormCache(x_hat_batch, x_hat, gamma, 1.0 / sigma_batch, r, d, mu, var, has_gamma, has_beta)
+    return y, cache
+
+
+def batchrenorm_backward(dy, cache):
+    r"""Gradients of training-mode batch renorm, with ``r`` and ``d`` held constant.
+
+    ``r`` and ``d`` are stop-gradient in the paper, so ``y = (gamma * r) * x_hat_B + ...``
+    is batch norm with scale ``gamma * r``, and ``dx`` is batch norm's compact
+    formula with that scale:
+
+    .. math::
+
+        dx_i = \frac{\gamma r}{m \sigma_B}
+               \Big(m\, dy_i - \sum_j dy_j - \hat{x}_{B,i} \sum_j dy_j \hat{x}_{B,j}\Big),
+        \quad d\gamma = \sum_i dy_i \hat{x}_i, \quad d\beta = \sum_i dy_i.
+    """
+    dy = np.asarray(dy, dtype=cache.x_hat.dtype)
+    ndim = dy.ndim
+    axes = _stat_axes(ndim)
+    m = prod(dy.shape) // dy.shape[1] if dy.shape[1] else 0
+    sum_dy = dy.sum(axis=axes)
+    sum_dy_x_hat_batch = (dy * cache.x_hat_batch).sum(axis=axes)
+    scale = _per_channel(cache.gamma * cache.r * cache.invstd / max(m, 1), ndim)
+    dx = scale * (m * dy - _per_channel(sum_dy, ndim) - cache.x_hat_batch * _per_channel(sum_dy_x_hat_batch, ndim))
+    dgamma = (dy * cache.x_hat).sum(axis=axes) if cache.has_gamma else None
+    dbeta = sum_dy if cache.has_beta else None
+    return dx, dgamma, dbeta

@@ -1,0 +1,349 @@
+r"""Batch norm across processes: ``SyncBatchNorm`` on ``torch.distributed``.
+
+In data-parallel training each process (rank) holds a slice of the
+mini-batch. Plain BN would normalize every slice with its own statistics;
+``SyncBatchNorm`` normalizes all of them with the statistics of the whole
+batch, so the result is that of BatchNorm on the concatenated batch in one
+process. It runs on CPU tensors (gloo) and CUDA tensors (NCCL): the only
+transport is ``torch.distributed``.
+
+Forward, training, a process group of ``W > 1`` ranks (input ``(N_r, C, *S)``
+on rank ``r``, ``m_r = N_r * prod(S)`` values per channel, possibly 0):
+
+1. every rank computes per channel, in two passes (never ``E[x^2] - E[x]^2``),
+
+   .. math::
+
+       n_r = m_r, \quad \mu_r = \frac{1}{m_r}\sum_{i \in r} x_i, \quad
+       M2_r = \sum_{i \in r} (x_i - \mu_r)^2
+
+   (``n_r = mu_r = M2_r = 0`` for an empty slice);
+2. **collective 1**: one ``all_gather`` of the ``(3, C)`` tensor
+   ``[n_r; mu_r; M2_r]``, so every rank holds all ``W`` triples;
+3. every rank merges them with Chan, Golub and LeVeque's parallel formula,
+   all parts at once (:func:`merge_stats`):
+
+   .. math::
+
+       m = \sum_r n_r, \quad \mu = \sum_r \frac{n_r}{m}\,\mu_r, \quad
+       M2 = \sum_r M2_r + \sum_r n_r (\mu_r - \mu)^2, \quad
+       \mathrm{var} = M2 / m;
+
+   for two parts this is the pairwise update
+   ``M2 = M2_a + M2_b + delta**2 * n_a * n_b / (n_a + n_b)`` with
+   ``delta = mu_b - mu_a``. It is exact for any slice sizes and stable: it
+   adds only non-negative terms, and ``mu_r - mu`` are small differences of
+   means, not of large sums of squares;
+4. ``x_hat = (x - mu) * invstd`` with ``invstd = 1 / sqrt(var + eps)``,
+   ``y = gamma * x_hat + beta``.
+
+The running estimates use the global ``m``: ``running_var`` gets the
+unbiased ``var * m / (m - 1)``, and ``num_batches_tracked`` grows by one on
+every rank. A channel whose global statistics are not finite (a NaN or Inf
+on any rank) keeps its running estimates, on every rank alike.
+
+Backward: each rank sums over its slice ``sum(dy)`` and ``sum(dy * x_hat)``
+per channel; **collective 2**, one ``all_reduce`` (sum) of the ``(2, C)``
+tensor, makes them global, and the compact formula, with the global ``m``,
+
+.. math::
+
+    dx = \frac{\gamma\,\mathrm{invstd}}{m}
+         \Bigl(m\,dy - \textstyle\sum dy - \hat{x} \sum dy\,\hat{x}\Bigr),
+
+gives each rank the matching slice of the whole-batch ``dx``.
+``dgamma = sum(dy * x_hat)`` and ``dbeta = sum(dy)`` stay local: each rank
+returns its own contribution and the sum over ranks is the whole-batch
+gradient (``DistributedDataParallel`` all-reduces parameter gradients
+anyway; it averages them, so train with a per-rank loss that is the mean
+over the rank's slice to get the whole-batch mean loss).
+
+Cost per BN layer per training step, with ``C`` channels, ``W`` ranks and
+``b`` bytes per value (4 for float32, also for float16/bfloat16 inputs,
+whose statistics are float32): **two collectives**, both blocking.
+Forward: each rank sends ``3*C*b`` bytes and receives ``3*C*b*(W - 1)``.
+Backward: an all-reduce of ``2*C*b`` bytes (a ring moves ``2*(W-1)/W`` times
+that per rank). Why one all_gather and not all-reduces: the merge needs
+every ``(n_r, mu_r, M2_r)``, which is not a sum; the exact alternative,
+an all-reduce of ``(n_r, n_r * mu_r)`` then one of ``sum (x - mu)^2`` about
+the global mean, costs two round trips and a second pass over ``x`` after
+the first one. These messages are a few kilobytes, where a collective's
+latency, not its bytes, is the price; the all_gather's ``W``-fold bytes only
+matter for thousands of ranks. The count is stored per channel (3 rows, not
+``2C + 1`` values) to keep the merge a plain column-wise formula.
+
+Errors, and why they cannot deadlock: the shape checks (at least 2 dims,
+``num_features`` channels) are local and come before any collective; a
+rank that fails them raises at once, as torch's ``SyncBatchNorm`` does
+(a wrong shape is a bug of the calling code, normally on every rank alike).
+"More than one value per channel when training" is a property of the whole
+batch, so it is checked **globally**, after the all_gather, from the counts
+every rank now holds: each rank takes part in the collective first, and
+the ranks that could see a global count of 1 (those with ``m_r <= 1``;
+the others know ``m >= 2`` without looking) read it. If it is 1, every rank
+has ``m_r <= 1``, so every rank reads it and every rank raises the same
+``ValueError``; no rank is left waiting in a later collective. The read is
+a host sync only on that rare path. A rank with an empty slice takes part
+in both collectives and contributes ``n_r = 0``.
+"""
+
+import sys
+
+if "bnlib.nn" not in sys.modules:
+    # bnlib.nn re-exports SyncBatchNorm in its last lines and this module
+    # subclasses bnlib.nn's base class. Imported first, this module would be
+    # half-built when bnlib.nn asks for SyncBatchNorm, so it steps aside:
+    # bnlib.nn imports a fresh copy of it (to the end), and the import
+    # statement that got here returns that copy (Python returns whatever
+    # sys.modules holds when a module's code ends). The rest of this file
+    # then runs once more, unused.
+    _half_built = sys.modules.pop(__name__)
+    import bnlib.nn  # noqa: F401
+    sys.modules.setdefault(__name__, _half_built)  # bnlib.nn did not import us: carry on
+
+import torch
+import torch.distributed as dist
+
+from bnlib import nn as bnn
+from bnlib._checks import check_batch_size, check_num_channels, values_per_channel
+from bnlib.functional import _compute_dtype, _per_channel, _stat_dims
+
+__all__ = ["SyncBatchNorm", "SyncBatchNormFunction", "local_stats", "merge_stats", "update_running_stats"]
+
+
+def local_stats(x):
+    """Per-channel ``(n, mu, M2)`` of ``x`` of shape ``(N, C, *S)``: three ``(C,)`` tensors.
+
+    ``n`` is the number of values per channel, ``mu`` their mean and ``M2``
+    the sum of squared deviations from ``mu`` (two passes). An empty ``x``
+    gives zeros. Dtype: ``x``'s (callers pass float32 for half inputs).
+    """
+    num_channels = x.shape[1]
+    m = values_per_channel(x.shape)
+    count = torch.full((num_channels,), m, dtype=x.dtype, device=x.device)
+    if m == 0:
+        zeros = torch.zeros(num_channels, dtype=x.dtype, device=x.device)
+        return count, zeros, zeros
+    dims = _stat_dims(x.dim())
+    mu = x.mean(dims)
+    deviations = x - _per_channel(mu, x.dim())
+    m2 = torch.mul(deviations, deviations).sum(dims)
+    return count, mu, m2
+
+
+def merge_stats(count, mu, m2):
+    r"""Merge ``P`` partial statistics into those of the union (Chan et al.).
+
+    Args:
+        count, mu, m2: ``(P, C)``; row ``p`` holds ``(n_p, mu_p, M2_p)`` of part ``p``.
+
+    Returns:
+        ``(n, mu, M2)``, each ``(C,)``:
+        ``n = sum_p n_p``, ``mu = sum_p (n_p / n) mu_p``,
+        ``M2 = sum_p M2_p + sum_p n_p (mu_p - mu)^2``.
+
+    Exact for any part sizes (parts with ``n_p = 0`` drop out) and
+    independent of the order of the parts up to rounding. When ``n = 0``
+    (every part empty) ``mu`` and ``M2`` are NaN, so the running estimates
+    of such a batch are left alone, as BatchNorm leaves them for an empty
+    batch.
+    """
+    n = count.sum(0)
+    mean = (count / n * mu).sum(0)
+    deviation = mu - mean
+    return n, mean, m2.sum(0) + (count * deviation * deviation).sum(0)
+
+
+@torch.no_grad()
+def update_running_stats(running_mean, running_var, mu, unbiased_var, momentum):
+    """``running = (1 - momentum) * running + momentum * batch``, per channel,
+    except where ``mu`` or ``unbiased_var`` is not finite (that channel is kept).
+
+    ``torch.where`` on a finiteness mask: no host sync, no branch on values.
+    """
+    finite = torch.isfinite(mu) & torch.isfinite(unbiased_var)
+    new_mean = momentum * mu.to(running_mean.dtype) + (1 - momentum) * running_mean
+    new_var = momentum * unbiased_var.to(running_var.dtype) + (1 - momentum) * running_var
+    running_mean.copy_(torch.where(finite, new_mean, running_mean))
+    running_var.copy_(torch.where(finite, new_var, running_var))
+
+
+def _check_global_count(input, count, world_size):
+    """The whole batch needs more than one value per channel (see the module docstring)."""
+    if values_per_channel(input.shape) > 1:
+        return  # then m >= 2 on every rank's view: no need to read anything
+    total = int(count[0].item())  # the same on every rank; a host read on this rare path only
+    if total == 1:
+        raise ValueError(
+            "Expected more than 1 value per channel when training, got input size "
+            f"{input.size()} on this rank and 1 value per channel over the {world_size} "
+            "ranks of the process group"
+        )
+
+
+class SyncBatchNormFunction(torch.autograd.Function):
+    """Training-mode batch norm over every rank of ``process_group``.
+
+    ``forward(input, weight, bias, eps, process_group)`` returns
+    ``(y, mu, var, count)``: the output (input's dtype) and the global mean,
+    biased variance and count per channel (``(C,)``, not differentiable).
+    One all_gather in forward, one all_reduce in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, eps, process_group):
+        x = input.to(_compute_dtype(input.dtype))
+        world_size = dist.get_world_size(process_group)
+
+        # Collective 1: every rank's (n_r, mu_r, M2_r), a (3, C) tensor.
+        local = torch.stack(local_stats(x))
+        gathered = [torch.empty_like(local) for _ in range(world_size)]
+        dist.all_gather(gathered, local, group=process_group)
+        count, mu, m2 = merge_stats(*torch.stack(gathered, dim=1))  # rows of (3, W, C)
+        _check_global_count(input, count, world_size)
+
+        var = m2 / count
+        invstd = torch.rsqrt(var + eps)
+        x_centered = x - _per_channel(mu, x.dim())
+        scale = invstd if weight is None else invstd * weight.to(x.dtype)
+        shift = torch.zeros_like(scale) if bias is None else bias.to(x.dtype)
+        y = torch.addcmul(_per_channel(shift, x.dim()).expand_as(x), x_centered, _per_channel(scale, x.dim()))
+
+        ctx.save_for_backward(x_centered, invstd, weight, count)
+        ctx.process_group = process_group
+        ctx.has_bias = bias is not None
+        ctx.mark_non_differentiable(mu, var, count)
+        return y.to(input.dtype), mu, var, count
+
+    @staticmethod
+    def backward(ctx, dy, _grad_mu, _grad_var, _grad_count):
+        r"""With ``x_hat = x_centered * invstd``, global ``m`` and global sums:
+
+        dx = gamma * invstd / m * (m * dy - sum(dy) - x_hat * sum(dy * x_hat))
+
+        is the chain rule through ``x_hat``, ``mu`` and ``var`` collapsed
+        (derived in the chapter on the BN algorithm). ``mu`` and ``var`` are
+        means over every rank's values, so their paths need the sums over
+        every rank: hence the all_reduce. ``dgamma`` and ``dbeta`` are this
+        rank's share, ``sum(dy * x_hat)`` and ``sum(dy)`` over its slice.
+        """
+        x_centered, invstd, weight, count = ctx.saved_tensors
+        ndim = x_centered.dim()
+        dims = _stat_dims(ndim)
+        dy32 = dy.to(x_centered.dtype)
+        sum_dy = dy32.sum(dims)
+        sum_dy_x_hat = torch.mul(dy32, x_centered).sum(dims) * invstd
+
+        grad_input = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            # Collective 2: the two sums over every rank, one (2, C) tensor.
+            # Skipped, like torch's, when no rank needs dx (the same graph everywhere).
+            sums = torch.stack([sum_dy, sum_dy_x_hat])
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=ctx.process_group)
+            total_dy, total_dy_x_hat = sums.unbind(0)
+            k = invstd if weight is None else invstd * weight.to(invstd.dtype)
+            dx = dy32 * _per_channel(k, ndim) - _per_channel(k * total_dy / count, ndim)
+            dx -= x_centered * _per_channel(k * invstd * total_dy_x_hat / count, ndim)
+            grad_input = dx.to(dy.dtype)
+        if weight is not None and ctx.needs_input_grad[1]:
+            grad_weight = sum_dy_x_hat.to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = sum_dy.to(weight.dtype if weight is not None else dy32.dtype)
+        return grad_input, grad_weight, grad_bias, None, None
+
+
+class SyncBatchNorm(bnn._BatchNorm):
+    """Drop-in for ``torch.nn.SyncBatchNorm`` that also runs on CPU (gloo).
+
+    Args: those of ``torch.nn.SyncBatchNorm`` in torch 2.13:
+    ``(num_features, eps=1e-5, momentum=0.1, affine=True,
+    track_running_stats=True, process_group=None, device=None, dtype=None,
+    *, bias=True)``; ``process_group=None`` means the default (world) group.
+    Parameters, buffers and state-dict keys are BatchNorm's, so a state dict
+    loads into and from ``torch.nn.BatchNorm*d``, ``torch.nn.SyncBatchNorm``
+    and ``bnlib.nn.BatchNorm*d``.
+
+    Input ``(N, C, *S)`` with at least 2 dims (2 to 5 in practice), on every
+    rank with the same ``C`` and trailing sizes; ``N`` may differ, 0 included.
+    In training with an initialized process group of more than one rank:
+    :class:`SyncBatchNormFunction` (global statistics, see the module
+    docstring). Otherwise (eval mode, no process group, a group of one rank,
+    or a rank outside ``process_group``): plain batch norm,
+    :func:`bnlib.functional.batch_norm`, with no communication.
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 process_group=None, device=None, dtype=None, *, bias=True):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        self.process_group = process_group
+
+    def _check_shape(self, input):
+        if input.dim() < 2:
+            raise ValueError(f"SyncBatchNorm expected at least 2D input (N, C, ...) (got {input.dim()}D input)")
+        check_num_channels("SyncBatchNorm", input.shape, self.num_features)
+
+    def _check_input(self, input):
+        """The plain (local) path's checks: shape, and in training the local batch."""
+        self._check_shape(input)
+        if self.training:
+            check_batch_size(input.shape, str(input.size()))
+
+    def _sync_group(self):
+        """The process group to synchronize over, or None for plain batch norm."""
+        if not (self.training and dist.is_available() and dist.is_initialized()):
+            return None
+        group = self.process_group if self.process_group is not None else dist.group.WORLD
+        # A rank outside the group sees -1 here: it runs plain batch norm.
+        return group if dist.get_world_size(group) > 1 else None
+
+    def forward(self, input):
+        group = self._sync_group()
+        if group is None:
+            return super().forward(input)  # plain BatchNorm; checks first, then state
+        self._check_shape(input)
+        y, mu, var, count = SyncBatchNormFunction.apply(input, self.weight, self.bias, self.eps, group)
+        # Only now, after the global check inside the function, is state changed.
+        if self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked)  # cumulative average, as torch
+            else:
+                factor = self.momentum
+            update_running_stats(self.running_mean, self.running_var, mu, var * (count / (count - 1)), factor)
+        return y
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module, process_group=None):
+        """Replace every BatchNorm in ``module`` by a :class:`SyncBatchNorm`; return the module.
+
+        Converted: ``torch.nn.BatchNorm1d/2d/3d`` (any ``torch.nn`` batch
+        norm, ``torch.nn.SyncBatchNorm`` included), ``bnlib.nn.BatchNorm1d/2d/3d``
+        and this class (re-scoped to ``process_group``). Not converted:
+        ``GhostBatchNorm``, whose small batches are the point.
+        The new layer shares the old one's parameter and buffer tensors (so
+        ``requires_grad``, device, dtype and an optimizer's references are
+        kept) and its training flag. When ``module`` itself is a BatchNorm,
+        the new layer is returned instead, as in torch.
+        """
+        convertible = (torch.nn.modules.batchnorm._BatchNorm, bnn.BatchNorm1d, bnn.BatchNorm2d,
+                       bnn.BatchNorm3d, SyncBatchNorm)
+        module_output = module
+        if isinstance(module, convertible):
+            like = module.weight if module.affine else module.running_mean  # None: neither exists
+            factory = {} if like is None else {"device": like.device, "dtype": like.dtype}
+            module_output = cls(module.num_features, module.eps, module.momentum, module.affine,
+                                module.track_running_stats, process_group, bias=module.bias is not None,
+                                **factory)
+            if module.affine:
+                with torch.no_grad():
+                    module_output.weight = module.weight
+                    module_output.bias = module.bias
+            module_output.running_mean = module.running_mean
+            module_output.running_var = module.running_var
+            module_output.num_batches_tracked = module.num_batches_tracked
+            module_output.training = module.training
+            if hasattr(module, "qconfig"):
+                module_output.qconfig = module.qconfig
+        for name, child in module.named_children():
+            module_output.add_module(name, cls.convert_sync_batchnorm(child, process_group))
+        return module_output

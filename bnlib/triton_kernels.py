@@ -1,0 +1,630 @@
+r"""Fused Triton kernels for batch norm on CUDA (chapter "Making BN fast").
+
+``batch_norm(input, running_mean, running_var, weight, bias, training,
+momentum, eps)`` computes exactly what ``torch.nn.functional.batch_norm``
+computes, in a few passes over memory:
+
+- training forward: ``y = (x - mu) * invstd * gamma + beta`` with the batch's
+  ``mu`` and ``var = M2 / m`` (biased), ``invstd = 1 / sqrt(var + eps)``; the
+  running estimates, when given, become
+  ``running = (1 - momentum) * running + momentum * batch`` with the unbiased
+  ``M2 / (m - 1)`` for ``running_var``, except in channels whose batch
+  statistics are not finite (NaN or Inf in the batch), which keep theirs.
+- backward: the two per-channel sums ``sum(dy)`` and ``sum(dy * x_hat)``, then
+  the compact formula
+  ``dx = gamma * invstd / m * (m * dy - sum(dy) - x_hat * sum(dy * x_hat))``,
+  ``dgamma = sum(dy * x_hat)``, ``dbeta = sum(dy)``.
+- eval: ``y = (x - running_mean) * scale + beta`` with
+  ``scale = gamma / sqrt(running_var + eps)``: one subtraction and one fused
+  multiply-add per element (the subtraction first keeps ``y`` accurate when
+  ``|mean| >> std``; memory, not arithmetic, sets the time).
+
+Statistics are accumulated in float32 (float64 for float64 input); the
+output has the input's dtype.
+
+**One view for every layout.** Each kernel sees the input as a 3-D array
+``(R, C, S)`` with strides ``(s_r, s_c, 1)``:
+
+- contiguous ``(N, C, *spatial)``: ``R = N``, ``S = prod(spatial)``,
+  strides ``(C*S, S, 1)``; a program owns one channel.
+- channels-last (``torch.channels_last``, ``channels_last_3d``) and ``(N, C)``:
+  ``R = N * prod(spatial)``, ``S = 1``, strides ``(C, 1, 1)``; a program owns
+  a block of ``BLOCK_C`` neighbouring channels, read as rows of a matrix.
+
+Any other strides are made contiguous first (a copy).
+
+**Grid and reductions.** The grid is ``(channel blocks, splits)``: split ``j``
+owns the rows ``[j * rows_per_split, (j + 1) * rows_per_split)``, so a channel
+with many values is reduced by many programs at once. Inside a program every
+lane keeps its own Welford summary ``(mean, M2, count)``; the lanes, then the
+splits, are merged with Chan's formula (never ``E[x^2] - E[x]^2``):
+
+    n = n_a + n_b,  delta = mean_b - mean_a,
+    mean = mean_a + delta * n_b / n,  M2 = M2_a + M2_b + delta^2 * n_a * n_b / n
+
+With several splits a pass is three launches (partial summaries, a small
+finalize kernel over the splits, the elementwise pass). When the channel
+blocks alone fill the GPU there is one split and one launch: the program
+reduces its channels and then normalizes them, the second loop running
+backwards over the rows so that it starts with what the first loop left in
+L2.
+
+Triton is optional (``pip install bnlib[triton]``): without it this module
+still imports and ``is_available()`` is False. With ``TRITON_INTERPRET=1`` in
+the environment before this module is imported, the same kernels run on CPU
+tensors through Triton's interpreter (that is how the tests check them on a
+machine without a GPU).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # Triton is optional; nothing below runs without it.
+    triton = tl = None
+
+__all__ = ["batch_norm", "is_available"]
+
+# Triton chooses interpreter or compiler when a kernel is defined, i.e. when
+# this module is imported, from the same environment variable.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def _jit(fn):
+    """``triton.jit`` when Triton is installed; else the plain function (never called)."""
+    return fn if triton is None else triton.jit(fn)
+
+
+def is_available():
+    """True when the kernels can run: Triton importable, and CUDA present (or the interpreter on)."""
+    if triton is None:
+        return False
+    return _INTERPRET or torch.cuda.is_available()
+
+
+# ----------------------------------------------------------------------------
+# Building blocks (inlined into the kernels)
+# ----------------------------------------------------------------------------
+
+
+@_jit
+def _chan_combine(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
+    """Merge two Welford summaries of disjoint sets (Chan, Golub, LeVeque 1983).
+
+    n = n_a + n_b;  mean = mean_a + delta * n_b / n;
+    M2 = M2_a + M2_b + delta^2 * n_a * n_b / n,  with delta = mean_b - mean_a.
+    An empty side (count 0) leaves the other one unchanged.
+    """
+    n = n_a + n_b
+    w_b = tl.where(n > 0, n_b / tl.maximum(n, 1.0), 0.0)
+    delta = mean_b - mean_a
+    mean = mean_a + delta * w_b
+    m2 = m2_a + m2_b + delta * delta * n_a * w_b
+    return mean, m2, n
+
+
+@_jit
+def _invstd(var, eps):
+    """1 / sqrt(var + eps), the square root correctly rounded (tl.sqrt is approximate in float32)."""
+    if var.dtype == tl.float64:
+        return 1.0 / tl.sqrt(var + eps)
+    else:
+        return 1.0 / tl.sqrt_rn(var + eps)
+
+
+@_jit
+def _tile_offsets(r0, c_offs, s0, s_r, s_c, R_end, C, S,
+                  BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, INT64: tl.constexpr):
+    """Offsets and mask of the tile (rows r0.., channels c_offs, positions s0..): shape (BLOCK_R, BLOCK_C, BLOCK_S)."""
+    r = r0 + tl.arange(0, BLOCK_R)[:, None, None]
+    s = s0 + tl.arange(0, BLOCK_S)[None, None, :]
+    c = c_offs[None, :, None]
+    mask = (r < R_end) & (c < C) & (s < S)
+    if INT64:
+        r = r.to(tl.int64)
+    return r * s_r + c * s_c + s, mask
+
+
+@_jit
+def _welford(x_ptr, r_start, r_end, c_offs, s_r, s_c, C, S,
+             BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+             INT64: tl.constexpr, ACC: tl.constexpr):
+    """(mean, M2, count) of x over rows [r_start, r_end) and all S, per channel in c_offs.
+
+    Every lane of the tile runs Welford's update on the values it sees,
+        count += 1;  delta = x - mean;  mean += delta / count;  M2 += delta * (x - mean),
+    and the lanes are merged with ``_chan_combine`` at the end.
+    """
+    mean = tl.zeros([BLOCK_R, BLOCK_C, BLOCK_S], ACC)
+    m2 = tl.zeros([BLOCK_R, BLOCK_C, BLOCK_S], ACC)
+    count = tl.zeros([BLOCK_R, BLOCK_C, BLOCK_S], ACC)
+    for r0 in range(r_start, r_end, BLOCK_R):
+        for s0 in range(0, S, BLOCK_S):
+            offs, mask = _tile_offsets(r0, c_offs, s0, s_r, s_c, r_end, C, S, BLOCK_R, BLOCK_S, INT64)
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+            count += mask.to(ACC)
+            delta = x - mean
+            mean += tl.where(mask, delta / tl.maximum(count, 1.0), 0.0)
+            m2 += tl.where(mask, delta * (x - mean), 0.0)
+    mean, m2, count = tl.reduce((mean, m2, count), 2, _chan_combine)
+    mean, m2, count = tl.reduce((mean, m2, count), 0, _chan_combine)
+    return mean, m2, count
+
+
+@_jit
+def _grad_sums(x_ptr, dy_ptr, mean, r_start, r_end, c_offs, s_r, s_c, C, S,
+               BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+               INT64: tl.constexpr, ACC: tl.constexpr):
+    """sum(dy) and sum(dy * (x - mean)) over rows [r_start, r_end) and all S, per channel."""
+    sum_dy = tl.zeros([BLOCK_R, BLOCK_C, BLOCK_S], ACC)
+    sum_dy_xmu = tl.zeros([BLOCK_R, BLOCK_C, BLOCK_S], ACC)
+    mu = mean[None, :, None]
+    for r0 in range(r_start, r_end, BLOCK_R):
+        for s0 in range(0, S, BLOCK_S):
+            offs, mask = _tile_offsets(r0, c_offs, s0, s_r, s_c, r_end, C, S, BLOCK_R, BLOCK_S, INT64)
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+            dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
+            sum_dy += dy
+            sum_dy_xmu += dy * (x - mu)  # dy is 0 in masked lanes
+    sum_dy = tl.sum(tl.sum(sum_dy, 2), 0)
+    sum_dy_xmu = tl.sum(tl.sum(sum_dy_xmu, 2), 0)
+    return sum_dy, sum_dy_xmu
+
+
+@_jit
+def _finish_stats(mean, m2, count, c_offs, C, stats_ptr, rmean_ptr, rvar_ptr, momentum, eps,
+                  UPDATE_RMEAN: tl.constexpr, UPDATE_RVAR: tl.constexpr):
+    """From (mean, M2, count): store mean and invstd = 1/sqrt(M2/count + eps) in stats, update the running estimates.
+
+    running = (1 - momentum) * running + momentum * batch, with the unbiased
+    M2 / (count - 1) for the variance; a channel whose batch mean or variance is
+    not finite keeps its running estimates. Returns (mean, invstd).
+    """
+    c_mask = c_offs < C
+    invstd = _invstd(m2 / tl.maximum(count, 1.0), eps)
+    tl.store(stats_ptr + c_offs, mean, mask=c_mask)
+    tl.store(stats_ptr + C + c_offs, invstd, mask=c_mask)
+    if UPDATE_RMEAN or UPDATE_RVAR:
+        var_unbiased = m2 / tl.maximum(count - 1.0, 1.0)
+        # v - v is 0 for a finite v and NaN for NaN and +-Inf (NaN == 0 is False).
+        finite = ((mean - mean) == 0.0) & ((var_unbiased - var_unbiased) == 0.0)
+        if UPDATE_RMEAN:
+            old = tl.load(rmean_ptr + c_offs, mask=c_mask, other=0.0)
+            new = (1.0 - momentum) * old.to(mean.dtype) + momentum * mean
+            tl.store(rmean_ptr + c_offs, tl.where(finite, new.to(old.dtype), old), mask=c_mask)
+        if UPDATE_RVAR:
+            old = tl.load(rvar_ptr + c_offs, mask=c_mask, other=0.0)
+            new = (1.0 - momentum) * old.to(mean.dtype) + momentum * var_unbiased
+            tl.store(rvar_ptr + c_offs, tl.where(finite, new.to(old.dtype), old), mask=c_mask)
+    return mean, invstd
+
+
+# ----------------------------------------------------------------------------
+# Kernels. Grid: (cdiv(C, BLOCK_C), n_split); program (pid_c, j) owns channels
+# pid_c*BLOCK_C + [0, BLOCK_C) and rows [j*rows_per_split, (j+1)*rows_per_split).
+# ----------------------------------------------------------------------------
+
+# What the elementwise kernels take their per-channel statistics from.
+_FROM_BUFFER = 0  # a buffer the finalize kernel wrote (several splits)
+_COMPUTE = 1  # this program reduces its channels itself (one split)
+_RUNNING = 2  # the running estimates (eval mode)
+_NONE = 3  # none needed (backward of eval mode without parameter gradients)
+
+
+@_jit
+def _partial_stats_kernel(x_ptr, part_ptr, C, S, R, s_r, s_c, rows_per_split,
+                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+                          INT64: tl.constexpr, ACC: tl.constexpr):
+    """Training forward, pass 1 of 3: each program's (count, mean, M2) into part[3, n_split, C]."""
+    pid_c = tl.program_id(0)
+    j = tl.program_id(1)
+    n_split = tl.num_programs(1)
+    c_offs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    r_start = j * rows_per_split
+    r_end = tl.minimum(r_start + rows_per_split, R)
+    mean, m2, count = _welford(x_ptr, r_start, r_end, c_offs, s_r, s_c, C, S,
+                               BLOCK_R, BLOCK_C, BLOCK_S, INT64, ACC)
+    c_mask = c_offs < C
+    out = part_ptr + j * C + c_offs
+    tl.store(out, count, mask=c_mask)
+    tl.store(out + n_split * C, mean, mask=c_mask)
+    tl.store(out + 2 * n_split * C, m2, mask=c_mask)
+
+
+@_jit
+def _finalize_stats_kernel(part_ptr, stats_ptr, rmean_ptr, rvar_ptr, C, n_split, momentum, eps,
+                           UPDATE_RMEAN: tl.constexpr, UPDATE_RVAR: tl.constexpr,
+                           BLOCK_C: tl.constexpr, BLOCK_SPLIT: tl.constexpr):
+    """Training forward, pass 2 of 3: merge the splits' summaries (Chan), write mean/invstd, update running stats."""
+    c_offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ACC = stats_ptr.dtype.element_ty
+    mean = tl.zeros([BLOCK_C], ACC)
+    m2 = tl.zeros([BLOCK_C], ACC)
+    count = tl.zeros([BLOCK_C], ACC)
+    for j0 in range(0, n_split, BLOCK_SPLIT):
+        j = j0 + tl.arange(0, BLOCK_SPLIT)[:, None]
+        mask = (j < n_split) & (c_offs[None, :] < C)
+        offs = j * C + c_offs[None, :]
+        part_count = tl.load(part_ptr + offs, mask=mask, other=0.0)
+        part_mean = tl.load(part_ptr + n_split * C + offs, mask=mask, other=0.0)
+        part_m2 = tl.load(part_ptr + 2 * n_split * C + offs, mask=mask, other=0.0)
+        block_mean, block_m2, block_count = tl.reduce((part_mean, part_m2, part_count), 0, _chan_combine)
+        mean, m2, count = _chan_combine(mean, m2, count, block_mean, block_m2, block_count)
+    _finish_stats(mean, m2, count, c_offs, C, stats_ptr, rmean_ptr, rvar_ptr, momentum, eps,
+                  UPDATE_RMEAN, UPDATE_RVAR)
+
+
+@_jit
+def _normalize_kernel(x_ptr, y_ptr, w_ptr, b_ptr, stats_ptr, rmean_ptr, rvar_ptr,
+                      C, S, R, s_r, s_c, rows_per_split, momentum, eps,
+                      STATS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                      UPDATE_RMEAN: tl.constexpr, UPDATE_RVAR: tl.constexpr,
+                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+                      INT64: tl.constexpr, ACC: tl.constexpr):
+    """y = (x - mean) * (invstd * gamma) + beta.
+
+    STATS says where mean and invstd come from: _FROM_BUFFER (training, pass
+    3 of 3), _COMPUTE (training with one split: reduce here first, one launch),
+    _RUNNING (eval: running_mean, 1/sqrt(running_var + eps)).
+    """
+    pid_c = tl.program_id(0)
+    j = tl.program_id(1)
+    c_offs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c_offs < C
+    r_start = j * rows_per_split
+    r_end = tl.minimum(r_start + rows_per_split, R)
+    if STATS == 1:  # _COMPUTE
+        mean, m2, count = _welford(x_ptr, r_start, r_end, c_offs, s_r, s_c, C, S,
+                                   BLOCK_R, BLOCK_C, BLOCK_S, INT64, ACC)
+        mean, invstd = _finish_stats(mean, m2, count, c_offs, C, stats_ptr, rmean_ptr, rvar_ptr,
+                                     momentum, eps, UPDATE_RMEAN, UPDATE_RVAR)
+    elif STATS == 2:  # _RUNNING
+        mean = tl.load(rmean_ptr + c_offs, mask=c_mask, other=0.0).to(ACC)
+        var = tl.load(rvar_ptr + c_offs, mask=c_mask, other=1.0).to(ACC)
+        invstd = _invstd(var, eps)
+    else:  # _FROM_BUFFER
+        mean = tl.load(stats_ptr + c_offs, mask=c_mask, other=0.0)
+        invstd = tl.load(stats_ptr + C + c_offs, mask=c_mask, other=0.0)
+    scale = invstd
+    if HAS_W:
+        scale = scale * tl.load(w_ptr + c_offs, mask=c_mask, other=0.0).to(ACC)
+    shift = tl.zeros([BLOCK_C], ACC)
+    if HAS_B:
+        shift = tl.load(b_ptr + c_offs, mask=c_mask, other=0.0).to(ACC)
+    mean = mean[None, :, None]
+    scale = scale[None, :, None]
+    shift = shift[None, :, None]
+    # Rows last to first: after a reduction loop in this program, the rows it
+    # read last are the likeliest to still be in L2.
+    n_tiles = tl.cdiv(r_end - r_start, BLOCK_R)
+    for i in range(0, n_tiles):
+        r0 = r_start + (n_tiles - 1 - i) * BLOCK_R
+        for s0 in range(0, S, BLOCK_S):
+            offs, mask = _tile_offsets(r0, c_offs, s0, s_r, s_c, r_end, C, S, BLOCK_R, BLOCK_S, INT64)
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+            y = (x - mean) * scale + shift
+            tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@_jit
+def _partial_grad_sums_kernel(x_ptr, dy_ptr, stats_ptr, part_ptr, C, S, R, s_r, s_c, rows_per_split,
+                              BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+                              INT64: tl.constexpr, ACC: tl.constexpr):
+    """Backward, pass 1 of 3: each program's sum(dy) and sum(dy * (x - mean)) into part[2, n_split, C]."""
+    pid_c = tl.program_id(0)
+    j = tl.program_id(1)
+    n_split = tl.num_programs(1)
+    c_offs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c_offs < C
+    r_start = j * rows_per_split
+    r_end = tl.minimum(r_start + rows_per_split, R)
+    mean = tl.load(stats_ptr + c_offs, mask=c_mask, other=0.0)
+    sum_dy, sum_dy_xmu = _grad_sums(x_ptr, dy_ptr, mean, r_start, r_end, c_offs, s_r, s_c, C, S,
+                                    BLOCK_R, BLOCK_C, BLOCK_S, INT64, ACC)
+    out = part_ptr + j * C + c_offs
+    tl.store(out, sum_dy, mask=c_mask)
+    tl.store(out + n_split * C, sum_dy_xmu, mask=c_mask)
+
+
+@_jit
+def _finalize_grad_sums_kernel(part_ptr, stats_ptr, sums_ptr, C, n_split,
+                               BLOCK_C: tl.constexpr, BLOCK_SPLIT: tl.constexpr):
+    """Backward, pass 2 of 3: add up the splits; sums[0] = sum(dy * x_hat) = dgamma, sums[1] = sum(dy) = dbeta."""
+    c_offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c_offs < C
+    ACC = sums_ptr.dtype.element_ty
+    sum_dy = tl.zeros([BLOCK_C], ACC)
+    sum_dy_xmu = tl.zeros([BLOCK_C], ACC)
+    for j0 in range(0, n_split, BLOCK_SPLIT):
+        j = j0 + tl.arange(0, BLOCK_SPLIT)[:, None]
+        mask = (j < n_split) & c_mask[None, :]
+        offs = j * C + c_offs[None, :]
+        sum_dy += tl.sum(tl.load(part_ptr + offs, mask=mask, other=0.0), 0)
+        sum_dy_xmu += tl.sum(tl.load(part_ptr + n_split * C + offs, mask=mask, other=0.0), 0)
+    invstd = tl.load(stats_ptr + C + c_offs, mask=c_mask, other=0.0)
+    tl.store(sums_ptr + c_offs, sum_dy_xmu * invstd, mask=c_mask)
+    tl.store(sums_ptr + C + c_offs, sum_dy, mask=c_mask)
+
+
+@_jit
+def _grad_input_kernel(x_ptr, dy_ptr, dx_ptr, w_ptr, stats_ptr, sums_ptr,
+                       C, S, R, s_r, s_c, rows_per_split, m,
+                       SUMS: tl.constexpr, TRAINING: tl.constexpr, HAS_W: tl.constexpr,
+                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+                       INT64: tl.constexpr, ACC: tl.constexpr):
+    r"""dx, from the saved mean and invstd (stats) and the sums.
+
+    Training: dx = gamma * invstd * (dy - sum(dy)/m - x_hat * sum(dy * x_hat)/m)
+    with x_hat = (x - mean) * invstd: the compact formula, the mean's path giving
+    -sum(dy)/m and the variance's path -x_hat * sum(dy * x_hat)/m.
+    Eval (running estimates are constants): dx = gamma * invstd * dy.
+
+    SUMS says where the sums come from: _FROM_BUFFER (pass 3 of 3), _COMPUTE
+    (one split: reduce here first and store them as dgamma, dbeta in sums),
+    _NONE (eval without parameter gradients).
+    """
+    pid_c = tl.program_id(0)
+    j = tl.program_id(1)
+    c_offs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c_offs < C
+    r_start = j * rows_per_split
+    r_end = tl.minimum(r_start + rows_per_split, R)
+    mean = tl.load(stats_ptr + c_offs, mask=c_mask, other=0.0)
+    invstd = tl.load(stats_ptr + C + c_offs, mask=c_mask, other=0.0)
+    if SUMS == 1:  # _COMPUTE
+        sum_dy, sum_dy_xmu = _grad_sums(x_ptr, dy_ptr, mean, r_start, r_end, c_offs, s_r, s_c, C, S,
+                                        BLOCK_R, BLOCK_C, BLOCK_S, INT64, ACC)
+        sum_dy_xhat = sum_dy_xmu * invstd
+        tl.store(sums_ptr + c_offs, sum_dy_xhat, mask=c_mask)
+        tl.store(sums_ptr + C + c_offs, sum_dy, mask=c_mask)
+    elif SUMS == 0:  # _FROM_BUFFER
+        sum_dy_xhat = tl.load(sums_ptr + c_offs, mask=c_mask, other=0.0)
+        sum_dy = tl.load(sums_ptr + C + c_offs, mask=c_mask, other=0.0)
+    else:  # _NONE
+        sum_dy_xhat = tl.zeros([BLOCK_C], ACC)
+        sum_dy = tl.zeros([BLOCK_C], ACC)
+    inv_m = 1.0 / tl.full([BLOCK_C], m, ACC)  # m = R * S values per channel
+    k = invstd  # gamma * invstd
+    if HAS_W:
+        k = k * tl.load(w_ptr + c_offs, mask=c_mask, other=0.0).to(ACC)
+    mean_dy = (sum_dy * inv_m)[None, :, None]
+    # x_hat * mean(dy * x_hat) = (x - mean) * (invstd * mean(dy * x_hat))
+    xmu_coef = (invstd * sum_dy_xhat * inv_m)[None, :, None]
+    mean = mean[None, :, None]
+    k = k[None, :, None]
+    n_tiles = tl.cdiv(r_end - r_start, BLOCK_R)
+    for i in range(0, n_tiles):  # last rows first (see _normalize_kernel)
+        r0 = r_start + (n_tiles - 1 - i) * BLOCK_R
+        for s0 in range(0, S, BLOCK_S):
+            offs, mask = _tile_offsets(r0, c_offs, s0, s_r, s_c, r_end, C, S, BLOCK_R, BLOCK_S, INT64)
+            dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
+            if TRAINING:
+                x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
+                dx = k * (dy - mean_dy - (x - mean) * xmu_coef)
+            else:
+                dx = k * dy
+            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------
+# Host side: layout, launch configuration, autograd
+# ----------------------------------------------------------------------------
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# Launch configuration knobs (bench/bench_gpu.py sweeps them on the GPU).
+#   tile: elements of x per tile (a power of 2), for 4-byte dtypes; 2-byte dtypes
+#         use twice as many elements (the same bytes), float64 half.
+#   block_c: channels per program in the channels-last view (power of 2).
+#   programs_per_sm: the grid aims at this many programs per SM; fewer channel
+#         blocks than that are split along the rows.
+#   num_warps: warps per program for the big kernels.
+CONFIG = {"tile": 2048, "block_c": 64, "programs_per_sm": 4, "num_warps": 8, "max_block_s": 1024}
+
+
+def _next_pow2(n):
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def _num_sms(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter: a few programs, so several splits get tested
+
+
+def _rcs_view(x):
+    """(x, R, C, S, s_r, s_c) with x laid out as (R, C, S), strides (s_r, s_c, 1); copies x only for other layouts."""
+    N, C = x.shape[0], x.shape[1]
+    S = 1
+    for d in x.shape[2:]:
+        S *= d
+    if x.is_contiguous():
+        return x, N, C, S, C * S, S
+    channels_last = x.movedim(1, -1)
+    if channels_last.is_contiguous():
+        return x, N * S, C, 1, C, 1
+    x = x.contiguous()
+    return x, N, C, S, C * S, S
+
+
+class _Launch:
+    """Block sizes, grid and split of one (R, C, S) problem."""
+
+    def __init__(self, R, C, S, dtype, device, config=None):
+        cfg = dict(CONFIG, **(config or {}))
+        tile = cfg["tile"] * 4 // torch.empty((), dtype=dtype).element_size()
+        if S > 1:  # one channel per program, tiles of (BLOCK_R rows, BLOCK_S positions)
+            self.BLOCK_C = 1
+            self.BLOCK_S = min(_next_pow2(S), cfg["max_block_s"], tile)
+            self.BLOCK_R = min(max(tile // self.BLOCK_S, 1), _next_pow2(R))
+        else:  # channels-last / (N, C): tiles of (BLOCK_R rows, BLOCK_C channels)
+            self.BLOCK_S = 1
+            self.BLOCK_C = min(_next_pow2(C), cfg["block_c"], tile)
+            self.BLOCK_R = min(max(tile // self.BLOCK_C, 1), _next_pow2(R))
+        c_blocks = triton.cdiv(C, self.BLOCK_C)
+        want = cfg["programs_per_sm"] * _num_sms(device)
+        n_split = max(1, min(triton.cdiv(want, c_blocks), triton.cdiv(R, self.BLOCK_R)))
+        if "n_split" in cfg:
+            n_split = max(1, min(cfg["n_split"], R))
+        # Whole tiles per split, so no tile straddles two splits.
+        self.rows_per_split = triton.cdiv(triton.cdiv(R, n_split), self.BLOCK_R) * self.BLOCK_R
+        self.n_split = triton.cdiv(R, self.rows_per_split)
+        self.grid = (c_blocks, self.n_split)
+        self.num_warps = cfg["num_warps"]
+        self.R, self.C, self.S = R, C, S
+        self.BLOCK_C_FINAL = min(_next_pow2(C), 128)
+        self.BLOCK_SPLIT = min(_next_pow2(self.n_split), 32)
+
+    def blocks(self):
+        return dict(BLOCK_R=self.BLOCK_R, BLOCK_C=self.BLOCK_C, BLOCK_S=self.BLOCK_S, num_warps=self.num_warps)
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tl_acc(dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+class _TritonBatchNorm(torch.autograd.Function):
+    """The fused kernels behind one autograd node; the backward is the compact formula (see the kernels)."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps, config):
+        x, R, C, S, s_r, s_c = _rcs_view(input)
+        launch = _Launch(R, C, S, x.dtype, x.device, config)
+        acc = _acc_dtype(x.dtype)
+        int64 = x.numel() >= 2**31
+        y = torch.empty_like(x)
+        stats = torch.empty((2, C), dtype=acc, device=x.device)  # mean, invstd
+        dummy = stats
+        w = weight if weight is not None else dummy
+        b = bias if bias is not None else dummy
+        rmean = running_mean if running_mean is not None else dummy
+        rvar = running_var if running_var is not None else dummy
+        common = dict(INT64=int64, ACC=_tl_acc(x.dtype), **launch.blocks())
+        flags = dict(HAS_W=weight is not None, HAS_B=bias is not None,
+                     UPDATE_RMEAN=training and running_mean is not None,
+                     UPDATE_RVAR=training and running_var is not None)
+        args = (C, S, R, s_r, s_c, launch.rows_per_split, momentum, eps)
+        if training and launch.n_split > 1:
+            part = torch.empty((3, launch.n_split, C), dtype=acc, device=x.device)
+            _partial_stats_kernel[launch.grid](x, part, C, S, R, s_r, s_c, launch.rows_per_split, **common)
+            _finalize_stats_kernel[(triton.cdiv(C, launch.BLOCK_C_FINAL),)](
+                part, stats, rmean, rvar, C, launch.n_split, momentum, eps,
+                UPDATE_RMEAN=flags["UPDATE_RMEAN"], UPDATE_RVAR=flags["UPDATE_RVAR"],
+                BLOCK_C=launch.BLOCK_C_FINAL, BLOCK_SPLIT=launch.BLOCK_SPLIT)
+            mode = _FROM_BUFFER
+        else:
+            mode = _COMPUTE if training else _RUNNING
+        _normalize_kernel[launch.grid](x, y, w, b, stats, rmean, rvar, *args, STATS=mode, **flags, **common)
+
+        ctx.training = training
+        ctx.launch_config = config
+        ctx.has_weight = weight is not None
+        if any(ctx.needs_input_grad[:3]):
+            if not training:  # the running estimates as they are now, for dx and dgamma
+                stats[0].copy_(running_mean)
+                stats[1].copy_(torch.rsqrt(running_var.to(acc) + eps))
+            ctx.save_for_backward(x, weight, stats)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, weight, stats = ctx.saved_tensors
+        _, R, C, S, s_r, s_c = _rcs_view(x)
+        if dy.stride() != x.stride():  # the kernels read dy with x's strides
+            dy = torch.empty_like(x).copy_(dy)
+        launch = _Launch(R, C, S, x.dtype, x.device, ctx.launch_config)
+        acc = _acc_dtype(x.dtype)
+        need_dx = ctx.needs_input_grad[0]
+        need_w = ctx.needs_input_grad[1]
+        need_b = ctx.needs_input_grad[2]
+        need_sums = ctx.training or need_w or need_b
+        sums = torch.empty((2, C), dtype=acc, device=x.device)  # dgamma, dbeta
+        common = dict(INT64=x.numel() >= 2**31, ACC=_tl_acc(x.dtype), **launch.blocks())
+        if need_sums and (launch.n_split > 1 or not need_dx):
+            part = torch.empty((2, launch.n_split, C), dtype=acc, device=x.device)
+            _partial_grad_sums_kernel[launch.grid](x, dy, stats, part, C, S, R, s_r, s_c,
+                                                   launch.rows_per_split, **common)
+            _finalize_grad_sums_kernel[(triton.cdiv(C, launch.BLOCK_C_FINAL),)](
+                part, stats, sums, C, launch.n_split,
+                BLOCK_C=launch.BLOCK_C_FINAL, BLOCK_SPLIT=launch.BLOCK_SPLIT)
+            mode = _FROM_BUFFER
+        else:
+            mode = _COMPUTE if need_sums else _NONE
+        dx = None
+        if need_dx:
+            dx = torch.empty_like(x)
+            _grad_input_kernel[launch.grid](x, dy, dx, weight if ctx.has_weight else stats, stats, sums,
+                                            C, S, R, s_r, s_c, launch.rows_per_split, R * S,
+                                            SUMS=mode, TRAINING=ctx.training, HAS_W=ctx.has_weight, **common)
+        param_dtype = weight.dtype if ctx.has_weight else dy.dtype
+        dw = sums[0].to(param_dtype) if need_w else None
+        db = sums[1].to(param_dtype) if need_b else None
+        return dx, dw, db, None, None, None, None, None, None
+
+
+def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
+               momentum=0.1, eps=1e-5, *, config=None):
+    """``torch.nn.functional.batch_norm`` on the fused Triton kernels.
+
+    Args:
+        input: ``(N, C, *spatial)``, float16, bfloat16, float32 or float64, on
+            CUDA (CPU under ``TRITON_INTERPRET=1``). Contiguous and
+            channels-last layouts are read as they are; others are copied.
+        running_mean, running_var: ``(C,)`` or None; updated in place in
+            training mode, used in eval mode (then required).
+        weight, bias: ``gamma``, ``beta`` of shape ``(C,)``, or None.
+        training, momentum, eps: as in torch.
+        config: overrides of ``CONFIG`` (block sizes, split), for benchmarks.
+
+    Returns:
+        ``y``, the shape, dtype and memory layout of ``input``.
+
+    Raises:
+        ValueError: bad input (see the contract); nothing is updated then.
+    """
+    if triton is None:
+        raise RuntimeError("bnlib.triton_kernels needs Triton: pip install triton")
+    if input.dim() < 2:
+        raise ValueError(f"batch_norm expected an input with at least 2 dimensions (N, C, ...), got {input.dim()}D input")
+    if input.dtype not in _DTYPES:
+        raise ValueError(f"batch_norm's Triton kernels take float16, bfloat16, float32 or float64 input, got {input.dtype}")
+    if not (_INTERPRET or input.is_cuda):
+        raise ValueError(f"batch_norm's Triton kernels need a CUDA tensor, got one on {input.device}")
+    C = input.shape[1]
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
+        if t is not None and t.numel() != C:
+            raise ValueError(f"{name} should have {C} elements (one per channel of the input), got {t.numel()}")
+        if t is not None and t.device != input.device:
+            raise ValueError(f"{name} is on {t.device}, the input on {input.device}")
+    if training:
+        if input.numel() // max(C, 1) == 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
+    elif running_mean is None or running_var is None:
+        raise ValueError("batch_norm in eval mode (training=False) needs running_mean and running_var")
+    if input.numel() == 0:  # as torch: an empty output still connected to weight and bias
+        out = input.clone()
+        if weight is not None:
+            out = out * weight[0]
+        if bias is not None:
+            out = out + bias[0]
+        return out
+    # The kernels index per-channel tensors with stride 1: strided running
+    # estimates are updated through a contiguous copy, then copied back.
+    weight, bias = (t if t is None or t.is_contiguous() else t.contiguous() for t in (weight, bias))
+    rmean, rvar = (t if t is None or t.is_contiguous() else t.contiguous() for t in (running_mean, running_var))
+    y = _TritonBatchNorm.apply(input, weight, bias, rmean, rvar, bool(training), float(momentum), float(eps), config)
+    if training:
+        for t, copy in ((running_mean, rmean), (running_var, rvar)):
+            if copy is not t:
+                t.copy_(copy)
+    return y
