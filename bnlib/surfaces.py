@@ -289,26 +289,32 @@ def fit_gd(X, y, kind="linear", tol=1e-6, max_iter=50_000, lr=None):
     A = design_matrix(X)
     n = X.shape[0]
     M = A.T @ A / n
+
+    def loss_and_grad(th):          # one product A @ th serves both
+        s = A @ th
+        if kind == "linear":
+            r = s - y
+            return float(np.mean(r ** 2)), 2.0 / n * (A.T @ r)
+        return float(np.mean(np.logaddexp(0.0, s) - y * s)), A.T @ (_sigmoid(s) - y) / n
+
     if kind == "linear":
         S = 2.0 * eigenvalues(M)[-1]
-        L = lambda th: float(np.mean((A @ th - y) ** 2))
-        g = lambda th: 2.0 / n * A.T @ (A @ th - y)
-        L_star = L(optimum(X, y))
+        L_star = loss_and_grad(optimum(X, y))[0]
     else:
         S = eigenvalues(M)[-1] / 4.0
-        L = lambda th: float(np.mean(np.logaddexp(0.0, A @ th) - y * (A @ th)))
-        g = lambda th: A.T @ (_sigmoid(A @ th) - y) / n
-        L_star = L(logistic_optimum(X, y))
+        L_star = loss_and_grad(logistic_optimum(X, y))[0]
     lr = 1.0 / S if lr is None else lr
     theta = np.zeros(A.shape[1])
-    gaps = [L(theta) - L_star]
+    gaps = []
     iterations = None
-    for t in range(1, max_iter + 1):
-        theta = theta - lr * g(theta)
-        gaps.append(L(theta) - L_star)
-        if gaps[-1] <= tol * gaps[0]:
+    for t in range(max_iter + 1):
+        L, g = loss_and_grad(theta)
+        gaps.append(L - L_star)
+        if t > 0 and gaps[-1] <= tol * gaps[0]:
             iterations = t
             break
+        if t < max_iter:
+            theta = theta - lr * g
     return {"iterations": iterations, "gaps": np.array(gaps), "theta": theta, "lr": lr}
 
 
