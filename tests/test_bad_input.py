@@ -1,0 +1,345 @@
+"""Bad input (contract, "Bad input: a clear error, and no state changed").
+
+* ValueError (a subclass is fine) whose message says what was expected and
+  what came, for: one value per channel when training, a number of dims the
+  class does not take, a channel count that is not num_features, and bad
+  constructor arguments.
+* After every error the running statistics and num_batches_tracked are
+  bit-for-bit what they were (torch.equal / np.array_equal, no tolerance:
+  "exactly as before the call").
+* The NaN/Inf rule: a training batch with NaN or Inf in channel k leaves
+  channel k's running statistics exactly unchanged, updates the other
+  channels as torch does on a clean batch (float64, tolerance helpers.STAT_TOL:
+  summation order only), and the output of channel k is NaN.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import bnlib.functional as BF
+import bnlib.reference as R
+from helpers import (
+    OUT_TOL,
+    STAT_TOL,
+    assert_buffers_exactly,
+    assert_close,
+    bnlib_bn_class,
+    buffers_snapshot,
+    message_mentions,
+    random_input,
+    torch_bn_class,
+)
+
+ONE_VALUE_MSG = "Expected more than 1 value per channel when training, got input size"
+
+
+def _warm(module, shape, steps=2):
+    """A couple of good training steps so the buffers are not the initial values."""
+    for s in range(steps):
+        module(random_input(shape, torch.float32, seed=s))
+    return module
+
+
+def _ref_snapshot(bn):
+    return {
+        "running_mean": None if bn.running_mean is None else np.array(bn.running_mean, copy=True),
+        "running_var": None if bn.running_var is None else np.array(bn.running_var, copy=True),
+        "num_batches_tracked": int(bn.num_batches_tracked) if bn.running_mean is not None else None,
+    }
+
+
+def _ref_assert_exactly(bn, snap):
+    for name in ("running_mean", "running_var"):
+        if snap[name] is None:
+            assert getattr(bn, name) is None
+        else:
+            assert np.array_equal(getattr(bn, name), snap[name]), f"{name} changed"
+    if snap["num_batches_tracked"] is not None:
+        assert int(bn.num_batches_tracked) == snap["num_batches_tracked"], "num_batches_tracked changed"
+
+
+# --------------------------------------------------------------------------
+# One value per channel when training
+# --------------------------------------------------------------------------
+ONE_VALUE_CASES = [(1, (1, 3)), (1, (1, 3, 1)), (2, (1, 3, 1, 1)), (3, (1, 3, 1, 1, 1))]
+
+
+@pytest.mark.parametrize("cfg", [dict(), dict(momentum=None), dict(track_running_stats=False)], ids=str)
+@pytest.mark.parametrize("d,shape", ONE_VALUE_CASES, ids=[str(s) for _, s in ONE_VALUE_CASES])
+def test_nn_one_value_per_channel(d, shape, cfg):
+    m = bnlib_bn_class(d)(3, **cfg)
+    good = (4,) + shape[1:-1] + (2,) if len(shape) > 2 else (4, 3)
+    _warm(m, good)
+    snap = buffers_snapshot(m)
+    with pytest.raises(ValueError) as e:
+        m(torch.randn(shape))
+    assert str(e.value).startswith(ONE_VALUE_MSG), str(e.value)
+    assert_buffers_exactly(m, snap)
+    # eval mode with running stats: one value per channel is fine (torch too)
+    if m.track_running_stats:
+        m.eval()
+        assert m(torch.randn(shape)).shape == shape
+        assert_buffers_exactly(m, snap)
+    else:
+        # eval without running stats normalizes with batch stats: torch raises there too
+        m.eval()
+        with pytest.raises(ValueError) as e:
+            m(torch.randn(shape))
+        assert str(e.value).startswith(ONE_VALUE_MSG), str(e.value)
+
+
+@pytest.mark.parametrize("shape", [(1, 3), (1, 3, 1), (1, 3, 1, 1)], ids=str)
+def test_reference_one_value_per_channel(shape):
+    bn = R.BatchNorm(3)
+    bn(random_input((4,) + shape[1:], torch.float64, seed=0).numpy())
+    snap = _ref_snapshot(bn)
+    with pytest.raises(ValueError) as e:
+        bn(np.ones(shape))
+    assert str(e.value).startswith(ONE_VALUE_MSG), str(e.value)
+    _ref_assert_exactly(bn, snap)
+
+
+@pytest.mark.parametrize("with_stats", [True, False])
+@pytest.mark.parametrize("shape", [(1, 3), (1, 3, 1), (1, 3, 1, 1)], ids=str)
+def test_functional_one_value_per_channel(shape, with_stats):
+    rm, rv = torch.tensor([0.5, 1.0, 1.5]), torch.tensor([2.0, 3.0, 4.0])
+    rm0, rv0 = rm.clone(), rv.clone()
+    with pytest.raises(ValueError) as e:
+        BF.batch_norm(torch.randn(shape), rm if with_stats else None, rv if with_stats else None, training=True)
+    assert str(e.value).startswith(ONE_VALUE_MSG), str(e.value)
+    assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+
+
+# --------------------------------------------------------------------------
+# Wrong number of dims. Digits in the shapes are chosen so that the expected
+# and received numbers of dims can be found in the message.
+# --------------------------------------------------------------------------
+WRONG_DIMS = [
+    # (class dim, num_features, bad shape, received ndim, expected ndims)
+    (1, 5, (6, 5, 7, 8), 4, (2, 3)),
+    (1, 5, (5,), 1, (2, 3)),
+    (1, 5, (6, 5, 7, 8, 9), 5, (2, 3)),
+    (2, 5, (6, 5, 7), 3, (4,)),
+    (2, 5, (6, 5), 2, (4,)),
+    (2, 5, (6, 5, 7, 8, 9), 5, (4,)),
+    (3, 6, (7, 6, 8, 9), 4, (5,)),
+    (3, 6, (7, 6, 8, 9, 7, 8), 6, (5,)),
+]
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("d,c,shape,got,expected", WRONG_DIMS, ids=[f"{d}d-{s}" for d, _, s, _, _ in WRONG_DIMS])
+def test_nn_wrong_number_of_dims(d, c, shape, got, expected, train):
+    m = bnlib_bn_class(d)(c)
+    _warm(m, {1: (4, c, 2), 2: (4, c, 2, 2), 3: (4, c, 2, 2, 2)}[d])
+    m.train(train)
+    snap = buffers_snapshot(m)
+    with pytest.raises(ValueError) as e:
+        m(torch.randn(shape))
+    msg = str(e.value)
+    assert message_mentions(msg, got), f"message does not say what came ({got}D): {msg!r}"
+    assert any(message_mentions(msg, n) for n in expected), f"message does not say what was expected {expected}: {msg!r}"
+    assert_buffers_exactly(m, snap)
+
+
+@pytest.mark.parametrize("shape", [(5,), ()], ids=str)
+def test_reference_wrong_number_of_dims(shape):
+    """The reference takes 2-5 dims (N, C, ...); fewer is a ValueError, state untouched."""
+    bn = R.BatchNorm(5)
+    bn(random_input((4, 5), torch.float64, seed=0).numpy())
+    snap = _ref_snapshot(bn)
+    with pytest.raises(ValueError):
+        bn(np.ones(shape))
+    _ref_assert_exactly(bn, snap)
+
+
+# --------------------------------------------------------------------------
+# Channel count != num_features
+# --------------------------------------------------------------------------
+WRONG_C = [(1, (4, 5)), (1, (4, 5, 6)), (2, (4, 5, 6, 6)), (3, (4, 5, 6, 6, 6))]
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("d,shape", WRONG_C, ids=[str(s) for _, s in WRONG_C])
+def test_nn_wrong_channel_count(d, shape, train):
+    m = bnlib_bn_class(d)(7)
+    _warm(m, (4, 7) + shape[2:])
+    m.train(train)
+    snap = buffers_snapshot(m)
+    with pytest.raises(ValueError) as e:
+        m(torch.randn(shape))
+    msg = str(e.value)
+    assert message_mentions(msg, 7, 5), f"message must name expected (7) and received (5) channels: {msg!r}"
+    assert_buffers_exactly(m, snap)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("shape", [(4, 5), (4, 5, 6), (4, 5, 6, 6)], ids=str)
+def test_reference_wrong_channel_count(shape, affine):
+    bn = R.BatchNorm(7, affine=affine)
+    bn(random_input((4, 7) + shape[2:], torch.float64, seed=0).numpy())
+    for mode in ("train", "eval"):
+        getattr(bn, mode)()
+        snap = _ref_snapshot(bn)
+        with pytest.raises(ValueError) as e:
+            bn(np.ones(shape))
+        assert message_mentions(str(e.value), 7, 5), str(e.value)
+        _ref_assert_exactly(bn, snap)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_functional_wrong_channel_count(training):
+    """Running stats of length 7 for an input with 5 channels: ValueError, buffers untouched."""
+    rm, rv = torch.arange(7.0), torch.arange(1.0, 8.0)
+    rm0, rv0 = rm.clone(), rv.clone()
+    with pytest.raises(ValueError) as e:
+        BF.batch_norm(torch.randn(4, 5, 6), rm, rv, training=training)
+    assert message_mentions(str(e.value), 7, 5), str(e.value)
+    assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+
+
+# --------------------------------------------------------------------------
+# Constructor arguments
+# --------------------------------------------------------------------------
+BAD_CTOR = [
+    dict(num_features=0),
+    dict(num_features=-3),
+    dict(num_features=4, eps=0.0),
+    dict(num_features=4, eps=-1e-5),
+    dict(num_features=4, momentum=-0.1),
+    dict(num_features=4, momentum=1.5),
+]
+GOOD_CTOR = [
+    dict(num_features=1),
+    dict(num_features=4, momentum=None),
+    dict(num_features=4, momentum=0.0),
+    dict(num_features=4, momentum=1.0),
+    dict(num_features=4, eps=1e-12),
+]
+
+
+def _kw_id(kw):
+    return ",".join(f"{k}={v}" for k, v in kw.items())
+
+
+@pytest.mark.parametrize("kw", BAD_CTOR, ids=_kw_id)
+@pytest.mark.parametrize("d", [1, 2, 3, "ref"])
+def test_bad_constructor_arguments(d, kw):
+    cls = R.BatchNorm if d == "ref" else bnlib_bn_class(d)
+    with pytest.raises(ValueError) as e:
+        cls(**kw)
+    bad = [v for k, v in kw.items() if k != "num_features" or len(kw) == 1][-1]
+    numbers = [float(n) for n in re.findall(r"-?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?", str(e.value))]
+    assert float(bad) in numbers, f"message should show the value that came ({bad}): {e.value!r}"
+
+
+@pytest.mark.parametrize("kw", GOOD_CTOR, ids=_kw_id)
+@pytest.mark.parametrize("d", [1, 2, 3, "ref"])
+def test_boundary_constructor_arguments_are_accepted(d, kw):
+    cls = R.BatchNorm if d == "ref" else bnlib_bn_class(d)
+    m = cls(**kw)
+    if d != "ref":
+        t = torch_bn_class(d)(**kw)
+        assert m.momentum == t.momentum and m.eps == t.eps
+
+
+# --------------------------------------------------------------------------
+# The NaN / Inf rule
+# --------------------------------------------------------------------------
+NAN_SHAPES = [(6, 3), (4, 3, 5), (3, 3, 2, 3), (2, 3, 2, 2, 2)]
+BAD_VALUES = [float("nan"), float("inf"), float("-inf")]
+
+
+def _poison(x, k, value, where=(1,)):
+    x = x.clone()
+    idx = (where[0], k) + (0,) * (x.dim() - 2)
+    x[idx] = value
+    return x
+
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=str)
+@pytest.mark.parametrize("value", BAD_VALUES, ids=str)
+@pytest.mark.parametrize("shape", NAN_SHAPES, ids=str)
+def test_nn_nan_rule(shape, value, momentum):
+    dtype = torch.float64
+    d = {2: 1, 3: 1, 4: 2, 5: 3}[len(shape)]
+    k = 1
+    ours = bnlib_bn_class(d)(3, momentum=momentum, dtype=dtype)
+    ref = torch_bn_class(d)(3, momentum=momentum, dtype=dtype)
+    x0 = random_input(shape, dtype, seed=0)
+    ours(x0)
+    ref(x0)
+    before = buffers_snapshot(ours)
+    clean = random_input(shape, dtype, seed=1)
+    bad = _poison(clean, k, value)
+    y = ours(bad)
+    y_ref = ref(clean)  # torch on the clean batch: the truth for the other channels
+    others = [c for c in range(3) if c != k]
+    assert torch.isnan(y[:, k]).all(), f"output of the poisoned channel should be NaN: {y[:, k]}"
+    assert_close(y[:, others], y_ref[:, others], OUT_TOL[dtype], "output of clean channels")
+    for name in ("running_mean", "running_var"):
+        now = getattr(ours, name)
+        assert torch.equal(now[k], before[name][k]), f"{name}[{k}] changed: {before[name][k]} -> {now[k]}"
+        assert_close(now[others], getattr(ref, name)[others], STAT_TOL[dtype], f"{name} of clean channels")
+    # a further clean step continues from the protected state
+    x2 = random_input(shape, dtype, seed=2)
+    ours(x2)
+    assert torch.isfinite(ours.running_mean).all() and torch.isfinite(ours.running_var).all()
+
+
+@pytest.mark.parametrize("value", BAD_VALUES, ids=str)
+def test_nn_nan_rule_every_channel(value):
+    """NaN/Inf in every channel: no running statistic moves."""
+    m = bnlib_bn_class(2)(3)
+    _warm(m, (4, 3, 2, 2))
+    snap = buffers_snapshot(m)
+    x = torch.randn(4, 3, 2, 2)
+    x[0, :, 0, 0] = value
+    y = m(x)
+    assert torch.isnan(y).all()
+    assert torch.equal(m.running_mean, snap["running_mean"])
+    assert torch.equal(m.running_var, snap["running_var"])
+
+
+@pytest.mark.parametrize("value", BAD_VALUES, ids=str)
+@pytest.mark.parametrize("shape", [(6, 3), (3, 3, 2, 3)], ids=str)
+def test_functional_nan_rule(shape, value):
+    dtype = torch.float64
+    k = 2
+    rm, rv = torch.tensor([0.5, 1.0, 1.5], dtype=dtype), torch.tensor([2.0, 3.0, 4.0], dtype=dtype)
+    rm_t, rv_t = rm.clone(), rv.clone()
+    clean = random_input(shape, dtype, seed=3)
+    y = BF.batch_norm(_poison(clean, k, value), rm, rv, training=True, momentum=0.3)
+    y_t = torch.nn.functional.batch_norm(clean, rm_t, rv_t, training=True, momentum=0.3)
+    assert torch.isnan(y[:, k]).all()
+    assert rm[k] == 1.5 and rv[k] == 4.0, (rm, rv)
+    assert_close(rm[:k], rm_t[:k], STAT_TOL[dtype], "running_mean clean channels")
+    assert_close(rv[:k], rv_t[:k], STAT_TOL[dtype], "running_var clean channels")
+    assert_close(y[:, :k], y_t[:, :k], OUT_TOL[dtype], "output clean channels")
+
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=str)
+@pytest.mark.parametrize("value", BAD_VALUES, ids=str)
+@pytest.mark.parametrize("shape", [(6, 3), (4, 3, 5), (3, 3, 2, 2)], ids=str)
+def test_reference_nan_rule(shape, value, momentum):
+    k = 0
+    bn = R.BatchNorm(3, momentum=momentum)
+    ref = torch_bn_class({2: 1, 3: 1, 4: 2}[len(shape)])(3, momentum=momentum, dtype=torch.float64)
+    x0 = random_input(shape, torch.float64, seed=0)
+    bn(x0.numpy())
+    ref(x0)
+    before = _ref_snapshot(bn)
+    clean = random_input(shape, torch.float64, seed=1)
+    with np.errstate(all="ignore"):
+        y = bn(_poison(clean, k, value).numpy())
+    y_ref = ref(clean).detach().numpy()
+    assert np.isnan(y[:, k]).all()
+    np.testing.assert_allclose(y[:, 1:], y_ref[:, 1:], rtol=1e-10, atol=1e-12)
+    assert bn.running_mean[k] == before["running_mean"][k] and bn.running_var[k] == before["running_var"][k]
+    np.testing.assert_allclose(bn.running_mean[1:], ref.running_mean[1:].numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(bn.running_var[1:], ref.running_var[1:].numpy(), rtol=1e-10, atol=1e-12)

@@ -1,0 +1,201 @@
+"""bnlib.functional.batch_norm against torch.nn.functional.batch_norm.
+
+Same signature, same outputs and gradients, running buffers updated in place
+like torch; gradients checked against finite differences with
+torch.autograd.gradcheck in float64, and the backward must be bnlib's own
+hand-written autograd.Function, not torch's native batch norm backward.
+Tolerances: helpers.OUT_TOL / GRAD_TOL / STAT_TOL (reasons there).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bnlib.functional as BF
+from helpers import GRAD_TOL, OUT_TOL, STAT_TOL, assert_close, random_affine, random_input
+
+
+def test_signature_matches_torch():
+    """Names, defaults and kinds match torch.nn.functional.batch_norm (annotations ignored)."""
+    simple = lambda f: [  # noqa: E731
+        (p.name, p.kind, p.default) for p in inspect.signature(f).parameters.values()
+    ]
+    assert simple(BF.batch_norm) == simple(F.batch_norm)
+
+
+SHAPES = [(2, 1), (5, 3), (3, 2, 7), (2, 3, 4, 5), (3, 2, 2, 1, 3)]
+AFFINE = ["none", "weight", "bias", "both"]
+
+
+def _inputs(shape, dtype, affine, seed=0):
+    c = shape[1]
+    x = random_input(shape, dtype, seed=seed)
+    w, b = random_affine(c, dtype, seed=seed + 1)
+    w = w if affine in ("weight", "both") else None
+    b = b if affine in ("bias", "both") else None
+    rm = torch.linspace(-1, 1, c, dtype=dtype)
+    rv = torch.linspace(0.5, 2, c, dtype=dtype)
+    return x, w, b, rm, rv
+
+
+def _leaf(t):
+    return None if t is None else t.detach().clone().requires_grad_(True)
+
+
+MODES = [("train", 0.1), ("train", 0.7), ("train", 0.0), ("train", 1.0), ("train-no-stats", 0.1), ("eval", 0.1)]
+
+
+@pytest.mark.parametrize("mode,momentum", MODES, ids=[f"{m}-{mo}" for m, mo in MODES])
+@pytest.mark.parametrize("affine", AFFINE)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_matches_torch(shape, dtype, affine, mode, momentum):
+    x, w, b, rm, rv = _inputs(shape, dtype, affine)
+    training = mode != "eval"
+    rm_o, rv_o = (None, None) if mode == "train-no-stats" else (rm.clone(), rv.clone())
+    rm_t, rv_t = (None, None) if mode == "train-no-stats" else (rm.clone(), rv.clone())
+    ptr = None if rm_o is None else (rm_o.data_ptr(), rv_o.data_ptr())
+    xo, wo, bo = _leaf(x), _leaf(w), _leaf(b)
+    xt, wt, bt = _leaf(x), _leaf(w), _leaf(b)
+    yo = BF.batch_norm(xo, rm_o, rv_o, wo, bo, training, momentum, 1e-5)
+    yt = F.batch_norm(xt, rm_t, rv_t, wt, bt, training, momentum, 1e-5)
+    assert yo.dtype == yt.dtype and yo.shape == yt.shape
+    assert_close(yo, yt, OUT_TOL[dtype], "output")
+    if rm_o is not None:
+        # updated in place: the very same tensors, with torch's new values
+        assert (rm_o.data_ptr(), rv_o.data_ptr()) == ptr
+        assert_close(rm_o, rm_t, STAT_TOL[dtype], "running_mean")
+        assert_close(rv_o, rv_t, STAT_TOL[dtype], "running_var")
+        if not training:
+            assert torch.equal(rm_o, rm) and torch.equal(rv_o, rv), "eval must not touch the buffers"
+    g = random_input(yt.shape, dtype, seed=42, spread=False)
+    (yo * g).sum().backward()
+    (yt * g).sum().backward()
+    assert_close(xo.grad, xt.grad, GRAD_TOL[dtype], "input grad")
+    for name, o, t in (("weight", wo, wt), ("bias", bo, bt)):
+        if t is not None:
+            assert o.grad is not None, f"{name}.grad is None"
+            assert_close(o.grad, t.grad, GRAD_TOL[dtype], f"{name} grad")
+
+
+def test_keyword_call_and_defaults():
+    """Called with keywords and defaults (training=False, momentum=0.1, eps=1e-5), like torch."""
+    x, w, b, rm, rv = _inputs((4, 3, 2), torch.float64, "both")
+    y_o = BF.batch_norm(input=x, running_mean=rm.clone(), running_var=rv.clone(), weight=w, bias=b)
+    y_t = F.batch_norm(input=x, running_mean=rm.clone(), running_var=rv.clone(), weight=w, bias=b)
+    assert_close(y_o, y_t, OUT_TOL[torch.float64], "defaults (eval)")
+    rm_o, rv_o, rm_t, rv_t = rm.clone(), rv.clone(), rm.clone(), rv.clone()
+    BF.batch_norm(x, rm_o, rv_o, training=True)
+    F.batch_norm(x, rm_t, rv_t, training=True)
+    assert_close(rm_o, rm_t, STAT_TOL[torch.float64], "default momentum")
+    assert_close(rv_o, rv_t, STAT_TOL[torch.float64], "default momentum")
+
+
+@pytest.mark.parametrize("eps", [1e-5, 1e-1, 3.0])
+def test_eps(eps):
+    x, w, b, rm, rv = _inputs((4, 3, 3), torch.float64, "both")
+    for training in (True, False):
+        y_o = BF.batch_norm(x, rm.clone(), rv.clone(), w, b, training, 0.1, eps)
+        y_t = F.batch_norm(x, rm.clone(), rv.clone(), w, b, training, 0.1, eps)
+        assert_close(y_o, y_t, OUT_TOL[torch.float64], f"eps={eps} training={training}")
+
+
+def test_eval_single_sample_is_fine():
+    """One value per channel is only an error when training."""
+    x, w, b, rm, rv = _inputs((1, 3), torch.float64, "both")
+    assert_close(
+        BF.batch_norm(x, rm, rv, w, b, False), F.batch_norm(x, rm, rv, w, b, False), OUT_TOL[torch.float64], "N=1 eval"
+    )
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (0, 3, 4), (0, 3, 2, 2)], ids=str)
+def test_empty_batch_like_torch(shape):
+    """N=0 in training: torch returns an empty output and leaves the buffers alone."""
+    x = torch.zeros(shape)
+    rm_o, rv_o = torch.full((3,), 2.0), torch.full((3,), 3.0)
+    rm_t, rv_t = rm_o.clone(), rv_o.clone()
+    y_o = BF.batch_norm(x, rm_o, rv_o, torch.ones(3), torch.zeros(3), True)
+    y_t = F.batch_norm(x, rm_t, rv_t, torch.ones(3), torch.zeros(3), True)
+    assert y_o.shape == y_t.shape
+    assert torch.equal(rm_o, rm_t) and torch.equal(rv_o, rv_t)
+
+
+# --------------------------------------------------------------------------
+# Gradients against finite differences (torch.autograd.gradcheck, float64):
+# gradcheck's defaults (eps=1e-6, atol=1e-5, rtol=1e-3) are right for
+# float64 central differences on O(1) functions.
+# --------------------------------------------------------------------------
+GC_SHAPES = [(4, 3), (3, 2, 5), (2, 3, 2, 2), (2, 2, 1, 2, 2)]
+
+
+@pytest.mark.parametrize("affine", ["none", "both", "weight"])
+@pytest.mark.parametrize("mode", ["train", "train-no-stats", "eval"])
+@pytest.mark.parametrize("shape", GC_SHAPES, ids=str)
+def test_gradcheck(shape, mode, affine):
+    x, w, b, rm, rv = _inputs(shape, torch.float64, affine, seed=3)
+    training = mode != "eval"
+    use_stats = mode != "train-no-stats"
+    leaves = [_leaf(x)] + [_leaf(t) for t in (w, b) if t is not None]
+
+    def fn(*args):
+        xx = args[0]
+        rest = list(args[1:])
+        ww = rest.pop(0) if w is not None else None
+        bb = rest.pop(0) if b is not None else None
+        # fresh buffer copies: the update must not feed back into later calls
+        r_m = rm.clone() if use_stats else None
+        r_v = rv.clone() if use_stats else None
+        return BF.batch_norm(xx, r_m, r_v, ww, bb, training, 0.1, 1e-5)
+
+    assert torch.autograd.gradcheck(fn, tuple(leaves), check_undefined_grad=False)
+
+
+def _walk(fn_node, seen=None):
+    """All autograd nodes reachable from fn_node."""
+    seen = set() if seen is None else seen
+    stack = [fn_node]
+    out = []
+    while stack:
+        n = stack.pop()
+        if n is None or id(n) in seen:
+            continue
+        seen.add(id(n))
+        out.append(n)
+        for nxt, _ in getattr(n, "next_functions", ()):
+            stack.append(nxt)
+    return out
+
+
+def _is_bnlib_custom(node):
+    cls = getattr(node, "_forward_cls", None)
+    return cls is not None and issubclass(cls, torch.autograd.Function) and cls.__module__.startswith("bnlib")
+
+
+@pytest.mark.parametrize("use_stats", [True, False])
+@pytest.mark.parametrize("shape", [(4, 3), (2, 3, 2, 2)], ids=str)
+def test_backward_is_hand_written(shape, use_stats):
+    """The graph from the output reaches the input only through a bnlib
+    autograd.Function (a hand-written backward), never torch's native
+    batch norm backward."""
+    x, w, b, rm, rv = _inputs(shape, torch.float64, "both")
+    xl, wl, bl = _leaf(x), _leaf(w), _leaf(b)
+    y = BF.batch_norm(xl, rm.clone() if use_stats else None, rv.clone() if use_stats else None, wl, bl, True)
+    nodes = _walk(y.grad_fn)
+    names = [type(n).__name__ for n in nodes]
+    assert not any("BatchNorm" in nm and not _is_bnlib_custom(n) for n, nm in zip(nodes, names)), names
+    custom = [n for n in nodes if _is_bnlib_custom(n)]
+    assert custom, f"no bnlib autograd.Function in the graph: {names}"
+    assert all("Backward" in type(n).__name__ for n in custom)
+    # walk again but stop at the custom nodes: x's AccumulateGrad must not be reachable
+    seen = {id(n) for n in custom}
+    outside = _walk(y.grad_fn, seen) if not _is_bnlib_custom(y.grad_fn) else []
+    for n in outside:
+        if type(n).__name__ == "AccumulateGrad":
+            assert n.variable is not xl, (
+                "the input's gradient flows around the custom Function (autograd replaying the forward): "
+                + str([type(m).__name__ for m in outside])
+            )

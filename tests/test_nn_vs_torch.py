@@ -1,0 +1,502 @@
+"""bnlib.nn.BatchNorm1d/2d/3d against torch.nn.BatchNorm1d/2d/3d (the truth).
+
+The contract: a drop-in replacement with the same constructor, parameters,
+buffers, state dict, outputs, gradients and running statistics, in train and
+eval mode, including the empty batch.  Tolerances are in helpers.py
+(OUT_TOL, GRAD_TOL, STAT_TOL) with their reasons; num_batches_tracked and
+None-ness of buffers must match exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import io
+
+import numpy as np
+import pytest
+import torch
+
+import bnlib.nn
+from helpers import (
+    GRAD_TOL,
+    OUT_TOL,
+    SHAPES,
+    STAT_TOL,
+    assert_close,
+    assert_same_buffers,
+    bnlib_bn_class,
+    dim_of_shape,
+    random_affine,
+    random_input,
+    set_affine,
+    torch_bn_class,
+)
+
+DTYPES = [torch.float32, torch.float64]
+
+CONFIGS = [
+    dict(),
+    dict(affine=False),
+    dict(bias=False),
+    dict(momentum=0.5),
+    dict(momentum=None),
+    dict(track_running_stats=False),
+    dict(affine=False, momentum=None),
+    dict(momentum=None, bias=False, eps=1e-3),
+    dict(momentum=0.5, track_running_stats=False, affine=False),
+]
+
+
+def _cfg_id(cfg):
+    return "-".join(f"{k}={v}" for k, v in cfg.items()) or "default"
+
+
+ALL_SHAPES = [s for d in (1, 2, 3) for s in SHAPES[d]]
+
+
+def make_pair(d, c, dtype, seed=0, **kw):
+    """A torch module and a bnlib module with identical (random) affine params."""
+    ref = torch_bn_class(d)(c, dtype=dtype, **kw)
+    ours = bnlib_bn_class(d)(c, dtype=dtype, **kw)
+    w, b = random_affine(c, dtype, seed=seed + 100)
+    set_affine(ref, w, b)
+    set_affine(ours, w, b)
+    return ours, ref
+
+
+def _params(m):
+    return {n: p for n, p in m.named_parameters()}
+
+
+def step_and_compare(ours, ref, x, dtype, seed, what, lr=0.1):
+    """One forward + backward on both modules; compare output, grads, buffers,
+    then take the same SGD step on both (so later steps see changed params)."""
+    xo = x.clone().requires_grad_(True)
+    xr = x.clone().requires_grad_(True)
+    yo = ours(xo)
+    yr = ref(xr)
+    assert yo.dtype == yr.dtype, f"{what}: output dtype {yo.dtype} vs torch {yr.dtype}"
+    assert yo.shape == yr.shape
+    assert_close(yo, yr, OUT_TOL[dtype], f"{what}: output")
+    g = random_input(yr.shape, dtype, seed=seed + 7, spread=False)
+    (yo * g).sum().backward()
+    (yr * g).sum().backward()
+    assert_close(xo.grad, xr.grad, GRAD_TOL[dtype], f"{what}: input grad")
+    po, pr = _params(ours), _params(ref)
+    assert sorted(po) == sorted(pr), f"{what}: parameters {sorted(po)} vs torch {sorted(pr)}"
+    for n in pr:
+        assert po[n].grad is not None, f"{what}: {n}.grad is None"
+        assert_close(po[n].grad, pr[n].grad, GRAD_TOL[dtype], f"{what}: {n}.grad")
+    assert_same_buffers(ours, ref, dtype)
+    with torch.no_grad():
+        for n in pr:
+            pr[n] -= lr * pr[n].grad
+            po[n] -= lr * po[n].grad
+            pr[n].grad = None
+            po[n].grad = None
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=_cfg_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", ALL_SHAPES, ids=str)
+def test_train_eval_steps_match_torch(shape, dtype, cfg):
+    """3 training steps on different batches, 2 eval steps, 1 more training step."""
+    d = dim_of_shape(shape)
+    c = shape[1]
+    ours, ref = make_pair(d, c, dtype, **cfg)
+    for step in range(3):
+        x = random_input(shape, dtype, seed=10 * step + 1)
+        step_and_compare(ours, ref, x, dtype, seed=step, what=f"train step {step}")
+    assert ours.eval() is ours
+    ref.eval()
+    assert ours.training is False
+    for step in range(2):
+        # eval batches deliberately off the training distribution
+        x = random_input(shape, dtype, seed=100 + step) * 2.0 + 1.0
+        step_and_compare(ours, ref, x, dtype, seed=50 + step, what=f"eval step {step}")
+    assert ours.train() is ours
+    ref.train()
+    assert ours.training is True
+    x = random_input(shape, dtype, seed=999)
+    step_and_compare(ours, ref, x, dtype, seed=99, what="train again")
+
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=str)
+@pytest.mark.parametrize("d", [1, 2, 3])
+def test_varying_batch_sizes(d, momentum):
+    """Different N per step (cumulative average weights batches, not samples)."""
+    dtype = torch.float64
+    ours, ref = make_pair(d, 3, dtype, momentum=momentum)
+    tail = {1: (4,), 2: (2, 3), 3: (2, 1, 3)}[d]
+    for i, n in enumerate([2, 7, 3, 5]):
+        x = random_input((n, 3) + tail, dtype, seed=i)
+        step_and_compare(ours, ref, x, dtype, seed=i, what=f"N={n}")
+
+
+@pytest.mark.parametrize("d", [1, 2, 3])
+def test_eval_without_running_stats_uses_batch_stats(d):
+    """track_running_stats=False: eval normalizes with the batch's own stats."""
+    dtype = torch.float64
+    shape = {1: (6, 3), 2: (4, 3, 2, 3), 3: (3, 3, 2, 2, 2)}[d]
+    ours, ref = make_pair(d, 3, dtype, track_running_stats=False)
+    ours.eval()
+    ref.eval()
+    x = random_input(shape, dtype, seed=3) * 5 + 7
+    y = ours(x)
+    assert_close(y, ref(x), OUT_TOL[dtype], "eval, untracked")
+    # and that is batch normalization: with the default weight=1/bias=0 the
+    # per-channel mean is 0 (closed form; atol for float64 rounding)
+    plain = bnlib_bn_class(d)(3, dtype=dtype, track_running_stats=False).eval()
+    z = plain(x)
+    dims = [i for i in range(z.dim()) if i != 1]
+    torch.testing.assert_close(z.mean(dims), torch.zeros(3, dtype=dtype), atol=1e-12, rtol=0)
+
+
+def test_training_under_no_grad_updates_stats():
+    """torch.no_grad() in train mode still normalizes with batch stats and updates buffers."""
+    dtype = torch.float32
+    ours, ref = make_pair(2, 3, dtype)
+    x = random_input((4, 3, 2, 2), dtype, seed=1)
+    with torch.no_grad():
+        yo, yr = ours(x), ref(x)
+    assert_close(yo, yr, OUT_TOL[dtype], "no_grad output")
+    assert_same_buffers(ours, ref, dtype)
+
+
+def test_training_under_inference_mode():
+    """torch.inference_mode() in train mode: same output and buffer update as torch."""
+    dtype = torch.float32
+    ours, ref = make_pair(1, 3, dtype)
+    x = random_input((5, 3, 4), dtype, seed=2)
+    with torch.inference_mode():
+        yo, yr = ours(x), ref(x)
+    assert_close(yo, yr, OUT_TOL[dtype], "inference_mode output")
+    assert_same_buffers(ours, ref, dtype)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "transposed", "sliced"])
+def test_non_contiguous_input(layout):
+    """Strided inputs give the same results as torch (stats are over every axis but 1)."""
+    dtype = torch.float64
+    base = random_input((4, 3, 5, 6), dtype, seed=2)
+    if layout == "channels_last":
+        x = base.contiguous(memory_format=torch.channels_last)
+    elif layout == "transposed":
+        x = base.transpose(2, 3)
+    else:
+        x = base[:, :, ::2, 1::2]
+    assert not x.is_contiguous()
+    ours, ref = make_pair(2, 3, dtype)
+    step_and_compare(ours, ref, x, dtype, seed=5, what=layout)
+
+
+# --------------------------------------------------------------------------
+# Empty batch: whatever torch 2.13 does (output of the same empty shape, the
+# running mean/var untouched, num_batches_tracked incremented, zero grads for
+# weight and bias), bnlib does too.
+# --------------------------------------------------------------------------
+EMPTY_SHAPES = [(0, 3), (0, 3, 4), (2, 3, 0), (0, 3, 2, 2), (2, 3, 0, 2), (0, 3, 2, 1, 2)]
+
+
+EMPTY_CFGS = [dict(), dict(momentum=None), dict(track_running_stats=False), dict(affine=False)]
+
+
+def _empty_setup(shape, cfg):
+    dtype = torch.float32
+    ours, ref = make_pair(dim_of_shape(shape), 3, dtype, **cfg)
+    # one normal step first (no zero sizes) so the running stats are not the initial values
+    x0 = random_input((4, 3) + tuple(max(s, 2) for s in shape[2:]), dtype, seed=0)
+    step_and_compare(ours, ref, x0, dtype, seed=0, what="first step")
+    return ours, ref, dtype
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("cfg", EMPTY_CFGS, ids=_cfg_id)
+@pytest.mark.parametrize("shape", EMPTY_SHAPES, ids=str)
+def test_empty_batch_forward_like_torch(shape, cfg, mode):
+    """Output shape/dtype and running statistics (num_batches_tracked too) as torch."""
+    ours, ref, dtype = _empty_setup(shape, cfg)
+    getattr(ours, mode)()
+    getattr(ref, mode)()
+    x = torch.zeros(shape, dtype=dtype)
+    yr = ref(x)
+    yo = ours(x)
+    assert yo.shape == yr.shape, f"{mode}: empty output shape {yo.shape} vs torch {yr.shape}"
+    assert yo.dtype == yr.dtype
+    assert_same_buffers(ours, ref, dtype)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("cfg", EMPTY_CFGS, ids=_cfg_id)
+@pytest.mark.parametrize("shape", EMPTY_SHAPES, ids=str)
+def test_empty_batch_backward_like_torch(shape, cfg, mode):
+    """Backward through an empty batch: an empty input grad, and weight/bias
+    grads exactly torch's (zeros: a sum over no elements), not NaN."""
+    ours, ref, dtype = _empty_setup(shape, cfg)
+    getattr(ours, mode)()
+    getattr(ref, mode)()
+    x = torch.zeros(shape, dtype=dtype)
+    xo = x.clone().requires_grad_(True)
+    xr = x.clone().requires_grad_(True)
+    ref(xr).sum().backward()
+    ours(xo).sum().backward()
+    assert xo.grad is not None and xo.grad.shape == xr.grad.shape
+    for n, pr in _params(ref).items():
+        po = _params(ours)[n]
+        if pr.grad is None:
+            assert po.grad is None or torch.count_nonzero(po.grad) == 0
+        else:
+            assert po.grad is not None, f"{mode}: {n}.grad is None, torch gives {pr.grad}"
+            assert torch.equal(po.grad, pr.grad), f"{mode}: {n}.grad {po.grad} vs torch {pr.grad}"
+
+
+# --------------------------------------------------------------------------
+# Constructor, parameters, buffers
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("d", [1, 2, 3])
+def test_constructor_signature_matches_torch(d):
+    """Names, defaults and kinds of the __init__ parameters (annotations ignored)."""
+    sig_t = inspect.signature(torch_bn_class(d).__init__)
+    sig_o = inspect.signature(bnlib_bn_class(d).__init__)
+    simple = lambda sig: [(p.name, p.kind, p.default) for p in sig.parameters.values()]  # noqa: E731
+    assert simple(sig_o) == simple(sig_t)
+
+
+CTOR_CONFIGS = [
+    dict(),
+    dict(affine=False),
+    dict(bias=False),
+    dict(track_running_stats=False),
+    dict(affine=False, track_running_stats=False),
+    dict(bias=False, track_running_stats=False),
+]
+
+
+@pytest.mark.parametrize("cfg", CTOR_CONFIGS, ids=_cfg_id)
+@pytest.mark.parametrize("d", [1, 2, 3])
+def test_parameters_buffers_and_state_dict_keys(d, cfg):
+    ref = torch_bn_class(d)(5, **cfg)
+    ours = bnlib_bn_class(d)(5, **cfg)
+    p_t = {n: (p.dtype, tuple(p.shape)) for n, p in ref.named_parameters()}
+    p_o = {n: (p.dtype, tuple(p.shape)) for n, p in ours.named_parameters()}
+    assert p_o == p_t
+    b_t = {n: (b.dtype, tuple(b.shape)) for n, b in ref.named_buffers()}
+    b_o = {n: (b.dtype, tuple(b.shape)) for n, b in ours.named_buffers()}
+    assert b_o == b_t
+    assert list(ours.state_dict().keys()) == list(ref.state_dict().keys())
+    for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+        t = getattr(ref, name)
+        o = getattr(ours, name)
+        if t is None:
+            assert o is None, f"{name} should be None like torch's"
+        else:
+            assert o is not None and torch.equal(o, t), f"{name} initial value {o} vs torch {t}"
+    for attr in ("num_features", "eps", "momentum", "affine", "track_running_stats"):
+        assert getattr(ours, attr) == getattr(ref, attr), attr
+    if ref.num_batches_tracked is not None:
+        assert ours.num_batches_tracked.dtype == torch.long
+
+
+@pytest.mark.parametrize("device", ["cpu", torch.device("cpu"), None])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, None], ids=str)
+def test_device_dtype_kwargs(device, dtype):
+    ref = torch.nn.BatchNorm2d(4, device=device, dtype=dtype)
+    ours = bnlib.nn.BatchNorm2d(4, device=device, dtype=dtype)
+    for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+        assert getattr(ours, name).dtype == getattr(ref, name).dtype, name
+        assert getattr(ours, name).device == getattr(ref, name).device, name
+    x = random_input((3, 4, 2, 2), dtype or torch.float32, seed=0)
+    assert ours(x).dtype == ref(x).dtype
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [dict(num_features=np.int64(4)), dict(num_features=4, eps=np.float32(1e-3)), dict(num_features=4, momentum=np.float32(0.25))],
+    ids=["np.int64-num_features", "np.float32-eps", "np.float32-momentum"],
+)
+def test_constructor_accepts_numpy_scalars_like_torch(kw):
+    """torch.nn.BatchNorm2d takes NumPy scalars for its numeric arguments (a
+    size read off an array, a hyper-parameter from a NumPy grid); a drop-in does too."""
+    ref = torch.nn.BatchNorm2d(**kw)
+    ours = bnlib.nn.BatchNorm2d(**kw)
+    x = random_input((3, 4, 2, 2), torch.float32, seed=0)
+    assert_close(ours(x), ref(x), OUT_TOL[torch.float32], "output")
+    assert_same_buffers(ours, ref, torch.float32)
+
+
+@pytest.mark.parametrize("cfg", [dict(), dict(affine=False), dict(track_running_stats=False)], ids=_cfg_id)
+def test_repr_does_not_crash(cfg):
+    m = bnlib.nn.BatchNorm2d(3, **cfg)
+    assert isinstance(repr(m), str)
+    assert isinstance(str(torch.nn.Sequential(m)), str)
+    assert isinstance(m.extra_repr(), str)
+
+
+def _trained_pair(d, c, dtype, steps=3, **cfg):
+    ours, ref = make_pair(d, c, dtype, **cfg)
+    shape = {1: (5, c, 3), 2: (4, c, 3, 2), 3: (3, c, 2, 2, 2)}[d]
+    for s in range(steps):
+        step_and_compare(ours, ref, random_input(shape, dtype, seed=s), dtype, seed=s, what=f"warm-up {s}")
+    return ours, ref, shape
+
+
+SD_CONFIGS = [dict(), dict(affine=False), dict(bias=False), dict(track_running_stats=False), dict(momentum=None)]
+
+
+@pytest.mark.parametrize("direction", ["torch->bnlib", "bnlib->torch"])
+@pytest.mark.parametrize("cfg", SD_CONFIGS, ids=_cfg_id)
+@pytest.mark.parametrize("d", [1, 2, 3])
+def test_state_dict_loads_both_ways(d, cfg, direction):
+    """A trained module's state dict loads (strict=True) into a fresh module of
+    the other library, which then gives the same outputs in eval and train."""
+    dtype = torch.float64
+    ours, ref, shape = _trained_pair(d, 4, dtype, **cfg)
+    src, dst = (ref, bnlib_bn_class(d)(4, dtype=dtype, **cfg)) if direction == "torch->bnlib" else (
+        ours,
+        torch_bn_class(d)(4, dtype=dtype, **cfg),
+    )
+    result = dst.load_state_dict(src.state_dict(), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    for k, v in src.state_dict().items():
+        assert torch.equal(dst.state_dict()[k], v), k
+    x = random_input(shape, dtype, seed=77) + 0.5
+    for mode in ("eval", "train"):
+        getattr(src, mode)()
+        getattr(dst, mode)()
+        assert_close(dst(x), src(x), OUT_TOL[dtype], f"{direction} {mode}")
+        assert_same_buffers(dst, src, dtype)
+
+
+def test_torch_save_load_state_dict():
+    dtype = torch.float32
+    ours, ref, shape = _trained_pair(2, 3, dtype)
+    buf = io.BytesIO()
+    torch.save(ours.state_dict(), buf)
+    buf.seek(0)
+    sd = torch.load(buf, weights_only=True)
+    fresh = bnlib.nn.BatchNorm2d(3)
+    fresh.load_state_dict(sd, strict=True)
+    fresh.eval()
+    ours.eval()
+    ref.eval()
+    x = random_input(shape, dtype, seed=5)
+    assert torch.equal(fresh(x), ours(x))
+    assert_close(fresh(x), ref(x), OUT_TOL[dtype], "saved/loaded vs torch")
+
+
+@pytest.mark.parametrize("cfg", [dict(), dict(affine=False), dict(bias=False), dict(track_running_stats=False)], ids=_cfg_id)
+def test_reset_running_stats_and_reset_parameters(cfg):
+    dtype = torch.float32
+    ours, ref, _ = _trained_pair(2, 3, dtype, **cfg)
+    params_before = {n: p.detach().clone() for n, p in ours.named_parameters()}
+    assert ours.reset_running_stats() is None
+    ref.reset_running_stats()
+    assert_same_buffers(ours, ref, dtype)
+    if ours.track_running_stats:
+        assert torch.equal(ours.running_mean, torch.zeros(3))
+        assert torch.equal(ours.running_var, torch.ones(3))
+        assert int(ours.num_batches_tracked) == 0
+    # reset_running_stats leaves the parameters alone
+    for n, p in ours.named_parameters():
+        assert torch.equal(p, params_before[n]), n
+    # train again so both stats and params differ from the initial values
+    x = random_input((4, 3, 2, 2), dtype, seed=11)
+    step_and_compare(ours, ref, x, dtype, seed=11, what="after reset_running_stats")
+    assert ours.reset_parameters() is None
+    ref.reset_parameters()
+    assert_same_buffers(ours, ref, dtype)
+    for n, p in ref.named_parameters():
+        assert torch.equal(dict(ours.named_parameters())[n], p), n
+
+
+def test_in_sequential_with_conv2d():
+    """Conv2d -> BatchNorm2d -> ReLU, trained two steps: everything matches torch."""
+    dtype = torch.float32
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(2, 4, 3, padding=1)
+    net_t = torch.nn.Sequential(copy.deepcopy(conv), torch.nn.BatchNorm2d(4), torch.nn.ReLU())
+    net_o = torch.nn.Sequential(copy.deepcopy(conv), bnlib.nn.BatchNorm2d(4), torch.nn.ReLU())
+    for step in range(2):
+        x = random_input((3, 2, 5, 5), dtype, seed=step)
+        yt, yo = net_t(x), net_o(x)
+        assert_close(yo, yt, OUT_TOL[dtype], "sequential output")
+        yt.square().sum().backward()
+        yo.square().sum().backward()
+        for (n, pt), (_, po) in zip(net_t.named_parameters(), net_o.named_parameters()):
+            # conv grads sum over many positions: scale-aware float32 tolerance
+            assert_close(po.grad, pt.grad, dict(rtol=1e-4, atol=1e-4), f"sequential {n}.grad")
+        with torch.no_grad():
+            for pt, po in zip(net_t.parameters(), net_o.parameters()):
+                pt -= 0.01 * pt.grad
+                po -= 0.01 * po.grad
+                pt.grad = po.grad = None
+    assert_same_buffers(net_o[1], net_t[1], dtype)
+    net_t.eval()
+    net_o.eval()
+    x = random_input((2, 2, 5, 5), dtype, seed=9)
+    assert_close(net_o(x), net_t(x), OUT_TOL[dtype], "sequential eval")
+
+
+def test_in_sequential_with_linear():
+    dtype = torch.float64
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(5, 3, dtype=dtype)
+    net_t = torch.nn.Sequential(copy.deepcopy(lin), torch.nn.BatchNorm1d(3, dtype=dtype), torch.nn.Tanh())
+    net_o = torch.nn.Sequential(copy.deepcopy(lin), bnlib.nn.BatchNorm1d(3, dtype=dtype), torch.nn.Tanh())
+    x = random_input((6, 5), dtype, seed=4)
+    yt, yo = net_t(x), net_o(x)
+    assert_close(yo, yt, OUT_TOL[dtype], "linear-bn output")
+    yt.sum().backward()
+    yo.sum().backward()
+    for (n, pt), (_, po) in zip(net_t.named_parameters(), net_o.named_parameters()):
+        assert_close(po.grad, pt.grad, GRAD_TOL[dtype], f"linear-bn {n}.grad")
+    assert_same_buffers(net_o[1], net_t[1], dtype)
+
+
+@pytest.mark.parametrize("how", ["to", "double"])
+def test_to_float64(how):
+    ours, ref, shape = _trained_pair(2, 3, torch.float32)
+    if how == "to":
+        assert ours.to(torch.float64) is ours
+        ref.to(torch.float64)
+    else:
+        assert ours.double() is ours
+        ref.double()
+    assert ours.weight.dtype == torch.float64
+    assert ours.running_mean.dtype == torch.float64
+    assert ours.running_var.dtype == torch.float64
+    assert ours.num_batches_tracked.dtype == torch.long
+    x = random_input(shape, torch.float64, seed=21)
+    # the buffers carry float32 history: compare at float32 tolerance
+    step_and_compare(ours, ref, x, torch.float32, seed=21, what=f"after .{how}()")
+    ours.eval()
+    ref.eval()
+    yo = ours(x)
+    assert yo.dtype == torch.float64
+    assert_close(yo, ref(x), OUT_TOL[torch.float32], "eval after cast")
+
+
+def test_deepcopy():
+    ours, ref, shape = _trained_pair(1, 3, torch.float64)
+    clone = copy.deepcopy(ours)
+    assert_same_buffers(clone, ours, torch.float64)
+    assert clone.running_mean.data_ptr() != ours.running_mean.data_ptr()
+    snap = {k: v.clone() for k, v in ours.state_dict().items()}
+    x = random_input(shape, torch.float64, seed=3)
+    clone(x)  # training step on the copy only
+    for k, v in ours.state_dict().items():
+        assert torch.equal(v, snap[k]), f"deepcopy shares {k} with the original"
+    assert int(clone.num_batches_tracked) == int(ours.num_batches_tracked) + 1
+    step_and_compare(ours, ref, x, torch.float64, seed=3, what="original after copy")
+
+
+def test_train_eval_flags():
+    m = bnlib.nn.BatchNorm1d(3)
+    assert m.training is True
+    assert m.eval() is m and m.training is False
+    assert m.train() is m and m.training is True
+    assert m.train(False) is m and m.training is False
+    seq = torch.nn.Sequential(m)
+    seq.train()
+    assert m.training is True
