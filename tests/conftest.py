@@ -1,0 +1,49 @@
+"""Shared pytest fixtures for the book checks (tests/test_book_browser.py).
+
+Only book-related fixtures live here; bnlib's tests use tests/helpers.py.
+Nothing here imports Playwright, so the unit tests run without it.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import threading
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BOOK_HTML = REPO_ROOT / "_build" / "html"
+
+
+@pytest.fixture(scope="session")
+def book_html_dir() -> Path:
+    """The built HTML book; fails (not skips) when it has not been built."""
+    if not (BOOK_HTML / "index.html").is_file():
+        pytest.fail(
+            f"{BOOK_HTML / 'index.html'} is missing: build the book first with "
+            "`make book` (`make test` does this before running pytest)."
+        )
+    return BOOK_HTML
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format, *args):  # noqa: A002 - the base class's name
+        pass
+
+
+@pytest.fixture(scope="session")
+def book_url(book_html_dir: Path):
+    """Base URL of a local HTTP server on 127.0.0.1 (a free port) serving the book."""
+    handler = functools.partial(_QuietHandler, directory=str(book_html_dir))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
