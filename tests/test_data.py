@@ -1,0 +1,83 @@
+"""bnlib.data: the digits split (standardized with training statistics only) and blobs.
+
+Truths: scikit-learn's own loader and splitter, NumPy's mean/std, the
+definition of the generators.
+"""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+
+from bnlib import data
+
+
+def test_digits_shapes_and_dtypes():
+    s = data.load_digits_split(test_size=0.25, seed=0)
+    assert s.x_train.shape == (1347, 64) and s.x_test.shape == (450, 64)
+    assert s.x_train.dtype == torch.float32 and s.y_train.dtype == torch.int64
+    # stratified: every class keeps its share (each has 174..183 images)
+    counts = torch.bincount(s.y_test, minlength=10)
+    assert int(counts.min()) >= 43 and int(counts.max()) <= 46
+
+
+def test_digits_uses_training_statistics_only():
+    # Recompute from scikit-learn directly in float64; the float32 copy is
+    # within float32 rounding (values are at most ~40 in size): 1e-5 relative.
+    s = data.load_digits_split(test_size=0.25, seed=3)
+    d = load_digits()
+    x_tr, x_te, _, y_te = train_test_split(d.data, d.target, test_size=0.25, random_state=3, stratify=d.target)
+    mu, std = x_tr.mean(0), x_tr.std(0)
+    std[std == 0] = 1.0
+    np.testing.assert_allclose(s.x_train.numpy(), (x_tr - mu) / std, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(s.x_test.numpy(), (x_te - mu) / std, rtol=1e-5, atol=1e-5)
+    assert np.array_equal(s.y_test.numpy(), y_te)
+    # train columns: mean 0, std 1 (or all 0 for a blank pixel); the test split is not re-centred
+    xt = s.x_train.double()
+    assert float(xt.mean(0).abs().max()) < 1e-6
+    sd = xt.std(0, unbiased=False)
+    assert torch.all(((sd - 1).abs() < 1e-5) | (sd == 0))
+    assert int((sd == 0).sum()) >= 1  # digits has blank border pixels: they stay 0, not NaN
+    assert not torch.isnan(s.x_test).any()
+    assert float(s.x_test.double().mean(0).abs().max()) > 0.01
+
+
+def test_digits_is_reproducible_and_seed_dependent():
+    a, b = data.load_digits_split(seed=1), data.load_digits_split(seed=1)
+    c = data.load_digits_split(seed=2)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    assert not torch.equal(a.y_train, c.y_train)
+
+
+def test_fit_standardizer_constant_column():
+    x = np.array([[1.0, 5.0], [3.0, 5.0], [5.0, 5.0]])
+    mu, std = data.fit_standardizer(x)
+    np.testing.assert_array_equal(mu, [3.0, 5.0])
+    np.testing.assert_allclose(std, [np.sqrt(8 / 3), 1.0], rtol=1e-15)
+    np.testing.assert_allclose(data.standardize(x, mu, std)[:, 1], 0.0)
+
+
+@pytest.mark.parametrize("bad", [np.zeros(3), np.zeros((0, 2))])
+def test_fit_standardizer_bad_input(bad):
+    with pytest.raises(ValueError, match="expected a 2-D array"):
+        data.fit_standardizer(bad)
+
+
+def test_digits_bad_test_size():
+    with pytest.raises(ValueError, match="test_size"):
+        data.load_digits_split(test_size=1.5)
+
+
+def test_gaussian_blobs():
+    x, y = data.gaussian_blobs(3000, n_features=3, n_classes=3, spread=0.5, seed=0)
+    assert x.shape == (3000, 3) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert torch.equal(torch.bincount(y), torch.tensor([1000, 1000, 1000]))
+    # within-class std is `spread`: 1000 draws per coordinate, std error ~2%; 10% margin
+    for k in range(3):
+        sd = x[y == k].double().std(0)
+        assert torch.all((sd / 0.5 - 1).abs() < 0.1)
+    x2, _ = data.gaussian_blobs(3000, n_features=3, n_classes=3, spread=0.5, seed=0)
+    assert torch.equal(x, x2)
+    with pytest.raises(ValueError, match="n_samples"):
+        data.gaussian_blobs(0)

@@ -1,0 +1,137 @@
+"""bnlib.models: the MLP's structure and initialization, activation derivatives.
+
+Truths: torch autograd for the derivatives, closed forms (sigmoid'(0) = 1/4,
+sigmoid'(-6) = e^-6 / (1 + e^-6)^2), a forward pass written out by hand with
+torch.nn.functional, and torch.nn.BatchNorm1d for the norm="bn" layers.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bnlib.nn
+from bnlib import models
+
+
+def test_names_and_order_without_norm():
+    m = models.make_mlp(5, 4, 3, depth=2)
+    assert [n for n, _ in m.named_children()] == ["fc1", "act1", "fc2", "act2", "out"]
+    assert isinstance(m.act1, nn.Tanh)
+    assert m.fc1.bias is not None  # no norm: hidden layers keep their bias
+    assert m(torch.zeros(7, 5)).shape == (7, 3)
+
+
+def test_bn_between_linear_and_activation():
+    m = models.make_mlp(5, [4, 6], 3, activation="sigmoid", norm="bn")
+    assert [n for n, _ in m.named_children()] == ["fc1", "norm1", "act1", "fc2", "norm2", "act2", "out"]
+    assert isinstance(m.norm2, bnlib.nn.BatchNorm1d) and m.norm2.num_features == 6
+    assert isinstance(m.act2, nn.Sigmoid)
+    assert m.fc1.bias is None and m.out.bias is not None  # BN cancels a hidden bias
+
+
+def test_forward_is_linear_then_bn_then_activation():
+    # The model against the same layers applied by hand (float64; same ops in
+    # the same order, so 1e-12 is only rounding).
+    torch.manual_seed(0)
+    m = models.make_mlp(4, 3, 2, depth=2, norm_layer=torch.nn.BatchNorm1d, bias=True).double()
+    x = torch.randn(6, 4, dtype=torch.float64)
+    h = x
+    for l in (1, 2):
+        fc, bn = getattr(m, f"fc{l}"), getattr(m, f"norm{l}")
+        z = F.linear(h, fc.weight, fc.bias)
+        u = F.batch_norm(z, None, None, bn.weight, bn.bias, training=True, eps=bn.eps)
+        h = torch.tanh(u)
+    expected = F.linear(h, m.out.weight, m.out.bias)
+    torch.testing.assert_close(m(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_bnlib_bn_is_drop_in_for_torch_bn():
+    # Same seed -> same weights (BN layers draw no random numbers); bnlib's BN
+    # and torch's agree to float32 rounding (1e-5 after 3 layers).
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
+    ours = models.make_mlp(8, 6, 3, depth=3, norm="bn", seed=4)
+    ref = models.make_mlp(8, 6, 3, depth=3, norm_layer=torch.nn.BatchNorm1d, seed=4)
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_weight_scale_sets_the_std():
+    # W ~ N(0, s^2 / fan_in): with 400*300 draws the sample std is within
+    # ~3/sqrt(2 * 120000) ~ 0.6% of the truth; 2% leaves room.
+    s = 2.5
+    m = models.make_mlp(400, 300, 10, depth=2, weight_scale=s, seed=0)
+    assert abs(float(m.fc2.weight.detach().std()) / (s / math.sqrt(300)) - 1) < 0.02
+    assert abs(float(m.fc1.weight.detach().std()) / (s / math.sqrt(400)) - 1) < 0.02
+    assert abs(float(m.out.weight.detach().std()) / (1 / math.sqrt(300)) - 1) < 0.05  # the out layer gets s = 1
+    assert float(m.fc1.bias.detach().abs().max()) == 0.0
+
+
+def test_bias_init():
+    m = models.make_mlp(3, 4, 2, depth=2, activation="sigmoid", norm="bn", bias=True, bias_init=-6.0)
+    assert torch.equal(m.fc2.bias.detach(), torch.full((4,), -6.0))
+    with pytest.raises(ValueError, match="bias_init"):
+        models.make_mlp(3, 4, 2, depth=2, norm="bn", bias_init=-6.0)
+
+
+def test_seed_is_reproducible_and_leaves_global_rng_alone():
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    a = models.make_mlp(5, 4, 3, depth=2, weight_scale=1.0, seed=7)
+    after = torch.rand(3)
+    b = models.make_mlp(5, 4, 3, depth=2, weight_scale=1.0, seed=7)
+    c = models.make_mlp(5, 4, 3, depth=2, weight_scale=1.0, seed=8)
+    assert torch.equal(after, expected_next)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert not torch.equal(a.fc1.weight, c.fc1.weight)
+
+
+@pytest.mark.parametrize("name", ["sigmoid", "tanh", "relu"])
+def test_activation_derivative_matches_autograd(name):
+    # float64, elementwise: the closed form and autograd differ by rounding only.
+    z = torch.linspace(-8, 8, 161, dtype=torch.float64)
+    z = z[z != 0]  # relu'(0) is a convention
+    z.requires_grad_(True)
+    f = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu}[name]
+    (g,) = torch.autograd.grad(f(z).sum(), z)
+    torch.testing.assert_close(models.activation_derivative(z.detach(), name), g, rtol=1e-12, atol=1e-15)
+
+
+def test_activation_derivative_closed_forms():
+    d = models.activation_derivative(torch.tensor([0.0, -6.0], dtype=torch.float64), "sigmoid")
+    e6 = math.exp(-6)
+    assert float(d[0]) == 0.25
+    assert abs(float(d[1]) - e6 / (1 + e6) ** 2) < 1e-15
+    assert abs(float(d[1]) - 0.002466509) < 1e-9
+    assert float(models.activation_derivative(torch.tensor(0.0), "tanh")) == 1.0
+
+
+def test_get_layers():
+    m = models.make_mlp(5, 4, 3, depth=3, norm="bn")
+    assert models.get_layers(m, "fc") == [m.fc1, m.fc2, m.fc3]
+    assert models.get_layers(m, "norm") == [m.norm1, m.norm2, m.norm3]
+    assert len(models.get_layers(m, "act")) == 3
+    with pytest.raises(ValueError, match="kind"):
+        models.get_layers(m, "out")
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(activation="softplus"), "activation must be one of"),
+        (dict(norm="ln"), "norm must be None or 'bn'"),
+        (dict(norm="bn", norm_layer=nn.BatchNorm1d), "not both"),
+        (dict(weight_scale=0.0), "weight_scale"),
+        (dict(depth=3, hidden=[4, 4]), "depth=3"),
+        (dict(depth=None), "depth is required"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    args = dict(in_features=5, hidden=4, out_features=3, depth=2)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        models.make_mlp(**args)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        models.activation_derivative(torch.zeros(2), "softplus")

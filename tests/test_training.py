@@ -1,0 +1,102 @@
+"""bnlib.training: batches, one SGD step, determinism, the callback, evaluation.
+
+Truths: a gradient-descent step written out by hand with torch.autograd,
+counting, hand-computed accuracy, the model's own eval-mode forward.
+"""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bnlib import data, models, training
+
+
+def test_minibatches_cover_every_index_once():
+    g = torch.Generator().manual_seed(0)
+    batches = list(training.minibatches(10, 3, g))
+    assert [len(b) for b in batches] == [3, 3, 3]  # the last, short batch is dropped
+    assert len(set(torch.cat(batches).tolist())) == 9
+    batches = list(training.minibatches(10, 3, g, drop_last=False))
+    assert sorted(torch.cat(batches).tolist()) == list(range(10))
+    with pytest.raises(ValueError, match="batch_size"):
+        list(training.minibatches(10, 11, g))
+
+
+def test_one_full_batch_sgd_step_by_hand():
+    # float64; the update is w - lr * dL/dw with the gradient from autograd on
+    # a copy of the parameters: agreement to rounding (1e-12).
+    x, y = data.gaussian_blobs(20, n_features=3, n_classes=2, seed=0, dtype=torch.float64)
+    m = models.make_mlp(3, 4, 2, depth=2, seed=0).double()
+    params = [p.detach().clone().requires_grad_(True) for p in m.parameters()]
+    names = [n for n, _ in m.named_parameters()]
+    out = torch.func.functional_call(m, dict(zip(names, params)), (x,))
+    grads = torch.autograd.grad(F.cross_entropy(out, y), params)
+    h = training.train(m, x, y, steps=1, lr=0.3)
+    for p, p0, g in zip(m.parameters(), params, grads):
+        torch.testing.assert_close(p.detach(), p0.detach() - 0.3 * g, rtol=1e-12, atol=1e-12)
+    assert h.step == [1]
+    assert h.loss[0] == pytest.approx(float(F.cross_entropy(out, y).detach()), rel=1e-12)
+
+
+def test_training_is_deterministic_and_learns():
+    # seed 0: the two centres are 7.7 apart, 15 noise stds: separable
+    x, y = data.gaussian_blobs(256, n_features=2, n_classes=2, spread=0.5, seed=0)
+    runs = []
+    for _ in range(2):
+        m = models.make_mlp(2, 8, 2, depth=2, norm="bn", seed=0)
+        h = training.train(m, x, y, epochs=5, batch_size=32, lr=0.1, momentum=0.9, seed=3)
+        runs.append((h, m))
+    (h1, m1), (h2, m2) = runs
+    assert h1.loss == h2.loss
+    assert all(torch.equal(p, q) for p, q in zip(m1.parameters(), m2.parameters()))
+    assert len(h1.step) == 5 * (256 // 32)
+    # well separated blobs: the training set is learned
+    assert np.mean(h1.loss[-4:]) < 0.5 * h1.loss[0]
+    assert training.evaluate(m1, x, y)[1] > 0.95
+
+
+def test_adam_runs():
+    x, y = data.gaussian_blobs(64, seed=0)
+    m = models.make_mlp(2, 4, 2, depth=1, seed=0)
+    h = training.train(m, x, y, steps=20, batch_size=16, lr=1e-2, optimizer="adam")
+    assert len(h.loss) == 20 and h.loss[-1] < h.loss[0]
+
+
+def test_callback_sees_every_state():
+    x, y = data.gaussian_blobs(40, seed=0)
+    m = models.make_mlp(2, 4, 2, depth=1, seed=0)
+    seen = []
+    training.train(m, x, y, steps=7, batch_size=10, callback=lambda step, model: seen.append(step))
+    assert seen == list(range(8))  # 0 = before the first update, then after each of the 7 (2 epochs)
+
+
+def test_accuracy_and_evaluate():
+    logits = torch.tensor([[2.0, 1.0], [0.0, 3.0], [1.0, 0.0], [0.0, 1.0]])
+    assert training.accuracy(logits, torch.tensor([0, 1, 1, 1])) == 0.75
+    x, y = data.gaussian_blobs(30, seed=0)
+    m = models.make_mlp(2, 4, 2, depth=1, norm="bn", seed=0)
+    m.train()
+    loss, acc = training.evaluate(m, x, y)
+    assert m.training  # mode restored
+    m.eval()
+    with torch.no_grad():
+        assert loss == pytest.approx(float(F.cross_entropy(m(x), y)), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(), "exactly one of steps or epochs"),
+        (dict(steps=1, epochs=1), "exactly one of steps or epochs"),
+        (dict(steps=1, batch_size=100), "batch_size"),
+        (dict(steps=1, optimizer="rmsprop"), "optimizer"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    x, y = data.gaussian_blobs(20, seed=0)
+    m = models.make_mlp(2, 4, 2, depth=1, seed=0)
+    before = [p.clone() for p in m.parameters()]
+    with pytest.raises(ValueError, match=match):
+        training.train(m, x, y, **kwargs)
+    assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
