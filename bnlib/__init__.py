@@ -14,26 +14,18 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = (
-    "reference",
-    "functional",
-    "nn",
-    "data",
-    "models",
-    "training",
-    "recorders",
-    "plotting",
-    "features",
-    "surfaces",
-    "triton_kernels",
-)
+def _submodules():
+    """The public modules of the package: every ``bnlib/<name>.py`` not starting with '_'."""
+    import pkgutil
+
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
 
 
 def __getattr__(name):
-    if name in _SUBMODULES:
+    if name in _submodules():
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(list(globals()) + list(_SUBMODULES))
+    return sorted(set(globals()) | set(_submodules()))

@@ -1,0 +1,166 @@
+r"""BN folding: merge an eval-mode BN layer into the linear or conv layer before it.
+
+At inference a BN layer is a fixed affine map per output channel ``c``:
+
+.. math::
+
+    \mathrm{BN}(z)_c = \gamma_c \frac{z_c - \bar\mu_c}{\sqrt{\bar\sigma^2_c + \epsilon}} + \beta_c
+                     = s_c\, z_c + (\beta_c - s_c \bar\mu_c), \qquad
+    s_c = \frac{\gamma_c}{\sqrt{\bar\sigma^2_c + \epsilon}},
+
+with ``running_mean`` :math:`\bar\mu` and ``running_var`` :math:`\bar\sigma^2`.
+When ``z = W x + b`` (a linear layer, or a convolution: ``W`` of shape
+``(C_out, ...)``), the composition is again such a layer:
+
+.. math::
+
+    W'_{c,\cdot} = s_c\, W_{c,\cdot}, \qquad b'_c = (b_c - \bar\mu_c)\, s_c + \beta_c ,
+
+so the pair is replaced by one layer with the same output (up to rounding):
+one pass over the data fewer at inference (Jacob et al. 2018). The new
+weights are computed in float64 and stored in the layer's dtype.
+
+Only eval mode can be folded: in training mode BN uses the statistics of the
+batch, which no fixed weights can reproduce.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from bnlib.moving_average import is_batchnorm
+
+__all__ = ["FOLDABLE", "bn_scale_shift", "fold_bn", "fold_model"]
+
+#: The layer types a following BN can be folded into (weight: output channels on axis 0).
+FOLDABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _check_bn(bn) -> None:
+    if not is_batchnorm(bn):
+        raise ValueError(f"expected a batch norm layer (torch's or bnlib's BatchNorm*d), got {type(bn).__name__}")
+    if bn.training:
+        raise ValueError(
+            f"can only fold a BN layer in eval mode (call .eval() first), got {type(bn).__name__} in training mode"
+        )
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError(
+            f"can only fold a BN layer with running statistics, got {type(bn).__name__} "
+            "with track_running_stats=False (it normalizes with batch statistics even in eval mode)"
+        )
+
+
+def bn_scale_shift(bn) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, shift)`` of an eval-mode BN layer, float64, shape ``(C,)`` each:
+    ``scale = gamma / sqrt(running_var + eps)``, ``shift = beta - running_mean * scale``,
+    so that ``BN(z) = z * scale + shift`` per channel (``gamma = 1``, ``beta = 0``
+    when the layer has no affine parameters)."""
+    _check_bn(bn)
+    var = bn.running_var.detach().to(torch.float64)
+    mean = bn.running_mean.detach().to(torch.float64)
+    gamma = torch.ones_like(var) if bn.weight is None else bn.weight.detach().to(torch.float64)
+    beta = torch.zeros_like(var) if bn.bias is None else bn.bias.detach().to(torch.float64)
+    scale = gamma / torch.sqrt(var + bn.eps)
+    return scale, beta - mean * scale
+
+
+def fold_bn(layer: nn.Module, bn: nn.Module) -> nn.Module:
+    """A new layer equal to ``bn(layer(x))`` in eval mode: ``W' = W * scale``, ``b' = (b - running_mean) * scale + beta``.
+
+    ``layer``: ``nn.Linear`` (weight ``(C, in)``) or ``nn.Conv1d/2d/3d`` (weight
+    ``(C, in / groups, *kernel)``), with or without a bias; ``bn``: a BN layer
+    with ``C`` channels in eval mode with running statistics. The result is a
+    copy of ``layer`` (same type, shapes, stride, padding, dtype and device)
+    that always has a bias; ``layer`` and ``bn`` are not changed.
+
+    Raises ``ValueError`` for another layer type, a BN in training mode or
+    without running statistics, or a channel count that does not match.
+    """
+    if not isinstance(layer, FOLDABLE):
+        raise ValueError(
+            f"expected the layer before BN to be one of {[t.__name__ for t in FOLDABLE]}, got {type(layer).__name__}"
+        )
+    _check_bn(bn)
+    out_channels = layer.weight.shape[0]
+    if bn.num_features != out_channels:
+        raise ValueError(
+            f"BN has {bn.num_features} channels (num_features) but {type(layer).__name__} has "
+            f"{out_channels} output channels; they must match"
+        )
+    scale, shift = bn_scale_shift(bn)
+    w = layer.weight.detach().to(torch.float64)
+    b = torch.zeros(out_channels, dtype=torch.float64, device=w.device) if layer.bias is None else layer.bias.detach().to(torch.float64)
+    new_w = w * scale.to(w.device).view((-1,) + (1,) * (w.dim() - 1))
+    new_b = b * scale.to(w.device) + shift.to(w.device)
+
+    folded = copy.deepcopy(layer)
+    dtype, device = layer.weight.dtype, layer.weight.device
+    folded.weight = nn.Parameter(new_w.to(dtype=dtype, device=device), requires_grad=layer.weight.requires_grad)
+    folded.bias = nn.Parameter(new_b.to(dtype=dtype, device=device), requires_grad=layer.weight.requires_grad)
+    return folded
+
+
+def _fold_sequential(seq: nn.Sequential) -> tuple[nn.Sequential, int]:
+    """Replace, in ``seq`` itself (a copy owned by the caller), every (foldable layer, BN)
+    pair by the folded layer under the layer's name; the class of ``seq`` is kept."""
+    items = list(seq._modules.items())
+    kept, count, i = [], 0, 0
+    while i < len(items):
+        name, module = items[i]
+        nxt = items[i + 1][1] if i + 1 < len(items) else None
+        if isinstance(module, FOLDABLE) and nxt is not None and is_batchnorm(nxt):
+            kept.append((name, fold_bn(module, nxt)))
+            count += 1
+            i += 2
+            continue
+        if module is not None:
+            module, c = _fold_children(module)
+            count += c
+        kept.append((name, module))
+        i += 1
+    seq._modules.clear()
+    for name, module in kept:
+        seq.add_module(name, module)
+    return seq, count
+
+
+def _fold_children(module: nn.Module) -> tuple[nn.Module, int]:
+    """Fold inside ``module`` (a copy owned by the caller); returns it and the number of folds."""
+    if isinstance(module, nn.Sequential):
+        return _fold_sequential(module)
+    count = 0
+    for name, child in list(module._modules.items()):
+        if child is None:
+            continue
+        new_child, c = _fold_children(child)
+        if new_child is not child:
+            setattr(module, name, new_child)
+        count += c
+    return module, count
+
+
+def fold_model(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` in which every ``nn.Linear`` / ``nn.Conv*d`` directly followed
+    by a BN layer inside an ``nn.Sequential`` (at any depth) is replaced by one folded
+    layer (:func:`fold_bn`); the BN layer is removed, the other layers and their
+    names are kept. BN layers elsewhere (first in a Sequential, after an activation)
+    stay as they are.
+
+    The model must be in eval mode, every BN layer included: raises ``ValueError``
+    otherwise, or when a BN to fold has no running statistics. ``model`` itself is
+    never changed. For ``make_mlp(..., norm="bn")``: ``fc1, norm1, act1, ..., out``
+    becomes ``fc1, act1, ..., out``.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"expected an nn.Module, got {type(model).__name__}")
+    in_training = [name or type(model).__name__ for name, m in model.named_modules() if m.training]
+    if in_training:
+        raise ValueError(
+            "fold_model needs the model in eval mode (call model.eval() first); "
+            f"in training mode: {in_training[:5]}{' ...' if len(in_training) > 5 else ''}"
+        )
+    folded, _ = _fold_children(copy.deepcopy(model))
+    return folded

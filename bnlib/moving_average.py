@@ -1,0 +1,322 @@
+r"""The running estimates of batch norm as a moving average.
+
+In training, a BN layer keeps a running estimate of the mean (and of the
+variance) of its input, updated once per mini-batch with the batch value
+``mu_t``. The same exponential moving average (EMA) is written three ways:
+
+- the lecture (Hung-yi Lee 2021):  ``mu_bar <- p * mu_bar + (1 - p) * mu_t``
+- PyTorch and bnlib:               ``running = (1 - momentum) * running + momentum * mu_t``
+  (``momentum = 1 - p``, default 0.1)
+- Keras / TensorFlow:              ``moving = momentum * moving + (1 - momentum) * mu_t``
+  (``momentum = p``, default 0.99)
+
+Internally everything is PyTorch's ``alpha = momentum``, the weight of the
+newest batch. Unrolled from the start value ``init`` after ``t`` updates,
+
+.. math::
+
+    \bar\mu_t = (1 - \alpha)^t\,\mathrm{init} + \sum_{k=1}^{t} \alpha (1 - \alpha)^{t-k}\,\mu_k ,
+
+so a batch ``j`` steps old weighs ``alpha (1 - alpha)^j``: the effective window
+is about ``1 / alpha`` batches, and the start value (0 for the mean, 1 for the
+variance) still weighs ``(1 - alpha)^t`` (the early bias). ``momentum=None``
+(PyTorch's convention only) is the cumulative average, factor ``1 / t``.
+
+:func:`precise_bn` replaces the moving averages of every BN layer of a model
+by exact averages over many batches, computed with the final weights
+(Wu and Johnson 2021, "precise BN").
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Iterable
+
+import numpy as np
+
+__all__ = [
+    "CONVENTIONS",
+    "to_torch_momentum",
+    "from_torch_momentum",
+    "convert_momentum",
+    "effective_window",
+    "steps_to_forget",
+    "ema_weights",
+    "ema_trace",
+    "debias",
+    "conversion_table",
+    "is_batchnorm",
+    "running_stat_layers",
+    "precise_bn",
+]
+
+#: The conventions and what their number means (the weight of the OLD average
+#: for "lecture" and "keras", of the NEW batch for "torch").
+CONVENTIONS = {
+    "torch": "momentum = weight of the new batch (PyTorch, bnlib; default 0.1)",
+    "lecture": "p = weight of the old average (Hung-yi Lee's lecture)",
+    "keras": "momentum = weight of the old average (Keras / TensorFlow; default 0.99)",
+}
+_ALIASES = {"pytorch": "torch", "bnlib": "torch", "tensorflow": "keras", "tf": "keras", "p": "lecture"}
+
+
+def _convention(convention: str) -> str:
+    name = _ALIASES.get(convention, convention) if isinstance(convention, str) else convention
+    if name not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {sorted(CONVENTIONS)}, got {convention!r}")
+    return name
+
+
+def _check_unit_interval(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= 1:
+        raise ValueError(f"{what} must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+def to_torch_momentum(value, convention: str = "torch"):
+    """PyTorch's ``momentum`` (``alpha``, the weight of the new batch) for ``value`` in ``convention``.
+
+    ``"torch"``: ``alpha = value``; ``"lecture"`` and ``"keras"``: ``alpha = 1 - value``.
+    ``None`` (the cumulative average) exists only in the ``"torch"`` convention.
+    """
+    name = _convention(convention)
+    if value is None:
+        if name != "torch":
+            raise ValueError(f"momentum=None (cumulative average) exists only in the 'torch' convention, got {convention!r}")
+        return None
+    v = _check_unit_interval(value, f"{name} momentum")
+    return v if name == "torch" else 1.0 - v
+
+
+def from_torch_momentum(alpha, convention: str = "torch"):
+    """The number ``convention`` uses for PyTorch's ``momentum = alpha`` (the inverse of :func:`to_torch_momentum`)."""
+    name = _convention(convention)
+    if alpha is None:
+        if name != "torch":
+            raise ValueError(f"momentum=None (cumulative average) has no {name!r} equivalent")
+        return None
+    a = _check_unit_interval(alpha, "torch momentum")
+    return a if name == "torch" else 1.0 - a
+
+
+def convert_momentum(value, source: str, target: str):
+    """``value`` in convention ``source`` written in convention ``target``.
+
+    ``convert_momentum(0.99, "keras", "torch")`` is 0.01 (up to rounding);
+    ``convert_momentum(0.1, "torch", "lecture")`` is 0.9.
+    """
+    return from_torch_momentum(to_torch_momentum(value, source), target)
+
+
+def _alpha(momentum, convention, allow_none=True):
+    alpha = to_torch_momentum(momentum, convention)
+    if alpha is None and not allow_none:
+        raise ValueError("this needs a number, not momentum=None (the cumulative average has no fixed window)")
+    return alpha
+
+
+def effective_window(momentum, convention: str = "torch") -> float:
+    """About how many recent batches the estimate averages: ``1 / alpha``.
+
+    The weights ``alpha (1 - alpha)^j`` of the batches ``j`` steps old have mean
+    age ``(1 - alpha) / alpha`` and sum to 1, like a plain average over
+    ``1 / alpha`` batches. ``alpha = 0`` (the estimate never moves) gives ``inf``.
+    """
+    alpha = _alpha(momentum, convention, allow_none=False)
+    return math.inf if alpha == 0 else 1.0 / alpha
+
+
+def steps_to_forget(momentum, tol: float = 0.01, convention: str = "torch") -> float:
+    """The number of updates ``t`` after which the start value weighs less than ``tol``:
+    the smallest ``t`` with ``(1 - alpha)^t < tol``, i.e. ``t > ln(tol) / ln(1 - alpha)``.
+
+    ``alpha = 1`` forgets at once (1 step); ``alpha = 0`` never (``inf``).
+    """
+    alpha = _alpha(momentum, convention, allow_none=False)
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not 0 < tol < 1:
+        raise ValueError(f"tol must be a number in (0, 1), got {tol!r}")
+    if alpha == 1:
+        return 1
+    if alpha == 0:
+        return math.inf
+    return math.floor(math.log(tol) / math.log1p(-alpha)) + 1
+
+
+def ema_weights(t: int, momentum, convention: str = "torch") -> np.ndarray:
+    """The weights of the start value and of the batches in the estimate after ``t`` updates.
+
+    Returns shape ``(t + 1,)``: entry 0 is the weight of ``init``,
+    ``(1 - alpha)^t``; entry ``k`` (1..t) that of batch ``k``,
+    ``alpha (1 - alpha)^(t - k)``. They sum to 1. ``momentum=None``: init 0,
+    every batch ``1 / t``.
+    """
+    if isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 0:
+        raise ValueError(f"t must be an integer >= 0, got {t!r}")
+    alpha = _alpha(momentum, convention)
+    w = np.empty(t + 1)
+    if alpha is None:
+        w[0] = 1.0 if t == 0 else 0.0
+        w[1:] = 1.0 / t if t else 0.0
+        return w
+    ages = np.arange(t - 1, -1, -1, dtype=np.float64)  # batch k is t - k steps old
+    w[0] = (1.0 - alpha) ** t
+    w[1:] = alpha * (1.0 - alpha) ** ages
+    return w
+
+
+def ema_trace(values, momentum, convention: str = "torch", init=0.0) -> np.ndarray:
+    """The running estimate after each update, for a stream of batch values.
+
+    ``values``: shape ``(T,)`` or ``(T, C)`` (one row per batch, e.g. the batch
+    means ``mu_t`` of ``C`` channels). Returns float64 of the same shape: row
+    ``t - 1`` is the estimate after ``t`` updates, starting from ``init``
+    (a number or ``(C,)``; PyTorch starts the mean at 0 and the variance at 1)
+    with ``running = (1 - alpha) * running + alpha * values[t - 1]``.
+    ``momentum=None``: the cumulative average of ``values[:t]`` (``init`` is
+    forgotten at the first update, as in PyTorch).
+    """
+    alpha = _alpha(momentum, convention)
+    v = np.asarray(values, dtype=np.float64)
+    if v.ndim not in (1, 2) or v.shape[0] < 1:
+        raise ValueError(f"values must have shape (T,) or (T, C) with T >= 1, got shape {v.shape}")
+    running = np.broadcast_to(np.asarray(init, dtype=np.float64), v.shape[1:]).copy()
+    out = np.empty_like(v)
+    for t in range(v.shape[0]):
+        factor = 1.0 / (t + 1) if alpha is None else alpha
+        running = (1.0 - factor) * running + factor * v[t]
+        out[t] = running
+    return out
+
+
+def debias(trace, momentum, init=0.0, convention: str = "torch") -> np.ndarray:
+    """Remove the start value's share from an EMA trace (as Adam does for its moments).
+
+    After ``t`` updates the estimate is ``(1 - alpha)^t * init`` plus the batch
+    values with weights summing to ``1 - (1 - alpha)^t``; dividing out gives
+
+    ``(trace_t - (1 - alpha)^t * init) / (1 - (1 - alpha)^t)``,
+
+    a weighted average of the batch values only. ``trace``: the output of
+    :func:`ema_trace`, shape ``(T,)`` or ``(T, C)``. ``momentum=None``: returned as is.
+    """
+    alpha = _alpha(momentum, convention)
+    tr = np.asarray(trace, dtype=np.float64)
+    if tr.ndim not in (1, 2) or tr.shape[0] < 1:
+        raise ValueError(f"trace must have shape (T,) or (T, C) with T >= 1, got shape {tr.shape}")
+    if alpha is None:
+        return tr.copy()
+    if alpha == 0:
+        raise ValueError("momentum 0 never moves the estimate: there is nothing to debias")
+    t = np.arange(1, tr.shape[0] + 1, dtype=np.float64).reshape((-1,) + (1,) * (tr.ndim - 1))
+    left = (1.0 - alpha) ** t
+    return (tr - left * np.asarray(init, dtype=np.float64)) / (1.0 - left)
+
+
+def conversion_table(torch_momenta=(0.5, 0.1, 0.01, 0.001), tol: float = 0.01) -> str:
+    """A fixed-width text table: one row per PyTorch ``momentum``, with the lecture's ``p``,
+    Keras' ``momentum``, the effective window ``1 / momentum`` and :func:`steps_to_forget`
+    (updates until the start value weighs less than ``tol``). Print the returned string.
+    """
+    head = ["torch momentum", "lecture p", "keras momentum", "window 1/momentum", f"steps until init < {tol:g}"]
+    rows = []
+    for a in torch_momenta:
+        rows.append([
+            f"{to_torch_momentum(a):g}",
+            f"{convert_momentum(a, 'torch', 'lecture'):.4g}",
+            f"{convert_momentum(a, 'torch', 'keras'):.4g}",
+            f"{effective_window(a):g}",
+            f"{steps_to_forget(a, tol)}",
+        ])
+    widths = [max(len(h), *(len(r[j]) for r in rows)) for j, h in enumerate(head)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths))]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# Precise BN
+# ---------------------------------------------------------------------------
+
+
+def is_batchnorm(module) -> bool:
+    """True for a batch norm layer: torch's ``nn.BatchNorm*d`` / ``SyncBatchNorm``
+    or bnlib's (``bnlib.nn.BatchNorm*d``, ``SyncBatchNorm``, ``GhostBatchNorm``)."""
+    import torch
+    from bnlib import nn as bnn
+
+    return isinstance(module, (torch.nn.modules.batchnorm._BatchNorm, bnn._BatchNorm))
+
+
+def running_stat_layers(model) -> list:
+    """The BN layers of ``model`` (in ``model.modules()`` order) that keep running statistics."""
+    return [
+        m for m in model.modules()
+        if is_batchnorm(m) and m.track_running_stats and m.running_mean is not None
+    ]
+
+
+def precise_bn(model, batches: Iterable, max_batches: int | None = None):
+    r"""Recompute the running statistics of every BN layer as exact averages (Wu and Johnson 2021).
+
+    For every BN layer with running statistics: reset them (mean 0, variance 1,
+    count 0), set ``momentum=None`` (the cumulative average), and run the model
+    forward on ``batches`` (an iterable of input tensors, or of tuples/lists
+    whose first entry is the input, e.g. ``(x, y)``), without gradients. After
+    ``T`` batches of equal size each layer holds
+
+    .. math::
+
+        \text{running\_mean} = \frac{1}{T}\sum_{t=1}^{T} \mu_t, \qquad
+        \text{running\_var} = \frac{1}{T}\sum_{t=1}^{T} \frac{m}{m-1}\,\sigma_t^2,
+
+    the averages of the batch means and of the unbiased batch variances under the
+    model's current (final) weights, instead of an EMA that mixes statistics
+    of older weights. During the pass only the BN layers are in training mode
+    (dropout and the like are in eval mode, as at inference); afterwards every
+    module's mode and every BN's ``momentum`` are as before. Gradients and
+    parameters are not touched. ``max_batches`` stops after that many batches.
+
+    Returns ``model`` (changed in place). Raises ``ValueError`` when the model
+    has no BN layer with running statistics or ``batches`` is empty; then (and
+    on any other error during the pass) every running statistic is restored.
+    """
+    import torch
+
+    layers = running_stat_layers(model)
+    if not layers:
+        raise ValueError("precise_bn expected a model with at least one BN layer that tracks running statistics, got none")
+    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, numbers.Integral) or max_batches < 1):
+        raise ValueError(f"max_batches must be None or an integer >= 1, got {max_batches!r}")
+
+    saved_state = [{k: v.clone() for k, v in bn.named_buffers(recurse=False)} for bn in layers]
+    saved_momentum = [bn.momentum for bn in layers]
+    saved_modes = [(m, m.training) for m in model.modules()]
+    n = 0
+    try:
+        model.eval()
+        for bn in layers:
+            bn.reset_running_stats()
+            bn.momentum = None
+            bn.train()
+        with torch.no_grad():
+            for batch in batches:
+                if max_batches is not None and n >= max_batches:
+                    break
+                x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                model(x)
+                n += 1
+        if n == 0:
+            raise ValueError("precise_bn expected at least one batch, got an empty iterable")
+    except BaseException:
+        with torch.no_grad():
+            for bn, state in zip(layers, saved_state):
+                for k, v in state.items():
+                    getattr(bn, k).copy_(v)
+        raise
+    finally:
+        for bn, mom in zip(layers, saved_momentum):
+            bn.momentum = mom
+        for m, mode in saved_modes:
+            m.training = mode
+    return model

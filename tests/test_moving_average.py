@@ -1,0 +1,274 @@
+"""bnlib.moving_average against closed forms and torch.nn.BatchNorm's own running statistics.
+
+Truths: the unrolled EMA (a geometric sum), the cumulative mean
+(``np.cumsum / t``), torch.nn.BatchNorm1d's ``running_mean`` / ``running_var``
+after the same batches, and ``torch.optim.swa_utils.update_bn`` (torch's own
+recomputation of BN statistics with ``momentum=None``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import bnlib.nn
+from bnlib import moving_average as ma
+
+# Closed forms vs a float64 loop of at most a few hundred steps: rounding
+# errors of ~T ulps, so 1e-12 is wide and still catches any wrong factor.
+F64 = dict(rtol=1e-12, atol=1e-12)
+# torch's float32 buffers vs our float64 recursion: float32 rounding (~1e-7
+# relative per step, a few hundred steps at most, values of order 1-10).
+F32 = dict(rtol=1e-5, atol=1e-5)
+
+
+# --- conventions -------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "value, source, target, expected",
+    [
+        (0.1, "torch", "lecture", 0.9),
+        (0.1, "torch", "keras", 0.9),
+        (0.99, "keras", "torch", 0.01),
+        (0.9, "lecture", "torch", 0.1),
+        (0.99, "keras", "lecture", 0.99),   # the lecture's p and Keras' momentum are the same number
+        (0.3, "pytorch", "tf", 0.7),        # aliases
+        (None, "torch", "torch", None),
+    ],
+)
+def test_convert_momentum(value, source, target, expected):
+    got = ma.convert_momentum(value, source, target)
+    if expected is None:
+        assert got is None
+    else:
+        assert got == pytest.approx(expected, abs=1e-15)
+
+
+@pytest.mark.parametrize("conv", ["torch", "lecture", "keras"])
+def test_round_trip(conv):
+    for v in [0.0, 0.01, 0.1, 0.5, 0.99, 1.0]:
+        assert ma.from_torch_momentum(ma.to_torch_momentum(v, conv), conv) == pytest.approx(v, abs=1e-15)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: ma.to_torch_momentum(0.1, "caffe"), "convention must be one of"),
+        (lambda: ma.to_torch_momentum(1.5, "torch"), r"in \[0, 1\], got 1.5"),
+        (lambda: ma.to_torch_momentum(-0.1, "keras"), r"in \[0, 1\]"),
+        (lambda: ma.to_torch_momentum(True, "torch"), r"in \[0, 1\]"),
+        (lambda: ma.to_torch_momentum(None, "keras"), "only in the 'torch' convention"),
+        (lambda: ma.from_torch_momentum(None, "lecture"), "no 'lecture' equivalent"),
+        (lambda: ma.effective_window(None), "not momentum=None"),
+        (lambda: ma.steps_to_forget(0.1, tol=0), r"tol must be a number in \(0, 1\)"),
+        (lambda: ma.ema_weights(-1, 0.1), "t must be an integer >= 0"),
+        (lambda: ma.ema_trace([], 0.1), r"shape \(T,\) or \(T, C\)"),
+        (lambda: ma.ema_trace(np.zeros((2, 2, 2)), 0.1), r"shape \(T,\) or \(T, C\)"),
+        (lambda: ma.debias([1.0], 0.0), "nothing to debias"),
+    ],
+)
+def test_bad_input(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_window_and_forgetting_closed_forms():
+    assert ma.effective_window(0.1) == pytest.approx(10.0)
+    assert ma.effective_window(0.99, "keras") == pytest.approx(100.0)
+    assert ma.effective_window(0.0) == math.inf
+    # smallest t with (1 - a)^t < tol, checked by brute force
+    for a in [0.5, 0.1, 0.01, 0.003]:
+        for tol in [0.5, 0.01, 1e-4]:
+            t = ma.steps_to_forget(a, tol)
+            assert (1 - a) ** t < tol <= (1 - a) ** (t - 1)
+    assert ma.steps_to_forget(0.1) == 44   # ln(0.01) / ln(0.9) = 43.7
+    assert ma.steps_to_forget(1.0) == 1
+    assert ma.steps_to_forget(0.0) == math.inf
+
+
+# --- the EMA itself ----------------------------------------------------------
+
+def test_constant_input_closed_form():
+    # From init 0, a constant c gives c * (1 - (1 - a)^t).
+    a, c, T = 0.1, 3.0, 60
+    t = np.arange(1, T + 1)
+    np.testing.assert_allclose(ma.ema_trace(np.full(T, c), a), c * (1 - (1 - a) ** t), **F64)
+    # ... and from init 1 (the variance's start): c + (1 - c)(1 - a)^t
+    np.testing.assert_allclose(ma.ema_trace(np.full(T, c), a, init=1.0), c + (1 - c) * (1 - a) ** t, **F64)
+
+
+@pytest.mark.parametrize("momentum", [0.5, 0.1, 0.013, None])
+def test_trace_equals_unrolled_weights(momentum):
+    rng = np.random.default_rng(1)
+    v = rng.normal(size=(40, 3))
+    init = np.array([0.0, 1.0, -2.0])
+    trace = ma.ema_trace(v, momentum, init=init)
+    for t in [1, 2, 17, 40]:
+        w = ma.ema_weights(t, momentum)
+        assert w.sum() == pytest.approx(1.0, abs=1e-12)
+        expected = w[0] * init + w[1:] @ v[:t]
+        np.testing.assert_allclose(trace[t - 1], expected, **F64)
+
+
+def test_cumulative_average():
+    v = np.random.default_rng(2).normal(size=50)
+    np.testing.assert_allclose(ma.ema_trace(v, None, init=123.0), np.cumsum(v) / np.arange(1, 51), **F64)
+
+
+def test_conventions_give_the_same_trace():
+    v = np.random.default_rng(3).normal(size=30)
+    ref = ma.ema_trace(v, 0.1, "torch")
+    np.testing.assert_allclose(ma.ema_trace(v, 0.9, "lecture"), ref, **F64)
+    np.testing.assert_allclose(ma.ema_trace(v, 0.9, "keras"), ref, **F64)
+
+
+def test_debias_removes_the_start_value():
+    # A constant stream is recovered exactly at every step, whatever the start.
+    a, c = 0.01, -2.5
+    for init in [0.0, 1.0]:
+        trace = ma.ema_trace(np.full(25, c), a, init=init)
+        np.testing.assert_allclose(ma.debias(trace, a, init=init), np.full(25, c), **F64)
+    # For any stream: the debiased value is the batch weights renormalized.
+    v = np.random.default_rng(4).normal(size=(20, 2))
+    tr = ma.debias(ma.ema_trace(v, 0.2, init=1.0), 0.2, init=1.0)
+    w = ma.ema_weights(20, 0.2)[1:]
+    np.testing.assert_allclose(tr[-1], (w / w.sum()) @ v, **F64)
+
+
+def test_effective_window_is_mean_age_plus_one():
+    # weights a (1-a)^j for age j: mean age (1-a)/a, so 1 + mean age = 1/a
+    a = 0.05
+    w = ma.ema_weights(5000, a)[1:][::-1]  # index = age
+    mean_age = (w * np.arange(w.size)).sum() / w.sum()
+    assert 1 + mean_age == pytest.approx(ma.effective_window(a), rel=1e-9)
+
+
+# --- against torch's own BatchNorm ------------------------------------------
+
+@pytest.mark.parametrize("momentum", [0.1, 0.3, None])
+@pytest.mark.parametrize("cls", [nn.BatchNorm1d, bnlib.nn.BatchNorm1d])
+def test_trace_matches_batchnorm_running_stats(momentum, cls):
+    g = torch.Generator().manual_seed(0)
+    m, C, T = 8, 3, 30
+    bn = cls(C, momentum=momentum)
+    means, uvars, rm, rv = [], [], [], []
+    for t in range(T):
+        x = 2.0 + t * 0.05 + torch.randn(m, C, generator=g) * 1.5
+        bn(x)
+        xd = x.double()
+        means.append(xd.mean(0).numpy())
+        uvars.append(xd.var(0, unbiased=True).numpy())   # m / (m - 1) times the biased one
+        rm.append(bn.running_mean.double().numpy().copy())
+        rv.append(bn.running_var.double().numpy().copy())
+    np.testing.assert_allclose(ma.ema_trace(means, momentum, init=0.0), rm, **F32)
+    np.testing.assert_allclose(ma.ema_trace(uvars, momentum, init=1.0), rv, **F32)
+
+
+# --- precise BN --------------------------------------------------------------
+
+def _mlp(bn_cls, seed=0, dropout=0.0):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(5, 7), bn_cls(7), nn.ReLU(), nn.Dropout(dropout),
+        nn.Linear(7, 4), bn_cls(4), nn.Tanh(), nn.Linear(4, 2),
+    )
+
+
+def _batches(n=6, m=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(3.0 + 2.0 * torch.randn(m, 5, generator=g), torch.zeros(m)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("cls", [nn.BatchNorm1d, bnlib.nn.BatchNorm1d])
+def test_precise_bn_equals_torch_update_bn(cls):
+    from torch.optim.swa_utils import update_bn
+
+    # update_bn only knows torch's BN classes: the truth is always a torch twin
+    # (bnlib's modules are drop-ins, so the state dict loads across).
+    ours, theirs = _mlp(cls), _mlp(nn.BatchNorm1d)
+    theirs.load_state_dict(ours.state_dict())
+    for model in (ours, theirs):           # some stale EMA state to overwrite
+        model.train()
+        model(torch.randn(8, 5) * 10)
+        model.eval()
+    batches = _batches()
+    ma.precise_bn(ours, batches)
+    update_bn([b[0] for b in batches], theirs)
+    for a, b in zip(ma.running_stat_layers(ours), ma.running_stat_layers(theirs)):
+        torch.testing.assert_close(a.running_mean, b.running_mean, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(a.running_var, b.running_var, rtol=1e-6, atol=1e-6)
+        assert int(a.num_batches_tracked) == len(batches)
+        assert a.momentum == 0.1             # restored
+    assert not ours.training and not any(m.training for m in ours.modules())
+
+
+def test_precise_bn_first_layer_closed_form():
+    # Layer 1 sees x W^T + b: its running stats are the mean over batches of the
+    # batch means and of the unbiased batch variances (float64 throughout).
+    model = _mlp(bnlib.nn.BatchNorm1d).double()
+    batches = [b.double() for b, _ in _batches(n=5, m=10)]
+    ma.precise_bn(model, batches)
+    with torch.no_grad():
+        z = [model[0](b) for b in batches]
+    mean = torch.stack([zi.mean(0) for zi in z]).mean(0)
+    var = torch.stack([zi.var(0, unbiased=True) for zi in z]).mean(0)
+    torch.testing.assert_close(model[1].running_mean, mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(model[1].running_var, var, rtol=1e-12, atol=1e-12)
+
+
+def test_precise_bn_restores_modes_and_switches_dropout_off():
+    model = _mlp(nn.BatchNorm1d, dropout=0.9)
+    model.train()
+    model[3].eval()                              # a mixed state to restore exactly
+    modes = [m.training for m in model.modules()]
+    no_dropout = _mlp(nn.BatchNorm1d, dropout=0.0)
+    no_dropout.load_state_dict(model.state_dict())
+    ma.precise_bn(model, _batches())
+    ma.precise_bn(no_dropout, _batches())
+    assert [m.training for m in model.modules()] == modes
+    # Dropout was in eval mode during the pass: layer 2 saw the same inputs as without dropout.
+    torch.testing.assert_close(model[5].running_mean, no_dropout[5].running_mean)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_precise_bn_max_batches_and_generators():
+    model = _mlp(nn.BatchNorm1d)
+    batches = _batches(n=6)
+    ma.precise_bn(model, (b for b in batches), max_batches=2)
+    ref = _mlp(nn.BatchNorm1d)
+    ma.precise_bn(ref, batches[:2])
+    assert int(model[1].num_batches_tracked) == 2
+    torch.testing.assert_close(model[1].running_var, ref[1].running_var)
+
+
+def test_precise_bn_bad_input_changes_nothing():
+    model = _mlp(nn.BatchNorm1d)
+    model.train()
+    model(torch.randn(8, 5))
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="at least one batch"):
+        ma.precise_bn(model, [])
+    with pytest.raises(ValueError, match="max_batches"):
+        ma.precise_bn(model, _batches(), max_batches=0)
+    with pytest.raises(RuntimeError):            # wrong width: torch's Linear fails midway
+        ma.precise_bn(model, [torch.randn(4, 5), torch.randn(4, 9)])
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    assert model[1].momentum == 0.1 and not model.training
+    with pytest.raises(ValueError, match="at least one BN layer"):
+        ma.precise_bn(nn.Sequential(nn.Linear(2, 2)), [torch.randn(3, 2)])
+    with pytest.raises(ValueError, match="at least one BN layer"):
+        ma.precise_bn(nn.Sequential(nn.BatchNorm1d(2, track_running_stats=False)), [torch.randn(3, 2)])
+
+
+def test_conversion_table_text():
+    text = ma.conversion_table((0.1, 0.01))
+    lines = text.splitlines()
+    assert len(lines) == 3
+    assert lines[1].split() == ["0.1", "0.9", "0.9", "10", "44"]
+    assert lines[2].split() == ["0.01", "0.99", "0.99", "100", "459"]
