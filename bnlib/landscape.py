@@ -1,0 +1,536 @@
+r"""Why BN works: noisy BN, internal covariate shift as gradient change, smoothness, scale invariance.
+
+The chapter "Why does BN work?" uses these tools to repeat, at small scale,
+the measurements of Santurkar, Tsipras, Ilyas and Madry (2018), *How does
+batch normalization help optimization?*, and to check the scale invariance
+of BN numerically.
+
+- :class:`NoisyBatchNorm1d`: BN followed by noise whose mean and variance
+  change at every training step (their section 2.1), so that the
+  distribution of every layer's input keeps shifting on purpose.
+- :func:`ics_gradient_change`: internal covariate shift as they define it
+  (their section 2.2): for layer ``i`` with weight ``W_i``, the gradient
+  ``G`` of the loss at the current parameters, and the gradient ``G'`` after
+  the *earlier* layers ``1 .. i-1`` (and only those) took their SGD step on
+  the same batch,
+
+  .. math::
+
+      G  = \nabla_{W_i} L(W_1, \dots, W_{i-1}, W_i, \dots, W_k; x, y), \qquad
+      G' = \nabla_{W_i} L(W_1', \dots, W_{i-1}', W_i, \dots, W_k; x, y),
+
+  with :math:`W_j' = W_j - \text{lr}\, \nabla_{W_j} L` and the result
+  :math:`\lVert G - G' \rVert_2` and :math:`\cos(G, G')`.
+- :func:`loss_landscape_along_gradient`: the loss and the gradient at
+  ``w - eta * g`` for a range of step sizes ``eta`` (their section 3.1,
+  Figure 4): "variation of the loss", "gradient predictiveness"
+  :math:`\lVert g(w - \eta g) - g(w) \rVert` and the effective
+  :math:`\beta`-smoothness
+  :math:`\max_{\eta > 0} \lVert g(w - \eta g) - g(w) \rVert / \lVert \eta g \rVert`.
+- Scale invariance: :func:`linear_bn`, :func:`scale_invariance`,
+  :func:`weight_norms`, :func:`effective_lr` and the training callback
+  :class:`WeightNorms`.
+- :class:`Probe`: a training callback that evaluates named measurements
+  every few steps.
+
+Every measurement leaves the model as it found it: parameters, buffers
+(running statistics, ``num_batches_tracked``, the noise counter) and the
+train/eval mode are restored; only ``.grad`` is cleared.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bnlib import functional as bnF
+from bnlib.nn import BatchNorm1d
+
+__all__ = [
+    "NoisyBatchNorm1d",
+    "GradientChange",
+    "ics_gradient_change",
+    "Landscape",
+    "loss_landscape_along_gradient",
+    "linear_bn",
+    "ScaleCheck",
+    "scale_invariance",
+    "weight_norms",
+    "effective_lr",
+    "WeightNorms",
+    "Probe",
+]
+
+_LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+# --------------------------------------------------------------------------
+# Noisy BN
+# --------------------------------------------------------------------------
+
+
+class NoisyBatchNorm1d(BatchNorm1d):
+    r"""BN followed by time-varying noise with non-zero mean and non-unit variance.
+
+    In training mode, at training step ``t`` (one call of ``forward``), every
+    unit ``j`` gets its own scale and shift, drawn afresh at every step:
+
+    .. math::
+
+        s_j^{(t)} \sim \mathcal U(1, n_\sigma), \qquad
+        m_j^{(t)} \sim \mathcal U(-n_\mu, n_\mu), \qquad
+        \text{out}_{ij} = s_j^{(t)}\, y_{ij} + m_j^{(t)},
+
+    where ``y = gamma * x_hat + beta`` is the output of ordinary batch norm
+    (``bnlib.nn.BatchNorm1d``) for sample ``i``. So at every step each unit's
+    output has, over the batch, the mean :math:`s_j \beta_j + m_j` and the
+    standard deviation :math:`s_j |\gamma_j|` instead of :math:`\beta_j`
+    and :math:`|\gamma_j|`: a distribution with a non-zero mean and a
+    non-unit variance that changes from step to step, which is the
+    perturbation of Santurkar et al. (2018, section 2.1). The uniform
+    ranges follow our reading of their appendix; the defaults
+    ``n_mu = 1``, ``n_sigma = 2`` are ours.
+
+    ``n_mu = 0`` and ``n_sigma = 1`` give no noise: the layer is exactly
+    ``BatchNorm1d``. In eval mode the noise is replaced by its expectation,
+    as dropout is at inference: ``out = E[s] * y + E[m] = (1 + n_sigma) / 2 * y``
+    (with ``y`` from the running statistics, as in plain BN), so the layer
+    above sees at test time the scale it saw on average during training.
+
+    The noise of step ``t`` is a function of ``(seed, t)`` alone (a fresh
+    ``torch.Generator`` seeded from both), where ``t`` is the buffer
+    ``noise_step`` that every training-mode forward increments. A measurement
+    that saves and restores the buffers (``recorders.probe``, the functions of
+    this module) therefore sees the noise of the next training step and does
+    not change the noise that training will see. ``seed=None`` draws the seed
+    from torch's global generator at construction (so
+    ``models.make_mlp(..., seed=s)`` is reproducible).
+
+    Shapes: input ``(N, C)`` or ``(N, C, L)``, output the same.
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 device=None, dtype=None, *, bias=True, n_mu: float = 1.0, n_sigma: float = 2.0,
+                 seed: int | None = None):
+        if not (isinstance(n_mu, (int, float)) and math.isfinite(n_mu) and n_mu >= 0):
+            raise ValueError(f"n_mu must be a finite number >= 0, got {n_mu!r}")
+        if not (isinstance(n_sigma, (int, float)) and math.isfinite(n_sigma) and n_sigma >= 1):
+            raise ValueError(f"n_sigma must be a finite number >= 1, got {n_sigma!r}")
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        self.n_mu = float(n_mu)
+        self.n_sigma = float(n_sigma)
+        if seed is None:
+            seed = int(torch.randint(0, 2**31 - 1, (1,)))
+        self.seed = int(seed)
+        self.register_buffer("noise_step", torch.tensor(0, dtype=torch.long, device=device), persistent=False)
+
+    def noise(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scale, shift)`` of training step ``step``, each of shape ``(num_features,)``, float64 on the CPU."""
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + int(step)) % (2**63 - 1))
+        u = torch.rand(2, self.num_features, generator=g, dtype=torch.float64)
+        scale = 1.0 + (self.n_sigma - 1.0) * u[0]
+        shift = self.n_mu * (2.0 * u[1] - 1.0)
+        return scale, shift
+
+    def forward(self, input):
+        y = super().forward(input)  # checks the input before any state changes
+        if not self.training:
+            return y * ((1.0 + self.n_sigma) / 2.0)
+        self.noise_step.add_(1)
+        scale, shift = self.noise(int(self.noise_step))
+        shape = (1, -1) + (1,) * (y.dim() - 2)
+        scale = scale.to(device=y.device, dtype=y.dtype).view(shape)
+        shift = shift.to(device=y.device, dtype=y.dtype).view(shape)
+        return y * scale + shift
+
+    def extra_repr(self):
+        return super().extra_repr() + f", n_mu={self.n_mu}, n_sigma={self.n_sigma}, seed={self.seed}"
+
+
+# --------------------------------------------------------------------------
+# Leaving the model as it was
+# --------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _preserved(model: nn.Module, train: bool = True) -> Iterator[None]:
+    """Run a block in ``train`` mode, then restore parameters, buffers and mode; clear ``.grad``."""
+    was_training = model.training
+    params = [p.detach().clone() for p in model.parameters()]
+    buffers = [b.detach().clone() for b in model.buffers()]
+    try:
+        model.train(train)
+        yield
+    finally:
+        with torch.no_grad():
+            for p, s in zip(model.parameters(), params):
+                p.copy_(s)
+            for b, s in zip(model.buffers(), buffers):
+                b.copy_(s)
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+
+
+def _restore_buffers(model: nn.Module, saved: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for b, s in zip(model.buffers(), saved):
+            b.copy_(s)
+
+
+def _check_xy(x: torch.Tensor, y: torch.Tensor) -> None:
+    if x.ndim < 2 or x.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"x must be (N, ...) with N >= 1 and y (N, ...) with the same N, got shapes "
+            f"{tuple(x.shape)} and {tuple(y.shape)}"
+        )
+
+
+def _grads(model: nn.Module, x, y, loss_fn: _LossFn) -> tuple[float, list[torch.Tensor]]:
+    """Loss and the gradient of every parameter (zeros for a parameter the loss does not reach)."""
+    model.zero_grad(set_to_none=True)
+    loss = loss_fn(model(x), y)
+    loss.backward()
+    grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+    return float(loss.detach()), grads
+
+
+# --------------------------------------------------------------------------
+# Internal covariate shift as a change of gradients
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class GradientChange:
+    """Per-layer result of :func:`ics_gradient_change`; arrays of shape ``(n_layers,)``.
+
+    ``l2``: :math:`\\lVert G - G' \\rVert_2`; ``cosine``: :math:`\\cos(G, G')`
+    (1 when nothing changed); ``grad_norm``: :math:`\\lVert G \\rVert_2`.
+    """
+
+    names: list[str]
+    l2: np.ndarray
+    cosine: np.ndarray
+    grad_norm: np.ndarray
+
+    @property
+    def relative(self) -> np.ndarray:
+        """:math:`\\lVert G - G' \\rVert / \\lVert G \\rVert`, per layer."""
+        return self.l2 / self.grad_norm
+
+
+def ics_gradient_change(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    lr: float,
+    layers: Sequence[str] | None = None,
+    loss_fn: _LossFn = F.cross_entropy,
+) -> GradientChange:
+    r"""Internal covariate shift of Santurkar et al. (2018): how much a layer's gradient changes when the layers before it take their step.
+
+    For each layer ``i`` named in ``layers`` (the names of ``model``'s
+    children; default: every ``nn.Linear`` child in order, e.g. ``fc1, ...,
+    out``), with ``W_i = layer.weight``:
+
+    1. ``G = dL/dW_i`` of ``loss_fn(model(x), y)`` at the current parameters;
+    2. every parameter of the children *before* layer ``i`` takes one plain
+       SGD step with the gradient of step 1, ``p <- p - lr * dL/dp``
+       (layers ``i`` and later keep their values);
+    3. ``G' = dL/dW_i`` on the same ``(x, y)``; then everything is restored.
+
+    The model runs in training mode (BN uses the statistics of the batch
+    ``x``); every forward pass starts from the same buffers, so a
+    :class:`NoisyBatchNorm1d` uses the same noise for ``G`` and ``G'``. For
+    the first layer there is nothing before it: ``G' = G``.
+
+    ``x``: ``(N, ...)``, ``y``: targets for ``loss_fn``, ``lr >= 0``.
+    Returns a :class:`GradientChange`. The model is left as it was (only
+    ``.grad`` is cleared).
+    """
+    _check_xy(x, y)
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
+        raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
+    children = list(model.named_children())
+    order = {name: k for k, (name, _) in enumerate(children)}
+    if layers is None:
+        layers = [name for name, m in children if isinstance(m, nn.Linear)]
+    for name in layers:
+        if name not in order or getattr(children[order[name]][1], "weight", None) is None:
+            raise ValueError(f"layers must name children of the model with a weight, got {name!r}; "
+                             f"children are {list(order)}")
+    if not layers:
+        raise ValueError("the model has no nn.Linear child; name the layers to measure")
+    param_index = {id(p): k for k, p in enumerate(model.parameters())}
+    l2, cos, norms = [], [], []
+    with _preserved(model, train=True):
+        buffers = [b.detach().clone() for b in model.buffers()]
+        params = list(model.parameters())
+        start = [p.detach().clone() for p in params]
+        _, grads = _grads(model, x, y, loss_fn)
+        for name in layers:
+            layer = children[order[name]][1]
+            k_w = param_index[id(layer.weight)]
+            earlier = {id(p) for _, m in children[: order[name]] for p in m.parameters()}
+            with torch.no_grad():
+                for p, g in zip(params, grads):
+                    if id(p) in earlier:
+                        p.sub_(lr * g)
+            _restore_buffers(model, buffers)
+            _, grads_after = _grads(model, x, y, loss_fn)
+            g0, g1 = grads[k_w].double().flatten(), grads_after[k_w].double().flatten()
+            l2.append(float((g0 - g1).norm()))
+            norms.append(float(g0.norm()))
+            denom = float(g0.norm() * g1.norm())
+            cos.append(float(g0 @ g1) / denom if denom > 0 else float("nan"))
+            with torch.no_grad():
+                for p, s in zip(params, start):
+                    p.copy_(s)
+            _restore_buffers(model, buffers)
+    return GradientChange(list(layers), np.array(l2), np.array(cos), np.array(norms))
+
+
+# --------------------------------------------------------------------------
+# Smoothness along the gradient
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class Landscape:
+    r"""Result of :func:`loss_landscape_along_gradient`; arrays of shape ``(n_steps,)``.
+
+    - ``step_sizes``: the ``eta`` values;
+    - ``loss``: :math:`L(w - \eta g)`; ``loss0``: :math:`L(w)`;
+    - ``grad_change``: :math:`\lVert g(w - \eta g) - g(w) \rVert_2`, the
+      "gradient predictiveness" (small means the gradient at ``w`` predicts
+      the gradient after the step);
+    - ``grad_norm``: :math:`\lVert g(w) \rVert_2`.
+    """
+
+    step_sizes: np.ndarray
+    loss: np.ndarray
+    grad_change: np.ndarray
+    loss0: float
+    grad_norm: float
+
+    @property
+    def loss_range(self) -> tuple[float, float]:
+        """``(min, max)`` of the loss over the step sizes: the "variation of the loss"."""
+        return float(self.loss.min()), float(self.loss.max())
+
+    @property
+    def beta(self) -> float:
+        r"""Effective :math:`\beta`-smoothness :math:`\max_{\eta > 0} \lVert g(w - \eta g) - g(w) \rVert / (\eta \lVert g \rVert)`.
+
+        For a quadratic loss with Hessian ``H`` this is :math:`\lVert H g \rVert / \lVert g \rVert`
+        for every ``eta``: at most the largest eigenvalue of ``H``, equal to it
+        when ``g`` is a top eigenvector. NaN when ``g = 0`` or no ``eta > 0``.
+        """
+        pos = self.step_sizes > 0
+        if not pos.any() or self.grad_norm == 0:
+            return float("nan")
+        return float(np.max(self.grad_change[pos] / (self.step_sizes[pos] * self.grad_norm)))
+
+
+def loss_landscape_along_gradient(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    step_sizes: Sequence[float],
+    loss_fn: _LossFn = F.cross_entropy,
+) -> Landscape:
+    r"""The loss and the gradient at ``w - eta * g`` for every ``eta`` in ``step_sizes``.
+
+    ``w`` is the vector of all the model's parameters, ``g`` the gradient of
+    ``loss_fn(model(x), y)`` at ``w``, both in training mode (BN uses the
+    statistics of ``x``). For each ``eta >= 0``, the parameters are moved to
+    ``w - eta g`` and the loss and the gradient there are computed on the
+    same batch; every forward pass starts from the same buffers. See
+    :class:`Landscape` for what is returned. The model is left as it was
+    (only ``.grad`` is cleared).
+    """
+    _check_xy(x, y)
+    etas = np.asarray(step_sizes, dtype=np.float64).ravel()
+    if etas.size == 0 or not np.all(np.isfinite(etas)) or np.any(etas < 0):
+        raise ValueError(f"step_sizes must be a non-empty sequence of finite numbers >= 0, got {step_sizes!r}")
+    losses, changes = [], []
+    with _preserved(model, train=True):
+        buffers = [b.detach().clone() for b in model.buffers()]
+        params = list(model.parameters())
+        start = [p.detach().clone() for p in params]
+        loss0, g = _grads(model, x, y, loss_fn)
+        g_flat = torch.cat([t.double().flatten() for t in g])
+        for eta in etas:
+            with torch.no_grad():
+                for p, s, gp in zip(params, start, g):
+                    p.copy_(s - float(eta) * gp)
+            _restore_buffers(model, buffers)
+            loss, g_eta = _grads(model, x, y, loss_fn)
+            losses.append(loss)
+            changes.append(float((torch.cat([t.double().flatten() for t in g_eta]) - g_flat).norm()))
+    return Landscape(etas, np.array(losses), np.array(changes), loss0, float(g_flat.norm()))
+
+
+# --------------------------------------------------------------------------
+# Scale invariance
+# --------------------------------------------------------------------------
+
+
+def linear_bn(x: torch.Tensor, W: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    r"""``BN(x W^T)`` in training mode with ``gamma = 1``, ``beta = 0``: ``x`` ``(N, d)``, ``W`` ``(C, d)`` -> ``(N, C)``.
+
+    Uses :func:`bnlib.functional.batch_norm` (no running statistics).
+    """
+    return bnF.batch_norm(x @ W.T, None, None, training=True, eps=eps)
+
+
+@dataclass
+class ScaleCheck:
+    r"""Result of :func:`scale_invariance` for one factor ``a``.
+
+    - ``output_diff``: :math:`\max |\mathrm{BN}(x (aW)^T) - \mathrm{BN}(x W^T)|`;
+    - ``grad_ratio``: :math:`\lVert \nabla L(W) \rVert / \lVert \nabla L(aW) \rVert` (``a`` in theory);
+    - ``grad_cosine``: the cosine between the two gradients (1 in theory);
+    - ``grad_dot_w``: :math:`\langle \nabla L(aW), aW \rangle / (\lVert \nabla L(aW) \rVert \lVert aW \rVert)`
+      (0 in theory: the gradient is orthogonal to the weights).
+    """
+
+    a: float
+    output_diff: float
+    grad_ratio: float
+    grad_cosine: float
+    grad_dot_w: float
+
+
+def _default_loss(out: torch.Tensor) -> torch.Tensor:
+    """A fixed smooth loss of BN's output: ``sum(sin(out))`` (any loss that is not constant would do)."""
+    return out.sin().sum()
+
+
+def scale_invariance(
+    x: torch.Tensor,
+    W: torch.Tensor,
+    a: float,
+    loss: Callable[[torch.Tensor], torch.Tensor] = _default_loss,
+    eps: float = 1e-5,
+) -> ScaleCheck:
+    r"""Check :math:`\mathrm{BN}(aWx) = \mathrm{BN}(Wx)` and :math:`\nabla L(aW) = \nabla L(W) / a` for one ``a > 0``.
+
+    With :math:`z = x W^T`, multiplying ``W`` by ``a`` multiplies the batch
+    mean by ``a`` and the variance by :math:`a^2`, so
+    :math:`(az - a\mu)/\sqrt{a^2 \mathrm{var} + \epsilon} = (z - \mu)/\sqrt{\mathrm{var} + \epsilon/a^2}`:
+    the same up to ``eps``. Differentiating :math:`L(aW) = L(W)` with respect
+    to ``W`` gives :math:`a \nabla L(aW) = \nabla L(W)`. ``loss`` maps BN's
+    output to a scalar. Shapes as in :func:`linear_bn`.
+    """
+    if not (isinstance(a, (int, float)) and math.isfinite(a) and a > 0):
+        raise ValueError(f"a must be a finite number > 0, got {a!r}")
+    W1 = W.detach().clone().requires_grad_(True)
+    Wa = (a * W.detach()).clone().requires_grad_(True)
+    out1, outa = linear_bn(x, W1, eps), linear_bn(x, Wa, eps)
+    g1 = torch.autograd.grad(loss(out1), W1)[0].double().flatten()
+    ga = torch.autograd.grad(loss(outa), Wa)[0].double().flatten()
+    wa = Wa.detach().double().flatten()
+    return ScaleCheck(
+        a=float(a),
+        output_diff=float((out1 - outa).detach().abs().max()),
+        grad_ratio=float(g1.norm() / ga.norm()),
+        grad_cosine=float(g1 @ ga / (g1.norm() * ga.norm())),
+        grad_dot_w=float(ga @ wa / (ga.norm() * wa.norm())),
+    )
+
+
+def weight_norms(model: nn.Module, kind: str = "fc") -> np.ndarray:
+    """Frobenius norms :math:`\\lVert W^{[l]} \\rVert` of the hidden layers of ``models.get_layers(model, kind)``, shape ``(n_layers,)``."""
+    from bnlib.models import get_layers
+
+    return np.array([float(m.weight.detach().double().norm()) for m in get_layers(model, kind)])
+
+
+def effective_lr(model: nn.Module, lr: float, kind: str = "fc") -> np.ndarray:
+    r"""The effective learning rate :math:`\text{lr} / \lVert W^{[l]} \rVert^2` of every hidden layer, shape ``(n_layers,)``.
+
+    For weights that feed BN the loss depends only on the direction
+    :math:`\hat W = W / \lVert W \rVert`, and an SGD step of size ``lr`` moves
+    that direction as a step of size :math:`\text{lr} / \lVert W \rVert^2`
+    would move a weight of norm 1 (van Laarhoven 2017; Hoffer et al. 2018).
+    """
+    return lr / weight_norms(model, kind) ** 2
+
+
+class WeightNorms:
+    r"""Training callback: the norm of each hidden layer's weights, and how far its direction turns.
+
+    ``WeightNorms(every=1)`` called as ``rec(step, model)`` stores, every
+    ``every`` steps, ``steps`` (list), ``norms`` (list of ``(n_layers,)``
+    arrays, :func:`weight_norms`) and ``angles``: the angle in radians
+    between :math:`W^{[l]}` now and at the previous record (NaN at the first
+    record), the step the direction :math:`W / \lVert W \rVert` actually took.
+    Use ``np.array(rec.norms)``, shape ``(n_records, n_layers)``.
+    """
+
+    def __init__(self, every: int = 1, kind: str = "fc"):
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        self.every = every
+        self.kind = kind
+        self.steps: list[int] = []
+        self.norms: list[np.ndarray] = []
+        self.angles: list[np.ndarray] = []
+        self._last: list[torch.Tensor] | None = None
+
+    def __call__(self, step: int, model: nn.Module) -> None:
+        if step % self.every:
+            return
+        from bnlib.models import get_layers
+
+        ws = [m.weight.detach().double().flatten().clone() for m in get_layers(model, self.kind)]
+        if self._last is None:
+            angles = np.full(len(ws), np.nan)
+        else:
+            angles = np.array([
+                math.acos(max(-1.0, min(1.0, float(a @ b / (a.norm() * b.norm())))))
+                for a, b in zip(self._last, ws)
+            ])
+        self._last = ws
+        self.steps.append(step)
+        self.norms.append(np.array([float(w.norm()) for w in ws]))
+        self.angles.append(angles)
+
+
+# --------------------------------------------------------------------------
+# Measuring during training
+# --------------------------------------------------------------------------
+
+
+class Probe:
+    """Training callback that evaluates named measurements every ``every`` steps.
+
+    ``Probe(every=20, acc=lambda m: ..., ics=lambda m: ...)`` called as
+    ``probe(step, model)`` appends ``step`` to ``probe.steps`` and
+    ``fn(model)`` to ``probe.values[name]`` for each measurement. The
+    measurements must leave the model as they found it (those of this
+    module do), or they change training.
+    """
+
+    def __init__(self, every: int = 1, **measurements: Callable[[nn.Module], object]):
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        if not measurements:
+            raise ValueError("give at least one measurement, e.g. Probe(10, loss=fn)")
+        self.every = every
+        self.measurements = measurements
+        self.steps: list[int] = []
+        self.values: dict[str, list] = {name: [] for name in measurements}
+
+    def __call__(self, step: int, model: nn.Module) -> None:
+        if step % self.every:
+            return
+        self.steps.append(step)
+        for name, fn in self.measurements.items():
+            self.values[name].append(fn(model))

@@ -1,0 +1,356 @@
+"""bnlib.landscape: noisy BN, ICS as gradient change, smoothness along the gradient, scale invariance.
+
+Truths: torch's own batch norm (``torch.nn.BatchNorm1d``,
+``torch.nn.functional.batch_norm``), the same measurement written out by
+hand with ``copy.deepcopy`` and autograd, the closed forms of a quadratic
+loss (its gradient, Hessian and largest eigenvalue), and the closed form of
+BN of a scaled input, ``(z - mu) / sqrt(var + eps / a^2)``.
+
+Everything runs in float64 unless said otherwise, so tolerances of 1e-9 to
+1e-12 leave room for a different order of summation only.
+"""
+
+import copy
+import functools
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bnlib.nn
+from bnlib import landscape, models, training
+
+F64 = torch.float64
+
+
+def _data(n=32, d=6, k=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=F64)
+    y = torch.randint(0, k, (n,), generator=g)
+    return x, y
+
+
+def _mlp(norm, seed=0, **noise):
+    kw = {}
+    if norm == "bn":
+        kw["norm"] = "bn"
+    elif norm == "noisy":
+        kw["norm_layer"] = functools.partial(landscape.NoisyBatchNorm1d, **noise)
+    return models.make_mlp(6, 5, 3, depth=3, activation="tanh", seed=seed, **kw).double()
+
+
+def _state(model):
+    return [t.detach().clone() for t in list(model.parameters()) + list(model.buffers())]
+
+
+def _same_state(a, b):
+    return len(a) == len(b) and all(torch.equal(s, t) for s, t in zip(a, b))
+
+
+# --------------------------------------------------------------------------
+# NoisyBatchNorm1d
+# --------------------------------------------------------------------------
+
+
+def test_noisy_bn_without_noise_is_bn():
+    # n_mu = 0, n_sigma = 1: scale 1 and shift 0 exactly, so the same float64
+    # ops as torch's BN up to summation order (1e-12).
+    torch.manual_seed(0)
+    noisy = landscape.NoisyBatchNorm1d(4, n_mu=0.0, n_sigma=1.0, dtype=F64)
+    ref = torch.nn.BatchNorm1d(4, dtype=F64)
+    with torch.no_grad():
+        for m in (noisy, ref):
+            m.weight.copy_(torch.tensor([0.5, 1.0, 2.0, -1.0]))
+            m.bias.copy_(torch.tensor([0.1, -0.2, 0.0, 1.0]))
+    for step in range(3):
+        x = (3 * torch.randn(16, 4, dtype=F64) + 2).requires_grad_(True)
+        x2 = x.detach().clone().requires_grad_(True)
+        out, out_ref = noisy(x), ref(x2)
+        torch.testing.assert_close(out, out_ref, rtol=1e-12, atol=1e-12)
+        dy = torch.randn_like(out)
+        out.backward(dy)
+        out_ref.backward(dy)
+        torch.testing.assert_close(x.grad, x2.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(noisy.weight.grad, ref.weight.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(noisy.running_mean, ref.running_mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(noisy.running_var, ref.running_var, rtol=1e-12, atol=1e-12)
+    assert int(noisy.num_batches_tracked) == 3
+    noisy.eval(), ref.eval()
+    x = torch.randn(5, 4, dtype=F64)
+    torch.testing.assert_close(noisy(x), ref(x), rtol=1e-12, atol=1e-12)
+
+
+def test_noisy_bn_is_bn_times_scale_plus_shift_of_the_step():
+    # Truth: torch's BN output y; then out = s * y + m per unit with the
+    # (s, m) that noise(step) reports, drawn in the documented ranges.
+    torch.manual_seed(1)
+    n_mu, n_sigma = 0.7, 1.8
+    noisy = landscape.NoisyBatchNorm1d(5, n_mu=n_mu, n_sigma=n_sigma, seed=42, dtype=F64)
+    seen = []
+    for step in (1, 2, 3):
+        x = torch.randn(20, 5, dtype=F64)
+        y = F.batch_norm(x, None, None, noisy.weight.detach(), noisy.bias.detach(), training=True)
+        scale, shift = noisy.noise(step)
+        torch.testing.assert_close(noisy(x).detach(), y * scale + shift, rtol=1e-12, atol=1e-12)
+        assert torch.all((scale >= 1) & (scale <= n_sigma)) and torch.all(shift.abs() <= n_mu)
+        seen.append(scale)
+    assert not torch.equal(seen[0], seen[1]), "the noise must change from step to step"
+    # the same (seed, step) gives the same noise; another seed another one
+    torch.testing.assert_close(noisy.noise(2)[0], seen[1], rtol=0, atol=0)
+    other = landscape.NoisyBatchNorm1d(5, n_mu=n_mu, n_sigma=n_sigma, seed=43)
+    assert not torch.equal(other.noise(2)[0], seen[1])
+
+
+def test_noisy_bn_noise_statistics():
+    # Over many steps the scale is U(1, n_sigma) and the shift U(-n_mu, n_mu):
+    # means (1 + n_sigma) / 2 and 0, variances (n_sigma - 1)^2 / 12 and n_mu^2 / 3.
+    # 4000 steps x 50 units = 2e5 draws: standard errors below 1e-3.
+    noisy = landscape.NoisyBatchNorm1d(50, n_mu=1.0, n_sigma=2.0, seed=0)
+    s, m = zip(*(noisy.noise(t) for t in range(1, 4001)))
+    s, m = torch.stack(s), torch.stack(m)
+    assert abs(float(s.mean()) - 1.5) < 5e-3 and abs(float(s.var()) - 1 / 12) < 5e-3
+    assert abs(float(m.mean())) < 5e-3 and abs(float(m.var()) - 1 / 3) < 5e-3
+
+
+def test_noisy_bn_eval_uses_the_expected_scale():
+    noisy = landscape.NoisyBatchNorm1d(3, n_mu=1.0, n_sigma=3.0, dtype=F64).eval()
+    ref = torch.nn.BatchNorm1d(3, dtype=F64).eval()
+    x = torch.randn(7, 3, dtype=F64)
+    torch.testing.assert_close(noisy(x), 2.0 * ref(x), rtol=1e-12, atol=1e-12)
+    assert int(noisy.noise_step) == 0
+
+
+def test_noisy_bn_state_dict_is_bn_and_bad_input():
+    noisy = landscape.NoisyBatchNorm1d(4)
+    assert list(noisy.state_dict()) == list(torch.nn.BatchNorm1d(4).state_dict())
+    for kwargs in (dict(n_mu=-0.1), dict(n_sigma=0.9), dict(n_mu=float("nan"))):
+        with pytest.raises(ValueError, match="n_mu|n_sigma"):
+            landscape.NoisyBatchNorm1d(4, **kwargs)
+    before = _state(noisy)
+    with pytest.raises(ValueError, match="channels"):
+        noisy(torch.randn(8, 5))
+    assert _same_state(before, _state(noisy)), "a bad input must not change any state"
+
+
+# --------------------------------------------------------------------------
+# ICS as a change of gradients
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("norm", [None, "bn", "noisy"])
+def test_ics_is_zero_when_lr_is_zero(norm):
+    # lr = 0: the earlier layers do not move, G' is the same computation as G
+    # on the same buffers (and the same noise): bit for bit equal on the CPU.
+    model = _mlp(norm)
+    x, y = _data()
+    before = _state(model)
+    res = landscape.ics_gradient_change(model, x, y, lr=0.0)
+    assert res.names == ["fc1", "fc2", "fc3", "out"]
+    np.testing.assert_array_equal(res.l2, 0.0)
+    np.testing.assert_allclose(res.cosine, 1.0, rtol=0, atol=1e-12)
+    assert np.all(res.grad_norm > 0)
+    assert _same_state(before, _state(model)), "the measurement must leave the model as it was"
+    assert model.training
+
+
+@pytest.mark.parametrize("norm", [None, "bn", "noisy"])
+def test_ics_matches_a_hand_written_measurement(norm):
+    # Truth: deep copies of the model, a hand-made SGD step on the parameters
+    # of fc1, norm1, act1, fc2, ... before layer i, autograd for G and G'.
+    lr = 0.3
+    model = _mlp(norm, seed=3)
+    x, y = _data(seed=1)
+    res = landscape.ics_gradient_change(model, x, y, lr=lr, layers=["fc1", "fc3", "out"])
+
+    def grad_w(m, name):
+        m.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+        return getattr(m, name).weight.grad.detach().clone()
+
+    for k, name in enumerate(["fc1", "fc3", "out"]):
+        m0 = copy.deepcopy(model)
+        G = grad_w(m0, name)
+        m1 = copy.deepcopy(model)
+        grads = {n: p.grad for n, p in m0.named_parameters()}
+        earlier = [n for n, _ in model.named_children()]
+        earlier = earlier[: earlier.index(name)]
+        with torch.no_grad():
+            for n, p in m1.named_parameters():
+                if n.split(".")[0] in earlier:
+                    p -= lr * grads[n]
+        G1 = grad_w(m1, name)
+        assert math.isclose(res.l2[k], float((G - G1).norm()), rel_tol=1e-9, abs_tol=1e-13)
+        cos = float((G * G1).sum() / (G.norm() * G1.norm()))
+        assert math.isclose(res.cosine[k], cos, rel_tol=1e-9)
+        assert math.isclose(res.grad_norm[k], float(G.norm()), rel_tol=1e-9)
+    assert res.l2[0] == 0.0  # nothing before fc1
+    assert res.l2[1] > 0 and res.l2[2] > 0
+
+
+def test_ics_bad_input():
+    model = _mlp("bn")
+    x, y = _data()
+    with pytest.raises(ValueError, match="lr"):
+        landscape.ics_gradient_change(model, x, y, lr=-1.0)
+    with pytest.raises(ValueError, match="layers"):
+        landscape.ics_gradient_change(model, x, y, lr=0.1, layers=["act1"])
+    with pytest.raises(ValueError, match="same N"):
+        landscape.ics_gradient_change(model, x, y[:-1], lr=0.1)
+
+
+# --------------------------------------------------------------------------
+# The landscape along the gradient
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("norm", [None, "bn", "noisy"])
+def test_landscape_at_eta_zero_is_the_loss(norm):
+    model = _mlp(norm, seed=2)
+    x, y = _data(seed=2)
+    expected = float(F.cross_entropy(copy.deepcopy(model).train()(x), y).detach())
+    before = _state(model)
+    res = landscape.loss_landscape_along_gradient(model, x, y, [0.0, 0.1, 0.5])
+    assert math.isclose(res.loss0, expected, rel_tol=1e-12)
+    assert res.loss[0] == res.loss0 and res.grad_change[0] == 0.0
+    assert res.loss[1] < res.loss0  # a small step along -g goes down
+    assert _same_state(before, _state(model))
+
+
+def _quadratic(seed=0):
+    """y_hat = x w, L = mean((x w - t)^2), H = (2/n) X^T X = diag(2 * d_k^2) with orthogonal columns."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(40, 4, generator=g, dtype=F64))
+    d = torch.tensor([3.0, 1.0, 0.5, 0.2], dtype=F64)
+    X = q * d * math.sqrt(40)          # X^T X = 40 diag(d^2)
+    H = 2 / 40 * X.T @ X               # = diag(2 d^2): eigenvalues 18, 2, 0.5, 0.08
+    w_star = torch.randn(4, generator=g, dtype=F64)
+    model = nn.Linear(4, 1, bias=False).double()
+    loss_fn = lambda out, t: ((out.squeeze(1) - t) ** 2).mean()  # noqa: E731
+    return X, X @ w_star, w_star, H, model, loss_fn
+
+
+def test_beta_smoothness_of_a_quadratic_is_its_largest_eigenvalue():
+    # Along g, g(w - eta g) - g(w) = -eta H g exactly, so every ratio is
+    # ||H g|| / ||g||; with w - w* on the top eigenvector it is lambda_max = 18.
+    X, t, w_star, H, model, loss_fn = _quadratic()
+    lam = torch.linalg.eigvalsh(H)
+    with torch.no_grad():
+        model.weight.copy_((w_star + 0.3 * torch.eye(4, dtype=F64)[0]).unsqueeze(0))
+    res = landscape.loss_landscape_along_gradient(model, X, t, [0.001, 0.01, 0.05], loss_fn=loss_fn)
+    assert math.isclose(res.beta, float(lam.max()), rel_tol=1e-9)
+    # any other point: beta = ||H g|| / ||g|| <= lambda_max, and the loss is the closed form
+    w = w_star + torch.tensor([0.2, -0.5, 1.0, 0.7], dtype=F64)
+    with torch.no_grad():
+        model.weight.copy_(w.unsqueeze(0))
+    etas = [0.01, 0.05, 0.1]
+    res = landscape.loss_landscape_along_gradient(model, X, t, etas, loss_fn=loss_fn)
+    g = H @ (w - w_star)
+    assert math.isclose(res.beta, float((H @ g).norm() / g.norm()), rel_tol=1e-9)
+    assert res.beta < float(lam.max())
+    for k, eta in enumerate(etas):
+        w_eta = w - eta * g
+        assert math.isclose(res.loss[k], float(((X @ w_eta - t) ** 2).mean()), rel_tol=1e-10)
+        assert math.isclose(res.grad_change[k], eta * float((H @ g).norm()), rel_tol=1e-9)
+
+
+def test_landscape_bad_input():
+    model = _mlp(None)
+    x, y = _data()
+    for bad in ([], [-0.1], [float("inf")]):
+        with pytest.raises(ValueError, match="step_sizes"):
+            landscape.loss_landscape_along_gradient(model, x, y, bad)
+
+
+# --------------------------------------------------------------------------
+# Scale invariance
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("a", [0.5, 3.0, 100.0])
+def test_bn_of_scaled_weights_is_bn_and_gradient_scales_as_one_over_a(a):
+    # eps = 1e-12 makes eps / var negligible (var ~ 6 here), so the identities
+    # hold to float64 rounding: 1e-9.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 6, generator=g, dtype=F64)
+    W = torch.randn(4, 6, generator=g, dtype=F64)
+    # the helper against torch's own batch norm
+    torch.testing.assert_close(landscape.linear_bn(x, W, eps=1e-12),
+                               F.batch_norm(x @ W.T, None, None, training=True, eps=1e-12),
+                               rtol=1e-10, atol=1e-10)
+    res = landscape.scale_invariance(x, W, a, eps=1e-12)
+    assert res.output_diff < 1e-9
+    assert math.isclose(res.grad_ratio, a, rel_tol=1e-9)
+    assert math.isclose(res.grad_cosine, 1.0, abs_tol=1e-12)
+    assert abs(res.grad_dot_w) < 1e-12   # the gradient is orthogonal to W
+
+
+def test_scale_invariance_is_broken_only_by_eps():
+    # Closed form: BN(a z) = (z - mu) / sqrt(var + eps / a^2).
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(32, 5, generator=g, dtype=F64)
+    W = 0.01 * torch.randn(3, 5, generator=g, dtype=F64)  # small z: var ~ 1e-4, comparable to eps / a^2
+    a, eps = 0.1, 1e-5
+    z = x @ W.T
+    mu, var = z.mean(0), z.var(0, unbiased=False)
+    res = landscape.scale_invariance(x, W, a, eps=eps)
+    expected = float(((z - mu) / torch.sqrt(var + eps) - (z - mu) / torch.sqrt(var + eps / a**2)).abs().max())
+    assert math.isclose(res.output_diff, expected, rel_tol=1e-6)
+    assert res.output_diff > 0.1   # visibly broken
+    with pytest.raises(ValueError, match="a must be"):
+        landscape.scale_invariance(x, W, 0.0)
+
+
+def test_weight_norms_effective_lr_and_norm_growth_of_sgd():
+    # For weights that feed BN, <g, W> = 0 (exactly when eps -> 0), so a plain
+    # SGD step gives ||W - lr g||^2 = ||W||^2 + lr^2 ||g||^2. eps = 1e-12 and
+    # float64: 1e-10 relative.
+    bn = functools.partial(bnlib.nn.BatchNorm1d, eps=1e-12)
+    model = models.make_mlp(6, 5, 3, depth=2, norm_layer=bn, activation="relu", seed=0).double()
+    x, y = _data(seed=3)
+    lr = 0.5
+    norms = landscape.weight_norms(model)
+    np.testing.assert_allclose(norms, [float(model.fc1.weight.detach().norm()), float(model.fc2.weight.detach().norm())], rtol=1e-12)
+    np.testing.assert_allclose(landscape.effective_lr(model, lr), lr / norms**2, rtol=1e-12)
+    rec = landscape.WeightNorms(every=1)
+    rec(0, model)
+    F.cross_entropy(model(x), y).backward()
+    grads = [model.fc1.weight.grad.clone(), model.fc2.weight.grad.clone()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= lr * p.grad
+    rec(1, model)
+    new = landscape.weight_norms(model)
+    for k, gk in enumerate(grads):
+        assert math.isclose(new[k] ** 2, norms[k] ** 2 + lr**2 * float(gk.norm()) ** 2, rel_tol=1e-10)
+    assert np.isnan(rec.angles[0]).all()
+    # the recorded angle is the angle between the two weight matrices
+    w1 = model.fc1.weight.detach().flatten()
+    w0 = w1 + lr * grads[0].flatten()
+    angle = math.acos(float(w0 @ w1 / (w0.norm() * w1.norm())))
+    assert math.isclose(rec.angles[1][0], angle, rel_tol=1e-6)
+    np.testing.assert_allclose(rec.norms[1], new, rtol=1e-12)
+
+
+def test_probe_during_training_does_not_change_training():
+    # The measurements restore every parameter and buffer (the noise counter
+    # included), so training with them gives the same model as without.
+    from bnlib import data
+
+    x, y = data.gaussian_blobs(64, n_features=6, n_classes=3, seed=0, dtype=F64)
+    runs = []
+    for with_probe in (False, True):
+        model = _mlp("noisy", seed=5, n_mu=1.0, n_sigma=2.0)
+        probe = landscape.Probe(
+            2,
+            ics=lambda m: landscape.ics_gradient_change(m, x[:16], y[:16], lr=0.1),
+            land=lambda m: landscape.loss_landscape_along_gradient(m, x[:16], y[:16], [0.1]),
+        ) if with_probe else None
+        training.train(model, x, y, steps=6, batch_size=16, lr=0.1, seed=0, callback=probe)
+        runs.append(_state(model))
+    assert _same_state(*runs)
+    assert probe.steps == [0, 2, 4, 6] and len(probe.values["ics"]) == 4
+    with pytest.raises(ValueError, match="every"):
+        landscape.Probe(0, f=len)
