@@ -376,7 +376,9 @@ class _InstanceNorm(_TorchNormBase):
     ``momentum=None`` as 0, so they then stay put) without counting
     ``num_batches_tracked``, and used in eval mode. Unlike torch, a channel
     count other than ``num_features`` is always a ``ValueError`` (torch only
-    warns when ``affine=False``), per bnlib's contract.
+    warns when ``affine=False``), and a batch whose statistics are not finite
+    (NaN or Inf in it, or no samples) leaves the running estimates of the
+    channels it reaches unchanged (torch writes NaN), per bnlib's contract.
     """
 
     allowed_dims = ()  # batched input dims, e.g. (3,) for InstanceNorm1d
@@ -391,8 +393,13 @@ class _InstanceNorm(_TorchNormBase):
         batched = self.allowed_dims[0]
         check_input_dims(name, input.shape, (batched - 1, batched))
         unbatched = input.dim() == batched - 1
+        channel_dim = 0 if unbatched else 1  # torch takes (C, ...) without the N axis
+        if input.shape[channel_dim] != self.num_features:
+            raise ValueError(
+                f"{name} expected input with {self.num_features} channels (num_features) on axis {channel_dim}, "
+                f"got {input.shape[channel_dim]} (input shape {tuple(input.shape)})"
+            )
         x = input.unsqueeze(0) if unbatched else input
-        check_num_channels(name, x.shape, self.num_features)
         use_input_stats = self.training or not self.track_running_stats
         update = self.training and self.track_running_stats
         y = instance_norm(
