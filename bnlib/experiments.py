@@ -1,0 +1,540 @@
+r"""Small, seeded experiments for the chapter "What BN does to training".
+
+Each runner trains the book's multilayer perceptrons (:func:`bnlib.models.make_mlp`)
+with the book's loop (:func:`bnlib.training.train`) on a data split
+(:class:`bnlib.data.Split`) and returns plain numbers or NumPy arrays, one
+entry per seed, so the chapter shows the mean and the spread:
+
+- :func:`run_seeds`, :func:`seed_values`: ``fn(seed)`` for several seeds; mean and std.
+- :func:`steps_to_accuracy`: the first step at which an accuracy curve reaches a target.
+- :class:`EvalCurve`, :class:`UnitPercentiles`: training callbacks that record
+  the test accuracy, and the 15th/50th/85th percentiles of one unit's input,
+  every few steps.
+- :func:`train_run`: one seeded training run with those recordings;
+  :func:`evaluate_batch_stats`: test accuracy with BN using the test set's own statistics.
+- :func:`figure1_run` (the paper's Figure 1), :func:`lr_table` (its
+  learning-rate comparison), :func:`init_scale_sweep`, :func:`batch_size_sweep`,
+  :func:`generalization_gap` (train/test gap with BN and with dropout).
+- :func:`add_dropout`, :func:`class_subset`, :func:`format_table`: helpers.
+
+Every run draws its parameters from ``seed`` (:func:`make_mlp`'s ``seed``),
+its mini-batches from ``seed`` (:func:`train`'s generator) and dropout masks
+from ``torch.manual_seed(seed)`` inside ``torch.random.fork_rng``, so the
+caller's random state is untouched and the same call gives the same numbers
+(with one thread).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from bnlib import models, recorders, training
+from bnlib.data import Split
+
+__all__ = [
+    "seed_values",
+    "run_seeds",
+    "steps_to_accuracy",
+    "EvalCurve",
+    "UnitPercentiles",
+    "RunResult",
+    "add_dropout",
+    "build_mlp",
+    "train_run",
+    "figure1_run",
+    "lr_table",
+    "init_scale_sweep",
+    "evaluate_batch_stats",
+    "batch_size_sweep",
+    "class_subset",
+    "generalization_gap",
+    "format_table",
+]
+
+#: The percentiles the paper's Figure 1 shows.
+PERCENTILES = (15, 50, 85)
+
+
+# --------------------------------------------------------------------------
+# Seeds and summaries
+# --------------------------------------------------------------------------
+
+
+def seed_values(fn: Callable[[int], Any], seeds: Sequence[int]) -> np.ndarray:
+    """``fn(seed)`` for every seed, stacked: shape ``(n_seeds,) + shape of one result``.
+
+    ``fn`` returns a number or anything ``np.asarray`` turns into a float
+    array of a fixed shape (a tuple of numbers, an array).
+    """
+    seeds = list(seeds)
+    if not seeds:
+        raise ValueError("seeds is empty: expected at least one seed")
+    return np.stack([np.asarray(fn(int(s)), dtype=np.float64) for s in seeds])
+
+
+def run_seeds(fn: Callable[[int], Any], seeds: Sequence[int]) -> tuple[np.ndarray | float, np.ndarray | float]:
+    r"""Mean and standard deviation of ``fn(seed)`` over ``seeds``.
+
+    With results :math:`v_1, \dots, v_n` (one per seed),
+
+    .. math:: \bar v = \frac1n \sum_i v_i, \qquad s = \sqrt{\frac1n \sum_i (v_i - \bar v)^2}
+
+    (the population std, ``ddof=0``, as in :func:`bnlib.plotting.layer_table`),
+    elementwise when ``fn`` returns an array. Scalars come back as floats.
+    """
+    v = seed_values(fn, seeds)
+    mean, std = v.mean(axis=0), v.std(axis=0)
+    if v.ndim == 1:
+        return float(mean), float(std)
+    return mean, std
+
+
+def steps_to_accuracy(history, target: float) -> int | None:
+    """The first recorded step whose accuracy is ``>= target``; ``None`` if it never is.
+
+    ``history`` is anything with parallel lists ``step`` and ``accuracy``: a
+    :class:`bnlib.training.History` (batch accuracy after each update) or the
+    test-accuracy curve of an :class:`EvalCurve`.
+    """
+    steps, acc = list(history.step), list(history.accuracy)
+    if len(steps) != len(acc):
+        raise ValueError(f"history.step and history.accuracy differ in length: {len(steps)} and {len(acc)}")
+    for s, a in zip(steps, acc):
+        if a >= target:
+            return int(s)
+    return None
+
+
+# --------------------------------------------------------------------------
+# Callbacks
+# --------------------------------------------------------------------------
+
+
+class EvalCurve:
+    """Training callback: every ``every`` steps, ``(loss, accuracy)`` of the model on ``(x, y)``.
+
+    Evaluation is :func:`bnlib.training.evaluate`, in eval mode (BN uses its
+    running statistics), full batch, without gradients. The curve is a
+    :class:`bnlib.training.History` in ``self.history`` (step 0 is the
+    initial model), so :func:`steps_to_accuracy` reads it.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, every: int = 10):
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        self.x, self.y, self.every = x, y, every
+        self.history = training.History()
+
+    def __call__(self, step: int, model: nn.Module) -> None:
+        if step % self.every == 0:
+            loss, acc = training.evaluate(model, self.x, self.y)
+            self.history.step.append(step)
+            self.history.loss.append(loss)
+            self.history.accuracy.append(acc)
+
+
+class UnitPercentiles:
+    r"""Training callback: percentiles of one hidden unit's input over a fixed batch.
+
+    Every ``every`` steps the model runs on ``x_probe`` (shape ``(N, d)``) through
+    :func:`bnlib.recorders.probe` and the input of the activation function of
+    hidden layer ``layer`` (``-1``: the last), unit ``unit``, is taken: ``z``
+    without BN, ``BN(z) = gamma * x_hat + beta`` with it, ``N`` values. Their
+    ``q``-th percentiles (NumPy's default linear interpolation) go into
+    ``self.values``, shape ``(n_snapshots, len(q))``, with ``self.steps``.
+
+    ``train=True`` (default) probes in training mode: BN normalizes with the
+    statistics of ``x_probe`` itself, as it would for a batch of these
+    inputs; the running statistics are left untouched either way.
+    """
+
+    def __init__(
+        self,
+        x_probe: torch.Tensor,
+        layer: int = -1,
+        unit: int = 0,
+        every: int = 10,
+        q: Sequence[float] = PERCENTILES,
+        train: bool = True,
+    ):
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        self.x_probe, self.layer, self.unit, self.every = x_probe, layer, unit, every
+        self.q, self.train = tuple(q), train
+        self.steps: list[int] = []
+        self._values: list[np.ndarray] = []
+
+    def __call__(self, step: int, model: nn.Module) -> None:
+        if step % self.every == 0:
+            rec = recorders.probe(model, self.x_probe, train=self.train)
+            u = rec.act_in[self.layer][:, self.unit].double().numpy()
+            self.steps.append(step)
+            self._values.append(np.percentile(u, self.q))
+
+    @property
+    def values(self) -> np.ndarray:
+        return np.array(self._values).reshape(len(self._values), len(self.q))
+
+
+# --------------------------------------------------------------------------
+# Models and one run
+# --------------------------------------------------------------------------
+
+
+def add_dropout(model: nn.Sequential, p: float) -> nn.Sequential:
+    """A copy of a :func:`make_mlp` network with ``nn.Dropout(p)`` after every hidden activation.
+
+    The new layers are named ``drop1``, ``drop2``, ... (after ``act1``, ``act2``,
+    ...), so :func:`bnlib.models.get_layers` still finds ``fc``/``norm``/``act``.
+    Dropout zeroes each activation with probability ``p`` in training mode and
+    scales the rest by ``1 / (1 - p)``; in eval mode it is the identity.
+    ``p = 0`` returns the model unchanged.
+    """
+    if not 0 <= p < 1:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    if p == 0:
+        return model
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    for name, module in model.named_children():
+        layers[name] = module
+        if name.startswith("act") and name[3:].isdigit():
+            layers["drop" + name[3:]] = nn.Dropout(p)
+    return nn.Sequential(layers)
+
+
+def build_mlp(
+    in_features: int,
+    out_features: int,
+    *,
+    activation: str = "relu",
+    norm: str | None = None,
+    weight_scale: float | None = 1.0,
+    dropout: float = 0.0,
+    hidden: int = 100,
+    depth: int = 3,
+    seed: int = 0,
+) -> nn.Sequential:
+    r""":func:`bnlib.models.make_mlp` (``depth`` hidden layers of ``hidden`` units), then :func:`add_dropout`.
+
+    ``weight_scale=s``: hidden weights from :math:`\mathcal{N}(0, s^2/\text{fan\_in})`
+    and zero biases (see ``make_mlp``); ``None``: torch's default. Input
+    ``(N, in_features)``, output ``(N, out_features)`` logits.
+    """
+    model = models.make_mlp(
+        in_features, hidden, out_features, depth=depth, activation=activation,
+        norm=norm, weight_scale=weight_scale, seed=seed,
+    )
+    return add_dropout(model, dropout)
+
+
+@dataclass
+class RunResult:
+    """What one run leaves: the training :class:`~bnlib.training.History` (one entry per update),
+    the test curve (an :class:`EvalCurve`'s History, or ``None``), the final
+    ``(loss, accuracy)`` on the training and test sets (eval mode), any
+    extra recordings (``extras["percentiles"]``: an :class:`UnitPercentiles`),
+    and the trained ``model``."""
+
+    history: training.History
+    test: training.History | None
+    train_loss: float
+    train_acc: float
+    test_loss: float
+    test_acc: float
+    extras: dict[str, Any] = field(default_factory=dict)
+    model: nn.Module | None = None
+
+
+def train_run(
+    data: Split,
+    *,
+    activation: str = "relu",
+    norm: str | None = None,
+    weight_scale: float | None = 1.0,
+    dropout: float = 0.0,
+    hidden: int = 100,
+    depth: int = 3,
+    steps: int | None = None,
+    epochs: int | None = None,
+    batch_size: int | None = 60,
+    lr: float = 0.1,
+    momentum: float = 0.0,
+    seed: int = 0,
+    eval_every: int | None = None,
+    callbacks: Mapping[str, Callable[[int, nn.Module], None]] | None = None,
+) -> RunResult:
+    """Build a network with :func:`build_mlp` and train it with :func:`bnlib.training.train` (plain SGD).
+
+    Give ``steps`` or ``epochs``. ``eval_every``: record the test curve
+    every that many steps (``None``: only the final numbers). ``callbacks``:
+    more training callbacks by name; they come back in ``extras``.
+    Final accuracies are in eval mode, on the whole training and test sets.
+    """
+    x, y = data.x_train, data.y_train
+    model = build_mlp(
+        x.shape[1], int(max(data.y_train.max(), data.y_test.max())) + 1,
+        activation=activation, norm=norm, weight_scale=weight_scale, dropout=dropout,
+        hidden=hidden, depth=depth, seed=seed,
+    )
+    calls: list[Callable[[int, nn.Module], None]] = []
+    curve = None
+    if eval_every is not None:
+        curve = EvalCurve(data.x_test, data.y_test, every=eval_every)
+        calls.append(curve)
+    extras = dict(callbacks or {})
+    calls.extend(extras.values())
+
+    def callback(step, m):
+        for c in calls:
+            c(step, m)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # dropout masks
+        hist = training.train(
+            model, x, y, steps=steps, epochs=epochs, batch_size=batch_size, lr=lr,
+            momentum=momentum, seed=seed, callback=callback if calls else None,
+        )
+    tr_loss, tr_acc = training.evaluate(model, x, y)
+    te_loss, te_acc = training.evaluate(model, data.x_test, data.y_test)
+    return RunResult(hist, curve.history if curve else None, tr_loss, tr_acc, te_loss, te_acc, extras, model)
+
+
+# --------------------------------------------------------------------------
+# The chapter's experiments
+# --------------------------------------------------------------------------
+
+
+def figure1_run(
+    data: Split,
+    norm: str | None,
+    seed: int = 0,
+    *,
+    steps: int = 600,
+    batch_size: int = 60,
+    lr: float = 0.5,
+    every: int = 20,
+    unit: int = 0,
+    x_probe: torch.Tensor | None = None,
+) -> RunResult:
+    """The paper's Figure 1 at small scale: 3 hidden layers of 100 sigmoid units, with or without BN.
+
+    Records every ``every`` steps the test accuracy (``result.test``) and
+    the 15th/50th/85th percentiles of the input to the sigmoid of unit
+    ``unit`` in the last hidden layer over ``x_probe`` (default: the test
+    inputs), in ``result.extras["percentiles"]`` (an :class:`UnitPercentiles`).
+    """
+    probe = UnitPercentiles(data.x_test if x_probe is None else x_probe, layer=-1, unit=unit, every=every)
+    return train_run(
+        data, activation="sigmoid", norm=norm, steps=steps, batch_size=batch_size, lr=lr,
+        seed=seed, eval_every=every, callbacks={"percentiles": probe},
+    )
+
+
+def lr_table(
+    data: Split,
+    configs: Mapping[str, Mapping[str, Any]],
+    seeds: Sequence[int],
+    target: float,
+    *,
+    steps: int = 300,
+    every: int = 10,
+    **common,
+) -> dict[str, dict[str, np.ndarray]]:
+    """Steps to a target test accuracy and the final test accuracy, per configuration and seed.
+
+    ``configs[name]`` holds :func:`train_run` arguments (``activation``,
+    ``norm``, ``lr``, ...) that override ``common``. Returns, for every name,
+    a dict of arrays:
+
+    - ``"steps"`` ``(n_seeds,)``: the first evaluated step (every ``every``)
+      with test accuracy ``>= target``, NaN for a seed that never got there;
+    - ``"final"`` ``(n_seeds,)``: the test accuracy after ``steps`` updates;
+    - ``"curve"`` ``(n_seeds, n_evals)``: the test accuracy at ``"eval_steps"``
+      ``(n_evals,)`` = ``0, every, 2 * every, ...``.
+    """
+    out = {}
+    for name, cfg in configs.items():
+        kw = {**common, **cfg}
+        runs = [train_run(data, steps=steps, eval_every=every, seed=int(seed), **kw) for seed in seeds]
+        if not runs:
+            raise ValueError("seeds is empty: expected at least one seed")
+        reached = [steps_to_accuracy(r.test, target) for r in runs]
+        out[name] = {
+            "steps": np.array([np.nan if s is None else s for s in reached], dtype=np.float64),
+            "final": np.array([r.test_acc for r in runs]),
+            "curve": np.array([r.test.accuracy for r in runs]),
+            "eval_steps": np.array(runs[0].test.step),
+        }
+    return out
+
+
+def init_scale_sweep(
+    data: Split,
+    scales: Sequence[float],
+    seeds: Sequence[int],
+    norms: Sequence[str | None] = (None, "bn"),
+    **kw,
+) -> dict[str | None, np.ndarray]:
+    """Final test accuracy for every weight-initialization scale ``s`` (``W ~ N(0, s^2/fan_in)``).
+
+    ``kw`` goes to :func:`train_run` (``activation``, ``steps``, ``lr``, ...).
+    Returns ``{norm: array (n_seeds, n_scales)}``.
+    """
+    return {
+        norm: np.stack(
+            [seed_values(lambda seed, s=s: train_run(data, norm=norm, weight_scale=s, seed=seed, **kw).test_acc, seeds)
+             for s in scales],
+            axis=1,
+        )
+        for norm in norms
+    }
+
+
+def evaluate_batch_stats(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """``(loss, accuracy)`` on ``(x, y)`` with BN using the statistics of ``x`` itself (training mode).
+
+    Like :func:`bnlib.training.evaluate`, but BN normalizes with the batch
+    mean and variance of all of ``x`` instead of its running estimates
+    (dropout, if any, is switched off). Every buffer and the mode are
+    restored, so the model is unchanged. Compared with ``evaluate`` it
+    separates "the network learned badly" from "its running statistics are off".
+    """
+    was_training = model.training
+    saved = [b.detach().clone() for b in model.buffers()]
+    try:
+        model.train()
+        for m in model.modules():
+            if isinstance(m, nn.Dropout):
+                m.eval()
+        with torch.no_grad():
+            logits = model(x)
+            return float(torch.nn.functional.cross_entropy(logits, y)), training.accuracy(logits, y)
+    finally:
+        with torch.no_grad():
+            for b, s in zip(model.buffers(), saved):
+                b.copy_(s)
+        model.train(was_training)
+
+
+def batch_size_sweep(
+    data: Split,
+    batch_sizes: Sequence[int],
+    seeds: Sequence[int],
+    norms: Sequence[str | None] = (None, "bn"),
+    *,
+    epochs: int = 1,
+    **kw,
+) -> dict[str | None, dict[str, np.ndarray]]:
+    """Final test accuracy for every mini-batch size, at a fixed number of epochs.
+
+    Every run sees the same number of examples (``epochs`` passes over the
+    training set, so ``epochs * (n // m)`` updates for batch size ``m``) at
+    the same learning rate. Returns ``{norm: {"test": a, "batch_stats": b}}``
+    with arrays of shape ``(n_seeds, n_batch_sizes)``: ``a`` the test accuracy
+    in eval mode (BN with its running statistics), ``b`` the test accuracy
+    with BN using the statistics of the whole test set
+    (:func:`evaluate_batch_stats`; equal to ``a`` without BN).
+    """
+    out = {}
+    for norm in norms:
+        cols = []
+        for m in batch_sizes:
+
+            def one(seed, m=m):
+                r = train_run(data, norm=norm, batch_size=m, epochs=epochs, seed=seed, **kw)
+                return r.test_acc, evaluate_batch_stats(r.model, data.x_test, data.y_test)[1]
+
+            cols.append(seed_values(one, seeds))
+        v = np.stack(cols, axis=1)  # (n_seeds, n_batch_sizes, 2)
+        out[norm] = {"test": v[..., 0], "batch_stats": v[..., 1]}
+    return out
+
+
+def class_subset(data: Split, n_per_class: int, seed: int = 0) -> Split:
+    """The same split with only ``n_per_class`` training examples of every class (the test set is kept).
+
+    The examples are the first ``n_per_class`` of each class in a random
+    order drawn from ``seed``; the result is ordered by that permutation.
+    """
+    y = data.y_train
+    classes = torch.unique(y)
+    counts = torch.stack([(y == c).sum() for c in classes])
+    if n_per_class < 1 or n_per_class > int(counts.min()):
+        raise ValueError(f"n_per_class must be in [1, {int(counts.min())}], got {n_per_class}")
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    taken = {int(c): 0 for c in classes}
+    keep = []
+    for i in perm.tolist():
+        c = int(y[i])
+        if taken[c] < n_per_class:
+            taken[c] += 1
+            keep.append(i)
+    idx = torch.tensor(keep)
+    return Split(data.x_train[idx], y[idx], data.x_test, data.y_test)
+
+
+def generalization_gap(
+    data: Split,
+    configs: Mapping[str, Mapping[str, Any]],
+    seeds: Sequence[int],
+    **common,
+) -> dict[str, dict[str, np.ndarray]]:
+    """Train and test accuracy (eval mode) and their gap, per configuration and seed.
+
+    ``configs[name]`` holds :func:`train_run` arguments (``norm``,
+    ``dropout``, ...) that override ``common`` (``epochs``, ``lr``, ...).
+    Returns ``{name: {"train": (n_seeds,), "test": (n_seeds,), "gap": train - test,
+    "test_loss": (n_seeds,)}}``.
+    """
+    out = {}
+    for name, cfg in configs.items():
+        kw = {**common, **cfg}
+
+        def one(seed, kw=kw):
+            r = train_run(data, seed=seed, **kw)
+            return r.train_acc, r.test_acc, r.test_loss
+
+        v = seed_values(one, seeds)
+        out[name] = {"train": v[:, 0], "test": v[:, 1], "gap": v[:, 0] - v[:, 1], "test_loss": v[:, 2]}
+    return out
+
+
+def format_table(
+    rows: Mapping[str, Mapping[str, np.ndarray]],
+    columns: Mapping[str, str],
+    header: str = "",
+) -> str:
+    """A fixed-width text table of ``mean±std`` over seeds (std with ``ddof=0``).
+
+    ``rows[label][key]`` is an array over seeds; ``columns`` maps each key
+    to a format, e.g. ``{"final": "{:.3f}", "steps": "{:.0f}"}``. NaN
+    entries (a target never reached) are left out of the mean and counted:
+    a cell reads ``mean±std (k/n)`` when only ``k`` of ``n`` seeds count,
+    and ``never`` when none does.
+    """
+    cells = {}
+    for label, row in rows.items():
+        cells[label] = []
+        for key, fmt in columns.items():
+            v = np.asarray(row[key], dtype=np.float64).ravel()
+            ok = v[~np.isnan(v)]
+            if ok.size == 0:
+                cells[label].append("never")
+                continue
+            text = fmt.format(ok.mean()) + "±" + fmt.format(ok.std())
+            if ok.size < v.size:
+                text += f" ({ok.size}/{v.size})"
+            cells[label].append(text)
+    cols = list(columns)
+    w0 = max([len(header)] + [len(k) for k in cells])
+    ws = [max([len(c)] + [len(cells[k][j]) for k in cells]) for j, c in enumerate(cols)]
+    lines = [header.ljust(w0) + "  " + "  ".join(c.rjust(w) for c, w in zip(cols, ws))]
+    for label, row in cells.items():
+        lines.append(label.ljust(w0) + "  " + "  ".join(c.rjust(w) for c, w in zip(row, ws)))
+    return "\n".join(lines)

@@ -1,0 +1,282 @@
+"""bnlib.experiments: seed statistics, steps to a target, the recording callbacks, the runners.
+
+Truths: NumPy (mean, std, percentile), hand-written histories, a forward pass
+written out layer by layer (BN by its four formulas), counting, and
+``bnlib.training.evaluate``. Everything runs on tiny data in a few seconds.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from bnlib import data, experiments as ex, models, training
+from bnlib.data import Split
+
+
+def blobs_split(n_train=96, n_test=48, seed=0):
+    """A small, easy 3-class problem in 6 dimensions, as a Split."""
+    x, y = data.gaussian_blobs(n_train + n_test, n_features=6, n_classes=3, spread=0.7, seed=seed)
+    return Split(x[:n_train], y[:n_train], x[n_train:], y[n_train:])
+
+
+# --------------------------------------------------------------------------
+# run_seeds, seed_values
+# --------------------------------------------------------------------------
+
+
+def test_run_seeds_matches_numpy_for_scalars():
+    # A deterministic fn of the seed: the statistics must be NumPy's, to rounding (1e-12).
+    fn = lambda s: math.sin(s) + 0.1 * s**2  # noqa: E731
+    seeds = [0, 1, 5, 7]
+    values = np.array([fn(s) for s in seeds])
+    mean, std = ex.run_seeds(fn, seeds)
+    assert isinstance(mean, float) and isinstance(std, float)
+    assert mean == pytest.approx(values.mean(), rel=1e-12)
+    assert std == pytest.approx(values.std(ddof=0), rel=1e-12)
+
+
+def test_run_seeds_matches_numpy_elementwise_for_arrays():
+    fn = lambda s: (s, 2.0 * s + 1, s**3)  # noqa: E731
+    seeds = range(4)
+    values = np.array([fn(s) for s in seeds], dtype=float)
+    mean, std = ex.run_seeds(fn, seeds)
+    np.testing.assert_allclose(mean, values.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(std, values.std(axis=0), rtol=1e-12)
+    assert ex.seed_values(fn, seeds).shape == (4, 3)
+
+
+def test_run_seeds_one_seed_and_no_seed():
+    assert ex.run_seeds(lambda s: 3.0, [11]) == (3.0, 0.0)
+    with pytest.raises(ValueError, match="seeds is empty"):
+        ex.run_seeds(lambda s: 1.0, [])
+
+
+# --------------------------------------------------------------------------
+# steps_to_accuracy
+# --------------------------------------------------------------------------
+
+
+def test_steps_to_accuracy_on_a_synthetic_history():
+    h = training.History(step=[0, 10, 20, 30, 40], loss=[0] * 5, accuracy=[0.1, 0.5, 0.95, 0.9, 0.97])
+    assert ex.steps_to_accuracy(h, 0.9) == 20  # the first crossing, not a later one
+    assert ex.steps_to_accuracy(h, 0.95) == 20  # ">=": reaching the target exactly counts
+    assert ex.steps_to_accuracy(h, 0.96) == 40
+    assert ex.steps_to_accuracy(h, 0.05) == 0
+    assert ex.steps_to_accuracy(h, 0.99) is None
+
+
+def test_steps_to_accuracy_rejects_mismatched_lists():
+    h = training.History(step=[1, 2, 3], loss=[0, 0, 0], accuracy=[0.5, 0.6])
+    with pytest.raises(ValueError, match="differ in length"):
+        ex.steps_to_accuracy(h, 0.5)
+
+
+# --------------------------------------------------------------------------
+# Callbacks
+# --------------------------------------------------------------------------
+
+
+def _bn_by_hand(z, norm):
+    """Training-mode BN from its four formulas (biased variance), float64."""
+    z = z.double()
+    mu = z.mean(dim=0)
+    var = ((z - mu) ** 2).mean(dim=0)
+    x_hat = (z - mu) / torch.sqrt(var + norm.eps)
+    return norm.weight.detach().double() * x_hat + norm.bias.detach().double()
+
+
+@pytest.mark.parametrize("norm", [None, "bn"])
+def test_unit_percentiles_match_numpy_on_a_hand_forward(norm):
+    # The last hidden layer's sigmoid input, computed layer by layer in
+    # float64, then np.percentile: agreement to float32 rounding (1e-5).
+    torch.manual_seed(0)
+    model = models.make_mlp(6, [8, 5], 3, activation="sigmoid", norm=norm, seed=1)
+    with torch.no_grad():  # non-trivial gamma and beta
+        for m in models.get_layers(model, "norm"):
+            m.weight.uniform_(0.5, 2.0)
+            m.bias.uniform_(-1.0, 1.0)
+    x = torch.randn(40, 6)
+    buffers = [b.clone() for b in model.buffers()]
+    rec = ex.UnitPercentiles(x, layer=-1, unit=3, every=5)
+    for step in range(11):
+        rec(step, model)
+    assert rec.steps == [0, 5, 10]
+    assert rec.values.shape == (3, 3)
+
+    a = x.double()
+    fcs, norms = models.get_layers(model, "fc"), models.get_layers(model, "norm")
+    for l, fc in enumerate(fcs):
+        z = a @ fc.weight.detach().double().T
+        if fc.bias is not None:
+            z = z + fc.bias.detach().double()
+        u = _bn_by_hand(z, norms[l]) if norms else z
+        a = torch.sigmoid(u)
+    expected = np.percentile(u[:, 3].numpy(), [15, 50, 85])
+    np.testing.assert_allclose(rec.values[0], expected, rtol=1e-5, atol=1e-5)
+    # probing changes no buffer (running statistics, num_batches_tracked)
+    assert all(torch.equal(b, s) for b, s in zip(model.buffers(), buffers))
+
+
+def test_eval_curve_records_every_k_steps_from_step_0():
+    split = blobs_split()
+    model = models.make_mlp(6, 16, 3, depth=2, norm="bn", seed=0)
+    curve = ex.EvalCurve(split.x_test, split.y_test, every=4)
+    training.train(model, split.x_train, split.y_train, steps=10, batch_size=16, callback=curve)
+    assert curve.history.step == [0, 4, 8]
+    assert len(curve.history.accuracy) == len(curve.history.loss) == 3
+    with pytest.raises(ValueError, match="every"):
+        ex.EvalCurve(split.x_test, split.y_test, every=0)
+
+
+# --------------------------------------------------------------------------
+# Models, one run
+# --------------------------------------------------------------------------
+
+
+def test_add_dropout_inserts_after_activations_and_is_identity_in_eval():
+    model = models.make_mlp(6, 8, 3, depth=2, activation="relu", norm="bn", seed=0)
+    dropped = ex.add_dropout(model, 0.5)
+    names = [n for n, _ in dropped.named_children()]
+    assert names == ["fc1", "norm1", "act1", "drop1", "fc2", "norm2", "act2", "drop2", "out"]
+    assert [type(m) for m in models.get_layers(dropped, "act")] == [torch.nn.ReLU] * 2
+    x = torch.randn(10, 6)
+    model.eval(), dropped.eval()
+    torch.testing.assert_close(dropped(x), model(x), rtol=0, atol=0)  # same modules, dropout off
+    dropped.train()
+    out = dropped[:4](x)  # fc1, norm1, act1, drop1 in training mode
+    kept = out != 0
+    torch.testing.assert_close(out[kept], 2 * dropped[:3](x)[kept] * 1.0)  # survivors scaled by 1/(1-p)
+    assert ex.add_dropout(model, 0.0) is model
+    with pytest.raises(ValueError, match="dropout probability"):
+        ex.add_dropout(model, 1.0)
+
+
+def test_train_run_is_deterministic_and_leaves_the_global_rng_alone():
+    split = blobs_split()
+    state = torch.get_rng_state()
+    kw = dict(activation="relu", norm="bn", dropout=0.2, hidden=16, depth=2, steps=15,
+              batch_size=16, lr=0.1, eval_every=5)
+    r1 = ex.train_run(split, seed=3, **kw)
+    r2 = ex.train_run(split, seed=3, **kw)
+    r3 = ex.train_run(split, seed=4, **kw)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert r1.history.loss == r2.history.loss and r1.test.accuracy == r2.test.accuracy
+    assert (r1.train_acc, r1.test_acc, r1.test_loss) == (r2.train_acc, r2.test_acc, r2.test_loss)
+    assert r1.history.loss != r3.history.loss
+    assert r1.test.step == [0, 5, 10, 15] and len(r1.history.step) == 15
+
+
+def test_train_run_final_numbers_are_evaluate():
+    split = blobs_split()
+    final = {}
+
+    class Keep:
+        def __call__(self, step, model):
+            final["model"] = model
+
+    r = ex.train_run(split, norm="bn", hidden=16, depth=2, steps=12, batch_size=16,
+                     callbacks={"keep": Keep()})
+    model = final["model"]
+    assert r.model is model
+    assert (r.train_loss, r.train_acc) == training.evaluate(model, split.x_train, split.y_train)
+    assert (r.test_loss, r.test_acc) == training.evaluate(model, split.x_test, split.y_test)
+    assert "keep" in r.extras and r.test is None
+
+
+def test_evaluate_batch_stats_uses_the_batch_and_changes_nothing():
+    split = blobs_split()
+    model = models.make_mlp(6, 16, 3, depth=2, activation="relu", norm="bn", seed=0)
+    training.train(model, split.x_train, split.y_train, steps=5, batch_size=16)
+    model.eval()
+    buffers = [b.clone() for b in model.buffers()]
+    loss, acc = ex.evaluate_batch_stats(model, split.x_test, split.y_test)
+    # truth: the same network with the BN layers' four formulas on the test batch
+    a = split.x_test.double()
+    fcs, norms = models.get_layers(model, "fc"), models.get_layers(model, "norm")
+    for fc, norm in zip(fcs, norms):
+        a = torch.relu(_bn_by_hand(a @ fc.weight.detach().double().T, norm))
+    logits = a @ model.out.weight.detach().double().T + model.out.bias.detach().double()
+    assert acc == training.accuracy(logits, split.y_test)
+    assert loss == pytest.approx(float(torch.nn.functional.cross_entropy(logits, split.y_test)), rel=1e-5)
+    assert not model.training
+    assert all(torch.equal(b, s) for b, s in zip(model.buffers(), buffers))
+    # without BN it is plain evaluation
+    plain = models.make_mlp(6, 16, 3, depth=2, seed=0)
+    assert ex.evaluate_batch_stats(plain, split.x_test, split.y_test) == training.evaluate(
+        plain, split.x_test, split.y_test)
+
+
+def test_class_subset_takes_n_per_class_from_the_training_rows():
+    split = blobs_split(n_train=90)
+    small = ex.class_subset(split, 7, seed=2)
+    assert torch.bincount(small.y_train).tolist() == [7, 7, 7]
+    # every kept row is a training row with its own label
+    for xi, yi in zip(small.x_train, small.y_train):
+        match = (split.x_train == xi).all(dim=1)
+        assert match.sum() == 1 and split.y_train[match].item() == yi.item()
+    assert small.x_test is split.x_test and small.y_test is split.y_test
+    assert torch.equal(ex.class_subset(split, 7, seed=2).x_train, small.x_train)  # seeded
+    with pytest.raises(ValueError, match="n_per_class"):
+        ex.class_subset(split, 31)
+
+
+# --------------------------------------------------------------------------
+# The chapter's runners, on tiny settings
+# --------------------------------------------------------------------------
+
+
+def test_figure1_run_records_accuracy_and_percentiles():
+    split = blobs_split()
+    r = ex.figure1_run(split, "bn", seed=0, steps=20, batch_size=16, every=10)
+    p = r.extras["percentiles"]
+    assert r.test.step == p.steps == [0, 10, 20]
+    assert p.values.shape == (3, 3)
+    assert np.all(np.diff(p.values, axis=1) >= 0)  # 15th <= 50th <= 85th
+
+
+def test_lr_table_shapes_and_never_reached():
+    split = blobs_split()
+    configs = {"a": dict(lr=0.1), "b": dict(lr=0.3, norm="bn")}
+    out = ex.lr_table(split, configs, [0, 1], target=1.01, steps=10, every=5,
+                      hidden=16, depth=2, batch_size=16)
+    for row in out.values():
+        assert np.isnan(row["steps"]).all()  # an accuracy above 1 is never reached
+        assert row["final"].shape == (2,) and row["curve"].shape == (2, 3)
+        assert row["eval_steps"].tolist() == [0, 5, 10]
+        np.testing.assert_array_equal(row["curve"][:, -1], row["final"])
+    out = ex.lr_table(split, configs, [0], target=0.0, steps=10, every=5, hidden=16, depth=2, batch_size=16)
+    assert out["a"]["steps"].tolist() == [0.0]  # reached before the first step
+
+
+def test_sweeps_shapes_and_fixed_examples():
+    split = blobs_split()
+    init = ex.init_scale_sweep(split, [0.5, 2.0], [0, 1], hidden=8, depth=2, steps=4, batch_size=16)
+    assert set(init) == {None, "bn"} and init["bn"].shape == (2, 2)
+    bs = ex.batch_size_sweep(split, [4, 32], [0], hidden=8, depth=2, epochs=1)
+    assert bs[None]["test"].shape == bs["bn"]["batch_stats"].shape == (1, 2)
+    np.testing.assert_array_equal(bs[None]["test"], bs[None]["batch_stats"])  # no BN: the same
+    # one epoch at batch size m is n // m updates
+    r = ex.train_run(split, batch_size=32, epochs=1, hidden=8, depth=2)
+    assert len(r.history.step) == 96 // 32
+
+
+def test_generalization_gap_is_train_minus_test():
+    split = blobs_split()
+    out = ex.generalization_gap(split, {"plain": {}, "drop": dict(dropout=0.5)}, [0, 1],
+                                hidden=16, depth=2, steps=10, batch_size=16)
+    for row in out.values():
+        np.testing.assert_array_equal(row["gap"], row["train"] - row["test"])
+        assert row["test_loss"].shape == (2,)
+
+
+def test_format_table_text_and_nan_handling():
+    rows = {"x": {"s": np.array([10.0, 20.0, np.nan]), "f": np.array([0.5, 0.7, 0.6])},
+            "yy": {"s": np.array([np.nan, np.nan, np.nan]), "f": np.array([1.0, 1.0, 1.0])}}
+    text = ex.format_table(rows, {"s": "{:.0f}", "f": "{:.2f}"}, header="run")
+    lines = text.splitlines()
+    assert lines[0].split() == ["run", "s", "f"]
+    assert lines[1].split() == ["x", "15±5", "(2/3)", f"{0.6:.2f}±{np.std([0.5, 0.7, 0.6]):.2f}"]
+    assert lines[2].split() == ["yy", "never", "1.00±0.00"]
+    assert len({len(line) for line in lines}) == 1  # fixed width
