@@ -117,15 +117,21 @@ class GhostBatchNorm(bnn._BatchNorm):
         self._check_input(input)
         self._check_virtual_batches(input)
 
-        outputs, means, m2s, counts = [], [], [], []
-        for chunk in input.split(self.virtual_batch_size):
-            y, mu, var = BatchNormTrainFunction.apply(chunk, self.weight, self.bias, self.eps)
-            m = values_per_channel(chunk.shape)
-            outputs.append(y)
-            means.append(mu * m)
-            m2s.append(var * m)
-            counts.append(m)
-        output = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        n, vbs = input.shape[0], self.virtual_batch_size
+        if n > vbs and n % vbs == 0:
+            output, mu, var = self._equal_virtual_batches(input)
+            counts = torch.full((n // vbs, 1), values_per_channel(input.shape) // (n // vbs), dtype=mu.dtype)
+        else:
+            outputs, mus, variances, sizes = [], [], [], []
+            for chunk in input.split(vbs):
+                y, mu, var = BatchNormTrainFunction.apply(chunk, self.weight, self.bias, self.eps)
+                outputs.append(y)
+                mus.append(mu)
+                variances.append(var)
+                sizes.append(values_per_channel(chunk.shape))
+            output = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+            mu, var = torch.stack(mus), torch.stack(variances)
+            counts = torch.tensor(sizes, dtype=mu.dtype).view(-1, 1)
 
         if self.training and self.track_running_stats:
             self.num_batches_tracked.add_(1)
@@ -133,9 +139,28 @@ class GhostBatchNorm(bnn._BatchNorm):
                 factor = 1.0 / float(self.num_batches_tracked)  # cumulative average, as BatchNorm
             else:
                 factor = self.momentum
-            m, k = sum(counts), len(counts)
-            # m == 0 (an empty batch): NaN statistics, so the estimates are kept.
-            mu_pool = torch.stack(means).sum(0) / m
-            var_pool = torch.stack(m2s).sum(0) / (m - k)
+            # counts (k, 1), mu and var (k, C): m_j, mu_j and the biased var_j of virtual batch j.
+            # An empty batch (m = 0) gives NaN statistics, so the estimates are kept.
+            counts = counts.to(mu.device)
+            m, k = counts.sum(), counts.shape[0]
+            mu_pool = (counts * mu).sum(0) / m
+            var_pool = (counts * var).sum(0) / (m - k)
             update_running_stats(self.running_mean, self.running_var, mu_pool, var_pool, factor)
         return output
+
+    def _equal_virtual_batches(self, input):
+        """All ``k`` virtual batches of equal size in one call, the same math as the loop.
+
+        ``(k * vbs, C, *S)`` is viewed as ``(vbs, k * C, *S)``: virtual batch
+        ``j``'s channel ``c`` becomes channel ``j * C + c`` of one BatchNorm
+        over ``k * C`` channels, with ``gamma`` and ``beta`` repeated ``k``
+        times (autograd sums their ``k`` gradients). One pass instead of a
+        Python loop over ``k`` small batches.
+        """
+        k, vbs, c = input.shape[0] // self.virtual_batch_size, self.virtual_batch_size, input.shape[1]
+        x = input.unflatten(0, (k, vbs)).transpose(0, 1).flatten(1, 2)
+        weight = None if self.weight is None else self.weight.repeat(k)
+        bias = None if self.bias is None else self.bias.repeat(k)
+        y, mu, var = BatchNormTrainFunction.apply(x, weight, bias, self.eps)
+        output = y.unflatten(1, (k, c)).transpose(0, 1).flatten(0, 1)
+        return output, mu.view(k, c), var.view(k, c)

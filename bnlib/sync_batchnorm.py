@@ -63,14 +63,20 @@ Cost per BN layer per training step, with ``C`` channels, ``W`` ranks and
 whose statistics are float32): **two collectives**, both blocking.
 Forward: each rank sends ``3*C*b`` bytes and receives ``3*C*b*(W - 1)``.
 Backward: an all-reduce of ``2*C*b`` bytes (a ring moves ``2*(W-1)/W`` times
-that per rank). Why one all_gather and not all-reduces: the merge needs
-every ``(n_r, mu_r, M2_r)``, which is not a sum; the exact alternative,
-an all-reduce of ``(n_r, n_r * mu_r)`` then one of ``sum (x - mu)^2`` about
-the global mean, costs two round trips and a second pass over ``x`` after
-the first one. These messages are a few kilobytes, where a collective's
-latency, not its bytes, is the price; the all_gather's ``W``-fold bytes only
-matter for thousands of ranks. The count is stored per channel (3 rows, not
-``2C + 1`` values) to keep the merge a plain column-wise formula.
+that per rank); :func:`sync_cost` computes these numbers. Why one
+all_gather and not all-reduces: the merge needs every ``(n_r, mu_r, M2_r)``,
+which is not a sum; the exact alternative, an all-reduce of
+``(n_r, n_r * mu_r)`` then one of ``sum (x - mu)^2`` about the global mean,
+is two dependent round trips (a ring all-reduce takes ``2(W - 1)`` latency
+steps, an all_gather ``W - 1``) and a second pass over ``x`` between them.
+BN statistics are a few kilobytes per layer, so the latency is the price;
+the all_gather's bytes grow with ``W`` and overtake the all-reduces' from
+``W = 3`` on, but stay far below the gradients' all-reduce that
+data-parallel training does anyway until ``W`` reaches the hundreds (the
+chapter computes it for ResNet-50). torch's ``SyncBatchNorm`` makes the
+same choice (an all_gather of ``2C + 1`` values: mean, invstd, count). The
+count is kept per channel here (3 rows, ``C - 1`` values more) so that the
+merge is one column-wise formula.
 
 Errors, and why they cannot deadlock: the shape checks (at least 2 dims,
 ``num_features`` channels) are local and come before any collective; a
@@ -90,13 +96,15 @@ in both collectives and contributes ``n_r = 0``.
 import sys
 
 if "bnlib.nn" not in sys.modules:
-    # bnlib.nn re-exports SyncBatchNorm in its last lines and this module
-    # subclasses bnlib.nn's base class. Imported first, this module would be
-    # half-built when bnlib.nn asks for SyncBatchNorm, so it steps aside:
-    # bnlib.nn imports a fresh copy of it (to the end), and the import
-    # statement that got here returns that copy (Python returns whatever
-    # sys.modules holds when a module's code ends). The rest of this file
-    # then runs once more, unused.
+    # A circular import, resolved. bnlib.nn re-exports SyncBatchNorm in its
+    # last lines, and this module subclasses bnlib.nn's base class. Imported
+    # first, this module would be half-built when bnlib.nn asks for
+    # SyncBatchNorm, so it steps aside: it leaves sys.modules and imports
+    # bnlib.nn, whose last lines then import a fresh copy of this module,
+    # to the end. The import statement that got here returns that copy
+    # (Python hands out whatever sys.modules holds when a module's code
+    # ends), and the rest of this first run is unused. If bnlib.nn does not
+    # import this module, this run carries on as the module.
     _half_built = sys.modules.pop(__name__)
     import bnlib.nn  # noqa: F401
     sys.modules.setdefault(__name__, _half_built)  # bnlib.nn did not import us: carry on
@@ -108,7 +116,8 @@ from bnlib import nn as bnn
 from bnlib._checks import check_batch_size, check_num_channels, values_per_channel
 from bnlib.functional import _compute_dtype, _per_channel, _stat_dims
 
-__all__ = ["SyncBatchNorm", "SyncBatchNormFunction", "local_stats", "merge_stats", "update_running_stats"]
+__all__ = ["SyncBatchNorm", "SyncBatchNormFunction", "local_stats", "merge_stats", "update_running_stats",
+           "sync_cost"]
 
 
 def local_stats(x):
@@ -152,6 +161,33 @@ def merge_stats(count, mu, m2):
     mean = (count / n * mu).sum(0)
     deviation = mu - mean
     return n, mean, m2.sum(0) + (count * deviation * deviation).sum(0)
+
+
+def sync_cost(channels, world_size, bytes_per_value=4):
+    """What SyncBatchNorm sends per training step, per rank, for BN layers of ``channels``.
+
+    Args:
+        channels: the ``C`` of every BN layer (a list), or of one layer (an int).
+        world_size: ``W``, the ranks in the group.
+        bytes_per_value: 4 for float32 statistics (also for float16/bfloat16 inputs), 8 for float64.
+
+    Returns a dict: ``collectives`` (2 per layer: an all_gather forward, an
+    all_reduce backward), ``forward_sent`` (``3 C b`` per layer),
+    ``forward_received`` (``3 C b (W - 1)``), ``backward_payload``
+    (``2 C b``, the size of the all-reduced tensor) and
+    ``backward_ring_traffic`` (what a ring all-reduce sends per rank,
+    ``2 (W - 1) / W`` times the payload), each summed over the layers.
+    """
+    channels = [channels] if isinstance(channels, int) else list(channels)
+    total = sum(channels)
+    payload = 2 * total * bytes_per_value
+    return {
+        "collectives": 2 * len(channels),
+        "forward_sent": 3 * total * bytes_per_value,
+        "forward_received": 3 * total * bytes_per_value * (world_size - 1),
+        "backward_payload": payload,
+        "backward_ring_traffic": 2 * (world_size - 1) * payload / world_size,
+    }
 
 
 @torch.no_grad()
@@ -232,7 +268,11 @@ class SyncBatchNormFunction(torch.autograd.Function):
         dims = _stat_dims(ndim)
         dy32 = dy.to(x_centered.dtype)
         sum_dy = dy32.sum(dims)
-        sum_dy_x_hat = torch.mul(dy32, x_centered).sum(dims) * invstd
+        if values_per_channel(x_centered.shape) == 0:
+            # An empty slice contributes exactly 0, even where invstd is NaN (every slice empty).
+            sum_dy_x_hat = torch.zeros_like(sum_dy)
+        else:
+            sum_dy_x_hat = torch.mul(dy32, x_centered).sum(dims) * invstd
 
         grad_input = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
@@ -269,7 +309,8 @@ class SyncBatchNorm(bnn._BatchNorm):
     :class:`SyncBatchNormFunction` (global statistics, see the module
     docstring). Otherwise (eval mode, no process group, a group of one rank,
     or a rank outside ``process_group``): plain batch norm,
-    :func:`bnlib.functional.batch_norm`, with no communication.
+    :func:`bnlib.functional.batch_norm`, with no communication (so eval mode
+    without running estimates uses the rank's own batch, as torch's does).
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
