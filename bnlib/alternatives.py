@@ -23,11 +23,9 @@ backward is batch norm's compact formula applied to the right groups of values
 (:func:`_rows_backward`), not autograd replaying the forward. float16 and
 bfloat16 inputs are computed in float32 and returned in their own dtype.
 
-The modules with running statistics derive from torch's own ``_NormBase`` (the
-base of ``torch.nn.InstanceNorm*d``), not from ``bnlib.nn._NormBase``: the
-buffers and state-dict handling are then torch's by construction, and this
-module does not import ``bnlib.nn`` (which re-exports these names on its last
-line, so importing either module first works).
+The modules with running statistics derive from ``bnlib.batchnorm._NormBase``,
+the base of bnlib's batch norm: the same parameters, buffers and state-dict
+handling as torch's modules.
 """
 
 import math
@@ -35,10 +33,10 @@ from numbers import Integral, Real
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _NormBase as _TorchNormBase
 from torch.nn.utils import parametrize
 
 from bnlib import functional as bnF
+from bnlib.batchnorm import _NormBase
 from bnlib._checks import check_batch_size, check_input_dims, check_norm_args, check_num_channels, values_per_channel
 
 __all__ = [
@@ -367,7 +365,7 @@ class GroupNorm(nn.Module):
         )
 
 
-class _InstanceNorm(_TorchNormBase):
+class _InstanceNorm(_NormBase):
     """Instance norm with torch's defaults: ``affine=False, track_running_stats=False``.
 
     As in torch: an unbatched input (no N axis) is accepted; with
@@ -571,7 +569,7 @@ def _check_limit(name, value, lowest):
         raise ValueError(f"{name} must be a finite number >= {lowest:g}, got {value!r}")
 
 
-class _BatchRenorm(_TorchNormBase):
+class _BatchRenorm(_NormBase):
     r"""Batch renormalization (Ioffe 2017): batch norm whose training output
     uses the batch statistics corrected towards the running ones.
 

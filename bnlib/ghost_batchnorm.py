@@ -47,18 +47,9 @@ estimates (``track_running_stats=False``) eval normalizes each virtual
 batch with its own statistics, as training does.
 """
 
-import sys
-
-if "bnlib.nn" not in sys.modules:
-    # Circular import, resolved as in bnlib.sync_batchnorm (see the comment
-    # there): bnlib.nn imports this module at its end and returns that copy.
-    _half_built = sys.modules.pop(__name__)
-    import bnlib.nn  # noqa: F401
-    sys.modules.setdefault(__name__, _half_built)  # bnlib.nn did not import us: carry on
-
 import torch
 
-from bnlib import nn as bnn
+from bnlib import batchnorm as bnn
 from bnlib._checks import check_num_channels, values_per_channel
 from bnlib.functional import BatchNormTrainFunction
 from bnlib.sync_batchnorm import update_running_stats

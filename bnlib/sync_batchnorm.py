@@ -93,26 +93,10 @@ a host sync only on that rare path. A rank with an empty slice takes part
 in both collectives and contributes ``n_r = 0``.
 """
 
-import sys
-
-if "bnlib.nn" not in sys.modules:
-    # A circular import, resolved. bnlib.nn re-exports SyncBatchNorm in its
-    # last lines, and this module subclasses bnlib.nn's base class. Imported
-    # first, this module would be half-built when bnlib.nn asks for
-    # SyncBatchNorm, so it steps aside: it leaves sys.modules and imports
-    # bnlib.nn, whose last lines then import a fresh copy of this module,
-    # to the end. The import statement that got here returns that copy
-    # (Python hands out whatever sys.modules holds when a module's code
-    # ends), and the rest of this first run is unused. If bnlib.nn does not
-    # import this module, this run carries on as the module.
-    _half_built = sys.modules.pop(__name__)
-    import bnlib.nn  # noqa: F401
-    sys.modules.setdefault(__name__, _half_built)  # bnlib.nn did not import us: carry on
-
 import torch
 import torch.distributed as dist
 
-from bnlib import nn as bnn
+from bnlib import batchnorm as bnn
 from bnlib._checks import check_batch_size, check_num_channels, values_per_channel
 from bnlib.functional import _compute_dtype, _per_channel, _stat_dims
 

@@ -36,18 +36,25 @@ Any other strides are made contiguous first (a copy).
 **Grid and reductions.** The grid is ``(channel blocks, splits)``: split ``j``
 owns the rows ``[j * rows_per_split, (j + 1) * rows_per_split)``, so a channel
 with many values is reduced by many programs at once. Inside a program every
-lane keeps its own Welford summary ``(mean, M2, count)``; the lanes, then the
-splits, are merged with Chan's formula (never ``E[x^2] - E[x]^2``):
+lane keeps its own Welford summary ``(mean, M2, count)`` (``count += 1;
+delta = x - mean; mean += delta / count; M2 += delta * (x - mean)``); the
+lanes, then the splits, are merged with Chan's formula for k parts (never
+``E[x^2] - E[x]^2``):
 
-    n = n_a + n_b,  delta = mean_b - mean_a,
-    mean = mean_a + delta * n_b / n,  M2 = M2_a + M2_b + delta^2 * n_a * n_b / n
+    n = sum(n_i),  mean = sum(n_i * mean_i) / n,
+    M2 = sum(M2_i) + sum(n_i * (mean_i - mean)^2)
 
 With several splits a pass is three launches (partial summaries, a small
 finalize kernel over the splits, the elementwise pass). When the channel
 blocks alone fill the GPU there is one split and one launch: the program
 reduces its channels and then normalizes them, the second loop running
-backwards over the rows so that it starts with what the first loop left in
-L2.
+backwards over the tiles so that it starts with what the first loop left in
+L2. ``CONFIG`` holds the block sizes and the split rule; the defaults are
+what sweeps on an H100 favoured (``bench/bench_gpu.py``, ``bench/results/``).
+
+``momentum`` and ``eps`` reach the kernels as float32 (as in torch's CUDA
+kernels for float32 input); for float64 input that limits the running
+statistics to about 1e-8 relative accuracy.
 
 Triton is optional (``pip install bnlib[triton]``): without it this module
 still imports and ``is_available()`` is False. With ``TRITON_INTERPRET=1`` in
@@ -109,6 +116,22 @@ def _chan_combine(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
 
 
 @_jit
+def _merge(mean, m2, count, AXIS: tl.constexpr):
+    """Merge k Welford summaries along AXIS at once (Chan's formula for k parts):
+
+        n = sum(n_i),  mean = sum(n_i * mean_i) / n,
+        M2 = sum(M2_i) + sum(n_i * (mean_i - mean)^2).
+
+    Every term of M2 is >= 0: no cancellation. Parts with n_i = 0 add nothing.
+    """
+    n = tl.sum(count, AXIS)
+    mean_all = tl.sum(count * mean, AXIS) / tl.maximum(n, 1.0)
+    dev = mean - tl.expand_dims(mean_all, AXIS)
+    m2_all = tl.sum(m2 + count * dev * dev, AXIS)
+    return mean_all, m2_all, n
+
+
+@_jit
 def _invstd(var, eps):
     """1 / sqrt(var + eps), the square root correctly rounded (tl.sqrt is approximate in float32)."""
     if var.dtype == tl.float64:
@@ -118,59 +141,94 @@ def _invstd(var, eps):
 
 
 @_jit
-def _tile_offsets(r0, c_offs, s0, s_r, s_c, R_end, C, S,
-                  BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, INT64: tl.constexpr):
-    """Offsets and mask of the tile (rows r0.., channels c_offs, positions s0..): shape (BLOCK_R, BLOCK_C, BLOCK_S)."""
+def _tile(t, r_start, r_end, c_offs, s_r, s_c, C, S,
+          BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, INT64: tl.constexpr):
+    """Offsets and mask of a program's tile number t, shape (BLOCK_R, BLOCK_C, BLOCK_S).
+
+    A program's tiles run over its rows [r_start, r_end) in steps of BLOCK_R and,
+    inside each, over the positions [0, S) in steps of BLOCK_S. A t past the
+    last tile (or negative) gives an all-false mask.
+    """
+    n_s_tiles = tl.cdiv(S, BLOCK_S)
+    r0 = tl.where(t >= 0, r_start + (t // n_s_tiles) * BLOCK_R, r_end)  # t < 0: rows past the end
     r = r0 + tl.arange(0, BLOCK_R)[:, None, None]
-    s = s0 + tl.arange(0, BLOCK_S)[None, None, :]
+    s = (t % n_s_tiles) * BLOCK_S + tl.arange(0, BLOCK_S)[None, None, :]
     c = c_offs[None, :, None]
-    mask = (r < R_end) & (c < C) & (s < S)
+    mask = (r < r_end) & (c < C) & (s < S)
     if INT64:
         r = r.to(tl.int64)
     return r * s_r + c * s_c + s, mask
 
 
 @_jit
+def _n_tiles(r_start, r_end, S, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
+    return tl.cdiv(r_end - r_start, BLOCK_R) * tl.cdiv(S, BLOCK_S)
+
+
+@_jit
 def _welford(x_ptr, r_start, r_end, c_offs, s_r, s_c, C, S,
              BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-             INT64: tl.constexpr, ACC: tl.constexpr):
+             INT64: tl.constexpr, ACC: tl.constexpr, PREFETCH: tl.constexpr):
     """(mean, M2, count) of x over rows [r_start, r_end) and all S, per channel in c_offs.
 
     Every lane of the tile runs Welford's update on the values it sees,
         count += 1;  delta = x - mean;  mean += delta / count;  M2 += delta * (x - mean),
-    and the lanes are merged with ``_chan_combine`` at the end.
+    and the lanes are merged with ``_merge`` at the end. With PREFETCH the
+    next tile is loaded before the current one is used: two tiles in flight.
     """
     mean = tl.zeros([BLOCK_R, BLOCK_C, BLOCK_S], ACC)
     m2 = tl.zeros([BLOCK_R, BLOCK_C, BLOCK_S], ACC)
     count = tl.zeros([BLOCK_R, BLOCK_C, BLOCK_S], ACC)
-    for r0 in range(r_start, r_end, BLOCK_R):
-        for s0 in range(0, S, BLOCK_S):
-            offs, mask = _tile_offsets(r0, c_offs, s0, s_r, s_c, r_end, C, S, BLOCK_R, BLOCK_S, INT64)
-            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-            count += mask.to(ACC)
-            delta = x - mean
-            mean += tl.where(mask, delta / tl.maximum(count, 1.0), 0.0)
-            m2 += tl.where(mask, delta * (x - mean), 0.0)
-    mean, m2, count = tl.reduce((mean, m2, count), 2, _chan_combine)
-    mean, m2, count = tl.reduce((mean, m2, count), 0, _chan_combine)
+    n_tiles = _n_tiles(r_start, r_end, S, BLOCK_R, BLOCK_S)
+    offs, mask = _tile(0, r_start, r_end, c_offs, s_r, s_c, C, S, BLOCK_R, BLOCK_S, INT64)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    for t in range(0, n_tiles):
+        if PREFETCH:
+            offs, next_mask = _tile(t + 1, r_start, r_end, c_offs, s_r, s_c, C, S, BLOCK_R, BLOCK_S, INT64)
+            next_x = tl.load(x_ptr + offs, mask=next_mask, other=0.0)
+        elif t > 0:
+            offs, mask = _tile(t, r_start, r_end, c_offs, s_r, s_c, C, S, BLOCK_R, BLOCK_S, INT64)
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        xf = x.to(ACC)
+        count += mask.to(ACC)
+        delta = xf - mean
+        mean += tl.where(mask, delta / tl.maximum(count, 1.0), 0.0)
+        m2 += tl.where(mask, delta * (xf - mean), 0.0)
+        if PREFETCH:
+            x = next_x
+            mask = next_mask
+    mean, m2, count = _merge(mean, m2, count, 2)
+    mean, m2, count = _merge(mean, m2, count, 0)
     return mean, m2, count
 
 
 @_jit
 def _grad_sums(x_ptr, dy_ptr, mean, r_start, r_end, c_offs, s_r, s_c, C, S,
                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-               INT64: tl.constexpr, ACC: tl.constexpr):
+               INT64: tl.constexpr, ACC: tl.constexpr, PREFETCH: tl.constexpr):
     """sum(dy) and sum(dy * (x - mean)) over rows [r_start, r_end) and all S, per channel."""
     sum_dy = tl.zeros([BLOCK_R, BLOCK_C, BLOCK_S], ACC)
     sum_dy_xmu = tl.zeros([BLOCK_R, BLOCK_C, BLOCK_S], ACC)
     mu = mean[None, :, None]
-    for r0 in range(r_start, r_end, BLOCK_R):
-        for s0 in range(0, S, BLOCK_S):
-            offs, mask = _tile_offsets(r0, c_offs, s0, s_r, s_c, r_end, C, S, BLOCK_R, BLOCK_S, INT64)
-            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-            dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
-            sum_dy += dy
-            sum_dy_xmu += dy * (x - mu)  # dy is 0 in masked lanes
+    n_tiles = _n_tiles(r_start, r_end, S, BLOCK_R, BLOCK_S)
+    offs, mask = _tile(0, r_start, r_end, c_offs, s_r, s_c, C, S, BLOCK_R, BLOCK_S, INT64)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0)
+    for t in range(0, n_tiles):
+        if PREFETCH:
+            offs, next_mask = _tile(t + 1, r_start, r_end, c_offs, s_r, s_c, C, S, BLOCK_R, BLOCK_S, INT64)
+            next_x = tl.load(x_ptr + offs, mask=next_mask, other=0.0)
+            next_dy = tl.load(dy_ptr + offs, mask=next_mask, other=0.0)
+        elif t > 0:
+            offs, mask = _tile(t, r_start, r_end, c_offs, s_r, s_c, C, S, BLOCK_R, BLOCK_S, INT64)
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+            dy = tl.load(dy_ptr + offs, mask=mask, other=0.0)
+        dyf = dy.to(ACC)
+        sum_dy += dyf
+        sum_dy_xmu += dyf * (x.to(ACC) - mu)  # dy is 0 in masked lanes
+        if PREFETCH:
+            x = next_x
+            dy = next_dy
     sum_dy = tl.sum(tl.sum(sum_dy, 2), 0)
     sum_dy_xmu = tl.sum(tl.sum(sum_dy_xmu, 2), 0)
     return sum_dy, sum_dy_xmu
@@ -219,7 +277,7 @@ _NONE = 3  # none needed (backward of eval mode without parameter gradients)
 @_jit
 def _partial_stats_kernel(x_ptr, part_ptr, C, S, R, s_r, s_c, rows_per_split,
                           BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-                          INT64: tl.constexpr, ACC: tl.constexpr):
+                          INT64: tl.constexpr, ACC: tl.constexpr, PREFETCH: tl.constexpr):
     """Training forward, pass 1 of 3: each program's (count, mean, M2) into part[3, n_split, C]."""
     pid_c = tl.program_id(0)
     j = tl.program_id(1)
@@ -228,7 +286,7 @@ def _partial_stats_kernel(x_ptr, part_ptr, C, S, R, s_r, s_c, rows_per_split,
     r_start = j * rows_per_split
     r_end = tl.minimum(r_start + rows_per_split, R)
     mean, m2, count = _welford(x_ptr, r_start, r_end, c_offs, s_r, s_c, C, S,
-                               BLOCK_R, BLOCK_C, BLOCK_S, INT64, ACC)
+                               BLOCK_R, BLOCK_C, BLOCK_S, INT64, ACC, PREFETCH)
     c_mask = c_offs < C
     out = part_ptr + j * C + c_offs
     tl.store(out, count, mask=c_mask)
@@ -253,7 +311,7 @@ def _finalize_stats_kernel(part_ptr, stats_ptr, rmean_ptr, rvar_ptr, C, n_split,
         part_count = tl.load(part_ptr + offs, mask=mask, other=0.0)
         part_mean = tl.load(part_ptr + n_split * C + offs, mask=mask, other=0.0)
         part_m2 = tl.load(part_ptr + 2 * n_split * C + offs, mask=mask, other=0.0)
-        block_mean, block_m2, block_count = tl.reduce((part_mean, part_m2, part_count), 0, _chan_combine)
+        block_mean, block_m2, block_count = _merge(part_mean, part_m2, part_count, 0)
         mean, m2, count = _chan_combine(mean, m2, count, block_mean, block_m2, block_count)
     _finish_stats(mean, m2, count, c_offs, C, stats_ptr, rmean_ptr, rvar_ptr, momentum, eps,
                   UPDATE_RMEAN, UPDATE_RVAR)
@@ -265,7 +323,7 @@ def _normalize_kernel(x_ptr, y_ptr, w_ptr, b_ptr, stats_ptr, rmean_ptr, rvar_ptr
                       STATS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                       UPDATE_RMEAN: tl.constexpr, UPDATE_RVAR: tl.constexpr,
                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-                      INT64: tl.constexpr, ACC: tl.constexpr):
+                      INT64: tl.constexpr, ACC: tl.constexpr, PREFETCH: tl.constexpr):
     """y = (x - mean) * (invstd * gamma) + beta.
 
     STATS says where mean and invstd come from: _FROM_BUFFER (training, pass
@@ -280,7 +338,7 @@ def _normalize_kernel(x_ptr, y_ptr, w_ptr, b_ptr, stats_ptr, rmean_ptr, rvar_ptr
     r_end = tl.minimum(r_start + rows_per_split, R)
     if STATS == 1:  # _COMPUTE
         mean, m2, count = _welford(x_ptr, r_start, r_end, c_offs, s_r, s_c, C, S,
-                                   BLOCK_R, BLOCK_C, BLOCK_S, INT64, ACC)
+                                   BLOCK_R, BLOCK_C, BLOCK_S, INT64, ACC, PREFETCH)
         mean, invstd = _finish_stats(mean, m2, count, c_offs, C, stats_ptr, rmean_ptr, rvar_ptr,
                                      momentum, eps, UPDATE_RMEAN, UPDATE_RVAR)
     elif STATS == 2:  # _RUNNING
@@ -299,22 +357,29 @@ def _normalize_kernel(x_ptr, y_ptr, w_ptr, b_ptr, stats_ptr, rmean_ptr, rvar_ptr
     mean = mean[None, :, None]
     scale = scale[None, :, None]
     shift = shift[None, :, None]
-    # Rows last to first: after a reduction loop in this program, the rows it
+    # Tiles last to first: after a reduction loop in this program, the tiles it
     # read last are the likeliest to still be in L2.
-    n_tiles = tl.cdiv(r_end - r_start, BLOCK_R)
+    n_tiles = _n_tiles(r_start, r_end, S, BLOCK_R, BLOCK_S)
+    offs, mask = _tile(n_tiles - 1, r_start, r_end, c_offs, s_r, s_c, C, S, BLOCK_R, BLOCK_S, INT64)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
     for i in range(0, n_tiles):
-        r0 = r_start + (n_tiles - 1 - i) * BLOCK_R
-        for s0 in range(0, S, BLOCK_S):
-            offs, mask = _tile_offsets(r0, c_offs, s0, s_r, s_c, r_end, C, S, BLOCK_R, BLOCK_S, INT64)
-            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-            y = (x - mean) * scale + shift
-            tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+        t = n_tiles - 1 - i
+        if PREFETCH:
+            next_offs, next_mask = _tile(t - 1, r_start, r_end, c_offs, s_r, s_c, C, S, BLOCK_R, BLOCK_S, INT64)
+            next_x = tl.load(x_ptr + next_offs, mask=next_mask, other=0.0)
+        elif i > 0:
+            offs, mask = _tile(t, r_start, r_end, c_offs, s_r, s_c, C, S, BLOCK_R, BLOCK_S, INT64)
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        y = (x.to(ACC) - mean) * scale + shift
+        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+        if PREFETCH:
+            x, offs, mask = next_x, next_offs, next_mask
 
 
 @_jit
 def _partial_grad_sums_kernel(x_ptr, dy_ptr, stats_ptr, part_ptr, C, S, R, s_r, s_c, rows_per_split,
                               BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-                              INT64: tl.constexpr, ACC: tl.constexpr):
+                              INT64: tl.constexpr, ACC: tl.constexpr, PREFETCH: tl.constexpr):
     """Backward, pass 1 of 3: each program's sum(dy) and sum(dy * (x - mean)) into part[2, n_split, C]."""
     pid_c = tl.program_id(0)
     j = tl.program_id(1)
@@ -325,7 +390,7 @@ def _partial_grad_sums_kernel(x_ptr, dy_ptr, stats_ptr, part_ptr, C, S, R, s_r, 
     r_end = tl.minimum(r_start + rows_per_split, R)
     mean = tl.load(stats_ptr + c_offs, mask=c_mask, other=0.0)
     sum_dy, sum_dy_xmu = _grad_sums(x_ptr, dy_ptr, mean, r_start, r_end, c_offs, s_r, s_c, C, S,
-                                    BLOCK_R, BLOCK_C, BLOCK_S, INT64, ACC)
+                                    BLOCK_R, BLOCK_C, BLOCK_S, INT64, ACC, PREFETCH)
     out = part_ptr + j * C + c_offs
     tl.store(out, sum_dy, mask=c_mask)
     tl.store(out + n_split * C, sum_dy_xmu, mask=c_mask)
@@ -356,7 +421,7 @@ def _grad_input_kernel(x_ptr, dy_ptr, dx_ptr, w_ptr, stats_ptr, sums_ptr,
                        C, S, R, s_r, s_c, rows_per_split, m,
                        SUMS: tl.constexpr, TRAINING: tl.constexpr, HAS_W: tl.constexpr,
                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-                       INT64: tl.constexpr, ACC: tl.constexpr):
+                       INT64: tl.constexpr, ACC: tl.constexpr, PREFETCH: tl.constexpr):
     r"""dx, from the saved mean and invstd (stats) and the sums.
 
     Training: dx = gamma * invstd * (dy - sum(dy)/m - x_hat * sum(dy * x_hat)/m)
@@ -378,7 +443,7 @@ def _grad_input_kernel(x_ptr, dy_ptr, dx_ptr, w_ptr, stats_ptr, sums_ptr,
     invstd = tl.load(stats_ptr + C + c_offs, mask=c_mask, other=0.0)
     if SUMS == 1:  # _COMPUTE
         sum_dy, sum_dy_xmu = _grad_sums(x_ptr, dy_ptr, mean, r_start, r_end, c_offs, s_r, s_c, C, S,
-                                        BLOCK_R, BLOCK_C, BLOCK_S, INT64, ACC)
+                                        BLOCK_R, BLOCK_C, BLOCK_S, INT64, ACC, PREFETCH)
         sum_dy_xhat = sum_dy_xmu * invstd
         tl.store(sums_ptr + c_offs, sum_dy_xhat, mask=c_mask)
         tl.store(sums_ptr + C + c_offs, sum_dy, mask=c_mask)
@@ -397,18 +462,32 @@ def _grad_input_kernel(x_ptr, dy_ptr, dx_ptr, w_ptr, stats_ptr, sums_ptr,
     xmu_coef = (invstd * sum_dy_xhat * inv_m)[None, :, None]
     mean = mean[None, :, None]
     k = k[None, :, None]
-    n_tiles = tl.cdiv(r_end - r_start, BLOCK_R)
-    for i in range(0, n_tiles):  # last rows first (see _normalize_kernel)
-        r0 = r_start + (n_tiles - 1 - i) * BLOCK_R
-        for s0 in range(0, S, BLOCK_S):
-            offs, mask = _tile_offsets(r0, c_offs, s0, s_r, s_c, r_end, C, S, BLOCK_R, BLOCK_S, INT64)
-            dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(ACC)
+    n_tiles = _n_tiles(r_start, r_end, S, BLOCK_R, BLOCK_S)
+    offs, mask = _tile(n_tiles - 1, r_start, r_end, c_offs, s_r, s_c, C, S, BLOCK_R, BLOCK_S, INT64)
+    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0)
+    x = dy
+    if TRAINING:
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    for i in range(0, n_tiles):  # last tiles first (see _normalize_kernel)
+        t = n_tiles - 1 - i
+        if PREFETCH:
+            next_offs, next_mask = _tile(t - 1, r_start, r_end, c_offs, s_r, s_c, C, S, BLOCK_R, BLOCK_S, INT64)
+            next_dy = tl.load(dy_ptr + next_offs, mask=next_mask, other=0.0)
+            next_x = next_dy
             if TRAINING:
-                x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC)
-                dx = k * (dy - mean_dy - (x - mean) * xmu_coef)
-            else:
-                dx = k * dy
-            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+                next_x = tl.load(x_ptr + next_offs, mask=next_mask, other=0.0)
+        elif i > 0:
+            offs, mask = _tile(t, r_start, r_end, c_offs, s_r, s_c, C, S, BLOCK_R, BLOCK_S, INT64)
+            dy = tl.load(dy_ptr + offs, mask=mask, other=0.0)
+            if TRAINING:
+                x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+        if TRAINING:
+            dx = k * (dy.to(ACC) - mean_dy - (x.to(ACC) - mean) * xmu_coef)
+        else:
+            dx = k * dy.to(ACC)
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        if PREFETCH:
+            dy, x, offs, mask = next_dy, next_x, next_offs, next_mask
 
 
 # ----------------------------------------------------------------------------
@@ -417,14 +496,26 @@ def _grad_input_kernel(x_ptr, dy_ptr, dx_ptr, w_ptr, stats_ptr, sums_ptr,
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-# Launch configuration knobs (bench/bench_gpu.py sweeps them on the GPU).
+# Launch configuration knobs (bench/bench_gpu.py sweeps them on the GPU; the
+# defaults are what its sweeps on an H100 favoured, see bench/results/).
 #   tile: elements of x per tile (a power of 2), for 4-byte dtypes; 2-byte dtypes
 #         use twice as many elements (the same bytes), float64 half.
 #   block_c: channels per program in the channels-last view (power of 2).
-#   programs_per_sm: the grid aims at this many programs per SM; fewer channel
-#         blocks than that are split along the rows.
-#   num_warps: warps per program for the big kernels.
-CONFIG = {"tile": 2048, "block_c": 64, "programs_per_sm": 4, "num_warps": 8, "max_block_s": 1024}
+#   programs_per_sm: the grid aims at this many programs per SM, splitting the
+#         rows when there are fewer channel blocks. None: 4 in the channels-last
+#         view; in the contiguous view one split (one launch per pass) when the
+#         channels alone give an SM each, else 2 per SM.
+#   n_split: force the number of splits (tests and sweeps).
+#   max_block_s: the most spatial positions per tile in the contiguous view.
+#   num_warps, num_stages: Triton's, for the big kernels (num_stages None: Triton's default).
+#   prefetch: load the next tile before using the current one (two tiles in flight).
+CONFIG = {"tile": 2048, "block_c": 64, "programs_per_sm": None, "num_warps": 8, "max_block_s": 1024,
+          "num_stages": None, "prefetch": False}
+# Channels-last problems of fewer elements than this take SMALL_CHANNELS_LAST's
+# values instead: measured 5-25% faster there (forward and backward), slower
+# on bigger ones.
+SMALL_CHANNELS_LAST_ELEMENTS = 8 * 2**20
+SMALL_CHANNELS_LAST = {"block_c": 32, "programs_per_sm": 2, "prefetch": True}
 
 
 def _next_pow2(n):
@@ -456,8 +547,11 @@ class _Launch:
     """Block sizes, grid and split of one (R, C, S) problem."""
 
     def __init__(self, R, C, S, dtype, device, config=None):
-        cfg = dict(CONFIG, **(config or {}))
-        tile = cfg["tile"] * 4 // torch.empty((), dtype=dtype).element_size()
+        cfg = dict(CONFIG)
+        if S == 1 and R * C < SMALL_CHANNELS_LAST_ELEMENTS:
+            cfg.update(SMALL_CHANNELS_LAST)
+        cfg.update(config or {})
+        tile = cfg["tile"] * 4 // dtype.itemsize
         if S > 1:  # one channel per program, tiles of (BLOCK_R rows, BLOCK_S positions)
             self.BLOCK_C = 1
             self.BLOCK_S = min(_next_pow2(S), cfg["max_block_s"], tile)
@@ -467,8 +561,11 @@ class _Launch:
             self.BLOCK_C = min(_next_pow2(C), cfg["block_c"], tile)
             self.BLOCK_R = min(max(tile // self.BLOCK_C, 1), _next_pow2(R))
         c_blocks = triton.cdiv(C, self.BLOCK_C)
-        want = cfg["programs_per_sm"] * _num_sms(device)
-        n_split = max(1, min(triton.cdiv(want, c_blocks), triton.cdiv(R, self.BLOCK_R)))
+        n_sm = _num_sms(device)
+        per_sm = cfg["programs_per_sm"]
+        if per_sm is None:
+            per_sm = 4 if S == 1 else (0 if c_blocks >= n_sm else 2)
+        n_split = max(1, min(triton.cdiv(per_sm * n_sm, c_blocks), triton.cdiv(R, self.BLOCK_R)))
         if "n_split" in cfg:
             n_split = max(1, min(cfg["n_split"], R))
         # Whole tiles per split, so no tile straddles two splits.
@@ -476,12 +573,19 @@ class _Launch:
         self.n_split = triton.cdiv(R, self.rows_per_split)
         self.grid = (c_blocks, self.n_split)
         self.num_warps = cfg["num_warps"]
+        self.num_stages = cfg["num_stages"]
+        self.prefetch = cfg["prefetch"]
         self.R, self.C, self.S = R, C, S
-        self.BLOCK_C_FINAL = min(_next_pow2(C), 128)
-        self.BLOCK_SPLIT = min(_next_pow2(self.n_split), 32)
+        # The finalize kernels: up to 256 splits per step, then as many channels as fit in 4096 lanes.
+        self.BLOCK_SPLIT = min(_next_pow2(self.n_split), 256)
+        self.BLOCK_C_FINAL = min(_next_pow2(C), max(4096 // self.BLOCK_SPLIT, 16))
 
     def blocks(self):
-        return dict(BLOCK_R=self.BLOCK_R, BLOCK_C=self.BLOCK_C, BLOCK_S=self.BLOCK_S, num_warps=self.num_warps)
+        out = dict(BLOCK_R=self.BLOCK_R, BLOCK_C=self.BLOCK_C, BLOCK_S=self.BLOCK_S, num_warps=self.num_warps,
+                   PREFETCH=self.prefetch)
+        if self.num_stages is not None:
+            out["num_stages"] = self.num_stages
+        return out
 
 
 def _acc_dtype(dtype):
@@ -528,6 +632,7 @@ class _TritonBatchNorm(torch.autograd.Function):
         ctx.training = training
         ctx.launch_config = config
         ctx.has_weight = weight is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
         if any(ctx.needs_input_grad[:3]):
             if not training:  # the running estimates as they are now, for dx and dgamma
                 stats[0].copy_(running_mean)
@@ -566,9 +671,8 @@ class _TritonBatchNorm(torch.autograd.Function):
             _grad_input_kernel[launch.grid](x, dy, dx, weight if ctx.has_weight else stats, stats, sums,
                                             C, S, R, s_r, s_c, launch.rows_per_split, R * S,
                                             SUMS=mode, TRAINING=ctx.training, HAS_W=ctx.has_weight, **common)
-        param_dtype = weight.dtype if ctx.has_weight else dy.dtype
-        dw = sums[0].to(param_dtype) if need_w else None
-        db = sums[1].to(param_dtype) if need_b else None
+        dw = sums[0].to(weight.dtype) if need_w else None
+        db = sums[1].to(ctx.bias_dtype) if need_b else None
         return dx, dw, db, None, None, None, None, None, None
 
 

@@ -1,0 +1,146 @@
+"""The batch-norm modules: drop-in replacements for ``torch.nn.BatchNorm1d/2d/3d``.
+
+Same constructor, parameters (``weight``, ``bias``), buffers
+(``running_mean``, ``running_var``, ``num_batches_tracked``) and state-dict
+keys as torch's modules, so a state dict loads in either direction; the
+forward pass is :func:`bnlib.functional.batch_norm`, whose backward is
+written by hand.
+
+A shared base class holds what every BN variant shares (parameters,
+buffers, argument checks, the running-estimate factor); subclasses only say
+which input dimensions they take. ``_NormBase`` is also the base of the
+other modules with running statistics (instance norm, batch renorm, ghost
+and synchronized batch norm). The public names are re-exported by
+``bnlib.nn``.
+"""
+
+import torch
+from torch import nn
+
+from bnlib import functional as bnF
+from bnlib._checks import check_batch_size, check_input_dims, check_norm_args, check_num_channels
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+
+
+class _NormBase(nn.Module):
+    """Parameters, buffers and argument checks shared by the BN modules."""
+
+    # Version 2 of torch's state dict added ``num_batches_tracked``; keeping
+    # the same version makes old and new torch checkpoints load alike.
+    _version = 2
+    allowed_dims = ()  # input dimensions the subclass takes, e.g. (2, 3)
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 device=None, dtype=None, *, bias=True):
+        check_norm_args(num_features, eps, momentum)
+        factory_kwargs = {"device": device, "dtype": dtype}
+        super().__init__()
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_features, **factory_kwargs))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(num_features, **factory_kwargs))
+            else:
+                self.register_parameter("bias", None)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, **factory_kwargs))
+            self.register_buffer("running_var", torch.ones(num_features, **factory_kwargs))
+            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.reset_parameters()
+
+    def reset_running_stats(self):
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self):
+        """gamma = 1, beta = 0: at the start the layer only standardizes."""
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
+
+    def extra_repr(self):
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+            f"bias={self.bias is not None}, track_running_stats={self.track_running_stats}"
+        )
+
+    def _check_input(self, input):
+        name = type(self).__name__
+        check_input_dims(name, input.shape, self.allowed_dims)
+        check_num_channels(name, input.shape, self.num_features)
+        if self.training:
+            check_batch_size(input.shape, str(input.size()))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # Checkpoints older than version 2 have no num_batches_tracked: start it at 0.
+        version = local_metadata.get("version", None)
+        key = prefix + "num_batches_tracked"
+        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
+            state_dict[key] = torch.tensor(0, dtype=torch.long)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+
+class _BatchNorm(_NormBase):
+    """Batch norm over every axis but the channel axis 1."""
+
+    def forward(self, input):
+        # Every check comes before any state changes (num_batches_tracked included).
+        self._check_input(input)
+        update_running = self.training and self.track_running_stats
+        factor = 0.0 if self.momentum is None else self.momentum
+        if update_running:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                # Cumulative average: after t batches, each weighs 1/t.
+                # One host read per step, as in torch's own module.
+                factor = 1.0 / float(self.num_batches_tracked)
+        # Batch statistics in training mode, and in eval mode when no running
+        # estimates are kept.
+        use_batch_stats = self.training or self.running_mean is None
+        keep = not self.training or self.track_running_stats
+        return bnF.batch_norm(
+            input,
+            self.running_mean if keep else None,
+            self.running_var if keep else None,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            factor,
+            self.eps,
+        )
+
+
+class BatchNorm1d(_BatchNorm):
+    """Batch norm for ``(N, C)`` or ``(N, C, L)`` inputs."""
+
+    allowed_dims = (2, 3)
+
+
+class BatchNorm2d(_BatchNorm):
+    """Batch norm for ``(N, C, H, W)`` inputs: statistics over (N, H, W)."""
+
+    allowed_dims = (4,)
+
+
+class BatchNorm3d(_BatchNorm):
+    """Batch norm for ``(N, C, D, H, W)`` inputs: statistics over (N, D, H, W)."""
+
+    allowed_dims = (5,)

@@ -1,0 +1,407 @@
+"""bnlib.triton_kernels against torch.nn.functional.batch_norm.
+
+The kernels run two ways here:
+
+- Triton's interpreter, on CPU tensors, on any machine with Triton. It is
+  chosen when ``bnlib.triton_kernels`` is imported with ``TRITON_INTERPRET=1``
+  in the environment, which pytest's own process does not have (and another
+  test file may have imported the module already), so
+  ``test_interpreter_suite`` runs this file again in a subprocess with the
+  variable set; there the tests marked ``interp`` run, here they are skipped.
+  To see them one by one: ``TRITON_INTERPRET=1 pytest tests/test_triton.py``.
+- Compiled, on CUDA tensors (marked ``cuda``): skipped without a GPU.
+
+The truth is torch's batch norm in float64 on the CPU, and on CUDA also
+torch's native CUDA batch norm. Errors are measured as ``|got - want| / |want|``
+in the 2-norm over the whole tensor; the tolerances say what rounding allows:
+
+- float64: 1e-12, a few ulps accumulated over sums of at most a few thousand
+  terms; running stats 1e-7 (on CUDA ``momentum`` reaches the kernel as a
+  float32, relative error 1.5e-8).
+- float32: 1e-5 (sums of <= 1e6 terms, relative rounding 6e-8 per step).
+- float16: 3e-3 (the output is rounded to 11 bits: relative 4.9e-4 per element,
+  dx amplifies it a few times).
+- bfloat16: 2e-2 (8 bits: relative 3.9e-3 per element).
+"""
+
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+triton = pytest.importorskip("triton")
+
+from bnlib import triton_kernels as tk  # noqa: E402  (after the importorskip)
+
+INTERPRET = tk._INTERPRET
+CUDA = torch.cuda.is_available() and not INTERPRET
+
+interp = pytest.mark.skipif(not INTERPRET, reason="runs in test_interpreter_suite's subprocess (TRITON_INTERPRET=1)")
+
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+RUNNING_TOL = {torch.float64: 1e-7, torch.float32: 1e-5, torch.float16: 1e-5, torch.bfloat16: 1e-5}
+
+# Launch configurations that reach every code path on small inputs:
+# one split (the one-launch kernels) and several splits with tiny tiles (the
+# three-launch path, loops over many tiles, masked tails, several channel
+# blocks), each with and without prefetching.
+ONE_SPLIT = {"n_split": 1, "prefetch": False}
+SPLITS = {"n_split": 3, "tile": 32, "block_c": 2, "max_block_s": 8, "prefetch": True}
+
+
+def rel_err(got, want):
+    got, want = got.double().cpu(), want.double().cpu()
+    return ((got - want).norm() / want.norm().clamp_min(1e-300)).item()
+
+
+def make_input(shape, dtype, device, layout="contiguous", mean=2.0, std=3.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * std + mean).to(dtype)
+    x = x.to(device)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    return x
+
+
+def run_both(shape, dtype, device, layout="contiguous", training=True, affine=True, running=True,
+             momentum=0.1, eps=1e-5, config=None, seed=0):
+    """Forward and backward through bnlib's kernels (in ``dtype``) and torch (float64, CPU).
+
+    Returns dict name -> (got, want) for y, dx, dgamma, dbeta, running_mean, running_var.
+    """
+    C = shape[1]
+    g = torch.Generator().manual_seed(seed + 1)
+    x = make_input(shape, dtype, device, layout, seed=seed)
+    dy = make_input(shape, dtype, device, layout, mean=0.0, std=1.0, seed=seed + 2)
+    w = torch.randn(C, generator=g, dtype=torch.float64) if affine else None
+    b = torch.randn(C, generator=g, dtype=torch.float64) if affine else None
+    rm = torch.randn(C, generator=g, dtype=torch.float64) if running else None
+    rv = torch.rand(C, generator=g, dtype=torch.float64) + 0.5 if running else None
+
+    def params(dev, dt):
+        out = [None if t is None else t.to(dev, dt).requires_grad_() for t in (w, b)]
+        out += [None if t is None else t.to(dev, dt) for t in (rm, rv)]
+        return out
+
+    # bnlib: parameters and running stats in float32 for half inputs (mixed precision, as in torch.nn)
+    pdt = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    w1, b1, rm1, rv1 = params(device, pdt)
+    x1 = x.clone().requires_grad_()
+    y1 = tk.batch_norm(x1, rm1, rv1, w1, b1, training, momentum, eps, config=config)
+    inputs1 = [t for t in (x1, w1, b1) if t is not None]
+    grads1 = torch.autograd.grad(y1, inputs1, dy)
+
+    w2, b2, rm2, rv2 = params("cpu", torch.float64)
+    x2 = x.detach().cpu().double().requires_grad_()
+    y2 = F.batch_norm(x2, rm2, rv2, w2, b2, training, momentum, eps)
+    inputs2 = [t for t in (x2, w2, b2) if t is not None]
+    grads2 = torch.autograd.grad(y2, inputs2, dy.cpu().double())
+
+    assert y1.dtype == dtype and y1.shape == x.shape and y1.device == x.device
+    assert y1.stride() == x.stride(), "the output keeps the input's memory layout"
+    assert grads1[0].dtype == dtype
+    out = {"y": (y1, y2), "dx": (grads1[0], grads2[0])}
+    if affine:
+        out["dgamma"] = (grads1[1], grads2[1])
+        out["dbeta"] = (grads1[2], grads2[2])
+    if running:
+        out["running_mean"] = (rm1, rm2)
+        out["running_var"] = (rv1, rv2)
+    return out
+
+
+def check(results, dtype):
+    for name, (got, want) in results.items():
+        tol = RUNNING_TOL[dtype] if name.startswith("running") else TOL[dtype]
+        err = rel_err(got, want)
+        assert err <= tol, f"{name}: relative error {err:.3g} > {tol:g}"
+
+
+SHAPES = [
+    ((7, 5), "contiguous"),
+    ((4, 3, 10), "contiguous"),
+    ((3, 4, 5, 6), "contiguous"),
+    ((3, 4, 5, 6), "channels_last"),
+    ((2, 3, 2, 3, 4), "contiguous"),
+    ((2, 3, 2, 3, 4), "channels_last"),
+]
+
+
+# ---------------------------------------------------------------------------
+# The interpreter suite (CPU): runs this file in a subprocess with TRITON_INTERPRET=1
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(INTERPRET, reason="this is the subprocess already")
+def test_interpreter_suite():
+    """Every ``interp`` test below, through Triton's interpreter on CPU tensors."""
+    env = dict(os.environ, TRITON_INTERPRET="1", TRITON_DEFAULT_FP_FUSION="1")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "not interpreter_suite"]
+    proc = subprocess.run(cmd, env=env, cwd=Path(__file__).resolve().parent.parent,
+                          capture_output=True, text=True, timeout=600)
+    report = proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0, report
+    assert " passed" in proc.stdout and " failed" not in proc.stdout, report
+
+
+@interp
+@pytest.mark.parametrize("config", [ONE_SPLIT, SPLITS], ids=["one_split", "splits"])
+@pytest.mark.parametrize("shape, layout", SHAPES, ids=[f"{len(s)}d-{l}" for s, l in SHAPES])
+def test_train_matches_torch(shape, layout, config):
+    check(run_both(shape, torch.float64, "cpu", layout, config=config), torch.float64)
+
+
+@interp
+@pytest.mark.parametrize("config", [ONE_SPLIT, SPLITS], ids=["one_split", "splits"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_train_float32(layout, config):
+    check(run_both((3, 4, 5, 6), torch.float32, "cpu", layout, config=config), torch.float32)
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("config", [ONE_SPLIT, SPLITS], ids=["one_split", "splits"])
+def test_train_half_precision(dtype, config):
+    check(run_both((3, 4, 5, 6), dtype, "cpu", "channels_last", config=config), dtype)
+    check(run_both((4, 3, 10), dtype, "cpu", config=config), dtype)
+
+
+@interp
+@pytest.mark.parametrize("config", [ONE_SPLIT, SPLITS], ids=["one_split", "splits"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_eval_matches_torch(layout, config):
+    check(run_both((3, 4, 5, 6), torch.float64, "cpu", layout, training=False, config=config), torch.float64)
+
+
+@interp
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_no_affine(training):
+    check(run_both((4, 3, 10), torch.float64, "cpu", training=training, affine=False, config=SPLITS), torch.float64)
+
+
+@interp
+def test_training_without_running_stats():
+    check(run_both((3, 4, 5, 6), torch.float64, "cpu", running=False, config=SPLITS), torch.float64)
+
+
+@interp
+@pytest.mark.parametrize("momentum", [0.0, 1.0, 0.3])
+def test_momentum(momentum):
+    check(run_both((7, 5), torch.float64, "cpu", momentum=momentum, config=ONE_SPLIT), torch.float64)
+
+
+def _nan_rule(device, config):
+    """NaN in channel 1 and Inf in channel 2: those keep their running stats, the others update."""
+    x = make_input((4, 4, 3, 3), torch.float32, device)
+    x[1, 1, 0, 2] = float("nan")
+    x[2, 2, 1, 1] = float("inf")
+    rm = torch.zeros(4, device=device)
+    rv = torch.ones(4, device=device)
+    y = tk.batch_norm(x, rm, rv, None, None, True, 0.5, 1e-5, config=config)
+    ok = [0, 3]
+    sub_rm, sub_rv = torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
+    F.batch_norm(x[:, ok].cpu().double(), sub_rm, sub_rv, training=True, momentum=0.5)
+    assert torch.equal(rm[[1, 2]].cpu(), torch.zeros(2)), rm
+    assert torch.equal(rv[[1, 2]].cpu(), torch.ones(2)), rv
+    assert rel_err(rm[ok], sub_rm) < 1e-5 and rel_err(rv[ok], sub_rv) < 1e-5
+    assert torch.isnan(y[:, 1:3]).all(), "the math says NaN for the channels the NaN or Inf reaches"
+    assert torch.isfinite(y[:, ok]).all()
+
+
+@interp
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NumPy, inside the interpreter, on inf - inf
+@pytest.mark.parametrize("config", [ONE_SPLIT, SPLITS], ids=["one_split", "splits"])
+def test_nan_rule(config):
+    _nan_rule("cpu", config)
+
+
+def _stable_variance(device, config):
+    """Contract: float32 input with mean 1e4 and std 1 gives a variance within 1e-3 of the float64 one."""
+    x = make_input((64, 3, 8, 8), torch.float32, device, mean=1e4, std=1.0)
+    rm, rv = torch.zeros(3, device=device), torch.zeros(3, device=device)
+    y = tk.batch_norm(x, rm, rv, None, None, True, 1.0, 1e-5, config=config)  # momentum 1: running = batch
+    want = x.double().cpu().var(dim=(0, 2, 3), unbiased=True)
+    assert (rv.double().cpu() / want - 1).abs().max() < 1e-3, (rv, want)
+    want_y = F.batch_norm(x.double().cpu(), None, None, training=True)
+    assert rel_err(y, want_y) < 1e-3
+
+
+@interp
+@pytest.mark.parametrize("config", [ONE_SPLIT, {"n_split": 3}], ids=["one_split", "splits"])
+def test_stable_variance(config):
+    _stable_variance("cpu", config)
+
+
+@interp
+def test_dy_in_another_layout():
+    """A channels-last input whose gradient arrives contiguous (and one with stride 0)."""
+    x = make_input((3, 4, 5, 6), torch.float64, "cpu", "channels_last").requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    dy = make_input((3, 4, 5, 6), torch.float64, "cpu", seed=5)
+    for grad in (dy, torch.ones(1, dtype=torch.float64).expand(3, 4, 5, 6)):
+        got = torch.autograd.grad(tk.batch_norm(x, None, None, training=True, config=SPLITS), x, grad)[0]
+        want = torch.autograd.grad(F.batch_norm(x2, None, None, training=True), x2, grad)[0]
+        assert rel_err(got, want) < 1e-12 or want.abs().max() < 1e-12 and got.abs().max() < 1e-12
+
+
+@interp
+def test_non_contiguous_input_and_running_stats():
+    """Other strides are copied; strided running stats are still updated in place."""
+    x = make_input((4, 6, 5), torch.float64, "cpu").transpose(0, 2)  # (5, 6, 4), neither layout
+    buf = torch.zeros(2, 6, dtype=torch.float64)
+    rm, rv = buf[0], torch.ones(12, dtype=torch.float64)[::2]
+    ref_rm, ref_rv = torch.zeros(6, dtype=torch.float64), torch.ones(6, dtype=torch.float64)
+    y = tk.batch_norm(x, rm, rv, None, None, True, 0.1, 1e-5)
+    want = F.batch_norm(x, ref_rm, ref_rv, None, None, True, 0.1, 1e-5)
+    assert rel_err(y, want) < 1e-12
+    assert rel_err(rm, ref_rm) < 1e-12 and rel_err(rv, ref_rv) < 1e-12
+
+
+@interp
+def test_bad_input_changes_nothing():
+    C = 3
+    rm, rv = torch.zeros(C), torch.ones(C)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        tk.batch_norm(torch.randn(1, C), rm, rv, training=True)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        tk.batch_norm(torch.randn(1, C, 1, 1), rm, rv, training=True)
+    with pytest.raises(ValueError, match="running_mean should have 4 elements"):
+        tk.batch_norm(torch.randn(4, C + 1), rm, rv, training=True)
+    with pytest.raises(ValueError, match="at least 2 dimensions"):
+        tk.batch_norm(torch.randn(5), rm, rv, training=True)
+    with pytest.raises(ValueError, match="needs running_mean and running_var"):
+        tk.batch_norm(torch.randn(4, C), None, None, training=False)
+    with pytest.raises(ValueError, match="float16, bfloat16, float32 or float64"):
+        tk.batch_norm(torch.ones(4, C, dtype=torch.int32), rm, rv, training=True)
+    assert torch.equal(rm, torch.zeros(C)) and torch.equal(rv, torch.ones(C))
+
+
+@interp
+def test_empty_batch():
+    """N = 0: an empty output, as torch; the running stats stay as they were."""
+    rm, rv = torch.zeros(3), torch.ones(3)
+    w = torch.ones(3, requires_grad=True)
+    y = tk.batch_norm(torch.randn(0, 3, 4), rm, rv, w, None, training=True)
+    assert y.shape == (0, 3, 4) and y.requires_grad
+    assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+
+
+@interp
+def test_is_available_under_interpreter():
+    assert tk.is_available()
+
+
+def test_imports_without_triton(monkeypatch):
+    """Without Triton the module still imports, is_available() is False and batch_norm says why."""
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` raises ImportError
+    monkeypatch.setitem(sys.modules, "triton.language", None)
+    spec = importlib.util.spec_from_file_location("_bnlib_triton_kernels_without_triton", tk.__file__)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.triton is None
+    assert module.is_available() is False
+    with pytest.raises(RuntimeError, match="needs Triton"):
+        module.batch_norm(torch.randn(4, 3), None, None, training=True)
+
+
+# ---------------------------------------------------------------------------
+# CUDA: the compiled kernels
+# ---------------------------------------------------------------------------
+
+CUDA_SHAPES = [
+    ((64, 32), "contiguous"),
+    ((512, 1024), "contiguous"),
+    ((8, 16, 100), "contiguous"),
+    ((3, 5, 13, 17), "contiguous"),
+    ((3, 5, 13, 17), "channels_last"),
+    ((16, 64, 7, 7), "contiguous"),
+    ((16, 64, 7, 7), "channels_last"),
+    ((8, 32, 56, 56), "contiguous"),
+    ((8, 32, 56, 56), "channels_last"),
+    ((2, 8, 4, 6, 6), "contiguous"),
+    ((2, 8, 4, 6, 6), "channels_last"),
+]
+CUDA_IDS = [f"{'x'.join(map(str, s))}-{l}" for s, l in CUDA_SHAPES]
+CUDA_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=str)
+@pytest.mark.parametrize("shape, layout", CUDA_SHAPES, ids=CUDA_IDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_cuda_matches_torch(shape, layout, dtype, training):
+    check(run_both(shape, dtype, "cuda", layout, training=training), dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("config", [ONE_SPLIT, {"n_split": 7, "prefetch": True}, {"n_split": 1, "prefetch": True},
+                                    {"n_split": 7, "prefetch": False}],
+                         ids=["one_split", "7_splits_prefetch", "one_split_prefetch", "7_splits"])
+@pytest.mark.parametrize("shape, layout", CUDA_SHAPES, ids=CUDA_IDS)
+def test_cuda_split_paths(shape, layout, config):
+    """The one-launch and the three-launch paths, whichever the default picks for the shape."""
+    check(run_both(shape, torch.float32, "cuda", layout, config=config), torch.float32)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cuda_matches_native(dtype, layout):
+    """Against torch's own CUDA kernels on a ResNet-sized input, in the same dtype."""
+    shape = (32, 64, 56, 56)
+    x = make_input(shape, dtype, "cuda", layout).requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    dy = make_input(shape, dtype, "cuda", layout, mean=0.0, std=1.0, seed=3)
+    w = torch.randn(64, device="cuda", requires_grad=True)
+    b = torch.randn(64, device="cuda", requires_grad=True)
+    rm, rv = torch.zeros(64, device="cuda"), torch.ones(64, device="cuda")
+    rm2, rv2 = rm.clone(), rv.clone()
+    y = tk.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5)
+    y2 = F.batch_norm(x2, rm2, rv2, w, b, True, 0.1, 1e-5)
+    g = torch.autograd.grad(y, (x, w, b), dy)
+    g2 = torch.autograd.grad(y2, (x2, w, b), dy)
+    tol = TOL[dtype] if dtype != torch.float32 else 1e-5
+    for name, got, want in [("y", y, y2), ("dx", g[0], g2[0]), ("dgamma", g[1], g2[1]), ("dbeta", g[2], g2[2]),
+                            ("running_mean", rm, rm2), ("running_var", rv, rv2)]:
+        assert rel_err(got, want) < tol, name
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("config", [ONE_SPLIT, {"n_split": 5}], ids=["one_split", "splits"])
+def test_cuda_nan_rule(config):
+    _nan_rule("cuda", config)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("config", [ONE_SPLIT, {"n_split": 5}], ids=["one_split", "splits"])
+def test_cuda_stable_variance(config):
+    _stable_variance("cuda", config)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_cuda_no_host_sync():
+    """The training step (forward, backward, running stats, NaN rule) never waits for the GPU."""
+    x = make_input((16, 32, 28, 28), torch.float32, "cuda").requires_grad_()
+    rm, rv = torch.zeros(32, device="cuda"), torch.ones(32, device="cuda")
+    w = torch.ones(32, device="cuda", requires_grad=True)
+    tk.batch_norm(x, rm, rv, w, None, True).sum().backward()  # compile first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for config in (ONE_SPLIT, {"n_split": 4}):
+            tk.batch_norm(x, rm, rv, w, None, True, config=config).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert math.isfinite(rm.sum().item())
