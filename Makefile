@@ -47,8 +47,16 @@ test-unit: $(STAMP)
 test-notebooks: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider --nbval --nbval-current-env --nbval-sanitize-with tests/sanitize.cfg chapters
 
+# CPU: bnlib vs torch native (1 and 2 threads) and SyncBN vs local BN over
+# gloo processes. On a machine with CUDA and Triton, also the GPU table,
+# written to bench/results/ (commit it, labelled with device and versions).
 bench: $(STAMP)
-	$(PY) bench/bench_batchnorm.py
+	$(PY) bench/bench_batchnorm.py --threads 1 --clock thread
+	OMP_NUM_THREADS=2 $(PY) bench/bench_batchnorm.py --threads 2
+	$(PY) bench/bench_sync.py --processes 2 4
+	@if $(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
+		$(PY) bench/bench_gpu.py --out bench/results; \
+	else echo "No CUDA GPU here: the GPU table is the committed bench/results/gpu_h100.md"; fi
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab chapters
