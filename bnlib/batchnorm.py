@@ -23,6 +23,29 @@ from bnlib._checks import check_batch_size, check_input_dims, check_norm_args, c
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
 
+def register_affine_parameters(module, shape, affine, bias, factory_kwargs):
+    """Give ``module`` the parameters ``weight`` (gamma) and ``bias`` (beta) of
+    ``shape``, or register them as ``None``: torch's names, so state dicts match.
+    Shared by every normalization module of bnlib."""
+    if affine:
+        module.weight = nn.Parameter(torch.empty(shape, **factory_kwargs))
+        if bias:
+            module.bias = nn.Parameter(torch.empty(shape, **factory_kwargs))
+        else:
+            module.register_parameter("bias", None)
+    else:
+        module.register_parameter("weight", None)
+        module.register_parameter("bias", None)
+
+
+def reset_affine_parameters(module):
+    """gamma = 1, beta = 0: at the start the layer only standardizes."""
+    if module.weight is not None:
+        nn.init.ones_(module.weight)
+    if module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
 class _NormBase(nn.Module):
     """Parameters, buffers and argument checks shared by the BN modules."""
 
@@ -41,15 +64,7 @@ class _NormBase(nn.Module):
         self.momentum = momentum
         self.affine = affine
         self.track_running_stats = track_running_stats
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_features, **factory_kwargs))
-            if bias:
-                self.bias = nn.Parameter(torch.empty(num_features, **factory_kwargs))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        register_affine_parameters(self, (num_features,), affine, bias, factory_kwargs)
         if track_running_stats:
             self.register_buffer("running_mean", torch.zeros(num_features, **factory_kwargs))
             self.register_buffer("running_var", torch.ones(num_features, **factory_kwargs))
@@ -69,10 +84,7 @@ class _NormBase(nn.Module):
     def reset_parameters(self):
         """gamma = 1, beta = 0: at the start the layer only standardizes."""
         self.reset_running_stats()
-        if self.affine:
-            nn.init.ones_(self.weight)
-            if self.bias is not None:
-                nn.init.zeros_(self.bias)
+        reset_affine_parameters(self)
 
     def extra_repr(self):
         return (
