@@ -51,8 +51,7 @@ test-notebooks: $(STAMP)
 # gloo processes. On a machine with CUDA and Triton, also the GPU table,
 # written to bench/results/ (commit it, labelled with device and versions).
 bench: $(STAMP)
-	$(PY) bench/bench_batchnorm.py --threads 1 --clock thread
-	OMP_NUM_THREADS=2 $(PY) bench/bench_batchnorm.py --threads 2
+	OMP_NUM_THREADS=2 $(PY) bench/bench_batchnorm.py --threads 1 2 --clock thread
 	$(PY) bench/bench_sync.py --processes 2 4
 	@if $(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
 		$(PY) bench/bench_gpu.py --out bench/results; \

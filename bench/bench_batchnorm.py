@@ -6,7 +6,11 @@ The three run interleaved, round after round, in the same process, so the
 ratios compare like with like; absolute times on a shared machine are noisy,
 ratios much less so. The median of the rounds is reported.
 
-Usage: python bench/bench_batchnorm.py [--threads 1] [--rounds 15] [--quick]
+With ``--threads 1 2`` the table has one row set per thread count. The
+thread clock counts one thread's CPU time only, so row sets with more than
+one thread are timed on the wall clock whatever ``--clock`` says.
+
+Usage: python bench/bench_batchnorm.py [--threads 1 2] [--clock thread] [--rounds 15] [--quick]
 """
 
 import argparse
@@ -85,7 +89,8 @@ def bench_shape(shape, rounds, reps):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1],
+                        help="torch thread counts, one row set each (e.g. --threads 1 2)")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--quick", action="store_true", help="few rounds, for a smoke test")
     parser.add_argument("--clock", choices=["wall", "thread"], default="wall",
@@ -93,25 +98,27 @@ def main():
                              "meaningful with --threads 1)")
     args = parser.parse_args()
     global CLOCK
-    CLOCK = time.thread_time if args.clock == "thread" else time.perf_counter
-    torch.set_num_threads(args.threads)
     rounds = 3 if args.quick else args.rounds
-
-    print(f"torch {torch.__version__}, numpy {np.__version__}, {args.threads} thread(s), {args.clock} clock, "
-          f"median of {rounds} interleaved rounds; ratio = time / torch native time")
-    header = f"{'shape':<20}{'pass':<9}{'native ms':>11}{'bnlib ms':>10}{'bnlib/native':>14}{'numpy ms':>10}{'numpy/native':>14}"
+    print(f"torch {torch.__version__}, numpy {np.__version__}, median of {rounds} interleaved rounds; "
+          f"ratio = time / torch native time")
+    header = (f"{'threads':<8}{'clock':<7}{'shape':<20}{'pass':<9}{'native ms':>11}{'bnlib ms':>10}"
+              f"{'bnlib/native':>14}{'numpy ms':>10}{'numpy/native':>14}")
     print(header)
     print("-" * len(header))
-    for shape in SHAPES:
-        numel = int(np.prod(shape))
-        reps = max(1, int(2e7 // numel))
-        result = bench_shape(shape, rounds, reps)
-        for kind in ("fwd", "fwd+bwd"):
-            native = result[("torch native", kind)]
-            ours = result[("bnlib.nn", kind)]
-            ref = result[("numpy reference", kind)]
-            print(f"{str(shape):<20}{kind:<9}{native * 1e3:>11.3f}{ours * 1e3:>10.3f}{ours / native:>14.2f}"
-                  f"{ref * 1e3:>10.3f}{ref / native:>14.2f}")
+    for threads in args.threads:
+        clock = args.clock if threads == 1 else "wall"
+        CLOCK = time.thread_time if clock == "thread" else time.perf_counter
+        torch.set_num_threads(threads)
+        for shape in SHAPES:
+            numel = int(np.prod(shape))
+            reps = max(1, int(2e7 // numel))
+            result = bench_shape(shape, rounds, reps)
+            for kind in ("fwd", "fwd+bwd"):
+                native = result[("torch native", kind)]
+                ours = result[("bnlib.nn", kind)]
+                ref = result[("numpy reference", kind)]
+                print(f"{threads:<8}{clock:<7}{str(shape):<20}{kind:<9}{native * 1e3:>11.3f}{ours * 1e3:>10.3f}"
+                      f"{ours / native:>14.2f}{ref * 1e3:>10.3f}{ref / native:>14.2f}")
 
 
 if __name__ == "__main__":

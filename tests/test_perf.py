@@ -1,0 +1,103 @@
+"""bnlib.perf: traffic counts against hand counts, saved tensors against what
+torch documents, Welford/Chan against float64 NumPy."""
+
+import numpy as np
+import pytest
+import torch
+
+from bnlib import perf
+
+
+def test_tensor_bytes_counts_broadcast_axes_once():
+    x = torch.zeros(4, 3, 5, 5)
+    assert perf.tensor_bytes(x) == 4 * 3 * 25 * 4
+    v = torch.zeros(3).view(1, 3, 1, 1).expand(4, 3, 5, 5)
+    assert perf.tensor_bytes(v) == 3 * 4
+
+
+def test_op_traffic_hand_counts():
+    # Exact integers: each elementwise op streams its inputs once and writes its output.
+    x = torch.randn(8, 16)
+    xb = x.numel() * 4
+    _, ops = perf.op_traffic(lambda: (x - x.mean(0)) * 2.0)
+    assert [(o["op"].split(".")[0], o["read"], o["written"]) for o in ops] == [
+        ("mean", xb, 16 * 4), ("sub", xb + 16 * 4, xb), ("mul", xb, xb)]
+    _, ops = perf.op_traffic(lambda: x * x)  # the same tensor twice is one read
+    assert ops[0]["read"] == xb
+    out = torch.empty_like(x)
+    _, ops = perf.op_traffic(lambda: torch.mul(x, 3.0, out=out))  # out= is written, not read
+    assert (ops[0]["read"], ops[0]["written"]) == (xb, xb)
+    _, ops = perf.op_traffic(lambda: x.view(16, 8))  # views move nothing
+    assert ops == []
+    _, ops = perf.op_traffic(lambda: (torch.empty_like(x), torch.zeros_like(x)))  # allocation, a fill
+    assert [(o["read"], o["written"]) for o in ops] == [(0, 0), (0, xb)]
+
+
+def test_traffic_table_totals():
+    ops = [{"op": "a", "read": 1000, "written": 0}, {"op": "b", "read": 4, "written": 4},
+           {"op": "c", "read": 1000, "written": 1000}, {"op": "d", "read": 6, "written": 0}]
+    rows = perf.traffic_table(ops, 1000)  # b and d move < 1% of |x|: one summary row
+    assert rows == [("a", 1.0, 0.0), ("c", 1.0, 1.0), ("2 per-channel ops", 0.01, 0.0), ("total", 2.01, 1.0)]
+
+
+def test_saved_tensors_of_exp_is_its_output():
+    # torch's exp saves its result for the backward (d exp(x) = exp(x) dx).
+    x = torch.randn(10, requires_grad=True)
+    y, saved = perf.saved_tensors(torch.exp, x)
+    assert saved == [{"shape": (10,), "dtype": torch.float32, "bytes": 40, "is_arg": False}]
+    _, saved = perf.saved_tensors(torch.sin, x)  # sin saves its input
+    assert saved == [{"shape": (10,), "dtype": torch.float32, "bytes": 40, "is_arg": True}]
+
+
+def test_peak_bytes_counts_live_tensors():
+    x = torch.randn(1000)
+
+    def f():
+        a = x * 2  # 4000 bytes live
+        b = a + 1  # 8000 bytes live
+        del a
+        c = b * 3  # a freed: 8000 again
+        return c.sum()
+
+    assert perf.peak_bytes(f, x) == 8000 + 4  # b and c live, then the 4-byte sum
+    assert perf.peak_bytes(lambda: x.mul_(1.0), x) == 0  # in place: no allocation
+
+
+def test_time_interleaved_returns_positive_medians():
+    t = perf.time_interleaved({"a": lambda: None, "b": lambda: sum(range(100))}, rounds=3, min_time=1e-4)
+    assert set(t) == {"a", "b"} and all(v > 0 for v in t.values())
+
+
+def test_bench_cpu_rows():
+    import torch.nn.functional as F
+    rows = perf.bench_cpu([(8, 4)], {"native": F.batch_norm}, rounds=1, min_time=1e-4)
+    assert {r["pass"] for r in rows} == {"fwd", "fwdbwd", "eval"}
+    assert all(r["ratio"] == 1.0 and r["pct_copy"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("lanes", [1, 7, 256])
+def test_welford_matches_float64(lanes):
+    # float32 data, mean 1e4, std 1: Welford + Chan stays within 1e-3 (the contract's bound)
+    # of the float64 variance; E[x^2] - E[x]^2 in float32 does not.
+    rng = np.random.default_rng(0)
+    x = (1e4 + rng.standard_normal((3001, 3))).astype(np.float32)
+    n, mean, m2 = perf.welford(x, lanes=lanes)
+    truth = x.astype(np.float64).var(axis=0)
+    assert np.all(n == 3001)
+    np.testing.assert_allclose(mean, x.astype(np.float64).mean(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(m2 / n, truth, rtol=1e-3)
+    assert np.max(np.abs(perf.naive_var(x) / truth - 1)) > 1e-2
+
+
+def test_chan_merge_of_parts_is_the_whole():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(50)
+    a, b = x[:20], x[20:]
+    n, mean, m2 = perf.chan_merge((20.0, a.mean(), 20 * a.var()), (30.0, b.mean(), 30 * b.var()))
+    assert n == 50
+    np.testing.assert_allclose([mean, m2], [x.mean(), 50 * x.var()], rtol=1e-12)  # float64 rounding only
+
+
+def test_welford_bad_input():
+    with pytest.raises(ValueError, match="shape \\(m, C\\)"):
+        perf.welford(np.zeros(5))
