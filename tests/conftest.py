@@ -47,3 +47,22 @@ def book_url(book_html_dir: Path):
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+def pytest_collection_modifyitems(config, items):
+    """bnlib's modules follow the pinned torch (2.13), whose normalization
+    modules take a keyword-only ``bias=`` and show it in their repr. On an
+    older torch (the GPU machine has 2.11) the comparisons that need torch
+    to take it are skipped with a reason, not failed: bnlib still takes it."""
+    import inspect
+
+    import torch
+
+    if "bias" in inspect.signature(torch.nn.GroupNorm.__init__).parameters:
+        return
+    skip = pytest.mark.skip(reason=f"torch {torch.__version__}'s norm modules take no bias= (added in 2.13)")
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        uses_bias = any(isinstance(value, dict) and "bias" in value for value in params.values())
+        if uses_bias or "constructor_signature" in item.name:
+            item.add_marker(skip)

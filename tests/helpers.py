@@ -9,8 +9,14 @@ from __future__ import annotations
 
 import re
 
+import inspect
+
 import numpy as np
 import torch
+
+# torch 2.13 added a keyword-only ``bias=`` to its normalization modules, and
+# to their repr; bnlib follows the pinned 2.13 (see tests/conftest.py).
+TORCH_NORMS_TAKE_BIAS = "bias" in inspect.signature(torch.nn.GroupNorm.__init__).parameters
 
 # --------------------------------------------------------------------------
 # Tolerances
