@@ -13,13 +13,14 @@ export OMP_NUM_THREADS ?= 1
 export MKL_NUM_THREADS ?= 1
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
-.PHONY: help setup book test test-unit test-notebooks test-book bench lab clean
+.PHONY: help setup book test test-unit test-notebooks execute bench lab clean
 
 help:
 	@echo "make book   build the HTML book in _build/html (executes every chapter fresh)"
 	@echo "make test   run every test: bnlib unit/property tests, nbval on the chapters, the book build and a browser check"
 	@echo "make bench  time bnlib against torch's native batch norm"
 	@echo "make lab    open the chapters in JupyterLab from the project's environment"
+	@echo "make execute  re-execute every chapter in place (after a change to bnlib)"
 
 setup: $(STAMP)
 
@@ -50,6 +51,12 @@ test-notebooks: $(STAMP)
 # CPU: bnlib vs torch native (1 and 2 threads) and SyncBN vs local BN over
 # gloo processes. On a machine with CUDA and Triton, also the GPU table,
 # written to bench/results/ (commit it, labelled with device and versions).
+# Re-execute every chapter in place, storing fresh outputs. Run it after a
+# change to bnlib that moves any printed digit, then `make test-notebooks`.
+execute: $(STAMP)
+	cd chapters && for nb in *.ipynb; do \
+		../$(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace "$$nb" || exit 1; done
+
 bench: $(STAMP)
 	OMP_NUM_THREADS=2 $(PY) bench/bench_batchnorm.py --threads 1 2 --clock thread
 	$(PY) bench/bench_sync.py --processes 2 4
