@@ -29,6 +29,7 @@ $(STAMP): requirements-lock.txt pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-lock.txt
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	$(PY) -m bnlib.cpu_kernels
 	@touch $(STAMP)
 
 book: $(STAMP)

@@ -19,16 +19,98 @@ running estimates instead: ``y = x * scale + shift`` with
 ``shift = beta - running_mean * scale``.
 
 float16 and bfloat16 inputs are computed in float32 and returned in their
-own dtype. Everything is tensor ops, so CUDA tensors work as they are; on
-CUDA, when Triton is importable, the fused kernels of
-``bnlib.triton_kernels`` do the same work in fewer passes over memory.
+own dtype. The formulas are written here with tensor ops, so any device
+works as it is. Two fused back ends do the same work in fewer passes over
+memory: on CPU (float32 and float64), the C++ loops of ``bnlib.cpu_kernels``,
+used when they could be built here; on CUDA, when Triton is importable, the
+kernels of ``bnlib.triton_kernels``. :func:`cpu_backend` picks the CPU path
+(``"auto"``, ``"kernels"`` or ``"tensor_ops"``), e.g. to compare the two.
 """
+
+import contextlib
 
 import torch
 
 from bnlib._checks import check_batch_size, values_per_channel
 
-__all__ = ["batch_norm"]
+__all__ = ["batch_norm", "cpu_backend", "get_cpu_backend", "set_cpu_backend"]
+
+
+CPU_BACKENDS = ("auto", "kernels", "tensor_ops")
+_cpu = {"backend": "auto"}
+
+
+def get_cpu_backend():
+    """The CPU path in use: ``"auto"`` (the fused kernels where they run, else
+    tensor ops), ``"kernels"`` or ``"tensor_ops"``."""
+    return _cpu["backend"]
+
+
+def set_cpu_backend(name):
+    """Choose the CPU path (see :func:`get_cpu_backend`); returns the previous one.
+
+    Raises:
+        ValueError: a name that is not one of ``CPU_BACKENDS``.
+        RuntimeError: ``"kernels"`` where the fused kernels cannot be built.
+    """
+    if name not in CPU_BACKENDS:
+        raise ValueError(f"cpu backend should be one of {CPU_BACKENDS}, got {name!r}")
+    if name == "kernels":
+        from bnlib import cpu_kernels
+
+        if not cpu_kernels.is_available():
+            raise RuntimeError(f"bnlib's fused CPU kernels are not available: {cpu_kernels._state['error']}")
+    previous, _cpu["backend"] = _cpu["backend"], name
+    return previous
+
+
+@contextlib.contextmanager
+def cpu_backend(name):
+    """``with cpu_backend("tensor_ops"): ...`` runs the block on that CPU path."""
+    previous = set_cpu_backend(name)
+    try:
+        yield
+    finally:
+        _cpu["backend"] = previous
+
+
+def _cpu_kernels(x):
+    """``torch.ops.bnlib_cpu`` when the fused CPU kernels should handle ``x``, else None.
+
+    They take float32 and float64 CPU tensors with at least one element;
+    half inputs, empty batches and other devices stay on the tensor-op path.
+    """
+    if _cpu["backend"] == "tensor_ops" or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return None
+    if x.numel() == 0:
+        return None
+    from bnlib import cpu_kernels
+
+    return cpu_kernels.ops() if cpu_kernels.load() else None
+
+
+def _dense(t):
+    """``t`` itself when its memory is in (N, C, ...) or channels-last order, else a contiguous copy."""
+    if t.is_contiguous():
+        return t
+    if (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)) or (
+        t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d)
+    ):
+        return t
+    return t.contiguous()
+
+
+def _dense_like(t, x):
+    """``t`` laid out in memory as ``x`` (a tensor ``_dense`` returned)."""
+    if x.is_contiguous():
+        return t.contiguous()
+    fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    return t.contiguous(memory_format=fmt)
+
+
+def _per_channel_arg(t, x):
+    """A (C,) weight or bias as the kernels take it: x's dtype, contiguous."""
+    return None if t is None else t.detach().to(x.dtype).contiguous()
 
 
 def _compute_dtype(dtype):
@@ -131,6 +213,21 @@ class BatchNormTrainFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, weight, bias, eps):
+        ctx.has_bias = bias is not None
+        # mu and var get no gradient: leave theirs None rather than have
+        # autograd fill two tensors of zeros that backward ignores.
+        ctx.set_materialize_grads(False)
+        kernels = _cpu_kernels(input)
+        ctx.kernels = kernels
+        if kernels is not None:
+            # The same formulas in two fused loops (bnlib/csrc/batch_norm_cpu.cpp).
+            x = _dense(input)
+            y, mu, var, invstd = kernels.batch_norm_forward(
+                x, _per_channel_arg(weight, x), _per_channel_arg(bias, x), eps
+            )
+            ctx.save_for_backward(x, mu, invstd, weight)
+            ctx.mark_non_differentiable(mu, var)
+            return y, mu, var
         x = input.to(_compute_dtype(input.dtype))
         ndim = x.dim()
         m = values_per_channel(x.shape)
@@ -148,11 +245,7 @@ class BatchNormTrainFunction(torch.autograd.Function):
         _fma(shift, x, scale, out=y)
         ctx.save_for_backward(x, mu, invstd, weight)
         ctx.ones_over_m = ones_over_m
-        ctx.has_bias = bias is not None
         ctx.mark_non_differentiable(mu, var)
-        # mu and var get no gradient: leave theirs None rather than have
-        # autograd fill two tensors of zeros that backward ignores.
-        ctx.set_materialize_grads(False)
         return y.to(input.dtype), mu, var
 
     @staticmethod
@@ -177,6 +270,16 @@ class BatchNormTrainFunction(torch.autograd.Function):
         x, mu, invstd, weight = ctx.saved_tensors
         if dy is None:  # grads are not materialized (see forward); no gradient reached y
             return None, None, None, None
+        if ctx.kernels is not None:
+            dx, dgamma, dbeta = ctx.kernels.batch_norm_backward(
+                _dense_like(dy.to(x.dtype), x), x, mu, invstd, _per_channel_arg(weight, x), ctx.needs_input_grad[0]
+            )
+            grad_input = dx if ctx.needs_input_grad[0] else None
+            grad_weight = dgamma.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+            grad_bias = None
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                grad_bias = dbeta.to(weight.dtype if weight is not None else x.dtype)
+            return grad_input, grad_weight, grad_bias, None
         ndim = x.dim()
         ones_over_m = ctx.ones_over_m
         dy32 = dy.to(x.dtype)
@@ -227,7 +330,13 @@ class BatchNormEvalFunction(torch.autograd.Function):
         shift = -mean * scale
         if bias is not None:
             shift = shift + bias.to(dtype)
-        y = _fma(shift, x, scale)
+        kernels = _cpu_kernels(x)
+        if kernels is not None:
+            # (x - mean) * scale + beta, the centered spelling (see batch_norm_cpu.cpp)
+            beta = torch.zeros_like(scale) if bias is None else bias.to(dtype)
+            y = kernels.channel_affine(_dense(x), mean.contiguous(), scale.contiguous(), beta.contiguous())
+        else:
+            y = _fma(shift, x, scale)
         ctx.save_for_backward(input, mean, invstd, scale, weight)
         ctx.has_bias = bias is not None
         return y.to(input.dtype)
@@ -270,6 +379,17 @@ def _update_running_stats(running_mean, running_var, mu, var, m, momentum):
     is the update in one op; on (C,) vectors the time is per-op overhead, so
     this is 6 ops where the spelled-out formula took 14 (35 us -> 15 us).
     """
+    kernels = _cpu_kernels(mu)
+    if (
+        kernels is not None
+        and running_mean.dtype == running_var.dtype == mu.dtype
+        and running_mean.device == mu.device
+        and running_mean.is_contiguous()
+        and running_var.is_contiguous()
+    ):
+        # The same update in one call: on (C,) vectors the time is per-op overhead.
+        kernels.update_running_stats(running_mean, running_var, mu, var, m, float(momentum))
+        return
     unbiased_var = var * (m / (m - 1)) if m > 1 else var
     finite = torch.isfinite(unbiased_var)
     running_mean.lerp_(torch.where(finite, mu, running_mean).to(running_mean.dtype), momentum)

@@ -66,3 +66,18 @@ def pytest_collection_modifyitems(config, items):
         uses_bias = any(isinstance(value, dict) and "bias" in value for value in params.values())
         if uses_bias or "constructor_signature" in item.name:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module", params=["kernels", "tensor_ops"])
+def each_cpu_path(request):
+    """Run a module's tests once on each CPU path of bnlib.functional: the
+    fused C++ kernels (bnlib.cpu_kernels) and the tensor ops. Modules opt in
+    with ``pytestmark = pytest.mark.usefixtures("each_cpu_path")``."""
+    import bnlib.functional as BF
+    from bnlib import cpu_kernels
+
+    if request.param == "kernels" and not cpu_kernels.is_available():
+        pytest.skip(f"bnlib's CPU kernels are not available here: {cpu_kernels._state['error']}")
+    previous = BF.set_cpu_backend(request.param)
+    yield request.param
+    BF.set_cpu_backend(previous)

@@ -35,6 +35,9 @@ from helpers import (
     torch_bn_class,
 )
 
+# Every test here runs on both CPU paths: the fused kernels and the tensor ops.
+pytestmark = pytest.mark.usefixtures("each_cpu_path")
+
 ONE_VALUE_MSG = "Expected more than 1 value per channel when training, got input size"
 
 

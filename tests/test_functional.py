@@ -18,6 +18,9 @@ import torch.nn.functional as F
 import bnlib.functional as BF
 from helpers import GRAD_TOL, OUT_TOL, STAT_TOL, assert_close, random_affine, random_input
 
+# Every test here runs on both CPU paths: the fused kernels and the tensor ops.
+pytestmark = pytest.mark.usefixtures("each_cpu_path")
+
 
 def test_signature_matches_torch():
     """Names, defaults and kinds match torch.nn.functional.batch_norm (annotations ignored)."""

@@ -30,6 +30,9 @@ from helpers import (
     torch_bn_for_ndim,
 )
 
+# Every test here runs on both CPU paths: the fused kernels and the tensor ops.
+pytestmark = pytest.mark.usefixtures("each_cpu_path")
+
 F64 = torch.float64
 # torch 2.13's BatchNorms take bias=; older ones (2.11 on the GPU machine) do not.
 TORCH_HAS_BIAS = "bias" in inspect.signature(torch.nn.BatchNorm1d.__init__).parameters

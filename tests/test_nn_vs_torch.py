@@ -33,6 +33,9 @@ from helpers import (
     torch_bn_class,
 )
 
+# Every test here runs on both CPU paths: the fused kernels and the tensor ops.
+pytestmark = pytest.mark.usefixtures("each_cpu_path")
+
 DTYPES = [torch.float32, torch.float64]
 
 CONFIGS = [

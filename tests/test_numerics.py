@@ -21,6 +21,9 @@ import bnlib.nn
 import bnlib.reference as R
 from helpers import bnlib_bn_class, random_affine, torch_bn_class
 
+# Every test here runs on both CPU paths: the fused kernels and the tensor ops.
+pytestmark = pytest.mark.usefixtures("each_cpu_path")
+
 MEAN, STD = 1e4, 1.0
 
 

@@ -8,6 +8,7 @@ the file runs in a few seconds.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -15,6 +16,9 @@ from hypothesis import strategies as st
 import bnlib.functional as BF
 import bnlib.reference as R
 from helpers import bnlib_bn_class, dim_of_shape
+
+# Every test here runs on both CPU paths: the fused kernels and the tensor ops.
+pytestmark = pytest.mark.usefixtures("each_cpu_path")
 
 PROFILE = settings(
     deadline=None,

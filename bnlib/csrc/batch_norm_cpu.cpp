@@ -1,0 +1,517 @@
+// Batch norm on CPU tensors in a few fused loops: bnlib's fast CPU path.
+//
+// The formulas are those of bnlib/functional.py (and the chapter "The Batch
+// Normalization algorithm"); only the number of passes over memory changes.
+// The tensor-op path of functional.py needs about 8 |x| of traffic forward
+// and 14 |x| backward (chapter "Making BN fast"); these loops move
+//
+//   training forward : read x (statistics) + read x, write y      = 3 |x|
+//   training backward: read x, dy (two sums) + read x, dy, write dx = 5 |x|
+//   eval forward     : read x, write y                            = 2 |x|
+//
+// Layouts. A contiguous (N, C, S...) tensor is N*C "planes" of S values;
+// a channels-last one, and a contiguous (N, C), is M "rows" of C values.
+// Every loop walks memory in order.
+//
+// Statistics in one pass, and stable (the contract: never E[x^2] - E[x]^2).
+// Each run of values (a stretch of a plane, or a block of rows) is summed as
+// d = x - a, with a shift `a` near the channel's mean: the run's own mean for
+// the first run of a channel, the channel's mean so far after that. Then the
+// run's mean is a + sum(d)/n and its M2 = sum(d^2) - sum(d)^2/n, with no
+// cancellation since |d| is on the scale of the spread, not of the mean.
+// Runs are merged in double with Chan's formula, the merge the Triton kernels
+// and bnlib.perf.chan_merge use.
+//
+// Threads: at::parallel_for, so torch.set_num_threads() governs these loops
+// as it does torch's own (the same OpenMP runtime: torch's libgomp).
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+namespace {
+
+// Values summed in the input's dtype before they are added into double: a
+// plane is cut into runs of kBlockBytes, a rows-layout tensor into kRowBlock rows.
+constexpr int64_t kBlockBytes = 32 * 1024;
+constexpr int64_t kRowBlock = 64;
+
+struct Layout {
+  int64_t planes;    // N for planes, unused for rows
+  int64_t channels;  // C
+  int64_t inner;     // S values per plane; 1 for rows
+  int64_t rows;      // M rows for the rows layout, 0 for planes
+};
+
+Layout layout_of(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() >= 2, "bnlib batch norm: expected (N, C, ...), got ", x.dim(), " dims");
+  const int64_t C = x.size(1);
+  if (x.is_contiguous()) {
+    const int64_t N = x.size(0);
+    const int64_t S = x.numel() / (N * C);
+    if (S == 1) return {0, C, 1, N};
+    return {N, C, S, 0};
+  }
+  const bool cl = (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
+                  (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d));
+  TORCH_CHECK(cl, "bnlib batch norm: expected a contiguous or channels-last input");
+  return {0, C, 1, x.numel() / C};
+}
+
+// Chan et al.: merge the summary (nb, mean_b, m2_b) into (n, mean, m2); the
+// caller adds nb to n.
+inline void chan_merge(double n, double& mean, double& m2, double nb, double mean_b, double m2_b) {
+  const double total = n + nb;
+  const double delta = mean_b - mean;
+  mean += delta * (nb / total);
+  m2 += m2_b + delta * delta * (n * nb / total);
+}
+
+// Split [0, count) into `tasks` contiguous ranges, one per thread: task t's range.
+inline std::pair<int64_t, int64_t> task_range(int64_t t, int64_t tasks, int64_t count) {
+  return {t * count / tasks, (t + 1) * count / tasks};
+}
+
+inline int64_t num_tasks(int64_t count, int64_t min_per_task) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), count / min_per_task));
+}
+
+// Per-channel summaries (count, mean, M2) of each task, merged per channel in
+// task order into mean[c], m2[c].
+void merge_tasks(const std::vector<double>& n, const std::vector<double>& tmean, const std::vector<double>& tm2,
+                 int64_t tasks, int64_t C, double* mean, double* m2) {
+  for (int64_t c = 0; c < C; ++c) {
+    double cn = 0, mu = 0, M2 = 0;
+    for (int64_t t = 0; t < tasks; ++t) {
+      const double nb = n[t * C + c];
+      if (nb == 0) continue;
+      chan_merge(cn, mu, M2, nb, tmean[t * C + c], tm2[t * C + c]);
+      cn += nb;
+    }
+    mean[c] = mu;
+    m2[c] = M2;
+  }
+}
+
+// Per-channel mean and M2 of a planes-layout tensor. The planes are read in
+// memory order (the hardware prefetcher streams them; walking one channel's
+// planes, C * S values apart, is several times slower), split among threads;
+// each thread keeps a summary per channel.
+template <typename T>
+void plane_stats(const T* x, const Layout& L, double* mean, double* m2) {
+  const int64_t C = L.channels, S = L.inner, P = L.planes * C;
+  const int64_t tasks = num_tasks(P, 1);
+  const int64_t chunk = std::max<int64_t>(1, kBlockBytes / static_cast<int64_t>(sizeof(T)));
+  std::vector<double> n(tasks * C, 0.0), tmean(tasks * C, 0.0), tm2(tasks * C, 0.0);
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const auto [i0, i1] = task_range(t, tasks, P);
+      double* cn = n.data() + t * C;
+      double* cmean = tmean.data() + t * C;
+      double* cm2 = tm2.data() + t * C;
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t c = i % C;
+        const T* plane = x + i * S;
+        for (int64_t s0 = 0; s0 < S; s0 += chunk) {
+          const int64_t len = std::min(chunk, S - s0);
+          const T* p = plane + s0;
+          T a;
+          if (cn[c] == 0) {  // first values of this channel: shift by their own mean
+            T sum = 0;
+#pragma omp simd reduction(+ : sum)
+            for (int64_t j = 0; j < len; ++j) sum += p[j];
+            a = sum / static_cast<T>(len);
+          } else {  // afterwards, by the channel's mean so far
+            a = static_cast<T>(cmean[c]);
+          }
+          T s1 = 0, s2 = 0;
+#pragma omp simd reduction(+ : s1, s2)
+          for (int64_t j = 0; j < len; ++j) {
+            const T d = p[j] - a;
+            s1 += d;
+            s2 += d * d;
+          }
+          const double nb = static_cast<double>(len);
+          chan_merge(cn[c], cmean[c], cm2[c], nb, a + static_cast<double>(s1) / nb,
+                     static_cast<double>(s2) - static_cast<double>(s1) * s1 / nb);
+          cn[c] += nb;
+        }
+      }
+    }
+  });
+  merge_tasks(n, tmean, tm2, tasks, C, mean, m2);
+}
+
+// Per-channel mean and M2 of a rows-layout tensor (M, C): rows are split among
+// threads; each summarizes its rows kRowBlock at a time, vectorized along the
+// channels, four rows per step so the per-channel sums are loaded and stored
+// once per four rows.
+template <typename T>
+void row_stats(const T* x, const Layout& L, double* mean, double* m2) {
+  const int64_t M = L.rows, C = L.channels;
+  const int64_t tasks = num_tasks(M, 16);
+  std::vector<double> n(tasks * C, 0.0), tmean(tasks * C, 0.0), tm2(tasks * C, 0.0);
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<T> a(C), s1(C), s2(C);
+    for (int64_t t = t0; t < t1; ++t) {
+      const auto [r0, r1] = task_range(t, tasks, M);
+      double* tmean_t = tmean.data() + t * C;
+      double* tm2_t = tm2.data() + t * C;
+      double count = 0;
+      for (int64_t rb = r0; rb < r1; rb += kRowBlock) {
+        const int64_t re = std::min(rb + kRowBlock, r1);
+        if (count == 0) {  // the first block: shift by its own mean
+          std::fill(a.begin(), a.end(), T(0));
+          for (int64_t r = rb; r < re; ++r) {
+            const T* row = x + r * C;
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) a[c] += row[c];
+          }
+          const T inv = T(1) / static_cast<T>(re - rb);
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) a[c] *= inv;
+        } else {  // later blocks: by the mean so far
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) a[c] = static_cast<T>(tmean_t[c]);
+        }
+        std::fill(s1.begin(), s1.end(), T(0));
+        std::fill(s2.begin(), s2.end(), T(0));
+        int64_t r = rb;
+        for (; r + 4 <= re; r += 4) {
+          const T* x0 = x + r * C;
+          const T* x1 = x0 + C;
+          const T* x2 = x1 + C;
+          const T* x3 = x2 + C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            const T d0 = x0[c] - a[c], d1 = x1[c] - a[c], d2 = x2[c] - a[c], d3 = x3[c] - a[c];
+            s1[c] += (d0 + d1) + (d2 + d3);
+            s2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+          }
+        }
+        for (; r < re; ++r) {
+          const T* row = x + r * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            const T d = row[c] - a[c];
+            s1[c] += d;
+            s2[c] += d * d;
+          }
+        }
+        // Chan's merge of the block into the task's summary; the weights are
+        // the same for every channel.
+        const double nb = static_cast<double>(re - rb), total = count + nb;
+        const double inv_nb = 1.0 / nb, w_mean = nb / total, w_m2 = count * nb / total;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          const double bsum = static_cast<double>(s1[c]);
+          const double delta = (static_cast<double>(a[c]) + bsum * inv_nb) - tmean_t[c];
+          tmean_t[c] += delta * w_mean;
+          tm2_t[c] += (static_cast<double>(s2[c]) - bsum * bsum * inv_nb) + delta * delta * w_m2;
+        }
+        count = total;
+      }
+      std::fill(n.begin() + t * C, n.begin() + (t + 1) * C, count);
+    }
+  });
+  merge_tasks(n, tmean, tm2, tasks, C, mean, m2);
+}
+
+// out = (x - center) * a + shift, per channel (and, with dy, + k * dy): the
+// one elementwise pass of the forward, y = (x - mu) * gamma * invstd + beta,
+// and of the backward, dx = k * dy + a * (x - mu) + b. Subtracting the center
+// first costs nothing (the loop waits on memory) and keeps the digits that
+// x * a + (shift - center * a) would cancel away when |mu| >> std.
+template <typename T>
+void channel_affine(const T* x, const T* dy, T* out, const Layout& L, const T* center, const T* a, const T* shift,
+                    const T* k) {
+  const int64_t C = L.channels;
+  if (L.rows > 0) {
+    const int64_t grain = std::max<int64_t>(1, 32768 / C);
+    at::parallel_for(0, L.rows, grain, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* xr = x + r * C;
+        T* outr = out + r * C;
+        if (dy == nullptr) {
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) outr[c] = (xr[c] - center[c]) * a[c] + shift[c];
+        } else {
+          const T* dyr = dy + r * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) outr[c] = dyr[c] * k[c] + (xr[c] - center[c]) * a[c] + shift[c];
+        }
+      }
+    });
+    return;
+  }
+  const int64_t S = L.inner;
+  const int64_t grain = std::max<int64_t>(1, 32768 / S);
+  at::parallel_for(0, L.planes * C, grain, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t c = i % C;
+      const T* xp = x + i * S;
+      T* outp = out + i * S;
+      const T mc = center[c], ac = a[c], sc = shift[c];
+      if (dy == nullptr) {
+#pragma omp simd
+        for (int64_t s = 0; s < S; ++s) outp[s] = (xp[s] - mc) * ac + sc;
+      } else {
+        const T* dyp = dy + i * S;
+        const T kc = k[c];
+#pragma omp simd
+        for (int64_t s = 0; s < S; ++s) outp[s] = dyp[s] * kc + (xp[s] - mc) * ac + sc;
+      }
+    }
+  });
+}
+
+// The backward's two reductions, per channel, in double:
+// sum_dy = sum(dy), sum_dy_xc = sum(dy * (x - mean)). Memory order and threads
+// as for the statistics.
+template <typename T>
+void backward_sums(const T* x, const T* dy, const Layout& L, const T* mean, double* sum_dy, double* sum_dy_xc) {
+  const int64_t C = L.channels;
+  const bool rows = L.rows > 0;
+  const int64_t count = rows ? L.rows : L.planes * C;
+  const int64_t tasks = num_tasks(count, rows ? 16 : 1);
+  std::vector<double> part(tasks * 2 * C, 0.0);
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<T> b_dy(rows ? C : 0), b_dyxc(rows ? C : 0);
+    for (int64_t t = t0; t < t1; ++t) {
+      double* p_dy = part.data() + t * 2 * C;
+      double* p_dyxc = p_dy + C;
+      const auto [i0, i1] = task_range(t, tasks, count);
+      if (rows) {
+        for (int64_t rb = i0; rb < i1; rb += kRowBlock) {
+          const int64_t re = std::min(rb + kRowBlock, i1);
+          std::fill(b_dy.begin(), b_dy.end(), T(0));
+          std::fill(b_dyxc.begin(), b_dyxc.end(), T(0));
+          int64_t r = rb;
+          for (; r + 2 <= re; r += 2) {
+            const T* x0 = x + r * C;
+            const T* x1 = x0 + C;
+            const T* g0 = dy + r * C;
+            const T* g1 = g0 + C;
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) {
+              b_dy[c] += g0[c] + g1[c];
+              b_dyxc[c] += g0[c] * (x0[c] - mean[c]) + g1[c] * (x1[c] - mean[c]);
+            }
+          }
+          for (; r < re; ++r) {
+            const T* x0 = x + r * C;
+            const T* g0 = dy + r * C;
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) {
+              b_dy[c] += g0[c];
+              b_dyxc[c] += g0[c] * (x0[c] - mean[c]);
+            }
+          }
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            p_dy[c] += b_dy[c];
+            p_dyxc[c] += b_dyxc[c];
+          }
+        }
+      } else {
+        const int64_t S = L.inner;
+        const int64_t chunk = std::max<int64_t>(1, kBlockBytes / static_cast<int64_t>(sizeof(T)));
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t c = i % C;
+          const T mc = mean[c];
+          const T* xp = x + i * S;
+          const T* gp = dy + i * S;
+          for (int64_t s0 = 0; s0 < S; s0 += chunk) {
+            const int64_t s1 = std::min(S, s0 + chunk);
+            T sa = 0, sb = 0;
+#pragma omp simd reduction(+ : sa, sb)
+            for (int64_t s = s0; s < s1; ++s) {
+              sa += gp[s];
+              sb += gp[s] * (xp[s] - mc);
+            }
+            p_dy[c] += sa;
+            p_dyxc[c] += sb;
+          }
+        }
+      }
+    }
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    double a = 0, b = 0;
+    for (int64_t t = 0; t < tasks; ++t) {
+      a += part[t * 2 * C + c];
+      b += part[t * 2 * C + C + c];
+    }
+    sum_dy[c] = a;
+    sum_dy_xc[c] = b;
+  }
+}
+
+template <typename T>
+const T* optional_data(const c10::optional<at::Tensor>& t) {
+  return (t.has_value() && t->defined()) ? t->data_ptr<T>() : nullptr;
+}
+
+void check_per_channel(const c10::optional<at::Tensor>& t, const at::Tensor& x, const char* name) {
+  if (!t.has_value() || !t->defined()) return;
+  TORCH_CHECK(t->numel() == x.size(1) && t->is_contiguous() && t->scalar_type() == x.scalar_type(),
+              "bnlib batch norm: ", name, " must be a contiguous (C,) tensor of the input's dtype");
+}
+
+// Training forward: y, and the per-channel mean, biased variance and invstd.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_forward(
+    const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    double eps) {
+  const Layout L = layout_of(x);
+  TORCH_CHECK(x.numel() > 0, "bnlib batch norm: empty input");
+  check_per_channel(weight, x, "weight");
+  check_per_channel(bias, x, "bias");
+  const int64_t C = L.channels;
+  const double m = static_cast<double>(x.numel() / C);
+  at::Tensor y = at::empty_like(x);
+  at::Tensor mean = at::empty({C}, x.options());
+  at::Tensor var = at::empty({C}, x.options());
+  at::Tensor invstd = at::empty({C}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bnlib_batch_norm_forward", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    std::vector<double> mu(C), m2(C);
+    if (L.rows > 0) {
+      row_stats(xp, L, mu.data(), m2.data());
+    } else {
+      plane_stats(xp, L, mu.data(), m2.data());
+    }
+    const scalar_t* w = optional_data<scalar_t>(weight);
+    const scalar_t* b = optional_data<scalar_t>(bias);
+    std::vector<scalar_t> scale(C), shift(C);  // y = (x - mean) * scale + shift
+    scalar_t* mean_p = mean.data_ptr<scalar_t>();
+    scalar_t* var_p = var.data_ptr<scalar_t>();
+    scalar_t* invstd_p = invstd.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      // The statistics are rounded to the input's dtype first, then used, as
+      // the tensor-op path does: y depends only on what is saved for backward.
+      mean_p[c] = static_cast<scalar_t>(mu[c]);
+      var_p[c] = static_cast<scalar_t>(m2[c] / m);
+      invstd_p[c] = static_cast<scalar_t>(1.0 / std::sqrt(static_cast<double>(var_p[c]) + eps));
+      scale[c] = w ? invstd_p[c] * w[c] : invstd_p[c];
+      shift[c] = b ? b[c] : scalar_t(0);
+    }
+    channel_affine<scalar_t>(xp, nullptr, y.data_ptr<scalar_t>(), L, mean_p, scale.data(), shift.data(), nullptr);
+  });
+  return {y, mean, var, invstd};
+}
+
+// Training backward: dx (when asked for), dgamma = sum(dy * x_hat), dbeta = sum(dy).
+// dx = k * dy + a * (x - mu) + b per channel, with k = gamma * invstd,
+// a = -k * invstd^2 * mean(dy * (x - mu)), b = -k * mean(dy).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
+    const c10::optional<at::Tensor>& weight, bool input_grad) {
+  const Layout L = layout_of(x);
+  TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(),
+              "bnlib batch norm backward: dy must have x's shape and dtype");
+  const Layout Ldy = layout_of(dy);
+  TORCH_CHECK(Ldy.rows == L.rows && Ldy.planes == L.planes && Ldy.inner == L.inner,
+              "bnlib batch norm backward: dy must be laid out in memory as x is (both contiguous or both "
+              "channels-last)");
+  check_per_channel(weight, x, "weight");
+  const int64_t C = L.channels;
+  const double m = static_cast<double>(x.numel() / C);
+  at::Tensor dgamma = at::empty({C}, x.options());
+  at::Tensor dbeta = at::empty({C}, x.options());
+  at::Tensor dx = input_grad ? at::empty_like(x) : at::empty({0}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bnlib_batch_norm_backward", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* dyp = dy.data_ptr<scalar_t>();
+    const scalar_t* mean_p = mean.data_ptr<scalar_t>();
+    const scalar_t* invstd_p = invstd.data_ptr<scalar_t>();
+    std::vector<double> sum_dy(C), sum_dy_xc(C);
+    backward_sums(xp, dyp, L, mean_p, sum_dy.data(), sum_dy_xc.data());
+    const scalar_t* w = optional_data<scalar_t>(weight);
+    std::vector<scalar_t> k(C), a(C), b(C);
+    for (int64_t c = 0; c < C; ++c) {
+      const double inv = invstd_p[c];
+      dgamma.data_ptr<scalar_t>()[c] = static_cast<scalar_t>(sum_dy_xc[c] * inv);
+      dbeta.data_ptr<scalar_t>()[c] = static_cast<scalar_t>(sum_dy[c]);
+      const double kc = w ? inv * w[c] : inv;
+      const double ac = -kc * inv * inv * (sum_dy_xc[c] / m);
+      k[c] = static_cast<scalar_t>(kc);
+      a[c] = static_cast<scalar_t>(ac);
+      b[c] = static_cast<scalar_t>(-kc * (sum_dy[c] / m));
+    }
+    if (input_grad) {
+      channel_affine<scalar_t>(xp, dyp, dx.data_ptr<scalar_t>(), L, mean_p, a.data(), b.data(), k.data());
+    }
+  });
+  return {dx, dgamma, dbeta};
+}
+
+// y = (x - center) * scale + shift, per channel: eval mode's one pass.
+at::Tensor channel_affine_op(const at::Tensor& x, const at::Tensor& center, const at::Tensor& scale,
+                             const at::Tensor& shift) {
+  const Layout L = layout_of(x);
+  check_per_channel(center, x, "center");
+  check_per_channel(scale, x, "scale");
+  check_per_channel(shift, x, "shift");
+  at::Tensor y = at::empty_like(x);
+  if (x.numel() == 0) return y;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bnlib_channel_affine", [&] {
+    channel_affine<scalar_t>(x.data_ptr<scalar_t>(), nullptr, y.data_ptr<scalar_t>(), L, center.data_ptr<scalar_t>(),
+                             scale.data_ptr<scalar_t>(), shift.data_ptr<scalar_t>(), nullptr);
+  });
+  return y;
+}
+
+// running = (1 - momentum) * running + momentum * batch, per channel, with the
+// unbiased variance var * m / (m - 1); channels whose statistics are not finite
+// keep their running values (the contract's NaN rule).
+void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean,
+                          const at::Tensor& var, int64_t m, double momentum) {
+  const int64_t C = mean.numel();
+  TORCH_CHECK(running_mean.numel() == C && running_var.numel() == C && running_mean.is_contiguous() &&
+                  running_var.is_contiguous() && running_mean.scalar_type() == mean.scalar_type() &&
+                  running_var.scalar_type() == mean.scalar_type(),
+              "bnlib update_running_stats: running stats must be contiguous (C,) tensors of the statistics' dtype");
+  const double correction = m > 1 ? static_cast<double>(m) / (m - 1) : 1.0;
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "bnlib_update_running_stats", [&] {
+    scalar_t* rm = running_mean.data_ptr<scalar_t>();
+    scalar_t* rv = running_var.data_ptr<scalar_t>();
+    const scalar_t* mu = mean.data_ptr<scalar_t>();
+    const scalar_t* v = var.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      const scalar_t unbiased = static_cast<scalar_t>(v[c] * correction);
+      if (!std::isfinite(unbiased)) continue;
+      rm[c] = static_cast<scalar_t>(rm[c] + momentum * (mu[c] - rm[c]));
+      rv[c] = static_cast<scalar_t>(rv[c] + momentum * (unbiased - rv[c]));
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(bnlib_cpu, m) {
+  m.def("batch_norm_forward(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "batch_norm_backward(Tensor dy, Tensor x, Tensor mean, Tensor invstd, Tensor? weight, bool input_grad)"
+      " -> (Tensor, Tensor, Tensor)");
+  m.def("channel_affine(Tensor x, Tensor center, Tensor scale, Tensor shift) -> Tensor");
+  m.def(
+      "update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var, int m,"
+      " float momentum) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(bnlib_cpu, CPU, m) {
+  m.impl("batch_norm_forward", &batch_norm_forward);
+  m.impl("batch_norm_backward", &batch_norm_backward);
+  m.impl("channel_affine", &channel_affine_op);
+  m.impl("update_running_stats", &update_running_stats);
+}

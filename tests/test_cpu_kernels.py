@@ -1,0 +1,218 @@
+"""bnlib's fused CPU kernels (bnlib/csrc/batch_norm_cpu.cpp, bnlib.cpu_kernels).
+
+Every layout the kernels walk (planes, rows, channels-last 4D and 5D, a
+strided input copied first), both dtypes and every combination of affine
+parameters, against torch's native op and bnlib's tensor-op path; gradcheck
+through them; the contract's numerics (mean 1e4 in float32) on both layouts;
+thread counts; the NaN rule; and the fall-back when they cannot be built.
+The rest of the suite runs on both CPU paths (conftest's ``each_cpu_path``).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bnlib.functional as BF
+from bnlib import cpu_kernels
+from helpers import random_affine, random_input
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.is_available(), reason="bnlib's CPU kernels could not be built here")
+
+REPO = Path(__file__).resolve().parent.parent
+
+LAYOUTS = {
+    "(N,C)": lambda: random_input((37, 5), torch.float64, seed=1),
+    "(N,C) one row block + tail": lambda: random_input((131, 3), torch.float64, seed=2),
+    "(N,C,L)": lambda: random_input((6, 4, 7), torch.float64, seed=3),
+    "NCHW": lambda: random_input((5, 3, 4, 6), torch.float64, seed=4),
+    "NHWC": lambda: random_input((5, 3, 4, 6), torch.float64, seed=5).to(memory_format=torch.channels_last),
+    "NCDHW": lambda: random_input((3, 4, 2, 3, 5), torch.float64, seed=6),
+    "NDHWC": lambda: random_input((3, 4, 2, 3, 5), torch.float64, seed=7).to(memory_format=torch.channels_last_3d),
+    "strided (transposed)": lambda: random_input((6, 3, 5, 4), torch.float64, seed=8).transpose(2, 3),
+    "N=1, spatial": lambda: random_input((1, 3, 4, 5), torch.float64, seed=9),
+}
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-4)}
+
+
+def run(impl, x, weight, bias, training, dy):
+    """Forward and backward of one implementation; outputs, grads, running stats."""
+    x = x.detach().clone().requires_grad_()
+    w = None if weight is None else weight.detach().clone().requires_grad_()
+    b = None if bias is None else bias.detach().clone().requires_grad_()
+    c = x.shape[1]
+    rm = torch.linspace(-1, 1, c, dtype=x.dtype)
+    rv = torch.linspace(0.5, 2, c, dtype=x.dtype)
+    y = impl(x, rm, rv, w, b, training, 0.1, 1e-5)
+    y.backward(dy)
+    grads = [t.grad for t in (x, w, b) if t is not None]
+    return [y, *grads, rm, rv]
+
+
+def both_paths(x, weight, bias, training, dy):
+    with BF.cpu_backend("kernels"):
+        ours = run(BF.batch_norm, x, weight, bias, training, dy)
+    with BF.cpu_backend("tensor_ops"):
+        tensor_ops = run(BF.batch_norm, x, weight, bias, training, dy)
+    native = run(F.batch_norm, x, weight, bias, training, dy)
+    return ours, tensor_ops, native
+
+
+@pytest.mark.parametrize("affine", ["weight+bias", "weight", "bias", "none"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_kernels_match_native_and_tensor_ops(layout, dtype, training, affine):
+    x = LAYOUTS[layout]().to(dtype)
+    weight, bias = random_affine(x.shape[1], dtype)
+    weight = weight if "weight" in affine else None
+    bias = bias if "bias" in affine else None
+    dy = random_input(x.shape, dtype, seed=77, spread=False)
+    ours, tensor_ops, native = both_paths(x, weight, bias, training, dy)
+    for a, b, n in zip(ours, tensor_ops, native):
+        torch.testing.assert_close(a, n, **TOL[dtype])
+        torch.testing.assert_close(a, b, **TOL[dtype])
+    y = ours[0]
+    assert y.dtype == x.dtype
+    if x.dim() >= 4 and not x.is_contiguous():
+        # y keeps the input's memory format, as torch's op does
+        assert y.stride() == native[0].stride()
+
+
+def test_kernels_are_used_and_tensor_ops_are_not():
+    """The CPU path really is the kernels: one custom op per direction."""
+    from bnlib import perf
+
+    x = random_input((8, 3, 4, 4), torch.float32, seed=1).requires_grad_()
+    w, b = (t.requires_grad_() for t in random_affine(3, torch.float32))
+    with BF.cpu_backend("kernels"):
+        y, fwd_ops = perf.op_traffic(BF.batch_norm, x, torch.zeros(3), torch.ones(3), w, b, True)
+        _, bwd_ops = perf.op_traffic(y.backward, torch.ones_like(y))
+    fwd_names = [op for op, *_ in perf.traffic_table(fwd_ops, x.numel() * 4)]
+    bwd_names = [op for op, *_ in perf.traffic_table(bwd_ops, x.numel() * 4)]
+    assert fwd_names == ["batch_norm_forward.default", "update_running_stats.default", "total"], fwd_names
+    assert bwd_names[0] == "batch_norm_backward.default", bwd_names
+
+
+def test_gradcheck_through_the_kernels():
+    """Finite differences in float64, for input, weight and bias at once."""
+    x = random_input((6, 3, 2, 2), torch.float64, seed=3).requires_grad_()
+    w, b = (t.requires_grad_() for t in random_affine(3, torch.float64))
+    with BF.cpu_backend("kernels"):
+        assert torch.autograd.gradcheck(lambda *a: BF.batch_norm(a[0], None, None, a[1], a[2], True), (x, w, b))
+        xr = random_input((9, 4), torch.float64, seed=4).requires_grad_()
+        assert torch.autograd.gradcheck(lambda t: BF.batch_norm(t, None, None, None, None, True), (xr,))
+
+
+@pytest.mark.parametrize("shape", [(100_000, 2), (40, 2, 50, 50)], ids=["rows", "planes"])
+def test_float32_mean_1e4_variance_is_stable(shape):
+    """The contract: float32 input, mean 1e4, std 1, variance within 1e-3 of float64."""
+    g = torch.Generator().manual_seed(0)
+    x64 = 1e4 + torch.randn(shape, generator=g, dtype=torch.float64)
+    x = x64.float()
+    dims = [0] + list(range(2, x.dim()))
+    truth = x.double().var(dims, unbiased=False)
+    with BF.cpu_backend("kernels"):
+        _, mean, var = BF.BatchNormTrainFunction.apply(x, None, None, 1e-5)
+    assert torch.all((var.double() / truth - 1).abs() < 1e-3), (var, truth)
+    assert torch.all((mean.double() - x.double().mean(dims)).abs() < 1e-2)
+
+
+def test_output_is_centered_before_scaling():
+    """With mean 1e4 and std 1, y = (x - mu) * scale keeps the digits that
+    x * scale + shift would cancel: y matches float64 to float32 rounding of y."""
+    g = torch.Generator().manual_seed(1)
+    x = (1e4 + torch.randn(4096, 3, generator=g, dtype=torch.float64)).float()
+    truth = F.batch_norm(x.double(), None, None, training=True)
+    with BF.cpu_backend("kernels"):
+        y = BF.batch_norm(x, None, None, training=True)
+    assert (y.double() - truth).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("shape", [(4096, 64), (16, 8, 32, 32), (64, 16, 8, 8)], ids=str)
+def test_thread_counts_agree(shape):
+    """1 and 2 threads split the work differently; results agree to float rounding."""
+    x = random_input(shape, torch.float32, seed=2)
+    dy = random_input(shape, torch.float32, seed=3, spread=False)
+    w, b = random_affine(shape[1], torch.float32)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with BF.cpu_backend("kernels"):
+                results.append(run(BF.batch_norm, x, w, b, True, dy))
+    finally:
+        torch.set_num_threads(before)
+    for a, b_ in zip(*results):
+        torch.testing.assert_close(a, b_, rtol=1e-4, atol=1e-4)
+
+
+def test_nan_channel_keeps_its_running_stats():
+    x = random_input((8, 3, 2, 2), torch.float32, seed=5)
+    x[2, 1, 0, 0] = float("nan")
+    rm, rv = torch.zeros(3), torch.ones(3)
+    with BF.cpu_backend("kernels"):
+        y = BF.batch_norm(x, rm, rv, training=True)
+    assert torch.isnan(y[:, 1]).all() and not torch.isnan(y[:, [0, 2]]).any()
+    assert rm[1] == 0 and rv[1] == 1 and rm[0] != 0 and rv[2] != 1
+
+
+def test_half_inputs_and_empty_batches_use_the_tensor_ops():
+    with BF.cpu_backend("kernels"):
+        y = BF.batch_norm(torch.randn(8, 3).to(torch.bfloat16), None, None, training=True)
+        assert y.dtype == torch.bfloat16
+        empty = BF.batch_norm(torch.randn(0, 3, 2), torch.zeros(3), torch.ones(3), training=False)
+        assert empty.shape == (0, 3, 2)
+
+
+def test_backend_names_are_checked():
+    with pytest.raises(ValueError, match="cpu backend should be one of"):
+        BF.set_cpu_backend("fast")
+    assert BF.get_cpu_backend() in BF.CPU_BACKENDS
+
+
+def test_the_library_is_cached_by_content():
+    path = cpu_kernels.library_path()
+    assert path.exists() and path.suffix == ".so"
+    assert cpu_kernels.build() == path  # cached: no second compile
+
+
+def _python(code, **env):
+    environment = dict(os.environ, **env)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          env=environment, cwd=REPO, timeout=300)
+
+
+FALLBACK_CHECK = """
+    import warnings, torch, bnlib.functional as BF
+    from bnlib import cpu_kernels
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        x = torch.randn(16, 3, requires_grad=True)
+        y = BF.batch_norm(x, None, None, training=True)
+        y.sum().backward()
+    print(cpu_kernels.is_available(), [str(w.message)[:60] for w in caught])
+    assert torch.allclose(y, torch.nn.functional.batch_norm(x, None, None, training=True), atol=1e-5)
+"""
+
+
+def test_turned_off_by_environment(tmp_path):
+    done = _python(FALLBACK_CHECK, BNLIB_CPU_KERNELS="0", BNLIB_CACHE_DIR=str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("False []")  # off, silently
+    assert not list(tmp_path.iterdir())  # nothing built
+
+
+def test_falls_back_with_one_warning_without_a_compiler(tmp_path):
+    done = _python(FALLBACK_CHECK, CXX=str(tmp_path / "no-such-compiler"), BNLIB_CACHE_DIR=str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("False [")
+    assert done.stdout.count("fused CPU kernels are not available (C++ compiler") == 1, done.stdout
