@@ -1,10 +1,15 @@
 """Time bnlib against torch's native batch norm on this CPU.
 
-For each shape: forward and forward+backward of ``bnlib.nn.BatchNorm*d``,
-``torch.nn.BatchNorm*d`` (native) and the NumPy reference, in training mode.
-The three run interleaved, round after round, in the same process, so the
-ratios compare like with like; absolute times on a shared machine are noisy,
-ratios much less so. The median of the rounds is reported.
+For each shape: training forward and forward+backward of
+``bnlib.nn.BatchNorm*d`` (its default CPU path, the fused C++ kernels of
+``bnlib.cpu_kernels``), the same module on its tensor-op path,
+``torch.nn.BatchNorm*d`` (native), the NumPy reference, and the copy floor
+``x.clone()``. All run interleaved, round after round, in the same process,
+so the ratios compare like with like; absolute times on a shared machine are
+noisy, ratios much less so. The median of the rounds is reported, as time,
+ratio to native and percent of the copy floor: the least bytes the pass must
+move (forward 2|x|, forward+backward 5|x|) at the copy's bandwidth, over the
+time taken (100% = as fast as a copy of those bytes).
 
 With ``--threads 1 2`` the table has one row set per thread count. The
 thread clock counts one thread's CPU time only, so row sets with more than
@@ -20,10 +25,12 @@ import time
 import numpy as np
 import torch
 
+import bnlib.functional as BF
 import bnlib.nn as bnn
-from bnlib import reference
+from bnlib import cpu_kernels, reference
 
 SHAPES = [(256, 1024), (4096, 1024), (64, 64, 32, 32), (128, 256, 14, 14)]
+BYTES_PER_PASS = {"fwd": 2, "fwd+bwd": 5}  # the least a pass moves, in units of |x|
 
 
 def module_pair(shape):
@@ -41,7 +48,18 @@ def time_call(fn, reps):
     return (CLOCK() - start) / reps
 
 
-def torch_steps(module, x, dy):
+def torch_steps(module, x, dy, cpu_path=None):
+    """Forward and forward+backward of a module; with ``cpu_path``, on that
+    path of bnlib.functional (``"tensor_ops"``)."""
+    def on_path(fn):
+        if cpu_path is None:
+            return fn
+
+        def run():
+            with BF.cpu_backend(cpu_path):
+                fn()
+        return run
+
     def forward():
         with torch.no_grad():
             module(x)
@@ -51,7 +69,7 @@ def torch_steps(module, x, dy):
         module.zero_grad(set_to_none=True)
         module(x).backward(dy)
 
-    return forward, forward_backward
+    return on_path(forward), on_path(forward_backward)
 
 
 def numpy_steps(x_np, dy_np):
@@ -72,10 +90,14 @@ def bench_shape(shape, rounds, reps):
     x = torch.randn(shape, requires_grad=True)
     dy = torch.randn(shape)
     ours, native = module_pair(shape)
+    tensor_ops, _ = module_pair(shape)
+    copy = (lambda: x.detach().clone(),) * 2
     candidates = {
-        "bnlib.nn": torch_steps(ours, x, dy),
-        "torch native": torch_steps(native, x, dy),
-        "numpy reference": numpy_steps(x.detach().numpy(), dy.numpy()),
+        "bnlib": torch_steps(ours, x, dy),
+        "native": torch_steps(native, x, dy),
+        "tensor ops": torch_steps(tensor_ops, x, dy, cpu_path="tensor_ops"),
+        "numpy": numpy_steps(x.detach().numpy(), dy.numpy()),
+        "copy": copy,
     }
     times = {(name, kind): [] for name in candidates for kind in ("fwd", "fwd+bwd")}
     for name, (fwd, fwdbwd) in candidates.items():  # warm-up
@@ -83,8 +105,9 @@ def bench_shape(shape, rounds, reps):
     for _ in range(rounds):
         for name, (fwd, fwdbwd) in candidates.items():
             times[(name, "fwd")].append(time_call(fwd, reps))
-            times[(name, "fwd+bwd")].append(time_call(fwdbwd, reps))
-    return {key: statistics.median(values) for key, values in times.items()}
+            if name != "copy":
+                times[(name, "fwd+bwd")].append(time_call(fwdbwd, reps))
+    return {key: statistics.median(values) for key, values in times.items() if values}
 
 
 def main():
@@ -99,10 +122,12 @@ def main():
     args = parser.parse_args()
     global CLOCK
     rounds = 3 if args.quick else args.rounds
-    print(f"torch {torch.__version__}, numpy {np.__version__}, median of {rounds} interleaved rounds; "
-          f"ratio = time / torch native time")
-    header = (f"{'threads':<8}{'clock':<7}{'shape':<20}{'pass':<9}{'native ms':>11}{'bnlib ms':>10}"
-              f"{'bnlib/native':>14}{'numpy ms':>10}{'numpy/native':>14}")
+    kernels = "fused C++ kernels" if cpu_kernels.is_available() else "tensor ops (the C++ kernels could not be built)"
+    print(f"torch {torch.__version__}, numpy {np.__version__}; bnlib's CPU path: {kernels}")
+    print(f"median of {rounds} interleaved rounds; ratio = time / torch native time; "
+          "%floor = the pass's least bytes at the copy's bandwidth, over its time")
+    header = (f"{'threads':<8}{'clock':<7}{'shape':<20}{'pass':<9}{'native ms':>10}{'bnlib ms':>10}"
+              f"{'bnlib/native':>13}{'%floor nat':>11}{'%floor bnlib':>13}{'tensor ops/nat':>15}{'numpy/nat':>10}")
     print(header)
     print("-" * len(header))
     for threads in args.threads:
@@ -113,12 +138,14 @@ def main():
             numel = int(np.prod(shape))
             reps = max(1, int(2e7 // numel))
             result = bench_shape(shape, rounds, reps)
+            copy_bw = 2 * numel * 4 / result[("copy", "fwd")]  # bytes per second
             for kind in ("fwd", "fwd+bwd"):
-                native = result[("torch native", kind)]
-                ours = result[("bnlib.nn", kind)]
-                ref = result[("numpy reference", kind)]
-                print(f"{threads:<8}{clock:<7}{str(shape):<20}{kind:<9}{native * 1e3:>11.3f}{ours * 1e3:>10.3f}"
-                      f"{ours / native:>14.2f}{ref * 1e3:>10.3f}{ref / native:>14.2f}")
+                native = result[("native", kind)]
+                ours = result[("bnlib", kind)]
+                floor = BYTES_PER_PASS[kind] * numel * 4 / copy_bw
+                print(f"{threads:<8}{clock:<7}{str(shape):<20}{kind:<9}{native * 1e3:>10.3f}{ours * 1e3:>10.3f}"
+                      f"{ours / native:>13.2f}{100 * floor / native:>10.0f}%{100 * floor / ours:>12.0f}%"
+                      f"{result[('tensor ops', kind)] / native:>15.2f}{result[('numpy', kind)] / native:>10.2f}")
 
 
 if __name__ == "__main__":

@@ -74,19 +74,24 @@ def cpu_backend(name):
         _cpu["backend"] = previous
 
 
+_KERNEL_DTYPES = (torch.float32, torch.float64)
+
+
 def _cpu_kernels(x):
     """``torch.ops.bnlib_cpu`` when the fused CPU kernels should handle ``x``, else None.
 
     They take float32 and float64 CPU tensors with at least one element;
     half inputs, empty batches and other devices stay on the tensor-op path.
+    (Called on every step, so it is written for speed: attribute reads only.)
     """
-    if _cpu["backend"] == "tensor_ops" or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+    if _cpu["backend"] == "tensor_ops" or not x.is_cpu or x.dtype not in _KERNEL_DTYPES or x.numel() == 0:
         return None
-    if x.numel() == 0:
-        return None
-    from bnlib import cpu_kernels
+    ops = _cpu.get("ops")
+    if ops is None:
+        from bnlib import cpu_kernels
 
-    return cpu_kernels.ops() if cpu_kernels.load() else None
+        ops = _cpu["ops"] = cpu_kernels.ops() if cpu_kernels.load() else False
+    return ops or None
 
 
 def _dense(t):
@@ -109,8 +114,21 @@ def _dense_like(t, x):
 
 
 def _per_channel_arg(t, x):
-    """A (C,) weight or bias as the kernels take it: x's dtype, contiguous."""
-    return None if t is None else t.detach().to(x.dtype).contiguous()
+    """A (C,) tensor as the kernels take it: x's dtype, contiguous."""
+    if t is None or (t.dtype == x.dtype and t.is_contiguous()):
+        return t
+    return t.detach().to(x.dtype).contiguous()
+
+
+def _running_args(running_mean, running_var, x):
+    """The running estimates when the kernels can update them in place (x's
+    dtype, contiguous), else None (the caller updates them itself)."""
+    if running_mean is None or running_var is None:
+        return None
+    for t in (running_mean, running_var):
+        if t.dtype != x.dtype or not t.is_contiguous() or not t.is_cpu:
+            return None
+    return running_mean, running_var
 
 
 def _compute_dtype(dtype):
@@ -212,7 +230,9 @@ class BatchNormTrainFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, input, weight, bias, eps):
+    def forward(ctx, input, weight, bias, eps, running_mean=None, running_var=None, momentum=0.0):
+        """With ``running_mean`` and ``running_var`` given, also updates them
+        (see ``_update_running_stats``) with ``momentum``."""
         ctx.has_bias = bias is not None
         # mu and var get no gradient: leave theirs None rather than have
         # autograd fill two tensors of zeros that backward ignores.
@@ -220,11 +240,16 @@ class BatchNormTrainFunction(torch.autograd.Function):
         kernels = _cpu_kernels(input)
         ctx.kernels = kernels
         if kernels is not None:
-            # The same formulas in two fused loops (bnlib/csrc/batch_norm_cpu.cpp).
+            # The same formulas in two fused loops (bnlib/csrc/batch_norm_cpu.cpp),
+            # and the running update in the same call when the buffers allow it.
             x = _dense(input)
+            running = _running_args(running_mean, running_var, x)
             y, mu, var, invstd = kernels.batch_norm_forward(
-                x, _per_channel_arg(weight, x), _per_channel_arg(bias, x), eps
+                x, _per_channel_arg(weight, x), _per_channel_arg(bias, x),
+                *(running or (None, None)), float(momentum), eps,
             )
+            if running is None and running_mean is not None and running_var is not None:
+                _update_running_stats(running_mean, running_var, mu, var, values_per_channel(x.shape), momentum)
             ctx.save_for_backward(x, mu, invstd, weight)
             ctx.mark_non_differentiable(mu, var)
             return y, mu, var
@@ -246,6 +271,8 @@ class BatchNormTrainFunction(torch.autograd.Function):
         ctx.save_for_backward(x, mu, invstd, weight)
         ctx.ones_over_m = ones_over_m
         ctx.mark_non_differentiable(mu, var)
+        if running_mean is not None and running_var is not None:
+            _update_running_stats(running_mean, running_var, mu, var, m, momentum)
         return y.to(input.dtype), mu, var
 
     @staticmethod
@@ -269,17 +296,18 @@ class BatchNormTrainFunction(torch.autograd.Function):
         """
         x, mu, invstd, weight = ctx.saved_tensors
         if dy is None:  # grads are not materialized (see forward); no gradient reached y
-            return None, None, None, None
+            return None, None, None, None, None, None, None
         if ctx.kernels is not None:
+            if dy.dtype != x.dtype:
+                dy = dy.to(x.dtype)
+            needs = ctx.needs_input_grad
             dx, dgamma, dbeta = ctx.kernels.batch_norm_backward(
-                _dense_like(dy.to(x.dtype), x), x, mu, invstd, _per_channel_arg(weight, x), ctx.needs_input_grad[0]
+                _dense_like(dy, x), x, mu, invstd, _per_channel_arg(weight, x), needs[0]
             )
-            grad_input = dx if ctx.needs_input_grad[0] else None
-            grad_weight = dgamma.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
-            grad_bias = None
-            if ctx.has_bias and ctx.needs_input_grad[2]:
-                grad_bias = dbeta.to(weight.dtype if weight is not None else x.dtype)
-            return grad_input, grad_weight, grad_bias, None
+            param_dtype = x.dtype if weight is None else weight.dtype
+            grad_weight = dgamma.to(param_dtype) if weight is not None and needs[1] else None
+            grad_bias = dbeta.to(param_dtype) if ctx.has_bias and needs[2] else None
+            return dx if needs[0] else None, grad_weight, grad_bias, None, None, None, None
         ndim = x.dim()
         ones_over_m = ctx.ones_over_m
         dy32 = dy.to(x.dtype)
@@ -309,7 +337,7 @@ class BatchNormTrainFunction(torch.autograd.Function):
             grad_weight = (mean_dy_xc * invstd * m).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = (mean_dy * m).to(weight.dtype if weight is not None else dy32.dtype)
-        return grad_input, grad_weight, grad_bias, None
+        return grad_input, grad_weight, grad_bias, None, None, None, None
 
 
 class BatchNormEvalFunction(torch.autograd.Function):
@@ -432,7 +460,8 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     for name, tensor in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
         _check_per_channel(name, tensor, num_channels)
     if training:
-        check_batch_size(input.shape, str(input.size()))
+        if values_per_channel(input.shape) == 1:  # (the message's text is built only then)
+            check_batch_size(input.shape, str(input.size()))
     elif running_mean is None or running_var is None:
         raise ValueError("batch_norm in eval mode (training=False) needs running_mean and running_var")
 
@@ -443,7 +472,4 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
 
     if not training:
         return BatchNormEvalFunction.apply(input, weight, bias, running_mean, running_var, eps)
-    y, mu, var = BatchNormTrainFunction.apply(input, weight, bias, eps)
-    if running_mean is not None and running_var is not None:
-        _update_running_stats(running_mean, running_var, mu, var, values_per_channel(input.shape), momentum)
-    return y
+    return BatchNormTrainFunction.apply(input, weight, bias, eps, running_mean, running_var, momentum)[0]

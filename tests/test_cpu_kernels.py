@@ -97,7 +97,7 @@ def test_kernels_are_used_and_tensor_ops_are_not():
         _, bwd_ops = perf.op_traffic(y.backward, torch.ones_like(y))
     fwd_names = [op for op, *_ in perf.traffic_table(fwd_ops, x.numel() * 4)]
     bwd_names = [op for op, *_ in perf.traffic_table(bwd_ops, x.numel() * 4)]
-    assert fwd_names == ["batch_norm_forward.default", "update_running_stats.default", "total"], fwd_names
+    assert fwd_names == ["batch_norm_forward.default", "total"], fwd_names  # running update included
     assert bwd_names[0] == "batch_norm_backward.default", bwd_names
 
 

@@ -368,9 +368,37 @@ void check_per_channel(const c10::optional<at::Tensor>& t, const at::Tensor& x, 
               "bnlib batch norm: ", name, " must be a contiguous (C,) tensor of the input's dtype");
 }
 
+// running = (1 - momentum) * running + momentum * batch, per channel, with the
+// unbiased variance var * m / (m - 1); channels whose statistics are not finite
+// keep their running values (the contract's NaN rule).
+void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean,
+                          const at::Tensor& var, int64_t m, double momentum) {
+  const int64_t C = mean.numel();
+  TORCH_CHECK(running_mean.numel() == C && running_var.numel() == C && running_mean.is_contiguous() &&
+                  running_var.is_contiguous() && running_mean.scalar_type() == mean.scalar_type() &&
+                  running_var.scalar_type() == mean.scalar_type(),
+              "bnlib update_running_stats: running stats must be contiguous (C,) tensors of the statistics' dtype");
+  const double correction = m > 1 ? static_cast<double>(m) / (m - 1) : 1.0;
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "bnlib_update_running_stats", [&] {
+    scalar_t* rm = running_mean.data_ptr<scalar_t>();
+    scalar_t* rv = running_var.data_ptr<scalar_t>();
+    const scalar_t* mu = mean.data_ptr<scalar_t>();
+    const scalar_t* v = var.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      const scalar_t unbiased = static_cast<scalar_t>(v[c] * correction);
+      if (!std::isfinite(unbiased)) continue;
+      rm[c] = static_cast<scalar_t>(rm[c] + momentum * (mu[c] - rm[c]));
+      rv[c] = static_cast<scalar_t>(rv[c] + momentum * (unbiased - rv[c]));
+    }
+  });
+}
+
 // Training forward: y, and the per-channel mean, biased variance and invstd.
+// With running estimates given, also updates them (update_running_stats), so
+// that a training step is one call.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_forward(
     const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var, double momentum,
     double eps) {
   const Layout L = layout_of(x);
   TORCH_CHECK(x.numel() > 0, "bnlib batch norm: empty input");
@@ -407,6 +435,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_forward(
     }
     channel_affine<scalar_t>(xp, nullptr, y.data_ptr<scalar_t>(), L, mean_p, scale.data(), shift.data(), nullptr);
   });
+  if (running_mean.has_value() && running_mean->defined() && running_var.has_value() && running_var->defined()) {
+    at::Tensor rm = *running_mean, rv = *running_var;
+    update_running_stats(rm, rv, mean, var, x.numel() / C, momentum);
+  }
   return {y, mean, var, invstd};
 }
 
@@ -471,35 +503,12 @@ at::Tensor channel_affine_op(const at::Tensor& x, const at::Tensor& center, cons
   return y;
 }
 
-// running = (1 - momentum) * running + momentum * batch, per channel, with the
-// unbiased variance var * m / (m - 1); channels whose statistics are not finite
-// keep their running values (the contract's NaN rule).
-void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean,
-                          const at::Tensor& var, int64_t m, double momentum) {
-  const int64_t C = mean.numel();
-  TORCH_CHECK(running_mean.numel() == C && running_var.numel() == C && running_mean.is_contiguous() &&
-                  running_var.is_contiguous() && running_mean.scalar_type() == mean.scalar_type() &&
-                  running_var.scalar_type() == mean.scalar_type(),
-              "bnlib update_running_stats: running stats must be contiguous (C,) tensors of the statistics' dtype");
-  const double correction = m > 1 ? static_cast<double>(m) / (m - 1) : 1.0;
-  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "bnlib_update_running_stats", [&] {
-    scalar_t* rm = running_mean.data_ptr<scalar_t>();
-    scalar_t* rv = running_var.data_ptr<scalar_t>();
-    const scalar_t* mu = mean.data_ptr<scalar_t>();
-    const scalar_t* v = var.data_ptr<scalar_t>();
-    for (int64_t c = 0; c < C; ++c) {
-      const scalar_t unbiased = static_cast<scalar_t>(v[c] * correction);
-      if (!std::isfinite(unbiased)) continue;
-      rm[c] = static_cast<scalar_t>(rm[c] + momentum * (mu[c] - rm[c]));
-      rv[c] = static_cast<scalar_t>(rv[c] + momentum * (unbiased - rv[c]));
-    }
-  });
-}
-
 }  // namespace
 
 TORCH_LIBRARY(bnlib_cpu, m) {
-  m.def("batch_norm_forward(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "batch_norm_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var,"
+      " float momentum, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "batch_norm_backward(Tensor dy, Tensor x, Tensor mean, Tensor invstd, Tensor? weight, bool input_grad)"
       " -> (Tensor, Tensor, Tensor)");
