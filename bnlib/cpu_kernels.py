@@ -22,6 +22,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -59,10 +60,19 @@ def _compiler_version(cxx):
 
 
 def _cache_dir():
-    root = os.environ.get("BNLIB_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "bnlib"
-    )
-    return Path(root)
+    """``$BNLIB_CACHE_DIR``, else ``~/.cache/bnlib``; a per-user temporary
+    folder where the home folder cannot be written (a read-only HOME in CI)."""
+    explicit = os.environ.get("BNLIB_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    root = Path(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")) / "bnlib"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if os.access(root, os.W_OK):
+            return root
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir()) / f"bnlib-{os.getuid()}"
 
 
 def compile_command(source, output, cxx):

@@ -343,43 +343,49 @@ class BatchNormTrainFunction(torch.autograd.Function):
 class BatchNormEvalFunction(torch.autograd.Function):
     """Eval mode: the running estimates are constants, so y is affine in x.
 
-    ``y = x * scale + shift``, ``dx = dy * scale``,
+    ``y = x * scale + shift`` with ``scale = gamma * invstd`` and
+    ``shift = beta - mean * scale`` (the C++ kernels compute
+    ``(x - mean) * scale + beta``, the same map), ``dx = dy * scale``,
     ``dgamma = sum(dy * x_hat)``, ``dbeta = sum(dy)``.
     """
 
     @staticmethod
     def forward(ctx, input, weight, bias, running_mean, running_var, eps):
+        ctx.has_bias = bias is not None
+        kernels = _cpu_kernels(input)
+        if kernels is not None:
+            x = _dense(input)
+            mean = _per_channel_arg(running_mean, x)
+            y, invstd = kernels.batch_norm_eval(
+                x, _per_channel_arg(weight, x), _per_channel_arg(bias, x), mean,
+                _per_channel_arg(running_var, x), eps,
+            )
+            ctx.save_for_backward(input, mean, invstd, weight)
+            return y
         dtype = _compute_dtype(input.dtype)
         x = input.to(dtype)
-        ndim = x.dim()
         mean = running_mean.to(dtype)
         invstd = torch.rsqrt(running_var.to(dtype) + eps)
         scale = invstd if weight is None else invstd * weight.to(dtype)
         shift = -mean * scale
         if bias is not None:
             shift = shift + bias.to(dtype)
-        kernels = _cpu_kernels(x)
-        if kernels is not None:
-            # (x - mean) * scale + beta, the centered spelling (see batch_norm_cpu.cpp)
-            beta = torch.zeros_like(scale) if bias is None else bias.to(dtype)
-            y = kernels.channel_affine(_dense(x), mean.contiguous(), scale.contiguous(), beta.contiguous())
-        else:
-            y = _fma(shift, x, scale)
-        ctx.save_for_backward(input, mean, invstd, scale, weight)
-        ctx.has_bias = bias is not None
+        y = _fma(shift, x, scale)
+        ctx.save_for_backward(input, mean, invstd, weight)
         return y.to(input.dtype)
 
     @staticmethod
     def backward(ctx, dy):
-        input, mean, invstd, scale, weight = ctx.saved_tensors
+        input, mean, invstd, weight = ctx.saved_tensors
         ndim = input.dim()
         dims = _stat_dims(ndim)
-        dy32 = dy.to(scale.dtype)
+        dy32 = dy.to(invstd.dtype)
         grad_input = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
+            scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
             grad_input = (dy32 * _per_channel(scale, ndim)).to(dy.dtype)
         if weight is not None and ctx.needs_input_grad[1]:
-            x_hat = (input.to(scale.dtype) - _per_channel(mean, ndim)) * _per_channel(invstd, ndim)
+            x_hat = (input.to(invstd.dtype) - _per_channel(mean, ndim)) * _per_channel(invstd, ndim)
             grad_weight = (dy32 * x_hat).sum(dims).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = dy32.sum(dims).to(weight.dtype if weight is not None else dy32.dtype)

@@ -11,8 +11,11 @@ that memory sets. Four tools:
   most bytes that the operations had allocated at once.
 - :func:`time_interleaved` and :func:`bench_cpu` time candidates round after
   round in the same process, with a copy of the same bytes as the floor.
-- :func:`welford`, :func:`chan_merge` and :func:`naive_var`: per-channel
-  statistics in float32, the one-pass way and the way that fails.
+- :func:`welford`, :func:`shifted_stats`, :func:`chan_merge` and
+  :func:`naive_var`: per-channel statistics in float32, two one-pass ways
+  (the Triton kernels' and the C++ CPU kernels') and the way that fails.
+- :func:`cpu_path`: ``bnlib.functional.batch_norm`` on one CPU path, to put
+  the fused C++ kernels and the tensor ops side by side.
 
 Every count is in bytes; ``|x|`` is ``x.numel() * x.element_size()``.
 """
@@ -28,7 +31,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["tensor_bytes", "op_traffic", "traffic_table", "saved_tensors", "peak_bytes", "time_interleaved",
-           "pass_bytes", "bench_cpu", "welford", "chan_merge", "naive_var"]
+           "pass_bytes", "bench_cpu", "cpu_path", "welford", "shifted_stats", "chan_merge", "naive_var"]
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
@@ -283,6 +286,26 @@ def bench_cpu(shapes, impls, rounds=5, min_time=2e-3, seed=0):
     return rows
 
 
+def cpu_path(name):
+    """``bnlib.functional.batch_norm`` run on one CPU path, with the same signature.
+
+    ``name``: ``"kernels"`` (the fused C++ loops of ``bnlib.cpu_kernels``) or
+    ``"tensor_ops"`` (the formulas as torch tensor ops); see
+    ``bnlib.functional.cpu_backend``.
+    """
+    from bnlib import functional as bnF
+
+    if name not in ("kernels", "tensor_ops"):
+        raise ValueError(f"cpu_path expects 'kernels' or 'tensor_ops', got {name!r}")
+
+    def batch_norm(*args, **kwargs):
+        with bnF.cpu_backend(name):
+            return bnF.batch_norm(*args, **kwargs)
+
+    batch_norm.__name__ = f"batch_norm_{name}"
+    return batch_norm
+
+
 def naive_var(x):
     """``E[x^2] - E[x]^2`` per column of ``x`` (m, C), in x's dtype: the formula that fails."""
     x = np.asarray(x)
@@ -337,3 +360,32 @@ def welford(x, lanes=256):
             parts = tuple(np.concatenate([p, np.zeros((1, C), x.dtype)]) for p in parts)
         parts = chan_merge(tuple(p[0::2] for p in parts), tuple(p[1::2] for p in parts))
     return tuple(p[0] for p in parts)
+
+
+def shifted_stats(x, block=64):
+    """Per-column ``(count, mean, M2)`` of ``x`` (m, C) the way bnlib's C++ CPU kernels do it.
+
+    The rows are read once, ``block`` at a time. Each block is summed as
+    ``d = x - a`` in x's dtype, with a shift ``a`` close to the column's mean:
+    the block's own mean for the first block, the mean so far after that.
+    The block's mean is ``a + sum(d) / n_b`` and its ``M2 = sum(d**2) - sum(d)**2 / n_b``
+    (exact algebra, and no cancellation, since ``d`` is on the scale of the
+    spread); blocks are merged into the running summary with
+    :func:`chan_merge` in float64.
+    """
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"shifted_stats expects x of shape (m, C), got {x.ndim} dims")
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
+    C = x.shape[1]
+    summary = (0.0, np.zeros(C), np.zeros(C))
+    for start in range(0, x.shape[0], block):
+        rows = x[start:start + block]
+        n_b = rows.shape[0]
+        a = rows.mean(axis=0, dtype=x.dtype) if summary[0] == 0 else summary[1].astype(x.dtype)
+        d = rows - a
+        s1 = d.sum(axis=0, dtype=x.dtype).astype(np.float64)
+        s2 = (d * d).sum(axis=0, dtype=x.dtype).astype(np.float64)
+        summary = chan_merge(summary, (n_b, a.astype(np.float64) + s1 / n_b, s2 - s1 * s1 / n_b))
+    return summary

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+import bnlib.functional as bnF
 from bnlib import perf
 
 
@@ -101,3 +102,43 @@ def test_chan_merge_of_parts_is_the_whole():
 def test_welford_bad_input():
     with pytest.raises(ValueError, match="shape \\(m, C\\)"):
         perf.welford(np.zeros(5))
+
+
+@pytest.mark.parametrize("block", [1, 5, 64, 10_000])
+def test_shifted_stats_matches_float64_and_the_kernels(block):
+    # The C++ kernels' one-pass statistics, in NumPy: float32, mean 1e4, std 1,
+    # within the contract's 1e-3 of float64, and the same as the kernels compute.
+    rng = np.random.default_rng(2)
+    x = (1e4 + rng.standard_normal((3001, 3))).astype(np.float32)
+    n, mean, m2 = perf.shifted_stats(x, block=block)
+    truth = x.astype(np.float64).var(axis=0)
+    assert n == 3001
+    np.testing.assert_allclose(mean, x.astype(np.float64).mean(axis=0), rtol=1e-7)
+    np.testing.assert_allclose(m2 / n, truth, rtol=1e-4)
+    from bnlib import cpu_kernels
+    if cpu_kernels.is_available():
+        _, _, var = bnF.BatchNormTrainFunction.apply(torch.from_numpy(x), None, None, 1e-5)
+        np.testing.assert_allclose(var.numpy(), m2 / n, rtol=1e-5)
+
+
+def test_shifted_stats_bad_input():
+    with pytest.raises(ValueError, match="shape \\(m, C\\)"):
+        perf.shifted_stats(np.zeros(5))
+    with pytest.raises(ValueError, match="block must be >= 1"):
+        perf.shifted_stats(np.zeros((4, 2)), block=0)
+
+
+@pytest.mark.parametrize("name", ["kernels", "tensor_ops"])
+def test_cpu_path_pins_the_path(name):
+    fn = perf.cpu_path(name)
+    x = torch.randn(16, 3, requires_grad=True)
+    y, ops = perf.op_traffic(fn, x, torch.zeros(3), torch.ones(3), None, None, True)
+    names = [op for op, *_ in perf.traffic_table(ops, x.numel() * 4)]
+    from bnlib import cpu_kernels
+    if name == "kernels" and cpu_kernels.is_available():
+        assert names[0] == "batch_norm_forward.default"
+    else:
+        assert "batch_norm_forward.default" not in names
+    torch.testing.assert_close(y, torch.nn.functional.batch_norm(x, None, None, training=True), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="'kernels' or 'tensor_ops'"):
+        perf.cpu_path("fast")

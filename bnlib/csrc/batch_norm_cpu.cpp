@@ -58,14 +58,15 @@ Layout layout_of(const at::Tensor& x) {
   const int64_t C = x.size(1);
   if (x.is_contiguous()) {
     const int64_t N = x.size(0);
-    const int64_t S = x.numel() / (N * C);
+    int64_t S = 1;
+    for (int64_t d = 2; d < x.dim(); ++d) S *= x.size(d);
     if (S == 1) return {0, C, 1, N};
     return {N, C, S, 0};
   }
   const bool cl = (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
                   (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d));
   TORCH_CHECK(cl, "bnlib batch norm: expected a contiguous or channels-last input");
-  return {0, C, 1, x.numel() / C};
+  return {0, C, 1, C > 0 ? x.numel() / C : 0};
 }
 
 // Chan et al.: merge the summary (nb, mean_b, m2_b) into (n, mean, m2); the
@@ -487,20 +488,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
   return {dx, dgamma, dbeta};
 }
 
-// y = (x - center) * scale + shift, per channel: eval mode's one pass.
-at::Tensor channel_affine_op(const at::Tensor& x, const at::Tensor& center, const at::Tensor& scale,
-                             const at::Tensor& shift) {
+// Eval mode: y = (x - running_mean) * gamma * invstd + beta, with
+// invstd = 1 / sqrt(running_var + eps); one pass. Returns y and invstd.
+std::tuple<at::Tensor, at::Tensor> batch_norm_eval(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                                                   const c10::optional<at::Tensor>& bias,
+                                                   const at::Tensor& running_mean, const at::Tensor& running_var,
+                                                   double eps) {
   const Layout L = layout_of(x);
-  check_per_channel(center, x, "center");
-  check_per_channel(scale, x, "scale");
-  check_per_channel(shift, x, "shift");
+  check_per_channel(weight, x, "weight");
+  check_per_channel(bias, x, "bias");
+  check_per_channel(running_mean, x, "running_mean");
+  check_per_channel(running_var, x, "running_var");
+  const int64_t C = L.channels;
   at::Tensor y = at::empty_like(x);
-  if (x.numel() == 0) return y;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bnlib_channel_affine", [&] {
-    channel_affine<scalar_t>(x.data_ptr<scalar_t>(), nullptr, y.data_ptr<scalar_t>(), L, center.data_ptr<scalar_t>(),
-                             scale.data_ptr<scalar_t>(), shift.data_ptr<scalar_t>(), nullptr);
+  at::Tensor invstd = at::empty({C}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bnlib_batch_norm_eval", [&] {
+    const scalar_t* w = optional_data<scalar_t>(weight);
+    const scalar_t* b = optional_data<scalar_t>(bias);
+    const scalar_t* rv = running_var.data_ptr<scalar_t>();
+    scalar_t* invstd_p = invstd.data_ptr<scalar_t>();
+    std::vector<scalar_t> scale(C), shift(C);
+    for (int64_t c = 0; c < C; ++c) {
+      invstd_p[c] = static_cast<scalar_t>(1.0 / std::sqrt(static_cast<double>(rv[c]) + eps));
+      scale[c] = w ? invstd_p[c] * w[c] : invstd_p[c];
+      shift[c] = b ? b[c] : scalar_t(0);
+    }
+    if (x.numel() > 0) {
+      channel_affine<scalar_t>(x.data_ptr<scalar_t>(), nullptr, y.data_ptr<scalar_t>(), L,
+                               running_mean.data_ptr<scalar_t>(), scale.data(), shift.data(), nullptr);
+    }
   });
-  return y;
+  return {y, invstd};
 }
 
 }  // namespace
@@ -512,7 +530,9 @@ TORCH_LIBRARY(bnlib_cpu, m) {
   m.def(
       "batch_norm_backward(Tensor dy, Tensor x, Tensor mean, Tensor invstd, Tensor? weight, bool input_grad)"
       " -> (Tensor, Tensor, Tensor)");
-  m.def("channel_affine(Tensor x, Tensor center, Tensor scale, Tensor shift) -> Tensor");
+  m.def(
+      "batch_norm_eval(Tensor x, Tensor? weight, Tensor? bias, Tensor running_mean, Tensor running_var, float eps)"
+      " -> (Tensor, Tensor)");
   m.def(
       "update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var, int m,"
       " float momentum) -> ()");
@@ -521,6 +541,6 @@ TORCH_LIBRARY(bnlib_cpu, m) {
 TORCH_LIBRARY_IMPL(bnlib_cpu, CPU, m) {
   m.impl("batch_norm_forward", &batch_norm_forward);
   m.impl("batch_norm_backward", &batch_norm_backward);
-  m.impl("channel_affine", &channel_affine_op);
+  m.impl("batch_norm_eval", &batch_norm_eval);
   m.impl("update_running_stats", &update_running_stats);
 }
