@@ -5,8 +5,8 @@ operators ``torch.ops.bnlib_cpu.*``. They are compiled on first use with the
 machine's C++ compiler against the installed torch, with no build system
 beyond one compiler command, and the library is cached under
 ``$BNLIB_CACHE_DIR`` (default ``~/.cache/bnlib``), keyed by a hash of the
-source, the torch version, the compiler and this CPU's instruction set, so a
-change to any of them rebuilds. ``make`` builds it while it sets up (``python
+source, the torch version and folder, the compiler and this CPU's instruction
+set, so a change to any of them rebuilds. ``make`` builds it while it sets up (``python
 -m bnlib.cpu_kernels``), so the first chapter does not wait for the compiler.
 
 Where no compiler is found, or the build fails, :func:`is_available` is False
@@ -107,7 +107,9 @@ def library_path():
     """Where the library for this source, torch, compiler and CPU lives (built or not)."""
     cxx = _compiler() or "none"
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), torch.__version__.encode(), cxx.encode(),
+    # torch's folder too: the library is built against that installation's
+    # headers and linked to its libraries (two venvs get two builds).
+    for part in (SOURCE.read_bytes(), torch.__version__.encode(), str(Path(torch.__file__).parent).encode(), cxx.encode(),
                  _compiler_version(cxx).encode(), _cpu_flags().encode(), platform.machine().encode()):
         key.update(part)
         key.update(b"\0")
