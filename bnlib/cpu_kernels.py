@@ -5,8 +5,9 @@ operators ``torch.ops.bnlib_cpu.*``. They are compiled on first use with the
 machine's C++ compiler against the installed torch, with no build system
 beyond one compiler command, and the library is cached under
 ``$BNLIB_CACHE_DIR`` (default ``~/.cache/bnlib``), keyed by a hash of the
-source, the torch version and folder, the compiler and this CPU's instruction
-set, so a change to any of them rebuilds. ``make`` builds it while it sets up (``python
+source, the torch version, the compiler and the whole compile command (which
+names torch's folder and the instruction set), so a change to any of them
+rebuilds. ``make`` builds it while it sets up (``python
 -m bnlib.cpu_kernels``), so the first chapter does not wait for the compiler.
 
 Where no compiler is found, or the build fails, :func:`is_available` is False
@@ -41,8 +42,7 @@ def _compiler():
 
 
 def _cpu_flags():
-    """The CPU's instruction-set flags, so a library built with -march=native
-    is never loaded on a different CPU through a shared cache."""
+    """The CPU's instruction-set flags (the ``flags`` line of /proc/cpuinfo)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):
@@ -59,9 +59,23 @@ def _compiler_version(cxx):
         return ""
 
 
+def _private_dir(path):
+    """``path`` created for this user alone (mode 0700), or None when it
+    exists and belongs to someone else or others may write to it: a shared
+    temporary folder must not let another user plant a library here."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = path.stat()
+    except OSError:
+        return None
+    if info.st_uid != os.getuid() or info.st_mode & 0o022:
+        return None
+    return path
+
+
 def _cache_dir():
-    """``$BNLIB_CACHE_DIR``, else ``~/.cache/bnlib``; a per-user temporary
-    folder where the home folder cannot be written (a read-only HOME in CI)."""
+    """``$BNLIB_CACHE_DIR``, else ``~/.cache/bnlib``; a private per-user
+    temporary folder where the home folder cannot be written (a read-only HOME)."""
     explicit = os.environ.get("BNLIB_CACHE_DIR")
     if explicit:
         return Path(explicit)
@@ -72,7 +86,18 @@ def _cache_dir():
             return root
     except OSError:
         pass
-    return Path(tempfile.gettempdir()) / f"bnlib-{os.getuid()}"
+    fallback = _private_dir(Path(tempfile.gettempdir()) / f"bnlib-{os.getuid()}")
+    if fallback is None:
+        raise RuntimeError("no private, writable folder to cache the compiled kernels in (set BNLIB_CACHE_DIR)")
+    return fallback
+
+
+def _isa_flags():
+    """Instruction-set flags: AVX2 where the CPU has it, else the compiler's
+    default. Not -march=native: a fixed vector width makes the order of the
+    vectorized sums, and so every last bit, the same on every AVX2 machine
+    (an AVX-512 one included), which the book's stored outputs rely on."""
+    return ["-mavx2"] if "avx2" in _cpu_flags().split() else []
 
 
 def compile_command(source, output, cxx):
@@ -82,7 +107,10 @@ def compile_command(source, output, cxx):
     return [
         cxx,
         "-O3",
-        "-march=native",
+        *_isa_flags(),
+        # No fused multiply-adds behind the code's back: results must not
+        # depend on whether the CPU has FMA.
+        "-ffp-contract=off",
         "-std=c++20",
         "-fPIC",
         "-shared",
@@ -104,13 +132,15 @@ def compile_command(source, output, cxx):
 
 
 def library_path():
-    """Where the library for this source, torch, compiler and CPU lives (built or not)."""
+    """Where the library for this source, torch, compiler and command lives (built or not)."""
     cxx = _compiler() or "none"
     key = hashlib.sha256()
-    # torch's folder too: the library is built against that installation's
-    # headers and linked to its libraries (two venvs get two builds).
-    for part in (SOURCE.read_bytes(), torch.__version__.encode(), str(Path(torch.__file__).parent).encode(), cxx.encode(),
-                 _compiler_version(cxx).encode(), _cpu_flags().encode(), platform.machine().encode()):
+    # The compile command names torch's folder: the library is built against
+    # that installation's headers and linked to its libraries (two venvs get
+    # two builds), and any change of flags rebuilds.
+    command = compile_command("SOURCE", "OUTPUT", cxx)
+    for part in (SOURCE.read_bytes(), torch.__version__.encode(), " ".join(command).encode(),
+                 _compiler_version(cxx).encode(), platform.machine().encode()):
         key.update(part)
         key.update(b"\0")
     return _cache_dir() / f"{NAMESPACE}_{key.hexdigest()[:16]}.so"
@@ -149,6 +179,44 @@ def build(verbose=False):
     return path
 
 
+def _load_library():
+    """Build if needed and load; a cached file that will not load (truncated
+    by a crash, say) is deleted and built once more."""
+    path = build()
+    try:
+        torch.ops.load_library(str(path))
+    except OSError:
+        path.unlink(missing_ok=True)
+        torch.ops.load_library(str(build()))
+    _register_fakes()
+
+
+def _register_fakes():
+    """Shapes-only versions of the operators, so ``torch.compile`` can trace
+    through them (it runs them on "fake" tensors that hold no data)."""
+    lib = f"{NAMESPACE}::"
+
+    def per_channel(x):
+        return x.new_empty((x.shape[1],))
+
+    @torch.library.register_fake(lib + "batch_norm_forward")
+    def _(x, weight, bias, running_mean, running_var, momentum, eps):
+        return torch.empty_like(x), per_channel(x), per_channel(x), per_channel(x)
+
+    @torch.library.register_fake(lib + "batch_norm_backward")
+    def _(dy, x, mean, invstd, weight, input_grad):
+        dx = torch.empty_like(x) if input_grad else x.new_empty((0,))
+        return dx, per_channel(x), per_channel(x)
+
+    @torch.library.register_fake(lib + "batch_norm_eval")
+    def _(x, weight, bias, running_mean, running_var, eps):
+        return torch.empty_like(x), per_channel(x)
+
+    @torch.library.register_fake(lib + "update_running_stats")
+    def _(running_mean, running_var, mean, var, m, momentum):
+        return None
+
+
 def load():
     """Build (if needed) and load the kernels once per process; True when they run here."""
     if _state["loaded"] is not None:
@@ -158,7 +226,7 @@ def load():
         return False
     try:
         if not hasattr(torch.ops, NAMESPACE) or not hasattr(getattr(torch.ops, NAMESPACE), "batch_norm_forward"):
-            torch.ops.load_library(str(build()))
+            _load_library()
         _state["loaded"] = True
     except (RuntimeError, OSError) as err:
         _state.update(loaded=False, error=str(err))
@@ -166,7 +234,7 @@ def load():
             f"bnlib's fused CPU kernels are not available ({str(err).splitlines()[0]}); "
             "bnlib.functional uses its tensor-op path on CPU",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     return _state["loaded"]
 

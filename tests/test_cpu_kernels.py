@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import bnlib.functional as BF
+import bnlib.nn as bnn
 from bnlib import cpu_kernels
 from helpers import random_affine, random_input
 
@@ -173,6 +174,43 @@ def test_half_inputs_and_empty_batches_use_the_tensor_ops():
         assert empty.shape == (0, 3, 2)
 
 
+def test_running_update_is_an_inplace_change_autograd_sees():
+    """The kernels bump the buffers' version counters, as torch's in-place ops
+    do: a backward that needs the old running statistics (an eval-mode graph
+    built before a training step) raises instead of using the new ones."""
+    layer = bnn.BatchNorm1d(3)
+    before = layer.running_mean._version
+    layer(torch.randn(8, 3))
+    assert layer.running_mean._version > before
+    layer.eval()
+    x = torch.randn(8, 3, requires_grad=True)
+    y = layer(x)
+    layer.train()
+    layer(torch.randn(8, 3))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+def test_torch_compile_traces_through_the_kernels():
+    """The operators have shape-only ("fake") versions, so torch.compile can
+    trace them in one graph, the running statistics' update included."""
+    def step(x, w, b, rm, rv):
+        return BF.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5)
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    x = random_input((16, 4, 3), torch.float32, seed=3).requires_grad_()
+    w, b = (t.requires_grad_() for t in random_affine(4, torch.float32))
+    rm, rv = torch.zeros(4), torch.ones(4)
+    rm_ref, rv_ref = rm.clone(), rv.clone()
+    with BF.cpu_backend("kernels"):
+        y = compiled(x, w, b, rm, rv)
+    grads = torch.autograd.grad(y, (x, w, b), torch.ones_like(y))
+    y_ref = F.batch_norm(x, rm_ref, rv_ref, w, b, True, 0.1, 1e-5)
+    grads_ref = torch.autograd.grad(y_ref, (x, w, b), torch.ones_like(y_ref))
+    for a, r in zip([y, *grads, rm, rv], [y_ref, *grads_ref, rm_ref, rv_ref]):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)
+
+
 def test_backend_names_are_checked():
     with pytest.raises(ValueError, match="cpu backend should be one of"):
         BF.set_cpu_backend("fast")
@@ -216,3 +254,24 @@ def test_falls_back_with_one_warning_without_a_compiler(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("False [")
     assert done.stdout.count("fused CPU kernels are not available (C++ compiler") == 1, done.stdout
+
+
+def test_a_broken_cached_library_is_rebuilt(tmp_path):
+    """A cached file that does not load (truncated by a crash) is deleted and built again."""
+    code = """
+        import torch, bnlib.cpu_kernels as k
+        path = k.library_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"not a shared library")
+        print(k.load(), path.stat().st_size > 1000)
+    """
+    done = _python(code, BNLIB_CACHE_DIR=str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "True"], (done.stdout, done.stderr)
+
+
+def test_the_compile_command_is_portable():
+    """No -march=native (stored outputs must not depend on the CPU's vector
+    width beyond AVX2), and no silent fused multiply-adds."""
+    cmd = cpu_kernels.compile_command("a.cpp", "a.so", "c++")
+    assert "-march=native" not in cmd and "-ffp-contract=off" in cmd

@@ -130,12 +130,14 @@ def test_shifted_stats_bad_input():
 
 @pytest.mark.parametrize("name", ["kernels", "tensor_ops"])
 def test_cpu_path_pins_the_path(name):
+    from bnlib import cpu_kernels
+    if name == "kernels" and not cpu_kernels.is_available():
+        pytest.skip("bnlib's CPU kernels could not be built here")
     fn = perf.cpu_path(name)
     x = torch.randn(16, 3, requires_grad=True)
     y, ops = perf.op_traffic(fn, x, torch.zeros(3), torch.ones(3), None, None, True)
     names = [op for op, *_ in perf.traffic_table(ops, x.numel() * 4)]
-    from bnlib import cpu_kernels
-    if name == "kernels" and cpu_kernels.is_available():
+    if name == "kernels":
         assert names[0] == "batch_norm_forward.default"
     else:
         assert "batch_norm_forward.default" not in names

@@ -392,6 +392,10 @@ void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var, con
       rv[c] = static_cast<scalar_t>(rv[c] + momentum * (unbiased - rv[c]));
     }
   });
+  // An in-place change autograd must see, as torch's in-place ops do: a graph
+  // that saved these buffers (an eval-mode forward) then refuses a stale backward.
+  running_mean.unsafeGetTensorImpl()->bump_version();
+  running_var.unsafeGetTensorImpl()->bump_version();
 }
 
 // Training forward: y, and the per-channel mean, biased variance and invstd.
