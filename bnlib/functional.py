@@ -33,7 +33,7 @@ import torch
 
 from bnlib._checks import check_batch_size, values_per_channel
 
-__all__ = ["batch_norm", "cpu_backend", "get_cpu_backend", "set_cpu_backend"]
+__all__ = ["batch_norm", "batch_norm_train", "cpu_backend", "get_cpu_backend", "set_cpu_backend"]
 
 
 CPU_BACKENDS = ("auto", "kernels", "tensor_ops")
@@ -114,10 +114,11 @@ def _dense_like(t, x):
 
 
 def _per_channel_arg(t, x):
-    """A (C,) tensor as the kernels take it: x's dtype, contiguous."""
+    """A (C,) tensor as the kernels take it: x's dtype, contiguous (a
+    differentiable conversion, when one is needed)."""
     if t is None or (t.dtype == x.dtype and t.is_contiguous()):
         return t
-    return t.detach().to(x.dtype).contiguous()
+    return t.to(x.dtype).contiguous()
 
 
 def _running_args(running_mean, running_var, x):
@@ -230,29 +231,7 @@ class BatchNormTrainFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, input, weight, bias, eps, running_mean=None, running_var=None, momentum=0.0):
-        """With ``running_mean`` and ``running_var`` given, also updates them
-        (see ``_update_running_stats``) with ``momentum``."""
-        ctx.has_bias = bias is not None
-        # mu and var get no gradient: leave theirs None rather than have
-        # autograd fill two tensors of zeros that backward ignores.
-        ctx.set_materialize_grads(False)
-        kernels = _cpu_kernels(input)
-        ctx.kernels = kernels
-        if kernels is not None:
-            # The same formulas in two fused loops (bnlib/csrc/batch_norm_cpu.cpp),
-            # and the running update in the same call when the buffers allow it.
-            x = _dense(input)
-            running = _running_args(running_mean, running_var, x)
-            y, mu, var, invstd = kernels.batch_norm_forward(
-                x, _per_channel_arg(weight, x), _per_channel_arg(bias, x),
-                *(running or (None, None)), float(momentum), eps,
-            )
-            if running is None and running_mean is not None and running_var is not None:
-                _update_running_stats(running_mean, running_var, mu, var, values_per_channel(x.shape), momentum)
-            ctx.save_for_backward(x, mu, invstd, weight)
-            ctx.mark_non_differentiable(mu, var)
-            return y, mu, var
+    def forward(ctx, input, weight, bias, eps):
         x = input.to(_compute_dtype(input.dtype))
         ndim = x.dim()
         m = values_per_channel(x.shape)
@@ -270,9 +249,11 @@ class BatchNormTrainFunction(torch.autograd.Function):
         _fma(shift, x, scale, out=y)
         ctx.save_for_backward(x, mu, invstd, weight)
         ctx.ones_over_m = ones_over_m
+        ctx.has_bias = bias is not None
         ctx.mark_non_differentiable(mu, var)
-        if running_mean is not None and running_var is not None:
-            _update_running_stats(running_mean, running_var, mu, var, m, momentum)
+        # mu and var get no gradient: leave theirs None rather than have
+        # autograd fill two tensors of zeros that backward ignores.
+        ctx.set_materialize_grads(False)
         return y.to(input.dtype), mu, var
 
     @staticmethod
@@ -296,18 +277,7 @@ class BatchNormTrainFunction(torch.autograd.Function):
         """
         x, mu, invstd, weight = ctx.saved_tensors
         if dy is None:  # grads are not materialized (see forward); no gradient reached y
-            return None, None, None, None, None, None, None
-        if ctx.kernels is not None:
-            if dy.dtype != x.dtype:
-                dy = dy.to(x.dtype)
-            needs = ctx.needs_input_grad
-            dx, dgamma, dbeta = ctx.kernels.batch_norm_backward(
-                _dense_like(dy, x), x, mu, invstd, _per_channel_arg(weight, x), needs[0]
-            )
-            param_dtype = x.dtype if weight is None else weight.dtype
-            grad_weight = dgamma.to(param_dtype) if weight is not None and needs[1] else None
-            grad_bias = dbeta.to(param_dtype) if ctx.has_bias and needs[2] else None
-            return dx if needs[0] else None, grad_weight, grad_bias, None, None, None, None
+            return None, None, None, None
         ndim = x.dim()
         ones_over_m = ctx.ones_over_m
         dy32 = dy.to(x.dtype)
@@ -337,33 +307,66 @@ class BatchNormTrainFunction(torch.autograd.Function):
             grad_weight = (mean_dy_xc * invstd * m).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = (mean_dy * m).to(weight.dtype if weight is not None else dy32.dtype)
-        return grad_input, grad_weight, grad_bias, None, None, None, None
+        return grad_input, grad_weight, grad_bias, None
 
 
 class FusedCPUTrainFunction(torch.autograd.Function):
-    """Training mode on the fused CPU kernels, for ``batch_norm``: the math of
-    ``BatchNormTrainFunction`` in one C++ call each way (the forward also
-    updates the running estimates), and nothing else on the way, since on
-    small inputs Python's per-call work is a visible share of a step.
+    """Training mode on the fused CPU kernels: the math of
+    ``BatchNormTrainFunction`` in one C++ call each way
+    (``bnlib/csrc/batch_norm_cpu.cpp``), the forward also updating the
+    running estimates when it is given them. Nothing else happens on the way:
+    on small inputs Python's per-call work is a visible share of a step.
 
-    Takes what ``_fused_cpu_args`` prepared: ``x`` dense (contiguous or
+    Takes what ``batch_norm_train`` prepared: ``x`` dense (contiguous or
     channels-last), ``weight`` and ``bias`` in x's dtype, running estimates in
-    x's dtype or None. Returns ``y``.
+    x's dtype or None. Returns ``(y, mu, var)`` as ``BatchNormTrainFunction``.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps):
-        y, mu, _var, invstd = _cpu["ops"].batch_norm_forward(x, weight, bias, running_mean, running_var, momentum, eps)
+        y, mu, var, invstd = _cpu["ops"].batch_norm_forward(x, weight, bias, running_mean, running_var, momentum, eps)
         ctx.save_for_backward(x, mu, invstd, weight)
-        return y
+        ctx.mark_non_differentiable(mu, var)
+        ctx.set_materialize_grads(False)
+        return y, mu, var
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, dy, _grad_mu, _grad_var):
+        if dy is None:
+            return None, None, None, None, None, None, None
         x, mu, invstd, weight = ctx.saved_tensors
         needs = ctx.needs_input_grad
         dx, dgamma, dbeta = _cpu["ops"].batch_norm_backward(_dense_like(dy, x), x, mu, invstd, weight, needs[0])
         return (dx if needs[0] else None, dgamma if needs[1] else None, dbeta if needs[2] else None,
                 None, None, None, None)
+
+
+def batch_norm_train(input, weight, bias, eps, running_mean=None, running_var=None, momentum=0.0):
+    """Training-mode batch norm: ``(y, mu, var)``, with ``mu`` and ``var``
+    (biased) the batch statistics, which carry no gradient; the running
+    estimates, when both are given, are updated in place with ``momentum``.
+
+    Runs ``FusedCPUTrainFunction`` where the fused CPU kernels apply, else
+    ``BatchNormTrainFunction`` (tensor ops). No argument checks: callers
+    (``batch_norm``, the ghost-batch module) have made them.
+    """
+    update = running_mean is not None and running_var is not None
+    if _cpu_kernels(input) is not None:
+        x = _dense(input)
+        running = _running_args(running_mean, running_var, x) if update else None
+        # Conversions happen here, outside the Function, so autograd carries
+        # the gradients back through them.
+        y, mu, var = FusedCPUTrainFunction.apply(
+            x, _per_channel_arg(weight, x), _per_channel_arg(bias, x), *(running or (None, None)),
+            float(momentum), eps,
+        )
+        if update and running is None:  # buffers the kernel cannot update in place
+            _update_running_stats(running_mean, running_var, mu, var, values_per_channel(x.shape), momentum)
+        return y, mu, var
+    y, mu, var = BatchNormTrainFunction.apply(input, weight, bias, eps)
+    if update:
+        _update_running_stats(running_mean, running_var, mu, var, values_per_channel(input.shape), momentum)
+    return y, mu, var
 
 
 class BatchNormEvalFunction(torch.autograd.Function):
@@ -504,14 +507,4 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
 
     if not training:
         return BatchNormEvalFunction.apply(input, weight, bias, running_mean, running_var, eps)
-    if _cpu_kernels(input) is not None:
-        running = (None, None) if running_mean is None or running_var is None else _running_args(
-            running_mean, running_var, input)
-        if running is not None:  # (else the buffers need the general path's update)
-            x = _dense(input)
-            # Conversions happen here, outside the Function, so autograd carries
-            # the gradients back through them.
-            weight, bias = (t if t is None or (t.dtype == x.dtype and t.is_contiguous())
-                            else t.to(x.dtype).contiguous() for t in (weight, bias))
-            return FusedCPUTrainFunction.apply(x, weight, bias, *running, float(momentum), eps)
-    return BatchNormTrainFunction.apply(input, weight, bias, eps, running_mean, running_var, momentum)[0]
+    return batch_norm_train(input, weight, bias, eps, running_mean, running_var, momentum)[0]

@@ -15,7 +15,7 @@ a data-parallel batch without synchronization:
     \quad (i \in j),
 
 with one ``gamma`` and ``beta`` for all of them. Forward and backward of
-every virtual batch are :class:`bnlib.functional.BatchNormTrainFunction`
+every virtual batch are :func:`bnlib.functional.batch_norm_train`
 (the compact backward formula, per virtual batch). So a chapter can show
 what per-device batches of 2, 4, 8, ... do to training without starting
 several processes. With one virtual batch (``virtual_batch_size >= N``)
@@ -51,7 +51,7 @@ import torch
 
 from bnlib import batchnorm as bnn
 from bnlib._checks import check_num_channels, values_per_channel
-from bnlib.functional import BatchNormTrainFunction
+from bnlib.functional import batch_norm_train
 from bnlib.sync_batchnorm import update_running_stats
 
 __all__ = ["GhostBatchNorm"]
@@ -115,7 +115,7 @@ class GhostBatchNorm(bnn._BatchNorm):
         else:
             outputs, mus, variances, sizes = [], [], [], []
             for chunk in input.split(vbs):
-                y, mu, var = BatchNormTrainFunction.apply(chunk, self.weight, self.bias, self.eps)
+                y, mu, var = batch_norm_train(chunk, self.weight, self.bias, self.eps)
                 outputs.append(y)
                 mus.append(mu)
                 variances.append(var)
@@ -152,6 +152,6 @@ class GhostBatchNorm(bnn._BatchNorm):
         x = input.unflatten(0, (k, vbs)).transpose(0, 1).flatten(1, 2)
         weight = None if self.weight is None else self.weight.repeat(k)
         bias = None if self.bias is None else self.bias.repeat(k)
-        y, mu, var = BatchNormTrainFunction.apply(x, weight, bias, self.eps)
+        y, mu, var = batch_norm_train(x, weight, bias, self.eps)
         output = y.unflatten(1, (k, c)).transpose(0, 1).flatten(0, 1)
         return output, mu.view(k, c), var.view(k, c)
