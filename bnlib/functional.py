@@ -356,10 +356,12 @@ def batch_norm_train(input, weight, bias, eps, running_mean=None, running_var=No
         running = _running_args(running_mean, running_var, x) if update else None
         # Conversions happen here, outside the Function, so autograd carries
         # the gradients back through them.
-        y, mu, var = FusedCPUTrainFunction.apply(
-            x, _per_channel_arg(weight, x), _per_channel_arg(bias, x), *(running or (None, None)),
-            float(momentum), eps,
-        )
+        args = (x, _per_channel_arg(weight, x), _per_channel_arg(bias, x), *(running or (None, None)),
+                float(momentum), eps)
+        if torch.is_grad_enabled():
+            y, mu, var = FusedCPUTrainFunction.apply(*args)
+        else:  # no graph is recorded (inference, a benchmark): skip the Function's bookkeeping
+            y, mu, var, _ = _cpu["ops"].batch_norm_forward(*args)
         if update and running is None:  # buffers the kernel cannot update in place
             _update_running_stats(running_mean, running_var, mu, var, values_per_channel(x.shape), momentum)
         return y, mu, var
@@ -367,6 +369,17 @@ def batch_norm_train(input, weight, bias, eps, running_mean=None, running_var=No
     if update:
         _update_running_stats(running_mean, running_var, mu, var, values_per_channel(input.shape), momentum)
     return y, mu, var
+
+
+def _eval_kernel(input, weight, bias, running_mean, running_var, eps):
+    """Eval mode on the fused CPU kernels: ``(y, mean, invstd)``, the last two
+    as the backward needs them."""
+    x = _dense(input)
+    mean = _per_channel_arg(running_mean, x)
+    y, invstd = _cpu["ops"].batch_norm_eval(
+        x, _per_channel_arg(weight, x), _per_channel_arg(bias, x), mean, _per_channel_arg(running_var, x), eps
+    )
+    return y, mean, invstd
 
 
 class BatchNormEvalFunction(torch.autograd.Function):
@@ -381,14 +394,8 @@ class BatchNormEvalFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, running_mean, running_var, eps):
         ctx.has_bias = bias is not None
-        kernels = _cpu_kernels(input)
-        if kernels is not None:
-            x = _dense(input)
-            mean = _per_channel_arg(running_mean, x)
-            y, invstd = kernels.batch_norm_eval(
-                x, _per_channel_arg(weight, x), _per_channel_arg(bias, x), mean,
-                _per_channel_arg(running_var, x), eps,
-            )
+        if _cpu_kernels(input) is not None:
+            y, mean, invstd = _eval_kernel(input, weight, bias, running_mean, running_var, eps)
             ctx.save_for_backward(input, mean, invstd, weight)
             return y
         dtype = _compute_dtype(input.dtype)
@@ -506,5 +513,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
             return triton.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
 
     if not training:
+        if not torch.is_grad_enabled() and _cpu_kernels(input) is not None:
+            return _eval_kernel(input, weight, bias, running_mean, running_var, eps)[0]  # no graph to record
         return BatchNormEvalFunction.apply(input, weight, bias, running_mean, running_var, eps)
     return batch_norm_train(input, weight, bias, eps, running_mean, running_var, momentum)[0]

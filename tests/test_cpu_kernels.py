@@ -275,3 +275,20 @@ def test_the_compile_command_is_portable():
     width beyond AVX2), and no silent fused multiply-adds."""
     cmd = cpu_kernels.compile_command("a.cpp", "a.so", "c++")
     assert "-march=native" not in cmd and "-ffp-contract=off" in cmd
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_no_grad_calls_skip_the_function_and_agree(training):
+    """Under torch.no_grad() the kernels are called without an autograd
+    Function (nothing to record): same output, same running statistics."""
+    x = random_input((8, 3, 4, 4), torch.float32, seed=11)
+    w, b = random_affine(3, torch.float32)
+    results = []
+    for grad in (True, False):
+        rm, rv = torch.linspace(-1, 1, 3), torch.linspace(0.5, 2, 3)
+        with torch.set_grad_enabled(grad), BF.cpu_backend("kernels"):
+            y = BF.batch_norm(x, rm, rv, w.requires_grad_(grad), b, training, 0.1, 1e-5)
+        assert (y.grad_fn is None) == (not grad)
+        results.append([y.detach(), rm, rv])
+    for a, b_ in zip(*results):
+        assert torch.equal(a, b_)
