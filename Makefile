@@ -61,6 +61,7 @@ execute: $(STAMP)
 bench: $(STAMP)
 	OMP_NUM_THREADS=2 $(PY) bench/bench_batchnorm.py --threads 1 2 --clock thread
 	$(PY) bench/bench_sync.py --processes 2 4
+	$(PY) bench/bench_triton_host.py
 	@if $(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
 		$(PY) bench/bench_gpu.py --out bench/results; \
 	else echo "No CUDA GPU here: the GPU table is the committed bench/results/gpu_h100.md"; fi

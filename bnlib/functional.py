@@ -28,6 +28,7 @@ kernels of ``bnlib.triton_kernels``. :func:`cpu_backend` picks the CPU path
 """
 
 import contextlib
+import warnings
 
 import torch
 
@@ -460,13 +461,27 @@ def _update_running_stats(running_mean, running_var, mu, var, m, momentum):
     running_var.lerp_(torch.where(finite, unbiased_var, running_var).to(running_var.dtype), momentum)
 
 
+_warned = set()  # warnings given once per process
+
+
 def _triton_path():
-    """``bnlib.triton_kernels`` when it can run here, else None."""
+    """``bnlib.triton_kernels`` when it can run here, else None (with one
+    warning when Triton is installed but older than the kernels need)."""
     try:
         from bnlib import triton_kernels
     except ImportError:
         return None
-    return triton_kernels if triton_kernels.is_available() else None
+    if triton_kernels.is_available():
+        return triton_kernels
+    version = triton_kernels._TRITON_VERSION
+    if version is not None and version < triton_kernels.MIN_TRITON and "old triton" not in _warned:
+        _warned.add("old triton")
+        warnings.warn(
+            f"bnlib's Triton kernels need Triton >= {'.'.join(map(str, triton_kernels.MIN_TRITON))}, found "
+            f"{triton_kernels.triton.__version__}: CUDA tensors use the tensor-op path",
+            RuntimeWarning, stacklevel=3,
+        )
+    return None
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):

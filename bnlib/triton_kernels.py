@@ -56,8 +56,9 @@ what sweeps on an H100 favoured (``bench/bench_gpu.py``, ``bench/results/``).
 kernels for float32 input); for float64 input that limits the running
 statistics to about 1e-8 relative accuracy.
 
-Triton is optional (``pip install bnlib[triton]``): without it this module
-still imports and ``is_available()`` is False. With ``TRITON_INTERPRET=1`` in
+Triton is optional (``pip install bnlib[triton]``): without it, or with a
+Triton older than ``MIN_TRITON``, this module still imports and
+``is_available()`` is False. With ``TRITON_INTERPRET=1`` in
 the environment before this module is imported, the same kernels run on CPU
 tensors through Triton's interpreter (that is how the tests check them on a
 machine without a GPU).
@@ -87,9 +88,33 @@ def _jit(fn):
     return fn if triton is None else triton.jit(fn)
 
 
+# The oldest Triton the kernels are tested on: through the interpreter with
+# Triton 3.2 to 3.9, compiled with 3.6 (on an H100). The interpreters of 3.0
+# and 3.1 reject them (``tl.arange`` of a constexpr handed to a helper) or
+# run a loop with a computed bound zero times, so an older Triton is not used:
+# CUDA tensors then take bnlib's tensor-op path.
+MIN_TRITON = (3, 2)
+
+
+def _version_tuple(version):
+    """"3.6.0" -> (3, 6); "3.2.0+git1a2b" -> (3, 2)."""
+    out = []
+    for part in version.split(".")[:2]:
+        digits = ""
+        for ch in part:
+            if not ch.isdigit():
+                break
+            digits += ch
+        out.append(int(digits or 0))
+    return tuple(out)
+
+
+_TRITON_VERSION = None if triton is None else _version_tuple(triton.__version__)
+
+
 def is_available():
-    """True when the kernels can run: Triton importable, and CUDA present (or the interpreter on)."""
-    if triton is None:
+    """True when the kernels can run: Triton >= ``MIN_TRITON`` importable, and CUDA present (or the interpreter on)."""
+    if _TRITON_VERSION is None or _TRITON_VERSION < MIN_TRITON:
         return False
     return _INTERPRET or torch.cuda.is_available()
 
@@ -522,10 +547,24 @@ def _next_pow2(n):
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
+def _cdiv(a, b):
+    """ceil(a / b) for positive ints. (``triton.cdiv`` is the same on the host,
+    but as a Triton constexpr function it costs ~8 us per call there.)"""
+    return -(-a // b)
+
+
+_SMS = {}
+
+
 def _num_sms(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # the interpreter: a few programs, so several splits get tested
+    sms = _SMS.get(device)
+    if sms is None:
+        if device.type == "cuda":
+            sms = torch.cuda.get_device_properties(device).multi_processor_count
+        else:
+            sms = 4  # the interpreter: a few programs, so several splits get tested
+        _SMS[device] = sms
+    return sms
 
 
 def _rcs_view(x):
@@ -543,8 +582,27 @@ def _rcs_view(x):
     return x, N, C, S, C * S, S
 
 
+# Launches already worked out, by problem: a training step sees the same few
+# shapes again and again, and on small inputs the host's work per call, not
+# the GPU's, sets the time.
+_LAUNCHES = {}
+
+
+def _launch(R, C, S, dtype, device, config=None):
+    """The ``_Launch`` of an (R, C, S) problem under ``CONFIG`` and ``config``, cached."""
+    key = (R, C, S, dtype, device, tuple(CONFIG.values()), SMALL_CHANNELS_LAST_ELEMENTS,
+           None if not config else tuple(sorted(config.items())))
+    launch = _LAUNCHES.get(key)
+    if launch is None:
+        if len(_LAUNCHES) >= 1024:  # a bound for programs that see ever new shapes
+            _LAUNCHES.clear()
+        launch = _LAUNCHES[key] = _Launch(R, C, S, dtype, device, config)
+    return launch
+
+
 class _Launch:
-    """Block sizes, grid and split of one (R, C, S) problem."""
+    """Block sizes, grid and split of one (R, C, S) problem, and the strides
+    (s_r, s_c) of its (R, C, S) view (``_rcs_view``)."""
 
     def __init__(self, R, C, S, dtype, device, config=None):
         cfg = dict(CONFIG)
@@ -560,25 +618,30 @@ class _Launch:
             self.BLOCK_S = 1
             self.BLOCK_C = min(_next_pow2(C), cfg["block_c"], tile)
             self.BLOCK_R = min(max(tile // self.BLOCK_C, 1), _next_pow2(R))
-        c_blocks = triton.cdiv(C, self.BLOCK_C)
+        c_blocks = _cdiv(C, self.BLOCK_C)
         n_sm = _num_sms(device)
         per_sm = cfg["programs_per_sm"]
         if per_sm is None:
             per_sm = 4 if S == 1 else (0 if c_blocks >= n_sm else 2)
-        n_split = max(1, min(triton.cdiv(per_sm * n_sm, c_blocks), triton.cdiv(R, self.BLOCK_R)))
+        n_split = max(1, min(_cdiv(per_sm * n_sm, c_blocks), _cdiv(R, self.BLOCK_R)))
         if "n_split" in cfg:
             n_split = max(1, min(cfg["n_split"], R))
         # Whole tiles per split, so no tile straddles two splits.
-        self.rows_per_split = triton.cdiv(triton.cdiv(R, n_split), self.BLOCK_R) * self.BLOCK_R
-        self.n_split = triton.cdiv(R, self.rows_per_split)
+        self.rows_per_split = _cdiv(_cdiv(R, n_split), self.BLOCK_R) * self.BLOCK_R
+        self.n_split = _cdiv(R, self.rows_per_split)
         self.grid = (c_blocks, self.n_split)
         self.num_warps = cfg["num_warps"]
         self.num_stages = cfg["num_stages"]
         self.prefetch = cfg["prefetch"]
         self.R, self.C, self.S = R, C, S
+        self.s_r, self.s_c = (C * S, S) if S > 1 else (C, 1)
         # The finalize kernels: up to 256 splits per step, then as many channels as fit in 4096 lanes.
         self.BLOCK_SPLIT = min(_next_pow2(self.n_split), 256)
         self.BLOCK_C_FINAL = min(_next_pow2(C), max(4096 // self.BLOCK_SPLIT, 16))
+        self.final_grid = (_cdiv(C, self.BLOCK_C_FINAL),)
+        self.acc = _acc_dtype(dtype)
+        # The compile-time arguments every big kernel takes.
+        self.common = dict(INT64=R * C * S >= 2**31, ACC=_tl_acc(dtype), **self.blocks())
 
     def blocks(self):
         out = dict(BLOCK_R=self.BLOCK_R, BLOCK_C=self.BLOCK_C, BLOCK_S=self.BLOCK_S, num_warps=self.num_warps,
@@ -596,47 +659,54 @@ def _tl_acc(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def _forward(x, launch, weight, bias, running_mean, running_var, training, momentum, eps):
+    """The forward kernels on ``x`` (laid out as ``launch`` says): ``(y, stats)``,
+    with ``stats[0]``, ``stats[1]`` the batch mean and invstd in training mode
+    (eval mode leaves ``stats`` unwritten)."""
+    C = launch.C
+    y = torch.empty_like(x)
+    stats = torch.empty((2, C), dtype=launch.acc, device=x.device)  # mean, invstd
+    dummy = stats
+    w = weight if weight is not None else dummy
+    b = bias if bias is not None else dummy
+    rmean = running_mean if running_mean is not None else dummy
+    rvar = running_var if running_var is not None else dummy
+    update_rmean = training and running_mean is not None
+    update_rvar = training and running_var is not None
+    if training and launch.n_split > 1:
+        part = torch.empty((3, launch.n_split, C), dtype=launch.acc, device=x.device)
+        _partial_stats_kernel[launch.grid](x, part, C, launch.S, launch.R, launch.s_r, launch.s_c,
+                                           launch.rows_per_split, **launch.common)
+        _finalize_stats_kernel[launch.final_grid](
+            part, stats, rmean, rvar, C, launch.n_split, momentum, eps,
+            UPDATE_RMEAN=update_rmean, UPDATE_RVAR=update_rvar,
+            BLOCK_C=launch.BLOCK_C_FINAL, BLOCK_SPLIT=launch.BLOCK_SPLIT)
+        mode = _FROM_BUFFER
+    else:
+        mode = _COMPUTE if training else _RUNNING
+    _normalize_kernel[launch.grid](x, y, w, b, stats, rmean, rvar, C, launch.S, launch.R, launch.s_r, launch.s_c,
+                                   launch.rows_per_split, momentum, eps, STATS=mode,
+                                   HAS_W=weight is not None, HAS_B=bias is not None,
+                                   UPDATE_RMEAN=update_rmean, UPDATE_RVAR=update_rvar, **launch.common)
+    return y, stats
+
+
 class _TritonBatchNorm(torch.autograd.Function):
     """The fused kernels behind one autograd node; the backward is the compact formula (see the kernels)."""
 
     @staticmethod
     def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps, config):
-        x, R, C, S, s_r, s_c = _rcs_view(input)
-        launch = _Launch(R, C, S, x.dtype, x.device, config)
-        acc = _acc_dtype(x.dtype)
-        int64 = x.numel() >= 2**31
-        y = torch.empty_like(x)
-        stats = torch.empty((2, C), dtype=acc, device=x.device)  # mean, invstd
-        dummy = stats
-        w = weight if weight is not None else dummy
-        b = bias if bias is not None else dummy
-        rmean = running_mean if running_mean is not None else dummy
-        rvar = running_var if running_var is not None else dummy
-        common = dict(INT64=int64, ACC=_tl_acc(x.dtype), **launch.blocks())
-        flags = dict(HAS_W=weight is not None, HAS_B=bias is not None,
-                     UPDATE_RMEAN=training and running_mean is not None,
-                     UPDATE_RVAR=training and running_var is not None)
-        args = (C, S, R, s_r, s_c, launch.rows_per_split, momentum, eps)
-        if training and launch.n_split > 1:
-            part = torch.empty((3, launch.n_split, C), dtype=acc, device=x.device)
-            _partial_stats_kernel[launch.grid](x, part, C, S, R, s_r, s_c, launch.rows_per_split, **common)
-            _finalize_stats_kernel[(triton.cdiv(C, launch.BLOCK_C_FINAL),)](
-                part, stats, rmean, rvar, C, launch.n_split, momentum, eps,
-                UPDATE_RMEAN=flags["UPDATE_RMEAN"], UPDATE_RVAR=flags["UPDATE_RVAR"],
-                BLOCK_C=launch.BLOCK_C_FINAL, BLOCK_SPLIT=launch.BLOCK_SPLIT)
-            mode = _FROM_BUFFER
-        else:
-            mode = _COMPUTE if training else _RUNNING
-        _normalize_kernel[launch.grid](x, y, w, b, stats, rmean, rvar, *args, STATS=mode, **flags, **common)
-
+        x, R, C, S, _, _ = _rcs_view(input)
+        launch = _launch(R, C, S, x.dtype, x.device, config)
+        y, stats = _forward(x, launch, weight, bias, running_mean, running_var, training, momentum, eps)
         ctx.training = training
-        ctx.launch_config = config
+        ctx.launch = launch
         ctx.has_weight = weight is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
         if any(ctx.needs_input_grad[:3]):
             if not training:  # the running estimates as they are now, for dx and dgamma
                 stats[0].copy_(running_mean)
-                stats[1].copy_(torch.rsqrt(running_var.to(acc) + eps))
+                stats[1].copy_(torch.rsqrt(running_var.to(launch.acc) + eps))
             ctx.save_for_backward(x, weight, stats)
         return y
 
@@ -644,22 +714,18 @@ class _TritonBatchNorm(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         x, weight, stats = ctx.saved_tensors
-        _, R, C, S, s_r, s_c = _rcs_view(x)
+        launch = ctx.launch
+        C = launch.C
         if dy.stride() != x.stride():  # the kernels read dy with x's strides
             dy = torch.empty_like(x).copy_(dy)
-        launch = _Launch(R, C, S, x.dtype, x.device, ctx.launch_config)
-        acc = _acc_dtype(x.dtype)
-        need_dx = ctx.needs_input_grad[0]
-        need_w = ctx.needs_input_grad[1]
-        need_b = ctx.needs_input_grad[2]
+        need_dx, need_w, need_b = ctx.needs_input_grad[:3]
         need_sums = ctx.training or need_w or need_b
-        sums = torch.empty((2, C), dtype=acc, device=x.device)  # dgamma, dbeta
-        common = dict(INT64=x.numel() >= 2**31, ACC=_tl_acc(x.dtype), **launch.blocks())
+        sums = torch.empty((2, C), dtype=launch.acc, device=x.device)  # dgamma, dbeta
         if need_sums and (launch.n_split > 1 or not need_dx):
-            part = torch.empty((2, launch.n_split, C), dtype=acc, device=x.device)
-            _partial_grad_sums_kernel[launch.grid](x, dy, stats, part, C, S, R, s_r, s_c,
-                                                   launch.rows_per_split, **common)
-            _finalize_grad_sums_kernel[(triton.cdiv(C, launch.BLOCK_C_FINAL),)](
+            part = torch.empty((2, launch.n_split, C), dtype=launch.acc, device=x.device)
+            _partial_grad_sums_kernel[launch.grid](x, dy, stats, part, C, launch.S, launch.R, launch.s_r, launch.s_c,
+                                                   launch.rows_per_split, **launch.common)
+            _finalize_grad_sums_kernel[launch.final_grid](
                 part, stats, sums, C, launch.n_split,
                 BLOCK_C=launch.BLOCK_C_FINAL, BLOCK_SPLIT=launch.BLOCK_SPLIT)
             mode = _FROM_BUFFER
@@ -669,8 +735,9 @@ class _TritonBatchNorm(torch.autograd.Function):
         if need_dx:
             dx = torch.empty_like(x)
             _grad_input_kernel[launch.grid](x, dy, dx, weight if ctx.has_weight else stats, stats, sums,
-                                            C, S, R, s_r, s_c, launch.rows_per_split, R * S,
-                                            SUMS=mode, TRAINING=ctx.training, HAS_W=ctx.has_weight, **common)
+                                            C, launch.S, launch.R, launch.s_r, launch.s_c, launch.rows_per_split,
+                                            launch.R * launch.S, SUMS=mode, TRAINING=ctx.training,
+                                            HAS_W=ctx.has_weight, **launch.common)
         dw = sums[0].to(weight.dtype) if need_w else None
         db = sums[1].to(ctx.bias_dtype) if need_b else None
         return dx, dw, db, None, None, None, None, None, None
@@ -698,6 +765,9 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     """
     if triton is None:
         raise RuntimeError("bnlib.triton_kernels needs Triton: pip install triton")
+    if _TRITON_VERSION < MIN_TRITON:
+        raise RuntimeError(f"bnlib.triton_kernels needs Triton >= {'.'.join(map(str, MIN_TRITON))}, "
+                           f"found {triton.__version__}")
     if input.dim() < 2:
         raise ValueError(f"batch_norm expected an input with at least 2 dimensions (N, C, ...), got {input.dim()}D input")
     if input.dtype not in _DTYPES:
@@ -726,7 +796,12 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     # estimates are updated through a contiguous copy, then copied back.
     weight, bias = (t if t is None or t.is_contiguous() else t.contiguous() for t in (weight, bias))
     rmean, rvar = (t if t is None or t.is_contiguous() else t.contiguous() for t in (running_mean, running_var))
-    y = _TritonBatchNorm.apply(input, weight, bias, rmean, rvar, bool(training), float(momentum), float(eps), config)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias)):
+        y = _TritonBatchNorm.apply(input, weight, bias, rmean, rvar, bool(training), float(momentum), float(eps), config)
+    else:  # no graph to record (inference): the kernels without the autograd node
+        x, R, C, S, _, _ = _rcs_view(input)
+        y = _forward(x, _launch(R, C, S, x.dtype, x.device, config), weight, bias, rmean, rvar,
+                     bool(training), float(momentum), float(eps))[0]
     if training:
         for t, copy in ((running_mean, rmean), (running_var, rvar)):
             if copy is not t:
