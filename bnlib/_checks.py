@@ -42,6 +42,13 @@ def check_num_channels(class_name, shape, num_features):
         )
 
 
+def check_floating_dtype(class_name, dtype, is_floating_point):
+    """Normalization needs a floating-point input (a mean of integers is not one)."""
+    if not is_floating_point:
+        raise ValueError(f"{class_name} expected a floating-point input (float16, bfloat16, float32 or float64), "
+                         f"got {dtype}")
+
+
 def values_per_channel(shape):
     """How many values each channel holds: ``m = N * prod(spatial dims)``."""
     count = shape[0]

@@ -91,6 +91,24 @@ def _rows_backward(dx_hat, x_hat, invstd):
     return invstd * (dx_hat - mean_dx_hat - x_hat * mean_dx_hat_x_hat)
 
 
+def _sum_over(t, dims):
+    """``t`` summed over ``dims``; ``t`` itself when there are none (``t.sum(())``
+    would sum over every dim)."""
+    return t.sum(dims) if dims else t
+
+
+def _grouped_norm_formula(input, weight, bias, row_shape, param_view, eps):
+    """``GroupedNormFunction``'s map in plain differentiable tensor ops (for second derivatives)."""
+    x = input.to(_compute_dtype(input.dtype))
+    rows = x.reshape(row_shape)
+    x_centered = rows - rows.mean(-1, keepdim=True)
+    x_hat = (x_centered * torch.rsqrt(x_centered.square().mean(-1, keepdim=True) + eps)).reshape(x.shape)
+    y = x_hat if weight is None else x_hat * weight.to(x.dtype).view(param_view)
+    if bias is not None:
+        y = y + bias.to(x.dtype).view(param_view)
+    return y.to(input.dtype)
+
+
 class GroupedNormFunction(torch.autograd.Function):
     """Normalize every row of ``input.reshape(row_shape)``; then ``y = x_hat * w + b``.
 
@@ -113,7 +131,8 @@ class GroupedNormFunction(torch.autograd.Function):
         y = x_hat if weight is None else x_hat * weight.to(x.dtype).view(param_view)
         if bias is not None:
             y = y + bias.to(x.dtype).view(param_view)
-        ctx.save_for_backward(x_hat, invstd, weight)
+        ctx.save_for_backward(x_hat, invstd, weight, input, bias)
+        ctx.eps = eps
         ctx.has_bias = bias is not None
         ctx.bias_shape = None if bias is None else bias.shape
         ctx.row_shape, ctx.param_view, ctx.param_dims = row_shape, param_view, param_dims
@@ -123,7 +142,11 @@ class GroupedNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, _grad_mu, _grad_var):
-        x_hat, invstd, weight = ctx.saved_tensors
+        x_hat, invstd, weight, input, bias = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: gradients that can be differentiated again
+            grads = bnF.grads_through_formula(
+                lambda *t: _grouped_norm_formula(*t, ctx.row_shape, ctx.param_view, ctx.eps), (input, weight, bias), dy)
+            return (*grads, None, None, None, None)
         dy32 = dy.to(x_hat.dtype)
         grad_input = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
@@ -132,9 +155,9 @@ class GroupedNormFunction(torch.autograd.Function):
             grad_input = dx.reshape(x_hat.shape).to(dy.dtype)
         param_dtype = weight.dtype if weight is not None else dy32.dtype
         if weight is not None and ctx.needs_input_grad[1]:
-            grad_weight = (dy32 * x_hat).sum(ctx.param_dims).reshape(weight.shape).to(param_dtype)
+            grad_weight = _sum_over(dy32 * x_hat, ctx.param_dims).reshape(weight.shape).to(param_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = dy32.sum(ctx.param_dims).reshape(ctx.bias_shape).to(param_dtype)
+            grad_bias = _sum_over(dy32, ctx.param_dims).reshape(ctx.bias_shape).to(param_dtype)
         return grad_input, grad_weight, grad_bias, None, None, None, None
 
 
@@ -408,6 +431,18 @@ class InstanceNorm2d(_InstanceNorm):
 # --------------------------------------------------------------------------
 
 
+def _batch_renorm_formula(input, weight, bias, r, d, eps):
+    """Training-mode batch renorm in plain differentiable tensor ops, ``r`` and ``d`` constants (for second derivatives)."""
+    y = bnF.batch_norm_formula(input.to(_compute_dtype(input.dtype)), None, None, eps)
+    ndim = y.dim()
+    y = y * bnF._per_channel(r, ndim) + bnF._per_channel(d, ndim)
+    if weight is not None:
+        y = y * bnF._per_channel(weight.to(y.dtype), ndim)
+    if bias is not None:
+        y = y + bnF._per_channel(bias.to(y.dtype), ndim)
+    return y.to(input.dtype)
+
+
 class BatchRenormTrainFunction(torch.autograd.Function):
     r"""Training-mode batch renorm (Ioffe 2017, Algorithm 1), ``r`` and ``d`` stop-gradient.
 
@@ -435,7 +470,8 @@ class BatchRenormTrainFunction(torch.autograd.Function):
         y = x_hat if weight is None else x_hat * bnF._per_channel(weight.to(x.dtype), ndim)
         if bias is not None:
             y = y + bnF._per_channel(bias.to(x.dtype), ndim)
-        ctx.save_for_backward(x_hat_batch, x_hat, invstd, r, weight)
+        ctx.save_for_backward(x_hat_batch, x_hat, invstd, r, weight, input, bias, d)
+        ctx.eps = eps
         ctx.has_bias = bias is not None
         ctx.mark_non_differentiable(mu, var, r, d)
         return y.to(input.dtype), mu, var, r, d
@@ -448,7 +484,11 @@ class BatchRenormTrainFunction(torch.autograd.Function):
         ``dx = gamma * r * invstd * (dy - mean(dy) - x_hat_B * mean(dy * x_hat_B))``;
         ``dgamma = sum(dy * x_hat)``, ``dbeta = sum(dy)``.
         """
-        x_hat_batch, x_hat, invstd, r, weight = ctx.saved_tensors
+        x_hat_batch, x_hat, invstd, r, weight, input, bias, d = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: gradients that can be differentiated again
+            grads = bnF.grads_through_formula(lambda *t: _batch_renorm_formula(*t, r, d, ctx.eps),
+                                              (input, weight, bias), dy)
+            return (*grads, None, None, None, None, None)
         ndim = x_hat.dim()
         dims = _not_channel_dims(ndim)
         m = max(values_per_channel(x_hat.shape), 1)
@@ -666,6 +706,9 @@ class WeightNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dw):
         v, g, norm = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: gradients that can be differentiated again
+            dim = ctx.dim
+            return (*bnF.grads_through_formula(lambda v, g: v * (g / _norm_except_dim(v, dim)), (v, g), dw), None)
         dv = dg = None
         if ctx.dim == -1:
             dot = (dw * v).sum()
@@ -775,6 +818,11 @@ class SpectralNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         weight, u, v, sigma = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: gradients that can be differentiated again
+            dim = ctx.dim
+            grad_weight, = bnF.grads_through_formula(
+                lambda w: w / torch.dot(u, torch.mv(_to_matrix(w, dim), v)), (weight,), grad_out)
+            return grad_weight, None, None, None
         outer = _from_matrix(torch.outer(u, v), weight, ctx.dim)
         grad_weight = grad_out / sigma - ((grad_out * weight).sum() / sigma**2) * outer
         return grad_weight, None, None, None

@@ -18,7 +18,14 @@ import torch
 from torch import nn
 
 from bnlib import functional as bnF
-from bnlib._checks import check_batch_size, check_input_dims, check_norm_args, check_num_channels
+from bnlib._checks import (
+    check_batch_size,
+    check_floating_dtype,
+    check_input_dims,
+    check_norm_args,
+    check_num_channels,
+    values_per_channel,
+)
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
@@ -96,7 +103,8 @@ class _NormBase(nn.Module):
         name = type(self).__name__
         check_input_dims(name, input.shape, self.allowed_dims)
         check_num_channels(name, input.shape, self.num_features)
-        if self.training:
+        check_floating_dtype(name, input.dtype, input.is_floating_point())
+        if self.training and values_per_channel(input.shape) == 1:  # the message's text is built only then
             check_batch_size(input.shape, str(input.size()))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,

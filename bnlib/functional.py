@@ -32,7 +32,7 @@ import warnings
 
 import torch
 
-from bnlib._checks import check_batch_size, values_per_channel
+from bnlib._checks import check_batch_size, check_floating_dtype, values_per_channel
 
 __all__ = ["batch_norm", "batch_norm_train", "cpu_backend", "get_cpu_backend", "set_cpu_backend"]
 
@@ -89,6 +89,10 @@ def _cpu_kernels(x):
         return None
     ops = _cpu.get("ops")
     if ops is None:
+        if torch.compiler.is_compiling():
+            # Loading looks at files, which torch.compile cannot trace: a graph
+            # compiled before any eager call takes the tensor-op path.
+            return None
         from bnlib import cpu_kernels
 
         ops = _cpu["ops"] = cpu_kernels.ops() if cpu_kernels.load() else False
@@ -218,6 +222,39 @@ def _batch_stats(x):
     return mu, var, x - _per_channel(mu, x.dim()), squares
 
 
+def grads_through_formula(formula, inputs, dy):
+    """The gradients of ``formula(*inputs)`` with respect to the ``inputs``
+    that require grad (None for the others), found by autograd with a graph,
+    so that they can be differentiated again.
+
+    The hand-written backward passes compute with statistics their forward
+    saved (``mu``, ``invstd``), which carry no graph: differentiating their
+    result (``create_graph=True``, as a gradient penalty does) would treat
+    the statistics as constants and give wrong second derivatives. So when a
+    backward is asked for a graph, it calls this with the same map written
+    in differentiable tensor ops; first-order gradients stay hand-written.
+    """
+    wanted = [t for t in inputs if t is not None and t.requires_grad]
+    with torch.enable_grad():
+        grads = iter(torch.autograd.grad(formula(*inputs), wanted, dy, create_graph=True, allow_unused=True))
+    return [next(grads) if t is not None and t.requires_grad else None for t in inputs]
+
+
+def batch_norm_formula(input, weight, bias, eps):
+    """Training-mode batch norm in plain differentiable tensor ops (the
+    definition, two passes), for :func:`grads_through_formula`."""
+    x = input.to(_compute_dtype(input.dtype))
+    dims = _stat_dims(x.dim())
+    mu = x.mean(dims, keepdim=True)
+    x_centered = x - mu
+    y = x_centered * torch.rsqrt(x_centered.square().mean(dims, keepdim=True) + eps)
+    if weight is not None:
+        y = y * _per_channel(weight.to(x.dtype), x.dim())
+    if bias is not None:
+        y = y + _per_channel(bias.to(x.dtype), x.dim())
+    return y.to(input.dtype)
+
+
 class BatchNormTrainFunction(torch.autograd.Function):
     """Training mode: batch statistics; the compact backward formula.
 
@@ -248,7 +285,10 @@ class BatchNormTrainFunction(torch.autograd.Function):
         else:
             shift = torch.addcmul(bias.to(x.dtype), mu, scale, value=-1)
         _fma(shift, x, scale, out=y)
-        ctx.save_for_backward(x, mu, invstd, weight)
+        # The input too when it is not x (half inputs): a backward asked for a
+        # graph differentiates the formula from the input itself.
+        ctx.save_for_backward(x, mu, invstd, weight, bias, None if x is input else input)
+        ctx.eps = eps
         ctx.ones_over_m = ones_over_m
         ctx.has_bias = bias is not None
         ctx.mark_non_differentiable(mu, var)
@@ -276,9 +316,12 @@ class BatchNormTrainFunction(torch.autograd.Function):
 
         so after the two reductions dx takes two passes over memory.
         """
-        x, mu, invstd, weight = ctx.saved_tensors
+        x, mu, invstd, weight, bias, input = ctx.saved_tensors
         if dy is None:  # grads are not materialized (see forward); no gradient reached y
             return None, None, None, None
+        if torch.is_grad_enabled():  # create_graph=True: gradients that can be differentiated again
+            inputs = (x if input is None else input, weight, bias)
+            return (*grads_through_formula(lambda *t: batch_norm_formula(*t, ctx.eps), inputs, dy), None)
         ndim = x.dim()
         ones_over_m = ctx.ones_over_m
         dy32 = dy.to(x.dtype)
@@ -326,7 +369,8 @@ class FusedCPUTrainFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps):
         y, mu, var, invstd = _cpu["ops"].batch_norm_forward(x, weight, bias, running_mean, running_var, momentum, eps)
-        ctx.save_for_backward(x, mu, invstd, weight)
+        ctx.save_for_backward(x, mu, invstd, weight, bias)
+        ctx.eps = eps
         ctx.mark_non_differentiable(mu, var)
         ctx.set_materialize_grads(False)
         return y, mu, var
@@ -335,7 +379,10 @@ class FusedCPUTrainFunction(torch.autograd.Function):
     def backward(ctx, dy, _grad_mu, _grad_var):
         if dy is None:
             return None, None, None, None, None, None, None
-        x, mu, invstd, weight = ctx.saved_tensors
+        x, mu, invstd, weight, bias = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: see BatchNormTrainFunction.backward
+            grads = grads_through_formula(lambda *t: batch_norm_formula(*t, ctx.eps), (x, weight, bias), dy)
+            return (*grads, None, None, None, None)
         needs = ctx.needs_input_grad
         dx, dgamma, dbeta = _cpu["ops"].batch_norm_backward(_dense_like(dy, x), x, mu, invstd, weight, needs[0])
         return (dx if needs[0] else None, dgamma if needs[1] else None, dbeta if needs[2] else None,
@@ -501,13 +548,14 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         ``y``, with the shape and dtype of ``input``.
 
     Raises:
-        ValueError: fewer than 2 dims, one value per channel in training,
+        ValueError: a non-floating-point input, fewer than 2 dims, one value per channel in training,
             per-channel tensors of the wrong length, or eval mode without
             running estimates. Nothing is updated when it raises.
     """
     if input.dim() < 2:
         raise ValueError(f"batch_norm expected an input with at least 2 dimensions (N, C, ...), got {input.dim()}D input")
     num_channels = input.shape[1]
+    check_floating_dtype("batch_norm", input.dtype, input.is_floating_point())
     for name, tensor in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
         _check_per_channel(name, tensor, num_channels)
     if training:

@@ -236,6 +236,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         return y.to(input.dtype), mu, var, count
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # second derivatives raise, rather than come out wrong
     def backward(ctx, dy, _grad_mu, _grad_var, _grad_count):
         r"""With ``x_hat = x_centered * invstd``, global ``m`` and global sums:
 

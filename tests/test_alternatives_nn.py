@@ -92,7 +92,8 @@ def test_same_constructor_signature(ours, theirs):
 # LayerNorm
 # --------------------------------------------------------------------------
 
-LN_CASES = [((4, 6), 6), ((3, 5, 4), (4,)), ((3, 5, 4), (5, 4)), ((2, 3, 4, 5), (3, 4, 5)), ((2, 3), [3])]
+LN_CASES = [((4, 6), 6), ((3, 5, 4), (4,)), ((3, 5, 4), (5, 4)), ((2, 3, 4, 5), (3, 4, 5)), ((2, 3), [3]),
+            ((5,), 5), ((3, 5), (3, 5))]  # the last two: no leading dims, so nothing to sum the parameters over
 LN_CONFIGS = [dict(), dict(elementwise_affine=False), dict(bias=False), dict(eps=1e-3)]
 
 

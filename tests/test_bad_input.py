@@ -181,6 +181,24 @@ def test_nn_wrong_channel_count(d, shape, train):
     assert_buffers_exactly(m, snap)
 
 
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint8, torch.bool, torch.complex64], ids=str)
+def test_non_floating_input(dtype, train):
+    """An integer, boolean or complex input: ValueError naming the dtype, before num_batches_tracked moves."""
+    m = bnlib_bn_class(1)(3)
+    _warm(m, (4, 3))
+    m.train(train)
+    snap = buffers_snapshot(m)
+    x = torch.ones(4, 3).to(dtype)
+    with pytest.raises(ValueError, match="floating-point input.*" + re.escape(str(dtype))):
+        m(x)
+    assert_buffers_exactly(m, snap)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    with pytest.raises(ValueError, match="floating-point input"):
+        BF.batch_norm(x, rm, rv, training=train)
+    assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+
+
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("shape", [(4, 5), (4, 5, 6), (4, 5, 6, 6)], ids=str)
 def test_reference_wrong_channel_count(shape, affine):

@@ -211,6 +211,28 @@ def test_torch_compile_traces_through_the_kernels():
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)
 
 
+COMPILE_FIRST = """
+    import torch, bnlib.nn
+    # A fresh process: the kernels are not loaded yet when torch.compile traces
+    # the first call, and the input size changes on the second.
+    layer = bnlib.nn.BatchNorm1d(3)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    ref = torch.nn.BatchNorm1d(3)
+    for n in (8, 16):
+        x = torch.randn(n, 3)
+        torch.testing.assert_close(compiled(x), ref(x), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(layer.running_var, ref.running_var)
+    print("ok")
+"""
+
+
+def test_torch_compile_before_any_eager_call():
+    """fullgraph compilation in a fresh process, two batch sizes: no file access and no
+    string formatting of sizes in the traced code."""
+    done = _python(COMPILE_FIRST, OMP_NUM_THREADS="1")
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout[-2000:] + done.stderr[-3000:]
+
+
 def test_backend_names_are_checked():
     with pytest.raises(ValueError, match="cpu backend should be one of"):
         BF.set_cpu_backend("fast")
