@@ -5,7 +5,7 @@ and state-dict keys, outputs and gradients:
 
 - :class:`LayerNorm` (``torch.nn.LayerNorm``), :class:`GroupNorm`
   (``torch.nn.GroupNorm``), :class:`InstanceNorm1d` / :class:`InstanceNorm2d`
-  (``torch.nn.InstanceNorm1d/2d``): normalize groups of values *of one sample*
+  (``torch.nn.InstanceNorm1d/2d/3d``): normalize groups of values *of one sample*
   (see ``bnlib.reference_alternatives`` for the math);
 - :func:`weight_norm` and :func:`spectral_norm`
   (``torch.nn.utils.parametrizations.weight_norm`` / ``spectral_norm``):
@@ -48,6 +48,7 @@ __all__ = [
     "GroupNorm",
     "InstanceNorm1d",
     "InstanceNorm2d",
+    "InstanceNorm3d",
     "BatchRenorm1d",
     "BatchRenorm2d",
     "LinearRamp",
@@ -287,7 +288,7 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
 
 
 # --------------------------------------------------------------------------
-# Modules: LayerNorm, GroupNorm, InstanceNorm1d/2d
+# Modules: LayerNorm, GroupNorm, InstanceNorm1d/2d/3d
 # --------------------------------------------------------------------------
 
 
@@ -424,6 +425,12 @@ class InstanceNorm2d(_InstanceNorm):
     """Drop-in for ``torch.nn.InstanceNorm2d``: ``(N, C, H, W)`` or unbatched ``(C, H, W)``."""
 
     allowed_dims = (4,)
+
+
+class InstanceNorm3d(_InstanceNorm):
+    """Drop-in for ``torch.nn.InstanceNorm3d``: ``(N, C, D, H, W)`` or unbatched ``(C, D, H, W)``."""
+
+    allowed_dims = (5,)
 
 
 # --------------------------------------------------------------------------

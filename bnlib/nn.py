@@ -6,7 +6,7 @@ one, with the backward pass written by hand:
 - batch norm: ``BatchNorm1d``, ``BatchNorm2d``, ``BatchNorm3d`` (``bnlib.batchnorm``)
 - across processes and virtual batches: ``SyncBatchNorm`` (``bnlib.sync_batchnorm``),
   ``GhostBatchNorm`` (``bnlib.ghost_batchnorm``)
-- the alternatives: ``LayerNorm``, ``GroupNorm``, ``InstanceNorm1d/2d``,
+- the alternatives: ``LayerNorm``, ``GroupNorm``, ``InstanceNorm1d/2d/3d``,
   ``BatchRenorm1d/2d``, ``weight_norm``, ``spectral_norm`` (``bnlib.alternatives``)
 """
 
@@ -16,6 +16,7 @@ from bnlib.alternatives import (
     GroupNorm,
     InstanceNorm1d,
     InstanceNorm2d,
+    InstanceNorm3d,
     LayerNorm,
     spectral_norm,
     weight_norm,
@@ -34,6 +35,7 @@ __all__ = [
     "GroupNorm",
     "InstanceNorm1d",
     "InstanceNorm2d",
+    "InstanceNorm3d",
     "BatchRenorm1d",
     "BatchRenorm2d",
     "weight_norm",

@@ -1,4 +1,4 @@
-"""bnlib.nn's LayerNorm, GroupNorm, InstanceNorm1d/2d, weight_norm and spectral_norm
+"""bnlib.nn's LayerNorm, GroupNorm, InstanceNorm1d/2d/3d, weight_norm and spectral_norm
 against torch.nn (the truth): constructors, parameters, buffers, state dicts,
 outputs, gradients and running statistics; the hand-written backward passes
 against torch.autograd.gradcheck (finite differences, float64) and against
@@ -73,13 +73,14 @@ def assert_same_state(ours, theirs, dtype):
 
 
 def test_reexported_from_bnlib_nn():
-    for name in ["LayerNorm", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "BatchRenorm1d", "BatchRenorm2d",
-                 "weight_norm", "spectral_norm"]:
+    for name in ["LayerNorm", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "BatchRenorm1d",
+                 "BatchRenorm2d", "weight_norm", "spectral_norm"]:
         assert getattr(bnlib.nn, name) is getattr(alt, name)
 
 
 @pytest.mark.parametrize("ours,theirs", [(alt.LayerNorm, nn.LayerNorm), (alt.GroupNorm, nn.GroupNorm),
-                                         (alt.InstanceNorm1d, nn.InstanceNorm1d), (alt.InstanceNorm2d, nn.InstanceNorm2d)])
+                                         (alt.InstanceNorm1d, nn.InstanceNorm1d), (alt.InstanceNorm2d, nn.InstanceNorm2d),
+                                         (alt.InstanceNorm3d, nn.InstanceNorm3d)])
 def test_same_constructor_signature(ours, theirs):
     """Names, kinds (positional / keyword-only) and defaults; torch's type annotations aside."""
     def shape(cls):
@@ -141,15 +142,18 @@ def test_groupnorm_vs_torch(groups, channels, shape, cfg, dtype):
 
 IN_CONFIGS = [dict(), dict(affine=True), dict(affine=True, bias=False), dict(track_running_stats=True),
               dict(affine=True, track_running_stats=True, momentum=0.3), dict(track_running_stats=True, momentum=None)]
-IN_SHAPES = {1: [(4, 3, 5), (3, 5), (2, 3, 2)], 2: [(2, 3, 4, 5), (3, 4, 5), (3, 3, 1, 2)]}
+IN_SHAPES = {1: [(4, 3, 5), (3, 5), (2, 3, 2)], 2: [(2, 3, 4, 5), (3, 4, 5), (3, 3, 1, 2)],
+             3: [(2, 3, 2, 3, 4), (3, 2, 3, 2), (2, 3, 1, 2, 2)]}
+IN_CLASSES = {1: (bnlib.nn.InstanceNorm1d, nn.InstanceNorm1d), 2: (bnlib.nn.InstanceNorm2d, nn.InstanceNorm2d),
+              3: (bnlib.nn.InstanceNorm3d, nn.InstanceNorm3d)}
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("d", [1, 2])
+@pytest.mark.parametrize("d", [1, 2, 3])
 @pytest.mark.parametrize("cfg", IN_CONFIGS, ids=str)
 def test_instancenorm_vs_torch(d, cfg, dtype):
-    ours = {1: bnlib.nn.InstanceNorm1d, 2: bnlib.nn.InstanceNorm2d}[d](3, dtype=dtype, **cfg)
-    theirs = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d}[d](3, dtype=dtype, **cfg)
+    ours = IN_CLASSES[d][0](3, dtype=dtype, **cfg)
+    theirs = IN_CLASSES[d][1](3, dtype=dtype, **cfg)
     if TORCH_NORMS_TAKE_BIAS:
         assert repr(ours) == repr(theirs)
     assert_same_state(ours, theirs, dtype)
