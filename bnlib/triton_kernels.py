@@ -700,6 +700,7 @@ class _TritonBatchNorm(torch.autograd.Function):
         launch = _launch(R, C, S, x.dtype, x.device, config)
         y, stats = _forward(x, launch, weight, bias, running_mean, running_var, training, momentum, eps)
         ctx.training = training
+        ctx.eps = eps
         ctx.launch = launch
         ctx.has_weight = weight is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -707,13 +708,36 @@ class _TritonBatchNorm(torch.autograd.Function):
             if not training:  # the running estimates as they are now, for dx and dgamma
                 stats[0].copy_(running_mean)
                 stats[1].copy_(torch.rsqrt(running_var.to(launch.acc) + eps))
-            ctx.save_for_backward(x, weight, stats)
+            # The input and bias too, for a backward asked for a graph (the input
+            # only when x is a copy of it).
+            ctx.save_for_backward(x, weight, stats, None if x is input else input, bias)
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        x, weight, stats = ctx.saved_tensors
+        x, weight, stats, input, bias = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph=True: gradients that can be differentiated again, from
+            # autograd of the formula (bnlib.functional.grads_through_formula).
+            from bnlib import functional as bnF
+
+            if ctx.training:
+                eps = ctx.eps
+
+                def formula(i, w, b):
+                    return bnF.batch_norm_formula(i, w, b, eps)
+            else:
+                mean, invstd = stats[0], stats[1]  # the running estimates at the forward: constants
+
+                def formula(i, w, b):
+                    xf = i.to(mean.dtype)
+                    view = (1, -1) + (1,) * (i.dim() - 2)
+                    y = (xf - mean.view(view)) * invstd.view(view)
+                    y = y if w is None else y * w.to(y.dtype).view(view)
+                    return (y if b is None else y + b.to(y.dtype).view(view)).to(i.dtype)
+
+            grads = bnF.grads_through_formula(formula, (x if input is None else input, weight, bias), dy)
+            return (*grads, None, None, None, None, None, None)
         launch = ctx.launch
         C = launch.C
         if dy.stride() != x.stride():  # the kernels read dy with x's strides

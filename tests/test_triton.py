@@ -369,6 +369,22 @@ def test_old_triton_is_not_used(monkeypatch):
         assert bnF._triton_path() is None
 
 
+@interp
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_second_derivatives(training, layout):
+    """create_graph=True: gradients that can be differentiated again (gradgradcheck, float64)."""
+    x = make_input((3, 2, 3, 2), torch.float64, "cpu", layout).requires_grad_()
+    w = (torch.rand(2, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(2, dtype=torch.float64).requires_grad_()
+    rm, rv = torch.randn(2, dtype=torch.float64), torch.rand(2, dtype=torch.float64) + 0.5
+
+    def f(x, w, b):
+        return tk.batch_norm(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5)
+
+    assert torch.autograd.gradgradcheck(f, (x, w, b))
+
+
 def test_launch_cache():
     """A problem's launch is worked out once, and again when CONFIG or the overrides change."""
     if tk.triton is None:
