@@ -489,6 +489,20 @@ def test_cuda_matches_native(dtype, layout):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_cuda_second_derivatives(training):
+    """create_graph=True through the compiled kernels: gradgradcheck in float64."""
+    x = make_input((4, 3, 3, 2), torch.float64, "cuda").requires_grad_()
+    w = (torch.rand(3, dtype=torch.float64, device="cuda") + 0.5).requires_grad_()
+    b = torch.randn(3, dtype=torch.float64, device="cuda").requires_grad_()
+    rm = torch.randn(3, dtype=torch.float64, device="cuda")
+    rv = torch.rand(3, dtype=torch.float64, device="cuda") + 0.5
+    assert torch.autograd.gradgradcheck(
+        lambda x, w, b: tk.batch_norm(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5), (x, w, b))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("config", [ONE_SPLIT, {"n_split": 5}], ids=["one_split", "splits"])
 def test_cuda_nan_rule(config):
     _nan_rule("cuda", config)
