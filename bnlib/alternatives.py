@@ -204,7 +204,17 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     row_shape = lead + (math.prod(normalized_shape),)
     param_dims = tuple(range(input.dim() - k))
     y, _, _ = GroupedNormFunction.apply(input, weight, bias, row_shape, normalized_shape, param_dims, eps)
-    return y
+    return y.contiguous()  # torch's layer norm returns a contiguous tensor whatever the input's layout
+
+
+def _channels_last_format(t):
+    """``torch.channels_last`` (4-D) or ``torch.channels_last_3d`` (5-D) when ``t`` is laid out so, else None."""
+    if t.is_contiguous():
+        return None
+    for ndim, fmt in ((4, torch.channels_last), (5, torch.channels_last_3d)):
+        if t.dim() == ndim and t.is_contiguous(memory_format=fmt):
+            return fmt
+    return None
 
 
 def _check_group_size(input, num_groups):
@@ -238,6 +248,9 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
     row_shape = (input.shape[0], num_groups, m)
     ndim = input.dim()
     y, _, _ = GroupedNormFunction.apply(input, weight, bias, row_shape, _channel_view(ndim), _not_channel_dims(ndim), eps)
+    fmt = _channels_last_format(input)
+    if fmt is not None:  # as torch's group norm: the output keeps a channels-last input's layout
+        y = y.contiguous(memory_format=fmt)
     return y
 
 
@@ -275,7 +288,8 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     if not use_input_stats:
         if running_mean is None or running_var is None:
             raise ValueError("instance_norm with use_input_stats=False needs running_mean and running_var")
-        return bnF.batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, eps)
+        # (contiguous, as torch's instance norm returns whatever the input's layout)
+        return bnF.batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, eps).contiguous()
     m = math.prod(input.shape[2:])
     if m == 1:
         raise ValueError(f"Expected more than 1 spatial element when training, got input size {input.size()}")
@@ -284,7 +298,7 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     y, mu, var = GroupedNormFunction.apply(input, weight, bias, row_shape, _channel_view(ndim), _not_channel_dims(ndim), eps)
     if running_mean is not None and running_var is not None:
         _update_instance_running_stats(running_mean, running_var, mu, var, m, momentum)
-    return y
+    return y.contiguous()
 
 
 # --------------------------------------------------------------------------

@@ -169,6 +169,25 @@ def test_instancenorm_vs_torch(d, cfg, dtype):
     assert_same_state(ours, theirs, dtype)
 
 
+@pytest.mark.parametrize("make", [
+    lambda lib: lib.GroupNorm(2, 4), lambda lib: lib.LayerNorm(5), lambda lib: lib.LayerNorm((3, 5)),
+    lambda lib: lib.InstanceNorm2d(4), lambda lib: lib.InstanceNorm2d(4, track_running_stats=True).eval(),
+    lambda lib: lib.GroupNorm(2, 4, dtype=torch.float64)], ids=["group", "layer", "layer2", "instance", "instance_eval",
+                                                               "group_f64"])
+@pytest.mark.parametrize("fmt", [torch.channels_last, torch.contiguous_format], ids=["channels_last", "contiguous"])
+def test_output_layout_as_torch(make, fmt):
+    """The output's memory layout is torch's for the same input (values are checked elsewhere)."""
+    ours, theirs = make(bnlib.nn), make(nn)
+    dtype = ours.weight.dtype if getattr(ours, "weight", None) is not None else torch.float32
+    x = torch.randn(2, 4, 3, 5, dtype=dtype).contiguous(memory_format=fmt)
+    assert ours(x).stride() == theirs(x).stride()
+
+
+def test_group_norm_layout_3d():
+    x = torch.randn(2, 4, 3, 5, 2).contiguous(memory_format=torch.channels_last_3d)
+    assert bnlib.nn.GroupNorm(2, 4)(x).stride() == nn.GroupNorm(2, 4)(x).stride()
+
+
 def test_instancenorm_state_dict_loads_both_ways():
     theirs = nn.InstanceNorm2d(3, affine=True, track_running_stats=True)
     theirs(random_input((2, 3, 4, 4), dtype=torch.float32))
