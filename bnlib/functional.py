@@ -61,6 +61,7 @@ def set_cpu_backend(name):
 
         if not cpu_kernels.is_available():
             raise RuntimeError(f"bnlib's fused CPU kernels are not available: {cpu_kernels._state['error']}")
+        _cpu["ops"] = cpu_kernels.ops()  # loaded now, so that torch.compile finds them loaded
     previous, _cpu["backend"] = _cpu["backend"], name
     return previous
 
@@ -157,6 +158,8 @@ def _fma(shift, x, scale, out=None):
     """
     ndim = x.dim()
     shift, scale = _per_channel(shift, ndim), _per_channel(scale, ndim)
+    if torch.compiler.is_compiling():
+        out = None  # the compiler plans memory itself (and older versions cannot trace out=)
     if ndim == 2:
         return torch.addcmul(shift.expand_as(x), x, scale, out=out)
     return torch.mul(x, scale, out=out).add_(shift)
@@ -284,7 +287,7 @@ class BatchNormTrainFunction(torch.autograd.Function):
             shift = torch.mul(mu, scale).neg_()
         else:
             shift = torch.addcmul(bias.to(x.dtype), mu, scale, value=-1)
-        _fma(shift, x, scale, out=y)
+        y = _fma(shift, x, scale, out=y)
         # The input too when it is not x (half inputs): a backward asked for a
         # graph differentiates the formula from the input itself.
         ctx.save_for_backward(x, mu, invstd, weight, bias, None if x is input else input)

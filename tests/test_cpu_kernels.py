@@ -226,6 +226,9 @@ COMPILE_FIRST = """
 """
 
 
+@pytest.mark.skipif(tuple(int(p) for p in torch.__version__.split(".")[:2]) < (2, 11),
+                    reason="torch.compile of the tensor-op path: tested from torch 2.11 (2.4's dynamo cannot "
+                           "trace its backward)")
 def test_torch_compile_before_any_eager_call():
     """fullgraph compilation in a fresh process, two batch sizes: no file access and no
     string formatting of sizes in the traced code."""
