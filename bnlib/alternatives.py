@@ -37,7 +37,14 @@ from torch.nn.utils import parametrize
 
 from bnlib import functional as bnF
 from bnlib.batchnorm import _NormBase, register_affine_parameters, reset_affine_parameters
-from bnlib._checks import check_batch_size, check_input_dims, check_norm_args, check_num_channels, values_per_channel
+from bnlib._checks import (
+    check_batch_size,
+    check_floating_dtype,
+    check_input_dims,
+    check_norm_args,
+    check_num_channels,
+    values_per_channel,
+)
 
 __all__ = [
     "layer_norm",
@@ -132,7 +139,9 @@ class GroupedNormFunction(torch.autograd.Function):
         y = x_hat if weight is None else x_hat * weight.to(x.dtype).view(param_view)
         if bias is not None:
             y = y + bias.to(x.dtype).view(param_view)
-        ctx.save_for_backward(x_hat, invstd, weight, input, bias)
+        # The input and the (row,) statistics, not x_hat: the input is alive
+        # anyway, and the backward recomputes x_hat in one pass (as torch's).
+        ctx.save_for_backward(input, mu, invstd, weight, bias)
         ctx.eps = eps
         ctx.has_bias = bias is not None
         ctx.bias_shape = None if bias is None else bias.shape
@@ -143,11 +152,12 @@ class GroupedNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, _grad_mu, _grad_var):
-        x_hat, invstd, weight, input, bias = ctx.saved_tensors
+        input, mu, invstd, weight, bias = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: gradients that can be differentiated again
             grads = bnF.grads_through_formula(
                 lambda *t: _grouped_norm_formula(*t, ctx.row_shape, ctx.param_view, ctx.eps), (input, weight, bias), dy)
             return (*grads, None, None, None, None)
+        x_hat = ((input.to(invstd.dtype).reshape(ctx.row_shape) - mu) * invstd).reshape(input.shape)
         dy32 = dy.to(x_hat.dtype)
         grad_input = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
@@ -249,7 +259,9 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
     ndim = input.dim()
     y, _, _ = GroupedNormFunction.apply(input, weight, bias, row_shape, _channel_view(ndim), _not_channel_dims(ndim), eps)
     fmt = _channels_last_format(input)
-    if fmt is not None:  # as torch's group norm: the output keeps a channels-last input's layout
+    if fmt is not None and input.device.type == "cpu":
+        # as torch's group norm, whose CPU kernel keeps a channels-last layout
+        # (its CUDA kernel returns a contiguous tensor, as ours does)
         y = y.contiguous(memory_format=fmt)
     return y
 
@@ -491,7 +503,9 @@ class BatchRenormTrainFunction(torch.autograd.Function):
         y = x_hat if weight is None else x_hat * bnF._per_channel(weight.to(x.dtype), ndim)
         if bias is not None:
             y = y + bnF._per_channel(bias.to(x.dtype), ndim)
-        ctx.save_for_backward(x_hat_batch, x_hat, invstd, r, weight, input, bias, d)
+        # The input and per-channel values only: the backward recomputes x_hat
+        # in one pass rather than keep two tensors of x's size alive.
+        ctx.save_for_backward(input, mu, invstd, r, d, weight, bias)
         ctx.eps = eps
         ctx.has_bias = bias is not None
         ctx.mark_non_differentiable(mu, var, r, d)
@@ -505,12 +519,14 @@ class BatchRenormTrainFunction(torch.autograd.Function):
         ``dx = gamma * r * invstd * (dy - mean(dy) - x_hat_B * mean(dy * x_hat_B))``;
         ``dgamma = sum(dy * x_hat)``, ``dbeta = sum(dy)``.
         """
-        x_hat_batch, x_hat, invstd, r, weight, input, bias, d = ctx.saved_tensors
+        input, mu, invstd, r, d, weight, bias = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: gradients that can be differentiated again
             grads = bnF.grads_through_formula(lambda *t: _batch_renorm_formula(*t, r, d, ctx.eps),
                                               (input, weight, bias), dy)
             return (*grads, None, None, None, None, None)
-        ndim = x_hat.dim()
+        ndim = input.dim()
+        x_hat_batch = (input.to(invstd.dtype) - bnF._per_channel(mu, ndim)) * bnF._per_channel(invstd, ndim)
+        x_hat = x_hat_batch * bnF._per_channel(r, ndim) + bnF._per_channel(d, ndim)
         dims = _not_channel_dims(ndim)
         m = max(values_per_channel(x_hat.shape), 1)
         dy32 = dy.to(x_hat.dtype)
@@ -659,6 +675,7 @@ class _BatchRenorm(_NormBase):
         name = type(self).__name__
         check_input_dims(name, input.shape, self.allowed_dims)
         check_num_channels(name, input.shape, self.num_features)
+        check_floating_dtype(name, input.dtype, input.is_floating_point())
         if not self.training:
             return bnF.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
         check_batch_size(input.shape, str(input.size()))

@@ -288,9 +288,10 @@ class BatchNormTrainFunction(torch.autograd.Function):
         else:
             shift = torch.addcmul(bias.to(x.dtype), mu, scale, value=-1)
         y = _fma(shift, x, scale, out=y)
-        # The input too when it is not x (half inputs): a backward asked for a
-        # graph differentiates the formula from the input itself.
-        ctx.save_for_backward(x, mu, invstd, weight, bias, None if x is input else input)
+        # The input itself, not x (for half inputs x is a float32 copy, twice
+        # the bytes): the backward converts it again, and a backward asked
+        # for a graph differentiates the formula from the input.
+        ctx.save_for_backward(input, mu, invstd, weight, bias)
         ctx.eps = eps
         ctx.ones_over_m = ones_over_m
         ctx.has_bias = bias is not None
@@ -319,12 +320,13 @@ class BatchNormTrainFunction(torch.autograd.Function):
 
         so after the two reductions dx takes two passes over memory.
         """
-        x, mu, invstd, weight, bias, input = ctx.saved_tensors
+        input, mu, invstd, weight, bias = ctx.saved_tensors
         if dy is None:  # grads are not materialized (see forward); no gradient reached y
             return None, None, None, None
         if torch.is_grad_enabled():  # create_graph=True: gradients that can be differentiated again
-            inputs = (x if input is None else input, weight, bias)
+            inputs = (input, weight, bias)
             return (*grads_through_formula(lambda *t: batch_norm_formula(*t, ctx.eps), inputs, dy), None)
+        x = input.to(mu.dtype)
         ndim = x.dim()
         ones_over_m = ctx.ones_over_m
         dy32 = dy.to(x.dtype)

@@ -50,7 +50,7 @@ batch with its own statistics, as training does.
 import torch
 
 from bnlib import batchnorm as bnn
-from bnlib._checks import check_num_channels, values_per_channel
+from bnlib._checks import check_floating_dtype, check_num_channels, values_per_channel
 from bnlib.functional import batch_norm_train
 from bnlib.sync_batchnorm import update_running_stats
 
@@ -88,6 +88,7 @@ class GhostBatchNorm(bnn._BatchNorm):
         if input.dim() < 2:
             raise ValueError(f"GhostBatchNorm expected at least 2D input (N, C, ...) (got {input.dim()}D input)")
         check_num_channels("GhostBatchNorm", input.shape, self.num_features)
+        check_floating_dtype("GhostBatchNorm", input.dtype, input.is_floating_point())
 
     def _check_virtual_batches(self, input):
         """Every virtual batch needs more than one value per channel."""

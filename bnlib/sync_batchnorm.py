@@ -97,7 +97,7 @@ import torch
 import torch.distributed as dist
 
 from bnlib import batchnorm as bnn
-from bnlib._checks import check_batch_size, check_num_channels, values_per_channel
+from bnlib._checks import check_batch_size, check_floating_dtype, check_num_channels, values_per_channel
 from bnlib.functional import _compute_dtype, _per_channel, _stat_dims
 
 __all__ = ["SyncBatchNorm", "SyncBatchNormFunction", "local_stats", "merge_stats", "update_running_stats",
@@ -307,6 +307,7 @@ class SyncBatchNorm(bnn._BatchNorm):
         if input.dim() < 2:
             raise ValueError(f"SyncBatchNorm expected at least 2D input (N, C, ...) (got {input.dim()}D input)")
         check_num_channels("SyncBatchNorm", input.shape, self.num_features)
+        check_floating_dtype("SyncBatchNorm", input.dtype, input.is_floating_point())
 
     def _check_input(self, input):
         """The plain (local) path's checks: shape, and in training the local batch."""

@@ -590,8 +590,8 @@ _LAUNCHES = {}
 
 def _launch(R, C, S, dtype, device, config=None):
     """The ``_Launch`` of an (R, C, S) problem under ``CONFIG`` and ``config``, cached."""
-    key = (R, C, S, dtype, device, tuple(CONFIG.values()), SMALL_CHANNELS_LAST_ELEMENTS,
-           None if not config else tuple(sorted(config.items())))
+    key = (R, C, S, dtype, device, tuple(CONFIG.items()), tuple(SMALL_CHANNELS_LAST.items()),
+           SMALL_CHANNELS_LAST_ELEMENTS, None if not config else tuple(sorted(config.items())))
     launch = _LAUNCHES.get(key)
     if launch is None:
         if len(_LAUNCHES) >= 1024:  # a bound for programs that see ever new shapes
@@ -708,14 +708,15 @@ class _TritonBatchNorm(torch.autograd.Function):
             if not training:  # the running estimates as they are now, for dx and dgamma
                 stats[0].copy_(running_mean)
                 stats[1].copy_(torch.rsqrt(running_var.to(launch.acc) + eps))
-            # The input and bias too, for a backward asked for a graph (the input
-            # only when x is a copy of it).
-            ctx.save_for_backward(x, weight, stats, None if x is input else input, bias)
+            # The input, not x (a copy of it when its strides are unusual: the
+            # backward makes it again rather than keep both), and the bias, for
+            # a backward asked for a graph.
+            ctx.save_for_backward(input, weight, stats, bias)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, stats, input, bias = ctx.saved_tensors
+        input, weight, stats, bias = ctx.saved_tensors
         if torch.is_grad_enabled():
             # create_graph=True: gradients that can be differentiated again, from
             # autograd of the formula (bnlib.functional.grads_through_formula).
@@ -736,8 +737,9 @@ class _TritonBatchNorm(torch.autograd.Function):
                     y = y if w is None else y * w.to(y.dtype).view(view)
                     return (y if b is None else y + b.to(y.dtype).view(view)).to(i.dtype)
 
-            grads = bnF.grads_through_formula(formula, (x if input is None else input, weight, bias), dy)
+            grads = bnF.grads_through_formula(formula, (input, weight, bias), dy)
             return (*grads, None, None, None, None, None, None)
+        x = _rcs_view(input)[0]
         launch = ctx.launch
         C = launch.C
         if dy.stride() != x.stride():  # the kernels read dy with x's strides
@@ -820,7 +822,10 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     # estimates are updated through a contiguous copy, then copied back.
     weight, bias = (t if t is None or t.is_contiguous() else t.contiguous() for t in (weight, bias))
     rmean, rvar = (t if t is None or t.is_contiguous() else t.contiguous() for t in (running_mean, running_var))
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias)):
+    # Without an autograd node only when nothing could want a derivative: no
+    # tensor requires grad and no forward-mode AD level is open (dual tensors).
+    if (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, weight, bias))) or (
+            torch.autograd.forward_ad._current_level >= 0):
         y = _TritonBatchNorm.apply(input, weight, bias, rmean, rvar, bool(training), float(momentum), float(eps), config)
     else:  # no graph to record (inference): the kernels without the autograd node
         x, R, C, S, _, _ = _rcs_view(input)

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import bnlib.functional as BF
+import bnlib.nn
 import bnlib.reference as R
 from helpers import (
     OUT_TOL,
@@ -197,6 +198,19 @@ def test_non_floating_input(dtype, train):
     with pytest.raises(ValueError, match="floating-point input"):
         BF.batch_norm(x, rm, rv, training=train)
     assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("make", [lambda: bnlib.nn.SyncBatchNorm(3), lambda: bnlib.nn.BatchRenorm1d(3),
+                                  lambda: bnlib.nn.GhostBatchNorm(3, 2)], ids=["sync", "renorm", "ghost"])
+def test_non_floating_input_other_modules(make, train):
+    m = make()
+    m(torch.randn(4, 3))
+    m.train(train)
+    snap = buffers_snapshot(m)
+    with pytest.raises(ValueError, match="floating-point input"):
+        m(torch.ones(4, 3, dtype=torch.int64))
+    assert_buffers_exactly(m, snap)
 
 
 @pytest.mark.parametrize("affine", [True, False])

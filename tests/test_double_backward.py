@@ -122,3 +122,25 @@ def test_sync_batch_norm_single_process():
     x, _, _ = _inputs((6, 3))
     layer = bnlib.nn.SyncBatchNorm(3).double()
     assert gradgradcheck(lambda x: layer(x), (x,))
+
+
+@pytest.mark.parametrize("case", ["batch_norm_half", "layer_norm", "layer_norm_half", "group_norm", "batch_renorm"])
+def test_backward_keeps_no_new_activation(case):
+    """What the forward saves for the backward: the input itself (alive anyway) and
+    per-row or per-channel values, never a new tensor of the input's size (such as
+    x_hat), also now that the backward can give second derivatives."""
+    from bnlib import perf
+
+    half = case.endswith("_half")
+    x = torch.randn(8, 4, 6, 5, dtype=torch.float16 if half else torch.float32, requires_grad=True)
+    w, b = torch.ones(4, requires_grad=True), torch.zeros(4, requires_grad=True)
+    calls = {
+        "batch_norm_half": lambda x: bnF.batch_norm(x, None, None, w, b, True),
+        "layer_norm": lambda x: alt.layer_norm(x, (5,)),
+        "layer_norm_half": lambda x: alt.layer_norm(x, (5,)),
+        "group_norm": lambda x: alt.group_norm(x, 2, w, b),
+        "batch_renorm": lambda x: alt.batch_renorm(x, torch.zeros(4), torch.ones(4), w, b, True),
+    }
+    _, saved = perf.saved_tensors(calls[case], x)
+    big = [s for s in saved if s["bytes"] >= x.numel() * x.element_size()]
+    assert big and all(s["is_arg"] for s in big), big

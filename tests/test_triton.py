@@ -385,6 +385,17 @@ def test_second_derivatives(training, layout):
     assert torch.autograd.gradgradcheck(f, (x, w, b))
 
 
+@interp
+def test_forward_ad_is_not_dropped():
+    """A dual tensor (forward-mode AD) goes through the autograd node, which has no jvp:
+    an error, never a silently lost tangent."""
+    import torch.autograd.forward_ad as fwAD
+
+    x, t = torch.randn(4, 3), torch.randn(4, 3)
+    with fwAD.dual_level(), pytest.raises(NotImplementedError):
+        tk.batch_norm(fwAD.make_dual(x, t), None, None, None, None, True)
+
+
 def test_launch_cache():
     """A problem's launch is worked out once, and again when CONFIG or the overrides change."""
     if tk.triton is None:
@@ -404,6 +415,15 @@ def test_launch_cache():
         tk.CONFIG.clear()
         tk.CONFIG.update(saved)
     assert tk._launch(64, 8, 49, torch.float32, cpu) is a
+    small = tk._launch(4096, 64, 1, torch.float32, cpu)  # a channels-last problem below SMALL_CHANNELS_LAST_ELEMENTS
+    saved_small = dict(tk.SMALL_CHANNELS_LAST)
+    try:
+        tk.SMALL_CHANNELS_LAST["block_c"] = 8
+        assert tk._launch(4096, 64, 1, torch.float32, cpu).BLOCK_C == 8
+    finally:
+        tk.SMALL_CHANNELS_LAST.clear()
+        tk.SMALL_CHANNELS_LAST.update(saved_small)
+    assert tk._launch(4096, 64, 1, torch.float32, cpu) is small
     assert (a.s_r, a.s_c) == (8 * 49, 49)
     assert (tk._launch(64 * 49, 8, 1, torch.float32, cpu).s_r, tk._launch(64 * 49, 8, 1, torch.float32, cpu).s_c) == (8, 1)
     assert [tk._cdiv(n, 4) for n in range(1, 10)] == [math.ceil(n / 4) for n in range(1, 10)]
