@@ -242,7 +242,7 @@ def bench_case(shape, dtype_name, layout, rounds, l2, tensorop, wall):
     x_bytes = x.numel() * x.element_size()
     copy_bw = 2 * x_bytes / (t[("copy", "copy")] * 1e-6)
     rows = []
-    launch = tk._Launch(*tk._rcs_view(x)[1:4], x.dtype, x.device)
+    launch = tk._view_and_launch(x, None)[1]
     for p in PASSES:
         nbytes = pass_bytes(p, x_bytes, l2)
         floor_us = nbytes / copy_bw * 1e6

@@ -67,6 +67,7 @@ machine without a GPU).
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 
@@ -98,15 +99,8 @@ MIN_TRITON = (3, 2)
 
 def _version_tuple(version):
     """"3.6.0" -> (3, 6); "3.2.0+git1a2b" -> (3, 2)."""
-    out = []
-    for part in version.split(".")[:2]:
-        digits = ""
-        for ch in part:
-            if not ch.isdigit():
-                break
-            digits += ch
-        out.append(int(digits or 0))
-    return tuple(out)
+    major, minor = re.match(r"(\d+)\.(\d+)", version).groups()
+    return int(major), int(minor)
 
 
 _TRITON_VERSION = None if triton is None else _version_tuple(triton.__version__)
@@ -568,18 +562,24 @@ def _num_sms(device):
 
 
 def _rcs_view(x):
-    """(x, R, C, S, s_r, s_c) with x laid out as (R, C, S), strides (s_r, s_c, 1); copies x only for other layouts."""
+    """(x, R, C, S) with x laid out as (R, C, S) (the strides are ``_Launch``'s
+    ``s_r``, ``s_c`` and 1); copies x only for other layouts."""
     N, C = x.shape[0], x.shape[1]
     S = 1
     for d in x.shape[2:]:
         S *= d
     if x.is_contiguous():
-        return x, N, C, S, C * S, S
+        return x, N, C, S
     channels_last = x.movedim(1, -1)
     if channels_last.is_contiguous():
-        return x, N * S, C, 1, C, 1
-    x = x.contiguous()
-    return x, N, C, S, C * S, S
+        return x, N * S, C, 1
+    return x.contiguous(), N, C, S
+
+
+def _view_and_launch(input, config):
+    """``input`` as the kernels read it (``_rcs_view``) and its cached ``_Launch``."""
+    x, R, C, S = _rcs_view(input)
+    return x, _launch(R, C, S, x.dtype, x.device, config)
 
 
 # Launches already worked out, by problem: a training step sees the same few
@@ -696,8 +696,7 @@ class _TritonBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps, config):
-        x, R, C, S, _, _ = _rcs_view(input)
-        launch = _launch(R, C, S, x.dtype, x.device, config)
+        x, launch = _view_and_launch(input, config)
         y, stats = _forward(x, launch, weight, bias, running_mean, running_var, training, momentum, eps)
         ctx.training = training
         ctx.eps = eps
@@ -828,9 +827,8 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
             torch.autograd.forward_ad._current_level >= 0):
         y = _TritonBatchNorm.apply(input, weight, bias, rmean, rvar, bool(training), float(momentum), float(eps), config)
     else:  # no graph to record (inference): the kernels without the autograd node
-        x, R, C, S, _, _ = _rcs_view(input)
-        y = _forward(x, _launch(R, C, S, x.dtype, x.device, config), weight, bias, rmean, rvar,
-                     bool(training), float(momentum), float(eps))[0]
+        x, launch = _view_and_launch(input, config)
+        y = _forward(x, launch, weight, bias, rmean, rvar, bool(training), float(momentum), float(eps))[0]
     if training:
         for t, copy in ((running_mean, rmean), (running_var, rvar)):
             if copy is not t:
