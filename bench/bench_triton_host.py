@@ -122,6 +122,7 @@ def main():
     print("\n".join(lines))
     if args.out:
         out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
         rows = [{"version": label, "case": case, "us": round(us[(label, case)], 2)} for label, case in fns]
         (out / "triton_host_cpu.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
         (out / "triton_host_cpu.md").write_text(

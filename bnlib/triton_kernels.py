@@ -44,13 +44,17 @@ lanes, then the splits, are merged with Chan's formula for k parts (never
     n = sum(n_i),  mean = sum(n_i * mean_i) / n,
     M2 = sum(M2_i) + sum(n_i * (mean_i - mean)^2)
 
-With several splits a pass is three launches (partial summaries, a small
-finalize kernel over the splits, the elementwise pass). When the channel
-blocks alone fill the GPU there is one split and one launch: the program
-reduces its channels and then normalizes them, the second loop running
+With several splits a pass is two or three launches: the partial summaries,
+then either the elementwise pass, each of whose programs merges the splits'
+summaries itself (up to ``fuse_finalize_max_splits`` splits: a few hundred
+bytes to a few KB per program, read from L2, instead of a launch), or a small
+finalize kernel over the splits and then the elementwise pass. When the
+channel blocks alone fill the GPU there is one split and one launch: the
+program reduces its channels and then normalizes them, the second loop running
 backwards over the tiles so that it starts with what the first loop left in
 L2. ``CONFIG`` holds the block sizes and the split rule; the defaults are
-what sweeps on an H100 favoured (``bench/bench_gpu.py``, ``bench/results/``).
+what sweeps on an H100 favoured (``bench/bench_gpu.py``, ``bench/results/``),
+except ``fuse_finalize_max_splits``, which no GPU has timed yet.
 
 ``momentum`` and ``eps`` reach the kernels as float32 (as in torch's CUDA
 kernels for float32 input); for float64 input that limits the running
@@ -254,15 +258,17 @@ def _grad_sums(x_ptr, dy_ptr, mean, r_start, r_end, c_offs, s_r, s_c, C, S,
 
 
 @_jit
-def _finish_stats(mean, m2, count, c_offs, C, stats_ptr, rmean_ptr, rvar_ptr, momentum, eps,
+def _finish_stats(mean, m2, count, c_offs, C, stats_ptr, rmean_ptr, rvar_ptr, momentum, eps, store,
                   UPDATE_RMEAN: tl.constexpr, UPDATE_RVAR: tl.constexpr):
     """From (mean, M2, count): store mean and invstd = 1/sqrt(M2/count + eps) in stats, update the running estimates.
 
     running = (1 - momentum) * running + momentum * batch, with the unbiased
     M2 / (count - 1) for the variance; a channel whose batch mean or variance is
-    not finite keeps its running estimates. Returns (mean, invstd).
+    not finite keeps its running estimates. Only where ``store`` is true are
+    stats and the running estimates written: when every split's program merges
+    the statistics itself, one of them writes. Returns (mean, invstd).
     """
-    c_mask = c_offs < C
+    c_mask = (c_offs < C) & store
     invstd = _invstd(m2 / tl.maximum(count, 1.0), eps)
     tl.store(stats_ptr + c_offs, mean, mask=c_mask)
     tl.store(stats_ptr + C + c_offs, invstd, mask=c_mask)
@@ -281,6 +287,40 @@ def _finish_stats(mean, m2, count, c_offs, C, stats_ptr, rmean_ptr, rvar_ptr, mo
     return mean, invstd
 
 
+@_jit
+def _merged_split_stats(part_ptr, c_offs, C, n_split, BLOCK_C: tl.constexpr, BLOCK_SPLIT: tl.constexpr):
+    """(mean, M2, count) per channel of c_offs, merged (Chan) from the splits' summaries in part[3, n_split, C]."""
+    ACC = part_ptr.dtype.element_ty
+    mean = tl.zeros([BLOCK_C], ACC)
+    m2 = tl.zeros([BLOCK_C], ACC)
+    count = tl.zeros([BLOCK_C], ACC)
+    for j0 in range(0, n_split, BLOCK_SPLIT):
+        j = j0 + tl.arange(0, BLOCK_SPLIT)[:, None]
+        mask = (j < n_split) & (c_offs[None, :] < C)
+        offs = j * C + c_offs[None, :]
+        part_count = tl.load(part_ptr + offs, mask=mask, other=0.0)
+        part_mean = tl.load(part_ptr + n_split * C + offs, mask=mask, other=0.0)
+        part_m2 = tl.load(part_ptr + 2 * n_split * C + offs, mask=mask, other=0.0)
+        block_mean, block_m2, block_count = _merge(part_mean, part_m2, part_count, 0)
+        mean, m2, count = _chan_combine(mean, m2, count, block_mean, block_m2, block_count)
+    return mean, m2, count
+
+
+@_jit
+def _summed_split_grads(part_ptr, c_offs, C, n_split, BLOCK_C: tl.constexpr, BLOCK_SPLIT: tl.constexpr):
+    """sum(dy) and sum(dy * (x - mean)) per channel of c_offs, added up over the splits' sums in part[2, n_split, C]."""
+    ACC = part_ptr.dtype.element_ty
+    sum_dy = tl.zeros([BLOCK_C], ACC)
+    sum_dy_xmu = tl.zeros([BLOCK_C], ACC)
+    for j0 in range(0, n_split, BLOCK_SPLIT):
+        j = j0 + tl.arange(0, BLOCK_SPLIT)[:, None]
+        mask = (j < n_split) & (c_offs[None, :] < C)
+        offs = j * C + c_offs[None, :]
+        sum_dy += tl.sum(tl.load(part_ptr + offs, mask=mask, other=0.0), 0)
+        sum_dy_xmu += tl.sum(tl.load(part_ptr + n_split * C + offs, mask=mask, other=0.0), 0)
+    return sum_dy, sum_dy_xmu
+
+
 # ----------------------------------------------------------------------------
 # Kernels. Grid: (cdiv(C, BLOCK_C), n_split); program (pid_c, j) owns channels
 # pid_c*BLOCK_C + [0, BLOCK_C) and rows [j*rows_per_split, (j+1)*rows_per_split).
@@ -291,6 +331,7 @@ _FROM_BUFFER = 0  # a buffer the finalize kernel wrote (several splits)
 _COMPUTE = 1  # this program reduces its channels itself (one split)
 _RUNNING = 2  # the running estimates (eval mode)
 _NONE = 3  # none needed (backward of eval mode without parameter gradients)
+_FROM_PARTS = 4  # the splits' partial results, merged by every program itself (no finalize launch)
 
 
 @_jit
@@ -319,35 +360,26 @@ def _finalize_stats_kernel(part_ptr, stats_ptr, rmean_ptr, rvar_ptr, C, n_split,
                            BLOCK_C: tl.constexpr, BLOCK_SPLIT: tl.constexpr):
     """Training forward, pass 2 of 3: merge the splits' summaries (Chan), write mean/invstd, update running stats."""
     c_offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    ACC = stats_ptr.dtype.element_ty
-    mean = tl.zeros([BLOCK_C], ACC)
-    m2 = tl.zeros([BLOCK_C], ACC)
-    count = tl.zeros([BLOCK_C], ACC)
-    for j0 in range(0, n_split, BLOCK_SPLIT):
-        j = j0 + tl.arange(0, BLOCK_SPLIT)[:, None]
-        mask = (j < n_split) & (c_offs[None, :] < C)
-        offs = j * C + c_offs[None, :]
-        part_count = tl.load(part_ptr + offs, mask=mask, other=0.0)
-        part_mean = tl.load(part_ptr + n_split * C + offs, mask=mask, other=0.0)
-        part_m2 = tl.load(part_ptr + 2 * n_split * C + offs, mask=mask, other=0.0)
-        block_mean, block_m2, block_count = _merge(part_mean, part_m2, part_count, 0)
-        mean, m2, count = _chan_combine(mean, m2, count, block_mean, block_m2, block_count)
-    _finish_stats(mean, m2, count, c_offs, C, stats_ptr, rmean_ptr, rvar_ptr, momentum, eps,
+    mean, m2, count = _merged_split_stats(part_ptr, c_offs, C, n_split, BLOCK_C, BLOCK_SPLIT)
+    _finish_stats(mean, m2, count, c_offs, C, stats_ptr, rmean_ptr, rvar_ptr, momentum, eps, c_offs < C,
                   UPDATE_RMEAN, UPDATE_RVAR)
 
 
 @_jit
-def _normalize_kernel(x_ptr, y_ptr, w_ptr, b_ptr, stats_ptr, rmean_ptr, rvar_ptr,
+def _normalize_kernel(x_ptr, y_ptr, w_ptr, b_ptr, stats_ptr, rmean_ptr, rvar_ptr, part_ptr,
                       C, S, R, s_r, s_c, rows_per_split, momentum, eps,
                       STATS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                       UPDATE_RMEAN: tl.constexpr, UPDATE_RVAR: tl.constexpr,
                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-                      INT64: tl.constexpr, ACC: tl.constexpr, PREFETCH: tl.constexpr):
+                      INT64: tl.constexpr, ACC: tl.constexpr, PREFETCH: tl.constexpr,
+                      BLOCK_SPLIT: tl.constexpr):
     """y = (x - mean) * (invstd * gamma) + beta.
 
     STATS says where mean and invstd come from: _FROM_BUFFER (training, pass
-    3 of 3), _COMPUTE (training with one split: reduce here first, one launch),
-    _RUNNING (eval: running_mean, 1/sqrt(running_var + eps)).
+    3 of 3, after the finalize kernel), _COMPUTE (training with one split: reduce here first, one launch),
+    _FROM_PARTS (training, pass 2 of 2: merge the splits' summaries here; the
+    program of split 0 writes stats and the running estimates), _RUNNING
+    (eval: running_mean, 1/sqrt(running_var + eps)).
     """
     pid_c = tl.program_id(0)
     j = tl.program_id(1)
@@ -359,7 +391,11 @@ def _normalize_kernel(x_ptr, y_ptr, w_ptr, b_ptr, stats_ptr, rmean_ptr, rvar_ptr
         mean, m2, count = _welford(x_ptr, r_start, r_end, c_offs, s_r, s_c, C, S,
                                    BLOCK_R, BLOCK_C, BLOCK_S, INT64, ACC, PREFETCH)
         mean, invstd = _finish_stats(mean, m2, count, c_offs, C, stats_ptr, rmean_ptr, rvar_ptr,
-                                     momentum, eps, UPDATE_RMEAN, UPDATE_RVAR)
+                                     momentum, eps, j == 0, UPDATE_RMEAN, UPDATE_RVAR)
+    elif STATS == 4:  # _FROM_PARTS
+        mean, m2, count = _merged_split_stats(part_ptr, c_offs, C, tl.num_programs(1), BLOCK_C, BLOCK_SPLIT)
+        mean, invstd = _finish_stats(mean, m2, count, c_offs, C, stats_ptr, rmean_ptr, rvar_ptr,
+                                     momentum, eps, j == 0, UPDATE_RMEAN, UPDATE_RVAR)
     elif STATS == 2:  # _RUNNING
         mean = tl.load(rmean_ptr + c_offs, mask=c_mask, other=0.0).to(ACC)
         var = tl.load(rvar_ptr + c_offs, mask=c_mask, other=1.0).to(ACC)
@@ -421,26 +457,19 @@ def _finalize_grad_sums_kernel(part_ptr, stats_ptr, sums_ptr, C, n_split,
     """Backward, pass 2 of 3: add up the splits; sums[0] = sum(dy * x_hat) = dgamma, sums[1] = sum(dy) = dbeta."""
     c_offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c_offs < C
-    ACC = sums_ptr.dtype.element_ty
-    sum_dy = tl.zeros([BLOCK_C], ACC)
-    sum_dy_xmu = tl.zeros([BLOCK_C], ACC)
-    for j0 in range(0, n_split, BLOCK_SPLIT):
-        j = j0 + tl.arange(0, BLOCK_SPLIT)[:, None]
-        mask = (j < n_split) & c_mask[None, :]
-        offs = j * C + c_offs[None, :]
-        sum_dy += tl.sum(tl.load(part_ptr + offs, mask=mask, other=0.0), 0)
-        sum_dy_xmu += tl.sum(tl.load(part_ptr + n_split * C + offs, mask=mask, other=0.0), 0)
+    sum_dy, sum_dy_xmu = _summed_split_grads(part_ptr, c_offs, C, n_split, BLOCK_C, BLOCK_SPLIT)
     invstd = tl.load(stats_ptr + C + c_offs, mask=c_mask, other=0.0)
     tl.store(sums_ptr + c_offs, sum_dy_xmu * invstd, mask=c_mask)
     tl.store(sums_ptr + C + c_offs, sum_dy, mask=c_mask)
 
 
 @_jit
-def _grad_input_kernel(x_ptr, dy_ptr, dx_ptr, w_ptr, stats_ptr, sums_ptr,
+def _grad_input_kernel(x_ptr, dy_ptr, dx_ptr, w_ptr, stats_ptr, sums_ptr, part_ptr,
                        C, S, R, s_r, s_c, rows_per_split, m,
                        SUMS: tl.constexpr, TRAINING: tl.constexpr, HAS_W: tl.constexpr,
                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-                       INT64: tl.constexpr, ACC: tl.constexpr, PREFETCH: tl.constexpr):
+                       INT64: tl.constexpr, ACC: tl.constexpr, PREFETCH: tl.constexpr,
+                       BLOCK_SPLIT: tl.constexpr):
     r"""dx, from the saved mean and invstd (stats) and the sums.
 
     Training: dx = gamma * invstd * (dy - sum(dy)/m - x_hat * sum(dy * x_hat)/m)
@@ -450,7 +479,8 @@ def _grad_input_kernel(x_ptr, dy_ptr, dx_ptr, w_ptr, stats_ptr, sums_ptr,
 
     SUMS says where the sums come from: _FROM_BUFFER (pass 3 of 3), _COMPUTE
     (one split: reduce here first and store them as dgamma, dbeta in sums),
-    _NONE (eval without parameter gradients).
+    _FROM_PARTS (pass 2 of 2: add up the splits' sums here; the program of
+    split 0 stores dgamma, dbeta), _NONE (eval without parameter gradients).
     """
     pid_c = tl.program_id(0)
     j = tl.program_id(1)
@@ -460,12 +490,16 @@ def _grad_input_kernel(x_ptr, dy_ptr, dx_ptr, w_ptr, stats_ptr, sums_ptr,
     r_end = tl.minimum(r_start + rows_per_split, R)
     mean = tl.load(stats_ptr + c_offs, mask=c_mask, other=0.0)
     invstd = tl.load(stats_ptr + C + c_offs, mask=c_mask, other=0.0)
-    if SUMS == 1:  # _COMPUTE
-        sum_dy, sum_dy_xmu = _grad_sums(x_ptr, dy_ptr, mean, r_start, r_end, c_offs, s_r, s_c, C, S,
-                                        BLOCK_R, BLOCK_C, BLOCK_S, INT64, ACC, PREFETCH)
+    if SUMS == 1 or SUMS == 4:  # _COMPUTE, _FROM_PARTS
+        if SUMS == 1:
+            sum_dy, sum_dy_xmu = _grad_sums(x_ptr, dy_ptr, mean, r_start, r_end, c_offs, s_r, s_c, C, S,
+                                            BLOCK_R, BLOCK_C, BLOCK_S, INT64, ACC, PREFETCH)
+        else:
+            sum_dy, sum_dy_xmu = _summed_split_grads(part_ptr, c_offs, C, tl.num_programs(1), BLOCK_C, BLOCK_SPLIT)
         sum_dy_xhat = sum_dy_xmu * invstd
-        tl.store(sums_ptr + c_offs, sum_dy_xhat, mask=c_mask)
-        tl.store(sums_ptr + C + c_offs, sum_dy, mask=c_mask)
+        store = c_mask & (j == 0)
+        tl.store(sums_ptr + c_offs, sum_dy_xhat, mask=store)
+        tl.store(sums_ptr + C + c_offs, sum_dy, mask=store)
     elif SUMS == 0:  # _FROM_BUFFER
         sum_dy_xhat = tl.load(sums_ptr + c_offs, mask=c_mask, other=0.0)
         sum_dy = tl.load(sums_ptr + C + c_offs, mask=c_mask, other=0.0)
@@ -528,8 +562,12 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 #   max_block_s: the most spatial positions per tile in the contiguous view.
 #   num_warps, num_stages: Triton's, for the big kernels (num_stages None: Triton's default).
 #   prefetch: load the next tile before using the current one (two tiles in flight).
+#   fuse_finalize_max_splits: with 2 to this many splits, the elementwise kernel
+#         of each pass merges the splits' partial results itself (every program
+#         reads n_split x BLOCK_C of them) instead of a finalize launch between
+#         the two: two launches per pass instead of three. 0: always finalize.
 CONFIG = {"tile": 2048, "block_c": 64, "programs_per_sm": None, "num_warps": 8, "max_block_s": 1024,
-          "num_stages": None, "prefetch": False}
+          "num_stages": None, "prefetch": False, "fuse_finalize_max_splits": 32}
 # Channels-last problems of fewer elements than this take SMALL_CHANNELS_LAST's
 # values instead: measured 5-25% faster there (forward and backward), slower
 # on bigger ones.
@@ -636,6 +674,8 @@ class _Launch:
         self.R, self.C, self.S = R, C, S
         self.s_r, self.s_c = (C * S, S) if S > 1 else (C, 1)
         # The finalize kernels: up to 256 splits per step, then as many channels as fit in 4096 lanes.
+        # Merged in the elementwise kernels instead (fuse_finalize): all splits in one step.
+        self.fuse_finalize = 1 < self.n_split <= cfg["fuse_finalize_max_splits"]
         self.BLOCK_SPLIT = min(_next_pow2(self.n_split), 256)
         self.BLOCK_C_FINAL = min(_next_pow2(C), max(4096 // self.BLOCK_SPLIT, 16))
         self.final_grid = (_cdiv(C, self.BLOCK_C_FINAL),)
@@ -677,17 +717,22 @@ def _forward(x, launch, weight, bias, running_mean, running_var, training, momen
         part = torch.empty((3, launch.n_split, C), dtype=launch.acc, device=x.device)
         _partial_stats_kernel[launch.grid](x, part, C, launch.S, launch.R, launch.s_r, launch.s_c,
                                            launch.rows_per_split, **launch.common)
-        _finalize_stats_kernel[launch.final_grid](
-            part, stats, rmean, rvar, C, launch.n_split, momentum, eps,
-            UPDATE_RMEAN=update_rmean, UPDATE_RVAR=update_rvar,
-            BLOCK_C=launch.BLOCK_C_FINAL, BLOCK_SPLIT=launch.BLOCK_SPLIT)
-        mode = _FROM_BUFFER
+        if launch.fuse_finalize:
+            mode = _FROM_PARTS
+        else:
+            _finalize_stats_kernel[launch.final_grid](
+                part, stats, rmean, rvar, C, launch.n_split, momentum, eps,
+                UPDATE_RMEAN=update_rmean, UPDATE_RVAR=update_rvar,
+                BLOCK_C=launch.BLOCK_C_FINAL, BLOCK_SPLIT=launch.BLOCK_SPLIT)
+            mode = _FROM_BUFFER
     else:
+        part = dummy
         mode = _COMPUTE if training else _RUNNING
-    _normalize_kernel[launch.grid](x, y, w, b, stats, rmean, rvar, C, launch.S, launch.R, launch.s_r, launch.s_c,
-                                   launch.rows_per_split, momentum, eps, STATS=mode,
+    _normalize_kernel[launch.grid](x, y, w, b, stats, rmean, rvar, part, C, launch.S, launch.R, launch.s_r,
+                                   launch.s_c, launch.rows_per_split, momentum, eps, STATS=mode,
                                    HAS_W=weight is not None, HAS_B=bias is not None,
-                                   UPDATE_RMEAN=update_rmean, UPDATE_RVAR=update_rvar, **launch.common)
+                                   UPDATE_RMEAN=update_rmean, UPDATE_RVAR=update_rvar,
+                                   BLOCK_SPLIT=launch.BLOCK_SPLIT if mode == _FROM_PARTS else 1, **launch.common)
     return y, stats
 
 
@@ -746,23 +791,29 @@ class _TritonBatchNorm(torch.autograd.Function):
         need_dx, need_w, need_b = ctx.needs_input_grad[:3]
         need_sums = ctx.training or need_w or need_b
         sums = torch.empty((2, C), dtype=launch.acc, device=x.device)  # dgamma, dbeta
+        part = sums
         if need_sums and (launch.n_split > 1 or not need_dx):
             part = torch.empty((2, launch.n_split, C), dtype=launch.acc, device=x.device)
             _partial_grad_sums_kernel[launch.grid](x, dy, stats, part, C, launch.S, launch.R, launch.s_r, launch.s_c,
                                                    launch.rows_per_split, **launch.common)
-            _finalize_grad_sums_kernel[launch.final_grid](
-                part, stats, sums, C, launch.n_split,
-                BLOCK_C=launch.BLOCK_C_FINAL, BLOCK_SPLIT=launch.BLOCK_SPLIT)
-            mode = _FROM_BUFFER
+            if need_dx and launch.fuse_finalize:
+                mode = _FROM_PARTS
+            else:
+                _finalize_grad_sums_kernel[launch.final_grid](
+                    part, stats, sums, C, launch.n_split,
+                    BLOCK_C=launch.BLOCK_C_FINAL, BLOCK_SPLIT=launch.BLOCK_SPLIT)
+                mode = _FROM_BUFFER
         else:
             mode = _COMPUTE if need_sums else _NONE
         dx = None
         if need_dx:
             dx = torch.empty_like(x)
-            _grad_input_kernel[launch.grid](x, dy, dx, weight if ctx.has_weight else stats, stats, sums,
+            _grad_input_kernel[launch.grid](x, dy, dx, weight if ctx.has_weight else stats, stats, sums, part,
                                             C, launch.S, launch.R, launch.s_r, launch.s_c, launch.rows_per_split,
                                             launch.R * launch.S, SUMS=mode, TRAINING=ctx.training,
-                                            HAS_W=ctx.has_weight, **launch.common)
+                                            HAS_W=ctx.has_weight,
+                                            BLOCK_SPLIT=launch.BLOCK_SPLIT if mode == _FROM_PARTS else 1,
+                                            **launch.common)
         dw = sums[0].to(weight.dtype) if need_w else None
         db = sums[1].to(ctx.bias_dtype) if need_b else None
         return dx, dw, db, None, None, None, None, None, None

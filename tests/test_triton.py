@@ -49,11 +49,15 @@ TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 3e-3, torch.bfl
 RUNNING_TOL = {torch.float64: 1e-7, torch.float32: 1e-5, torch.float16: 1e-5, torch.bfloat16: 1e-5}
 
 # Launch configurations that reach every code path on small inputs:
-# one split (the one-launch kernels) and several splits with tiny tiles (the
-# three-launch path, loops over many tiles, masked tails, several channel
-# blocks), each with and without prefetching.
+# one split (the one-launch kernels) and several splits with tiny tiles (loops
+# over many tiles, masked tails, several channel blocks), the splits merged
+# either by the elementwise kernels themselves (two launches per pass) or by a
+# finalize kernel (three), with and without prefetching.
 ONE_SPLIT = {"n_split": 1, "prefetch": False}
-SPLITS = {"n_split": 3, "tile": 32, "block_c": 2, "max_block_s": 8, "prefetch": True}
+SPLITS = {"n_split": 3, "tile": 8, "block_c": 2, "max_block_s": 4, "prefetch": True}
+SPLITS_FINALIZE = {**SPLITS, "fuse_finalize_max_splits": 0}
+CONFIGS = [ONE_SPLIT, SPLITS, SPLITS_FINALIZE]
+CONFIG_IDS = ["one_split", "splits", "splits_finalize"]
 
 
 def rel_err(got, want):
@@ -186,14 +190,14 @@ def test_interpreter_suite():
 
 
 @interp
-@pytest.mark.parametrize("config", [ONE_SPLIT, SPLITS], ids=["one_split", "splits"])
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
 @pytest.mark.parametrize("shape, layout", SHAPES, ids=[f"{len(s)}d-{l}" for s, l in SHAPES])
 def test_train_matches_torch(shape, layout, config):
     check(run_both(shape, torch.float64, "cpu", layout, config=config), torch.float64)
 
 
 @interp
-@pytest.mark.parametrize("config", [ONE_SPLIT, SPLITS], ids=["one_split", "splits"])
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_train_float32(layout, config):
     check(run_both((3, 4, 5, 6), torch.float32, "cpu", layout, config=config), torch.float32)
@@ -201,14 +205,14 @@ def test_train_float32(layout, config):
 
 @interp
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("config", [ONE_SPLIT, SPLITS], ids=["one_split", "splits"])
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
 def test_train_half_precision(dtype, config):
     check(run_both((3, 4, 5, 6), dtype, "cpu", "channels_last", config=config), dtype)
     check(run_both((4, 3, 10), dtype, "cpu", config=config), dtype)
 
 
 @interp
-@pytest.mark.parametrize("config", [ONE_SPLIT, SPLITS], ids=["one_split", "splits"])
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_eval_matches_torch(layout, config):
     check(run_both((3, 4, 5, 6), torch.float64, "cpu", layout, training=False, config=config), torch.float64)
@@ -223,6 +227,48 @@ def test_no_affine(training):
 @interp
 def test_training_without_running_stats():
     check(run_both((3, 4, 5, 6), torch.float64, "cpu", running=False, config=SPLITS), torch.float64)
+
+
+@interp
+@pytest.mark.parametrize("shape, layout", [((7, 5), "contiguous"), ((4, 3, 10), "contiguous"),
+                                           ((3, 4, 5, 6), "channels_last")], ids=["2d", "3d", "4d-channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_merged_splits_equal_finalize_kernel(shape, layout, dtype):
+    """Merging the splits in the elementwise kernels gives, bit for bit, what the finalize kernels give.
+
+    Both merge the same partial results in the same order (one step of up to
+    256 splits, started from an empty summary), so nothing may differ.
+    """
+    _, R, C, S = tk._rcs_view(make_input(shape, dtype, "cpu", layout))
+    assert tk._launch(R, C, S, dtype, torch.device("cpu"), SPLITS).fuse_finalize
+    assert not tk._launch(R, C, S, dtype, torch.device("cpu"), SPLITS_FINALIZE).fuse_finalize
+    fused = run_both(shape, dtype, "cpu", layout, config=SPLITS)
+    finalize = run_both(shape, dtype, "cpu", layout, config=SPLITS_FINALIZE)
+    for name, (got, _) in fused.items():
+        assert torch.equal(got, finalize[name][0]), name
+
+
+@interp
+def test_merged_splits_skip_the_finalize_kernels(monkeypatch):
+    """Up to fuse_finalize_max_splits splits no finalize kernel runs; above it, both do."""
+    launched = []
+    for name in ("_finalize_stats_kernel", "_finalize_grad_sums_kernel"):
+        kernel = getattr(tk, name)
+
+        class Counted:
+            def __getitem__(self, grid, kernel=kernel, name=name):
+                launched.append(name)
+                return kernel[grid]
+
+        monkeypatch.setattr(tk, name, Counted())
+    x = make_input((6, 4, 5), torch.float32, "cpu").requires_grad_()
+    w = torch.ones(4, requires_grad=True)
+    for max_splits, want in ((3, []), (2, ["_finalize_stats_kernel", "_finalize_grad_sums_kernel"])):
+        launched.clear()
+        config = {"n_split": 3, "tile": 8, "max_block_s": 4, "fuse_finalize_max_splits": max_splits}
+        assert tk._launch(6, 4, 5, torch.float32, x.device, config).fuse_finalize == (not want)
+        tk.batch_norm(x, torch.zeros(4), torch.ones(4), w, None, True, config=config).sum().backward()
+        assert launched == want
 
 
 @interp
@@ -251,7 +297,7 @@ def _nan_rule(device, config):
 
 @interp
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NumPy, inside the interpreter, on inf - inf
-@pytest.mark.parametrize("config", [ONE_SPLIT, SPLITS], ids=["one_split", "splits"])
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
 def test_nan_rule(config):
     _nan_rule("cpu", config)
 
@@ -394,6 +440,83 @@ def test_forward_ad_is_not_dropped():
     x, t = torch.randn(4, 3), torch.randn(4, 3)
     with fwAD.dual_level(), pytest.raises(NotImplementedError):
         tk.batch_norm(fwAD.make_dual(x, t), None, None, None, None, True)
+
+
+# Every kernel variant a training step, an eval call and their backward can
+# launch, compiled for an H100 (sm_90) by Triton's own compiler and ptxas:
+# no GPU is needed to compile, and the interpreter accepts code the compiler
+# rejects. (layout, dtype, overrides of CONFIG) -> kernels of _forward and
+# _TritonBatchNorm.backward.
+_HOPPER_CASES = [
+    ("nchw", torch.float32, {"n_split": 1}),
+    ("nchw", torch.bfloat16, {"n_split": 8}),
+    ("nhwc", torch.float32, {"n_split": 8, "prefetch": True}),
+    ("nhwc", torch.float16, {"n_split": 64}),  # past fuse_finalize_max_splits: the finalize kernels
+]
+
+
+def _hopper_kernels(layout, dtype, overrides):
+    """(kernel, pointer dtypes, constexprs) of one case, with the block sizes _Launch picks."""
+    R, C, S = (64, 256, 196) if layout == "nchw" else (64 * 196, 256, 1)
+    launch = tk._Launch(R, C, S, dtype, torch.device("cpu"), overrides)
+    x = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}[dtype]
+    common = {k: v for k, v in launch.common.items() if k != "num_warps"}
+    parts = "fuse" if launch.fuse_finalize else ("finalize" if launch.n_split > 1 else "one")
+    split = {"BLOCK_SPLIT": launch.BLOCK_SPLIT if parts == "fuse" else 1}
+    final = {"BLOCK_C": launch.BLOCK_C_FINAL, "BLOCK_SPLIT": launch.BLOCK_SPLIT}
+    out = []
+    if parts != "one":
+        out.append((tk._partial_stats_kernel, {"x_ptr": x}, common))
+        out.append((tk._partial_grad_sums_kernel, {"x_ptr": x, "dy_ptr": x}, common))
+    if parts == "finalize":
+        out.append((tk._finalize_stats_kernel, {}, {**final, "UPDATE_RMEAN": True, "UPDATE_RVAR": True}))
+        out.append((tk._finalize_grad_sums_kernel, {}, final))
+    stats, sums = {"one": (tk._COMPUTE, tk._COMPUTE), "fuse": (tk._FROM_PARTS, tk._FROM_PARTS),
+                   "finalize": (tk._FROM_BUFFER, tk._FROM_BUFFER)}[parts]
+    for mode, training in ((stats, True), (tk._RUNNING, False)):
+        out.append((tk._normalize_kernel, {"x_ptr": x, "y_ptr": x},
+                    {**common, **split, "STATS": mode, "HAS_W": True, "HAS_B": True,
+                     "UPDATE_RMEAN": training, "UPDATE_RVAR": training}))
+    for mode, training in ((sums, True), (tk._NONE, False)):
+        out.append((tk._grad_input_kernel, {"x_ptr": x, "dy_ptr": x, "dx_ptr": x},
+                    {**common, **split, "SUMS": mode, "TRAINING": training, "HAS_W": True}))
+    return out, launch.num_warps
+
+
+@pytest.mark.skipif(INTERPRET, reason="compiles the kernels; under TRITON_INTERPRET they are interpreted")
+@pytest.mark.parametrize("layout, dtype, overrides", _HOPPER_CASES,
+                         ids=[f"{l}-{str(d)[6:]}-{o}" for l, d, o in _HOPPER_CASES])
+def test_kernels_compile_for_hopper(layout, dtype, overrides):
+    """Each kernel the case launches compiles to a cubin for sm_90, without a GPU."""
+    import inspect
+
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError as e:
+        pytest.skip(f"Triton {triton.__version__} has no compiler API here: {e}")
+    if "constexprs" not in inspect.signature(ASTSource).parameters:
+        pytest.skip(f"Triton {triton.__version__}'s ASTSource takes constants another way")
+    if tk._TRITON_VERSION < tk.MIN_TRITON:
+        pytest.skip(f"Triton {triton.__version__} is older than MIN_TRITON")
+    kernels, num_warps = _hopper_kernels(layout, dtype, overrides)
+    for kernel, pointers, constexprs in kernels:
+        signature = {}
+        for name in inspect.signature(kernel.fn).parameters:
+            if name in constexprs:
+                signature[name] = "constexpr"
+            elif name.endswith("_ptr"):
+                signature[name] = pointers.get(name, "*fp32")  # statistics, parameters, buffers: float32
+            else:
+                signature[name] = "fp32" if name in ("momentum", "eps") else "i32"
+        src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+        try:
+            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+        except RuntimeError as e:
+            if "ptxas" in str(e) and "not found" in str(e).lower():
+                pytest.skip(f"no ptxas in this Triton: {e}")
+            raise
+        assert compiled.asm.get("cubin"), f"{kernel.fn.__name__}: no cubin"
 
 
 def test_launch_cache():
