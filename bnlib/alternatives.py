@@ -441,6 +441,28 @@ class _InstanceNorm(_NormBase):
         return y.squeeze(0) if unbatched else y
 
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # Before torch 0.4 instance norm kept running estimates by default;
+        # a checkpoint of then (no version) carries them. As torch: an error,
+        # strict or not, saying so.
+        if local_metadata.get("version", None) is None and not self.track_running_stats:
+            keys = [prefix + n for n in ("running_mean", "running_var") if prefix + n in state_dict]
+            if keys:
+                klass = type(self).__name__
+                names = " and ".join('"' + k + '"' for k in keys)
+                error_msgs.append(
+                    f"Unexpected running stats buffer(s) {names} for {klass} "
+                    f"with track_running_stats=False. If state_dict is a checkpoint saved before 0.4.0, this "
+                    f"may be expected because {klass} does not track running stats by default since 0.4.0. "
+                    f"Please remove these keys from state_dict. If the running stats are actually needed, "
+                    f"instead set track_running_stats=True in {klass} to enable them.")
+                for key in keys:
+                    state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+
 class InstanceNorm1d(_InstanceNorm):
     """Drop-in for ``torch.nn.InstanceNorm1d``: ``(N, C, L)`` or unbatched ``(C, L)``."""
 
@@ -680,10 +702,7 @@ class _BatchRenorm(_NormBase):
             return bnF.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
         check_batch_size(input.shape, str(input.size()))
         r_max, d_max = self.current_limits()  # may raise: still before any state changes
-        self.num_batches_tracked.add_(1)
-        factor = self.momentum
-        if factor is None:
-            factor = 1.0 / float(self.num_batches_tracked)  # cumulative average, as in BN
+        factor = self._count_batch()
         y, r, d = _batch_renorm_train(input, self.running_mean, self.running_var, self.weight, self.bias,
                                       factor, self.eps, r_max, d_max)
         self.last_r, self.last_d = r, d
@@ -793,6 +812,9 @@ def weight_norm(module, name="weight", dim=0):
     weight = getattr(module, name, None)
     if not isinstance(weight, torch.Tensor):
         raise ValueError(f"Module '{module}' has no parameter or buffer with name '{name}'")
+    if dim is not None and not -weight.dim() <= dim < weight.dim():
+        raise DimensionError(f"weight_norm: dim out of range (expected None or one in [{-weight.dim()}, "
+                             f"{weight.dim() - 1}] for the {weight.dim()}-D {name}), got {dim}")
     parametrize.register_parametrization(module, name, _WeightNorm(dim), unsafe=True)
 
     def _weight_norm_compat_hook(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):

@@ -107,13 +107,33 @@ class _NormBase(nn.Module):
         if self.training and values_per_channel(input.shape) == 1:  # the message's text is built only then
             check_batch_size(input.shape, str(input.size()))
 
+    def _count_batch(self):
+        """Count one training batch; return the running update's factor.
+
+        ``momentum``, or for ``momentum=None`` the cumulative average's
+        ``1 / num_batches_tracked``. With ``num_batches_tracked`` set to None
+        (torch allows it) nothing is counted and the cumulative factor is 0:
+        torch's rule.
+        """
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                # Cumulative average: after t batches, each weighs 1/t.
+                # One host read per step, as in torch's own module.
+                factor = 1.0 / float(self.num_batches_tracked)
+        return factor
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        # Checkpoints older than version 2 have no num_batches_tracked: start it at 0.
+        # Checkpoints older than version 2 have no num_batches_tracked: keep
+        # the module's own count (0 on the meta device), as torch does.
         version = local_metadata.get("version", None)
         key = prefix + "num_batches_tracked"
         if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
-            state_dict[key] = torch.tensor(0, dtype=torch.long)
+            own = self.num_batches_tracked
+            keep = own is not None and own.device != torch.device("meta")
+            state_dict[key] = own if keep else torch.tensor(0, dtype=torch.long)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
@@ -124,14 +144,9 @@ class _BatchNorm(_NormBase):
     def forward(self, input):
         # Every check comes before any state changes (num_batches_tracked included).
         self._check_input(input)
-        update_running = self.training and self.track_running_stats
         factor = 0.0 if self.momentum is None else self.momentum
-        if update_running:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                # Cumulative average: after t batches, each weighs 1/t.
-                # One host read per step, as in torch's own module.
-                factor = 1.0 / float(self.num_batches_tracked)
+        if self.training and self.track_running_stats:
+            factor = self._count_batch()
         # Batch statistics in training mode, and in eval mode when no running
         # estimates are kept.
         use_batch_stats = self.training or self.running_mean is None

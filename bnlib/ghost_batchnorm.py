@@ -126,11 +126,7 @@ class GhostBatchNorm(bnn._BatchNorm):
             counts = torch.tensor(sizes, dtype=mu.dtype).view(-1, 1)
 
         if self.training and self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                factor = 1.0 / float(self.num_batches_tracked)  # cumulative average, as BatchNorm
-            else:
-                factor = self.momentum
+            factor = self._count_batch()
             # counts (k, 1), mu and var (k, C): m_j, mu_j and the biased var_j of virtual batch j.
             # An empty batch (m = 0) gives NaN statistics, so the estimates are kept.
             counts = counts.to(mu.device)

@@ -331,11 +331,7 @@ class SyncBatchNorm(bnn._BatchNorm):
         y, mu, var, count = SyncBatchNormFunction.apply(input, self.weight, self.bias, self.eps, group)
         # Only now, after the global check inside the function, is state changed.
         if self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                factor = 1.0 / float(self.num_batches_tracked)  # cumulative average, as torch
-            else:
-                factor = self.momentum
+            factor = self._count_batch()
             update_running_stats(self.running_mean, self.running_var, mu, var * (count / (count - 1)), factor)
         return y
 

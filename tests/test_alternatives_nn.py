@@ -506,3 +506,13 @@ def test_spectral_norm_of_a_vector():
     bnlib.nn.spectral_norm(ours, name="bias")
     nn.utils.parametrizations.spectral_norm(theirs, name="bias")
     assert_close(ours.bias, theirs.bias, OUT_TOL[torch.float32], "b / ||b||")
+
+
+@pytest.mark.parametrize("dim", [2, -3])
+def test_weight_norm_dim_out_of_range_like_torch(dim):
+    """A dim the weight does not have: IndexError (torch's), before anything is registered."""
+    for weight_norm in (bnlib.nn.weight_norm, nn.utils.parametrizations.weight_norm):
+        module = nn.Linear(4, 3)
+        with pytest.raises(IndexError):
+            weight_norm(module, dim=dim)
+        assert not torch.nn.utils.parametrize.is_parametrized(module)

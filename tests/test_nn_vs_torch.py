@@ -503,3 +503,47 @@ def test_train_eval_flags():
     seq = torch.nn.Sequential(m)
     seq.train()
     assert m.training is True
+
+
+# ---------------------------------------------------------------------------
+# num_batches_tracked as torch treats it: old checkpoints, and None
+# ---------------------------------------------------------------------------
+
+
+def _state_without_count(module):
+    """A state dict with no ``num_batches_tracked`` and no version: a checkpoint older than torch's version 2."""
+    sd = {k: v for k, v in module.state_dict().items() if not k.endswith("num_batches_tracked")}
+    return sd  # a plain dict has no _metadata: the version is None
+
+
+@pytest.mark.parametrize("make", [lambda lib: lib.BatchNorm1d(3), lambda lib: lib.SyncBatchNorm(3),
+                                  lambda lib: lib.InstanceNorm1d(3, track_running_stats=True)],
+                         ids=["BatchNorm1d", "SyncBatchNorm", "InstanceNorm1d"])
+def test_old_checkpoint_keeps_the_module_count(make):
+    """A checkpoint without num_batches_tracked leaves the module's count as it was, as in torch."""
+    for lib in (torch.nn, bnlib.nn):
+        module = make(lib)
+        module.num_batches_tracked.fill_(7)
+        module.load_state_dict(_state_without_count(make(lib)))
+        assert int(module.num_batches_tracked) == 7, lib.__name__
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_num_batches_tracked_none_like_torch(momentum):
+    """torch lets num_batches_tracked be None: nothing is counted, and momentum=None then means factor 0."""
+    ours, theirs = bnlib.nn.BatchNorm1d(3, momentum=momentum), torch.nn.BatchNorm1d(3, momentum=momentum)
+    ours.num_batches_tracked = theirs.num_batches_tracked = None
+    for seed in range(3):
+        x = random_input((8, 3), torch.float64, seed=seed).float()
+        assert_close(ours(x), theirs(x), OUT_TOL[torch.float32], "output")
+    assert ours.num_batches_tracked is None
+    assert_same_buffers(ours, theirs, torch.float32)
+
+
+def test_instance_norm_pre_0_4_checkpoint_is_an_error_like_torch():
+    """Running stats in an unversioned checkpoint for an InstanceNorm that keeps none: torch's error, strict or not."""
+    sd = {"running_mean": torch.zeros(3), "running_var": torch.ones(3)}
+    for lib in (torch.nn, bnlib.nn):
+        for strict in (True, False):
+            with pytest.raises(RuntimeError, match="track_running_stats=False"):
+                lib.InstanceNorm1d(3).load_state_dict(dict(sd), strict=strict)
