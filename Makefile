@@ -11,6 +11,16 @@ STAMP := $(VENV)/.installed
 # how many cores a reader has (reduction order changes the last bits).
 export OMP_NUM_THREADS ?= 1
 export MKL_NUM_THREADS ?= 1
+# The same code paths on every x86-64 CPU with AVX2: the stored outputs were
+# made on one CPU and must come out again, digit for digit, on another (one
+# with AVX-512 picks other kernels, whose sums round differently, and a
+# training run then ends elsewhere). ATen's vectorized ops, MKL's BLAS (its
+# "conditional numerical reproducibility" mode), oneDNN's convolutions and
+# NumPy's OpenBLAS are each pinned to their AVX2 code.
+export ATEN_CPU_CAPABILITY ?= avx2
+export MKL_CBWR ?= AVX2,STRICT
+export ONEDNN_MAX_CPU_ISA ?= AVX2
+export OPENBLAS_CORETYPE ?= Haswell
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
 .PHONY: help setup book test test-unit test-notebooks execute bench lab clean

@@ -598,11 +598,12 @@ def test_cuda_matches_torch(shape, layout, dtype, training):
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("config", [ONE_SPLIT, {"n_split": 7, "prefetch": True}, {"n_split": 1, "prefetch": True},
-                                    {"n_split": 7, "prefetch": False}],
-                         ids=["one_split", "7_splits_prefetch", "one_split_prefetch", "7_splits"])
+                                    {"n_split": 7, "prefetch": False},
+                                    {"n_split": 7, "fuse_finalize_max_splits": 0}],
+                         ids=["one_split", "7_splits_prefetch", "one_split_prefetch", "7_splits", "7_splits_finalize"])
 @pytest.mark.parametrize("shape, layout", CUDA_SHAPES, ids=CUDA_IDS)
 def test_cuda_split_paths(shape, layout, config):
-    """The one-launch and the three-launch paths, whichever the default picks for the shape."""
+    """The one-launch path, the splits merged in the elementwise kernels, and the finalize kernels."""
     check(run_both(shape, torch.float32, "cuda", layout, config=config), torch.float32)
 
 
