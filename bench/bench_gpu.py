@@ -85,7 +85,7 @@ SWEEP = [
     {"block_c": 128, "tile": 4096},
     {"block_c": 32, "programs_per_sm": 2, "prefetch": True},
     # The splits merged by a finalize kernel (three launches a pass) against
-    # the default, where the elementwise kernels merge up to 32 splits (two).
+    # the default, where the elementwise kernels merge up to 64 splits (two).
     {"fuse_finalize_max_splits": 0},
     {"fuse_finalize_max_splits": 256},
 ]

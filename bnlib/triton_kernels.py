@@ -47,7 +47,7 @@ lanes, then the splits, are merged with Chan's formula for k parts (never
 With several splits a pass is two or three launches: the partial summaries,
 then either the elementwise pass, each of whose programs merges the splits'
 summaries itself (up to ``fuse_finalize_max_splits`` splits: a few hundred
-bytes to a few KB per program, read from L2, instead of a launch), or a small
+bytes to a few tens of KB per program, read from L2, instead of a launch), or a small
 finalize kernel over the splits and then the elementwise pass. When the
 channel blocks alone fill the GPU there is one split and one launch: the
 program reduces its channels and then normalizes them, the second loop running
@@ -566,8 +566,11 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 #         of each pass merges the splits' partial results itself (every program
 #         reads n_split x BLOCK_C of them) instead of a finalize launch between
 #         the two: two launches per pass instead of three. 0: always finalize.
+#         64 takes in the small channels-last ResNet-50 shapes that an H100 ran
+#         slower than native (17 and 33 splits there), and not the 66 to 523
+#         splits of the big ones, where each program would re-read a lot.
 CONFIG = {"tile": 2048, "block_c": 64, "programs_per_sm": None, "num_warps": 8, "max_block_s": 1024,
-          "num_stages": None, "prefetch": False, "fuse_finalize_max_splits": 32}
+          "num_stages": None, "prefetch": False, "fuse_finalize_max_splits": 64}
 # Channels-last problems of fewer elements than this take SMALL_CHANNELS_LAST's
 # values instead: measured 5-25% faster there (forward and backward), slower
 # on bigger ones.
