@@ -1,12 +1,24 @@
 """Argument checks shared by every BN variant (NumPy and torch paths).
 
 They raise ``ValueError`` before any state is touched, with a message that
-says what was expected and what came (the contract's "Bad input" section).
+says what was expected and what came (the contract's "Bad input" section):
+for a bad constructor argument a plain ``ValueError``, for a bad input an
+:class:`InputError`, which is a ``ValueError`` and a ``RuntimeError`` at once.
 Shapes are passed in, so this file imports neither NumPy nor torch.
 """
 
 import math
 import numbers
+
+
+class InputError(ValueError, RuntimeError):
+    """Bad input to a normalization function or layer (shape, channels, dtype, batch size).
+
+    A ``ValueError``, as bnlib's contract says, and a ``RuntimeError``, which is
+    what torch raises for most of the same mistakes (a channel count that is
+    not ``num_features``, a shape LayerNorm was not built for, an integer
+    input): code written against either library catches it.
+    """
 
 
 def check_norm_args(num_features, eps, momentum):
@@ -29,14 +41,14 @@ def check_input_dims(class_name, shape, allowed_dims):
     ndim = len(shape)
     if ndim not in allowed_dims:
         expected = " or ".join(f"{d}D" for d in allowed_dims)
-        raise ValueError(f"{class_name} expected {expected} input (got {ndim}D input)")
+        raise InputError(f"{class_name} expected {expected} input (got {ndim}D input)")
 
 
 def check_num_channels(class_name, shape, num_features):
     """The channel axis (axis 1) must have ``num_features`` entries."""
     if len(shape) < 2 or shape[1] != num_features:
         got = shape[1] if len(shape) >= 2 else "no channel axis"
-        raise ValueError(
+        raise InputError(
             f"{class_name} expected input with {num_features} channels (num_features) "
             f"on axis 1, got {got} (input shape {tuple(shape)})"
         )
@@ -45,7 +57,7 @@ def check_num_channels(class_name, shape, num_features):
 def check_floating_dtype(class_name, dtype, is_floating_point):
     """Normalization needs a floating-point input (a mean of integers is not one)."""
     if not is_floating_point:
-        raise ValueError(f"{class_name} expected a floating-point input (float16, bfloat16, float32 or float64), "
+        raise InputError(f"{class_name} expected a floating-point input (float16, bfloat16, float32 or float64), "
                          f"got {dtype}")
 
 
@@ -64,4 +76,4 @@ def check_batch_size(shape, size_text=None):
     """
     if values_per_channel(shape) == 1:
         shown = size_text if size_text is not None else str(tuple(shape))
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {shown}")
+        raise InputError(f"Expected more than 1 value per channel when training, got input size {shown}")

@@ -38,6 +38,7 @@ from torch.nn.utils import parametrize
 from bnlib import functional as bnF
 from bnlib.batchnorm import _NormBase, register_affine_parameters, reset_affine_parameters
 from bnlib._checks import (
+    InputError,
     check_batch_size,
     check_floating_dtype,
     check_input_dims,
@@ -194,7 +195,7 @@ def _normalized_shape_tuple(normalized_shape):
 def _check_layer_norm_input(input, normalized_shape):
     k = len(normalized_shape)
     if input.dim() < k or tuple(input.shape[input.dim() - k:]) != normalized_shape:
-        raise ValueError(
+        raise InputError(
             f"Given normalized_shape={list(normalized_shape)}, expected input with shape "
             f"[*, {', '.join(map(str, normalized_shape))}], but got input of size{list(input.shape)}"
         )
@@ -231,7 +232,7 @@ def _check_group_size(input, num_groups):
     """torch's ``_verify_batch_size`` on ``[N * C / G, G, *spatial]``: raises when it holds one value."""
     size = [input.shape[0] * input.shape[1] // num_groups, num_groups] + list(input.shape[2:])
     if values_per_channel(size) == 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
+        raise InputError(f"Expected more than 1 value per channel when training, got input size {size}")
 
 
 def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
@@ -243,16 +244,16 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
     (Wu & He 2018); ``weight``, ``bias``: per channel, ``(C,)``.
     """
     if input.dim() < 2:
-        raise ValueError(f"group_norm expected an input with at least 2 dimensions (N, C, ...), got {input.dim()}D input")
+        raise InputError(f"group_norm expected an input with at least 2 dimensions (N, C, ...), got {input.dim()}D input")
     num_channels = input.shape[1]
     if num_channels % num_groups != 0:
-        raise ValueError(
+        raise InputError(
             f"Expected number of channels in input to be divisible by num_groups, "
             f"but got input of shape {list(input.shape)} and num_groups={num_groups}"
         )
     for name, tensor in (("weight", weight), ("bias", bias)):
         if tensor is not None and tensor.numel() != num_channels:
-            raise ValueError(f"{name} should have {num_channels} elements (one per channel), got {tensor.numel()}")
+            raise InputError(f"{name} should have {num_channels} elements (one per channel), got {tensor.numel()}")
     _check_group_size(input, num_groups)
     m = num_channels // num_groups * math.prod(input.shape[2:])
     row_shape = (input.shape[0], num_groups, m)
@@ -292,19 +293,19 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     as in batch norm's eval mode.
     """
     if input.dim() < 3:
-        raise ValueError(f"instance_norm expected an input with at least 3 dimensions (N, C, L, ...), got {input.dim()}D input")
+        raise InputError(f"instance_norm expected an input with at least 3 dimensions (N, C, L, ...), got {input.dim()}D input")
     num_channels = input.shape[1]
     for name, tensor in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
         if tensor is not None and tensor.numel() != num_channels:
-            raise ValueError(f"{name} should have {num_channels} elements (one per channel), got {tensor.numel()}")
+            raise InputError(f"{name} should have {num_channels} elements (one per channel), got {tensor.numel()}")
     if not use_input_stats:
         if running_mean is None or running_var is None:
-            raise ValueError("instance_norm with use_input_stats=False needs running_mean and running_var")
+            raise InputError("instance_norm with use_input_stats=False needs running_mean and running_var")
         # (contiguous, as torch's instance norm returns whatever the input's layout)
         return bnF.batch_norm(input, running_mean, running_var, weight, bias, False, 0.0, eps).contiguous()
     m = math.prod(input.shape[2:])
     if m == 1:
-        raise ValueError(f"Expected more than 1 spatial element when training, got input size {input.size()}")
+        raise InputError(f"Expected more than 1 spatial element when training, got input size {input.size()}")
     ndim = input.dim()
     row_shape = (input.shape[0], num_channels, m)
     y, mu, var = GroupedNormFunction.apply(input, weight, bias, row_shape, _channel_view(ndim), _not_channel_dims(ndim), eps)
@@ -382,7 +383,7 @@ class GroupNorm(nn.Module):
     def forward(self, input):
         name = type(self).__name__
         if input.dim() < 2:
-            raise ValueError(f"{name} expected an input with at least 2 dimensions (N, C, ...), got {input.dim()}D input")
+            raise InputError(f"{name} expected an input with at least 2 dimensions (N, C, ...), got {input.dim()}D input")
         check_num_channels(name, input.shape, self.num_channels)
         return group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
 
@@ -421,7 +422,7 @@ class _InstanceNorm(_NormBase):
         unbatched = input.dim() == batched - 1
         channel_dim = 0 if unbatched else 1  # torch takes (C, ...) without the N axis
         if input.shape[channel_dim] != self.num_features:
-            raise ValueError(
+            raise InputError(
                 f"{name} expected input with {self.num_features} channels (num_features) on axis {channel_dim}, "
                 f"got {input.shape[channel_dim]} (input shape {tuple(input.shape)})"
             )
@@ -570,11 +571,11 @@ class BatchRenormTrainFunction(torch.autograd.Function):
 def _batch_renorm_train(input, running_mean, running_var, weight, bias, momentum, eps, r_max, d_max):
     """Training step of :func:`batch_renorm`; returns ``(y, r, d)``, ``r``, ``d`` of shape ``(C,)``."""
     if input.dim() < 2:
-        raise ValueError(f"batch_renorm expected an input with at least 2 dimensions (N, C, ...), got {input.dim()}D input")
+        raise InputError(f"batch_renorm expected an input with at least 2 dimensions (N, C, ...), got {input.dim()}D input")
     num_channels = input.shape[1]
     for name, tensor in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
         if tensor is not None and tensor.numel() != num_channels:
-            raise ValueError(f"{name} should have {num_channels} elements (one per channel), got {tensor.numel()}")
+            raise InputError(f"{name} should have {num_channels} elements (one per channel), got {tensor.numel()}")
     check_batch_size(input.shape, str(input.size()))
     _check_limit("r_max", r_max, 1.0)
     _check_limit("d_max", d_max, 0.0)
@@ -593,7 +594,7 @@ def batch_renorm(input, running_mean, running_var, weight=None, bias=None, train
     ``running_var``). Eval: batch norm with the running estimates.
     """
     if running_mean is None or running_var is None:
-        raise ValueError("batch_renorm needs running_mean and running_var (r and d are measured against them)")
+        raise InputError("batch_renorm needs running_mean and running_var (r and d are measured against them)")
     if not training:
         return bnF.batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
     y, _, _ = _batch_renorm_train(input, running_mean, running_var, weight, bias, momentum, eps, r_max, d_max)

@@ -214,6 +214,7 @@ def build_mlp(
     *,
     activation: str = "relu",
     norm: str | None = None,
+    norm_position: str = "before",
     weight_scale: float | None = 1.0,
     dropout: float = 0.0,
     hidden: int = 100,
@@ -228,7 +229,7 @@ def build_mlp(
     """
     model = models.make_mlp(
         in_features, hidden, out_features, depth=depth, activation=activation,
-        norm=norm, weight_scale=weight_scale, seed=seed,
+        norm=norm, norm_position=norm_position, weight_scale=weight_scale, seed=seed,
     )
     return add_dropout(model, dropout)
 
@@ -256,6 +257,7 @@ def train_run(
     *,
     activation: str = "relu",
     norm: str | None = None,
+    norm_position: str = "before",
     weight_scale: float | None = 1.0,
     dropout: float = 0.0,
     hidden: int = 100,
@@ -279,8 +281,8 @@ def train_run(
     x, y = data.x_train, data.y_train
     model = build_mlp(
         x.shape[1], int(max(data.y_train.max(), data.y_test.max())) + 1,
-        activation=activation, norm=norm, weight_scale=weight_scale, dropout=dropout,
-        hidden=hidden, depth=depth, seed=seed,
+        activation=activation, norm=norm, norm_position=norm_position, weight_scale=weight_scale,
+        dropout=dropout, hidden=hidden, depth=depth, seed=seed,
     )
     calls: list[Callable[[int, nn.Module], None]] = []
     curve = None

@@ -32,7 +32,7 @@ import warnings
 
 import torch
 
-from bnlib._checks import check_batch_size, check_floating_dtype, values_per_channel
+from bnlib._checks import InputError, check_batch_size, check_floating_dtype, values_per_channel
 
 __all__ = ["batch_norm", "batch_norm_train", "cpu_backend", "get_cpu_backend", "set_cpu_backend"]
 
@@ -483,7 +483,7 @@ class BatchNormEvalFunction(torch.autograd.Function):
 
 def _check_per_channel(name, tensor, num_channels):
     if tensor is not None and tensor.numel() != num_channels:
-        raise ValueError(
+        raise InputError(
             f"{name} should have {num_channels} elements (one per channel of the input), "
             f"got {tensor.numel()}"
         )
@@ -558,7 +558,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
             running estimates. Nothing is updated when it raises.
     """
     if input.dim() < 2:
-        raise ValueError(f"batch_norm expected an input with at least 2 dimensions (N, C, ...), got {input.dim()}D input")
+        raise InputError(f"batch_norm expected an input with at least 2 dimensions (N, C, ...), got {input.dim()}D input")
     num_channels = input.shape[1]
     check_floating_dtype("batch_norm", input.dtype, input.is_floating_point())
     for name, tensor in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
@@ -567,7 +567,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         if values_per_channel(input.shape) == 1:  # (the message's text is built only then)
             check_batch_size(input.shape, str(input.size()))
     elif running_mean is None or running_var is None:
-        raise ValueError("batch_norm in eval mode (training=False) needs running_mean and running_var")
+        raise InputError("batch_norm in eval mode (training=False) needs running_mean and running_var")
 
     if input.is_cuda:
         triton = _triton_path()

@@ -5,6 +5,8 @@ whose layers have readable names, so hooks and plots can find them::
 
     fc1 -> [norm1] -> act1 -> fc2 -> [norm2] -> act2 -> ... -> act{depth} -> out
 
+(or, with ``norm_position="after"``, ``fc1 -> act1 -> norm1 -> fc2 -> ...``).
+
 Hidden layer ``l`` computes the pre-activation ``z`` and the activation
 
 .. math::
@@ -15,7 +17,9 @@ Hidden layer ``l`` computes the pre-activation ``z`` and the activation
 
 with ``a^{[0]} = x`` of shape ``(N, in_features)``; ``out`` maps the last
 activation to ``out_features`` logits. BN sits between the linear map and the
-activation function, as in Ioffe and Szegedy (2015).
+activation function, as in Ioffe and Szegedy (2015), unless
+``norm_position="after"`` puts it after the activation,
+:math:`a^{[l]} = \mathrm{BN}(f(z^{[l]}))`.
 
 The activation functions and their derivatives (closed forms) live here too:
 
@@ -35,10 +39,14 @@ from torch import nn
 
 __all__ = [
     "ACTIVATIONS",
+    "NORM_POSITIONS",
     "activation_derivative",
     "make_mlp",
     "get_layers",
 ]
+
+#: Where ``make_mlp`` puts a normalization layer: before or after the activation.
+NORM_POSITIONS = ("before", "after")
 
 #: The activation functions ``make_mlp`` accepts, by name.
 ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -99,6 +107,7 @@ def make_mlp(
     bias: bool | None = None,
     bias_init: float | None = None,
     norm_layer: Callable[[int], nn.Module] | None = None,
+    norm_position: str = "before",
     seed: int | None = None,
 ) -> nn.Sequential:
     r"""A multilayer perceptron ``fc1, [norm1,] act1, ..., fc{depth}, [norm{depth},] act{depth}, out``.
@@ -119,14 +128,20 @@ def make_mlp(
     norm_layer
         Instead of ``norm``: any factory ``num_features -> nn.Module`` (for
         example ``torch.nn.BatchNorm1d``); its layers are named ``norm{l}`` too.
+    norm_position
+        ``"before"`` (the default, the paper's place): ``fc -> norm -> act``;
+        ``"after"``: ``fc -> act -> norm``, the normalized output of the
+        activation feeding the next layer.
     weight_scale
         ``None``: torch's default initialization. A number ``s``: hidden weights
         drawn from :math:`\mathcal{N}(0, s^2 / \text{fan\_in})` and biases set to
         0, so ``s = 1`` keeps the variance of a linear map's output equal to that
         of its input; the ``out`` layer then gets ``s = 1``.
     bias
-        Whether hidden linear layers have a bias. Default: only without a
-        normalization layer, because BN subtracts the mean and ``b`` cancels.
+        Whether hidden linear layers have a bias. Default: only where no
+        normalization layer follows the linear map directly, because BN
+        subtracts the mean and ``b`` cancels (so with ``norm_position="after"``
+        the layers keep theirs: the activation comes between).
     bias_init
         If given, every hidden bias is set to this constant (needs a bias).
     seed
@@ -149,8 +164,10 @@ def make_mlp(
         )
     _check_activation(activation)
     factory = _norm_factory(norm, norm_layer)
+    if norm_position not in NORM_POSITIONS:
+        raise ValueError(f"norm_position must be one of {NORM_POSITIONS}, got {norm_position!r}")
     if bias is None:
-        bias = factory is None
+        bias = factory is None or norm_position == "after"
     if bias_init is not None and not bias:
         raise ValueError("bias_init needs hidden biases: pass bias=True")
     if weight_scale is not None and not weight_scale > 0:
@@ -168,9 +185,11 @@ def make_mlp(
             if bias_init is not None:
                 nn.init.constant_(fc.bias, bias_init)
             layers[f"fc{l}"] = fc
-            if factory is not None:
+            if factory is not None and norm_position == "before":
                 layers[f"norm{l}"] = factory(width)
             layers[f"act{l}"] = ACTIVATIONS[activation]()
+            if factory is not None and norm_position == "after":
+                layers[f"norm{l}"] = factory(width)
             fan_in = width
         out = nn.Linear(fan_in, out_features)
         if weight_scale is not None:

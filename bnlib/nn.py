@@ -8,8 +8,11 @@ one, with the backward pass written by hand:
   ``GhostBatchNorm`` (``bnlib.ghost_batchnorm``)
 - the alternatives: ``LayerNorm``, ``GroupNorm``, ``InstanceNorm1d/2d/3d``,
   ``BatchRenorm1d/2d``, ``weight_norm``, ``spectral_norm`` (``bnlib.alternatives``)
+- ``InputError``, what they raise for a bad input: a ``ValueError`` and a
+  ``RuntimeError`` (torch's type for most of the same mistakes)
 """
 
+from bnlib._checks import InputError
 from bnlib.alternatives import (
     BatchRenorm1d,
     BatchRenorm2d,
@@ -40,4 +43,5 @@ __all__ = [
     "BatchRenorm2d",
     "weight_norm",
     "spectral_norm",
+    "InputError",
 ]

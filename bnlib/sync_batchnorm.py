@@ -97,7 +97,7 @@ import torch
 import torch.distributed as dist
 
 from bnlib import batchnorm as bnn
-from bnlib._checks import check_batch_size, check_floating_dtype, check_num_channels, values_per_channel
+from bnlib._checks import InputError, check_batch_size, check_floating_dtype, check_num_channels, values_per_channel
 from bnlib.functional import _compute_dtype, _per_channel, _stat_dims
 
 __all__ = ["SyncBatchNorm", "SyncBatchNormFunction", "local_stats", "merge_stats", "update_running_stats",
@@ -194,7 +194,7 @@ def _check_global_count(input, count, world_size):
         return  # then m >= 2 on every rank's view: no need to read anything
     total = int(count[0].item())  # the same on every rank; a host read on this rare path only
     if total == 1:
-        raise ValueError(
+        raise InputError(
             "Expected more than 1 value per channel when training, got input size "
             f"{input.size()} on this rank and 1 value per channel over the {world_size} "
             "ranks of the process group"
@@ -305,7 +305,7 @@ class SyncBatchNorm(bnn._BatchNorm):
 
     def _check_shape(self, input):
         if input.dim() < 2:
-            raise ValueError(f"SyncBatchNorm expected at least 2D input (N, C, ...) (got {input.dim()}D input)")
+            raise InputError(f"SyncBatchNorm expected at least 2D input (N, C, ...) (got {input.dim()}D input)")
         check_num_channels("SyncBatchNorm", input.shape, self.num_features)
         check_floating_dtype("SyncBatchNorm", input.dtype, input.is_floating_point())
 

@@ -75,6 +75,8 @@ import re
 
 import torch
 
+from bnlib._checks import InputError
+
 try:
     import triton
     import triton.language as tl
@@ -848,22 +850,22 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         raise RuntimeError(f"bnlib.triton_kernels needs Triton >= {'.'.join(map(str, MIN_TRITON))}, "
                            f"found {triton.__version__}")
     if input.dim() < 2:
-        raise ValueError(f"batch_norm expected an input with at least 2 dimensions (N, C, ...), got {input.dim()}D input")
+        raise InputError(f"batch_norm expected an input with at least 2 dimensions (N, C, ...), got {input.dim()}D input")
     if input.dtype not in _DTYPES:
-        raise ValueError(f"batch_norm's Triton kernels take float16, bfloat16, float32 or float64 input, got {input.dtype}")
+        raise InputError(f"batch_norm's Triton kernels take float16, bfloat16, float32 or float64 input, got {input.dtype}")
     if not (_INTERPRET or input.is_cuda):
-        raise ValueError(f"batch_norm's Triton kernels need a CUDA tensor, got one on {input.device}")
+        raise InputError(f"batch_norm's Triton kernels need a CUDA tensor, got one on {input.device}")
     C = input.shape[1]
     for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
         if t is not None and t.numel() != C:
-            raise ValueError(f"{name} should have {C} elements (one per channel of the input), got {t.numel()}")
+            raise InputError(f"{name} should have {C} elements (one per channel of the input), got {t.numel()}")
         if t is not None and t.device != input.device:
-            raise ValueError(f"{name} is on {t.device}, the input on {input.device}")
+            raise InputError(f"{name} is on {t.device}, the input on {input.device}")
     if training:
         if input.numel() // max(C, 1) == 1:
-            raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
+            raise InputError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
     elif running_mean is None or running_var is None:
-        raise ValueError("batch_norm in eval mode (training=False) needs running_mean and running_var")
+        raise InputError("batch_norm in eval mode (training=False) needs running_mean and running_var")
     if input.numel() == 0:  # as torch: an empty output still connected to weight and bias
         out = input.clone()
         if weight is not None:

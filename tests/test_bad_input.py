@@ -378,3 +378,21 @@ def test_reference_nan_rule(shape, value, momentum):
     assert bn.running_mean[k] == before["running_mean"][k] and bn.running_var[k] == before["running_var"][k]
     np.testing.assert_allclose(bn.running_mean[1:], ref.running_mean[1:].numpy(), rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(bn.running_var[1:], ref.running_var[1:].numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_bad_input_is_caught_as_torch_code_catches_it():
+    """torch raises RuntimeError where bnlib's contract says ValueError; bnlib's InputError is both."""
+    import bnlib.nn
+
+    cases = [
+        (bnlib.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3), torch.randn(4, 5)),  # channels
+        (bnlib.nn.LayerNorm(4), torch.nn.LayerNorm(4), torch.randn(2, 5)),  # normalized_shape
+        (bnlib.nn.GroupNorm(2, 4), torch.nn.GroupNorm(2, 4), torch.randn(4, 6, 3)),  # channels
+        (bnlib.nn.GroupNorm(2, 4), torch.nn.GroupNorm(2, 4), torch.randn(4)),  # 1-D input
+    ]
+    for ours, theirs, x in cases:
+        with pytest.raises(RuntimeError):
+            theirs(x)
+        with pytest.raises(RuntimeError) as caught:
+            ours(x)
+        assert isinstance(caught.value, ValueError) and isinstance(caught.value, bnlib.nn.InputError)

@@ -48,6 +48,20 @@ def test_forward_is_linear_then_bn_then_activation():
     torch.testing.assert_close(m(x), expected, rtol=1e-12, atol=1e-12)
 
 
+def test_bn_after_the_activation():
+    """norm_position="after": fc -> act -> norm, and the linear layers keep their bias (the activation comes between)."""
+    m = models.make_mlp(5, [4, 6], 3, activation="relu", norm="bn", norm_position="after")
+    assert [n for n, _ in m.named_children()] == ["fc1", "act1", "norm1", "fc2", "act2", "norm2", "out"]
+    assert m.fc1.bias is not None and m.fc2.bias is not None
+    torch.manual_seed(0)
+    x = torch.randn(8, 5)
+    h = x
+    for l in (1, 2):
+        fc, bn = getattr(m, f"fc{l}"), getattr(m, f"norm{l}")
+        h = F.batch_norm(F.relu(F.linear(h, fc.weight, fc.bias)), None, None, bn.weight, bn.bias, training=True)
+    torch.testing.assert_close(m(x), F.linear(h, m.out.weight, m.out.bias), rtol=1e-5, atol=1e-6)
+
+
 def test_bnlib_bn_is_drop_in_for_torch_bn():
     # Same seed -> same weights (BN layers draw no random numbers); bnlib's BN
     # and torch's agree to float32 rounding (1e-5 after 3 layers).
@@ -126,6 +140,7 @@ def test_get_layers():
         (dict(weight_scale=0.0), "weight_scale"),
         (dict(depth=3, hidden=[4, 4]), "depth=3"),
         (dict(depth=None), "depth is required"),
+        (dict(norm="bn", norm_position="between"), "norm_position must be one of"),
     ],
 )
 def test_bad_arguments(kwargs, match):
