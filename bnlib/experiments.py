@@ -55,6 +55,8 @@ __all__ = [
     "class_subset",
     "generalization_gap",
     "format_table",
+    "variance_shift",
+    "stream_std",
 ]
 
 #: The percentiles the paper's Figure 1 shows.
@@ -540,3 +542,63 @@ def format_table(
     for label, row in cells.items():
         lines.append(label.ljust(w0) + "  " + "  ".join(c.rjust(w) for c, w in zip(row, ws)))
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------
+# BN in real networks (residual blocks, dropout before BN)
+# --------------------------------------------------------------------------
+
+
+def variance_shift(model: nn.Module, norm: nn.Module, x: torch.Tensor) -> np.ndarray:
+    r"""Per unit of the BN layer ``norm``: the variance of its input at inference over ``running_var``.
+
+    Runs ``model`` in eval mode on ``x`` (dropout off, BN on its running
+    statistics), records the input of ``norm`` and returns
+    :math:`\mathrm{Var}_{\text{eval}}[z_j] / \text{running\_var}_j`, shape ``(C,)``
+    (Li et al. 2019's variance shift). 1 means BN normalizes at inference as it
+    did in training; below 1, the normalized outputs come out too small by its
+    square root. The model's mode is restored afterwards.
+    """
+    if getattr(norm, "running_var", None) is None:
+        raise ValueError("variance_shift needs a BN layer that keeps running statistics (running_var)")
+    seen = {}
+    handle = norm.register_forward_hook(lambda module, inputs, output: seen.__setitem__("z", inputs[0].detach()))
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x)
+    finally:
+        handle.remove()
+        for m, mode in modes:
+            m.training = mode
+    if "z" not in seen:
+        raise ValueError("variance_shift: the BN layer given is not part of the model's forward pass")
+    z = seen["z"].double()
+    return (z.var(dim=0, unbiased=True) / norm.running_var.double()).numpy()
+
+
+def stream_std(model: nn.Sequential, x: torch.Tensor) -> np.ndarray:
+    """The standard deviation of the residual stream after the stem and after each block of :func:`bnlib.models.make_resmlp`.
+
+    Training mode (batch statistics), no gradients, running statistics left as
+    they were. Returns ``(blocks + 1,)``: index 0 after the stem, ``b`` after block ``b``.
+    """
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    was_training = model.training
+    out = []
+    try:
+        model.train()
+        with torch.no_grad():
+            h = model.stem(x)
+            out.append(float(h.std()))
+            for name, module in model.named_children():
+                if name.startswith("block"):
+                    h = module(h)
+                    out.append(float(h.std()))
+    finally:
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
+        model.train(was_training)
+    return np.array(out)

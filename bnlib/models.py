@@ -43,6 +43,8 @@ __all__ = [
     "activation_derivative",
     "make_mlp",
     "get_layers",
+    "ResidualBlock",
+    "make_resmlp",
 ]
 
 #: Where ``make_mlp`` puts a normalization layer: before or after the activation.
@@ -218,3 +220,67 @@ def get_layers(model: nn.Module, kind: str) -> list[nn.Module]:
         if name.startswith(kind) and name[len(kind):].isdigit():
             found.append((int(name[len(kind):]), module))
     return [m for _, m in sorted(found, key=lambda p: p[0])]
+
+
+class ResidualBlock(nn.Module):
+    r"""A residual block of two linear layers with BN (He et al. 2016, fully connected):
+
+    .. math::
+
+        h' = \mathrm{relu}\bigl(h + \mathrm{BN}_2(W_2\,\mathrm{relu}(\mathrm{BN}_1(W_1 h)))\bigr).
+
+    ``norm1``, ``norm2`` are ``bnlib.nn.BatchNorm1d``; with ``zero_init=True``
+    the last one starts with :math:`\gamma = 0` (Goyal et al. 2017), so the
+    block starts as the identity on its input (after the final ReLU, which
+    leaves a non-negative input unchanged).
+    """
+
+    def __init__(self, width: int, zero_init: bool = False):
+        super().__init__()
+        import bnlib.nn
+
+        self.fc1 = nn.Linear(width, width, bias=False)
+        self.norm1 = bnlib.nn.BatchNorm1d(width)
+        self.fc2 = nn.Linear(width, width, bias=False)
+        self.norm2 = bnlib.nn.BatchNorm1d(width)
+        if zero_init:
+            nn.init.zeros_(self.norm2.weight)
+
+    def branch(self, h: torch.Tensor) -> torch.Tensor:
+        """The residual branch alone, ``BN_2(W_2 relu(BN_1(W_1 h)))``."""
+        return self.norm2(self.fc2(torch.relu(self.norm1(self.fc1(h)))))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.relu(h + self.branch(h))
+
+
+def make_resmlp(
+    in_features: int,
+    width: int,
+    out_features: int,
+    blocks: int,
+    *,
+    zero_init: bool = False,
+    seed: int | None = None,
+) -> nn.Sequential:
+    r"""A residual MLP: ``stem`` (linear, BN, ReLU), ``block1`` ... ``block{blocks}`` (:class:`ResidualBlock`), ``out``.
+
+    Input ``(N, in_features)``, output ``(N, out_features)`` logits.
+    ``zero_init``: start the last BN of every block with :math:`\gamma = 0`.
+    ``seed``: draw the parameters from ``torch.manual_seed(seed)`` without
+    touching the caller's random state.
+    """
+    if blocks < 1 or width < 1 or in_features < 1 or out_features < 1:
+        raise ValueError(f"need blocks, width, in_features and out_features >= 1, got "
+                         f"{blocks}, {width}, {in_features}, {out_features}")
+    import bnlib.nn
+
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        layers: OrderedDict[str, nn.Module] = OrderedDict()
+        layers["stem"] = nn.Sequential(nn.Linear(in_features, width, bias=False), bnlib.nn.BatchNorm1d(width), nn.ReLU())
+        for b in range(1, blocks + 1):
+            layers[f"block{b}"] = ResidualBlock(width, zero_init=zero_init)
+        layers["out"] = nn.Linear(width, out_features)
+    return nn.Sequential(layers)

@@ -301,3 +301,48 @@ def test_lr_table_places_bn_where_asked():
     names = {k: [n for n, _ in m.named_children()][:3] for k, m in built.items()}
     assert names == {"before": ["fc1", "norm1", "act1"], "after": ["fc1", "act1", "norm1"]}
     assert set(out) == {"before", "after"} and out["after"]["curve"].shape == (1, 3)
+
+
+def test_variance_shift_is_eval_variance_over_running_var():
+    """The ratio by hand (a hook-free forward, float64 var) and the model's modes left alone."""
+    split = blobs_split()
+    model = ex.build_mlp(6, 3, norm="bn", dropout=0.5, hidden=8, depth=2, seed=0)
+    training.train(model, split.x_train, split.y_train, steps=20, batch_size=16, lr=0.1)
+    model.eval()  # by hand: no dropout, BN on its running statistics
+    with torch.no_grad():
+        z = model.fc2(model.drop1(model.act1(model.norm1(model.fc1(split.x_train)))))
+    want = z.double().var(0) / model.norm2.running_var.double()
+    model.train()
+    ratio = ex.variance_shift(model, model.norm2, split.x_train)
+    np.testing.assert_allclose(ratio, want.numpy(), rtol=1e-6)
+    assert ratio.shape == (8,) and model.training and model.drop1.training
+    with pytest.raises(ValueError, match="running_var"):
+        ex.variance_shift(model, torch.nn.LayerNorm(8), split.x_train)
+
+
+def test_dropout_before_bn_shrinks_the_eval_variance():
+    """Dropout inflates the training-time variance of what BN sees: at inference it is smaller (ratio < 1)."""
+    split = blobs_split()
+    ratios = {}
+    for p in (0.0, 0.5):
+        model = ex.build_mlp(6, 3, norm="bn", dropout=p, hidden=32, depth=2, seed=0)
+        training.train(model, split.x_train, split.y_train, steps=60, batch_size=32, lr=0.05)
+        ratios[p] = float(ex.variance_shift(model, model.norm2, split.x_train).mean())
+    assert 0.9 < ratios[0.0] < 1.1 and ratios[0.5] < 0.85, ratios
+
+
+def test_stream_std_matches_a_manual_pass_and_keeps_the_buffers():
+    model = models.make_resmlp(6, 8, 3, blocks=3, seed=0)
+    x = torch.randn(32, 6, generator=torch.Generator().manual_seed(2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    got = ex.stream_std(model, x)
+    with torch.no_grad():
+        h = model.stem(x)
+        want = [float(h.std())]
+        for b in (1, 2, 3):
+            h = getattr(model, f"block{b}")(h)
+            want.append(float(h.std()))
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    model.load_state_dict(before)  # the manual pass moved the running stats; stream_std must not have
+    ex.stream_std(model, x)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -150,3 +150,29 @@ def test_bad_arguments(kwargs, match):
         models.make_mlp(**args)
     with pytest.raises(ValueError, match="activation must be one of"):
         models.activation_derivative(torch.zeros(2), "softplus")
+
+
+def test_resmlp_structure_and_block_formula():
+    """stem, blocks, out; a block is relu(h + BN2(W2 relu(BN1(W1 h)))), written out with torch.nn.functional."""
+    m = models.make_resmlp(6, 5, 3, blocks=2, seed=0)
+    assert [n for n, _ in m.named_children()] == ["stem", "block1", "block2", "out"]
+    block = m.block1
+    h = torch.randn(8, 5, generator=torch.Generator().manual_seed(0))
+    u = F.batch_norm(F.linear(h, block.fc1.weight), None, None, block.norm1.weight, block.norm1.bias, training=True)
+    v = F.batch_norm(F.linear(F.relu(u), block.fc2.weight), None, None, block.norm2.weight, block.norm2.bias,
+                     training=True)
+    torch.testing.assert_close(block(h), F.relu(h + v), rtol=1e-5, atol=1e-6)
+    assert m(torch.zeros(4, 6)).shape == (4, 3)
+
+
+def test_resmlp_zero_init_starts_every_block_as_the_identity():
+    """gamma = 0 in each block's last BN: on a non-negative input (the stem's ReLU output) a block returns its input."""
+    m = models.make_resmlp(6, 5, 3, blocks=3, zero_init=True, seed=1)
+    assert all(torch.equal(getattr(m, f"block{b}").norm2.weight, torch.zeros(5)) for b in (1, 2, 3))
+    assert all(torch.equal(getattr(m, f"block{b}").norm1.weight, torch.ones(5)) for b in (1, 2, 3))
+    h = torch.rand(8, 5)
+    torch.testing.assert_close(m.block2(h), h)
+    same = models.make_resmlp(6, 5, 3, blocks=3, zero_init=False, seed=1)
+    assert torch.equal(same.block1.fc1.weight, m.block1.fc1.weight)  # zero_init draws no other numbers
+    with pytest.raises(ValueError, match="blocks"):
+        models.make_resmlp(6, 5, 3, blocks=0)
