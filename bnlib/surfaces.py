@@ -46,6 +46,8 @@ __all__ = [
     "best_lr",
     "predicted_rate",
     "gradient_descent",
+    "adam",
+    "diagonal_preconditioned",
     "linear_gd",
     "errors",
     "measured_rate",
@@ -177,6 +179,46 @@ def gradient_descent(grad, theta0, lr, steps):
         theta = theta - lr * grad(theta)
         path[t + 1] = theta
     return path
+
+
+def adam(grad, theta0, lr, steps, beta1=0.9, beta2=0.999, eps=1e-8):
+    r"""Adam (Kingma and Ba 2015): a learning rate per parameter, from the gradients' own size.
+
+    With ``g_t = grad(theta_{t-1})``::
+
+        m_t = beta1 m_{t-1} + (1 - beta1) g_t          (mean of the gradient)
+        v_t = beta2 v_{t-1} + (1 - beta2) g_t^2        (mean of its square)
+        theta_t = theta_{t-1} - lr * m_hat_t / (sqrt(v_hat_t) + eps),
+
+    with the bias-corrected ``m_hat_t = m_t / (1 - beta1^t)``,
+    ``v_hat_t = v_t / (1 - beta2^t)``. A parameter whose gradients are large
+    (a steep direction) takes steps of about ``lr`` all the same, and so does
+    one whose gradients are small. Returns the path, shape
+    ``(steps + 1, len(theta0))``, as :func:`gradient_descent`.
+    """
+    if lr <= 0:
+        raise ValueError(f"lr must be positive, got {lr}")
+    path = np.empty((steps + 1, len(theta0)))
+    path[0] = theta = np.asarray(theta0, dtype=np.float64)
+    m = np.zeros_like(theta)
+    v = np.zeros_like(theta)
+    for t in range(1, steps + 1):
+        g = grad(theta)
+        m = beta1 * m + (1 - beta1) * g
+        v = beta2 * v + (1 - beta2) * g * g
+        m_hat = m / (1 - beta1**t)
+        v_hat = v / (1 - beta2**t)
+        theta = theta - lr * m_hat / (np.sqrt(v_hat) + eps)
+        path[t] = theta
+    return path
+
+
+def diagonal_preconditioned(H):
+    """``D^{-1/2} H D^{-1/2}`` with ``D = diag(H)``: the Hessian seen by gradient descent with
+    the learning rate ``lr / H_ii`` for parameter ``i`` (its diagonal is 1)."""
+    H = np.asarray(H, dtype=np.float64)
+    d = np.sqrt(np.diag(H))
+    return H / np.outer(d, d)
 
 
 def linear_gd(X, y, lr, steps, theta0=None):

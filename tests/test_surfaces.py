@@ -278,3 +278,33 @@ def test_bad_input(reg):
         S.measured_rate(np.zeros((5, 3)), np.ones(3))
     with pytest.raises(ValueError, match="too fast to measure"):
         S.measured_rate(np.r_[[np.ones(3)], np.zeros((30, 3))], np.zeros(3))
+
+
+def test_adam_matches_torch_optim_adam(reg):
+    """Adam's path on the linear model's MSE, step for step, against torch.optim.Adam (float64)."""
+    X, y = reg
+    A = S.design_matrix(X)
+    theta0 = S.optimum(X, y) + np.array([-1.0, -4.0, 3.0])
+    path = S.adam(lambda th: S.gradient(th, X, y), theta0, lr=0.05, steps=40)
+    theta = torch.tensor(theta0, requires_grad=True)
+    opt = torch.optim.Adam([theta], lr=0.05)
+    At, yt = torch.tensor(A), torch.tensor(y)
+    want = [theta.detach().clone().numpy()]
+    for _ in range(40):
+        opt.zero_grad()
+        ((At @ theta - yt) ** 2).mean().backward()
+        opt.step()
+        want.append(theta.detach().clone().numpy())
+    np.testing.assert_allclose(path, np.array(want), rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="lr must be positive"):
+        S.adam(lambda th: th, theta0, 0.0, 3)
+
+
+def test_diagonal_preconditioning_is_standardizing_centred_inputs(reg):
+    """Unit diagonal; for centred inputs the same eigenvalues as the Hessian of the standardized inputs."""
+    X, y = reg
+    Xc = X - X.mean(axis=0)
+    P = S.diagonal_preconditioned(S.hessian(Xc))
+    np.testing.assert_allclose(np.diag(P), 1.0)
+    Xs = Xc / Xc.std(axis=0)
+    np.testing.assert_allclose(S.eigenvalues(P), S.eigenvalues(S.hessian(Xs)) / 2, rtol=1e-10)
