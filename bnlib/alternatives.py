@@ -441,7 +441,6 @@ class _InstanceNorm(_NormBase):
         )
         return y.squeeze(0) if unbatched else y
 
-
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         # Before torch 0.4 instance norm kept running estimates by default;
