@@ -282,7 +282,7 @@ def test_format_table_text_and_nan_handling():
     assert len({len(line) for line in lines}) == 1  # fixed width
 
 
-def test_lr_table_places_bn_where_asked():
+def test_lr_table_places_bn_where_asked(monkeypatch):
     """norm_position reaches the network lr_table trains: after the activation, the layers are fc, act, norm."""
     split = blobs_split()
     built = {}
@@ -292,12 +292,9 @@ def test_lr_table_places_bn_where_asked():
         model = built[kw["norm_position"]] = real_build(*args, **kw)
         return model
 
-    ex.build_mlp = spy
-    try:
-        out = ex.lr_table(split, {"before": dict(norm="bn"), "after": dict(norm="bn", norm_position="after")},
-                          seeds=[0], target=0.5, steps=6, every=3, hidden=8, depth=2, batch_size=16)
-    finally:
-        ex.build_mlp = real_build
+    monkeypatch.setattr(ex, "build_mlp", spy)
+    out = ex.lr_table(split, {"before": dict(norm="bn"), "after": dict(norm="bn", norm_position="after")},
+                      seeds=[0], target=0.5, steps=6, every=3, hidden=8, depth=2, batch_size=16)
     names = {k: [n for n, _ in m.named_children()][:3] for k, m in built.items()}
     assert names == {"before": ["fc1", "norm1", "act1"], "after": ["fc1", "act1", "norm1"]}
     assert set(out) == {"before", "after"} and out["after"]["curve"].shape == (1, 3)
