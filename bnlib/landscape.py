@@ -8,6 +8,10 @@ of BN numerically.
 - :class:`NoisyBatchNorm1d`: BN followed by noise whose mean and variance
   change at every training step (their section 2.1), so that the
   distribution of every layer's input keeps shifting on purpose.
+- :class:`LpBatchNorm1d`: BN that divides by an :math:`\ell_p` average of
+  the centered activations instead of their standard deviation (their
+  section 3.3): ``p = 2`` is BN, ``p = 1`` and ``p = inf`` leave the
+  variance of the normalized values uncontrolled.
 - :func:`ics_gradient_change`: internal covariate shift as they define it
   (their section 2.2): for layer ``i`` with weight ``W_i``, the gradient
   ``G`` of the loss at the current parameters, and the gradient ``G'`` after
@@ -51,10 +55,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnlib import functional as bnF
+from bnlib._checks import values_per_channel
 from bnlib.nn import BatchNorm1d
 
 __all__ = [
     "NoisyBatchNorm1d",
+    "LpBatchNorm1d",
     "GradientChange",
     "ics_gradient_change",
     "Landscape",
@@ -151,6 +157,104 @@ class NoisyBatchNorm1d(BatchNorm1d):
 
     def extra_repr(self):
         return super().extra_repr() + f", n_mu={self.n_mu}, n_sigma={self.n_sigma}, seed={self.seed}"
+
+
+# --------------------------------------------------------------------------
+# l_p batch norm
+# --------------------------------------------------------------------------
+
+
+class LpBatchNorm1d(BatchNorm1d):
+    r"""Batch norm that divides by an :math:`\ell_p` average instead of the standard deviation.
+
+    Santurkar et al. (2018, section 3.3) ask whether BN is the only way to
+    smooth the landscape, and train networks whose normalization layers fix
+    the mean of every unit, as BN does, but divide by an :math:`\ell_p`
+    average of the activations for ``p = 1, 2, inf`` instead of making the
+    variance 1. For a unit with values :math:`x_1, \dots, x_m` over the
+    batch (and positions, for ``(N, C, L)`` input):
+
+    .. math::
+
+        \mu = \frac{1}{m} \sum_i x_i, \qquad
+        s_p = \Bigl(\frac{1}{m} \sum_i |x_i - \mu|^p\Bigr)^{1/p}, \qquad
+        s_\infty = \max_i |x_i - \mu|,
+
+    .. math::
+
+        \hat{x}_i = \frac{x_i - \mu}{\sqrt{s_p^2 + \epsilon}}, \qquad
+        y_i = \gamma\, \hat{x}_i + \beta .
+
+    ``p = 2`` gives :math:`s_2^2 = \sigma^2`, the biased variance: exactly
+    ``BatchNorm1d``. For other ``p`` the normalized values have mean 0 but
+    no fixed variance: for normal inputs :math:`s_1 = \sigma\sqrt{2/\pi}`, so
+    the variance of :math:`\hat{x}` is :math:`\pi/2`, and :math:`s_\infty`
+    (the largest deviation in the batch) grows with the batch size, so the
+    variance of :math:`\hat{x}` shrinks with it. The paper's own definition
+    differs in detail (it divides by the average :math:`\ell_p` norm of the
+    activations); ours keeps BN's :math:`\epsilon` and mean so that
+    ``p = 2`` is BN and only the measure of spread changes.
+
+    Running estimates: ``running_mean`` tracks :math:`\mu`, and
+    ``running_var`` tracks :math:`s_p^2` (with BN's factor
+    :math:`m / (m - 1)` for ``p = 2``, so the layer stays identical to
+    BN; without it for other ``p``, where that factor has no meaning).
+    Eval mode normalizes with them, as BN does. A channel whose batch
+    statistics are not finite leaves its running estimates unchanged (the
+    contract's NaN rule). The gradient is autograd's through these tensor
+    operations (at ``p = inf`` it goes to the sample with the largest
+    deviation).
+
+    Shapes: input ``(N, C)`` or ``(N, C, L)``, output the same.
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 device=None, dtype=None, *, bias=True, p: float = 2.0):
+        valid = isinstance(p, (int, float)) and not isinstance(p, bool) and not math.isnan(p) and p >= 1
+        if not valid:
+            raise ValueError(f"p must be a number >= 1 or math.inf, got {p!r}")
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        self.p = float(p)
+
+    def spread_squared(self, centered: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+        r""":math:`s_p^2` of each channel of ``centered`` (already minus its mean) over ``dims``."""
+        if math.isinf(self.p):
+            return centered.abs().amax(dim=dims) ** 2
+        return centered.abs().pow(self.p).mean(dim=dims).pow(2.0 / self.p)
+
+    def forward(self, input):
+        self._check_input(input)  # before any state changes
+        dims = (0,) + tuple(range(2, input.dim()))
+        shape = (1, -1) + (1,) * (input.dim() - 2)
+        use_batch_stats = self.training or self.running_mean is None
+        if use_batch_stats:
+            mean = input.mean(dim=dims)
+            centered = input - mean.view(shape)
+            spread_sq = self.spread_squared(centered, dims)
+            if self.training and self.track_running_stats:
+                factor = self._count_batch()
+                m = values_per_channel(input.shape)
+                unbiased = m / (m - 1) if self.p == 2.0 else 1.0
+                with torch.no_grad():
+                    # NaN rule: a channel with non-finite statistics keeps its estimates.
+                    finite = torch.isfinite(mean) & torch.isfinite(spread_sq)
+                    new_mean = (1 - factor) * self.running_mean + factor * mean.to(self.running_mean.dtype)
+                    new_var = ((1 - factor) * self.running_var
+                               + factor * unbiased * spread_sq.to(self.running_var.dtype))
+                    self.running_mean.copy_(torch.where(finite, new_mean, self.running_mean))
+                    self.running_var.copy_(torch.where(finite, new_var, self.running_var))
+        else:
+            centered = input - self.running_mean.view(shape)
+            spread_sq = self.running_var
+        x_hat = centered / torch.sqrt(spread_sq + self.eps).view(shape)
+        if self.weight is not None:
+            x_hat = x_hat * self.weight.view(shape)
+        if self.bias is not None:
+            x_hat = x_hat + self.bias.view(shape)
+        return x_hat
+
+    def extra_repr(self):
+        return super().extra_repr() + f", p={self.p}"
 
 
 # --------------------------------------------------------------------------

@@ -136,6 +136,130 @@ def test_noisy_bn_state_dict_is_bn_and_bad_input():
 
 
 # --------------------------------------------------------------------------
+# LpBatchNorm1d
+# --------------------------------------------------------------------------
+
+
+def _lp_truth(x, p, eps=1e-5):
+    """The formula of LpBatchNorm1d's docstring in NumPy, float64, gamma = 1 and beta = 0."""
+    x = np.asarray(x, dtype=np.float64)
+    axes = (0,) + tuple(range(2, x.ndim))
+    mean = x.mean(axis=axes, keepdims=True)
+    d = np.abs(x - mean)
+    s = d.max(axis=axes, keepdims=True) if math.isinf(p) else (d ** p).mean(axis=axes, keepdims=True) ** (1 / p)
+    return (x - mean) / np.sqrt(s ** 2 + eps), mean.ravel(), (s ** 2).ravel()
+
+
+@pytest.mark.parametrize("shape", [(16, 4), (6, 4, 5)])
+def test_lp_bn_with_p_2_is_torch_bn(shape):
+    # Outputs, both gradients, running statistics over three steps and eval mode.
+    torch.manual_seed(0)
+    lp = landscape.LpBatchNorm1d(4, p=2, dtype=F64)
+    ref = torch.nn.BatchNorm1d(4, dtype=F64)
+    with torch.no_grad():
+        for m in (lp, ref):
+            m.weight.copy_(torch.tensor([0.5, 1.0, 2.0, -1.0]))
+            m.bias.copy_(torch.tensor([0.1, -0.2, 0.0, 1.0]))
+    for step in range(3):
+        x = (3 * torch.randn(*shape, dtype=F64) + 2).requires_grad_(True)
+        x2 = x.detach().clone().requires_grad_(True)
+        out, out_ref = lp(x), ref(x2)
+        torch.testing.assert_close(out, out_ref, rtol=1e-12, atol=1e-12)
+        dy = torch.randn_like(out)
+        out.backward(dy)
+        out_ref.backward(dy)
+        torch.testing.assert_close(x.grad, x2.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(lp.weight.grad, ref.weight.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(lp.bias.grad, ref.bias.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(lp.running_mean, ref.running_mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lp.running_var, ref.running_var, rtol=1e-12, atol=1e-12)
+    assert int(lp.num_batches_tracked) == 3
+    lp.eval(), ref.eval()
+    x = torch.randn(*shape, dtype=F64)
+    torch.testing.assert_close(lp(x), ref(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("p", [1, 3, math.inf])
+@pytest.mark.parametrize("shape", [(16, 4), (6, 4, 5)])
+def test_lp_bn_matches_the_formula(p, shape):
+    # Truth: the docstring's formula in NumPy; running estimates after one
+    # step with momentum 1 are the batch's mu and s_p^2 (no m / (m - 1) for p != 2).
+    x = 3 * torch.randn(*shape, dtype=F64, generator=torch.Generator().manual_seed(1)) - 1
+    lp = landscape.LpBatchNorm1d(4, p=p, momentum=1.0, affine=False, dtype=F64)
+    want, mean, spread_sq = _lp_truth(x.numpy(), p)
+    np.testing.assert_allclose(lp(x).numpy(), want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(lp.running_mean.numpy(), mean, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(lp.running_var.numpy(), spread_sq, rtol=1e-12, atol=1e-12)
+    lp.eval()
+    np.testing.assert_allclose(lp(x).numpy(), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("p", [1, 1.5, math.inf])
+def test_lp_bn_gradients_match_finite_differences(p):
+    # Continuous random input: no ties for the max, no deviation exactly 0.
+    torch.manual_seed(2)
+    lp = landscape.LpBatchNorm1d(3, p=p, dtype=F64)
+    with torch.no_grad():
+        lp.weight.copy_(torch.tensor([0.5, 2.0, -1.0]))
+    x = torch.randn(7, 3, dtype=F64, requires_grad=True)
+    # Each call changes the running estimates, never the output: gradcheck is unaffected.
+    assert torch.autograd.gradcheck(lambda t, w: F.linear(lp(t), w), (x, torch.randn(2, 3, dtype=F64)))
+    assert torch.autograd.gradcheck(lambda w: lp(x.detach()) * w, (torch.randn(3, dtype=F64, requires_grad=True),))
+
+
+@pytest.mark.parametrize("p", [1, 2, math.inf])
+def test_lp_bn_is_invariant_to_the_scale_and_shift_of_its_input(p):
+    # Every s_p is positively homogeneous and shift-invariant: LpBN(a x + b) = LpBN(x)
+    # up to eps (the inputs' spreads are about 3, a^2 s^2 >> eps for a >= 1).
+    x = 3 * torch.randn(32, 5, dtype=F64, generator=torch.Generator().manual_seed(3))
+    lp = landscape.LpBatchNorm1d(5, p=p, dtype=F64)
+    for a, b in [(1.0, 5.0), (10.0, -3.0), (1000.0, 0.0)]:
+        torch.testing.assert_close(lp(a * x + b), lp(x), rtol=0, atol=1e-5)
+
+
+def test_lp_bn_spread_of_normal_inputs():
+    # For normal inputs: s_1 = sigma sqrt(2/pi), so std(x_hat) = sqrt(pi/2) = 1.2533;
+    # s_inf is the batch's largest deviation, so std(x_hat) falls as the batch grows.
+    x = torch.randn(200_000, 2, dtype=F64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        std_1 = float(landscape.LpBatchNorm1d(2, p=1, dtype=F64)(x).std())
+        stds = [float(landscape.LpBatchNorm1d(2, p=math.inf, dtype=F64)(x[:m]).std()) for m in (16, 256, 4096)]
+    assert abs(std_1 - math.sqrt(math.pi / 2)) < 5e-3
+    assert stds[0] > stds[1] > stds[2]
+
+
+def test_lp_bn_nan_rule_and_bad_input():
+    lp = landscape.LpBatchNorm1d(3, p=1, momentum=0.5)
+    x = torch.randn(8, 3)
+    x[2, 1] = float("nan")
+    out = lp(x)
+    assert torch.isnan(out[:, 1]).all() and torch.isfinite(out[:, [0, 2]]).all()
+    assert lp.running_mean[1] == 0 and lp.running_var[1] == 1, "the NaN channel keeps its estimates"
+    assert lp.running_mean[0] != 0 and lp.running_var[0] != 1
+    for p in (0.5, float("nan"), "1", True, None):
+        with pytest.raises(ValueError, match="p must be"):
+            landscape.LpBatchNorm1d(3, p=p)
+    assert list(lp.state_dict()) == list(torch.nn.BatchNorm1d(3).state_dict())
+    before = _state(lp)
+    for bad in (torch.randn(8, 4), torch.randn(1, 3), torch.randn(2, 3, 4, 5)):
+        with pytest.raises(ValueError):
+            lp(bad)
+    assert _same_state(before, _state(lp)), "a bad input must not change any state"
+    assert "p=1.0" in repr(lp)
+
+
+def test_lp_bn_trains_in_an_mlp():
+    # The chapter's use: a norm_layer factory for make_mlp; SGD learns labels
+    # that a linear map of the input decides.
+    x, _ = _data(n=64)
+    y = (x @ torch.randn(6, 3, dtype=F64, generator=torch.Generator().manual_seed(5))).argmax(dim=1)
+    model = models.make_mlp(6, 8, 3, depth=2, activation="relu", seed=0,
+                            norm_layer=functools.partial(landscape.LpBatchNorm1d, p=math.inf)).double()
+    hist = training.train(model, x, y, epochs=60, batch_size=16, lr=0.2, seed=0)
+    assert np.mean(hist.loss[-4:]) < 0.5 * np.mean(hist.loss[:4])
+
+
+# --------------------------------------------------------------------------
 # ICS as a change of gradients
 # --------------------------------------------------------------------------
 
