@@ -31,6 +31,10 @@ of BN numerically.
   :math:`\lVert g(w - \eta g) - g(w) \rVert` and the effective
   :math:`\beta`-smoothness
   :math:`\max_{\eta > 0} \lVert g(w - \eta g) - g(w) \rVert / \lVert \eta g \rVert`.
+- :func:`filter_normalized_direction`, :func:`loss_surface` and
+  :func:`negative_curvature_fraction`: the loss on a plane through the
+  trained parameters, as Li, Xu, Taylor, Studer and Goldstein (2018),
+  *Visualizing the loss landscape of neural nets*, draw it.
 - Scale invariance: :func:`linear_bn`, :func:`scale_invariance`,
   :func:`weight_norms`, :func:`effective_lr` and the training callback
   :class:`WeightNorms`.
@@ -65,6 +69,9 @@ __all__ = [
     "ics_gradient_change",
     "Landscape",
     "loss_landscape_along_gradient",
+    "filter_normalized_direction",
+    "loss_surface",
+    "negative_curvature_fraction",
     "linear_bn",
     "ScaleCheck",
     "scale_invariance",
@@ -478,6 +485,124 @@ def loss_landscape_along_gradient(
             losses.append(loss)
             changes.append(float((torch.cat([t.double().flatten() for t in g_eta]) - g_flat).norm()))
     return Landscape(etas, np.array(losses), np.array(changes), loss0, float(g_flat.norm()))
+
+
+# --------------------------------------------------------------------------
+# A plane through the parameters (Li et al. 2018)
+# --------------------------------------------------------------------------
+
+
+def filter_normalized_direction(model: nn.Module, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    r"""A random direction in parameter space, filter-normalized as in Li et al. (2018).
+
+    One tensor per parameter of ``model`` (in ``model.parameters()`` order).
+    For a weight with two or more dimensions, each *filter* (each slice
+    ``d[k]`` along the first axis: the incoming weights of one unit, or one
+    convolution filter) is drawn from a standard normal and rescaled to the
+    norm of the same filter of the parameter,
+
+    .. math::
+
+        d_k \leftarrow \frac{d_k}{\lVert d_k \rVert}\, \lVert \theta_k \rVert,
+
+    so that a step of length 1 along ``d`` changes every unit's weights by
+    their own size. A network with BN computes the same function when the
+    weights feeding a BN layer are scaled; without this rescaling, a fixed
+    step would mean little on large weights and much on small ones. Biases,
+    BN's gamma and beta, and every other one-dimensional parameter get
+    direction 0, as in the paper. ``generator`` (a CPU ``torch.Generator``)
+    makes the draw reproducible; the result has each parameter's dtype and
+    device.
+    """
+    directions = []
+    for p in model.parameters():
+        if p.dim() <= 1:
+            directions.append(torch.zeros_like(p, requires_grad=False))
+            continue
+        d = torch.randn(p.shape, generator=generator, dtype=torch.float64)
+        w = p.detach().to(device="cpu", dtype=torch.float64)
+        d_norm = d.reshape(p.shape[0], -1).norm(dim=1).reshape(-1, *[1] * (p.dim() - 1))
+        w_norm = w.reshape(p.shape[0], -1).norm(dim=1).reshape(-1, *[1] * (p.dim() - 1))
+        directions.append((d / d_norm * w_norm).to(device=p.device, dtype=p.dtype))
+    return directions
+
+
+def loss_surface(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    directions: Sequence[Sequence[torch.Tensor]],
+    alphas: Sequence[float],
+    betas: Sequence[float],
+    loss_fn: _LossFn = F.cross_entropy,
+) -> np.ndarray:
+    r"""The loss on a plane through the parameters: ``S[j, i] = L(theta + alphas[i] d1 + betas[j] d2)``.
+
+    ``directions = (d1, d2)``, each a list with one tensor per parameter (see
+    :func:`filter_normalized_direction`); ``theta`` is the model's current
+    parameters. The loss is ``loss_fn(model(x), y)`` in training mode (BN
+    uses the statistics of ``x``, as in training), every forward pass from
+    the same buffers. Rows follow ``betas`` and columns ``alphas``, the layout
+    ``matplotlib``'s ``contour(alphas, betas, S)`` expects. The model is left
+    as it was (only ``.grad`` is cleared).
+    """
+    _check_xy(x, y)
+    params = list(model.parameters())
+    if len(directions) != 2 or any(len(d) != len(params) for d in directions):
+        raise ValueError(f"directions must be two lists of {len(params)} tensors (one per parameter), "
+                         f"got {len(directions)} lists of lengths {[len(d) for d in directions]}")
+    for d in directions:
+        for p, t in zip(params, d):
+            if tuple(t.shape) != tuple(p.shape):
+                raise ValueError(f"a direction tensor must have its parameter's shape {tuple(p.shape)}, "
+                                 f"got {tuple(t.shape)}")
+    grid_a = np.asarray(alphas, dtype=np.float64).ravel()
+    grid_b = np.asarray(betas, dtype=np.float64).ravel()
+    if grid_a.size == 0 or grid_b.size == 0 or not (np.all(np.isfinite(grid_a)) and np.all(np.isfinite(grid_b))):
+        raise ValueError(f"alphas and betas must be non-empty sequences of finite numbers, got {alphas!r} and {betas!r}")
+    surface = np.empty((grid_b.size, grid_a.size))
+    with _preserved(model, train=True), torch.no_grad():
+        buffers = [b.detach().clone() for b in model.buffers()]
+        start = [p.detach().clone() for p in params]
+        for j, b in enumerate(grid_b):
+            for i, a in enumerate(grid_a):
+                for p, s, u, v in zip(params, start, *directions):
+                    p.copy_(s + float(a) * u + float(b) * v)
+                _restore_buffers(model, buffers)
+                surface[j, i] = float(loss_fn(model(x), y))
+    return surface
+
+
+def negative_curvature_fraction(surface: np.ndarray, alphas: Sequence[float], betas: Sequence[float],
+                                ratio: float = 0.1) -> float:
+    r"""Fraction of the inner grid points of a loss surface where it curves down markedly.
+
+    At every inner point of ``surface`` (rows along ``betas``, columns along
+    ``alphas``, evenly spaced), the 2x2 Hessian of the slice is estimated with
+    central differences; the point counts when its smaller eigenvalue is
+    negative and at least ``ratio`` times the larger one in absolute value,
+    :math:`\lambda_{\min} < 0` and :math:`|\lambda_{\min}| \ge \text{ratio}\,|\lambda_{\max}|`:
+    the slice is markedly non-convex there. Li et al. (2018) map
+    :math:`|\lambda_{\min} / \lambda_{\max}|` of the full Hessian; this is the
+    same idea on the plane. A convex surface gives 0, a saddle or a cap 1.
+    """
+    s = np.asarray(surface, dtype=np.float64)
+    a = np.asarray(alphas, dtype=np.float64).ravel()
+    b = np.asarray(betas, dtype=np.float64).ravel()
+    if s.ndim != 2 or s.shape != (b.size, a.size) or min(s.shape) < 3:
+        raise ValueError(f"surface must be (len(betas), len(alphas)) with both >= 3, got {s.shape} "
+                         f"for {b.size} betas and {a.size} alphas")
+    ha, hb = np.diff(a), np.diff(b)
+    if not (np.allclose(ha, ha[0]) and np.allclose(hb, hb[0]) and ha[0] > 0 and hb[0] > 0):
+        raise ValueError("alphas and betas must be increasing and evenly spaced")
+    ha, hb = ha[0], hb[0]
+    s_aa = (s[1:-1, 2:] - 2 * s[1:-1, 1:-1] + s[1:-1, :-2]) / ha**2
+    s_bb = (s[2:, 1:-1] - 2 * s[1:-1, 1:-1] + s[:-2, 1:-1]) / hb**2
+    s_ab = (s[2:, 2:] - s[2:, :-2] - s[:-2, 2:] + s[:-2, :-2]) / (4 * ha * hb)
+    half_trace = (s_aa + s_bb) / 2
+    root = np.sqrt(np.maximum(half_trace**2 - (s_aa * s_bb - s_ab**2), 0.0))
+    lam_min, lam_max = half_trace - root, half_trace + root
+    return float(np.mean((lam_min < 0) & (np.abs(lam_min) >= ratio * np.abs(lam_max))))
 
 
 # --------------------------------------------------------------------------

@@ -389,6 +389,81 @@ def test_landscape_bad_input():
 
 
 # --------------------------------------------------------------------------
+# A plane through the parameters
+# --------------------------------------------------------------------------
+
+
+def test_filter_normalized_direction_has_the_filters_norms():
+    model = nn.Sequential(nn.Linear(5, 4), bnlib.nn.BatchNorm1d(4), nn.ReLU(), nn.Conv1d(4, 3, 2)).double()
+    d = landscape.filter_normalized_direction(model, torch.Generator().manual_seed(0))
+    params = list(model.parameters())
+    assert [t.shape for t in d] == [p.shape for p in params]
+    for p, t in zip(params, d):
+        if p.dim() == 1:   # biases, gamma, beta
+            assert torch.count_nonzero(t) == 0
+        else:
+            torch.testing.assert_close(t.flatten(1).norm(dim=1), p.detach().flatten(1).norm(dim=1),
+                                       rtol=1e-12, atol=0)
+            assert not torch.allclose(t, p.detach())
+    again = landscape.filter_normalized_direction(model, torch.Generator().manual_seed(0))
+    assert all(torch.equal(s, t) for s, t in zip(d, again)), "the generator decides the draw"
+
+
+def test_loss_surface_of_a_linear_model_is_its_quadratic():
+    # Truth: for z = x (W + a D1 + b D2)^T and the loss mean(z^2),
+    # L(a, b) = mean((Z0 + a Z1 + b Z2)^2), written out with the three products.
+    x, _ = _data(n=20, d=6)
+    model = nn.Linear(6, 3, bias=False).double()
+    d1 = landscape.filter_normalized_direction(model, torch.Generator().manual_seed(1))
+    d2 = landscape.filter_normalized_direction(model, torch.Generator().manual_seed(2))
+    alphas, betas = np.linspace(-1, 1, 5), np.linspace(-0.5, 1.5, 4)
+    y0 = torch.zeros(20, 3, dtype=F64)
+    s = landscape.loss_surface(model, x, y0, (d1, d2), alphas, betas, loss_fn=F.mse_loss)
+    z0, z1, z2 = (x @ w.T for w in (model.weight.detach(), d1[0], d2[0]))
+    want = np.array([[float(((z0 + a * z1 + b * z2) ** 2).mean()) for a in alphas] for b in betas])
+    np.testing.assert_allclose(s, want, rtol=1e-12)
+    assert landscape.negative_curvature_fraction(s, alphas, betas) == 0.0, "a convex quadratic"
+
+
+def test_loss_surface_leaves_the_model_as_it_was():
+    model = _mlp("bn")
+    model.eval()
+    x, y = _data()
+    before = _state(model)
+    d = [landscape.filter_normalized_direction(model, torch.Generator().manual_seed(s)) for s in (0, 1)]
+    s = landscape.loss_surface(model, x, y, d, [-0.5, 0.0, 0.5], [0.0, 1.0])
+    assert _same_state(before, _state(model)) and not model.training
+    # the centre is the loss in training mode at the model's own parameters
+    model.train()
+    with torch.no_grad():
+        assert s[0, 1] == pytest.approx(float(F.cross_entropy(model(x), y)), rel=1e-12)
+    with pytest.raises(ValueError, match="two lists"):
+        landscape.loss_surface(model, x, y, d[:1], [0.0], [0.0])
+    with pytest.raises(ValueError, match="shape"):
+        landscape.loss_surface(model, x, y, (d[0], d[1][::-1]), [0.0], [0.0])
+    with pytest.raises(ValueError, match="finite"):
+        landscape.loss_surface(model, x, y, d, [float("nan")], [0.0])
+
+
+def test_negative_curvature_fraction_of_known_surfaces():
+    a = np.linspace(-1, 1, 9)
+    b = np.linspace(-2, 2, 7)
+    A, B = np.meshgrid(a, b)
+    assert landscape.negative_curvature_fraction(A**2 + 3 * B**2, a, b) == 0.0
+    assert landscape.negative_curvature_fraction(A**2 - B**2, a, b) == 1.0      # saddle
+    assert landscape.negative_curvature_fraction(-(A**2) - B**2, a, b) == 1.0   # cap
+    # curving down by less than ratio times the upward curvature does not count
+    assert landscape.negative_curvature_fraction(A**2 - 0.05 * B**2, a, b, ratio=0.1) == 0.0
+    assert landscape.negative_curvature_fraction(A**2 - 0.05 * B**2, a, b, ratio=0.01) == 1.0
+    # a rotated saddle (only the mixed derivative) is a saddle too
+    assert landscape.negative_curvature_fraction(A * B, a, b) == 1.0
+    with pytest.raises(ValueError, match="evenly spaced"):
+        landscape.negative_curvature_fraction(A * B, a**3, b)
+    with pytest.raises(ValueError, match="len"):
+        landscape.negative_curvature_fraction(A * B, b, a)
+
+
+# --------------------------------------------------------------------------
 # Scale invariance
 # --------------------------------------------------------------------------
 
