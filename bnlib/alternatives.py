@@ -16,7 +16,8 @@ and state-dict keys, outputs and gradients:
 
 and, where torch has none, :class:`BatchRenorm1d` / :class:`BatchRenorm2d`
 (Ioffe 2017), batch norm whose batch statistics are corrected towards the
-running ones by two constants ``r`` and ``d``.
+running ones by two constants ``r`` and ``d``; and :func:`masked_batch_norm`,
+batch norm of zero-padded sequences over their real tokens only.
 
 Every normalization is written as an ``torch.autograd.Function`` whose
 backward is batch norm's compact formula applied to the right groups of values
@@ -61,6 +62,7 @@ __all__ = [
     "BatchRenorm2d",
     "LinearRamp",
     "paper_schedule",
+    "masked_batch_norm",
     "weight_norm",
     "spectral_norm",
 ]
@@ -956,3 +958,43 @@ def spectral_norm(module, name="weight", n_power_iterations=1, eps=1e-12, dim=No
         dim = 1 if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)) else 0
     parametrize.register_parametrization(module, name, _SpectralNorm(weight, n_power_iterations, dim, eps))
     return module
+
+
+# --------------------------------------------------------------------------
+# Batch norm of padded sequences
+# --------------------------------------------------------------------------
+
+
+def masked_batch_norm(input, mask, running_mean=None, running_var=None, weight=None, bias=None,
+                      training=False, momentum=0.1, eps=1e-5):
+    r"""Batch norm of zero-padded sequences, over their real tokens only.
+
+    ``input`` is ``(N, L, D)``, the layout of sequence models: ``N``
+    sequences padded to length ``L``, ``D`` features per token; ``mask`` is
+    ``(N, L)``, ``True`` at real tokens and ``False`` at padding. The
+    result is batch norm (:func:`bnlib.functional.batch_norm`, with its
+    hand-written backward and the other arguments' meaning) of the
+    ``(M, D)`` matrix of the ``M`` real tokens, put back in their places,
+    with 0 at the padding:
+
+    .. math::
+
+        \mu_d = \frac{1}{M} \sum_{(n, l)\,:\,\text{mask}_{nl}} x_{nld}, \qquad
+        \sigma_d^2 = \frac{1}{M} \sum_{(n, l)\,:\,\text{mask}_{nl}} (x_{nld} - \mu_d)^2 .
+
+    So a sequence's output does not depend on how far the batch is padded;
+    it still depends on the other sequences of the batch, as batch norm's
+    always does. Plain batch norm of the padded batch (``(N, D, L)`` for
+    ``BatchNorm1d``) would average the padding's zeros into :math:`\mu`
+    and :math:`\sigma^2`. Padding gets no gradient.
+    """
+    if not torch.is_tensor(input) or input.dim() != 3:
+        shape = tuple(input.shape) if torch.is_tensor(input) else type(input).__name__
+        raise InputError(f"masked_batch_norm expected input of shape (N, L, D), got {shape}")
+    if not torch.is_tensor(mask) or mask.dtype != torch.bool or tuple(mask.shape) != tuple(input.shape[:2]):
+        got = (f"{mask.dtype} of shape {tuple(mask.shape)}" if torch.is_tensor(mask) else type(mask).__name__)
+        raise InputError(f"masked_batch_norm expected a bool mask of shape {tuple(input.shape[:2])} "
+                         f"(N, L), got {got}")
+    real = input[mask]                                  # (M, D): every real token of every sequence
+    y = bnF.batch_norm(real, running_mean, running_var, weight, bias, training, momentum, eps)
+    return input.new_zeros(input.shape).index_put((mask,), y)

@@ -516,3 +516,68 @@ def test_weight_norm_dim_out_of_range_like_torch(dim):
         with pytest.raises(IndexError):
             weight_norm(module, dim=dim)
         assert not torch.nn.utils.parametrize.is_parametrized(module)
+
+
+# --------------------------------------------------------------------------
+# masked_batch_norm: batch norm of padded sequences over the real tokens
+# --------------------------------------------------------------------------
+
+
+def _padded(lengths, d=4, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    seqs = [2.0 + torch.randn(n, d, generator=g, dtype=dtype) for n in lengths]
+    x = nn.utils.rnn.pad_sequence(seqs, batch_first=True)
+    mask = nn.utils.rnn.pad_sequence([torch.ones(n, dtype=torch.bool) for n in lengths], batch_first=True)
+    return seqs, x, mask
+
+
+def test_masked_batch_norm_is_torch_batch_norm_of_the_real_tokens():
+    # Truth: torch's batch norm of the real tokens stacked into (M, D), and
+    # its gradients; the padding's outputs are 0 and get no gradient.
+    seqs, x, mask = _padded([5, 2, 7])
+    x.requires_grad_(True)
+    weight, bias = torch.tensor([0.5, 1.0, 2.0, -1.0], dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    rm, rv, rm_t, rv_t = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64), \
+        torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+    y = alt.masked_batch_norm(x, mask, rm, rv, weight, bias, training=True, momentum=0.3)
+    stacked = torch.cat(seqs).requires_grad_(True)
+    want = torch.nn.functional.batch_norm(stacked, rm_t, rv_t, weight, bias, training=True, momentum=0.3)
+    assert_close(y[mask], want, OUT_TOL[torch.float64])
+    assert torch.count_nonzero(y[~mask]) == 0
+    assert_close(rm, rm_t, STAT_TOL[torch.float64])
+    assert_close(rv, rv_t, STAT_TOL[torch.float64])
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    want.backward(dy[mask])
+    assert_close(x.grad[mask], stacked.grad, GRAD_TOL[torch.float64])
+    assert torch.count_nonzero(x.grad[~mask]) == 0
+    # eval mode: the running estimates
+    y_eval = alt.masked_batch_norm(x.detach(), mask, rm, rv, weight, bias, training=False)
+    want_eval = torch.nn.functional.batch_norm(torch.cat(seqs), rm, rv, weight, bias, training=False)
+    assert_close(y_eval[mask], want_eval, OUT_TOL[torch.float64])
+
+
+def test_masked_batch_norm_does_not_depend_on_the_padding_length():
+    seqs, x, mask = _padded([3, 6])
+    longer = torch.cat([x, torch.zeros(2, 30, 4, dtype=x.dtype)], dim=1)
+    longer_mask = torch.cat([mask, torch.zeros(2, 30, dtype=torch.bool)], dim=1)
+    short = alt.masked_batch_norm(x, mask, training=True)
+    long = alt.masked_batch_norm(longer, longer_mask, training=True)
+    assert torch.equal(short, long[:, :6])
+    # plain BN over (N, D, L) sees the padding: the same tokens come out otherwise
+    plain = lambda t: torch.nn.functional.batch_norm(t.transpose(1, 2), None, None, training=True).transpose(1, 2)
+    assert (plain(x)[mask] - plain(longer)[:, :6][mask]).abs().max() > 0.1
+
+
+def test_masked_batch_norm_bad_input():
+    _, x, mask = _padded([3, 2])
+    rm, rv = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+    for bad_x, bad_mask, match in [(x[0], mask, r"\(N, L, D\)"), (x, mask.float(), "bool mask"),
+                                   (x, mask[:, :2], "bool mask"), (x, None, "bool mask")]:
+        with pytest.raises(ValueError, match=match):
+            alt.masked_batch_norm(bad_x, bad_mask, rm, rv, training=True)
+    assert torch.equal(rm, torch.zeros(4, dtype=torch.float64)) and torch.equal(rv, torch.ones(4, dtype=torch.float64))
+    one_token = torch.zeros(2, 3, dtype=torch.bool)
+    one_token[0, 0] = True
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        alt.masked_batch_norm(x, one_token, rm, rv, training=True)
