@@ -31,8 +31,8 @@ of BN numerically.
   :math:`\lVert g(w - \eta g) - g(w) \rVert` and the effective
   :math:`\beta`-smoothness
   :math:`\max_{\eta > 0} \lVert g(w - \eta g) - g(w) \rVert / \lVert \eta g \rVert`.
-- :func:`filter_normalized_direction`, :func:`loss_surface` and
-  :func:`negative_curvature_fraction`: the loss on a plane through the
+- :func:`filter_normalized_direction`, :func:`loss_surface`,
+  :func:`negative_curvature_mask` and :func:`negative_curvature_fraction`: the loss on a plane through the
   trained parameters, as Li, Xu, Taylor, Studer and Goldstein (2018),
   *Visualizing the loss landscape of neural nets*, draw it.
 - Scale invariance: :func:`linear_bn`, :func:`scale_invariance`,
@@ -71,6 +71,7 @@ __all__ = [
     "loss_landscape_along_gradient",
     "filter_normalized_direction",
     "loss_surface",
+    "negative_curvature_mask",
     "negative_curvature_fraction",
     "linear_bn",
     "ScaleCheck",
@@ -573,18 +574,23 @@ def loss_surface(
     return surface
 
 
-def negative_curvature_fraction(surface: np.ndarray, alphas: Sequence[float], betas: Sequence[float],
-                                ratio: float = 0.1) -> float:
-    r"""Fraction of the inner grid points of a loss surface where it curves down markedly.
+def negative_curvature_mask(surface: np.ndarray, alphas: Sequence[float], betas: Sequence[float],
+                            ratio: float = 0.1) -> np.ndarray:
+    r"""Where a loss surface curves down markedly: a bool array of its inner grid points.
 
-    At every inner point of ``surface`` (rows along ``betas``, columns along
-    ``alphas``, evenly spaced), the 2x2 Hessian of the slice is estimated with
-    central differences; the point counts when its smaller eigenvalue is
-    negative and at least ``ratio`` times the larger one in absolute value,
-    :math:`\lambda_{\min} < 0` and :math:`|\lambda_{\min}| \ge \text{ratio}\,|\lambda_{\max}|`:
-    the slice is markedly non-convex there. Li et al. (2018) map
+    ``surface`` has rows along ``betas`` and columns along ``alphas``, both
+    increasing and evenly spaced (as :func:`loss_surface` returns it). At every
+    inner point (all but the border, so the result is
+    ``(len(betas) - 2, len(alphas) - 2)``), the 2x2 Hessian of the slice is
+    estimated with central differences, and the point is ``True`` when its
+    smaller eigenvalue is negative and at least ``ratio`` times the larger one
+    in absolute value, :math:`\lambda_{\min} < 0` and
+    :math:`|\lambda_{\min}| \ge \text{ratio}\,|\lambda_{\max}|`: the slice is
+    markedly non-convex there. Li et al. (2018) map
     :math:`|\lambda_{\min} / \lambda_{\max}|` of the full Hessian; this is the
-    same idea on the plane. A convex surface gives 0, a saddle or a cap 1.
+    same idea on the plane. A convex surface is ``False`` everywhere; a cap,
+    and a saddle whose downward curvature is at least ``ratio`` times its
+    upward one, are ``True`` everywhere.
     """
     s = np.asarray(surface, dtype=np.float64)
     a = np.asarray(alphas, dtype=np.float64).ravel()
@@ -602,7 +608,13 @@ def negative_curvature_fraction(surface: np.ndarray, alphas: Sequence[float], be
     half_trace = (s_aa + s_bb) / 2
     root = np.sqrt(np.maximum(half_trace**2 - (s_aa * s_bb - s_ab**2), 0.0))
     lam_min, lam_max = half_trace - root, half_trace + root
-    return float(np.mean((lam_min < 0) & (np.abs(lam_min) >= ratio * np.abs(lam_max))))
+    return (lam_min < 0) & (np.abs(lam_min) >= ratio * np.abs(lam_max))
+
+
+def negative_curvature_fraction(surface: np.ndarray, alphas: Sequence[float], betas: Sequence[float],
+                                ratio: float = 0.1) -> float:
+    """The fraction of the inner grid points where :func:`negative_curvature_mask` is ``True``."""
+    return float(np.mean(negative_curvature_mask(surface, alphas, betas, ratio)))
 
 
 # --------------------------------------------------------------------------

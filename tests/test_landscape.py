@@ -457,6 +457,11 @@ def test_negative_curvature_fraction_of_known_surfaces():
     assert landscape.negative_curvature_fraction(A**2 - 0.05 * B**2, a, b, ratio=0.01) == 1.0
     # a rotated saddle (only the mixed derivative) is a saddle too
     assert landscape.negative_curvature_fraction(A * B, a, b) == 1.0
+    # the mask covers the inner points; a surface convex on the left, a cap on the right
+    half = np.where(A < 0, A**2 + B**2, -(A**2) - B**2)
+    mask = landscape.negative_curvature_mask(half, a, b)
+    assert mask.shape == (5, 7)
+    assert not mask[:, :2].any() and mask[:, 4:].all()   # columns a = -0.75, -0.5 and 0.25 .. 0.75
     with pytest.raises(ValueError, match="evenly spaced"):
         landscape.negative_curvature_fraction(A * B, a**3, b)
     with pytest.raises(ValueError, match="len"):
