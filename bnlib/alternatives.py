@@ -986,15 +986,26 @@ def masked_batch_norm(input, mask, running_mean=None, running_var=None, weight=N
     it still depends on the other sequences of the batch, as batch norm's
     always does. Plain batch norm of the padded batch (``(N, D, L)`` for
     ``BatchNorm1d``) would average the padding's zeros into :math:`\mu`
-    and :math:`\sigma^2`. Padding gets no gradient.
+    and :math:`\sigma^2`.
+
+    The values at the padding are never read (they need not be zeros) and
+    get no gradient. As in ``batch_norm``, ``training=False`` (the default)
+    normalizes with ``running_mean`` and ``running_var``, which must then be
+    given; ``training=True`` uses the real tokens' statistics and updates the
+    running estimates, when given, from them alone. Fewer than two real
+    tokens in training is an error, as one value per channel is for
+    batch norm.
     """
     if not torch.is_tensor(input) or input.dim() != 3:
         shape = tuple(input.shape) if torch.is_tensor(input) else type(input).__name__
         raise InputError(f"masked_batch_norm expected input of shape (N, L, D), got {shape}")
     if not torch.is_tensor(mask) or mask.dtype != torch.bool or tuple(mask.shape) != tuple(input.shape[:2]):
         got = (f"{mask.dtype} of shape {tuple(mask.shape)}" if torch.is_tensor(mask) else type(mask).__name__)
-        raise InputError(f"masked_batch_norm expected a bool mask of shape {tuple(input.shape[:2])} "
-                         f"(N, L), got {got}")
+        raise InputError(f"masked_batch_norm expected a bool mask of shape (N, L) = {tuple(input.shape[:2])}, "
+                         f"got {got}")
     real = input[mask]                                  # (M, D): every real token of every sequence
+    if training and real.shape[0] < 2:
+        raise InputError(f"masked_batch_norm needs more than 1 real token when training "
+                         f"(a variance of fewer is 0/0), got {real.shape[0]}")
     y = bnF.batch_norm(real, running_mean, running_var, weight, bias, training, momentum, eps)
     return input.new_zeros(input.shape).index_put((mask,), y)

@@ -577,7 +577,10 @@ def test_masked_batch_norm_bad_input():
         with pytest.raises(ValueError, match=match):
             alt.masked_batch_norm(bad_x, bad_mask, rm, rv, training=True)
     assert torch.equal(rm, torch.zeros(4, dtype=torch.float64)) and torch.equal(rv, torch.ones(4, dtype=torch.float64))
-    one_token = torch.zeros(2, 3, dtype=torch.bool)
+    no_token = torch.zeros(2, 3, dtype=torch.bool)
+    one_token = no_token.clone()
     one_token[0, 0] = True
-    with pytest.raises(ValueError, match="more than 1 value per channel"):
-        alt.masked_batch_norm(x, one_token, rm, rv, training=True)
+    for few in (no_token, one_token):
+        with pytest.raises(ValueError, match="more than 1 real token"):
+            alt.masked_batch_norm(x, few, rm, rv, training=True)
+    assert torch.equal(rm, torch.zeros(4, dtype=torch.float64)) and torch.equal(rv, torch.ones(4, dtype=torch.float64))
