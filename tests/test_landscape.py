@@ -55,32 +55,38 @@ def _same_state(a, b):
 # --------------------------------------------------------------------------
 
 
-def test_noisy_bn_without_noise_is_bn():
-    # n_mu = 0, n_sigma = 1: scale 1 and shift 0 exactly, so the same float64
-    # ops as torch's BN up to summation order (1e-12).
+def _assert_is_torch_bn(module, shape=(16, 4)):
+    """``module`` (4 features, float64) against ``torch.nn.BatchNorm1d``: outputs, input and
+    parameter gradients and running statistics over three training steps, then eval mode.
+    The same float64 ops up to summation order: 1e-12 (1e-10 for gradients)."""
     torch.manual_seed(0)
-    noisy = landscape.NoisyBatchNorm1d(4, n_mu=0.0, n_sigma=1.0, dtype=F64)
     ref = torch.nn.BatchNorm1d(4, dtype=F64)
     with torch.no_grad():
-        for m in (noisy, ref):
+        for m in (module, ref):
             m.weight.copy_(torch.tensor([0.5, 1.0, 2.0, -1.0]))
             m.bias.copy_(torch.tensor([0.1, -0.2, 0.0, 1.0]))
     for step in range(3):
-        x = (3 * torch.randn(16, 4, dtype=F64) + 2).requires_grad_(True)
+        x = (3 * torch.randn(*shape, dtype=F64) + 2).requires_grad_(True)
         x2 = x.detach().clone().requires_grad_(True)
-        out, out_ref = noisy(x), ref(x2)
+        out, out_ref = module(x), ref(x2)
         torch.testing.assert_close(out, out_ref, rtol=1e-12, atol=1e-12)
         dy = torch.randn_like(out)
         out.backward(dy)
         out_ref.backward(dy)
         torch.testing.assert_close(x.grad, x2.grad, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(noisy.weight.grad, ref.weight.grad, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(noisy.running_mean, ref.running_mean, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(noisy.running_var, ref.running_var, rtol=1e-12, atol=1e-12)
-    assert int(noisy.num_batches_tracked) == 3
-    noisy.eval(), ref.eval()
-    x = torch.randn(5, 4, dtype=F64)
-    torch.testing.assert_close(noisy(x), ref(x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(module.weight.grad, ref.weight.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(module.bias.grad, ref.bias.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(module.running_mean, ref.running_mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(module.running_var, ref.running_var, rtol=1e-12, atol=1e-12)
+    assert int(module.num_batches_tracked) == 3
+    module.eval(), ref.eval()
+    x = torch.randn(*shape, dtype=F64)
+    torch.testing.assert_close(module(x), ref(x), rtol=1e-12, atol=1e-12)
+
+
+def test_noisy_bn_without_noise_is_bn():
+    # n_mu = 0, n_sigma = 1: scale 1 and shift 0 exactly.
+    _assert_is_torch_bn(landscape.NoisyBatchNorm1d(4, n_mu=0.0, n_sigma=1.0, dtype=F64))
 
 
 def test_noisy_bn_is_bn_times_scale_plus_shift_of_the_step():
@@ -152,31 +158,7 @@ def _lp_truth(x, p, eps=1e-5):
 
 @pytest.mark.parametrize("shape", [(16, 4), (6, 4, 5)])
 def test_lp_bn_with_p_2_is_torch_bn(shape):
-    # Outputs, both gradients, running statistics over three steps and eval mode.
-    torch.manual_seed(0)
-    lp = landscape.LpBatchNorm1d(4, p=2, dtype=F64)
-    ref = torch.nn.BatchNorm1d(4, dtype=F64)
-    with torch.no_grad():
-        for m in (lp, ref):
-            m.weight.copy_(torch.tensor([0.5, 1.0, 2.0, -1.0]))
-            m.bias.copy_(torch.tensor([0.1, -0.2, 0.0, 1.0]))
-    for step in range(3):
-        x = (3 * torch.randn(*shape, dtype=F64) + 2).requires_grad_(True)
-        x2 = x.detach().clone().requires_grad_(True)
-        out, out_ref = lp(x), ref(x2)
-        torch.testing.assert_close(out, out_ref, rtol=1e-12, atol=1e-12)
-        dy = torch.randn_like(out)
-        out.backward(dy)
-        out_ref.backward(dy)
-        torch.testing.assert_close(x.grad, x2.grad, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(lp.weight.grad, ref.weight.grad, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(lp.bias.grad, ref.bias.grad, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(lp.running_mean, ref.running_mean, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(lp.running_var, ref.running_var, rtol=1e-12, atol=1e-12)
-    assert int(lp.num_batches_tracked) == 3
-    lp.eval(), ref.eval()
-    x = torch.randn(*shape, dtype=F64)
-    torch.testing.assert_close(lp(x), ref(x), rtol=1e-12, atol=1e-12)
+    _assert_is_torch_bn(landscape.LpBatchNorm1d(4, p=2, dtype=F64), shape)
 
 
 @pytest.mark.parametrize("p", [1, 3, math.inf])
