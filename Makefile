@@ -49,15 +49,19 @@ book: $(STAMP)
 	@echo "The book is built: open $(CURDIR)/_build/html/index.html"
 
 # The book is built first: its build executes every chapter, and the browser
-# test reads the HTML it leaves in _build/html.
+# test reads the HTML it leaves in _build/html. pytest runs in $(TEST_WORKERS)
+# processes (pytest-xdist; one thread each, as above); --dist loadscope keeps
+# every notebook's cells, and every test module, in one process, in order.
+TEST_WORKERS ?= 2
+PARALLEL := -n $(TEST_WORKERS) --dist loadscope
 test: book
-	$(PY) -m pytest -q -p no:cacheprovider --nbval --nbval-current-env --nbval-sanitize-with tests/sanitize.cfg tests chapters
+	$(PY) -m pytest -q -p no:cacheprovider $(PARALLEL) --nbval --nbval-current-env --nbval-sanitize-with tests/sanitize.cfg tests chapters
 
 test-unit: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider tests -m "not browser"
+	$(PY) -m pytest -q -p no:cacheprovider $(PARALLEL) tests -m "not browser"
 
 test-notebooks: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider --nbval --nbval-current-env --nbval-sanitize-with tests/sanitize.cfg chapters
+	$(PY) -m pytest -q -p no:cacheprovider $(PARALLEL) --nbval --nbval-current-env --nbval-sanitize-with tests/sanitize.cfg chapters
 
 # CPU: bnlib vs torch native (1 and 2 threads) and SyncBN vs local BN over
 # gloo processes. On a machine with CUDA and Triton, also the GPU table,
