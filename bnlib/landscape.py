@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnlib import functional as bnF
+from bnlib.functional import _update_running_stats
 from bnlib._checks import values_per_channel
 from bnlib.nn import BatchNorm1d
 
@@ -241,16 +242,11 @@ class LpBatchNorm1d(BatchNorm1d):
             spread_sq = self.spread_squared(centered, dims)
             if self.training and self.track_running_stats:
                 factor = self._count_batch()
-                m = values_per_channel(input.shape)
-                unbiased = m / (m - 1) if self.p == 2.0 else 1.0
+                # BN's update and NaN rule; its factor m / (m - 1) only for
+                # p = 2 (a count of 1 turns it off).
+                m = values_per_channel(input.shape) if self.p == 2.0 else 1
                 with torch.no_grad():
-                    # NaN rule: a channel with non-finite statistics keeps its estimates.
-                    finite = torch.isfinite(mean) & torch.isfinite(spread_sq)
-                    new_mean = (1 - factor) * self.running_mean + factor * mean.to(self.running_mean.dtype)
-                    new_var = ((1 - factor) * self.running_var
-                               + factor * unbiased * spread_sq.to(self.running_var.dtype))
-                    self.running_mean.copy_(torch.where(finite, new_mean, self.running_mean))
-                    self.running_var.copy_(torch.where(finite, new_var, self.running_var))
+                    _update_running_stats(self.running_mean, self.running_var, mean, spread_sq, m, factor)
         else:
             centered = input - self.running_mean.view(shape)
             spread_sq = self.running_var
