@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnlib import functional as bnF
-from bnlib.functional import _update_running_stats
+from bnlib.functional import _per_channel, _stat_dims, _update_running_stats
 from bnlib._checks import values_per_channel
 from bnlib.nn import BatchNorm1d
 
@@ -225,7 +225,7 @@ class LpBatchNorm1d(BatchNorm1d):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         self.p = float(p)
 
-    def spread_squared(self, centered: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    def spread_squared(self, centered: torch.Tensor, dims: list[int]) -> torch.Tensor:
         r""":math:`s_p^2` of each channel of ``centered`` (already minus its mean) over ``dims``."""
         if math.isinf(self.p):
             return centered.abs().amax(dim=dims) ** 2
@@ -233,12 +233,12 @@ class LpBatchNorm1d(BatchNorm1d):
 
     def forward(self, input):
         self._check_input(input)  # before any state changes
-        dims = (0,) + tuple(range(2, input.dim()))
-        shape = (1, -1) + (1,) * (input.dim() - 2)
+        ndim = input.dim()
+        dims = _stat_dims(ndim)
         use_batch_stats = self.training or self.running_mean is None
         if use_batch_stats:
             mean = input.mean(dim=dims)
-            centered = input - mean.view(shape)
+            centered = input - _per_channel(mean, ndim)
             spread_sq = self.spread_squared(centered, dims)
             if self.training and self.track_running_stats:
                 factor = self._count_batch()
@@ -248,13 +248,13 @@ class LpBatchNorm1d(BatchNorm1d):
                 with torch.no_grad():
                     _update_running_stats(self.running_mean, self.running_var, mean, spread_sq, m, factor)
         else:
-            centered = input - self.running_mean.view(shape)
+            centered = input - _per_channel(self.running_mean, ndim)
             spread_sq = self.running_var
-        x_hat = centered / torch.sqrt(spread_sq + self.eps).view(shape)
+        x_hat = centered / _per_channel(torch.sqrt(spread_sq + self.eps), ndim)
         if self.weight is not None:
-            x_hat = x_hat * self.weight.view(shape)
+            x_hat = x_hat * _per_channel(self.weight, ndim)
         if self.bias is not None:
-            x_hat = x_hat + self.bias.view(shape)
+            x_hat = x_hat + _per_channel(self.bias, ndim)
         return x_hat
 
     def extra_repr(self):
@@ -514,13 +514,12 @@ def filter_normalized_direction(model: nn.Module, generator: torch.Generator | N
     directions = []
     for p in model.parameters():
         if p.dim() <= 1:
-            directions.append(torch.zeros_like(p, requires_grad=False))
+            directions.append(torch.zeros_like(p))
             continue
         d = torch.randn(p.shape, generator=generator, dtype=torch.float64)
         w = p.detach().to(device="cpu", dtype=torch.float64)
-        d_norm = d.reshape(p.shape[0], -1).norm(dim=1).reshape(-1, *[1] * (p.dim() - 1))
-        w_norm = w.reshape(p.shape[0], -1).norm(dim=1).reshape(-1, *[1] * (p.dim() - 1))
-        directions.append((d / d_norm * w_norm).to(device=p.device, dtype=p.dtype))
+        filter_norms = lambda t: t.flatten(1).norm(dim=1).view((-1,) + (1,) * (p.dim() - 1))
+        directions.append((d / filter_norms(d) * filter_norms(w)).to(device=p.device, dtype=p.dtype))
     return directions
 
 
