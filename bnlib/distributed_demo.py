@@ -97,17 +97,17 @@ def launch(fn, world_size, *args, backend="gloo"):
 # The chapter's model and data
 # --------------------------------------------------------------------------
 
-def _norm(kind, num_features, dims):
+def _norm(kind, num_features, dims, running_stats):
     if kind == "bn":
         return (bnn.BatchNorm1d if dims == 1 else bnn.BatchNorm2d)(num_features)
     if kind == "torch":
         return (nn.BatchNorm1d if dims == 1 else nn.BatchNorm2d)(num_features)
     if isinstance(kind, int) and not isinstance(kind, bool):
-        return bnn.GhostBatchNorm(num_features, kind)
+        return bnn.GhostBatchNorm(num_features, kind, running_stats=running_stats)
     raise ValueError(f"norm must be 'bn', 'torch' or a virtual batch size (int), got {kind!r}")
 
 
-def make_cnn(norm="bn", seed=0):
+def make_cnn(norm="bn", seed=0, running_stats="first"):
     """A small CNN for 8x8 digits: input ``(N, 1, 8, 8)``, output ``(N, 10)`` logits::
 
         conv1 (1->8, 3x3) - norm1 - relu - pool (8x8 -> 4x4)
@@ -115,23 +115,27 @@ def make_cnn(norm="bn", seed=0):
         fc (64->32) - norm3 (BatchNorm1d: m values per channel = batch size) - relu - out (32->10)
 
     ``norm``: ``"bn"`` (bnlib.nn.BatchNorm*d), ``"torch"`` (torch.nn.BatchNorm*d)
-    or an int, the virtual batch size of ``bnlib.nn.GhostBatchNorm``.
+    or an int ``b``: per-device batches of ``b`` rows, as DDP with local BN
+    has them, simulated in one process by ``bnlib.nn.GhostBatchNorm(C, b,
+    running_stats=running_stats)``. ``"first"`` (the default) keeps the running
+    estimates of each batch's first ``b`` rows, the ones DDP ends with (it
+    broadcasts rank 0's buffers); ``"pooled"`` pools every slice's.
     Parameters are drawn from ``seed`` without touching the global generator.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return nn.Sequential(OrderedDict([
             ("conv1", nn.Conv2d(1, 8, 3, padding=1, bias=False)),
-            ("norm1", _norm(norm, 8, 2)),
+            ("norm1", _norm(norm, 8, 2, running_stats)),
             ("relu1", nn.ReLU()),
             ("pool1", nn.MaxPool2d(2)),
             ("conv2", nn.Conv2d(8, 16, 3, padding=1, bias=False)),
-            ("norm2", _norm(norm, 16, 2)),
+            ("norm2", _norm(norm, 16, 2, running_stats)),
             ("relu2", nn.ReLU()),
             ("pool2", nn.MaxPool2d(2)),
             ("flatten", nn.Flatten()),
             ("fc", nn.Linear(64, 32, bias=False)),
-            ("norm3", _norm(norm, 32, 1)),
+            ("norm3", _norm(norm, 32, 1, running_stats)),
             ("relu3", nn.ReLU()),
             ("out", nn.Linear(32, 10)),
         ]))
@@ -224,10 +228,12 @@ def ddp_demo_worker(rank, world_size, steps, batch_size, lr):
     return out
 
 
-def _train_whole_batch(steps, batch_size, lr):
-    """The truth for the demo: one process, torch.nn.BatchNorm, the whole batch."""
+def _train_one_process(norm, steps, batch_size, lr):
+    """The demo's steps in this process: ``norm="torch"`` (torch.nn.BatchNorm on
+    the whole batch, the truth for SyncBN) or a virtual batch size (ghost BN,
+    what DDP with local BN should equal)."""
     x_train, y_train, _, _ = digits_images()
-    model = make_cnn("torch", seed=0)
+    model = make_cnn(norm, seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     losses = []
     for step in range(steps):
@@ -249,28 +255,38 @@ def run_ddp_demo(world_size=2, steps=5, batch_size=32, lr=0.1):
     SyncBN, and with BN on the whole batch in this process; print the losses
     and how far each DDP run ends from the whole-batch one.
 
-    Returns ``{"whole": losses, "local BN": (losses, max_diff), "SyncBN": (losses, max_diff)}``,
-    where ``losses`` are whole-batch mean losses per step (for DDP, the mean
-    of the ranks' losses, which is the same thing for equal slices) and
-    ``max_diff`` is the largest difference of any parameter or buffer from
-    the whole-batch run after the last step.
+    Also trains ghost BN with virtual batches of ``batch_size // world_size``
+    rows in this process (``make_cnn(b)``: running estimates from the first
+    slice) and compares rank 0's local-BN model with it.
+
+    Returns ``{"whole": losses, "local BN": (losses, max_diff), "SyncBN": (losses, max_diff),
+    "local BN vs ghost BN": max_diff}``, where ``losses`` are whole-batch mean
+    losses per step (for DDP, the mean of the ranks' losses, which is the same
+    thing for equal slices) and ``max_diff`` is the largest difference of any
+    parameter or buffer from the whole-batch run (from the ghost-BN run for
+    the last key) after the last step.
     """
-    whole_losses, whole_state = _train_whole_batch(steps, batch_size, lr)
+    per_rank = batch_size // world_size
+    whole_losses, whole_state = _train_one_process("torch", steps, batch_size, lr)
+    _, ghost_state = _train_one_process(per_rank, steps, batch_size, lr)
     ranks = launch(ddp_demo_worker, world_size, steps, batch_size, lr)
     results = {"whole": whole_losses}
     for name in ("local BN", "SyncBN"):
         losses = [statistics.fmean(r[name]["losses"][s] for r in ranks) for s in range(steps)]
         results[name] = (losses, _max_difference(ranks[0][name]["state"], whole_state))
+    results["local BN vs ghost BN"] = _max_difference(ranks[0]["local BN"]["state"], ghost_state)
     print(f"DDP on {world_size} processes (gloo): global batch {batch_size} = "
           f"{world_size} x {batch_size // world_size}, {steps} SGD steps, lr {lr}")
     print(f"{'loss at step':<14s}" + "".join(f"{s + 1:>8d}" for s in range(steps)))
     print(f"{'whole batch':<14s}" + "".join(f"{v:8.4f}" for v in whole_losses))
     for name in ("local BN", "SyncBN"):
         print(f"{name:<14s}" + "".join(f"{v:8.4f}" for v in results[name][0]))
-    for name in ("local BN", "SyncBN"):
-        diff = results[name][1]
+    for name, diff, other in [("local BN", results["local BN"][1], "whole batch"),
+                              ("SyncBN", results["SyncBN"][1], "whole batch"),
+                              ("local BN", results["local BN vs ghost BN"],
+                               f"ghost BN of {per_rank} rows, 1 process")]:
         verdict = "below 1e-5" if diff < 1e-5 else "above 1e-2" if diff > 1e-2 else f"{diff:.0e}"
-        print(f"{name}: max |parameter or buffer - whole batch| after step {steps}: {verdict}")
+        print(f"{name}: max |parameter or buffer - {other}| after step {steps}: {verdict}")
     return results
 
 

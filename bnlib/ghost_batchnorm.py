@@ -21,8 +21,9 @@ what per-device batches of 2, 4, 8, ... do to training without starting
 several processes. With one virtual batch (``virtual_batch_size >= N``)
 this is BatchNorm.
 
-Running estimates: updated **once per forward call**, with the statistics
-of the ``k`` virtual batches pooled (``m = sum_j m_j``):
+Running estimates: updated **once per forward call**. By default
+(``running_stats="pooled"``) with the statistics of the ``k`` virtual
+batches pooled (``m = sum_j m_j``):
 
 .. math::
 
@@ -38,9 +39,18 @@ updates would turn ``momentum`` into ``1 - (1 - momentum)**k`` and count
 virtual batches as steps, which breaks ``momentum=None``); every virtual
 batch's ``mu_j`` and unbiased ``var_j`` estimate the same population
 values, and the weighted average is the unbiased estimate of smallest
-variance, the one ``k`` devices would reach by averaging their buffers;
-and the variance is the within-virtual-batch one, the spread the layer
-actually divided by in training. With ``k = 1`` it is BatchNorm's update.
+variance; and the variance is the within-virtual-batch one, the spread the
+layer actually divided by in training. With ``k = 1`` it is BatchNorm's update.
+
+``running_stats="first"`` updates them with the first virtual batch's
+``mu_0`` and unbiased ``var_0 * m_0 / (m_0 - 1)`` only, BatchNorm's update on
+``input[:virtual_batch_size]``. That is what ``k`` devices running
+``DistributedDataParallel`` with local BN end with: each updates its buffers
+from its own slice, and DDP (``broadcast_buffers=True``, its default)
+overwrites every rank's buffers with rank 0's before each training forward
+pass, so rank 0's estimates (the ones a checkpoint saved by rank 0 holds)
+are moving averages of its own ``b`` rows of every step. Same expected
+values as the pooled ones, about ``k`` times their variance.
 
 Eval mode with running estimates is plain BatchNorm. Without running
 estimates (``track_running_stats=False``) eval normalizes each virtual
@@ -56,6 +66,9 @@ from bnlib.sync_batchnorm import update_running_stats
 
 __all__ = ["GhostBatchNorm"]
 
+# Which virtual batches update the running estimates (see the module docstring).
+RUNNING_STATS = ("pooled", "first")
+
 
 class GhostBatchNorm(bnn._BatchNorm):
     """Batch norm over virtual batches of ``virtual_batch_size`` samples.
@@ -63,7 +76,9 @@ class GhostBatchNorm(bnn._BatchNorm):
     Args: BatchNorm's, with ``virtual_batch_size`` (an int >= 1) second:
     ``(num_features, virtual_batch_size, eps=1e-5, momentum=0.1,
     affine=True, track_running_stats=True, device=None, dtype=None, *,
-    bias=True)``. Parameters, buffers and state-dict keys are BatchNorm's.
+    bias=True, running_stats="pooled")``; ``running_stats`` is ``"pooled"``
+    (all virtual batches) or ``"first"`` (the first one only, as DDP's
+    rank 0; see the module docstring). Parameters, buffers and state-dict keys are BatchNorm's.
     Input ``(N, C, *S)`` with at least 2 dims; output of the same shape.
 
     Raises ``ValueError`` (state untouched) for fewer than 2 dims, a channel
@@ -74,14 +89,19 @@ class GhostBatchNorm(bnn._BatchNorm):
     """
 
     def __init__(self, num_features, virtual_batch_size, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, device=None, dtype=None, *, bias=True):
+                 track_running_stats=True, device=None, dtype=None, *, bias=True, running_stats="pooled"):
         if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int) or virtual_batch_size < 1:
             raise ValueError(f"virtual_batch_size must be an integer >= 1, got {virtual_batch_size!r}")
+        if running_stats not in RUNNING_STATS:
+            raise ValueError(f"running_stats must be one of {', '.join(map(repr, RUNNING_STATS))}, "
+                             f"got {running_stats!r}")
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         self.virtual_batch_size = virtual_batch_size
+        self.running_stats = running_stats
 
     def extra_repr(self):
-        return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"
+        running = "" if self.running_stats == "pooled" else f", running_stats={self.running_stats!r}"
+        return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}{running}"
 
     def _check_input(self, input):
         """Shape checks (the plain path of eval mode calls this too)."""
@@ -130,6 +150,8 @@ class GhostBatchNorm(bnn._BatchNorm):
             # counts (k, 1), mu and var (k, C): m_j, mu_j and the biased var_j of virtual batch j.
             # An empty batch (m = 0) gives NaN statistics, so the estimates are kept.
             counts = counts.to(mu.device)
+            if self.running_stats == "first":  # DDP's rank 0: its own slice only
+                counts, mu, var = counts[:1], mu[:1], var[:1]
             m, k = counts.sum(), counts.shape[0]
             mu_pool = (counts * mu).sum(0) / m
             var_pool = (counts * var).sum(0) / (m - k)

@@ -198,6 +198,36 @@ def test_last_virtual_batch_of_one_row_is_fine_with_spatial_dims():
     assert ours(torch.randn(9, 3, 2)).shape == (9, 3, 2)  # the last virtual batch has 2 values per channel
 
 
+@pytest.mark.parametrize("shape, vbs", [((12, 3), 4), ((10, 3), 4), ((6, 3, 4, 2), 2)], ids=str)
+@pytest.mark.parametrize("cfg", [dict(), dict(momentum=None)], ids=_ids)
+def test_first_running_stats_are_batchnorm_on_the_first_virtual_batch(shape, vbs, cfg):
+    """running_stats="first" (DDP's rank 0): the running estimates, over 3 steps, are
+    torch BatchNorm's on input[:vbs]; outputs and gradients are the pooled mode's."""
+    first = bnlib.nn.GhostBatchNorm(3, vbs, dtype=F64, running_stats="first", **cfg)
+    pooled = bnlib.nn.GhostBatchNorm(3, vbs, dtype=F64, **cfg)
+    rank0 = torch_bn_for_ndim(len(shape))(3, dtype=F64, **cfg)
+    for step in range(3):
+        x = random_input(shape, seed=step)
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y1, y2 = first(x1), pooled(x2)
+        rank0(x[:vbs])
+        assert torch.equal(y1, y2)
+        y1.square().sum().backward()
+        y2.square().sum().backward()
+        assert torch.equal(x1.grad, x2.grad)
+        assert_close(first.running_mean, rank0.running_mean, STAT_TOL[F64], "running_mean")
+        assert_close(first.running_var, rank0.running_var, STAT_TOL[F64], "running_var")
+        assert first.num_batches_tracked.item() == rank0.num_batches_tracked.item() == step + 1
+    assert "running_stats='first'" in repr(first) and "running_stats='" not in repr(pooled)
+    assert not torch.allclose(first.running_var, pooled.running_var)
+
+
+@pytest.mark.parametrize("value", ["all", "last", None, 1])
+def test_bad_running_stats(value):
+    with pytest.raises(ValueError, match="running_stats must be one of 'pooled', 'first', got"):
+        bnlib.nn.GhostBatchNorm(3, 2, running_stats=value)
+
+
 @pytest.mark.parametrize("vbs", [0, -2, 2.5, True, None, "4"])
 def test_bad_virtual_batch_size(vbs):
     with pytest.raises(ValueError, match="virtual_batch_size"):
@@ -207,7 +237,7 @@ def test_bad_virtual_batch_size(vbs):
 def test_constructor_and_state_dict_like_batchnorm():
     params = list(inspect.signature(bnlib.nn.GhostBatchNorm.__init__).parameters)
     assert params == ["self", "num_features", "virtual_batch_size", "eps", "momentum", "affine",
-                      "track_running_stats", "device", "dtype", "bias"]
+                      "track_running_stats", "device", "dtype", "bias", "running_stats"]
     assert bnlib.nn.GhostBatchNorm(4, 2, bias=False).bias is None
     for kw in (dict(), dict(affine=False)):
         ghost = bnlib.nn.GhostBatchNorm(4, 2, **kw)

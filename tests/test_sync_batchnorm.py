@@ -216,6 +216,19 @@ def _ddp(rank, group01):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
+def _ddp_local_bn(rank, group01):
+    """DDP with the BNs as they are (each rank normalizes its own 4 rows)."""
+    model = make_ddp_cnn()
+    ddp = torch.nn.parallel.DistributedDataParallel(model, process_group=group01)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+    for x, y in ddp_data():
+        rows = slice(4 * rank, 4 * rank + 4)
+        opt.zero_grad()
+        F.cross_entropy(ddp(x[rows]), y[rows]).backward()
+        opt.step()
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
 def worker(rank, world_size):
     group01 = dist.new_group([0, 1])  # every rank must call new_group
     groups = {2: group01, 3: None}
@@ -229,6 +242,7 @@ def worker(rank, world_size):
     if rank < 2:
         results["nan"] = _nan_channel(rank, group01)
         results["ddp"] = _ddp(rank, group01)
+        results["ddp_local_bn"] = _ddp_local_bn(rank, group01)
     else:
         results["outside"] = _outside_group(rank, group01)
     return results
@@ -373,6 +387,36 @@ def test_ddp_with_syncbn_equals_one_process_whole_batch(ranks):
             else:
                 # 3 steps of momentum SGD through 3 BNs: rounding grows a little, still ~1e-13.
                 assert_close(got[key], value, dict(rtol=1e-9, atol=1e-10), f"rank {rank}: {key}")
+
+
+def test_ddp_with_local_bn_equals_ghost_bn_keeping_the_first_slices_statistics(ranks):
+    """DDP, BN not synced: rank r normalizes its own 4 rows, and DDP's
+    broadcast_buffers (its default) copies rank 0's running estimates to every
+    rank before each training forward. One process with
+    GhostBatchNorm(virtual_batch_size=4, running_stats="first") is the same
+    run: rank 0's parameters and buffers; rank 1's parameters, while its
+    buffers hold one update from its own rows (overwritten at the next step)."""
+    model = make_ddp_cnn()
+    for i, layer in enumerate(model):
+        if isinstance(layer, (torch.nn.modules.batchnorm._BatchNorm, bnlib.nn.BatchNorm1d, bnlib.nn.BatchNorm2d)):
+            ghost = bnlib.nn.GhostBatchNorm(layer.num_features, 4, eps=layer.eps, momentum=layer.momentum,
+                                            dtype=torch.float64, running_stats="first")
+            ghost.load_state_dict(layer.state_dict())
+            model[i] = ghost
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for x, y in ddp_data():
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    truth = model.state_dict()
+    for rank in range(2):
+        got = ranks[rank]["ddp_local_bn"]
+        assert set(got) == set(truth)
+        for key, value in truth.items():
+            if rank == 1 and "running" in key:
+                assert not torch.allclose(got[key], value), f"rank 1 updated {key} from its own rows"
+            else:
+                assert_close(got[key].to(value.dtype), value, dict(rtol=1e-9, atol=1e-10), f"rank {rank}: {key}")
 
 
 # ------------------------- in one process, no launch -------------------------
