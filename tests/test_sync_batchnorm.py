@@ -198,6 +198,23 @@ def ddp_data(steps=3, batch=8):
              torch.randint(0, 3, (batch,), generator=g)) for _ in range(steps)]
 
 
+def train_ddp_cnn(model, rank=None, group=None):
+    """3 steps of momentum SGD on ddp_data(), mean loss; returns the final state dict.
+
+    With a process group: DDP, this rank's slice of 4 rows of each batch of 8.
+    Without: the whole batch in this process.
+    """
+    net = model if group is None else torch.nn.parallel.DistributedDataParallel(model, process_group=group)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    for x, y in ddp_data():
+        if group is not None:
+            x, y = x[4 * rank: 4 * rank + 4], y[4 * rank: 4 * rank + 4]
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
 def _ddp(rank, group01):
     """DDP + SyncBN on ranks {0, 1}, equal slices of 4 rows, mean loss per rank.
 
@@ -206,27 +223,12 @@ def _ddp(rank, group01):
     gradient of the whole-batch mean loss: one process, plain BN, whole batch.
     """
     model = bnlib.nn.SyncBatchNorm.convert_sync_batchnorm(make_ddp_cnn(), process_group=group01)
-    ddp = torch.nn.parallel.DistributedDataParallel(model, process_group=group01)
-    opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
-    for x, y in ddp_data():
-        rows = slice(4 * rank, 4 * rank + 4)
-        opt.zero_grad()
-        F.cross_entropy(ddp(x[rows]), y[rows]).backward()
-        opt.step()
-    return {k: v.clone() for k, v in model.state_dict().items()}
+    return train_ddp_cnn(model, rank, group01)
 
 
 def _ddp_local_bn(rank, group01):
     """DDP with the BNs as they are (each rank normalizes its own 4 rows)."""
-    model = make_ddp_cnn()
-    ddp = torch.nn.parallel.DistributedDataParallel(model, process_group=group01)
-    opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
-    for x, y in ddp_data():
-        rows = slice(4 * rank, 4 * rank + 4)
-        opt.zero_grad()
-        F.cross_entropy(ddp(x[rows]), y[rows]).backward()
-        opt.step()
-    return {k: v.clone() for k, v in model.state_dict().items()}
+    return train_ddp_cnn(make_ddp_cnn(), rank, group01)
 
 
 def worker(rank, world_size):
@@ -371,13 +373,7 @@ def test_rank_outside_group_runs_plain_batchnorm(ranks):
 
 
 def test_ddp_with_syncbn_equals_one_process_whole_batch(ranks):
-    model = make_ddp_cnn()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    for x, y in ddp_data():
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-    truth = model.state_dict()
+    truth = train_ddp_cnn(make_ddp_cnn())
     for rank in range(2):
         got = ranks[rank]["ddp"]
         assert set(got) == set(truth)
@@ -403,12 +399,7 @@ def test_ddp_with_local_bn_equals_ghost_bn_keeping_the_first_slices_statistics(r
                                             dtype=torch.float64, running_stats="first")
             ghost.load_state_dict(layer.state_dict())
             model[i] = ghost
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    for x, y in ddp_data():
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-    truth = model.state_dict()
+    truth = train_ddp_cnn(model)
     for rank in range(2):
         got = ranks[rank]["ddp_local_bn"]
         assert set(got) == set(truth)
