@@ -295,18 +295,22 @@ def make_classification(n, scales=(1.0, 100.0), means=None, corr=0.0, separation
 # --------------------------------------------------------------------------
 
 def flop_counts(n, d):
-    """Leading-order multiply-add counts of each normalizer on an (n, d) batch.
+    """Leading-order floating-point operation counts (an add or a multiply is
+    one flop) of each normalizer on an (n, d) batch, fit and apply alike.
 
-    standardization: mean and variance, ~2 n d;  covariance: ~n d^2;
-    symmetric eigendecomposition: ~9 d^3 (the constant of a Householder
-    tridiagonalization plus QR, Golub & Van Loan); applying ``W``: ~n d^2.
+    standardization: the mean (~n d), the variance (a subtraction, a square
+    and an add per value, ~3 n d) and applying it (a subtraction and a
+    multiplication by 1/std, ~2 n d), ~6 n d in all; covariance: the product
+    ``X^T X`` of the centred batch, ~2 n d^2; symmetric eigendecomposition
+    with eigenvectors: ~9 d^3 (Householder tridiagonalization plus QR, Golub
+    & Van Loan); applying ``W``: a (n, d) x (d, d) product, ~2 n d^2.
     Returns a dict of ints.
     """
     return {
-        "standardize": 2 * n * d,
-        "covariance": n * d * d,
+        "standardize": 6 * n * d,
+        "covariance": 2 * n * d * d,
         "eigh": 9 * d ** 3,
-        "apply W": n * d * d,
+        "apply W": 2 * n * d * d,
     }
 
 

@@ -255,7 +255,7 @@ def test_make_classification_balanced_and_separated():
 # --------------------------------------------------------------------------
 
 def test_flop_counts():
-    assert F.flop_counts(10, 4) == {"standardize": 80, "covariance": 160, "eigh": 576, "apply W": 160}
+    assert F.flop_counts(10, 4) == {"standardize": 240, "covariance": 320, "eigh": 576, "apply W": 320}
 
 
 def test_time_normalizers_shapes():
