@@ -1,0 +1,88 @@
+"""The chapters' rule for outputs that differ between CPUs (CONTRIBUTING.md).
+
+A cell whose printed numbers come from a chaotic training run differs in its
+last digits between an Intel and an AMD machine, so it carries the tag
+``nbval-ignore-output``: nbval runs it without comparing its text. What the
+prose concludes from it must still be checked, by an untagged code cell with
+an ``assert`` that follows it (after the prose that states the claim, if need
+be) before the next tagged cell; tagged cells with only prose between them
+(a table, then its figure) may share one check. nbval's other
+escapes (skipping a cell, or a comment marker that a reader would not see in
+the cell's tags) are not used.
+"""
+
+from pathlib import Path
+
+import nbformat
+import pytest
+
+CHAPTERS = sorted((Path(__file__).resolve().parent.parent / "chapters").glob("*.ipynb"))
+IGNORE_OUTPUT = "nbval-ignore-output"
+OTHER_ESCAPES = ("nbval-skip", "nbval-raises-exception", "nbval-check-output", "nbval-ignore")
+COMMENT_MARKERS = ("# NBVAL_", "#NBVAL_")
+
+
+def tags(cell) -> list[str]:
+    return list(cell.get("metadata", {}).get("tags", []))
+
+
+def unchecked_tagged_cells(cells) -> list[int]:
+    """Code-cell indices of tagged cells that no untagged assert follows
+    before the next tagged cell (or the notebook's end); a tagged cell with
+    only prose before the next one is checked with it."""
+    unchecked: list[int] = []
+    pending: list[int] = []
+    code_between = False  # untagged code, without an assert, since the last tagged cell
+    code_index = -1
+    for cell in cells:
+        if cell.cell_type != "code":
+            continue
+        code_index += 1
+        if IGNORE_OUTPUT in tags(cell):
+            if code_between:
+                unchecked += pending
+                pending = []
+            pending.append(code_index)
+            code_between = False
+        elif "assert " in cell.source:
+            pending, code_between = [], False
+        elif pending:
+            code_between = True
+    return unchecked + pending
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
+def test_every_ignored_output_is_followed_by_a_check(path):
+    nb = nbformat.read(path, as_version=4)
+    assert unchecked_tagged_cells(nb.cells) == [], (
+        f"{path.name}: code cells tagged {IGNORE_OUTPUT} with no untagged cell asserting "
+        "their claim before the next tagged cell"
+    )
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
+def test_no_other_nbval_escapes(path):
+    nb = nbformat.read(path, as_version=4)
+    for index, cell in enumerate(c for c in nb.cells if c.cell_type == "code"):
+        assert not set(tags(cell)) & set(OTHER_ESCAPES), f"{path.name}: code cell {index} has {tags(cell)}"
+        assert not any(m in cell.source for m in COMMENT_MARKERS), f"{path.name}: code cell {index} has an NBVAL_ comment"
+
+
+def test_the_rule_itself():
+    md, code = nbformat.v4.new_markdown_cell, nbformat.v4.new_code_cell
+
+    def tagged(source):
+        cell = code(source)
+        cell.metadata["tags"] = [IGNORE_OUTPUT]
+        return cell
+
+    # a table and its figure, the prose, then one check for both
+    shared = [md("text"), tagged("print(run())"), md("figure"), tagged("plot()"), md("claim"),
+              code("plot_more()"), code("assert a < b\nprint('ok')"), md("more")]
+    assert unchecked_tagged_cells(shared) == []
+    # other code before the next tagged cell: the first one went unchecked
+    skipped = [tagged("print(run())"), code("x = 1"), tagged("print(run2())"), code("assert a < b")]
+    assert unchecked_tagged_cells(skipped) == [0]
+    # an assert inside a tagged cell does not count: the check belongs in a cell
+    # whose printed line nbval compares
+    assert unchecked_tagged_cells([code("x = 1"), tagged("assert a < b")]) == [1]
