@@ -3,12 +3,12 @@
 A cell whose printed numbers come from a chaotic training run differs in its
 last digits between an Intel and an AMD machine, so it carries the tag
 ``nbval-ignore-output``: nbval runs it without comparing its text. What the
-prose concludes from it must still be checked, by an untagged code cell with
-an ``assert`` that follows it (after the prose that states the claim, if need
-be) before the next tagged cell; tagged cells with only prose between them
-(a table, then its figure) may share one check. nbval's other
-escapes (skipping a cell, or a comment marker that a reader would not see in
-the cell's tags) are not used.
+prose concludes from it must still be checked, by a code cell without that
+tag (so its printed line is compared) with an ``assert``, which follows it
+(after the prose that states the claim, if need be) before the next tagged
+cell; tagged cells with only prose between them (a table, then its figure)
+may share one check. nbval's other escapes (skipping a cell, or a comment
+marker that a reader would not see in the cell's tags) are not used.
 """
 
 from pathlib import Path
