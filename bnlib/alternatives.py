@@ -120,6 +120,17 @@ def _grouped_norm_formula(input, weight, bias, row_shape, param_view, eps):
     return y.to(input.dtype)
 
 
+def _grouped_norm(input, weight, bias, row_shape, param_view, param_dims, eps):
+    """``GroupedNormFunction.apply``; under a ``torch.func`` transform the same
+    outputs from ``_grouped_norm_formula`` (see ``bnF.under_func_transform``)."""
+    if bnF.under_func_transform():
+        rows = input.detach().to(_compute_dtype(input.dtype)).reshape(row_shape)
+        mu = rows.mean(-1)
+        var = (rows - mu.unsqueeze(-1)).square().mean(-1)
+        return _grouped_norm_formula(input, weight, bias, row_shape, param_view, eps), mu, var
+    return GroupedNormFunction.apply(input, weight, bias, row_shape, param_view, param_dims, eps)
+
+
 class GroupedNormFunction(torch.autograd.Function):
     """Normalize every row of ``input.reshape(row_shape)``; then ``y = x_hat * w + b``.
 
@@ -216,7 +227,7 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     lead = tuple(input.shape[: input.dim() - k])
     row_shape = lead + (math.prod(normalized_shape),)
     param_dims = tuple(range(input.dim() - k))
-    y, _, _ = GroupedNormFunction.apply(input, weight, bias, row_shape, normalized_shape, param_dims, eps)
+    y, _, _ = _grouped_norm(input, weight, bias, row_shape, normalized_shape, param_dims, eps)
     return y.contiguous()  # torch's layer norm returns a contiguous tensor whatever the input's layout
 
 
@@ -260,7 +271,7 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
     m = num_channels // num_groups * math.prod(input.shape[2:])
     row_shape = (input.shape[0], num_groups, m)
     ndim = input.dim()
-    y, _, _ = GroupedNormFunction.apply(input, weight, bias, row_shape, _channel_view(ndim), _not_channel_dims(ndim), eps)
+    y, _, _ = _grouped_norm(input, weight, bias, row_shape, _channel_view(ndim), _not_channel_dims(ndim), eps)
     fmt = _channels_last_format(input)
     if fmt is not None and input.device.type == "cpu":
         # as torch's group norm, whose CPU kernel keeps a channels-last layout
@@ -310,7 +321,7 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
         raise InputError(f"Expected more than 1 spatial element when training, got input size {input.size()}")
     ndim = input.dim()
     row_shape = (input.shape[0], num_channels, m)
-    y, mu, var = GroupedNormFunction.apply(input, weight, bias, row_shape, _channel_view(ndim), _not_channel_dims(ndim), eps)
+    y, mu, var = _grouped_norm(input, weight, bias, row_shape, _channel_view(ndim), _not_channel_dims(ndim), eps)
     if running_mean is not None and running_var is not None:
         _update_instance_running_stats(running_mean, running_var, mu, var, m, momentum)
     return y.contiguous()
@@ -500,6 +511,14 @@ def _batch_renorm_formula(input, weight, bias, r, d, eps):
     return y.to(input.dtype)
 
 
+def _renorm_correction(mu, var, running_mean, running_var, eps, r_max, d_max):
+    """Batch renorm's ``(r, d)`` per channel, from the batch's and the running statistics."""
+    sigma = torch.sqrt(running_var.to(var.dtype) + eps)
+    r = torch.clamp(torch.sqrt(var + eps) / sigma, 1.0 / r_max, r_max)
+    d = torch.clamp((mu - running_mean.to(mu.dtype)) / sigma, -d_max, d_max)
+    return r, d
+
+
 class BatchRenormTrainFunction(torch.autograd.Function):
     r"""Training-mode batch renorm (Ioffe 2017, Algorithm 1), ``r`` and ``d`` stop-gradient.
 
@@ -519,9 +538,7 @@ class BatchRenormTrainFunction(torch.autograd.Function):
         ndim = x.dim()
         mu, var, x_centered, _ = bnF._batch_stats(x)  # two passes
         invstd = torch.rsqrt(var + eps)
-        sigma = torch.sqrt(running_var.to(x.dtype) + eps)
-        r = torch.clamp(torch.sqrt(var + eps) / sigma, 1.0 / r_max, r_max)
-        d = torch.clamp((mu - running_mean.to(x.dtype)) / sigma, -d_max, d_max)
+        r, d = _renorm_correction(mu, var, running_mean, running_var, eps, r_max, d_max)
         x_hat_batch = x_centered * bnF._per_channel(invstd, ndim)
         x_hat = x_hat_batch * bnF._per_channel(r, ndim) + bnF._per_channel(d, ndim)
         y = x_hat if weight is None else x_hat * bnF._per_channel(weight.to(x.dtype), ndim)
@@ -580,7 +597,12 @@ def _batch_renorm_train(input, running_mean, running_var, weight, bias, momentum
     check_batch_size(input.shape, str(input.size()))
     _check_limit("r_max", r_max, 1.0)
     _check_limit("d_max", d_max, 0.0)
-    y, mu, var, r, d = BatchRenormTrainFunction.apply(input, weight, bias, running_mean, running_var, eps, r_max, d_max)
+    if bnF.under_func_transform():  # the formula, r and d constants (see bnF.under_func_transform)
+        mu, var = bnF._detached_batch_stats(input)
+        r, d = _renorm_correction(mu, var, running_mean, running_var, eps, r_max, d_max)
+        y = _batch_renorm_formula(input, weight, bias, r, d, eps)
+    else:
+        y, mu, var, r, d = BatchRenormTrainFunction.apply(input, weight, bias, running_mean, running_var, eps, r_max, d_max)
     bnF._update_running_stats(running_mean, running_var, mu, var, values_per_channel(input.shape), momentum)
     return y, r, d
 
@@ -742,6 +764,11 @@ def _norm_except_dim(v, dim):
     return torch.linalg.vector_norm(v, dim=others, keepdim=True)
 
 
+def _weight_norm_formula(v, g, dim):
+    """``w = g * v / ||v||`` in plain differentiable tensor ops."""
+    return v * (g / _norm_except_dim(v, dim))
+
+
 class WeightNormFunction(torch.autograd.Function):
     r"""``w = g * v / ||v||``, the norm over every dim but ``dim``.
 
@@ -767,7 +794,7 @@ class WeightNormFunction(torch.autograd.Function):
         v, g, norm = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: gradients that can be differentiated again
             dim = ctx.dim
-            return (*bnF.grads_through_formula(lambda v, g: v * (g / _norm_except_dim(v, dim)), (v, g), dw), None)
+            return (*bnF.grads_through_formula(lambda v, g: _weight_norm_formula(v, g, dim), (v, g), dw), None)
         dv = dg = None
         if ctx.dim == -1:
             dot = (dw * v).sum()
@@ -793,6 +820,8 @@ class _WeightNorm(nn.Module):
         return self.dim if self.dim >= -1 else self.dim + v.dim()
 
     def forward(self, weight_g, weight_v):
+        if bnF.under_func_transform():
+            return _weight_norm_formula(weight_v, weight_g, self._dim_for(weight_v))
         return WeightNormFunction.apply(weight_v, weight_g, self._dim_for(weight_v))
 
     def right_inverse(self, weight):
@@ -859,6 +888,11 @@ def _from_matrix(matrix, like, dim):
     return permuted.permute(*[order.index(d) for d in range(like.dim())])
 
 
+def _spectral_norm_formula(weight, u, v, dim):
+    """``W / (u^T W_mat v)`` in plain differentiable tensor ops, ``u`` and ``v`` constants."""
+    return weight / torch.dot(u, torch.mv(_to_matrix(weight, dim), v))
+
+
 class SpectralNormFunction(torch.autograd.Function):
     r"""``W_SN = W / sigma`` with ``sigma = u^T W_mat v``, ``u`` and ``v`` constants.
 
@@ -883,7 +917,7 @@ class SpectralNormFunction(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: gradients that can be differentiated again
             dim = ctx.dim
             grad_weight, = bnF.grads_through_formula(
-                lambda w: w / torch.dot(u, torch.mv(_to_matrix(w, dim), v)), (weight,), grad_out)
+                lambda w: _spectral_norm_formula(w, u, v, dim), (weight,), grad_out)
             return grad_weight, None, None, None
         outer = _from_matrix(torch.outer(u, v), weight, ctx.dim)
         grad_weight = grad_out / sigma - ((grad_out * weight).sum() / sigma**2) * outer
@@ -934,6 +968,8 @@ class _SpectralNorm(nn.Module):
             self._power_method(_to_matrix(weight.detach(), self.dim), self.n_power_iterations)
         u = self._u.clone(memory_format=torch.contiguous_format)
         v = self._v.clone(memory_format=torch.contiguous_format)
+        if bnF.under_func_transform():
+            return _spectral_norm_formula(weight, u, v, self.dim)
         return SpectralNormFunction.apply(weight, u, v, self.dim)
 
     def right_inverse(self, value):

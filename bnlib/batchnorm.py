@@ -19,6 +19,7 @@ from torch import nn
 
 from bnlib import functional as bnF
 from bnlib._checks import (
+    InputError,
     check_batch_size,
     check_floating_dtype,
     check_input_dims,
@@ -114,7 +115,17 @@ class _NormBase(nn.Module):
         ``1 / num_batches_tracked``. With ``num_batches_tracked`` set to None
         (torch allows it) nothing is counted and the cumulative factor is 0:
         torch's rule.
+
+        Raises before anything changes under a ``torch.func`` transform, which
+        does not allow the in-place updates (torch's own modules fail there
+        too, after counting the batch).
         """
+        if bnF.under_func_transform():
+            raise InputError(
+                f"{type(self).__name__} in training mode updates its running estimates in place, which "
+                "torch.func transforms (grad, vmap, jacrev, ...) do not allow: use track_running_stats=False "
+                "or eval mode inside the transform"
+            )
         factor = 0.0 if self.momentum is None else self.momentum
         if self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)

@@ -79,14 +79,36 @@ def cpu_backend(name):
 _KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
+# torch's own test for it (torch.autograd.Function asks it too); a torch
+# without it has no torch.func.
+_functorch_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+
+
+def under_func_transform():
+    """Whether a ``torch.func`` transform (``grad``, ``vmap``, ``jacrev``,
+    ``jacfwd``, ``hessian``, ...) is running.
+
+    bnlib's autograd Functions have hand-written backward passes, but no vmap
+    or forward-mode rules, and the fused kernels are opaque to the
+    transforms. Under a transform every entry point computes the same map in
+    plain tensor ops instead (the ``*_formula`` functions that second
+    derivatives differentiate), which every transform composes with; the
+    transforms then differentiate the formula themselves. Outside one, the
+    hand-written passes and the kernels run as always.
+    """
+    return _functorch_transforms_active()
+
+
 def _cpu_kernels(x):
     """``torch.ops.bnlib_cpu`` when the fused CPU kernels should handle ``x``, else None.
 
     They take float32 and float64 CPU tensors with at least one element;
-    half inputs, empty batches and other devices stay on the tensor-op path.
-    (Called on every step, so it is written for speed: attribute reads only.)
+    half inputs, empty batches, other devices and ``torch.func`` transforms
+    stay on the tensor-op path. (Called on every step, so it is written for
+    speed: attribute reads and one C call.)
     """
-    if _cpu["backend"] == "tensor_ops" or not x.is_cpu or x.dtype not in _KERNEL_DTYPES or x.numel() == 0:
+    if (_cpu["backend"] == "tensor_ops" or not x.is_cpu or x.dtype not in _KERNEL_DTYPES or x.numel() == 0
+            or under_func_transform()):
         return None
     ops = _cpu.get("ops")
     if ops is None:
@@ -258,6 +280,28 @@ def batch_norm_formula(input, weight, bias, eps):
     return y.to(input.dtype)
 
 
+def batch_norm_eval_formula(input, weight, bias, running_mean, running_var, eps):
+    """Eval-mode batch norm in plain differentiable tensor ops: the map of
+    ``BatchNormEvalFunction``, for ``torch.func`` transforms."""
+    x = input.to(_compute_dtype(input.dtype))
+    ndim = x.dim()
+    y = (x - _per_channel(running_mean.to(x.dtype), ndim)) * _per_channel(torch.rsqrt(running_var.to(x.dtype) + eps), ndim)
+    if weight is not None:
+        y = y * _per_channel(weight.to(x.dtype), ndim)
+    if bias is not None:
+        y = y + _per_channel(bias.to(x.dtype), ndim)
+    return y.to(input.dtype)
+
+
+def _detached_batch_stats(input):
+    """Per-channel mean and biased variance of ``input``, without a graph (for
+    the running estimates), in plain tensor ops."""
+    x = input.detach().to(_compute_dtype(input.dtype))
+    dims = _stat_dims(x.dim())
+    mu = x.mean(dims)
+    return mu, (x - _per_channel(mu, x.dim())).square().mean(dims)
+
+
 class BatchNormTrainFunction(torch.autograd.Function):
     """Training mode: batch statistics; the compact backward formula.
 
@@ -400,10 +444,17 @@ def batch_norm_train(input, weight, bias, eps, running_mean=None, running_var=No
     estimates, when both are given, are updated in place with ``momentum``.
 
     Runs ``FusedCPUTrainFunction`` where the fused CPU kernels apply, else
-    ``BatchNormTrainFunction`` (tensor ops). No argument checks: callers
+    ``BatchNormTrainFunction`` (tensor ops); under a ``torch.func`` transform,
+    ``batch_norm_formula``. No argument checks: callers
     (``batch_norm``, the ghost-batch module) have made them.
     """
     update = running_mean is not None and running_var is not None
+    if under_func_transform():
+        y = batch_norm_formula(input, weight, bias, eps)
+        mu, var = _detached_batch_stats(input)
+        if update:
+            _update_running_stats(running_mean, running_var, mu, var, values_per_channel(input.shape), momentum)
+        return y, mu, var
     if _cpu_kernels(input) is not None:
         x = _dense(input)
         running = _running_args(running_mean, running_var, x)
@@ -550,7 +601,9 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         eps: added to the variance.
 
     Returns:
-        ``y``, with the shape and dtype of ``input``.
+        ``y``, with the shape and dtype of ``input``. Under a ``torch.func``
+        transform, computed by ``batch_norm_formula`` or
+        ``batch_norm_eval_formula`` (see :func:`under_func_transform`).
 
     Raises:
         ValueError: a non-floating-point input, fewer than 2 dims, one value per channel in training,
@@ -569,12 +622,15 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     elif running_mean is None or running_var is None:
         raise InputError("batch_norm in eval mode (training=False) needs running_mean and running_var")
 
-    if input.is_cuda:
+    transformed = under_func_transform()
+    if input.is_cuda and not transformed:
         triton = _triton_path()
         if triton is not None:
             return triton.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
 
     if not training:
+        if transformed:
+            return batch_norm_eval_formula(input, weight, bias, running_mean, running_var, eps)
         if not torch.is_grad_enabled() and _cpu_kernels(input) is not None:
             return _eval_kernel(input, weight, bias, running_mean, running_var, eps)[0]  # no graph to record
         return BatchNormEvalFunction.apply(input, weight, bias, running_mean, running_var, eps)

@@ -1,0 +1,157 @@
+"""bnlib's layers under torch.func transforms (grad, jacrev, jacfwd, vmap, hessian).
+
+The hand-written autograd Functions have no vmap or forward-mode rules, so
+under a transform every entry point computes the same map in plain tensor
+ops (``bnlib.functional.under_func_transform``). The truth here is bnlib's
+own eager path (checked against torch.nn elsewhere) and torch's modules
+under the same transforms. In-place running-estimate updates cannot happen
+under a transform: bnlib says so before it changes anything.
+"""
+
+import pytest
+import torch
+from torch.func import functional_call, grad, hessian, jacfwd, jacrev, vmap
+
+import bnlib.nn
+from bnlib import alternatives
+from bnlib import functional as bnF
+
+pytestmark = pytest.mark.usefixtures("each_cpu_path")
+
+X2 = (6, 3)  # (N, C)
+X4 = (4, 4, 3, 3)  # (N, C, H, W)
+
+# name -> (constructor, input shape, training mode)
+LAYERS = {
+    "BatchNorm1d eval": (lambda: bnlib.nn.BatchNorm1d(3), X2, False),
+    "BatchNorm1d batch statistics": (lambda: bnlib.nn.BatchNorm1d(3, track_running_stats=False), X2, True),
+    "BatchNorm2d eval": (lambda: bnlib.nn.BatchNorm2d(4), X4, False),
+    "BatchNorm2d batch statistics": (lambda: bnlib.nn.BatchNorm2d(4, track_running_stats=False), X4, True),
+    "GroupNorm": (lambda: bnlib.nn.GroupNorm(2, 4), X4, True),
+    "LayerNorm": (lambda: bnlib.nn.LayerNorm([4, 3, 3]), X4, True),
+    "InstanceNorm2d": (lambda: bnlib.nn.InstanceNorm2d(4, affine=True), X4, True),
+    "BatchRenorm2d eval": (lambda: bnlib.nn.BatchRenorm2d(4), X4, False),
+    "weight_norm": (lambda: alternatives.weight_norm(torch.nn.Linear(3, 2)), X2, True),
+    "spectral_norm eval": (lambda: alternatives.spectral_norm(torch.nn.Linear(3, 2)), X2, False),
+}
+
+
+def make_layer(name, seed=0):
+    """The layer in float64 with non-trivial parameters and running estimates, and an input."""
+    constructor, shape, training = LAYERS[name]
+    torch.manual_seed(seed)
+    layer = constructor().double().train(training)
+    with torch.no_grad():
+        for tensor in list(layer.parameters()) + [b for b in layer.buffers() if b.is_floating_point()]:
+            tensor.copy_(tensor + 0.3 * torch.rand_like(tensor))  # running_var stays positive
+    return layer, torch.randn(shape, dtype=torch.float64) * 2 + 0.5
+
+
+def loss_of(layer):
+    """``loss(params, x)``: a weighted sum of the outputs (every output matters, unequally)."""
+
+    def loss(params, x):
+        y = functional_call(layer, params, (x,))
+        weights = torch.linspace(-1, 2, y.numel(), dtype=y.dtype).reshape(y.shape)
+        return (y * weights).sum() + 0.1 * y.square().sum()
+
+    return loss
+
+
+def params_of(layer):
+    return {k: v.detach().clone() for k, v in layer.named_parameters()}
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_grad_matches_the_eager_backward(name):
+    layer, x = make_layer(name)
+    params = params_of(layer)
+    loss = loss_of(layer)
+    got_params, got_x = grad(loss, argnums=(0, 1))(params, x)
+
+    leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
+    x_leaf = x.clone().requires_grad_()
+    want = torch.autograd.grad(loss(leaves, x_leaf), [*leaves.values(), x_leaf])
+    for key, expected in zip(leaves, want):
+        torch.testing.assert_close(got_params[key], expected)
+    torch.testing.assert_close(got_x, want[-1])
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_forward_mode_agrees_with_reverse_mode(name):
+    layer, x = make_layer(name)
+    params = params_of(layer)
+    forward = jacfwd(loss_of(layer), argnums=1)(params, x)
+    reverse = jacrev(loss_of(layer), argnums=1)(params, x)
+    torch.testing.assert_close(forward, reverse)
+
+
+@pytest.mark.parametrize("name", ["GroupNorm", "BatchNorm1d batch statistics", "weight_norm"])
+def test_hessian_matches_double_backward(name):
+    """Second derivatives through the transform equal the eager path's double backward."""
+    layer, x = make_layer(name)
+    params = params_of(layer)
+    loss = loss_of(layer)
+    got = hessian(loss, argnums=1)(params, x)
+    want = torch.autograd.functional.hessian(lambda t: loss(params, t), x)
+    torch.testing.assert_close(got, want)
+
+
+def test_vmap_normalizes_each_batch_on_its_own():
+    """BN with batch statistics, vmapped over a stack of batches, is BN of each batch:
+    the same as a loop, and as torch's BatchNorm2d under the same vmap."""
+    layer, _ = make_layer("BatchNorm2d batch statistics")
+    batches = torch.randn(3, *X4, dtype=torch.float64) * 3 - 1
+    params = params_of(layer)
+    got = vmap(lambda b: functional_call(layer, params, (b,)))(batches)
+    torch.testing.assert_close(got, torch.stack([layer(b) for b in batches]))
+
+    reference = torch.nn.BatchNorm2d(4, track_running_stats=False).double()
+    theirs = vmap(lambda b: functional_call(reference, params, (b,)))(batches)
+    torch.testing.assert_close(got, theirs)
+
+
+def test_per_sample_gradients_in_eval_mode():
+    """The usual torch.func recipe (vmap of grad over single samples) on a network
+    with BN in eval mode gives each sample's own gradient."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 4), bnlib.nn.BatchNorm1d(4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    net = net.double()
+    net[1].running_mean.uniform_(-1, 1)
+    net.eval()
+    params = params_of(net)
+    x, y = torch.randn(7, 5, dtype=torch.float64), torch.randint(0, 2, (7,))
+
+    def sample_loss(p, xi, yi):
+        return torch.nn.functional.cross_entropy(functional_call(net, p, (xi[None],)), yi[None])
+
+    per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, x, y)
+    for i in (0, 6):
+        leaves = {k: v.requires_grad_() for k, v in params_of(net).items()}
+        want = torch.autograd.grad(sample_loss(leaves, x[i], y[i]), list(leaves.values()))
+        for key, expected in zip(leaves, want):
+            torch.testing.assert_close(per_sample[key][i], expected)
+
+
+@pytest.mark.parametrize("transform", ["grad", "vmap"])
+@pytest.mark.parametrize("cls", [bnlib.nn.BatchNorm1d, alternatives.BatchRenorm1d])
+def test_running_estimates_under_a_transform_raise_before_any_change(cls, transform):
+    layer = cls(3).double().train()
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = torch.randn(6, 3, dtype=torch.float64)
+    params = params_of(layer)
+    with pytest.raises(ValueError, match="track_running_stats=False or eval mode"):
+        if transform == "grad":
+            grad(lambda p: functional_call(layer, p, (x,)).sum())(params)
+        else:
+            vmap(lambda b: functional_call(layer, params, (b,)))(torch.stack([x, x]))
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_the_switch_is_on_only_inside_a_transform():
+    seen = []
+    assert not bnF.under_func_transform()
+    grad(lambda t: (seen.append(bnF.under_func_transform()), t.sum())[1])(torch.ones(2))
+    vmap(lambda t: (seen.append(bnF.under_func_transform()), t)[1])(torch.ones(2))
+    assert seen == [True, True] and not bnF.under_func_transform()
