@@ -291,6 +291,10 @@ def _update_instance_running_stats(running_mean, running_var, mu, var, m, moment
     finite = torch.isfinite(batch_mean) & torch.isfinite(batch_var)
     new_mean = (1 - momentum) * running_mean + momentum * batch_mean.to(running_mean.dtype)
     new_var = (1 - momentum) * running_var + momentum * batch_var.to(running_var.dtype)
+    if bnF.captured_by_transform(running_mean):  # out=, the write a transform allows
+        torch.where(finite, new_mean, running_mean, out=running_mean)
+        torch.where(finite, new_var, running_var, out=running_var)
+        return
     running_mean.copy_(torch.where(finite, new_mean, running_mean))
     running_var.copy_(torch.where(finite, new_var, running_var))
 
@@ -957,9 +961,14 @@ class _SpectralNorm(nn.Module):
     @torch.no_grad()
     def _power_method(self, weight_mat, n_power_iterations):
         """``u <- normalize(W v)``, ``v <- normalize(W^T u)``, in place in the buffers."""
+        captured = bnF.captured_by_transform(self._u)
         for _ in range(n_power_iterations):
-            self._u.copy_(_l2_normalize(torch.mv(weight_mat, self._v), self.eps))
-            self._v.copy_(_l2_normalize(torch.mv(weight_mat.t(), self._u), self.eps))
+            for buffer, matrix, other in ((self._u, weight_mat, self._v), (self._v, weight_mat.t(), self._u)):
+                product = torch.mv(matrix, other)
+                if captured:  # out=, the write a transform allows (see bnF.captured_by_transform)
+                    torch.div(product, torch.linalg.vector_norm(product).clamp_min(self.eps), out=buffer)
+                else:
+                    buffer.copy_(_l2_normalize(product, self.eps))
 
     def forward(self, weight):
         if weight.ndim == 1:

@@ -116,15 +116,18 @@ class _NormBase(nn.Module):
         (torch allows it) nothing is counted and the cumulative factor is 0:
         torch's rule.
 
-        Raises before anything changes under a ``torch.func`` transform, which
-        does not allow the in-place updates (torch's own modules fail there
-        too, after counting the batch).
+        Raises before anything changes inside a ``torch.func`` transform that
+        captured the running estimates from outside (``grad`` of a module,
+        ``vmap`` over inputs), which would refuse the updates; torch's own
+        modules fail there too, ``vmap`` after counting the batch. Buffers
+        the transform itself maps over (an ensemble from
+        ``torch.func.stack_module_state``) are updated as usual.
         """
-        if bnF.under_func_transform():
+        if self.running_mean is not None and bnF.captured_by_transform(self.running_mean):
             raise InputError(
-                f"{type(self).__name__} in training mode updates its running estimates in place, which "
-                "torch.func transforms (grad, vmap, jacrev, ...) do not allow: use track_running_stats=False "
-                "or eval mode inside the transform"
+                f"{type(self).__name__} in training mode updates its running estimates in place, which a "
+                "torch.func transform (grad, vmap, jacrev, ...) does not allow for buffers from outside it: "
+                "inside the transform use eval mode, or track_running_stats=False where the layer has it"
             )
         factor = 0.0 if self.momentum is None else self.momentum
         if self.num_batches_tracked is not None:

@@ -99,6 +99,27 @@ def under_func_transform():
     return _functorch_transforms_active()
 
 
+def from_inside_transform(t):
+    """Whether ``t``, inside a running ``torch.func`` transform, is a tensor
+    of its innermost level (an input it maps over or differentiates, e.g.
+    buffers stacked by ``torch.func.stack_module_state`` and vmapped over)
+    rather than one captured from outside it, which the transform will not
+    let a layer update. Without the functorch internals to ask: False."""
+    if _functorch_level is None:
+        return False
+    return _functorch_level(t) >= torch._C._functorch.current_level()
+
+
+_functorch_level = getattr(getattr(torch._C, "_functorch", None), "maybe_get_level", None)
+
+
+def captured_by_transform(t):
+    """Whether a ``torch.func`` transform is running and ``t`` comes from
+    outside it: the transform then refuses in-place methods on ``t``, but
+    takes an op's ``out=`` (which is how bnlib writes such a buffer)."""
+    return under_func_transform() and not from_inside_transform(t)
+
+
 def _cpu_kernels(x):
     """``torch.ops.bnlib_cpu`` when the fused CPU kernels should handle ``x``, else None.
 
@@ -560,8 +581,21 @@ def _update_running_stats(running_mean, running_var, mu, var, m, momentum):
         return
     unbiased_var = var * (m / (m - 1)) if m > 1 else var
     finite = torch.isfinite(unbiased_var)
-    running_mean.lerp_(torch.where(finite, mu, running_mean).to(running_mean.dtype), momentum)
-    running_var.lerp_(torch.where(finite, unbiased_var, running_var).to(running_var.dtype), momentum)
+    mean_target = torch.where(finite, mu, running_mean).to(running_mean.dtype)
+    var_target = torch.where(finite, unbiased_var, running_var).to(running_var.dtype)
+    if captured_by_transform(running_mean):
+        # A torch.func transform refuses in-place methods on tensors from
+        # outside it, but takes an op's out= (as torch's own batch norm
+        # writes its running estimates). Outside one, lerp_: torch.compile
+        # traces no out=.
+        torch.lerp(running_mean, mean_target, momentum, out=running_mean)
+        torch.lerp(running_var, var_target, momentum, out=running_var)
+    elif under_func_transform():  # buffers the transform maps over; lerp_ has no batching rule
+        running_mean.copy_(torch.lerp(running_mean, mean_target, momentum))
+        running_var.copy_(torch.lerp(running_var, var_target, momentum))
+    else:
+        running_mean.lerp_(mean_target, momentum)
+        running_var.lerp_(var_target, momentum)
 
 
 _warned = set()  # warnings given once per process

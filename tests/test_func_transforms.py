@@ -5,8 +5,15 @@ under a transform every entry point computes the same map in plain tensor
 ops (``bnlib.functional.under_func_transform``). The truth here is bnlib's
 own eager path (checked against torch.nn elsewhere) and torch's modules
 under the same transforms. In-place running-estimate updates cannot happen
-under a transform: bnlib says so before it changes anything.
+under a transform into buffers captured from outside it (``grad`` of a module,
+``vmap`` over inputs): bnlib says so before it changes anything. The rest
+updates its buffers as the eager path does (through ``out=``, the write the
+transforms allow): functional batch norm and instance norm under ``grad``,
+spectral norm's power iteration, and an ensemble vmapped over its stacked
+buffers.
 """
+
+import copy
 
 import pytest
 import torch
@@ -140,7 +147,7 @@ def test_running_estimates_under_a_transform_raise_before_any_change(cls, transf
     before = {k: v.clone() for k, v in layer.state_dict().items()}
     x = torch.randn(6, 3, dtype=torch.float64)
     params = params_of(layer)
-    with pytest.raises(ValueError, match="track_running_stats=False or eval mode"):
+    with pytest.raises(ValueError, match="use eval mode"):
         if transform == "grad":
             grad(lambda p: functional_call(layer, p, (x,)).sum())(params)
         else:
@@ -155,3 +162,67 @@ def test_the_switch_is_on_only_inside_a_transform():
     grad(lambda t: (seen.append(bnF.under_func_transform()), t.sum())[1])(torch.ones(2))
     vmap(lambda t: (seen.append(bnF.under_func_transform()), t)[1])(torch.ones(2))
     assert seen == [True, True] and not bnF.under_func_transform()
+
+
+def test_functional_batch_norm_updates_running_estimates_under_grad():
+    """As torch's F.batch_norm: the running estimates move as in an eager step."""
+    x = torch.randn(8, 3, dtype=torch.float64) * 2 + 1
+    weight = torch.rand(3, dtype=torch.float64) + 0.5
+    eager_stats = [torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)]
+    func_stats = [t.clone() for t in eager_stats]
+
+    def loss(w, stats):
+        return bnF.batch_norm(x, *stats, w, None, training=True, momentum=0.3).square().mul(x).sum()
+
+    got = grad(loss)(weight, func_stats)
+    leaf = weight.clone().requires_grad_()
+    want, = torch.autograd.grad(loss(leaf, eager_stats), leaf)
+    torch.testing.assert_close(got, want)
+    for ours, eager in zip(func_stats, eager_stats):
+        torch.testing.assert_close(ours, eager)
+
+
+def test_instance_norm_updates_running_estimates_under_grad():
+    torch.manual_seed(0)
+    eager = bnlib.nn.InstanceNorm1d(3, affine=True, track_running_stats=True).double()
+    transformed = copy.deepcopy(eager)
+    x = torch.randn(4, 3, 5, dtype=torch.float64) * 3 + 2
+    got = grad(lambda p: functional_call(transformed, p, (x,)).square().sum())(params_of(transformed))
+    eager(x).square().sum().backward()
+    for key, param in eager.named_parameters():
+        torch.testing.assert_close(got[key], param.grad)
+    for key, buffer in eager.named_buffers():
+        torch.testing.assert_close(transformed.get_buffer(key), buffer)
+
+
+def test_spectral_norm_in_training_mode_under_grad():
+    """The power iteration runs (and updates u, v) as in an eager training step."""
+    torch.manual_seed(0)
+    eager = alternatives.spectral_norm(torch.nn.Linear(4, 3)).double()
+    transformed = copy.deepcopy(eager)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    got = grad(lambda p: functional_call(transformed, p, (x,)).square().sum())(params_of(transformed))
+    eager(x).square().sum().backward()
+    for key, param in eager.named_parameters():
+        torch.testing.assert_close(got[key], param.grad)
+    for key, buffer in eager.named_buffers():
+        torch.testing.assert_close(transformed.get_buffer(key), buffer)
+
+
+def test_an_ensemble_vmapped_over_its_stacked_buffers_trains_as_torch():
+    """torch.func's ensembling recipe in training mode: each member normalizes its
+    own batch and updates its own running estimates, as with torch's BatchNorm1d."""
+    batches = torch.randn(3, 8, 4, dtype=torch.float64) * 2 + 1
+    results = {}
+    for cls in (bnlib.nn.BatchNorm1d, torch.nn.BatchNorm1d):
+        torch.manual_seed(0)
+        members = [cls(4, momentum=0.2).double() for _ in range(3)]
+        params, buffers = torch.func.stack_module_state(members)
+        base = copy.deepcopy(members[0]).to("meta")
+        y = vmap(lambda p, b, x: functional_call(base, (p, b), (x,)))(params, buffers, batches)
+        results[cls] = (y, buffers)
+    (ours, our_buffers), (theirs, their_buffers) = results.values()
+    torch.testing.assert_close(ours, theirs)
+    for key, value in their_buffers.items():
+        torch.testing.assert_close(our_buffers[key], value)
+    assert our_buffers["num_batches_tracked"].tolist() == [1, 1, 1]
