@@ -182,31 +182,29 @@ def test_functional_batch_norm_updates_running_estimates_under_grad():
         torch.testing.assert_close(ours, eager)
 
 
-def test_instance_norm_updates_running_estimates_under_grad():
-    torch.manual_seed(0)
-    eager = bnlib.nn.InstanceNorm1d(3, affine=True, track_running_stats=True).double()
-    transformed = copy.deepcopy(eager)
-    x = torch.randn(4, 3, 5, dtype=torch.float64) * 3 + 2
-    got = grad(lambda p: functional_call(transformed, p, (x,)).square().sum())(params_of(transformed))
+def assert_step_under_grad_matches_eager(layer, x):
+    """One training step of ``layer`` on ``x`` under ``grad`` and, on a copy,
+    eagerly: the same parameter gradients, and the same buffers after it."""
+    eager = copy.deepcopy(layer)
+    got = grad(lambda p: functional_call(layer, p, (x,)).square().sum())(params_of(layer))
     eager(x).square().sum().backward()
     for key, param in eager.named_parameters():
         torch.testing.assert_close(got[key], param.grad)
     for key, buffer in eager.named_buffers():
-        torch.testing.assert_close(transformed.get_buffer(key), buffer)
+        torch.testing.assert_close(layer.get_buffer(key), buffer)
+
+
+def test_instance_norm_updates_running_estimates_under_grad():
+    torch.manual_seed(0)
+    layer = bnlib.nn.InstanceNorm1d(3, affine=True, track_running_stats=True).double()
+    assert_step_under_grad_matches_eager(layer, torch.randn(4, 3, 5, dtype=torch.float64) * 3 + 2)
 
 
 def test_spectral_norm_in_training_mode_under_grad():
     """The power iteration runs (and updates u, v) as in an eager training step."""
     torch.manual_seed(0)
-    eager = alternatives.spectral_norm(torch.nn.Linear(4, 3)).double()
-    transformed = copy.deepcopy(eager)
-    x = torch.randn(5, 4, dtype=torch.float64)
-    got = grad(lambda p: functional_call(transformed, p, (x,)).square().sum())(params_of(transformed))
-    eager(x).square().sum().backward()
-    for key, param in eager.named_parameters():
-        torch.testing.assert_close(got[key], param.grad)
-    for key, buffer in eager.named_buffers():
-        torch.testing.assert_close(transformed.get_buffer(key), buffer)
+    layer = alternatives.spectral_norm(torch.nn.Linear(4, 3)).double()
+    assert_step_under_grad_matches_eager(layer, torch.randn(5, 4, dtype=torch.float64))
 
 
 def test_an_ensemble_vmapped_over_its_stacked_buffers_trains_as_torch():
