@@ -99,6 +99,9 @@ def under_func_transform():
     return _functorch_transforms_active()
 
 
+_functorch_level = getattr(getattr(torch._C, "_functorch", None), "maybe_get_level", None)
+
+
 def from_inside_transform(t):
     """Whether ``t``, inside a running ``torch.func`` transform, is a tensor
     of its innermost level (an input it maps over or differentiates, e.g.
@@ -108,9 +111,6 @@ def from_inside_transform(t):
     if _functorch_level is None:
         return False
     return _functorch_level(t) >= torch._C._functorch.current_level()
-
-
-_functorch_level = getattr(getattr(torch._C, "_functorch", None), "maybe_get_level", None)
 
 
 def captured_by_transform(t):
@@ -585,9 +585,8 @@ def _update_running_stats(running_mean, running_var, mu, var, m, momentum):
     var_target = torch.where(finite, unbiased_var, running_var).to(running_var.dtype)
     if captured_by_transform(running_mean):
         # A torch.func transform refuses in-place methods on tensors from
-        # outside it, but takes an op's out= (as torch's own batch norm
-        # writes its running estimates). Outside one, lerp_: torch.compile
-        # traces no out=.
+        # outside it, but takes an op's out= (torch's own spectral norm writes
+        # its buffers so). Outside one, lerp_: torch.compile traces no out=.
         torch.lerp(running_mean, mean_target, momentum, out=running_mean)
         torch.lerp(running_var, var_target, momentum, out=running_var)
     elif under_func_transform():  # buffers the transform maps over; lerp_ has no batching rule
