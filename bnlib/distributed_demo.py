@@ -22,7 +22,6 @@ Run ``python -m bnlib.distributed_demo`` for the chapter's demo.
 """
 
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -39,7 +38,6 @@ import bnlib.nn as bnn
 from bnlib.data import load_digits_split
 
 __all__ = [
-    "free_port",
     "launch",
     "make_cnn",
     "digits_images",
@@ -55,21 +53,17 @@ __all__ = [
 # Starting processes
 # --------------------------------------------------------------------------
 
-def free_port():
-    """A TCP port on 127.0.0.1 that was free a moment ago (bind to port 0, ask, close)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_TIMEOUT = timedelta(seconds=120)
 
 
 def _entry(rank, fn, world_size, port, out_dir, backend, args):
     """What each spawned process runs: join the group, call ``fn``, save its result."""
     torch.set_num_threads(1)
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
     if backend == "nccl":
         torch.cuda.set_device(rank)
-    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=120))
+    # A client of the rendezvous store that launch() holds open on ``port``.
+    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=_TIMEOUT)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=_TIMEOUT)
     try:
         result = fn(rank, world_size, *args)
         dist.barrier()  # nobody leaves while another rank may still need it
@@ -83,13 +77,20 @@ def launch(fn, world_size, *args, backend="gloo"):
 
     ``fn`` must be a module-level function of an importable module (spawn
     pickles it by name). Each process gets one thread and a process group
-    on 127.0.0.1 (a free port): gloo, or ``backend="nccl"`` with rank ``r``
+    that meets at a store this process holds on 127.0.0.1: gloo, or
+    ``backend="nccl"`` with rank ``r``
     on GPU ``r``. Results travel through files (any
     size, no pipe to fill) and come back as a list in rank order. An
     exception in any process is raised here, and the others are stopped.
     """
+    # The rendezvous store lives here, on a port the OS picks as it binds
+    # (port 0), open until the processes are done. Picking a free port,
+    # closing it and having rank 0 bind it a second later raced with every
+    # other process on the machine: a notebook kernel starting beside the
+    # book's chapter 8 once took the port in between (EADDRINUSE).
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=_TIMEOUT)
     with tempfile.TemporaryDirectory(prefix="bnlib-launch-") as out_dir:
-        mp.spawn(_entry, args=(fn, world_size, free_port(), out_dir, backend, args), nprocs=world_size, join=True)
+        mp.spawn(_entry, args=(fn, world_size, store.port, out_dir, backend, args), nprocs=world_size, join=True)
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
 
 
