@@ -124,12 +124,12 @@ def _cpu_kernels(x):
     """``torch.ops.bnlib_cpu`` when the fused CPU kernels should handle ``x``, else None.
 
     They take float32 and float64 CPU tensors with at least one element;
-    half inputs, empty batches, other devices and ``torch.func`` transforms
-    stay on the tensor-op path. (Called on every step, so it is written for
-    speed: attribute reads and one C call.)
+    half inputs, empty batches and other devices stay on the tensor-op path.
+    (Called on every step, so it is written for speed: attribute reads only.
+    Under a ``torch.func`` transform its callers take the formulas before
+    asking it.)
     """
-    if (_cpu["backend"] == "tensor_ops" or not x.is_cpu or x.dtype not in _KERNEL_DTYPES or x.numel() == 0
-            or under_func_transform()):
+    if _cpu["backend"] == "tensor_ops" or not x.is_cpu or x.dtype not in _KERNEL_DTYPES or x.numel() == 0:
         return None
     ops = _cpu.get("ops")
     if ops is None:
@@ -574,7 +574,8 @@ def _update_running_stats(running_mean, running_var, mu, var, m, momentum):
     is the update in one op; on (C,) vectors the time is per-op overhead, so
     this is 6 ops where the spelled-out formula took 14 (35 us -> 15 us).
     """
-    kernels = _cpu_kernels(mu)
+    transformed = under_func_transform()
+    kernels = None if transformed else _cpu_kernels(mu)
     if kernels is not None and _running_args(running_mean, running_var, mu) is not None:
         # The same update in one call: on (C,) vectors the time is per-op overhead.
         kernels.update_running_stats(running_mean, running_var, mu, var, m, float(momentum))
@@ -583,13 +584,13 @@ def _update_running_stats(running_mean, running_var, mu, var, m, momentum):
     finite = torch.isfinite(unbiased_var)
     mean_target = torch.where(finite, mu, running_mean).to(running_mean.dtype)
     var_target = torch.where(finite, unbiased_var, running_var).to(running_var.dtype)
-    if captured_by_transform(running_mean):
+    if transformed and not from_inside_transform(running_mean):
         # A torch.func transform refuses in-place methods on tensors from
         # outside it, but takes an op's out= (torch's own spectral norm writes
         # its buffers so). Outside one, lerp_: torch.compile traces no out=.
         torch.lerp(running_mean, mean_target, momentum, out=running_mean)
         torch.lerp(running_var, var_target, momentum, out=running_var)
-    elif under_func_transform():  # buffers the transform maps over; lerp_ has no batching rule
+    elif transformed:  # buffers the transform maps over; lerp_ has no batching rule
         running_mean.copy_(torch.lerp(running_mean, mean_target, momentum))
         running_var.copy_(torch.lerp(running_var, var_target, momentum))
     else:

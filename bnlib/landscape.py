@@ -489,6 +489,11 @@ def loss_landscape_along_gradient(
 # --------------------------------------------------------------------------
 
 
+def _filter_norms(t: torch.Tensor) -> torch.Tensor:
+    """The norm of each filter ``t[i]``, shaped to broadcast against ``t``."""
+    return t.flatten(1).norm(dim=1).view((-1,) + (1,) * (t.dim() - 1))
+
+
 def filter_normalized_direction(model: nn.Module, generator: torch.Generator | None = None) -> list[torch.Tensor]:
     r"""A random direction in parameter space, filter-normalized as in Li et al. (2018).
 
@@ -518,8 +523,7 @@ def filter_normalized_direction(model: nn.Module, generator: torch.Generator | N
             continue
         d = torch.randn(p.shape, generator=generator, dtype=torch.float64)
         w = p.detach().to(device="cpu", dtype=torch.float64)
-        filter_norms = lambda t: t.flatten(1).norm(dim=1).view((-1,) + (1,) * (p.dim() - 1))
-        directions.append((d / filter_norms(d) * filter_norms(w)).to(device=p.device, dtype=p.dtype))
+        directions.append((d / _filter_norms(d) * _filter_norms(w)).to(device=p.device, dtype=p.dtype))
     return directions
 
 
