@@ -74,7 +74,8 @@ def _compute_dtype(dtype):
 
 
 def _check_eps(eps):
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not (eps > 0) or math.isinf(eps):
+    # numbers.Real: NumPy scalars too, as torch and the BN modules take them
+    if not isinstance(eps, Real) or isinstance(eps, bool) or not (0 < eps < math.inf):
         raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
 
 
@@ -149,7 +150,11 @@ class GroupedNormFunction(torch.autograd.Function):
         x_centered = rows - mu  # two passes: stable when |mu| >> std
         var = (x_centered * x_centered).mean(-1, keepdim=True)
         invstd = torch.rsqrt(var + eps)
-        x_hat = (x_centered * invstd).reshape(x.shape)
+        # Written through a view into a tensor of x's shape, so that x_hat is
+        # not itself a view: returned as y (no weight, no bias), a view would
+        # refuse in-place ops after it (ReLU(inplace=True), out += residual).
+        x_hat = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        torch.mul(x_centered, invstd, out=x_hat.view(row_shape))
         y = x_hat if weight is None else x_hat * weight.to(x.dtype).view(param_view)
         if bias is not None:
             y = y + bias.to(x.dtype).view(param_view)
@@ -223,6 +228,7 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     """
     normalized_shape = _normalized_shape_tuple(normalized_shape)
     _check_layer_norm_input(input, normalized_shape)
+    check_floating_dtype("layer_norm", input.dtype, input.is_floating_point())
     k = len(normalized_shape)
     lead = tuple(input.shape[: input.dim() - k])
     row_shape = lead + (math.prod(normalized_shape),)
@@ -259,6 +265,7 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
     if input.dim() < 2:
         raise InputError(f"group_norm expected an input with at least 2 dimensions (N, C, ...), got {input.dim()}D input")
     num_channels = input.shape[1]
+    check_floating_dtype("group_norm", input.dtype, input.is_floating_point())
     if num_channels % num_groups != 0:
         raise InputError(
             f"Expected number of channels in input to be divisible by num_groups, "
@@ -289,14 +296,18 @@ def _update_instance_running_stats(running_mean, running_var, mu, var, m, moment
     unbiased_var = var * (m / (m - 1)) if m > 1 else var
     batch_mean, batch_var = mu.mean(0), unbiased_var.mean(0)
     finite = torch.isfinite(batch_mean) & torch.isfinite(batch_var)
-    new_mean = (1 - momentum) * running_mean + momentum * batch_mean.to(running_mean.dtype)
-    new_var = (1 - momentum) * running_var + momentum * batch_var.to(running_var.dtype)
+    # In the wider of the two dtypes, rounded once into the buffer (a float16
+    # buffer must not see a variance above 65504 rounded to inf first).
+    old_mean = running_mean.to(torch.promote_types(batch_mean.dtype, running_mean.dtype))
+    old_var = running_var.to(torch.promote_types(batch_var.dtype, running_var.dtype))
+    new_mean = torch.where(finite, (1 - momentum) * old_mean + momentum * batch_mean.to(old_mean.dtype), old_mean)
+    new_var = torch.where(finite, (1 - momentum) * old_var + momentum * batch_var.to(old_var.dtype), old_var)
     if bnF.captured_by_transform(running_mean):  # out=, the write a transform allows
-        torch.where(finite, new_mean, running_mean, out=running_mean)
-        torch.where(finite, new_var, running_var, out=running_var)
+        torch.mul(new_mean, 1, out=running_mean)  # (mul's out= rounds to the buffer's dtype; where's does not)
+        torch.mul(new_var, 1, out=running_var)
         return
-    running_mean.copy_(torch.where(finite, new_mean, running_mean))
-    running_var.copy_(torch.where(finite, new_var, running_var))
+    running_mean.copy_(new_mean)
+    running_var.copy_(new_var)
 
 
 def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
@@ -312,6 +323,11 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     if input.dim() < 3:
         raise InputError(f"instance_norm expected an input with at least 3 dimensions (N, C, L, ...), got {input.dim()}D input")
     num_channels = input.shape[1]
+    check_floating_dtype("instance_norm", input.dtype, input.is_floating_point())
+    if (running_mean is None) != (running_var is None):
+        raise InputError("instance_norm expected running_mean and running_var both given or both None, "
+                         f"got running_mean {'None' if running_mean is None else 'given'} and running_var "
+                         f"{'None' if running_var is None else 'given'}")
     for name, tensor in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
         if tensor is not None and tensor.numel() != num_channels:
             raise InputError(f"{name} should have {num_channels} elements (one per channel), got {tensor.numel()}")

@@ -66,7 +66,10 @@ class _NormBase(nn.Module):
                  device=None, dtype=None, *, bias=True):
         check_norm_args(num_features, eps, momentum)
         factory_kwargs = {"device": device, "dtype": dtype}
-        super().__init__()
+        # nn.Module's, by name: in BatchNorm*d the next class is torch's
+        # _BatchNorm (see _TorchBatchNorm below), whose own __init__ would
+        # build a second set of parameters.
+        nn.Module.__init__(self)
         self.num_features = num_features
         self.eps = eps
         self.momentum = momentum
@@ -177,19 +180,36 @@ class _BatchNorm(_NormBase):
         )
 
 
-class BatchNorm1d(_BatchNorm):
+# torch's base class of its batch norms, a second base of ours (every method
+# of it is overridden here): torch's utilities find batch norm layers with
+# isinstance on it (torch.optim.swa_utils.update_bn recomputes their running
+# statistics, torch.func.replace_all_batch_norm_modules_ prepares them for
+# vmap, torch.nn.SyncBatchNorm.convert_sync_batchnorm converts them), and a
+# layer they skip would go unnoticed. GhostBatchNorm is left out on purpose.
+_TorchBatchNorm = nn.modules.batchnorm._BatchNorm
+
+
+class _TorchCompatible:
+    """What torch's base class adds that callers may use: ``_check_input_dim``
+    (which subclasses of torch's batch norms override), here the dims check."""
+
+    def _check_input_dim(self, input):
+        check_input_dims(type(self).__name__, input.shape, self.allowed_dims)
+
+
+class BatchNorm1d(_TorchCompatible, _BatchNorm, _TorchBatchNorm):
     """Batch norm for ``(N, C)`` or ``(N, C, L)`` inputs."""
 
     allowed_dims = (2, 3)
 
 
-class BatchNorm2d(_BatchNorm):
+class BatchNorm2d(_TorchCompatible, _BatchNorm, _TorchBatchNorm):
     """Batch norm for ``(N, C, H, W)`` inputs: statistics over (N, H, W)."""
 
     allowed_dims = (4,)
 
 
-class BatchNorm3d(_BatchNorm):
+class BatchNorm3d(_TorchCompatible, _BatchNorm, _TorchBatchNorm):
     """Batch norm for ``(N, C, D, H, W)`` inputs: statistics over (N, D, H, W)."""
 
     allowed_dims = (5,)

@@ -84,19 +84,27 @@ _KERNEL_DTYPES = (torch.float32, torch.float64)
 _functorch_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 
 
+def _forward_ad_active():
+    """Whether a ``torch.autograd.forward_ad.dual_level()`` is open (its
+    level counter, -1 outside one)."""
+    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
+
+
 def under_func_transform():
     """Whether a ``torch.func`` transform (``grad``, ``vmap``, ``jacrev``,
-    ``jacfwd``, ``hessian``, ...) is running.
+    ``jacfwd``, ``hessian``, ...) is running, or a forward-mode AD level
+    (``torch.autograd.forward_ad.dual_level``) is open.
 
     bnlib's autograd Functions have hand-written backward passes, but no vmap
     or forward-mode rules, and the fused kernels are opaque to the
     transforms. Under a transform every entry point computes the same map in
     plain tensor ops instead (the ``*_formula`` functions that second
     derivatives differentiate), which every transform composes with; the
-    transforms then differentiate the formula themselves. Outside one, the
-    hand-written passes and the kernels run as always.
+    transforms then differentiate the formula themselves (forward-mode AD
+    too: the Functions have no ``jvp``). Outside one, the hand-written
+    passes and the kernels run as always.
     """
-    return _functorch_transforms_active()
+    return _functorch_transforms_active() or _forward_ad_active()
 
 
 _functorch_level = getattr(getattr(torch._C, "_functorch", None), "maybe_get_level", None)
@@ -117,7 +125,7 @@ def captured_by_transform(t):
     """Whether a ``torch.func`` transform is running and ``t`` comes from
     outside it: the transform then refuses in-place methods on ``t``, but
     takes an op's ``out=`` (which is how bnlib writes such a buffer)."""
-    return under_func_transform() and not from_inside_transform(t)
+    return _functorch_transforms_active() and not from_inside_transform(t)
 
 
 def _cpu_kernels(x):
@@ -574,7 +582,7 @@ def _update_running_stats(running_mean, running_var, mu, var, m, momentum):
     is the update in one op; on (C,) vectors the time is per-op overhead, so
     this is 6 ops where the spelled-out formula took 14 (35 us -> 15 us).
     """
-    transformed = under_func_transform()
+    transformed = _functorch_transforms_active()  # (forward-mode AD alone writes buffers as eager code does)
     kernels = None if transformed else _cpu_kernels(mu)
     if kernels is not None and _running_args(running_mean, running_var, mu) is not None:
         # The same update in one call: on (C,) vectors the time is per-op overhead.
@@ -582,6 +590,14 @@ def _update_running_stats(running_mean, running_var, mu, var, m, momentum):
         return
     unbiased_var = var * (m / (m - 1)) if m > 1 else var
     finite = torch.isfinite(unbiased_var)
+    if torch.promote_types(mu.dtype, running_mean.dtype) != running_mean.dtype:
+        # Buffers narrower than the statistics (a module made .half()): average
+        # in float32, round once, as torch does. Rounding the batch variance
+        # first would turn a finite one above float16's 65504 into inf, and
+        # the buffer into inf, then NaN.
+        _lerp_narrow_buffer(running_mean, torch.where(finite, mu, running_mean.to(mu.dtype)), momentum, transformed)
+        _lerp_narrow_buffer(running_var, torch.where(finite, unbiased_var, running_var.to(var.dtype)), momentum, transformed)
+        return
     mean_target = torch.where(finite, mu, running_mean).to(running_mean.dtype)
     var_target = torch.where(finite, unbiased_var, running_var).to(running_var.dtype)
     if transformed and not from_inside_transform(running_mean):
@@ -596,6 +612,16 @@ def _update_running_stats(running_mean, running_var, mu, var, m, momentum):
     else:
         running_mean.lerp_(mean_target, momentum)
         running_var.lerp_(var_target, momentum)
+
+
+def _lerp_narrow_buffer(buffer, target, momentum, transformed):
+    """``buffer = lerp(buffer, target, momentum)`` computed in ``target``'s
+    wider dtype and rounded once into ``buffer``'s (a skipped channel's
+    target is the buffer itself, which survives the round trip exactly)."""
+    if transformed and not from_inside_transform(buffer):
+        torch.lerp(buffer.to(target.dtype), target, momentum, out=buffer)  # out= rounds to buffer's dtype
+    else:
+        buffer.copy_(torch.lerp(buffer.to(target.dtype), target, momentum))
 
 
 _warned = set()  # warnings given once per process
@@ -641,7 +667,8 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
 
     Raises:
         ValueError: a non-floating-point input, fewer than 2 dims, one value per channel in training,
-            per-channel tensors of the wrong length, or eval mode without
+            per-channel tensors of the wrong length, only one of the running
+            estimates or ``eps <= 0`` in training, or eval mode without
             running estimates. Nothing is updated when it raises.
     """
     if input.dim() < 2:
@@ -650,6 +677,14 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     check_floating_dtype("batch_norm", input.dtype, input.is_floating_point())
     for name, tensor in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
         _check_per_channel(name, tensor, num_channels)
+    if training and (running_mean is None) != (running_var is None):
+        # (torch raises too; updating one estimate and not the other would go unnoticed)
+        raise InputError(
+            "batch_norm expected running_mean and running_var both given or both None, got only "
+            f"{'running_mean' if running_var is None else 'running_var'}"
+        )
+    if training and not eps > 0:
+        raise InputError(f"batch_norm expected eps > 0 in training (the variance of a constant channel is 0), got {eps}")
     if training:
         if values_per_channel(input.shape) == 1:  # (the message's text is built only then)
             check_batch_size(input.shape, str(input.size()))

@@ -57,6 +57,8 @@ estimates (``track_running_stats=False``) eval normalizes each virtual
 batch with its own statistics, as training does.
 """
 
+import numbers
+
 import torch
 
 from bnlib import batchnorm as bnn
@@ -90,8 +92,9 @@ class GhostBatchNorm(bnn._BatchNorm):
 
     def __init__(self, num_features, virtual_batch_size, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, device=None, dtype=None, *, bias=True, running_stats="pooled"):
-        if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int) or virtual_batch_size < 1:
+        if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, numbers.Integral) or virtual_batch_size < 1:
             raise ValueError(f"virtual_batch_size must be an integer >= 1, got {virtual_batch_size!r}")
+        virtual_batch_size = int(virtual_batch_size)  # (a NumPy integer too; torch.split wants an int)
         if running_stats not in RUNNING_STATS:
             raise ValueError(f"running_stats must be one of {', '.join(map(repr, RUNNING_STATS))}, "
                              f"got {running_stats!r}")

@@ -182,10 +182,14 @@ def update_running_stats(running_mean, running_var, mu, unbiased_var, momentum):
     ``torch.where`` on a finiteness mask: no host sync, no branch on values.
     """
     finite = torch.isfinite(mu) & torch.isfinite(unbiased_var)
-    new_mean = momentum * mu.to(running_mean.dtype) + (1 - momentum) * running_mean
-    new_var = momentum * unbiased_var.to(running_var.dtype) + (1 - momentum) * running_var
-    running_mean.copy_(torch.where(finite, new_mean, running_mean))
-    running_var.copy_(torch.where(finite, new_var, running_var))
+    # In the wider of the two dtypes, rounded once into the buffer: a float16
+    # buffer must not see a float32 variance above 65504 rounded to inf first.
+    old_mean = running_mean.to(torch.promote_types(mu.dtype, running_mean.dtype))
+    old_var = running_var.to(torch.promote_types(unbiased_var.dtype, running_var.dtype))
+    new_mean = momentum * mu.to(old_mean.dtype) + (1 - momentum) * old_mean
+    new_var = momentum * unbiased_var.to(old_var.dtype) + (1 - momentum) * old_var
+    running_mean.copy_(torch.where(finite, new_mean, old_mean))
+    running_var.copy_(torch.where(finite, new_var, old_var))
 
 
 def _check_global_count(input, count, world_size):
@@ -277,7 +281,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None, None
 
 
-class SyncBatchNorm(bnn._BatchNorm):
+class SyncBatchNorm(bnn._BatchNorm, bnn._TorchBatchNorm):
     """Drop-in for ``torch.nn.SyncBatchNorm`` that also runs on CPU (gloo).
 
     Args: those of ``torch.nn.SyncBatchNorm`` in torch 2.13:
@@ -308,6 +312,10 @@ class SyncBatchNorm(bnn._BatchNorm):
             raise InputError(f"SyncBatchNorm expected at least 2D input (N, C, ...) (got {input.dim()}D input)")
         check_num_channels("SyncBatchNorm", input.shape, self.num_features)
         check_floating_dtype("SyncBatchNorm", input.dtype, input.is_floating_point())
+
+    def _check_input_dim(self, input):  # torch's hook (see bnlib.batchnorm._TorchBatchNorm)
+        if input.dim() < 2:
+            raise InputError(f"SyncBatchNorm expected at least 2D input (N, C, ...) (got {input.dim()}D input)")
 
     def _check_input(self, input):
         """The plain (local) path's checks: shape, and in training the local batch."""

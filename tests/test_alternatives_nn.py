@@ -584,3 +584,51 @@ def test_masked_batch_norm_bad_input():
         with pytest.raises(ValueError, match="more than 1 real token"):
             alt.masked_batch_norm(x, few, rm, rv, training=True)
     assert torch.equal(rm, torch.zeros(4, dtype=torch.float64)) and torch.equal(rv, torch.ones(4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: bnlib.nn.InstanceNorm2d(3),
+    lambda: bnlib.nn.GroupNorm(1, 3, affine=False),
+    lambda: bnlib.nn.LayerNorm(4, elementwise_affine=False),
+    lambda: bnlib.nn.InstanceNorm2d(3, affine=True),
+], ids=["instance", "group", "layer", "instance-affine"])
+def test_output_takes_inplace_ops(make):
+    """ReLU(inplace=True) and ``out += residual`` after the layer, as after
+    torch's (the output without weight and bias must not be a view)."""
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    layer = make().double()
+    y = nn.ReLU(inplace=True)(layer(x))
+    (dx_relu,) = torch.autograd.grad(y.square().sum(), x)
+    out = layer(x)
+    out += x  # a residual connection
+    (dx_residual,) = torch.autograd.grad(out.square().sum(), x)
+    torch.testing.assert_close(y, torch.relu(layer(x)))
+    assert torch.isfinite(dx_relu).all() and torch.isfinite(dx_residual).all()
+
+
+@pytest.mark.parametrize("module", [lambda: bnlib.nn.LayerNorm(3), lambda: bnlib.nn.GroupNorm(1, 3),
+                                    lambda: bnlib.nn.InstanceNorm1d(3, track_running_stats=True)],
+                         ids=["layer", "group", "instance"])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.complex64], ids=str)
+def test_non_floating_input_raises_value_error(module, dtype):
+    module = module()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    with pytest.raises(ValueError, match="floating-point input"):
+        module(torch.ones(2, 3, 3, dtype=dtype))
+    for key, value in module.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_numpy_scalars_are_accepted_like_python_numbers():
+    assert bnlib.nn.LayerNorm(4, eps=np.float32(1e-5)).eps == np.float32(1e-5)
+    assert bnlib.nn.GroupNorm(2, 4, eps=np.float64(1e-3)).eps == 1e-3
+    ghost = bnlib.nn.GhostBatchNorm(4, np.int64(2))
+    assert ghost.virtual_batch_size == 2 and type(ghost.virtual_batch_size) is int
+    ghost(torch.randn(6, 4))
+
+
+def test_instance_norm_one_running_estimate_raises():
+    rm = torch.zeros(3)
+    with pytest.raises(ValueError, match="both given or both None"):
+        alt.instance_norm(torch.randn(2, 3, 4), rm, None)
+    assert torch.equal(rm, torch.zeros(3))

@@ -238,6 +238,25 @@ def test_functional_wrong_channel_count(training):
     assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
 
 
+@pytest.mark.parametrize("given", ["running_mean", "running_var"])
+def test_functional_one_running_estimate_in_training(given):
+    """torch raises too: one estimate updated and the other not would go unnoticed."""
+    stat = torch.zeros(3) if given == "running_mean" else torch.ones(3)
+    kept = stat.clone()
+    args = (stat, None) if given == "running_mean" else (None, stat)
+    with pytest.raises(ValueError, match=f"both given or both None, got only {given}"):
+        BF.batch_norm(torch.randn(8, 3) + 5, *args, training=True)
+    assert torch.equal(stat, kept)
+
+
+@pytest.mark.parametrize("eps", [0.0, -1e-5])
+def test_functional_eps_must_be_positive_in_training(eps):
+    rm, rv = torch.zeros(3), torch.ones(3)
+    with pytest.raises(ValueError, match="eps > 0"):
+        BF.batch_norm(torch.randn(8, 3), rm, rv, training=True, eps=eps)
+    assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+
+
 # --------------------------------------------------------------------------
 # Constructor arguments
 # --------------------------------------------------------------------------

@@ -224,3 +224,58 @@ def test_an_ensemble_vmapped_over_its_stacked_buffers_trains_as_torch():
     for key, value in their_buffers.items():
         torch.testing.assert_close(our_buffers[key], value)
     assert our_buffers["num_batches_tracked"].tolist() == [1, 1, 1]
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_forward_ad_dual_numbers_agree_with_jvp(name):
+    """torch.autograd.forward_ad (dual tensors, outside torch.func) gives the
+    jvp that torch.func.jvp gives: the Functions have no jvp of their own, so
+    an open dual level takes the formula path too."""
+    import torch.autograd.forward_ad as fwAD
+
+    layer, x = make_layer(name)
+    tangent = torch.randn_like(x)
+    expected = torch.func.jvp(lambda t: copy.deepcopy(layer)(t), (x,), (tangent,))[1]
+    with fwAD.dual_level():
+        got = fwAD.unpack_dual(copy.deepcopy(layer)(fwAD.make_dual(x, tangent))).tangent
+    torch.testing.assert_close(got, expected)
+    assert not bnF.under_func_transform()
+
+
+def test_torch_utilities_find_bnlib_batch_norms():
+    """torch finds batch norm layers with isinstance on its _BatchNorm: ours
+    are instances (GhostBatchNorm, whose small batches are the point, is not).
+    swa_utils.update_bn recomputes their running statistics as torch's."""
+    torch_bn = torch.nn.modules.batchnorm._BatchNorm
+    for layer in (bnlib.nn.BatchNorm1d(3), bnlib.nn.BatchNorm2d(3), bnlib.nn.BatchNorm3d(3), bnlib.nn.SyncBatchNorm(3)):
+        assert isinstance(layer, torch_bn)
+        assert len(list(layer.parameters())) == 2 and len(list(layer.buffers())) == 3
+    assert not isinstance(bnlib.nn.GhostBatchNorm(3, 2), torch_bn)
+
+    torch.manual_seed(0)
+    batches = [torch.randn(16, 3) * 2 + 5 for _ in range(4)]
+    models = [torch.nn.Sequential(torch.nn.Linear(3, 3), bn(3)) for bn in (bnlib.nn.BatchNorm1d, torch.nn.BatchNorm1d)]
+    models[0][0].load_state_dict(models[1][0].state_dict())
+    for model in models:
+        torch.optim.swa_utils.update_bn(batches, model)
+    ours, theirs = models[0][1], models[1][1]
+    assert int(ours.num_batches_tracked) == 4 and ours.momentum == 0.1  # (update_bn sets None, then restores it)
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean)
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
+    with pytest.raises(ValueError, match="2D or 3D"):  # torch's hook, which subclasses override
+        bnlib.nn.BatchNorm1d(3)._check_input_dim(torch.ones(2, 3, 4, 5))
+
+
+def test_replace_all_batch_norm_modules_then_vmap():
+    """torch.func.replace_all_batch_norm_modules_ (no running statistics)
+    reaches bnlib's layers, after which vmap over a batch works as torch's."""
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Linear(3, 4), bn(4)) for bn in (bnlib.nn.BatchNorm1d, torch.nn.BatchNorm1d)]
+    models[0][0].load_state_dict(models[1][0].state_dict())
+    x = torch.randn(5, 8, 3)
+    outs = []
+    for model in models:
+        torch.func.replace_all_batch_norm_modules_(model)
+        assert model[1].running_mean is None and not model[1].track_running_stats
+        outs.append(vmap(model)(x))
+    torch.testing.assert_close(outs[0], outs[1])

@@ -206,3 +206,38 @@ def test_functional_half_input(dtype, training):
     # statistics accumulate in float32: buffers match the float32 computation closely
     torch.testing.assert_close(rm_o, rm_t, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(rv_o, rv_t, rtol=1e-4, atol=1e-5)
+
+
+HALF_MODULES = {
+    "BatchNorm1d": lambda: bnlib.nn.BatchNorm1d(3),
+    "BatchRenorm1d": lambda: bnlib.nn.BatchRenorm1d(3),
+    "SyncBatchNorm": lambda: bnlib.nn.SyncBatchNorm(3),
+    "GhostBatchNorm": lambda: bnlib.nn.GhostBatchNorm(3, 2),
+    "InstanceNorm1d": lambda: bnlib.nn.InstanceNorm1d(3, track_running_stats=True),
+}
+
+
+@pytest.mark.parametrize("name", HALF_MODULES)
+def test_half_buffers_average_before_rounding(name):
+    """module.half() fed a finite batch whose unbiased variance (~9e4) is above
+    float16's largest value (65504): the running variance is averaged in
+    float32 and rounded once, as torch does (0.9 * 1 + 0.1 * 9e4 ~ 9e3), not
+    rounded to inf first (which made it inf, then NaN)."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(64, 3, 4, generator=g) * 300).half()
+    if name != "InstanceNorm1d":
+        x = x[:, :, 0]
+    ours = HALF_MODULES[name]().half()
+    for _ in range(2):
+        ours(x)
+    assert torch.isfinite(ours.running_var).all(), ours.running_var
+    assert (ours.running_var > 5000).all(), ours.running_var
+    if name in ("BatchNorm1d", "SyncBatchNorm"):
+        ref = torch.nn.BatchNorm1d(3).half()
+        for _ in range(2):
+            ref(x)
+        torch.testing.assert_close(ours.running_var.float(), ref.running_var.float(), rtol=2e-3, atol=0)
+        torch.testing.assert_close(ours.running_mean.float(), ref.running_mean.float(), rtol=2e-3, atol=0.05)
+    ours.eval()
+    with torch.no_grad():
+        assert torch.isfinite(ours(x)).all()
