@@ -41,6 +41,8 @@ import sys
 import time
 from pathlib import Path
 
+import subprocess
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -293,7 +295,8 @@ def markdown(result):
     """The results file as a Markdown table (one row per shape, dtype, layout and pass)."""
     m = result["meta"]
     out = [f"# bnlib Triton kernels vs torch native batch norm: {m['device']}", "",
-           f"torch {m['torch']}, Triton {m['triton']}, CUDA {m['cuda']}, cuDNN {m['cudnn']}, {m['date']}.", "",
+           f"torch {m['torch']}, Triton {m['triton']}, CUDA {m['cuda']}, cuDNN {m['cudnn']}, {m['date']}, "
+           f"bnlib at commit {m.get('commit') or '(not recorded)'}.", "",
            f"Timing: {m['timing']}; {m['rounds']} rounds.", "",
            f"Bytes per pass: {m['bytes']}. %copy: {m['pct_copy']}.", "",
            "Times in microseconds. `ratio` = triton / native (below 1: faster). `wall` = host-inclusive "
@@ -459,6 +462,19 @@ def sweep(shapes, dtypes, layouts, rounds, deadline):
     return out
 
 
+
+def _commit():
+    """The commit measured, so that a results file says which kernels it timed:
+    ``BNLIB_COMMIT`` (the device machine gets a copy of the working tree
+    without .git; gpu_check.sh's caller passes it), else git's, else None."""
+    if os.environ.get("BNLIB_COMMIT"):
+        return os.environ["BNLIB_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True, cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dtypes", default="float32,bfloat16")
@@ -503,6 +519,7 @@ def main():
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": _commit(),
         "config": dict(tk.CONFIG),
         "small_channels_last": {"below_elements": tk.SMALL_CHANNELS_LAST_ELEMENTS, **tk.SMALL_CHANNELS_LAST},
         "timing": "median GPU time (CUDA events) over interleaved rounds, L2 flushed (clean: 256 MB read) before each call, "

@@ -4,7 +4,8 @@
 # the A/B of the splits merged in the elementwise kernels (the default) against
 # the finalize kernels. Results land in $OUT (the device tool's folder), else
 # in bench/results/; commit the table as bench/results/gpu_<device>.{md,json}.
-#   device run:  bash bench/gpu_check.sh
+#   device run:  BNLIB_COMMIT=<git rev-parse --short HEAD, here> bash bench/gpu_check.sh
+#   (the device's copy of the tree has no .git; the results file records the commit)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench/results}
