@@ -230,6 +230,12 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     _check_layer_norm_input(input, normalized_shape)
     check_floating_dtype("layer_norm", input.dtype, input.is_floating_point())
     k = len(normalized_shape)
+    for name, tensor in (("weight", weight), ("bias", bias)):
+        # the shape, not only the count: a (3, 4) weight for normalized_shape
+        # (4, 3) would be viewed as (4, 3), its elements on the wrong features
+        if tensor is not None and tuple(tensor.shape) != normalized_shape:
+            raise InputError(f"layer_norm expected {name} of shape {list(normalized_shape)} "
+                             f"(normalized_shape), got {list(tensor.shape)}")
     lead = tuple(input.shape[: input.dim() - k])
     row_shape = lead + (math.prod(normalized_shape),)
     param_dims = tuple(range(input.dim() - k))

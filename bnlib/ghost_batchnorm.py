@@ -72,6 +72,16 @@ __all__ = ["GhostBatchNorm"]
 RUNNING_STATS = ("pooled", "first")
 
 
+def _in_layout_of(output, input):
+    """``output`` in ``input``'s channels-last layout when it has one (as
+    BatchNorm2d/3d keep it); the virtual batches' concatenation, or their
+    view as one wide batch, comes out in (N, C, ...) order."""
+    for ndim, fmt in ((4, torch.channels_last), (5, torch.channels_last_3d)):
+        if input.dim() == ndim and not input.is_contiguous() and input.is_contiguous(memory_format=fmt):
+            return output.contiguous(memory_format=fmt)
+    return output
+
+
 class GhostBatchNorm(bnn._BatchNorm):
     """Batch norm over virtual batches of ``virtual_batch_size`` samples.
 
@@ -147,6 +157,7 @@ class GhostBatchNorm(bnn._BatchNorm):
             output = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
             mu, var = torch.stack(mus), torch.stack(variances)
             counts = torch.tensor(sizes, dtype=mu.dtype).view(-1, 1)
+        output = _in_layout_of(output, input)
 
         if self.training and self.track_running_stats:
             factor = self._count_batch()

@@ -632,3 +632,13 @@ def test_instance_norm_one_running_estimate_raises():
     with pytest.raises(ValueError, match="both given or both None"):
         alt.instance_norm(torch.randn(2, 3, 4), rm, None)
     assert torch.equal(rm, torch.zeros(3))
+
+
+def test_layer_norm_weight_of_another_shape_raises():
+    """A (3, 4) weight for normalized_shape (4, 3) has the right count but
+    would put its elements on the wrong features: torch raises, and so do we."""
+    x = torch.randn(2, 4, 3)
+    with pytest.raises(ValueError, match=r"weight of shape \[4, 3\].*got \[3, 4\]"):
+        alt.layer_norm(x, (4, 3), torch.ones(3, 4))
+    with pytest.raises(ValueError, match=r"bias of shape \[4, 3\]"):
+        alt.layer_norm(x, (4, 3), None, torch.zeros(12))

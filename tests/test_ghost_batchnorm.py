@@ -267,3 +267,14 @@ def test_cuda_virtual_batches(shape, vbs):
     mu, var = _pooled(x.detach().double().cpu(), vbs)
     torch.testing.assert_close(ours.running_mean.cpu().double(), 0.1 * mu, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ours.running_var.cpu().double(), 0.9 + 0.1 * var, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [6, 7], ids=["equal", "uneven"])
+def test_channels_last_input_keeps_its_layout(n):
+    """As BatchNorm2d: a channels-last input gives a channels-last output,
+    however many virtual batches it is cut into."""
+    x = torch.randn(n, 3, 5, 6).contiguous(memory_format=torch.channels_last)
+    ghost = bnlib.nn.GhostBatchNorm(3, 2)
+    y = ghost(x)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, bnlib.nn.GhostBatchNorm(3, 2)(x.contiguous()))
