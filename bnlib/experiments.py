@@ -190,13 +190,15 @@ class UnitPercentiles:
 
 
 def add_dropout(model: nn.Sequential, p: float) -> nn.Sequential:
-    """A copy of a :func:`make_mlp` network with ``nn.Dropout(p)`` after every hidden activation.
+    """A new ``nn.Sequential`` with the layers of a :func:`make_mlp` network (the
+    same modules, shared: training one trains the other) and ``nn.Dropout(p)``
+    after every hidden activation.
 
     The new layers are named ``drop1``, ``drop2``, ... (after ``act1``, ``act2``,
     ...), so :func:`bnlib.models.get_layers` still finds ``fc``/``norm``/``act``.
     Dropout zeroes each activation with probability ``p`` in training mode and
     scales the rest by ``1 / (1 - p)``; in eval mode it is the identity.
-    ``p = 0`` returns the model unchanged.
+    ``p = 0`` returns ``model`` itself.
     """
     if not 0 <= p < 1:
         raise ValueError(f"dropout probability must be in [0, 1), got {p}")
@@ -409,21 +411,20 @@ def evaluate_batch_stats(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> 
     restored, so the model is unchanged. Compared with ``evaluate`` it
     separates "the network learned badly" from "its running statistics are off".
     """
-    was_training = model.training
     saved = [b.detach().clone() for b in model.buffers()]
-    try:
-        model.train()
-        for m in model.modules():
-            if isinstance(m, nn.Dropout):
-                m.eval()
-        with torch.no_grad():
-            logits = model(x)
-            return float(torch.nn.functional.cross_entropy(logits, y)), training.accuracy(logits, y)
-    finally:
-        with torch.no_grad():
-            for b, s in zip(model.buffers(), saved):
-                b.copy_(s)
-        model.train(was_training)
+    with models.modes_kept(model):
+        try:
+            model.train()
+            for m in model.modules():
+                if isinstance(m, nn.Dropout):
+                    m.eval()
+            with torch.no_grad():
+                logits = model(x)
+                return float(torch.nn.functional.cross_entropy(logits, y)), training.accuracy(logits, y)
+        finally:
+            with torch.no_grad():
+                for b, s in zip(model.buffers(), saved):
+                    b.copy_(s)
 
 
 def batch_size_sweep(
@@ -563,18 +564,17 @@ def variance_shift(model: nn.Module, norm: nn.Module, x: torch.Tensor) -> np.nda
         raise ValueError("variance_shift needs a BN layer that keeps running statistics (running_var)")
     seen = {}
     handle = norm.register_forward_hook(lambda module, inputs, output: seen.__setitem__("z", inputs[0].detach()))
-    modes = [(m, m.training) for m in model.modules()]
     try:
-        model.eval()
-        with torch.no_grad():
+        with models.modes_kept(model), torch.no_grad():
+            model.eval()
             model(x)
     finally:
         handle.remove()
-        for m, mode in modes:
-            m.training = mode
     if "z" not in seen:
         raise ValueError("variance_shift: the BN layer given is not part of the model's forward pass")
     z = seen["z"].double()
+    if z.dim() > 2:  # (N, C, *spatial): a channel's values over every axis but 1, as BN takes them
+        z = z.transpose(0, 1).flatten(1).t()
     return (z.var(dim=0, unbiased=True) / norm.running_var.double()).numpy()
 
 
@@ -585,20 +585,19 @@ def stream_std(model: nn.Sequential, x: torch.Tensor) -> np.ndarray:
     they were. Returns ``(blocks + 1,)``: index 0 after the stem, ``b`` after block ``b``.
     """
     buffers = {name: b.clone() for name, b in model.named_buffers()}
-    was_training = model.training
     out = []
-    try:
-        model.train()
-        with torch.no_grad():
-            h = model.stem(x)
-            out.append(float(h.std()))
-            for name, module in model.named_children():
-                if name.startswith("block"):
-                    h = module(h)
-                    out.append(float(h.std()))
-    finally:
-        with torch.no_grad():
-            for name, b in model.named_buffers():
-                b.copy_(buffers[name])
-        model.train(was_training)
+    with models.modes_kept(model):
+        try:
+            model.train()
+            with torch.no_grad():
+                h = model.stem(x)
+                out.append(float(h.std()))
+                for name, module in model.named_children():
+                    if name.startswith("block"):
+                        h = module(h)
+                        out.append(float(h.std()))
+        finally:
+            with torch.no_grad():
+                for name, b in model.named_buffers():
+                    b.copy_(buffers[name])
     return np.array(out)

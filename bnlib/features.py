@@ -69,14 +69,20 @@ def standardize_fit(X):
 
     ``m_i = (1/n) sum_r x_i^r``,  ``sigma_i = sqrt((1/n) sum_r (x_i^r - m_i)^2)``
     (the biased standard deviation, as ``sklearn.preprocessing.StandardScaler``).
-    A constant feature (``sigma_i == 0``) gets ``sigma_i = 1``, so it is only
-    centred, never divided by zero.
+    A constant feature (all its values equal) gets ``m_i`` = that value and
+    ``sigma_i = 1``, so it becomes exactly 0, never divided by zero. (Its
+    computed mean can miss the value by a rounding error, e.g. for 0.7, which
+    would leave a ``sigma_i`` of about 1e-17 and turn every 0 into +-1.)
 
     X: (n, d).  Returns ``(m, sigma)``, each of shape (d,).
     """
     X = _as_2d(X)
     m = X.mean(axis=0)
     sigma = np.sqrt(((X - m) ** 2).mean(axis=0))  # two passes: stable
+    if X.shape[0] > 0:
+        constant = np.all(X == X[0], axis=0)
+        m = np.where(constant, X[0], m)
+        sigma = np.where(constant, 0.0, sigma)
     sigma = np.where(sigma > 0, sigma, 1.0)
     return m, sigma
 

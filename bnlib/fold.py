@@ -30,6 +30,7 @@ import copy
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from bnlib.moving_average import is_batchnorm
 
@@ -42,6 +43,8 @@ FOLDABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def _check_bn(bn) -> None:
     if not is_batchnorm(bn):
         raise ValueError(f"expected a batch norm layer (torch's or bnlib's BatchNorm*d), got {type(bn).__name__}")
+    if not getattr(bn, "foldable", True):
+        raise ValueError(f"{type(bn).__name__} computes more than gamma * x_hat + beta in eval mode: it cannot be folded")
     if bn.training:
         raise ValueError(
             f"can only fold a BN layer in eval mode (call .eval() first), got {type(bn).__name__} in training mode"
@@ -82,6 +85,11 @@ def fold_bn(layer: nn.Module, bn: nn.Module) -> nn.Module:
     if not isinstance(layer, FOLDABLE):
         raise ValueError(
             f"expected the layer before BN to be one of {[t.__name__ for t in FOLDABLE]}, got {type(layer).__name__}"
+        )
+    if parametrize.is_parametrized(layer, "weight"):
+        raise ValueError(
+            f"expected a plain {type(layer).__name__}, got one whose weight is parametrized (weight or spectral "
+            "norm): remove it first (torch.nn.utils.parametrize.remove_parametrizations)"
         )
     _check_bn(bn)
     out_channels = layer.weight.shape[0]

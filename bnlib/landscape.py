@@ -61,6 +61,7 @@ from torch import nn
 from bnlib import functional as bnF
 from bnlib.functional import _per_channel, _stat_dims, _update_running_stats
 from bnlib._checks import values_per_channel
+from bnlib.models import modes_kept
 from bnlib.nn import BatchNorm1d
 
 __all__ = [
@@ -129,6 +130,9 @@ class NoisyBatchNorm1d(BatchNorm1d):
 
     Shapes: input ``(N, C)`` or ``(N, C, L)``, output the same.
     """
+
+    #: Its eval-mode output is BN's times the mean noise scale: bnlib.fold refuses it.
+    foldable = False
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
                  device=None, dtype=None, *, bias=True, n_mu: float = 1.0, n_sigma: float = 2.0,
@@ -234,11 +238,12 @@ class LpBatchNorm1d(BatchNorm1d):
     def forward(self, input):
         self._check_input(input)  # before any state changes
         ndim = input.dim()
+        x = input.to(bnF._compute_dtype(input.dtype))  # half inputs: float32 statistics, as BN
         dims = _stat_dims(ndim)
         use_batch_stats = self.training or self.running_mean is None
         if use_batch_stats:
-            mean = input.mean(dim=dims)
-            centered = input - _per_channel(mean, ndim)
+            mean = x.mean(dim=dims)
+            centered = x - _per_channel(mean, ndim)
             spread_sq = self.spread_squared(centered, dims)
             if self.training and self.track_running_stats:
                 factor = self._count_batch()
@@ -248,14 +253,14 @@ class LpBatchNorm1d(BatchNorm1d):
                 with torch.no_grad():
                     _update_running_stats(self.running_mean, self.running_var, mean, spread_sq, m, factor)
         else:
-            centered = input - _per_channel(self.running_mean, ndim)
-            spread_sq = self.running_var
+            centered = x - _per_channel(self.running_mean.to(x.dtype), ndim)
+            spread_sq = self.running_var.to(x.dtype)
         x_hat = centered / _per_channel(torch.sqrt(spread_sq + self.eps), ndim)
         if self.weight is not None:
             x_hat = x_hat * _per_channel(self.weight, ndim)
         if self.bias is not None:
             x_hat = x_hat + _per_channel(self.bias, ndim)
-        return x_hat
+        return x_hat.to(input.dtype)
 
     def extra_repr(self):
         return super().extra_repr() + f", p={self.p}"
@@ -269,20 +274,19 @@ class LpBatchNorm1d(BatchNorm1d):
 @contextlib.contextmanager
 def _preserved(model: nn.Module, train: bool = True) -> Iterator[None]:
     """Run a block in ``train`` mode, then restore parameters, buffers and mode; clear ``.grad``."""
-    was_training = model.training
     params = [p.detach().clone() for p in model.parameters()]
     buffers = [b.detach().clone() for b in model.buffers()]
-    try:
-        model.train(train)
-        yield
-    finally:
-        with torch.no_grad():
-            for p, s in zip(model.parameters(), params):
-                p.copy_(s)
-            for b, s in zip(model.buffers(), buffers):
-                b.copy_(s)
-        model.zero_grad(set_to_none=True)
-        model.train(was_training)
+    with modes_kept(model):
+        try:
+            model.train(train)
+            yield
+        finally:
+            with torch.no_grad():
+                for p, s in zip(model.parameters(), params):
+                    p.copy_(s)
+                for b, s in zip(model.buffers(), buffers):
+                    b.copy_(s)
+            model.zero_grad(set_to_none=True)
 
 
 def _restore_buffers(model: nn.Module, saved: list[torch.Tensor]) -> None:

@@ -31,8 +31,9 @@ The activation functions and their derivatives (closed forms) live here too:
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -57,6 +58,20 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
 }
 
+
+
+@contextlib.contextmanager
+def modes_kept(model: nn.Module) -> Iterator[None]:
+    """Run a block that may call ``model.train()`` or ``model.eval()``; afterwards
+    every submodule is back in its own mode. (``model.train(was_training)``
+    would set all of them to one mode: a BN layer frozen in eval mode inside
+    a model in training mode would come back unfrozen.)"""
+    saved = [(module, module.training) for module in model.modules()]
+    try:
+        yield
+    finally:
+        for module, mode in saved:
+            module.training = mode
 
 def _check_activation(name: str) -> str:
     if name not in ACTIVATIONS:

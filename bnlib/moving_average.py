@@ -29,6 +29,7 @@ by exact averages over many batches, computed with the final weights
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 from typing import Iterable
@@ -283,6 +284,8 @@ def precise_bn(model, batches: Iterable, max_batches: int | None = None):
     """
     import torch
 
+    from bnlib.models import modes_kept
+
     layers = running_stat_layers(model)
     if not layers:
         raise ValueError("precise_bn expected a model with at least one BN layer that tracks running statistics, got none")
@@ -291,32 +294,29 @@ def precise_bn(model, batches: Iterable, max_batches: int | None = None):
 
     saved_state = [{k: v.clone() for k, v in bn.named_buffers(recurse=False)} for bn in layers]
     saved_momentum = [bn.momentum for bn in layers]
-    saved_modes = [(m, m.training) for m in model.modules()]
+    if max_batches is not None:
+        batches = itertools.islice(batches, max_batches)  # (an iterator loses no batch beyond them)
     n = 0
-    try:
-        model.eval()
-        for bn in layers:
-            bn.reset_running_stats()
-            bn.momentum = None
-            bn.train()
-        with torch.no_grad():
-            for batch in batches:
-                if max_batches is not None and n >= max_batches:
-                    break
-                x = batch[0] if isinstance(batch, (tuple, list)) else batch
-                model(x)
-                n += 1
-        if n == 0:
-            raise ValueError("precise_bn expected at least one batch, got an empty iterable")
-    except BaseException:
-        with torch.no_grad():
-            for bn, state in zip(layers, saved_state):
-                for k, v in state.items():
-                    getattr(bn, k).copy_(v)
-        raise
-    finally:
-        for bn, mom in zip(layers, saved_momentum):
-            bn.momentum = mom
-        for m, mode in saved_modes:
-            m.training = mode
+    with modes_kept(model):
+        try:
+            model.eval()
+            for bn in layers:
+                bn.reset_running_stats()
+                bn.momentum = None
+                bn.train()
+            with torch.no_grad():
+                for batch in batches:
+                    model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+                    n += 1
+            if n == 0:
+                raise ValueError("precise_bn expected at least one batch, got an empty iterable")
+        except BaseException:
+            with torch.no_grad():
+                for bn, state in zip(layers, saved_state):
+                    for k, v in state.items():
+                        getattr(bn, k).copy_(v)
+            raise
+        finally:
+            for bn, mom in zip(layers, saved_momentum):
+                bn.momentum = mom
     return model

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bnlib.models import modes_kept
+
 __all__ = [
     "ACTIVATION_TYPES",
     "Recording",
@@ -148,18 +150,17 @@ def probe(model: nn.Module, x: torch.Tensor, train: bool | None = None) -> Recor
     running statistics, ``num_batches_tracked``) and the mode are restored
     afterwards, so probing does not change training.
     """
-    was_training = model.training
     saved = [b.detach().clone() for b in model.buffers()]
     try:
-        if train is not None:
-            model.train(train)
-        with torch.no_grad(), record(model) as rec:
-            model(x)
+        with modes_kept(model):
+            if train is not None:
+                model.train(train)
+            with torch.no_grad(), record(model) as rec:
+                model(x)
     finally:
         with torch.no_grad():
             for b, s in zip(model.buffers(), saved):
                 b.copy_(s)
-        model.train(was_training)
     return rec
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bnlib._checks import (
+    InputError,
     check_batch_size,
     check_input_dims,
     check_norm_args,
@@ -73,6 +74,11 @@ def batchnorm_forward(x, gamma, beta, eps=1e-5):
         ``cache.mu`` and ``cache.var`` are the batch statistics (biased var).
     """
     x = np.asarray(x)
+    if x.ndim < 2:
+        raise InputError(f"batchnorm_forward expected an input with at least 2 dimensions (N, C, ...), got shape {x.shape}")
+    for name, param in (("gamma", gamma), ("beta", beta)):
+        if param is not None and np.shape(param) != (x.shape[1],):
+            raise InputError(f"{name} should have shape ({x.shape[1]},), one value per channel, got {np.shape(param)}")
     dtype = _compute_dtype(x)
     x = x.astype(dtype, copy=False)
     axes = _stat_axes(x)
@@ -122,6 +128,8 @@ def batchnorm_backward(dy, cache):
     ``dgamma`` / ``dbeta`` are ``None`` when the forward had no gamma / beta.
     """
     dy = np.asarray(dy, dtype=cache.x_hat.dtype)
+    if dy.shape != cache.x_hat.shape:  # (NumPy would broadcast a (N, 1) dy without a word)
+        raise InputError(f"batchnorm_backward expected dy of the input's shape {cache.x_hat.shape}, got {dy.shape}")
     x_hat = cache.x_hat
     ndim = x_hat.ndim
     axes = _stat_axes(x_hat)

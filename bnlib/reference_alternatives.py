@@ -43,6 +43,7 @@ float32. Variances are two-pass. This module never imports torch.
 
 from dataclasses import dataclass
 from math import prod
+from numbers import Real
 
 import numpy as np
 
@@ -152,7 +153,8 @@ def _grouped_backward(dy, cache):
 
 
 def _check_eps(eps):
-    if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and np.isfinite(eps) and eps > 0):
+    # numbers.Real: NumPy scalars too, as the BatchNorm class takes them
+    if not (isinstance(eps, Real) and not isinstance(eps, bool) and np.isfinite(eps) and eps > 0):
         raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
 
 
@@ -163,11 +165,15 @@ def _check_eps(eps):
 
 def _is_shape(value):
     return isinstance(value, (int, np.integer)) or (
-        isinstance(value, tuple) and all(isinstance(s, (int, np.integer)) for s in value)
+        isinstance(value, (tuple, list)) and all(isinstance(s, (int, np.integer)) for s in value)
     )
 
 
-def layernorm_forward(x, gamma=None, beta=None, eps=1e-5, normalized_shape=None):
+def _is_number(value):
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def layernorm_forward(x, gamma=None, beta=None, *more, eps=None, normalized_shape=None):
     r"""Layer norm: each sample normalized over its trailing ``normalized_shape`` axes.
 
     With ``normalized_shape = x.shape[k:]``, the statistics of sample
@@ -178,22 +184,38 @@ def layernorm_forward(x, gamma=None, beta=None, eps=1e-5, normalized_shape=None)
     Args:
         x: array ``(*, *normalized_shape)``.
         gamma, beta: arrays of shape ``normalized_shape``, or ``None``.
-        eps: added to the variance.
-        normalized_shape: the trailing shape to normalize over. Default: the
+        eps: added to the variance (None: 1e-5); by position after ``beta``, or by keyword.
+        normalized_shape: the trailing shape to normalize over (by position after ``eps``, or by keyword). Default: the
             shape of ``gamma`` if given, else every axis but the first
             (``x.shape[1:]``, the layer norm of the GN paper's figure).
             torch's order ``layernorm_forward(x, normalized_shape, gamma, beta, eps)``
-            is accepted too (an int or a tuple of ints in second place).
+            is accepted too (an int, or a tuple or list of ints, in second
+            place), with ``gamma`` and ``beta`` by position and ``eps`` by
+            position or keyword.
 
     Returns:
         ``(y, cache)``; ``cache.mu`` and ``cache.var`` have shape ``x.shape[:-len(normalized_shape)]``.
     """
+    if len(more) > 2:
+        raise TypeError(f"layernorm_forward takes at most 5 positional arguments, got {3 + len(more)}")
     if _is_shape(gamma):
-        # torch.nn.functional.layer_norm's order (x, normalized_shape, weight, bias, eps):
-        # the slots hold (gamma, beta, eps, normalized_shape) = (shape, weight, bias or 1e-5, eps or None).
-        bias = None if isinstance(eps, float) else eps
-        eps = 1e-5 if normalized_shape is None else normalized_shape
-        normalized_shape, gamma, beta = gamma, beta, bias
+        # torch.nn.functional.layer_norm's order (x, normalized_shape, weight, bias, eps)
+        if normalized_shape is not None:
+            raise ValueError("layernorm_forward got normalized_shape twice: in torch's place "
+                             f"(second) as {gamma!r} and by keyword as {normalized_shape!r}")
+        normalized_shape, gamma, beta = gamma, beta, (more[0] if more else None)
+        positional_eps = more[1:]
+    else:  # this module's order (x, gamma, beta, eps, normalized_shape)
+        positional_eps = more[:1]
+        if len(more) == 2:
+            if normalized_shape is not None:
+                raise ValueError("layernorm_forward got normalized_shape twice: by position and by keyword")
+            normalized_shape = more[1]
+    if positional_eps:
+        if eps is not None:
+            raise ValueError(f"layernorm_forward got eps twice: {positional_eps[0]!r} by position and {eps!r} by keyword")
+        eps = positional_eps[0]
+    eps = 1e-5 if eps is None else eps
     _check_eps(eps)
     x = _as_compute(x)
     if normalized_shape is None:

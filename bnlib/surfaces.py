@@ -137,15 +137,34 @@ def loss_grid(X, y, w1, w2, b):
 # --------------------------------------------------------------------------
 
 def eigenvalues(H):
-    """Eigenvalues of the symmetric matrix H, ascending (``numpy.linalg.eigvalsh``)."""
-    return np.linalg.eigvalsh(np.asarray(H, dtype=np.float64))
+    """Eigenvalues of the symmetric matrix H, ascending (``numpy.linalg.eigvalsh``).
+
+    Raises ``ValueError`` for an H that is not a non-empty, finite, symmetric
+    square matrix (``eigvalsh`` would read its lower triangle only).
+    """
+    H = np.asarray(H, dtype=np.float64)
+    if H.ndim != 2 or H.shape[0] != H.shape[1] or H.shape[0] == 0:
+        raise ValueError(f"H must be a non-empty square matrix, got shape {H.shape}")
+    if not np.all(np.isfinite(H)):
+        raise ValueError("H must be finite, got NaN or infinite entries")
+    scale = np.abs(H).max()
+    if not np.allclose(H, H.T, rtol=1e-8, atol=1e-12 * scale):
+        raise ValueError(f"H must be symmetric, got max |H - H^T| = {np.abs(H - H.T).max():.3g}")
+    return np.linalg.eigvalsh(H)
 
 
 def condition_number(H):
-    """``kappa = lambda_max / lambda_min`` of a symmetric positive definite H."""
+    """``kappa = lambda_max / lambda_min`` of a symmetric positive definite H.
+
+    Raises ``ValueError`` when H is singular to working precision: a smallest
+    eigenvalue at most ``d * eps * lambda_max`` (``d`` the size, ``eps`` float64's
+    machine epsilon) is rounding noise, positive or negative as the rounding
+    falls, and so would be any kappa computed from it (above ~1e14).
+    """
     lam = eigenvalues(H)
-    if lam[0] <= 0:
-        raise ValueError(f"H must be positive definite, its smallest eigenvalue is {lam[0]:.3g}")
+    if lam[0] <= len(lam) * np.finfo(np.float64).eps * abs(lam[-1]):
+        raise ValueError(f"H must be positive definite (and not singular to working precision), its "
+                         f"eigenvalues run from {lam[0]:.3g} to {lam[-1]:.3g}")
     return float(lam[-1] / lam[0])
 
 

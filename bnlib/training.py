@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bnlib.models import modes_kept
+
 __all__ = ["History", "minibatches", "accuracy", "evaluate", "train"]
 
 
@@ -58,16 +60,12 @@ def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
     """``(loss, accuracy)`` of ``model`` on ``(x, y)`` in eval mode, without gradients.
 
-    The model's mode is restored afterwards.
+    The mode of the model and of each of its submodules is restored afterwards.
     """
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            logits = model(x)
-            return float(F.cross_entropy(logits, y)), accuracy(logits, y)
-    finally:
-        model.train(was_training)
+    with modes_kept(model), torch.no_grad():
+        model.eval()
+        logits = model(x)
+        return float(F.cross_entropy(logits, y)), accuracy(logits, y)
 
 
 def _optimizer(model, optimizer, lr, momentum, weight_decay):

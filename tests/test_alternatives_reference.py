@@ -327,3 +327,29 @@ def test_inputs_are_not_modified():
                     lambda a: ref.batchrenorm_forward(a, None, None, np.zeros(4), np.ones(4))):
         forward(x)
         np.testing.assert_array_equal(x, before)
+
+
+def test_layernorm_torch_order_with_keywords():
+    """torch's order (x, normalized_shape, weight, bias, eps) with eps by keyword
+    gives F.layer_norm's result (eps was silently replaced by 1e-5)."""
+    x = np.random.default_rng(0).normal(size=(3, 4)) * 0.05
+    w, b = np.arange(1.0, 5.0), np.arange(4.0)
+    t = torch.tensor
+    cases = [
+        (ra.layernorm_forward(x, 4, eps=0.1), F.layer_norm(t(x), (4,), eps=0.1)),
+        (ra.layernorm_forward(x, (4,), w, eps=0.1), F.layer_norm(t(x), (4,), t(w), eps=0.1)),
+        (ra.layernorm_forward(x, [4], w, b, eps=0.1), F.layer_norm(t(x), (4,), t(w), t(b), eps=0.1)),
+        (ra.layernorm_forward(x, w, b, eps=0.1), F.layer_norm(t(x), (4,), t(w), t(b), eps=0.1)),
+    ]
+    for (y, _), expected in cases:
+        np.testing.assert_allclose(y, expected.numpy(), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="eps twice"):
+        ra.layernorm_forward(x, w, b, 0.1, eps=0.2)
+    with pytest.raises(ValueError, match="normalized_shape twice"):
+        ra.layernorm_forward(x, (4,), normalized_shape=(4,))
+
+
+def test_numpy_eps_accepted():
+    x = np.random.default_rng(0).normal(size=(2, 4, 3))
+    y, _ = ra.groupnorm_forward(x, None, None, 2, eps=np.float32(1e-5))
+    np.testing.assert_allclose(y, ra.groupnorm_forward(x, None, None, 2, eps=1e-5)[0], rtol=1e-6)

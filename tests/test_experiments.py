@@ -343,3 +343,17 @@ def test_stream_std_matches_a_manual_pass_and_keeps_the_buffers():
     model.load_state_dict(before)  # the manual pass moved the running stats; stream_std must not have
     ex.stream_std(model, x)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_variance_shift_of_a_bn_on_sequences():
+    """(N, C, L): each channel's variance over N and L, shape (C,), as BN takes it."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv1d(2, 3, 1), torch.nn.BatchNorm1d(3))
+    x = torch.randn(8, 2, 5)
+    net(x)
+    ratio = ex.variance_shift(net, net[1], x)
+    with torch.no_grad():
+        z = net[0](x).double()
+    expected = z.transpose(0, 1).flatten(1).var(dim=1) / net[1].running_var.double()
+    assert ratio.shape == (3,)
+    np.testing.assert_allclose(ratio, expected.numpy(), rtol=1e-12)

@@ -298,3 +298,13 @@ def test_singular_covariance_with_eps_is_fine():
     X = np.column_stack([np.arange(5.0), 2 * np.arange(5.0)])
     Z, _, _, _ = F.whiten(X, eps=1e-3)
     assert np.all(np.isfinite(Z))
+
+
+@pytest.mark.parametrize("value", [0.7, 0.1, 1e6 + 0.3, 7.0])
+def test_constant_feature_becomes_zero_whatever_its_value(value):
+    """A constant whose mean rounds off (0.7) left sigma ~1e-17 and turned the
+    feature into +-1; it is now exactly 0, as for a representable constant."""
+    X = np.column_stack([np.arange(6.0), np.full(6, value)])
+    Z = F.standardize(X)[0]
+    assert np.all(Z[:, 1] == 0.0)
+    assert np.all(F.standardize_by_batch(X, 3)[:, 1] == 0.0)

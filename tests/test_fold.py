@@ -206,3 +206,20 @@ def test_fold_model_keeps_sequential_subclasses():
     x = torch.randn(5, 3)
     with torch.no_grad():
         torch.testing.assert_close(folded(x), model(x), **TOL[torch.float32])
+
+
+def test_fold_refuses_what_it_cannot_fold_exactly():
+    """NoisyBatchNorm1d's eval output is BN's times a factor the fold would
+    drop; a parametrized weight (weight or spectral norm) cannot be replaced."""
+    from bnlib import landscape
+
+    noisy = landscape.NoisyBatchNorm1d(4, seed=0)
+    noisy(torch.randn(16, 4))
+    noisy.eval()
+    with pytest.raises(ValueError, match="cannot be folded"):
+        fold_bn(nn.Linear(3, 4), noisy)
+    bn = bnlib.nn.BatchNorm1d(4).eval()
+    for parametrized in (nn.utils.parametrizations.weight_norm(nn.Linear(3, 4)),
+                         nn.utils.parametrizations.spectral_norm(nn.Linear(3, 4))):
+        with pytest.raises(ValueError, match="parametrized"):
+            fold_bn(parametrized, bn)

@@ -540,3 +540,15 @@ def test_probe_during_training_does_not_change_training():
     assert probe.steps == [0, 2, 4, 6] and len(probe.values["ics"]) == 4
     with pytest.raises(ValueError, match="every"):
         landscape.Probe(0, f=len)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_lp_batchnorm_keeps_a_half_input_dtype(dtype):
+    """As BatchNorm1d: float32 statistics, output in the input's dtype; p = 2 matches BN."""
+    x = (torch.randn(32, 3) * 2 + 1).to(dtype)
+    lp, bn = landscape.LpBatchNorm1d(3, p=2), bnlib.nn.BatchNorm1d(3)
+    for mode in ("train", "eval"):
+        getattr(lp, mode)(), getattr(bn, mode)()
+        y = lp(x)
+        assert y.dtype == dtype
+        torch.testing.assert_close(y, bn(x))

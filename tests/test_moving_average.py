@@ -272,3 +272,10 @@ def test_conversion_table_text():
     assert len(lines) == 3
     assert lines[1].split() == ["0.1", "0.9", "0.9", "10", "44"]
     assert lines[2].split() == ["0.01", "0.99", "0.99", "100", "459"]
+
+
+def test_precise_bn_takes_no_batch_beyond_max_batches():
+    model = nn.Sequential(nn.Linear(3, 4), bnlib.nn.BatchNorm1d(4))
+    batches = iter([torch.randn(8, 3) for _ in range(5)])
+    ma.precise_bn(model, batches, max_batches=2)
+    assert len(list(batches)) == 3

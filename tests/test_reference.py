@@ -256,3 +256,13 @@ def test_float32_input_accepted(shape):
     np.testing.assert_allclose(np.asarray(dx32, dtype=np.float64), dx64, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(np.asarray(a.running_var, dtype=np.float64), b.running_var, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(a.running_mean, dtype=np.float64), b.running_mean, rtol=1e-5, atol=1e-6)
+
+
+def test_functions_check_shapes():
+    with pytest.raises(ValueError, match="at least 2 dimensions"):
+        R.batchnorm_forward(np.ones(3), None, None)
+    with pytest.raises(ValueError, match=r"gamma should have shape \(2,\)"):
+        R.batchnorm_forward(np.ones((3, 2)), np.ones(3), None)
+    _, cache = R.batchnorm_forward(np.random.default_rng(0).normal(size=(4, 3)), None, None)
+    with pytest.raises(ValueError, match=r"dy of the input's shape \(4, 3\), got \(4, 1\)"):
+        R.batchnorm_backward(np.ones((4, 1)), cache)

@@ -308,3 +308,23 @@ def test_diagonal_preconditioning_is_standardizing_centred_inputs(reg):
     np.testing.assert_allclose(np.diag(P), 1.0)
     Xs = Xc / Xc.std(axis=0)
     np.testing.assert_allclose(S.eigenvalues(P), S.eigenvalues(S.hessian(Xs)) / 2, rtol=1e-10)
+
+
+def test_condition_number_of_a_singular_hessian_always_raises():
+    """A constant feature copies the bias column: H is singular, and its
+    smallest eigenvalue is rounding noise of either sign. One answer: raise."""
+    for value in (5.0, 0.7):
+        X = np.column_stack([np.arange(6.0), np.full(6, value)])
+        with pytest.raises(ValueError, match="singular"):
+            S.condition_number(S.hessian(X))
+
+
+@pytest.mark.parametrize("H,pattern", [
+    ([[1.0, 100.0], [0.0, 1.0]], "symmetric"),
+    ([[np.nan, 0.0], [0.0, 1.0]], "finite"),
+    (np.zeros((0, 0)), "non-empty square"),
+    (np.ones(3), "non-empty square"),
+])
+def test_eigenvalues_reject_what_eigvalsh_would_misread(H, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        S.condition_number(H)

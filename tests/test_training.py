@@ -100,3 +100,20 @@ def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         training.train(m, x, y, **kwargs)
     assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
+
+
+def test_helpers_restore_each_submodules_mode():
+    """A BN layer frozen in eval mode inside a model in training mode stays
+    frozen after evaluate, recorders.probe and the landscape measurements
+    (model.train(was_training) used to unfreeze it)."""
+    from bnlib import experiments, landscape, recorders
+
+    model = models.make_mlp(3, 8, 2, depth=2, norm="bn", seed=0)
+    model.train()
+    model.norm1.eval()
+    x, y = torch.randn(16, 3), torch.randint(0, 2, (16,))
+    training.evaluate(model, x, y)
+    recorders.probe(model, x)
+    experiments.evaluate_batch_stats(model, x, y)
+    landscape.loss_landscape_along_gradient(model, x, y, [0.0, 0.1])
+    assert model.training and not model.norm1.training and model.norm2.training
