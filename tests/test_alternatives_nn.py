@@ -223,12 +223,16 @@ def test_gradcheck_layer_group_instance_norm():
 
 @pytest.mark.parametrize("dim", [0, 1, None])
 def test_gradcheck_weight_and_spectral_norm(dim):
-    v = torch.randn(4, 3, 2, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randn(4, 3, 2, dtype=torch.float64, generator=gen)
     g = alt._norm_except_dim(v, -1 if dim is None else dim) * 1.3
     _gradcheck(lambda a, b: alt.WeightNormFunction.apply(a, b, -1 if dim is None else dim), v, g)
     if dim is not None:
-        u, vv = torch.randn(v.shape[dim], dtype=torch.float64), torch.randn(v.numel() // v.shape[dim], dtype=torch.float64)
-        _gradcheck(lambda a: alt.SpectralNormFunction.apply(a, u, vv, dim), v)
+        # u and v as power iteration leaves them, the top singular pair (a random
+        # pair can give sigma = u^T W v near 0, where W / sigma is ill-conditioned
+        # and the finite differences fail, as the global RNG's state falls)
+        left, _, right = torch.linalg.svd(alt._to_matrix(v, dim))
+        _gradcheck(lambda a: alt.SpectralNormFunction.apply(a, left[:, 0], right[0], dim), v)
 
 
 def test_modules_vs_numpy_reference():
