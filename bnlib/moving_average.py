@@ -217,9 +217,11 @@ def debias(trace, momentum, init=0.0, convention: str = "torch") -> np.ndarray:
 def conversion_table(torch_momenta=(0.5, 0.1, 0.01, 0.001), tol: float = 0.01) -> str:
     """A fixed-width text table: one row per PyTorch ``momentum``, with the lecture's ``p``,
     Keras' ``momentum``, the effective window ``1 / momentum`` and :func:`steps_to_forget`
-    (updates until the start value weighs less than ``tol``). Print the returned string.
+    (updates until the start value weighs less than ``tol``). Headers on two lines, so
+    that it fits a book page (52 characters). Print the returned string.
     """
-    head = ["torch momentum", "lecture p", "keras momentum", "window 1/momentum", f"steps until init < {tol:g}"]
+    head = [("torch", "momentum"), ("lecture", "p"), ("keras", "momentum"), ("window", "1/momentum"),
+            ("steps until", f"init < {tol:g}")]
     rows = []
     for a in torch_momenta:
         rows.append([
@@ -229,8 +231,8 @@ def conversion_table(torch_momenta=(0.5, 0.1, 0.01, 0.001), tol: float = 0.01) -
             f"{effective_window(a):g}",
             f"{steps_to_forget(a, tol)}",
         ])
-    widths = [max(len(h), *(len(r[j]) for r in rows)) for j, h in enumerate(head)]
-    lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths))]
+    widths = [max(len(h[0]), len(h[1]), *(len(r[j]) for r in rows)) for j, h in enumerate(head)]
+    lines = ["  ".join(h[k].rjust(w) for h, w in zip(head, widths)) for k in (0, 1)]
     lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
     return "\n".join(lines)
 

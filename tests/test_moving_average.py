@@ -269,9 +269,10 @@ def test_precise_bn_bad_input_changes_nothing():
 def test_conversion_table_text():
     text = ma.conversion_table((0.1, 0.01))
     lines = text.splitlines()
-    assert len(lines) == 3
-    assert lines[1].split() == ["0.1", "0.9", "0.9", "10", "44"]
-    assert lines[2].split() == ["0.01", "0.99", "0.99", "100", "459"]
+    assert len(lines) == 4  # two header lines
+    assert lines[2].split() == ["0.1", "0.9", "0.9", "10", "44"]
+    assert lines[3].split() == ["0.01", "0.99", "0.99", "100", "459"]
+    assert max(map(len, ma.conversion_table().splitlines())) <= 72
 
 
 def test_precise_bn_takes_no_batch_beyond_max_batches():
