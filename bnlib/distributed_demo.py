@@ -287,7 +287,7 @@ def run_ddp_demo(world_size=2, steps=5, batch_size=32, lr=0.1):
                               ("local BN", results["local BN vs ghost BN"],
                                f"ghost BN of {per_rank} rows, 1 process")]:
         verdict = "below 1e-5" if diff < 1e-5 else "above 1e-2" if diff > 1e-2 else f"{diff:.0e}"
-        print(f"{name}: max |parameter or buffer - {other}| after step {steps}: {verdict}")
+        print(f"{name}: max |parameter or buffer - {other}|\n  after step {steps}: {verdict}")
     return results
 
 
