@@ -9,6 +9,9 @@ tag (so its printed line is compared) with an ``assert``, which follows it
 cell; tagged cells with only prose between them (a table, then its figure)
 may share one check. nbval's other escapes (skipping a cell, or a comment
 marker that a reader would not see in the cell's tags) are not used.
+
+And every chapter fits the page: printed lines of at most 72 characters,
+code lines of at most 88.
 """
 
 from pathlib import Path
@@ -58,6 +61,31 @@ def test_every_ignored_output_is_followed_by_a_check(path):
         f"{path.name}: code cells tagged {IGNORE_OUTPUT} with no untagged cell asserting "
         "their claim before the next tagged cell"
     )
+
+
+OUTPUT_WIDTH = 72  # the page's output box holds about 70 characters (CONTRIBUTING.md, "Fit the page")
+CODE_WIDTH = 88  # code boxes scroll, but only a little
+
+
+def printed_text(output) -> str:
+    if output.get("output_type") == "stream":
+        return output.get("text", "")
+    return output.get("data", {}).get("text/plain", "") if "data" in output else ""
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
+def test_outputs_and_code_fit_the_page(path):
+    nb = nbformat.read(path, as_version=4)
+    too_wide = []
+    for index, cell in enumerate(c for c in nb.cells if c.cell_type == "code"):
+        for line in cell.source.splitlines():
+            if len(line) > CODE_WIDTH:
+                too_wide.append(f"code cell {index}, code ({len(line)}): {line[:50]}")
+        for output in cell.get("outputs", []):
+            for line in printed_text(output).splitlines():
+                if len(line) > OUTPUT_WIDTH:
+                    too_wide.append(f"code cell {index}, output ({len(line)}): {line[:50]}")
+    assert not too_wide, f"{path.name}: lines wider than the page:\n" + "\n".join(too_wide)
 
 
 @pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
