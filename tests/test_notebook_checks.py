@@ -63,7 +63,7 @@ def test_every_ignored_output_is_followed_by_a_check(path):
     )
 
 
-OUTPUT_WIDTH = 72  # the page's output box holds about 70 characters (CONTRIBUTING.md, "Fit the page")
+OUTPUT_WIDTH = 72  # what the page's output box shows without a scrollbar (CONTRIBUTING.md, "Fit the page")
 CODE_WIDTH = 88  # code boxes scroll, but only a little
 
 
