@@ -25,6 +25,16 @@ memory: on CPU (float32 and float64), the C++ loops of ``bnlib.cpu_kernels``,
 used when they could be built here; on CUDA, when Triton is importable, the
 kernels of ``bnlib.triton_kernels``. :func:`cpu_backend` picks the CPU path
 (``"auto"``, ``"kernels"`` or ``"tensor_ops"``), e.g. to compare the two.
+
+Under a ``torch.func`` transform (``grad``, ``vmap``, ``jacrev``, ``jacfwd``,
+``hessian``, ...), or while a forward-mode AD level
+(``torch.autograd.forward_ad.dual_level``) is open, every entry point takes
+a third path, the formula path (:func:`under_func_transform`): the same map
+in plain differentiable tensor ops (``batch_norm_formula`` in training mode,
+``batch_norm_eval_formula`` in eval mode), which the transform
+differentiates itself. The hand-written backward passes, the C++ kernels
+and the Triton kernels step aside there; outside a transform they run as
+above.
 """
 
 import contextlib
@@ -647,6 +657,24 @@ def _triton_path():
     return None
 
 
+def check_training_args(running_mean, running_var, momentum, eps):
+    """What torch's batch norm refuses in training mode, before any state
+    changes: one running estimate without the other (one would be updated
+    and the other not, unnoticed), ``momentum=None`` (the cumulative average
+    is the modules' business: they pass ``1 / num_batches_tracked``) and
+    ``eps <= 0`` (the variance of a constant channel is 0)."""
+    if (running_mean is None) != (running_var is None):
+        raise InputError(
+            "batch_norm expected running_mean and running_var both given or both None, got only "
+            f"{'running_mean' if running_var is None else 'running_var'}"
+        )
+    if momentum is None and running_mean is not None:
+        raise InputError("batch_norm in training mode with running estimates expected a number for momentum, "
+                         "got None (the modules turn momentum=None into 1 / num_batches_tracked)")
+    if not eps > 0:
+        raise InputError(f"batch_norm expected eps > 0 in training (the variance of a constant channel is 0), got {eps}")
+
+
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
     """Batch normalization; the signature and meaning of ``torch.nn.functional.batch_norm``.
 
@@ -677,15 +705,8 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     check_floating_dtype("batch_norm", input.dtype, input.is_floating_point())
     for name, tensor in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
         _check_per_channel(name, tensor, num_channels)
-    if training and (running_mean is None) != (running_var is None):
-        # (torch raises too; updating one estimate and not the other would go unnoticed)
-        raise InputError(
-            "batch_norm expected running_mean and running_var both given or both None, got only "
-            f"{'running_mean' if running_var is None else 'running_var'}"
-        )
-    if training and not eps > 0:
-        raise InputError(f"batch_norm expected eps > 0 in training (the variance of a constant channel is 0), got {eps}")
     if training:
+        check_training_args(running_mean, running_var, momentum, eps)
         if values_per_channel(input.shape) == 1:  # (the message's text is built only then)
             check_batch_size(input.shape, str(input.size()))
     elif running_mean is None or running_var is None:

@@ -60,8 +60,8 @@ except ``fuse_finalize_max_splits``, which no GPU has timed yet.
 kernels for float32 input); for float64 input that limits the running
 statistics to about 1e-8 relative accuracy.
 
-Triton is optional (``pip install bnlib[triton]``): without it, or with a
-Triton older than ``MIN_TRITON``, this module still imports and
+Triton is optional (from the checkout, ``pip install '.[triton]'``): without
+it, or with a Triton older than ``MIN_TRITON``, this module still imports and
 ``is_available()`` is False. With ``TRITON_INTERPRET=1`` in
 the environment before this module is imported, the same kernels run on CPU
 tensors through Triton's interpreter (that is how the tests check them on a
@@ -844,6 +844,8 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     Raises:
         ValueError: bad input (see the contract); nothing is updated then.
     """
+    from bnlib import functional as bnF  # (here: bnlib.functional imports this module lazily too)
+
     if triton is None:
         raise RuntimeError("bnlib.triton_kernels needs Triton: pip install triton")
     if _TRITON_VERSION < MIN_TRITON:
@@ -864,8 +866,16 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     if training:
         if input.numel() // max(C, 1) == 1:
             raise InputError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
+        bnF.check_training_args(running_mean, running_var, momentum, eps)
     elif running_mean is None or running_var is None:
         raise InputError("batch_norm in eval mode (training=False) needs running_mean and running_var")
+    if bnF.under_func_transform():
+        # torch.func or forward-mode AD: the kernels' Function has no vmap or
+        # jvp rule, so the formulas in tensor ops (bnlib.functional's path)
+        # compute it, before any running estimate is touched.
+        return bnF.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if momentum is None:  # eval mode: the running estimates are only read
+        momentum = 0.0
     if input.numel() == 0:  # as torch: an empty output still connected to weight and bias
         out = input.clone()
         if weight is not None:

@@ -449,14 +449,37 @@ def test_second_derivatives(training, layout):
 
 
 @interp
-def test_forward_ad_is_not_dropped():
-    """A dual tensor (forward-mode AD) goes through the autograd node, which has no jvp:
-    an error, never a silently lost tangent."""
+def test_forward_ad_takes_the_formula_path():
+    """A dual tensor (forward-mode AD): the kernels' Function has no jvp, so
+    the formulas in tensor ops compute it (as under torch.func), before any
+    running estimate is touched; the tangent and the estimates are torch's."""
     import torch.autograd.forward_ad as fwAD
 
-    x, t = torch.randn(4, 3), torch.randn(4, 3)
-    with fwAD.dual_level(), pytest.raises(NotImplementedError):
-        tk.batch_norm(fwAD.make_dual(x, t), None, None, None, None, True)
+    x, t = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    stats = {name: (torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)) for name in ("tk", "torch")}
+    tangents = {}
+    for name, fn in (("tk", tk.batch_norm), ("torch", F.batch_norm)):
+        with fwAD.dual_level():
+            y = fn(fwAD.make_dual(x, t), *stats[name], None, None, True)
+            tangents[name] = fwAD.unpack_dual(y).tangent
+    torch.testing.assert_close(tangents["tk"], tangents["torch"])
+    for ours, theirs in zip(stats["tk"], stats["torch"]):
+        torch.testing.assert_close(ours, theirs)
+
+
+@interp
+def test_direct_call_checks_what_torch_checks():
+    """Called directly (not through bnlib.functional), the Triton entry point
+    refuses what torch refuses in training, and changes nothing."""
+    x, rm, rv = torch.randn(6, 3), torch.zeros(3), torch.ones(3)
+    with pytest.raises(ValueError, match="both given or both None"):
+        tk.batch_norm(x, rm, None, training=True)
+    with pytest.raises(ValueError, match="eps > 0"):
+        tk.batch_norm(x, rm, rv, training=True, eps=0.0)
+    with pytest.raises(ValueError, match="momentum"):
+        tk.batch_norm(x, rm, rv, training=True, momentum=None)
+    assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+    torch.testing.assert_close(tk.batch_norm(x, rm, rv, momentum=None), F.batch_norm(x, rm, rv))
 
 
 # Every kernel variant a training step, an eval call and their backward can
