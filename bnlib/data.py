@@ -10,8 +10,9 @@ training split only (no data leakage): for feature ``j``,
     x'_{ij} = \frac{x_{ij} - \mu_j}{\mathrm{std}_j},
 
 over the ``n`` training rows; a feature that is constant on the training
-split (``std_j = 0``, e.g. a pixel that is always blank) gets ``std_j = 1``
-so it stays 0 instead of becoming NaN.
+split (e.g. a pixel that is always blank) gets ``mu_j`` = its value and
+``std_j = 1``, so it becomes exactly 0 instead of NaN (the rule of
+:func:`bnlib.features.standardize_fit`, which computes them).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+
+from bnlib.features import standardize_fit
 
 __all__ = [
     "Split",
@@ -40,14 +43,12 @@ class Split(NamedTuple):
 
 
 def fit_standardizer(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-feature ``(mu, std)`` of ``x`` (shape ``(n, d)``), biased std, 0 replaced by 1."""
+    """Per-feature ``(mu, std)`` of ``x`` (shape ``(n, d)``), biased std; a
+    constant feature gets its value and 1 (:func:`bnlib.features.standardize_fit`)."""
     x = np.asarray(x, dtype=np.float64)
     if x.ndim != 2 or x.shape[0] < 1:
         raise ValueError(f"expected a 2-D array (n, d) with n >= 1, got shape {x.shape}")
-    mu = x.mean(axis=0)
-    std = x.std(axis=0)
-    std = np.where(std > 0, std, 1.0)
-    return mu, std
+    return standardize_fit(x)
 
 
 def standardize(x: np.ndarray, mu: np.ndarray, std: np.ndarray) -> np.ndarray:

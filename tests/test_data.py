@@ -81,3 +81,11 @@ def test_gaussian_blobs():
     assert torch.equal(x, x2)
     with pytest.raises(ValueError, match="n_samples"):
         data.gaussian_blobs(0)
+
+
+def test_fit_standardizer_constant_column_whose_mean_rounds_off():
+    """0.7 is not a float64 number: its computed mean misses it by a rounding
+    error, which used to leave std ~1e-16 and turn the column into +-1."""
+    x = np.column_stack([np.arange(6.0), np.full(6, 0.7)])
+    mu, std = data.fit_standardizer(x)
+    assert std[1] == 1.0 and np.all(data.standardize(x, mu, std)[:, 1] == 0.0)
