@@ -89,6 +89,16 @@ def test_outputs_and_code_fit_the_page(path):
 
 
 @pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
+def test_figures_are_stored_whatever_the_backend(path):
+    """The first code cell starts with %matplotlib inline (CONTRIBUTING.md, "A
+    chapter"): under another backend a figure is not stored, and its fig- name
+    and every {numref} to it fail the build."""
+    nb = nbformat.read(path, as_version=4)
+    first = next(cell for cell in nb.cells if cell.cell_type == "code")
+    assert first.source.startswith("%matplotlib inline"), f"{path.name}: {first.source.splitlines()[0]!r}"
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
 def test_no_other_nbval_escapes(path):
     nb = nbformat.read(path, as_version=4)
     for index, cell in enumerate(c for c in nb.cells if c.cell_type == "code"):
