@@ -4,9 +4,10 @@ Drop-ins for torch's modules, with the same constructors, parameters, buffers
 and state-dict keys, outputs and gradients:
 
 - :class:`LayerNorm` (``torch.nn.LayerNorm``), :class:`GroupNorm`
-  (``torch.nn.GroupNorm``), :class:`InstanceNorm1d` / :class:`InstanceNorm2d`
-  (``torch.nn.InstanceNorm1d/2d/3d``): normalize groups of values *of one sample*
-  (see ``bnlib.reference_alternatives`` for the math);
+  (``torch.nn.GroupNorm``), :class:`InstanceNorm1d` / :class:`InstanceNorm2d` /
+  :class:`InstanceNorm3d` (``torch.nn.InstanceNorm1d/2d/3d``): normalize
+  groups of values *of one sample* (see ``bnlib.reference_alternatives`` for
+  the math);
 - :func:`weight_norm` and :func:`spectral_norm`
   (``torch.nn.utils.parametrizations.weight_norm`` / ``spectral_norm``):
   reparametrize a weight, ``w = g v / ||v||`` and ``W_SN = W / sigma(W)``,
@@ -19,7 +20,7 @@ and, where torch has none, :class:`BatchRenorm1d` / :class:`BatchRenorm2d`
 running ones by two constants ``r`` and ``d``; and :func:`masked_batch_norm`,
 batch norm of zero-padded sequences over their real tokens only.
 
-Every normalization is written as an ``torch.autograd.Function`` whose
+Every normalization is written as a ``torch.autograd.Function`` whose
 backward is batch norm's compact formula applied to the right groups of values
 (:func:`_rows_backward`), not autograd replaying the forward. float16 and
 bfloat16 inputs are computed in float32 and returned in their own dtype.

@@ -12,6 +12,16 @@ which input dimensions they take. ``_NormBase`` is also the base of the
 other modules with running statistics (instance norm, batch renorm, ghost
 and synchronized batch norm). The public names are re-exported by
 ``bnlib.nn``.
+
+``BatchNorm1d/2d/3d`` (and ``bnlib.sync_batchnorm.SyncBatchNorm``) also
+derive from torch's ``torch.nn.modules.batchnorm._BatchNorm``, a second base
+whose every method is overridden here (``_TorchBatchNorm`` below). torch's
+utilities find batch norm layers with ``isinstance`` on that class:
+``torch.optim.swa_utils.update_bn`` recomputes their running statistics,
+``torch.func.replace_all_batch_norm_modules_`` prepares them for ``vmap``,
+``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` converts them; without
+the second base they would skip bnlib's layers without a word.
+``GhostBatchNorm`` is left out on purpose.
 """
 
 import torch

@@ -1,21 +1,21 @@
 r"""Data-parallel training with SyncBatchNorm on CPU processes, for the chapter
 "Batch norm across devices".
 
-Everything runs on one machine: ``W`` processes started with
+Everything runs on one machine: ``P`` processes started with
 ``torch.multiprocessing`` (spawn), joined in a gloo process group over
 127.0.0.1, one thread each. What a process runs must live in an importable
 module, not in a notebook, hence this file. No process prints: results come
 back to the caller (:func:`launch`), which prints them, so a notebook shows
 them and every number is the same on every run.
 
-Data parallelism in one line: rank ``r`` of ``W`` takes rows
-``[r*b, (r+1)*b)`` of every global mini-batch of ``B = W*b`` rows, computes
+Data parallelism in one line: rank ``r`` of ``P`` takes rows
+``[r*b, (r+1)*b)`` of every global mini-batch of ``B = P*b`` rows, computes
 the mean loss over its ``b`` rows, and ``DistributedDataParallel`` averages
 the gradients over the ranks, which is the gradient of the mean loss over
 all ``B`` rows, as long as every layer computes per sample. BatchNorm does
 not: it couples the rows of a batch. With plain BN each rank normalizes its
 ``b`` rows on their own (small-batch BN); with ``SyncBatchNorm`` all ``B``
-rows share the statistics, and ``W`` processes train exactly like one
+rows share the statistics, and ``P`` processes train exactly like one
 process on the whole batch.
 
 Run ``python -m bnlib.distributed_demo`` for the chapter's demo.

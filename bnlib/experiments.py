@@ -1,4 +1,5 @@
-r"""Small, seeded experiments for the chapter "What BN does to training".
+r"""Small, seeded experiments for the chapters "What BN does to training" (6)
+and "BN in real networks" (11).
 
 Each runner trains the book's multilayer perceptrons (:func:`bnlib.models.make_mlp`)
 with the book's loop (:func:`bnlib.training.train`) on a data split
@@ -10,11 +11,21 @@ entry per seed, so the chapter shows the mean and the spread:
 - :class:`EvalCurve`, :class:`UnitPercentiles`: training callbacks that record
   the test accuracy, and the 15th/50th/85th percentiles of one unit's input,
   every few steps.
+- :func:`build_mlp`: the network of a run, :func:`bnlib.models.make_mlp`
+  with dropout after every hidden activation (:func:`add_dropout`).
+- :class:`RunResult`: what one run leaves (training history, test curve,
+  final losses and accuracies, extra recordings, the trained model).
 - :func:`train_run`: one seeded training run with those recordings;
   :func:`evaluate_batch_stats`: test accuracy with BN using the test set's own statistics.
 - :func:`figure1_run` (the paper's Figure 1), :func:`lr_table` (its
   learning-rate comparison), :func:`init_scale_sweep`, :func:`batch_size_sweep`,
   :func:`generalization_gap` (train/test gap with BN and with dropout).
+- :func:`variance_shift` (chapter 11): per unit of a BN layer, the variance
+  of its input at inference over its ``running_var``, the variance shift that
+  dropout before BN causes.
+- :func:`stream_std` (chapter 11): the standard deviation of the residual
+  stream of a :func:`bnlib.models.make_resmlp` network after the stem and
+  after each block.
 - :func:`add_dropout`, :func:`class_subset`, :func:`format_table`: helpers.
 
 Every run draws its parameters from ``seed`` (:func:`make_mlp`'s ``seed``),

@@ -5,16 +5,20 @@ At inference a BN layer is a fixed affine map per output channel ``c``:
 .. math::
 
     \mathrm{BN}(z)_c = \gamma_c \frac{z_c - \bar\mu_c}{\sqrt{\bar\sigma^2_c + \epsilon}} + \beta_c
-                     = s_c\, z_c + (\beta_c - s_c \bar\mu_c), \qquad
-    s_c = \frac{\gamma_c}{\sqrt{\bar\sigma^2_c + \epsilon}},
+                     = \tilde\gamma_c\, z_c + \tilde\beta_c, \qquad
+    \tilde\gamma_c = \frac{\gamma_c}{\sqrt{\bar\sigma^2_c + \epsilon}}, \quad
+    \tilde\beta_c = \beta_c - \tilde\gamma_c\, \bar\mu_c,
 
-with ``running_mean`` :math:`\bar\mu` and ``running_var`` :math:`\bar\sigma^2`.
+with ``running_mean`` :math:`\bar\mu` and ``running_var`` :math:`\bar\sigma^2`
+(:func:`bn_scale_shift` returns :math:`\tilde\gamma` and :math:`\tilde\beta`
+as ``scale, shift``).
 When ``z = W x + b`` (a linear layer, or a convolution: ``W`` of shape
 ``(C_out, ...)``), the composition is again such a layer:
 
 .. math::
 
-    W'_{c,\cdot} = s_c\, W_{c,\cdot}, \qquad b'_c = (b_c - \bar\mu_c)\, s_c + \beta_c ,
+    W'_{c,\cdot} = \tilde\gamma_c\, W_{c,\cdot}, \qquad
+    b'_c = \tilde\gamma_c\, b_c + \tilde\beta_c = (b_c - \bar\mu_c)\, \tilde\gamma_c + \beta_c ,
 
 so the pair is replaced by one layer with the same output (up to rounding):
 one pass over the data fewer at inference (Jacob et al. 2018). The new

@@ -29,7 +29,7 @@ of BN numerically.
   ``w - eta * g`` for a range of step sizes ``eta`` (their section 3.1,
   Figure 4): "variation of the loss", "gradient predictiveness"
   :math:`\lVert g(w - \eta g) - g(w) \rVert` and the effective
-  :math:`\beta`-smoothness
+  :math:`\beta_{\mathrm{sm}}`-smoothness (not BN's shift :math:`\beta`)
   :math:`\max_{\eta > 0} \lVert g(w - \eta g) - g(w) \rVert / \lVert \eta g \rVert`.
 - :func:`filter_normalized_direction`, :func:`loss_surface`,
   :func:`negative_curvature_mask` and :func:`negative_curvature_fraction`: the loss on a plane through the
@@ -437,7 +437,9 @@ class Landscape:
 
     @property
     def beta(self) -> float:
-        r"""Effective :math:`\beta`-smoothness :math:`\max_{\eta > 0} \lVert g(w - \eta g) - g(w) \rVert / (\eta \lVert g \rVert)`.
+        r"""Effective :math:`\beta_{\mathrm{sm}}`-smoothness
+        :math:`\max_{\eta > 0} \lVert g(w - \eta g) - g(w) \rVert / (\eta \lVert g \rVert)`
+        (the property is named ``beta``; it is not BN's shift :math:`\beta`).
 
         For a quadratic loss with Hessian ``H`` this is :math:`\lVert H g \rVert / \lVert g \rVert`
         for every ``eta``: at most the largest eigenvalue of ``H``, equal to it

@@ -27,6 +27,14 @@ The activation functions and their derivatives (closed forms) live here too:
 
     \sigma(z) = \frac{1}{1 + e^{-z}},\quad \sigma'(z) = \sigma(z)(1 - \sigma(z)),\qquad
     \tanh'(z) = 1 - \tanh^2(z),\qquad \mathrm{relu}'(z) = [z > 0].
+
+``get_layers`` returns the hidden layers of one kind (``"fc"``, ``"norm"``,
+``"act"``) in order. ``make_resmlp`` builds a residual MLP whose blocks are
+``ResidualBlock`` modules (two linear layers with BN each, optionally with
+the last :math:`\gamma` zero-initialized). ``modes_kept(model)`` is a context
+manager for a block that may call ``model.train()`` or ``model.eval()``:
+afterwards every submodule is back in its own train/eval mode (a BN layer
+frozen in eval mode inside a model in training mode stays frozen).
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ __all__ = [
     "get_layers",
     "ResidualBlock",
     "make_resmlp",
+    "modes_kept",
 ]
 
 #: Where ``make_mlp`` puts a normalization layer: before or after the activation.

@@ -1,7 +1,7 @@
 r"""Measuring what batch norm costs: bytes moved, bytes kept, time against a copy.
 
 The chapter "Making BN fast" asks how close a batch norm gets to the floor
-that memory sets. Four tools:
+that memory sets. Five groups of tools:
 
 - :func:`op_traffic` runs a function and lists every tensor operation it
   dispatches with the bytes that operation reads (its tensor inputs) and

@@ -7,7 +7,7 @@ batch, so the result is that of BatchNorm on the concatenated batch in one
 process. It runs on CPU tensors (gloo) and CUDA tensors (NCCL): the only
 transport is ``torch.distributed``.
 
-Forward, training, a process group of ``W > 1`` ranks (input ``(N_r, C, *S)``
+Forward, training, a process group of ``P > 1`` ranks (input ``(N_r, C, *S)``
 on rank ``r``, ``m_r = N_r * prod(S)`` values per channel, possibly 0):
 
 1. every rank computes per channel, in two passes (never ``E[x^2] - E[x]^2``),
@@ -19,7 +19,7 @@ on rank ``r``, ``m_r = N_r * prod(S)`` values per channel, possibly 0):
 
    (``n_r = mu_r = M2_r = 0`` for an empty slice);
 2. **collective 1**: one ``all_gather`` of the ``(3, C)`` tensor
-   ``[n_r; mu_r; M2_r]``, so every rank holds all ``W`` triples;
+   ``[n_r; mu_r; M2_r]``, so every rank holds all ``P`` triples;
 3. every rank merges them with Chan, Golub and LeVeque's parallel formula,
    all parts at once (:func:`merge_stats`):
 
@@ -58,21 +58,21 @@ gradient (``DistributedDataParallel`` all-reduces parameter gradients
 anyway; it averages them, so train with a per-rank loss that is the mean
 over the rank's slice to get the whole-batch mean loss).
 
-Cost per BN layer per training step, with ``C`` channels, ``W`` ranks and
+Cost per BN layer per training step, with ``C`` channels, ``P`` ranks and
 ``b`` bytes per value (4 for float32, also for float16/bfloat16 inputs,
 whose statistics are float32): **two collectives**, both blocking.
-Forward: each rank sends ``3*C*b`` bytes and receives ``3*C*b*(W - 1)``.
-Backward: an all-reduce of ``2*C*b`` bytes (a ring moves ``2*(W-1)/W`` times
+Forward: each rank sends ``3*C*b`` bytes and receives ``3*C*b*(P - 1)``.
+Backward: an all-reduce of ``2*C*b`` bytes (a ring moves ``2*(P-1)/P`` times
 that per rank); :func:`sync_cost` computes these numbers. Why one
 all_gather and not all-reduces: the merge needs every ``(n_r, mu_r, M2_r)``,
 which is not a sum; the exact alternative, an all-reduce of
 ``(n_r, n_r * mu_r)`` then one of ``sum (x - mu)^2`` about the global mean,
-is two dependent round trips (a ring all-reduce takes ``2(W - 1)`` latency
-steps, an all_gather ``W - 1``) and a second pass over ``x`` between them.
+is two dependent round trips (a ring all-reduce takes ``2(P - 1)`` latency
+steps, an all_gather ``P - 1``) and a second pass over ``x`` between them.
 BN statistics are a few kilobytes per layer, so the latency is the price;
-the all_gather's bytes grow with ``W`` and overtake the all-reduces' from
-``W = 3`` on, but stay far below the gradients' all-reduce that
-data-parallel training does anyway until ``W`` reaches the hundreds (the
+the all_gather's bytes grow with ``P`` and overtake the all-reduces' from
+``P = 3`` on, but stay far below the gradients' all-reduce that
+data-parallel training does anyway until ``P`` reaches the hundreds (the
 chapter computes it for ResNet-50). torch's ``SyncBatchNorm`` makes the
 same choice (an all_gather of ``2C + 1`` values: mean, invstd, count). The
 count is kept per channel here (3 rows, ``C - 1`` values more) so that the
@@ -152,15 +152,15 @@ def sync_cost(channels, world_size, bytes_per_value=4):
 
     Args:
         channels: the ``C`` of every BN layer (a list), or of one layer (an int).
-        world_size: ``W``, the ranks in the group.
+        world_size: ``P``, the ranks in the group.
         bytes_per_value: 4 for float32 statistics (also for float16/bfloat16 inputs), 8 for float64.
 
     Returns a dict: ``collectives`` (2 per layer: an all_gather forward, an
     all_reduce backward), ``forward_sent`` (``3 C b`` per layer),
-    ``forward_received`` (``3 C b (W - 1)``), ``backward_payload``
+    ``forward_received`` (``3 C b (P - 1)``), ``backward_payload``
     (``2 C b``, the size of the all-reduced tensor) and
     ``backward_ring_traffic`` (what a ring all-reduce sends per rank,
-    ``2 (W - 1) / W`` times the payload), each summed over the layers.
+    ``2 (P - 1) / P`` times the payload), each summed over the layers.
     """
     channels = [channels] if isinstance(channels, int) else list(channels)
     total = sum(channels)
@@ -223,7 +223,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         local = torch.stack(local_stats(x))
         gathered = [torch.empty_like(local) for _ in range(world_size)]
         dist.all_gather(gathered, local, group=process_group)
-        count, mu, m2 = merge_stats(*torch.stack(gathered, dim=1))  # rows of (3, W, C)
+        count, mu, m2 = merge_stats(*torch.stack(gathered, dim=1))  # rows of (3, P, C)
         _check_global_count(input, count, world_size)
 
         var = m2 / count

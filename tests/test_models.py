@@ -1,4 +1,4 @@
-"""bnlib.models: the MLP's structure and initialization, activation derivatives.
+"""bnlib.models: the MLP's structure and initialization, activation derivatives, modes_kept.
 
 Truths: torch autograd for the derivatives, closed forms (sigmoid'(0) = 1/4,
 sigmoid'(-6) = e^-6 / (1 + e^-6)^2), a forward pass written out by hand with
@@ -176,3 +176,35 @@ def test_resmlp_zero_init_starts_every_block_as_the_identity():
     assert torch.equal(same.block1.fc1.weight, m.block1.fc1.weight)  # zero_init draws no other numbers
     with pytest.raises(ValueError, match="blocks"):
         models.make_resmlp(6, 5, 3, blocks=0)
+
+
+@pytest.mark.parametrize("call", ["train", "eval"])
+def test_modes_kept_restores_each_submodule_mode_after_an_exception(call):
+    """A BN frozen in eval mode inside a model in training mode (and the reverse
+    mix): after a block that calls model.train() or model.eval() and raises,
+    every submodule has its own mode again, and the exception goes through."""
+    m = models.make_mlp(4, [3, 3], 2, norm="bn")
+    m.train()
+    m.norm1.eval()  # frozen BN in a training model
+    m.act2.eval()
+    before = {name: module.training for name, module in m.named_modules()}
+    assert before[""] is True and before["norm1"] is False and before["norm2"] is True
+    with pytest.raises(RuntimeError, match="inside the block"):
+        with models.modes_kept(m):
+            getattr(m, call)()
+            assert all(module.training == (call == "train") for module in m.modules())
+            raise RuntimeError("inside the block")
+    assert {name: module.training for name, module in m.named_modules()} == before
+
+
+def test_modes_kept_model_in_eval_with_a_submodule_in_training():
+    """The reverse: a model in eval mode with one BN in training mode, and a block that exits normally."""
+    m = models.make_resmlp(4, 3, 2, blocks=1, seed=0)
+    m.eval()
+    m.block1.norm2.train()
+    before = {name: module.training for name, module in m.named_modules()}
+    with models.modes_kept(m):
+        m.train()
+    assert {name: module.training for name, module in m.named_modules()} == before
+    assert m.training is False and m.block1.norm2.training is True and m.block1.norm1.training is False
+    assert "modes_kept" in models.__all__
