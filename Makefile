@@ -19,7 +19,7 @@ export MKL_NUM_THREADS ?= 1
 # NumPy's OpenBLAS are each pinned to their AVX2 code. Across vendors (an Intel
 # Xeon and an AMD EPYC) some last bits still differ; the few cells that
 # print a chaotic training run's numbers are tagged nbval-ignore-output and
-# checked by an assert (CONTRIBUTING.md, "How we write").
+# checked by an assert (CONTRIBUTING.md, "A chapter").
 export ATEN_CPU_CAPABILITY ?= avx2
 export MKL_CBWR ?= AVX2,STRICT
 export ONEDNN_MAX_CPU_ISA ?= AVX2
@@ -34,6 +34,9 @@ help:
 	@echo "make bench  time bnlib against torch's native batch norm"
 	@echo "make lab    open the chapters in JupyterLab from the project's environment"
 	@echo "make execute  re-execute every chapter in place (after a change to bnlib)"
+	@echo "make test-unit        only bnlib's pytest suite"
+	@echo "make test-notebooks   only nbval on the chapters"
+	@echo "make setup  only the .venv with the pinned set;  make clean  remove the build"
 
 setup: $(STAMP)
 
