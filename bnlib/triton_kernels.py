@@ -58,7 +58,9 @@ except ``fuse_finalize_max_splits``, which no GPU has timed yet.
 
 ``momentum`` and ``eps`` reach the kernels as float32 (as in torch's CUDA
 kernels for float32 input); for float64 input that limits the running
-statistics to about 1e-8 relative accuracy.
+statistics to about 1e-8 relative accuracy, and the output too in a channel
+whose variance is close to ``eps`` (there ``eps`` rounded to float32 moves
+it by about 1e-8, relative).
 
 Triton is optional (from the checkout, ``pip install '.[triton]'``): without
 it, or with a Triton older than ``MIN_TRITON``, this module still imports and
