@@ -75,3 +75,36 @@ def test_inplace_writes_outputs_and_drops_stale_timings(tmp_path):
 def test_bad_arguments(args, message):
     proc = run_script(*args)
     assert proc.returncode == 2 and message in proc.stderr
+
+
+def test_a_kernel_that_dies_at_start_is_started_again(tmp_path, monkeypatch):
+    """The kernel port race ("Address already in use", then "Kernel died before
+    replying to kernel_info") ran no cell: the notebook is tried again, up to
+    KERNEL_START_TRIES times; any other error is reported at once."""
+    import importlib.util
+    import types
+
+    import jupyter_cache.executors.utils as utils
+
+    spec = importlib.util.spec_from_file_location("execute_chapters", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    path = write_notebook(tmp_path / "nb.ipynb", "1 + 1")
+    calls = []
+
+    def flaky(notebook, **kwargs):
+        calls.append(1)
+        if len(calls) < module.KERNEL_START_TRIES:
+            raise RuntimeError("Kernel died before replying to kernel_info")
+        return types.SimpleNamespace(nb=notebook, time=0.0, exc_string=None)
+
+    monkeypatch.setattr(utils, "single_nb_execution", flaky)
+    assert module.execute_notebook(str(path))[3] is None
+    assert len(calls) == module.KERNEL_START_TRIES
+
+    def broken(notebook, **kwargs):
+        raise RuntimeError("something else")
+
+    monkeypatch.setattr(utils, "single_nb_execution", broken)
+    with pytest.raises(RuntimeError, match="something else"):
+        module.execute_notebook(str(path))

@@ -32,21 +32,34 @@ import nbformat
 # The same limits as `execute:` in _config.yml.
 TIMEOUT_S = 600
 ALLOW_ERRORS = False
+# A kernel that dies before its first reply has run no cell: the ports its
+# manager picked were free when picked and taken when it bound them (another
+# kernel or chapter 8's worker processes starting at the same moment; seen
+# once in a fresh-clone CI run, "ZMQError: Address already in use"). Such a
+# start is tried again; any other error is reported at once.
+KERNEL_START_TRIES = 3
 
 
 def execute_notebook(path: str) -> tuple[str, nbformat.NotebookNode, float, str | None]:
     """Run one notebook top to bottom in a fresh kernel, cwd = its folder."""
     from jupyter_cache.executors.utils import single_nb_execution
 
-    notebook = nbformat.read(path, as_version=4)
-    result = single_nb_execution(
-        notebook,
-        cwd=str(Path(path).resolve().parent),
-        timeout=TIMEOUT_S,
-        allow_errors=ALLOW_ERRORS,
-        meta_override=True,
-    )
-    return path, result.nb, result.time, result.exc_string
+    for attempt in range(1, KERNEL_START_TRIES + 1):
+        notebook = nbformat.read(path, as_version=4)
+        try:
+            result = single_nb_execution(
+                notebook,
+                cwd=str(Path(path).resolve().parent),
+                timeout=TIMEOUT_S,
+                allow_errors=ALLOW_ERRORS,
+                meta_override=True,
+            )
+        except RuntimeError as error:
+            if "before replying to kernel_info" not in str(error) or attempt == KERNEL_START_TRIES:
+                raise
+            print(f"{path}: the kernel died at start ({error}); starting another", file=sys.stderr, flush=True)
+            continue
+        return path, result.nb, result.time, result.exc_string
 
 
 def store_in_cache(cache_path: str, path: str, notebook: nbformat.NotebookNode,
