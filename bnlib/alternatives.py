@@ -331,10 +331,7 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
         raise InputError(f"instance_norm expected an input with at least 3 dimensions (N, C, L, ...), got {input.dim()}D input")
     num_channels = input.shape[1]
     check_floating_dtype("instance_norm", input.dtype, input.is_floating_point())
-    if (running_mean is None) != (running_var is None):
-        raise InputError("instance_norm expected running_mean and running_var both given or both None, "
-                         f"got running_mean {'None' if running_mean is None else 'given'} and running_var "
-                         f"{'None' if running_var is None else 'given'}")
+    bnF.check_running_pair("instance_norm", running_mean, running_var)
     for name, tensor in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
         if tensor is not None and tensor.numel() != num_channels:
             raise InputError(f"{name} should have {num_channels} elements (one per channel), got {tensor.numel()}")

@@ -190,12 +190,8 @@ class _BatchNorm(_NormBase):
         )
 
 
-# torch's base class of its batch norms, a second base of ours (every method
-# of it is overridden here): torch's utilities find batch norm layers with
-# isinstance on it (torch.optim.swa_utils.update_bn recomputes their running
-# statistics, torch.func.replace_all_batch_norm_modules_ prepares them for
-# vmap, torch.nn.SyncBatchNorm.convert_sync_batchnorm converts them), and a
-# layer they skip would go unnoticed. GhostBatchNorm is left out on purpose.
+# torch's base class of its batch norms, a second base of ours: why, in the
+# module docstring.
 _TorchBatchNorm = nn.modules.batchnorm._BatchNorm
 
 

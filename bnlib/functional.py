@@ -657,17 +657,23 @@ def _triton_path():
     return None
 
 
-def check_training_args(running_mean, running_var, momentum, eps):
-    """What torch's batch norm refuses in training mode, before any state
-    changes: one running estimate without the other (one would be updated
-    and the other not, unnoticed), ``momentum=None`` (the cumulative average
-    is the modules' business: they pass ``1 / num_batches_tracked``) and
-    ``eps <= 0`` (the variance of a constant channel is 0)."""
+def check_running_pair(name, running_mean, running_var):
+    """Both running estimates or neither, as torch asks: with one, it would be
+    updated and the other not, unnoticed."""
     if (running_mean is None) != (running_var is None):
         raise InputError(
-            "batch_norm expected running_mean and running_var both given or both None, got only "
+            f"{name} expected running_mean and running_var both given or both None, got only "
             f"{'running_mean' if running_var is None else 'running_var'}"
         )
+
+
+def check_training_args(running_mean, running_var, momentum, eps):
+    """What torch's batch norm refuses in training mode, before any state
+    changes: one running estimate without the other, ``momentum=None`` (the
+    cumulative average is the modules' business: they pass
+    ``1 / num_batches_tracked``) and ``eps <= 0`` (the variance of a constant
+    channel is 0)."""
+    check_running_pair("batch_norm", running_mean, running_var)
     if momentum is None and running_mean is not None:
         raise InputError("batch_norm in training mode with running estimates expected a number for momentum, "
                          "got None (the modules turn momentum=None into 1 / num_batches_tracked)")
