@@ -244,16 +244,6 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     return y.contiguous()  # torch's layer norm returns a contiguous tensor whatever the input's layout
 
 
-def _channels_last_format(t):
-    """``torch.channels_last`` (4-D) or ``torch.channels_last_3d`` (5-D) when ``t`` is laid out so, else None."""
-    if t.is_contiguous():
-        return None
-    for ndim, fmt in ((4, torch.channels_last), (5, torch.channels_last_3d)):
-        if t.dim() == ndim and t.is_contiguous(memory_format=fmt):
-            return fmt
-    return None
-
-
 def _check_group_size(input, num_groups):
     """torch's ``_verify_batch_size`` on ``[N * C / G, G, *spatial]``: raises when it holds one value."""
     size = [input.shape[0] * input.shape[1] // num_groups, num_groups] + list(input.shape[2:])
@@ -286,7 +276,7 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
     row_shape = (input.shape[0], num_groups, m)
     ndim = input.dim()
     y, _, _ = _grouped_norm(input, weight, bias, row_shape, _channel_view(ndim), _not_channel_dims(ndim), eps)
-    fmt = _channels_last_format(input)
+    fmt = bnF._channels_last_format(input)
     if fmt is not None and input.device.type == "cpu":
         # as torch's group norm, whose CPU kernel keeps a channels-last layout
         # (its CUDA kernel returns a contiguous tensor, as ours does)
@@ -301,20 +291,7 @@ def _update_instance_running_stats(running_mean, running_var, mu, var, m, moment
     then ``running = (1 - momentum) * running + momentum * batch``.
     A channel with non-finite statistics keeps its estimates (no host sync)."""
     unbiased_var = var * (m / (m - 1)) if m > 1 else var
-    batch_mean, batch_var = mu.mean(0), unbiased_var.mean(0)
-    finite = torch.isfinite(batch_mean) & torch.isfinite(batch_var)
-    # In the wider of the two dtypes, rounded once into the buffer (a float16
-    # buffer must not see a variance above 65504 rounded to inf first).
-    old_mean = running_mean.to(torch.promote_types(batch_mean.dtype, running_mean.dtype))
-    old_var = running_var.to(torch.promote_types(batch_var.dtype, running_var.dtype))
-    new_mean = torch.where(finite, (1 - momentum) * old_mean + momentum * batch_mean.to(old_mean.dtype), old_mean)
-    new_var = torch.where(finite, (1 - momentum) * old_var + momentum * batch_var.to(old_var.dtype), old_var)
-    if bnF.captured_by_transform(running_mean):  # out=, the write a transform allows
-        torch.mul(new_mean, 1, out=running_mean)  # (mul's out= rounds to the buffer's dtype; where's does not)
-        torch.mul(new_var, 1, out=running_var)
-        return
-    running_mean.copy_(new_mean)
-    running_var.copy_(new_var)
+    bnF.update_running_estimates(running_mean, running_var, mu.mean(0), unbiased_var.mean(0), momentum)
 
 
 def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,

@@ -161,13 +161,19 @@ def _cpu_kernels(x):
     return ops or None
 
 
+def _channels_last_format(t):
+    """``torch.channels_last`` (4-D) or ``torch.channels_last_3d`` (5-D) when ``t`` is laid out so, else None."""
+    if t.is_contiguous():
+        return None
+    for ndim, fmt in ((4, torch.channels_last), (5, torch.channels_last_3d)):
+        if t.dim() == ndim and t.is_contiguous(memory_format=fmt):
+            return fmt
+    return None
+
+
 def _dense(t):
     """``t`` itself when its memory is in (N, C, ...) or channels-last order, else a contiguous copy."""
-    if t.is_contiguous():
-        return t
-    if (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)) or (
-        t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d)
-    ):
+    if t.is_contiguous() or _channels_last_format(t) is not None:
         return t
     return t.contiguous()
 
@@ -581,8 +587,25 @@ def _check_per_channel(name, tensor, num_channels):
 
 @torch.no_grad()
 def _update_running_stats(running_mean, running_var, mu, var, m, momentum):
+    """Batch norm's update of its running estimates from the batch's ``mu``
+    and biased ``var`` over ``m`` values: :func:`update_running_estimates`
+    with the unbiased variance, or the same in one call of the CPU kernels.
+    """
+    transformed = _functorch_transforms_active()  # (forward-mode AD alone writes buffers as eager code does)
+    kernels = None if transformed else _cpu_kernels(mu)
+    if kernels is not None and _running_args(running_mean, running_var, mu) is not None:
+        # The same update in one call: on (C,) vectors the time is per-op overhead.
+        kernels.update_running_stats(running_mean, running_var, mu, var, m, float(momentum))
+        return
+    update_running_estimates(running_mean, running_var, mu, var * (m / (m - 1)) if m > 1 else var, momentum)
+
+
+@torch.no_grad()
+def update_running_estimates(running_mean, running_var, mu, unbiased_var, momentum):
     """``running = (1 - momentum) * running + momentum * batch``, per channel,
-    skipping channels whose batch statistics are not finite.
+    skipping channels whose batch statistics are not finite. The one update
+    of every module with running estimates (batch norm here; synchronized,
+    ghost and instance norm give their own batch statistics).
 
     ``torch.where`` on a per-channel finiteness mask keeps this free of host
     syncs: no ``.item()``, no Python branch on tensor values. A channel whose
@@ -592,13 +615,7 @@ def _update_running_stats(running_mean, running_var, mu, var, m, momentum):
     is the update in one op; on (C,) vectors the time is per-op overhead, so
     this is 6 ops where the spelled-out formula took 14 (35 us -> 15 us).
     """
-    transformed = _functorch_transforms_active()  # (forward-mode AD alone writes buffers as eager code does)
-    kernels = None if transformed else _cpu_kernels(mu)
-    if kernels is not None and _running_args(running_mean, running_var, mu) is not None:
-        # The same update in one call: on (C,) vectors the time is per-op overhead.
-        kernels.update_running_stats(running_mean, running_var, mu, var, m, float(momentum))
-        return
-    unbiased_var = var * (m / (m - 1)) if m > 1 else var
+    transformed = _functorch_transforms_active()
     finite = torch.isfinite(unbiased_var)
     if torch.promote_types(mu.dtype, running_mean.dtype) != running_mean.dtype:
         # Buffers narrower than the statistics (a module made .half()): average
@@ -606,7 +623,7 @@ def _update_running_stats(running_mean, running_var, mu, var, m, momentum):
         # first would turn a finite one above float16's 65504 into inf, and
         # the buffer into inf, then NaN.
         _lerp_narrow_buffer(running_mean, torch.where(finite, mu, running_mean.to(mu.dtype)), momentum, transformed)
-        _lerp_narrow_buffer(running_var, torch.where(finite, unbiased_var, running_var.to(var.dtype)), momentum, transformed)
+        _lerp_narrow_buffer(running_var, torch.where(finite, unbiased_var, running_var.to(unbiased_var.dtype)), momentum, transformed)
         return
     mean_target = torch.where(finite, mu, running_mean).to(running_mean.dtype)
     var_target = torch.where(finite, unbiased_var, running_var).to(running_var.dtype)

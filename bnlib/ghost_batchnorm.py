@@ -63,23 +63,12 @@ import torch
 
 from bnlib import batchnorm as bnn
 from bnlib._checks import check_floating_dtype, check_num_channels, values_per_channel
-from bnlib.functional import batch_norm_train
-from bnlib.sync_batchnorm import update_running_stats
+from bnlib.functional import _channels_last_format, batch_norm_train, update_running_estimates
 
 __all__ = ["GhostBatchNorm"]
 
 # Which virtual batches update the running estimates (see the module docstring).
 RUNNING_STATS = ("pooled", "first")
-
-
-def _in_layout_of(output, input):
-    """``output`` in ``input``'s channels-last layout when it has one (as
-    BatchNorm2d/3d keep it); the virtual batches' concatenation, or their
-    view as one wide batch, comes out in (N, C, ...) order."""
-    for ndim, fmt in ((4, torch.channels_last), (5, torch.channels_last_3d)):
-        if input.dim() == ndim and not input.is_contiguous() and input.is_contiguous(memory_format=fmt):
-            return output.contiguous(memory_format=fmt)
-    return output
 
 
 class GhostBatchNorm(bnn._BatchNorm):
@@ -157,7 +146,9 @@ class GhostBatchNorm(bnn._BatchNorm):
             output = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
             mu, var = torch.stack(mus), torch.stack(variances)
             counts = torch.tensor(sizes, dtype=mu.dtype).view(-1, 1)
-        output = _in_layout_of(output, input)
+        fmt = _channels_last_format(input)
+        if fmt is not None:  # as BatchNorm2d/3d: the virtual batches come back in (N, C, ...) order
+            output = output.contiguous(memory_format=fmt)
 
         if self.training and self.track_running_stats:
             factor = self._count_batch()
@@ -169,7 +160,7 @@ class GhostBatchNorm(bnn._BatchNorm):
             m, k = counts.sum(), counts.shape[0]
             mu_pool = (counts * mu).sum(0) / m
             var_pool = (counts * var).sum(0) / (m - k)
-            update_running_stats(self.running_mean, self.running_var, mu_pool, var_pool, factor)
+            update_running_estimates(self.running_mean, self.running_var, mu_pool, var_pool, factor)
         return output
 
     def _equal_virtual_batches(self, input):

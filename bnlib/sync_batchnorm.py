@@ -99,6 +99,8 @@ import torch.distributed as dist
 from bnlib import batchnorm as bnn
 from bnlib._checks import InputError, check_batch_size, check_floating_dtype, check_num_channels, values_per_channel
 from bnlib.functional import _compute_dtype, _per_channel, _stat_dims
+# The running-estimate update of every bnlib module, under this module's old name.
+from bnlib.functional import update_running_estimates as update_running_stats
 
 __all__ = ["SyncBatchNorm", "SyncBatchNormFunction", "local_stats", "merge_stats", "update_running_stats",
            "sync_cost"]
@@ -175,21 +177,6 @@ def sync_cost(channels, world_size, bytes_per_value=4):
 
 
 @torch.no_grad()
-def update_running_stats(running_mean, running_var, mu, unbiased_var, momentum):
-    """``running = (1 - momentum) * running + momentum * batch``, per channel,
-    except where ``mu`` or ``unbiased_var`` is not finite (that channel is kept).
-
-    ``torch.where`` on a finiteness mask: no host sync, no branch on values.
-    """
-    finite = torch.isfinite(mu) & torch.isfinite(unbiased_var)
-    # In the wider of the two dtypes, rounded once into the buffer: a float16
-    # buffer must not see a float32 variance above 65504 rounded to inf first.
-    old_mean = running_mean.to(torch.promote_types(mu.dtype, running_mean.dtype))
-    old_var = running_var.to(torch.promote_types(unbiased_var.dtype, running_var.dtype))
-    new_mean = momentum * mu.to(old_mean.dtype) + (1 - momentum) * old_mean
-    new_var = momentum * unbiased_var.to(old_var.dtype) + (1 - momentum) * old_var
-    running_mean.copy_(torch.where(finite, new_mean, old_mean))
-    running_var.copy_(torch.where(finite, new_var, old_var))
 
 
 def _check_global_count(input, count, world_size):
