@@ -8,6 +8,9 @@ one, with the backward pass written by hand:
   ``GhostBatchNorm`` (``bnlib.ghost_batchnorm``)
 - the alternatives: ``LayerNorm``, ``GroupNorm``, ``InstanceNorm1d/2d/3d``,
   ``BatchRenorm1d/2d``, ``weight_norm``, ``spectral_norm`` (``bnlib.alternatives``)
+- fine-tuning: ``FrozenBatchNorm``, BN with its statistics and affine
+  parameters fixed, in every mode (``bnlib.frozen_batchnorm``; torchvision's
+  ``FrozenBatchNorm2d`` for any ``(N, C, *)``)
 - ``InputError``, what they raise for a bad input: a ``ValueError`` and a
   ``RuntimeError`` (torch's type for most of the same mistakes)
 """
@@ -25,6 +28,7 @@ from bnlib.alternatives import (
     weight_norm,
 )
 from bnlib.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm, _NormBase  # noqa: F401
+from bnlib.frozen_batchnorm import FrozenBatchNorm
 from bnlib.ghost_batchnorm import GhostBatchNorm
 from bnlib.sync_batchnorm import SyncBatchNorm
 
@@ -34,6 +38,7 @@ __all__ = [
     "BatchNorm3d",
     "SyncBatchNorm",
     "GhostBatchNorm",
+    "FrozenBatchNorm",
     "LayerNorm",
     "GroupNorm",
     "InstanceNorm1d",

@@ -1,0 +1,139 @@
+r"""Frozen BN: a batch norm layer whose statistics and affine parameters are fixed.
+
+Fine-tuning a pretrained network on small batches (an object detector with two
+images per device, say) often *freezes* its BN layers: every one of them
+normalizes with the running statistics learned in pretraining, in training
+mode as in eval mode, and :math:`\gamma`, :math:`\beta` stay as they are. What
+is left is the eval-mode map of BN, a fixed affine map per channel ``c``
+(the same :math:`\tilde\gamma`, :math:`\tilde\beta` as in :mod:`bnlib.fold`):
+
+.. math::
+
+    y_c = \gamma_c \frac{x_c - \bar\mu_c}{\sqrt{\bar\sigma^2_c + \epsilon}} + \beta_c
+        = \tilde\gamma_c\, x_c + \tilde\beta_c, \qquad
+    \tilde\gamma_c = \frac{\gamma_c}{\sqrt{\bar\sigma^2_c + \epsilon}}, \quad
+    \tilde\beta_c = \beta_c - \tilde\gamma_c\, \bar\mu_c .
+
+Why a module and not ``bn.eval()``: training loops call ``model.train()``,
+which puts every submodule, an eval-mode BN included, back into training mode.
+:class:`FrozenBatchNorm` has no training mode to go back to.
+
+It is torchvision's ``FrozenBatchNorm2d`` (``torchvision.ops``) for any input
+``(N, C, *)`` of 2 to 5 dims: the same four buffers (``weight``, ``bias``,
+``running_mean``, ``running_var``), so state dicts load in either direction
+(a BN layer's ``num_batches_tracked`` is dropped, as there), and no parameters.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bnlib._checks import check_floating_dtype, check_input_dims, check_norm_args, check_num_channels
+from bnlib.moving_average import is_batchnorm
+
+__all__ = ["FrozenBatchNorm"]
+
+
+class FrozenBatchNorm(nn.Module):
+    r"""``y = (x - running_mean) / sqrt(running_var + eps) * weight + bias`` per channel, in every mode.
+
+    ``num_features``: the channel count ``C`` (axis 1). The four buffers start
+    as an identity map (``weight`` 1, ``bias`` 0, ``running_mean`` 0,
+    ``running_var`` 1); :meth:`convert_frozen_batchnorm` copies them from
+    trained BN layers. The map is computed in float32 for float16 and
+    bfloat16 input (in float64 for float64 input); the output has the input's
+    dtype. Gradients flow to the input only.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, device=None, dtype=None):
+        check_norm_args(num_features, eps, None)
+        super().__init__()
+        self.num_features = num_features
+        self.eps = eps
+        factory = {"device": device, "dtype": dtype}
+        self.register_buffer("weight", torch.ones(num_features, **factory))
+        self.register_buffer("bias", torch.zeros(num_features, **factory))
+        self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+        self.register_buffer("running_var", torch.ones(num_features, **factory))
+
+    def scale_shift(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""``(scale, shift)``, :math:`\tilde\gamma` and :math:`\tilde\beta`, shape ``(C,)``, in ``dtype``."""
+        scale = self.weight.to(dtype) * torch.rsqrt(self.running_var.to(dtype) + self.eps)
+        return scale, self.bias.to(dtype) - self.running_mean.to(dtype) * scale
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        name = type(self).__name__
+        check_input_dims(name, input.shape, (2, 3, 4, 5))
+        check_num_channels(name, input.shape, self.num_features)
+        check_floating_dtype(name, input.dtype, input.is_floating_point())
+        # float16 and bfloat16 hold too few digits for 1 / sqrt(var + eps)
+        compute = torch.promote_types(input.dtype, torch.float32)
+        scale, shift = self.scale_shift(compute)
+        per_channel = (1, -1) + (1,) * (input.dim() - 2)
+        out = input.to(compute) * scale.view(per_channel) + shift.view(per_channel)
+        return out.to(input.dtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # A BN layer's state dict has a step counter that a frozen layer has no use for.
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}"
+
+    @classmethod
+    def from_batch_norm(cls, bn: nn.Module) -> "FrozenBatchNorm":
+        """A frozen copy of one BN layer (torch's or bnlib's, in either mode): its running
+        statistics, ``weight`` and ``bias`` (1 and 0 without them), ``eps``, device and dtype.
+        The copy does not share memory with ``bn``."""
+        _check_freezable(bn)
+        like = bn.running_mean
+        frozen = cls(bn.num_features, bn.eps, device=like.device, dtype=like.dtype)
+        with torch.no_grad():
+            frozen.running_mean.copy_(bn.running_mean)
+            frozen.running_var.copy_(bn.running_var)
+            if bn.weight is not None:
+                frozen.weight.copy_(bn.weight)
+            if bn.bias is not None:
+                frozen.bias.copy_(bn.bias)
+        return frozen
+
+    @classmethod
+    def convert_frozen_batchnorm(cls, module: nn.Module) -> nn.Module:
+        """Replace every BN layer in ``module`` by a :class:`FrozenBatchNorm`; return the module.
+
+        Converted: what :func:`bnlib.moving_average.is_batchnorm` calls a BN
+        layer (``torch.nn.BatchNorm*d`` and ``SyncBatchNorm``, bnlib's
+        ``BatchNorm*d``, ``SyncBatchNorm`` and ``GhostBatchNorm``). The module
+        is changed in place, as by ``SyncBatchNorm.convert_sync_batchnorm``;
+        when it is itself a BN layer the frozen copy is returned. Every layer is
+        checked before any is replaced: a layer without running statistics
+        (``track_running_stats=False``) or one whose eval mode is more than
+        ``gamma * x_hat + beta`` raises ``ValueError`` and leaves ``module`` as it was.
+        """
+        for m in module.modules():
+            if is_batchnorm(m):
+                _check_freezable(m)
+        return _convert(cls, module)
+
+
+def _check_freezable(bn) -> None:
+    if not is_batchnorm(bn):
+        raise ValueError(f"expected a batch norm layer (torch's or bnlib's BatchNorm*d), got {type(bn).__name__}")
+    if not getattr(bn, "foldable", True):
+        raise ValueError(f"{type(bn).__name__} computes more than gamma * x_hat + beta in eval mode: "
+                         "it cannot be frozen")
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError(f"can only freeze a BN layer with running statistics, got {type(bn).__name__} "
+                         "with track_running_stats=False")
+
+
+def _convert(cls, module: nn.Module) -> nn.Module:
+    if is_batchnorm(module):
+        return cls.from_batch_norm(module)
+    for name, child in module.named_children():
+        module.add_module(name, _convert(cls, child))
+    return module
