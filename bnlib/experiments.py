@@ -26,7 +26,11 @@ entry per seed, so the chapter shows the mean and the spread:
 - :func:`stream_std` (chapter 11): the standard deviation of the residual
   stream of a :func:`bnlib.models.make_resmlp` network after the stem and
   after each block.
-- :func:`add_dropout`, :func:`class_subset`, :func:`format_table`: helpers.
+- :func:`fine_tune_run` (chapter 11): pretrain on some classes, fine-tune
+  on a few examples of others with BN in training mode or frozen
+  (:class:`bnlib.nn.FrozenBatchNorm`), or train from scratch.
+- :func:`add_dropout`, :func:`class_subset`, :func:`class_split`,
+  :func:`format_table`: helpers.
 
 Every run draws its parameters from ``seed`` (:func:`make_mlp`'s ``seed``),
 its mini-batches from ``seed`` (:func:`train`'s generator) and dropout masks
@@ -47,6 +51,7 @@ from torch import nn
 
 from bnlib import models, recorders, training
 from bnlib.data import Split
+from bnlib.frozen_batchnorm import FrozenBatchNorm
 
 __all__ = [
     "seed_values",
@@ -64,10 +69,12 @@ __all__ = [
     "evaluate_batch_stats",
     "batch_size_sweep",
     "class_subset",
+    "class_split",
     "generalization_gap",
     "format_table",
     "variance_shift",
     "stream_std",
+    "fine_tune_run",
 ]
 
 #: The percentiles the paper's Figure 1 shows.
@@ -495,6 +502,22 @@ def class_subset(data: Split, n_per_class: int, seed: int = 0) -> Split:
     return Split(data.x_train[idx], y[idx], data.x_test, data.y_test)
 
 
+def class_split(data: Split, classes: Sequence[int]) -> Split:
+    """The training and test rows of ``data`` whose label is one of ``classes``,
+    relabelled ``0, 1, ...`` in the order of ``classes`` (digits 5-9 become 0-4)."""
+    classes = [int(c) for c in classes]
+    present = set(torch.unique(data.y_train).tolist())
+    if not classes or len(set(classes)) != len(classes) or not set(classes) <= present:
+        raise ValueError(f"classes must be distinct labels of the training set {sorted(present)}, got {classes}")
+    relabel = {c: i for i, c in enumerate(classes)}
+
+    def rows(x, y):
+        keep = torch.isin(y, torch.tensor(classes))
+        return x[keep], torch.tensor([relabel[int(v)] for v in y[keep]], dtype=y.dtype)
+
+    return Split(*rows(data.x_train, data.y_train), *rows(data.x_test, data.y_test))
+
+
 def generalization_gap(
     data: Split,
     configs: Mapping[str, Mapping[str, Any]],
@@ -612,3 +635,59 @@ def stream_std(model: nn.Sequential, x: torch.Tensor) -> np.ndarray:
                 for name, b in model.named_buffers():
                     b.copy_(buffers[name])
     return np.array(out)
+
+
+FINE_TUNE_BN = ("train", "frozen", "scratch")
+
+
+def fine_tune_run(
+    source: Split,
+    target: Split,
+    *,
+    bn: str,
+    batch_size: int,
+    n_per_class: int,
+    pretrain_epochs: int = 10,
+    pretrain_batch_size: int = 32,
+    pretrain_lr: float = 0.1,
+    epochs: int = 30,
+    lr: float = 0.05,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Pretrain a BN network on ``source``, fine-tune it on ``n_per_class`` examples per class of ``target``.
+
+    The network is :func:`build_mlp` with BN (3 hidden layers of 100).
+    Pretraining: ``pretrain_epochs`` of SGD on all of ``source``'s training
+    rows in mini-batches of ``pretrain_batch_size``. Fine-tuning: a new output
+    layer for ``target``'s classes, then ``epochs`` of SGD on every parameter,
+    in mini-batches of ``batch_size``, with the network's BN layers
+
+    - ``bn="train"``: in training mode, as usual (batch statistics; the
+      running statistics move to the target's);
+    - ``bn="frozen"``: replaced by :class:`bnlib.nn.FrozenBatchNorm`, their
+      pretrained statistics and ``gamma``, ``beta`` fixed;
+    - ``bn="scratch"``: no pretraining at all, the same network trained on the
+      target examples alone, BN in training mode (the baseline).
+
+    Returns ``(source test accuracy after pretraining, target test accuracy)``
+    in eval mode (the first is NaN for ``"scratch"``).
+    """
+    if bn not in FINE_TUNE_BN:
+        raise ValueError(f"bn must be one of {FINE_TUNE_BN}, got {bn!r}")
+    n_target_classes = int(target.y_train.max()) + 1
+    subset = class_subset(target, n_per_class, seed=seed)
+    source_acc = float("nan")
+    if bn == "scratch":
+        model = build_mlp(target.x_train.shape[1], n_target_classes, norm="bn", seed=seed)
+    else:
+        model = build_mlp(source.x_train.shape[1], int(source.y_train.max()) + 1, norm="bn", seed=seed)
+        training.train(model, source.x_train, source.y_train, epochs=pretrain_epochs,
+                       batch_size=pretrain_batch_size, lr=pretrain_lr, seed=seed)
+        source_acc = training.evaluate(model, source.x_test, source.y_test)[1]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model.out = nn.Linear(model.out.in_features, n_target_classes)
+        if bn == "frozen":
+            FrozenBatchNorm.convert_frozen_batchnorm(model)
+    training.train(model, subset.x_train, subset.y_train, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+    return source_acc, training.evaluate(model, target.x_test, target.y_test)[1]

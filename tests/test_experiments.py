@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import bnlib.nn
 from bnlib import data, experiments as ex, models, training
 from bnlib.data import Split
 
@@ -357,3 +358,67 @@ def test_variance_shift_of_a_bn_on_sequences():
     expected = z.transpose(0, 1).flatten(1).var(dim=1) / net[1].running_var.double()
     assert ratio.shape == (3,)
     np.testing.assert_allclose(ratio, expected.numpy(), rtol=1e-12)
+
+
+# --------------------------------------------------------------------------
+# Fine-tuning with BN in training mode, frozen, or from scratch (chapter 11)
+# --------------------------------------------------------------------------
+
+
+def six_class_split(seed=0):
+    """Six blobs: classes 0-2 to pretrain on, 3-5 to fine-tune on."""
+    x, y = data.gaussian_blobs(240, n_features=6, n_classes=6, spread=0.7, seed=seed)
+    return Split(x[:180], y[:180], x[180:], y[180:])
+
+
+def test_class_split_keeps_the_classes_and_relabels_them_in_order():
+    split = six_class_split()
+    part = ex.class_split(split, [5, 3])
+    for x_all, y_all, x_part, y_part in ((split.x_train, split.y_train, part.x_train, part.y_train),
+                                         (split.x_test, split.y_test, part.x_test, part.y_test)):
+        keep = (y_all == 5) | (y_all == 3)
+        assert torch.equal(x_part, x_all[keep])
+        assert torch.equal(y_part, torch.where(y_all[keep] == 5, 0, 1))
+        assert y_part.dtype == y_all.dtype
+    for bad in ([], [3, 3], [9]):
+        with pytest.raises(ValueError, match="classes must be distinct labels"):
+            ex.class_split(split, bad)
+
+
+def test_fine_tune_run_freezes_bn_or_not_and_is_seeded():
+    split = six_class_split()
+    source, target = ex.class_split(split, [0, 1, 2]), ex.class_split(split, [3, 4, 5])
+    kw = dict(batch_size=2, n_per_class=4, pretrain_epochs=2, epochs=2)
+    results = {bn: ex.fine_tune_run(source, target, bn=bn, seed=1, **kw) for bn in ex.FINE_TUNE_BN}
+    assert math.isnan(results["scratch"][0])
+    # the same pretrained network: the same source accuracy
+    assert results["train"][0] == results["frozen"][0] and 0 <= results["frozen"][0] <= 1
+    assert results["frozen"] == ex.fine_tune_run(source, target, bn="frozen", seed=1, **kw)
+    for _, acc in results.values():
+        assert 0 <= acc <= 1
+    with pytest.raises(ValueError, match="bn must be one of"):
+        ex.fine_tune_run(source, target, bn="eval", **kw)
+
+
+def test_fine_tune_run_frozen_keeps_the_pretrained_statistics(monkeypatch):
+    """With bn="frozen", the model that is fine-tuned holds FrozenBatchNorm layers with the
+    pretrained running statistics, and they are the same after fine-tuning."""
+    split = six_class_split()
+    source, target = ex.class_split(split, [0, 1, 2]), ex.class_split(split, [3, 4, 5])
+    seen = []
+    real_train = training.train
+
+    def spy(model, *args, **kwargs):
+        frozen = [m for m in model.modules() if isinstance(m, bnlib.nn.FrozenBatchNorm)]
+        before = [m.running_mean.clone() for m in frozen]
+        out = real_train(model, *args, **kwargs)
+        seen.append((len(frozen), before, [m.running_mean for m in frozen]))
+        return out
+
+    monkeypatch.setattr(ex.training, "train", spy)
+    ex.fine_tune_run(source, target, bn="frozen", batch_size=2, n_per_class=4, pretrain_epochs=2, epochs=2)
+    (n_pre, _, _), (n_fine, before, after) = seen
+    assert n_pre == 0 and n_fine == 3
+    assert not torch.equal(before[0], torch.zeros_like(before[0]))  # pretrained, not the initial 0
+    for b, a in zip(before, after):
+        assert torch.equal(a, b)
