@@ -26,9 +26,9 @@ entry per seed, so the chapter shows the mean and the spread:
 - :func:`stream_std` (chapter 11): the standard deviation of the residual
   stream of a :func:`bnlib.models.make_resmlp` network after the stem and
   after each block.
-- :func:`fine_tune_run` (chapter 11): pretrain on some classes, fine-tune
-  on a few examples of others with BN in training mode or frozen
-  (:class:`bnlib.nn.FrozenBatchNorm`), or train from scratch.
+- :func:`pretrain`, :func:`fine_tune_run` (chapter 11): pretrain on some
+  classes, fine-tune on a few examples of others with BN in training mode or
+  frozen (:class:`bnlib.nn.FrozenBatchNorm`), or train from scratch.
 - :func:`add_dropout`, :func:`class_subset`, :func:`class_split`,
   :func:`format_table`: helpers.
 
@@ -41,6 +41,7 @@ caller's random state is untouched and the same call gives the same numbers
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -74,6 +75,7 @@ __all__ = [
     "format_table",
     "variance_shift",
     "stream_std",
+    "pretrain",
     "fine_tune_run",
 ]
 
@@ -505,6 +507,9 @@ def class_subset(data: Split, n_per_class: int, seed: int = 0) -> Split:
 def class_split(data: Split, classes: Sequence[int]) -> Split:
     """The training and test rows of ``data`` whose label is one of ``classes``,
     relabelled ``0, 1, ...`` in the order of ``classes`` (digits 5-9 become 0-4)."""
+    classes = list(classes)
+    if not all(isinstance(c, (int, np.integer)) and not isinstance(c, bool) for c in classes):
+        raise ValueError(f"classes must be integer labels, got {classes}")
     classes = [int(c) for c in classes]
     present = set(torch.unique(data.y_train).tolist())
     if not classes or len(set(classes)) != len(classes) or not set(classes) <= present:
@@ -637,57 +642,70 @@ def stream_std(model: nn.Sequential, x: torch.Tensor) -> np.ndarray:
     return np.array(out)
 
 
-FINE_TUNE_BN = ("train", "frozen", "scratch")
+def _check_batch_size(name: str, value, least: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+
+
+def pretrain(source: Split, *, epochs: int = 10, batch_size: int = 32, lr: float = 0.1, seed: int = 0) -> nn.Sequential:
+    """The network of :func:`fine_tune_run`, :func:`build_mlp` with BN (3 hidden layers of 100),
+    trained on all of ``source``'s training rows: ``epochs`` of SGD in mini-batches of
+    ``batch_size`` (at least 2: BN in training mode), learning rate ``lr``. Returned in
+    training mode."""
+    _check_batch_size("batch_size", batch_size, 2)
+    _check_batch_size("epochs", epochs, 0)
+    model = build_mlp(source.x_train.shape[1], int(source.y_train.max()) + 1, norm="bn", seed=seed)
+    training.train(model, source.x_train, source.y_train, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+    return model
 
 
 def fine_tune_run(
-    source: Split,
     target: Split,
+    pretrained: nn.Module | None = None,
     *,
-    bn: str,
+    frozen: bool = False,
     batch_size: int,
     n_per_class: int,
-    pretrain_epochs: int = 10,
-    pretrain_batch_size: int = 32,
-    pretrain_lr: float = 0.1,
     epochs: int = 30,
     lr: float = 0.05,
     seed: int = 0,
-) -> tuple[float, float]:
-    """Pretrain a BN network on ``source``, fine-tune it on ``n_per_class`` examples per class of ``target``.
+) -> float:
+    """Fine-tune a copy of ``pretrained`` (from :func:`pretrain`) on ``n_per_class`` training
+    examples of every class of ``target``; return the test accuracy on ``target`` (eval mode).
 
-    The network is :func:`build_mlp` with BN (3 hidden layers of 100).
-    Pretraining: ``pretrain_epochs`` of SGD on all of ``source``'s training
-    rows in mini-batches of ``pretrain_batch_size``. Fine-tuning: a new output
-    layer for ``target``'s classes, then ``epochs`` of SGD on every parameter,
-    in mini-batches of ``batch_size``, with the network's BN layers
+    The copy gets a new output layer for ``target``'s classes (drawn from
+    ``seed``), then ``epochs`` of SGD on every parameter, in mini-batches of
+    ``batch_size``, with its BN layers
 
-    - ``bn="train"``: in training mode, as usual (batch statistics; the
+    - ``frozen=False``: in training mode, as usual (batch statistics; the
       running statistics move to the target's);
-    - ``bn="frozen"``: replaced by :class:`bnlib.nn.FrozenBatchNorm`, their
-      pretrained statistics and ``gamma``, ``beta`` fixed;
-    - ``bn="scratch"``: no pretraining at all, the same network trained on the
-      target examples alone, BN in training mode (the baseline).
+    - ``frozen=True``: replaced by :class:`bnlib.nn.FrozenBatchNorm`, their
+      pretrained statistics and ``gamma``, ``beta`` fixed.
 
-    Returns ``(source test accuracy after pretraining, target test accuracy)``
-    in eval mode (the first is NaN for ``"scratch"``).
+    ``pretrained=None`` trains the same network from scratch instead (the
+    baseline; ``frozen`` must be False). ``pretrained`` itself is not changed.
+    Every argument is checked before any training.
     """
-    if bn not in FINE_TUNE_BN:
-        raise ValueError(f"bn must be one of {FINE_TUNE_BN}, got {bn!r}")
+    _check_batch_size("batch_size", batch_size, 1 if frozen else 2)
+    _check_batch_size("epochs", epochs, 0)
     n_target_classes = int(target.y_train.max()) + 1
-    subset = class_subset(target, n_per_class, seed=seed)
-    source_acc = float("nan")
-    if bn == "scratch":
+    if pretrained is None:
+        if frozen:
+            raise ValueError("frozen=True needs a pretrained network: there are no statistics to freeze")
         model = build_mlp(target.x_train.shape[1], n_target_classes, norm="bn", seed=seed)
     else:
-        model = build_mlp(source.x_train.shape[1], int(source.y_train.max()) + 1, norm="bn", seed=seed)
-        training.train(model, source.x_train, source.y_train, epochs=pretrain_epochs,
-                       batch_size=pretrain_batch_size, lr=pretrain_lr, seed=seed)
-        source_acc = training.evaluate(model, source.x_test, source.y_test)[1]
+        if not isinstance(getattr(pretrained, "out", None), nn.Linear):
+            raise ValueError(f"pretrained must be a network from pretrain(), with an output layer 'out', "
+                             f"got {type(pretrained).__name__}")
+        first = next(m for m in pretrained.modules() if isinstance(m, nn.Linear))
+        if first.in_features != target.x_train.shape[1]:
+            raise ValueError(f"pretrained takes {first.in_features} features, target has {target.x_train.shape[1]}")
+        model = copy.deepcopy(pretrained)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model.out = nn.Linear(model.out.in_features, n_target_classes)
-        if bn == "frozen":
+        if frozen:
             FrozenBatchNorm.convert_frozen_batchnorm(model)
+    subset = class_subset(target, n_per_class, seed=seed)
     training.train(model, subset.x_train, subset.y_train, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
-    return source_acc, training.evaluate(model, target.x_test, target.y_test)[1]
+    return training.evaluate(model, target.x_test, target.y_test)[1]

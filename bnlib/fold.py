@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from bnlib.frozen_batchnorm import FrozenBatchNorm
 from bnlib.moving_average import is_batchnorm
 
 __all__ = ["FOLDABLE", "bn_scale_shift", "fold_bn", "fold_model"]
@@ -44,7 +45,14 @@ __all__ = ["FOLDABLE", "bn_scale_shift", "fold_bn", "fold_model"]
 FOLDABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
+def _foldable_norm(module) -> bool:
+    """A BN layer, or a :class:`~bnlib.frozen_batchnorm.FrozenBatchNorm` (the same map in every mode)."""
+    return is_batchnorm(module) or isinstance(module, FrozenBatchNorm)
+
+
 def _check_bn(bn) -> None:
+    if isinstance(bn, FrozenBatchNorm):
+        return
     if not is_batchnorm(bn):
         raise ValueError(f"expected a batch norm layer (torch's or bnlib's BatchNorm*d), got {type(bn).__name__}")
     if not getattr(bn, "foldable", True):
@@ -61,11 +69,13 @@ def _check_bn(bn) -> None:
 
 
 def bn_scale_shift(bn) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(scale, shift)`` of an eval-mode BN layer, float64, shape ``(C,)`` each:
+    """``(scale, shift)`` of an eval-mode BN layer (or a frozen one, in either mode), float64, shape ``(C,)`` each:
     ``scale = gamma / sqrt(running_var + eps)``, ``shift = beta - running_mean * scale``,
     so that ``BN(z) = z * scale + shift`` per channel (``gamma = 1``, ``beta = 0``
     when the layer has no affine parameters)."""
     _check_bn(bn)
+    if isinstance(bn, FrozenBatchNorm):
+        return tuple(t.detach() for t in bn.scale_shift(torch.float64))
     var = bn.running_var.detach().to(torch.float64)
     mean = bn.running_mean.detach().to(torch.float64)
     gamma = torch.ones_like(var) if bn.weight is None else bn.weight.detach().to(torch.float64)
@@ -79,7 +89,8 @@ def fold_bn(layer: nn.Module, bn: nn.Module) -> nn.Module:
 
     ``layer``: ``nn.Linear`` (weight ``(C, in)``) or ``nn.Conv1d/2d/3d`` (weight
     ``(C, in / groups, *kernel)``), with or without a bias; ``bn``: a BN layer
-    with ``C`` channels in eval mode with running statistics. The result is a
+    with ``C`` channels in eval mode with running statistics, or a
+    :class:`~bnlib.frozen_batchnorm.FrozenBatchNorm` with ``C`` channels. The result is a
     copy of ``layer`` (same type, shapes, stride, padding, dtype and device)
     that always has a bias; ``layer`` and ``bn`` are not changed.
 
@@ -123,7 +134,7 @@ def _fold_sequential(seq: nn.Sequential) -> tuple[nn.Sequential, int]:
     while i < len(items):
         name, module = items[i]
         nxt = items[i + 1][1] if i + 1 < len(items) else None
-        if isinstance(module, FOLDABLE) and nxt is not None and is_batchnorm(nxt):
+        if isinstance(module, FOLDABLE) and nxt is not None and _foldable_norm(nxt):
             kept.append((name, fold_bn(module, nxt)))
             count += 1
             i += 2
@@ -156,7 +167,7 @@ def _fold_children(module: nn.Module) -> tuple[nn.Module, int]:
 
 def fold_model(model: nn.Module) -> nn.Module:
     """A copy of ``model`` in which every ``nn.Linear`` / ``nn.Conv*d`` directly followed
-    by a BN layer inside an ``nn.Sequential`` (at any depth) is replaced by one folded
+    by a BN layer (or a ``FrozenBatchNorm``) inside an ``nn.Sequential`` (at any depth) is replaced by one folded
     layer (:func:`fold_bn`); the BN layer is removed, the other layers and their
     names are kept. BN layers elsewhere (first in a Sequential, after an activation)
     stay as they are.

@@ -20,8 +20,12 @@ which puts every submodule, an eval-mode BN included, back into training mode.
 
 It is torchvision's ``FrozenBatchNorm2d`` (``torchvision.ops``) for any input
 ``(N, C, *)`` of 2 to 5 dims: the same four buffers (``weight``, ``bias``,
-``running_mean``, ``running_var``), so state dicts load in either direction
-(a BN layer's ``num_batches_tracked`` is dropped, as there), and no parameters.
+``running_mean``, ``running_var``) and no parameters, so state dicts load in
+either direction. From a BN layer's state dict ``num_batches_tracked`` is
+dropped, as there; a BN layer built with ``affine=False`` (or ``bias=False``)
+has no ``weight`` (``bias``) to load, so freeze such a layer with
+:meth:`FrozenBatchNorm.from_batch_norm` instead. ``eps`` is not part of a
+state dict (nor is it in torch's BN): give it to the constructor.
 """
 
 from __future__ import annotations
@@ -30,9 +34,10 @@ import torch
 from torch import nn
 
 from bnlib._checks import check_floating_dtype, check_input_dims, check_norm_args, check_num_channels
+from bnlib.alternatives import _BatchRenorm
 from bnlib.moving_average import is_batchnorm
 
-__all__ = ["FrozenBatchNorm"]
+__all__ = ["FrozenBatchNorm", "freezable"]
 
 
 class FrozenBatchNorm(nn.Module):
@@ -86,9 +91,10 @@ class FrozenBatchNorm(nn.Module):
 
     @classmethod
     def from_batch_norm(cls, bn: nn.Module) -> "FrozenBatchNorm":
-        """A frozen copy of one BN layer (torch's or bnlib's, in either mode): its running
-        statistics, ``weight`` and ``bias`` (1 and 0 without them), ``eps``, device and dtype.
-        The copy does not share memory with ``bn``."""
+        """A frozen copy of one BN layer (see :func:`freezable`), in either mode: its running
+        statistics, ``weight`` and ``bias`` (1 and 0 without them), ``eps``, device, dtype
+        and training flag (which changes nothing in a frozen layer). The copy does
+        not share memory with ``bn``."""
         _check_freezable(bn)
         like = bn.running_mean
         frozen = cls(bn.num_features, bn.eps, device=like.device, dtype=like.dtype)
@@ -99,30 +105,42 @@ class FrozenBatchNorm(nn.Module):
                 frozen.weight.copy_(bn.weight)
             if bn.bias is not None:
                 frozen.bias.copy_(bn.bias)
+        frozen.train(bn.training)
         return frozen
 
     @classmethod
     def convert_frozen_batchnorm(cls, module: nn.Module) -> nn.Module:
         """Replace every BN layer in ``module`` by a :class:`FrozenBatchNorm`; return the module.
 
-        Converted: what :func:`bnlib.moving_average.is_batchnorm` calls a BN
-        layer (``torch.nn.BatchNorm*d`` and ``SyncBatchNorm``, bnlib's
-        ``BatchNorm*d``, ``SyncBatchNorm`` and ``GhostBatchNorm``). The module
-        is changed in place, as by ``SyncBatchNorm.convert_sync_batchnorm``;
-        when it is itself a BN layer the frozen copy is returned. Every layer is
-        checked before any is replaced: a layer without running statistics
-        (``track_running_stats=False``) or one whose eval mode is more than
+        Converted: every layer :func:`freezable` accepts. The module is changed
+        in place, as by ``SyncBatchNorm.convert_sync_batchnorm``; when it is
+        itself a BN layer the frozen copy is returned. A BN layer that appears
+        at several places (shared) becomes one frozen layer, shared the same
+        way. Every layer is checked before any is replaced: a layer without
+        running statistics (``track_running_stats=False``), a lazy layer that
+        has not seen its first input, or one whose eval mode is more than
         ``gamma * x_hat + beta`` raises ``ValueError`` and leaves ``module`` as it was.
         """
         for m in module.modules():
-            if is_batchnorm(m):
+            if freezable(m):
                 _check_freezable(m)
-        return _convert(cls, module)
+        return _convert(cls, module, {})
+
+
+def freezable(module: nn.Module) -> bool:
+    """True for the layers :class:`FrozenBatchNorm` replaces: what
+    :func:`bnlib.moving_average.is_batchnorm` calls a BN layer (``torch.nn.BatchNorm*d``
+    and ``SyncBatchNorm``, bnlib's ``BatchNorm*d``, ``SyncBatchNorm`` and
+    ``GhostBatchNorm``), and bnlib's ``BatchRenorm1d/2d``, whose eval mode is BN's."""
+    return is_batchnorm(module) or isinstance(module, _BatchRenorm)
 
 
 def _check_freezable(bn) -> None:
-    if not is_batchnorm(bn):
+    if not freezable(bn):
         raise ValueError(f"expected a batch norm layer (torch's or bnlib's BatchNorm*d), got {type(bn).__name__}")
+    if isinstance(bn, nn.modules.lazy.LazyModuleMixin) and bn.has_uninitialized_params():
+        raise ValueError(f"{type(bn).__name__} has not seen an input yet, so it has no statistics to freeze: "
+                         "run one forward pass first")
     if not getattr(bn, "foldable", True):
         raise ValueError(f"{type(bn).__name__} computes more than gamma * x_hat + beta in eval mode: "
                          "it cannot be frozen")
@@ -131,9 +149,13 @@ def _check_freezable(bn) -> None:
                          "with track_running_stats=False")
 
 
-def _convert(cls, module: nn.Module) -> nn.Module:
-    if is_batchnorm(module):
-        return cls.from_batch_norm(module)
-    for name, child in module.named_children():
-        module.add_module(name, _convert(cls, child))
+def _convert(cls, module: nn.Module, done: dict) -> nn.Module:
+    if freezable(module):
+        if id(module) not in done:
+            done[id(module)] = cls.from_batch_norm(module)
+        return done[id(module)]
+    # _modules, not named_children(), which yields a shared child only once
+    for name, child in list(module._modules.items()):
+        if child is not None:
+            module.add_module(name, _convert(cls, child, done))
     return module

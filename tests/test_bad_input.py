@@ -202,7 +202,8 @@ def test_non_floating_input(dtype, train):
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("make", [lambda: bnlib.nn.SyncBatchNorm(3), lambda: bnlib.nn.BatchRenorm1d(3),
-                                  lambda: bnlib.nn.GhostBatchNorm(3, 2)], ids=["sync", "renorm", "ghost"])
+                                  lambda: bnlib.nn.GhostBatchNorm(3, 2), lambda: bnlib.nn.FrozenBatchNorm(3)],
+                         ids=["sync", "renorm", "ghost", "frozen"])
 def test_non_floating_input_other_modules(make, train):
     m = make()
     m(torch.randn(4, 3))

@@ -385,26 +385,59 @@ def test_class_split_keeps_the_classes_and_relabels_them_in_order():
             ex.class_split(split, bad)
 
 
-def test_fine_tune_run_freezes_bn_or_not_and_is_seeded():
+def test_class_split_wants_integer_labels():
     split = six_class_split()
-    source, target = ex.class_split(split, [0, 1, 2]), ex.class_split(split, [3, 4, 5])
-    kw = dict(batch_size=2, n_per_class=4, pretrain_epochs=2, epochs=2)
-    results = {bn: ex.fine_tune_run(source, target, bn=bn, seed=1, **kw) for bn in ex.FINE_TUNE_BN}
-    assert math.isnan(results["scratch"][0])
-    # the same pretrained network: the same source accuracy
-    assert results["train"][0] == results["frozen"][0] and 0 <= results["frozen"][0] <= 1
-    assert results["frozen"] == ex.fine_tune_run(source, target, bn="frozen", seed=1, **kw)
-    for _, acc in results.values():
-        assert 0 <= acc <= 1
-    with pytest.raises(ValueError, match="bn must be one of"):
-        ex.fine_tune_run(source, target, bn="eval", **kw)
+    for bad in ([2.7], ["3"], [True]):
+        with pytest.raises(ValueError, match="integer labels"):
+            ex.class_split(split, bad)
+    assert torch.equal(ex.class_split(split, np.arange(3)).y_train, ex.class_split(split, [0, 1, 2]).y_train)
+
+
+def _source_target():
+    split = six_class_split()
+    return ex.class_split(split, [0, 1, 2]), ex.class_split(split, [3, 4, 5])
+
+
+def test_fine_tune_run_three_ways_seeded_and_pretrained_untouched():
+    source, target = _source_target()
+    net = ex.pretrain(source, epochs=2, seed=1)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    kw = dict(batch_size=2, n_per_class=4, epochs=2, seed=1)
+    accs = [ex.fine_tune_run(target, net, **kw), ex.fine_tune_run(target, net, frozen=True, **kw),
+            ex.fine_tune_run(target, None, **kw)]
+    assert all(0 <= a <= 1 for a in accs)
+    assert accs[1] == ex.fine_tune_run(target, net, frozen=True, **kw)  # seeded
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    assert torch.equal(ex.pretrain(source, epochs=2, seed=1).fc1.weight, net.fc1.weight)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(batch_size=1), "batch_size must be an integer >= 2"),
+    (dict(batch_size=0, frozen=True), "batch_size must be an integer >= 1"),
+    (dict(batch_size=2, epochs=-1), "epochs must be an integer >= 0"),
+    (dict(batch_size=2, frozen=True, pretrained=None), "needs a pretrained network"),
+    (dict(batch_size=2, pretrained=torch.nn.Linear(6, 3)), "output layer 'out'"),
+], ids=["batch-1", "batch-0", "epochs", "frozen-scratch", "not-a-pretrained-net"])
+def test_fine_tune_run_checks_its_arguments_before_training(kwargs, match):
+    _, target = _source_target()
+    kwargs = dict(kwargs)
+    pretrained = kwargs.pop("pretrained", "net")
+    if pretrained == "net":
+        pretrained = ex.build_mlp(6, 3, norm="bn")
+    with pytest.raises(ValueError, match=match):
+        ex.fine_tune_run(target, pretrained, n_per_class=4, **kwargs)
+    with pytest.raises(ValueError, match="takes 5 features, target has 6"):
+        ex.fine_tune_run(target, ex.build_mlp(5, 3, norm="bn"), batch_size=2, n_per_class=4)
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 2"):
+        ex.pretrain(target, batch_size=1)
 
 
 def test_fine_tune_run_frozen_keeps_the_pretrained_statistics(monkeypatch):
-    """With bn="frozen", the model that is fine-tuned holds FrozenBatchNorm layers with the
+    """With frozen=True, the model that is fine-tuned holds FrozenBatchNorm layers with the
     pretrained running statistics, and they are the same after fine-tuning."""
-    split = six_class_split()
-    source, target = ex.class_split(split, [0, 1, 2]), ex.class_split(split, [3, 4, 5])
+    source, target = _source_target()
+    net = ex.pretrain(source, epochs=2)
     seen = []
     real_train = training.train
 
@@ -416,9 +449,9 @@ def test_fine_tune_run_frozen_keeps_the_pretrained_statistics(monkeypatch):
         return out
 
     monkeypatch.setattr(ex.training, "train", spy)
-    ex.fine_tune_run(source, target, bn="frozen", batch_size=2, n_per_class=4, pretrain_epochs=2, epochs=2)
-    (n_pre, _, _), (n_fine, before, after) = seen
-    assert n_pre == 0 and n_fine == 3
-    assert not torch.equal(before[0], torch.zeros_like(before[0]))  # pretrained, not the initial 0
+    ex.fine_tune_run(target, net, frozen=True, batch_size=2, n_per_class=4, epochs=2)
+    ((n_fine, before, after),) = seen
+    assert n_fine == 3
+    torch.testing.assert_close(before[0], net.norm1.running_mean, rtol=0, atol=0)  # the pretrained ones
     for b, a in zip(before, after):
         assert torch.equal(a, b)

@@ -16,7 +16,8 @@ from torch import nn
 
 import bnlib.nn
 from bnlib import models, training
-from bnlib.frozen_batchnorm import FrozenBatchNorm
+from bnlib.fold import bn_scale_shift, fold_model
+from bnlib.frozen_batchnorm import FrozenBatchNorm, freezable
 from bnlib.landscape import NoisyBatchNorm1d
 
 from helpers import GRAD_TOL, OUT_TOL
@@ -142,14 +143,59 @@ def test_convert_replaces_every_bn_and_training_leaves_them_alone():
         torch.testing.assert_close(m.running_mean, s, rtol=0, atol=0)
 
 
-def test_convert_takes_torch_sync_and_ghost_bn_and_returns_a_copy_for_a_bn_root():
+def test_convert_takes_torch_sync_ghost_and_renorm_and_returns_a_copy_for_a_bn_root():
     bn = _trained(nn.BatchNorm1d(3), SHAPES[1], torch.float32)
     root = FrozenBatchNorm.convert_frozen_batchnorm(bn)
     assert isinstance(root, FrozenBatchNorm)
     model = nn.Sequential(nn.SyncBatchNorm(3), nn.Sequential(bnlib.nn.GhostBatchNorm(3, 2)),
-                          bnlib.nn.SyncBatchNorm(3))
+                          bnlib.nn.SyncBatchNorm(3), bnlib.nn.BatchRenorm1d(3))
     FrozenBatchNorm.convert_frozen_batchnorm(model)
-    assert [type(m) for m in (model[0], model[1][0], model[2])] == [FrozenBatchNorm] * 3
+    assert [type(m) for m in (model[0], model[1][0], model[2], model[3])] == [FrozenBatchNorm] * 4
+    assert not freezable(nn.LayerNorm(3)) and freezable(bnlib.nn.BatchRenorm2d(3))
+
+
+def test_batch_renorm_freezes_to_its_eval_mode():
+    renorm = bnlib.nn.BatchRenorm1d(3)
+    for step in range(3):
+        renorm(3 + 2 * torch.randn(8, 3))
+    x = torch.randn(5, 3)
+    torch.testing.assert_close(FrozenBatchNorm.from_batch_norm(renorm)(x), renorm.eval()(x),
+                               **OUT_TOL[torch.float32])
+
+
+def test_convert_keeps_sharing_and_the_training_flag():
+    bn = _trained(nn.BatchNorm1d(3), SHAPES[1], torch.float32)
+    model = nn.Sequential(bn, nn.ReLU(), bn).eval()
+    FrozenBatchNorm.convert_frozen_batchnorm(model)
+    assert isinstance(model[0], FrozenBatchNorm) and model[0] is model[2]
+    assert not any(m.training for m in model.modules())
+
+
+def test_fold_takes_a_frozen_layer_in_either_mode():
+    model = models.make_mlp(8, 16, 4, depth=2, norm="bn", seed=0)
+    model(torch.randn(32, 8))
+    model.eval()
+    frozen = FrozenBatchNorm.convert_frozen_batchnorm(copy.deepcopy(model))
+    x = torch.randn(5, 8)
+    folded = fold_model(frozen)
+    assert not any(isinstance(m, FrozenBatchNorm) for m in folded.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), **OUT_TOL[torch.float32])
+    for bn, fz in ((model.norm1, frozen.norm1), (model.norm2, frozen.norm2)):
+        fz.train()
+        for got, want in zip(bn_scale_shift(fz), bn_scale_shift(bn)):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_convert_refuses_a_lazy_layer_before_its_first_input():
+    first = nn.BatchNorm1d(3)
+    model = nn.Sequential(first, nn.LazyBatchNorm1d())
+    with pytest.raises(ValueError, match="run one forward pass first"):
+        FrozenBatchNorm.convert_frozen_batchnorm(model)
+    assert model[0] is first
+    model(torch.randn(4, 3))
+    FrozenBatchNorm.convert_frozen_batchnorm(model)
+    assert isinstance(model[1], FrozenBatchNorm) and model[1].num_features == 3
 
 
 @pytest.mark.parametrize("bad", [lambda: nn.BatchNorm1d(3, track_running_stats=False),
