@@ -35,6 +35,8 @@ the last :math:`\gamma` zero-initialized). ``modes_kept(model)`` is a context
 manager for a block that may call ``model.train()`` or ``model.eval()``:
 afterwards every submodule is back in its own train/eval mode (a BN layer
 frozen in eval mode inside a model in training mode stays frozen).
+``ConstantStatsBatchNorm1d`` is the counterfactual of chapter 4: batch norm
+whose backward pass treats the batch statistics as constants.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ __all__ = [
     "ResidualBlock",
     "make_resmlp",
     "modes_kept",
+    "ConstantStatsBatchNorm1d",
 ]
 
 #: Where ``make_mlp`` puts a normalization layer: before or after the activation.
@@ -308,3 +311,61 @@ def make_resmlp(
             layers[f"block{b}"] = ResidualBlock(width, zero_init=zero_init)
         layers["out"] = nn.Linear(width, out_features)
     return nn.Sequential(layers)
+
+
+class ConstantStatsBatchNorm1d(nn.Module):
+    r"""Batch norm of ``(N, C)`` input whose backward pass treats the batch statistics as constants.
+
+    The forward pass is batch norm's: in training mode
+
+    .. math::
+
+        \mu = \frac{1}{m}\sum_i x_i, \qquad
+        \sigma^2 = \frac{1}{m}\sum_i (x_i - \mu)^2, \qquad
+        y_i = \gamma\,\frac{x_i - \mu}{\sqrt{\sigma^2 + \epsilon}} + \beta ,
+
+    with the running estimates updated as batch norm's, and in eval mode the
+    running estimates in place of :math:`\mu`, :math:`\sigma^2`. But
+    :math:`\mu` and :math:`\sigma^2` are detached from the graph, so the
+    gradient is :math:`\partial L/\partial x_i = \gamma\, (\partial L/\partial y_i)
+    / \sqrt{\sigma^2 + \epsilon}`: the two terms of the compact formula that
+    come from the statistics are missing. This is the scheme Ioffe and Szegedy
+    (2015, section 2) warn against, normalizing "outside the gradient step";
+    it exists to be compared with batch norm, not to be used.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1):
+        from bnlib._checks import check_norm_args
+
+        check_norm_args(num_features, eps, momentum)
+        if momentum is None:
+            raise ValueError("momentum must be a number in [0, 1], got None")
+        super().__init__()
+        self.num_features, self.eps, self.momentum = num_features, eps, momentum
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from bnlib._checks import check_batch_size, check_input_dims, check_num_channels
+
+        name = type(self).__name__
+        check_input_dims(name, x.shape, (2,))
+        check_num_channels(name, x.shape, self.num_features)
+        if not self.training:
+            mu, var = self.running_mean, self.running_var
+        else:
+            check_batch_size(x.shape)
+            m = x.shape[0]
+            mu = x.mean(0)
+            var = ((x - mu) ** 2).mean(0)
+            with torch.no_grad():
+                self.running_mean.lerp_(mu, self.momentum)
+                self.running_var.lerp_(var * m / (m - 1), self.momentum)
+            # The one change from batch norm: the statistics are constants to autograd.
+            mu, var = mu.detach(), var.detach()
+        return self.weight * (x - mu) / torch.sqrt(var + self.eps) + self.bias
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"

@@ -208,3 +208,64 @@ def test_modes_kept_model_in_eval_with_a_submodule_in_training():
     assert {name: module.training for name, module in m.named_modules()} == before
     assert m.training is False and m.block1.norm2.training is True and m.block1.norm1.training is False
     assert "modes_kept" in models.__all__
+
+
+# --------------------------------------------------------------------------
+# ConstantStatsBatchNorm1d: batch norm's forward, a backward without the statistics
+# --------------------------------------------------------------------------
+
+
+def _bn_pair():
+    const = models.ConstantStatsBatchNorm1d(4).double()
+    bn = torch.nn.BatchNorm1d(4).double()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for layer in (const, bn):
+            layer.weight.copy_(torch.linspace(0.5, 2.0, 4, dtype=torch.float64))
+            layer.bias.copy_(torch.linspace(-1.0, 1.0, 4, dtype=torch.float64))
+    x = 3 + 2 * torch.randn(16, 4, generator=g, dtype=torch.float64)
+    return const, bn, x
+
+
+def test_constant_stats_bn_forward_and_running_stats_are_batch_norms():
+    const, bn, x = _bn_pair()
+    for _ in range(3):
+        torch.testing.assert_close(const(x), bn(x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(const.running_mean, bn.running_mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(const.running_var, bn.running_var, rtol=1e-12, atol=1e-12)
+    const.eval(), bn.eval()
+    torch.testing.assert_close(const(x), bn(x), rtol=1e-12, atol=1e-12)
+
+
+def test_constant_stats_bn_gradient_lacks_the_two_statistics_terms():
+    const, bn, x = _bn_pair()
+    dy = torch.randn(16, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    x1 = x.clone().requires_grad_()
+    (dx_const,) = torch.autograd.grad(const(x1), x1, dy)
+    x2 = x.clone().requires_grad_()
+    (dx_bn,) = torch.autograd.grad(bn(x2), x2, dy)
+    s = torch.sqrt(x.var(0, unbiased=False) + const.eps)
+    x_hat = (x - x.mean(0)) / s
+    gamma = const.weight.detach()
+    # naive: gamma * dy / s; batch norm's compact formula adds -mean(dy) - x_hat * mean(dy * x_hat)
+    torch.testing.assert_close(dx_const, gamma * dy / s, rtol=1e-12, atol=1e-12)
+    missing = -gamma / s * (dy.mean(0) + x_hat * (dy * x_hat).mean(0))
+    torch.testing.assert_close(dx_bn, dx_const + missing, rtol=1e-10, atol=1e-12)
+    # batch norm's gradient sums to 0 per channel, and is orthogonal to x_hat up to eps
+    # (sum x_hat^2 = m var / (var + eps)); the naive one is neither
+    assert dx_bn.sum(0).abs().max() < 1e-12 and (dx_bn * x_hat).sum(0).abs().max() < 1e-4
+    assert dx_const.sum(0).abs().max() > 1e-2 and (dx_const * x_hat).sum(0).abs().max() > 1e-2
+
+
+def test_constant_stats_bn_bad_input_and_arguments():
+    layer = models.ConstantStatsBatchNorm1d(3)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        layer(torch.randn(1, 3))
+    with pytest.raises(ValueError, match="expected 2D input"):
+        layer(torch.randn(4, 3, 2))
+    with pytest.raises(ValueError, match="3 channels"):
+        layer(torch.randn(4, 5))
+    assert torch.equal(layer.running_mean, torch.zeros(3))  # untouched by the errors
+    for kwargs in ({"num_features": 0}, {"num_features": 3, "eps": 0}, {"num_features": 3, "momentum": None}):
+        with pytest.raises(ValueError):
+            models.ConstantStatsBatchNorm1d(**kwargs)
