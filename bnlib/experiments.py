@@ -29,6 +29,8 @@ entry per seed, so the chapter shows the mean and the spread:
 - :func:`pretrain`, :func:`fine_tune_run` (chapter 11): pretrain on some
   classes, fine-tune on a few examples of others with BN in training mode or
   frozen (:class:`bnlib.nn.FrozenBatchNorm`), or train from scratch.
+- :func:`train_domain_batches` (chapter 11): training on several domains,
+  every mini-batch drawn from one domain, the domains taking turns.
 - :func:`add_dropout`, :func:`class_subset`, :func:`class_split`,
   :func:`format_table`: helpers.
 
@@ -77,6 +79,7 @@ __all__ = [
     "stream_std",
     "pretrain",
     "fine_tune_run",
+    "train_domain_batches",
 ]
 
 #: The percentiles the paper's Figure 1 shows.
@@ -709,3 +712,51 @@ def fine_tune_run(
     subset = class_subset(target, n_per_class, seed=seed)
     training.train(model, subset.x_train, subset.y_train, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
     return training.evaluate(model, target.x_test, target.y_test)[1]
+
+
+def train_domain_batches(
+    model: nn.Module,
+    domains: Sequence[torch.Tensor],
+    y: torch.Tensor,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float = 0.1,
+    seed: int = 0,
+) -> list[float]:
+    """Train ``model`` on several domains whose mini-batches each come from one domain.
+
+    ``domains``: input tensors of the same rows in each domain (``(N, d)`` each,
+    for example the images and a transformed copy), all with the labels ``y``
+    (``(N,)``). Every epoch draws, for each domain, its own random order
+    (generators seeded from ``seed``, ``seed + 1``, ...) cut into mini-batches of
+    ``batch_size`` (the last, smaller one dropped), and takes one SGD step
+    (learning rate ``lr``) on a batch of each domain in turn: domain 0, 1,
+    ..., 0, 1, ... So every BN layer is trained on the statistics of one
+    domain at a time, while its running estimates average over all of them.
+    Returns the loss of every step; the model is trained in place, in training mode.
+    """
+    if len(domains) < 1:
+        raise ValueError("domains must hold at least one input tensor")
+    n = y.shape[0]
+    for k, x in enumerate(domains):
+        if x.shape[0] != n:
+            raise ValueError(f"every domain must have the {n} rows of y, domain {k} has {x.shape[0]}")
+    _check_batch_size("batch_size", batch_size, 2)
+    _check_batch_size("epochs", epochs, 0)
+    if batch_size > n:
+        raise ValueError(f"batch_size must be at most the {n} rows, got {batch_size}")
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    generators = [torch.Generator().manual_seed(seed + k) for k in range(len(domains))]
+    losses = []
+    model.train()
+    for _ in range(epochs):
+        orders = [training.minibatches(n, batch_size, g) for g in generators]
+        for indices in zip(*orders):
+            for x, idx in zip(domains, indices):
+                opt.zero_grad(set_to_none=True)
+                loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+                loss.backward()
+                opt.step()
+                losses.append(float(loss.detach()))
+    return losses

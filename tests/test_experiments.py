@@ -455,3 +455,32 @@ def test_fine_tune_run_frozen_keeps_the_pretrained_statistics(monkeypatch):
     torch.testing.assert_close(before[0], net.norm1.running_mean, rtol=0, atol=0)  # the pretrained ones
     for b, a in zip(before, after):
         assert torch.equal(a, b)
+
+
+def test_train_domain_batches_feeds_one_domain_per_batch_in_turn():
+    split = blobs_split(n_train=40)
+    x_a, x_b = split.x_train, 10 + split.x_train   # domain b: every input shifted by 10
+    model = ex.build_mlp(6, 3, norm="bn", seed=0)
+    seen = []
+    model.fc1.register_forward_hook(lambda m, inputs, out: seen.append(inputs[0].mean().item()))
+    losses = ex.train_domain_batches(model, [x_a, x_b], split.y_train, epochs=2, batch_size=8, seed=0)
+    assert len(losses) == len(seen) == 2 * 2 * (40 // 8)
+    # each batch is one domain: the shift of 10 separates them, and they alternate a, b, a, b
+    means = torch.tensor(seen)
+    a_batches, b_batches = means[0::2], means[1::2]
+    assert a_batches.max() + 5 < b_batches.min()
+    assert model.training
+    again = ex.build_mlp(6, 3, norm="bn", seed=0)
+    assert ex.train_domain_batches(again, [x_a, x_b], split.y_train, epochs=2, batch_size=8, seed=0) == losses
+
+
+def test_train_domain_batches_checks_its_arguments():
+    split = blobs_split(n_train=40)
+    model = ex.build_mlp(6, 3, norm="bn", seed=0)
+    for domains, kw, match in (([], {}, "at least one"),
+                               ([split.x_train[:30]], {}, "rows of y"),
+                               ([split.x_train], {"batch_size": 1}, "batch_size must be an integer >= 2"),
+                               ([split.x_train], {"batch_size": 41}, "at most the 40 rows")):
+        kwargs = {"epochs": 1, "batch_size": 8, **kw}
+        with pytest.raises(ValueError, match=match):
+            ex.train_domain_batches(model, domains, split.y_train, **kwargs)
