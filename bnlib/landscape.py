@@ -25,6 +25,11 @@ of BN numerically.
 
   with :math:`W_j' = W_j - \text{lr}\, \nabla_{W_j} L` and the result
   :math:`\lVert G - G' \rVert_2` and :math:`\cos(G, G')`.
+- :func:`gradient_norms_by_layer`: the norm of the gradient of every hidden
+  layer's weights on one batch, without an update: at initialization, in a
+  deep network without residual connections, BN makes it grow
+  exponentially toward the input (Yang, Pennington, Rao, Sohl-Dickstein
+  and Schoenholz 2019, *A mean field theory of batch normalization*).
 - :func:`loss_landscape_along_gradient`: the loss and the gradient at
   ``w - eta * g`` for a range of step sizes ``eta`` (their section 3.1,
   Figure 4): "variation of the loss", "gradient predictiveness"
@@ -43,7 +48,8 @@ of BN numerically.
 
 Every measurement leaves the model as it found it: parameters, buffers
 (running statistics, ``num_batches_tracked``, the noise counter) and the
-train/eval mode are restored; only ``.grad`` is cleared.
+train/eval mode are restored; only ``.grad`` is cleared
+(:func:`gradient_norms_by_layer` leaves ``.grad`` untouched too).
 """
 
 from __future__ import annotations
@@ -69,6 +75,7 @@ __all__ = [
     "LpBatchNorm1d",
     "GradientChange",
     "ics_gradient_change",
+    "gradient_norms_by_layer",
     "Landscape",
     "loss_landscape_along_gradient",
     "filter_normalized_direction",
@@ -405,6 +412,93 @@ def ics_gradient_change(
                     p.copy_(s)
             _restore_buffers(model, buffers)
     return GradientChange(list(layers), np.array(l2), np.array(cos), np.array(norms))
+
+
+# --------------------------------------------------------------------------
+# Gradient norms layer by layer (Yang et al. 2019)
+# --------------------------------------------------------------------------
+
+
+def _hidden_linear_names(model: nn.Module) -> list[str]:
+    """Names of every ``nn.Linear`` submodule in ``named_modules()`` order, but the last one (the output layer)."""
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)][:-1]
+
+
+def gradient_norms_by_layer(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    layers: Sequence[str] | None = None,
+    loss_fn: _LossFn = F.cross_entropy,
+) -> np.ndarray:
+    r"""The Frobenius norm of the gradient of each hidden layer's weights, on one batch, without an update.
+
+    For the layers :math:`l = 1, \dots, n` named in ``layers``, with weights
+    :math:`W^{[l]}` and :math:`L = \text{loss\_fn}(\text{model}(x), y)`
+    computed in training mode (BN normalizes with the statistics of the batch
+    ``x``),
+
+    .. math::
+
+        g_l = \Bigl\lVert \frac{\partial L}{\partial W^{[l]}} \Bigr\rVert_F
+            = \Bigl( \sum_{j,k} \Bigl( \frac{\partial L}{\partial W^{[l]}_{jk}} \Bigr)^2 \Bigr)^{1/2},
+
+    returned as a float64 array of shape ``(n,)``, computed in float64 from
+    the gradients. ``layers`` are names from ``model.named_modules()``
+    (``"fc3"``, ``"block2.fc1"``) of modules with a ``weight``; by default
+    every ``nn.Linear`` in that order except the last one, the output layer:
+    ``fc1 ... fc{depth}`` of :func:`bnlib.models.make_mlp`, ``stem.0,
+    block1.fc1, block1.fc2, ...`` of :func:`bnlib.models.make_resmlp`.
+    A weight that the loss does not reach has :math:`g_l = 0`.
+
+    Yang, Pennington, Rao, Sohl-Dickstein and Schoenholz (2019) show that at
+    initialization, in a deep fully connected network with BN before every
+    ReLU and no residual connections, the gradient grows toward the input by
+    a fixed factor per layer: for large width and batch,
+    :math:`g_l^2 / g_{l+1}^2 \to \pi / (\pi - 1)`, so
+    :math:`g_l / g_{l+1} \to \sqrt{\pi/(\pi - 1)} \approx 1.21`.
+
+    The gradients come from :func:`torch.autograd.grad`: no parameter
+    changes and ``.grad`` is left as it was. Buffers (BN's running
+    statistics, ``num_batches_tracked``) are restored and every submodule
+    gets back its own train/eval mode (:func:`bnlib.models.modes_kept`), also
+    when the forward pass raises. :func:`bnlib.recorders.init_grad_norms` is
+    the older tool of chapter 1: it runs in the model's current mode, covers
+    every ``nn.Linear`` (output layer included) and leaves the gradients in
+    ``.grad``.
+    """
+    _check_xy(x, y)
+    modules = dict(model.named_modules())
+    if isinstance(layers, str):
+        raise ValueError(f"layers must be a list of names, got the string {layers!r}; use [{layers!r}]")
+    if layers is None:
+        layers = _hidden_linear_names(model)
+        if not layers:
+            raise ValueError("the model has fewer than two nn.Linear layers, so no hidden one; "
+                             "name the layers to measure")
+    layers = list(layers)
+    if not layers:
+        raise ValueError("layers is empty: name at least one layer")
+    weights = []
+    for name in layers:
+        weight = getattr(modules[name], "weight", None) if name in modules else None
+        if not isinstance(weight, torch.Tensor) or not weight.requires_grad:
+            with_weight = [n for n, m in modules.items() if isinstance(getattr(m, "weight", None), torch.Tensor)]
+            shown = ", ".join(with_weight[:8]) + (", ..." if len(with_weight) > 8 else "")
+            raise ValueError(f"layers must name submodules with a weight that requires grad, got {name!r}; "
+                             f"submodules with a weight: {shown}")
+        weights.append(weight)
+    saved = [b.detach().clone() for b in model.buffers()]
+    with modes_kept(model):
+        try:
+            model.train()
+            loss = loss_fn(model(x), y)
+            if loss.ndim != 0:
+                raise ValueError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)}")
+            grads = torch.autograd.grad(loss, weights, allow_unused=True)
+        finally:
+            _restore_buffers(model, saved)
+    return np.array([0.0 if g is None else float(g.detach().double().norm()) for g in grads])
 
 
 # --------------------------------------------------------------------------

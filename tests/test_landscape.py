@@ -2,9 +2,11 @@
 
 Truths: torch's own batch norm (``torch.nn.BatchNorm1d``,
 ``torch.nn.functional.batch_norm``), the same measurement written out by
-hand with ``copy.deepcopy`` and autograd, the closed forms of a quadratic
-loss (its gradient, Hessian and largest eigenvalue), and the closed form of
-BN of a scaled input, ``(z - mu) / sqrt(var + eps / a^2)``.
+hand with ``copy.deepcopy`` and autograd, a forward pass written out by hand
+(BN as its formula) with autograd, the closed-form gradient of a linear
+network, the closed forms of a quadratic loss (its gradient, Hessian and
+largest eigenvalue), and the closed form of BN of a scaled input,
+``(z - mu) / sqrt(var + eps / a^2)``.
 
 Everything runs in float64 unless said otherwise, so tolerances of 1e-9 to
 1e-12 leave room for a different order of summation only.
@@ -13,6 +15,7 @@ Everything runs in float64 unless said otherwise, so tolerances of 1e-9 to
 import copy
 import functools
 import math
+from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -305,6 +308,170 @@ def test_ics_bad_input():
         landscape.ics_gradient_change(model, x, y, lr=0.1, layers=["act1"])
     with pytest.raises(ValueError, match="same N"):
         landscape.ics_gradient_change(model, x, y[:-1], lr=0.1)
+
+
+# --------------------------------------------------------------------------
+# Gradient norms layer by layer
+# --------------------------------------------------------------------------
+
+
+def _relu_mlp(norm, seed=0):
+    """Three hidden ReLU layers of 5 units (BN before each ReLU with norm="bn"), float64,
+    with BN's gamma and beta and the biases moved away from 1 and 0."""
+    model = models.make_mlp(6, 5, 3, depth=3, activation="relu", seed=seed,
+                            norm=norm).double()
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=F64))
+    return model
+
+
+@pytest.mark.parametrize("norm", [None, "bn"])
+def test_gradient_norms_match_a_hand_written_forward_pass(norm):
+    # Truth: the network's forward pass written out with tensor ops (BN as
+    # its formula, biased variance, eps), differentiated by autograd. The
+    # same float64 arithmetic up to the order of sums: 1e-12.
+    model = _relu_mlp(norm, seed=1)
+    x, y = _data(n=16, seed=4)
+    res = landscape.gradient_norms_by_layer(model, x, y)
+    assert res.shape == (3,) and res.dtype == np.float64
+    leaves = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters()}
+    h = x
+    for l in (1, 2, 3):
+        z = h @ leaves[f"fc{l}.weight"].T
+        if norm is None:
+            z = z + leaves[f"fc{l}.bias"]
+        else:
+            mu = z.mean(0)
+            var = ((z - mu) ** 2).mean(0)
+            z = (leaves[f"norm{l}.weight"] * (z - mu) / torch.sqrt(var + 1e-5)
+                 + leaves[f"norm{l}.bias"])
+        h = torch.relu(z)
+    out = h @ leaves["out.weight"].T + leaves["out.bias"]
+    ws = [leaves[f"fc{l}.weight"] for l in (1, 2, 3)]
+    grads = torch.autograd.grad(F.cross_entropy(out, y), ws)
+    np.testing.assert_allclose(res, [float(g.norm()) for g in grads], rtol=1e-12)
+    # naming the layers picks them out, in the order given
+    again = landscape.gradient_norms_by_layer(model, x, y, layers=["fc3", "fc1"])
+    np.testing.assert_array_equal(again, res[[2, 0]])
+
+
+def test_gradient_norms_of_a_linear_network_are_the_closed_form():
+    # L = 1/2 ||x W1^T W2^T Wo^T - t||^2: with R = out - t,
+    # dL/dW1 = (R Wo W2)^T x, dL/dW2 = (R Wo)^T (x W1^T), dL/dWo = R^T (x W1^T W2^T).
+    g = torch.Generator().manual_seed(0)
+    sizes = [(4, 5), (5, 3), (3, 2)]
+    W1, W2, Wo = (torch.randn(o, i, generator=g, dtype=F64) for i, o in sizes)
+    model = nn.Sequential(OrderedDict(
+        (name, nn.Linear(i, o, bias=False).double())
+        for name, (i, o) in zip(["fc1", "fc2", "out"], sizes)))
+    with torch.no_grad():
+        for layer, W in zip(model, (W1, W2, Wo)):
+            layer.weight.copy_(W)
+    x = torch.randn(7, 4, generator=g, dtype=F64)
+    t = torch.randn(7, 2, generator=g, dtype=F64)
+    R = x @ W1.T @ W2.T @ Wo.T - t
+    want = [(R @ Wo @ W2).T @ x, (R @ Wo).T @ (x @ W1.T), R.T @ (x @ W1.T @ W2.T)]
+    loss_fn = lambda out, target: 0.5 * ((out - target) ** 2).sum()  # noqa: E731
+    res = landscape.gradient_norms_by_layer(model, x, t, loss_fn=loss_fn)
+    np.testing.assert_allclose(res, [float(w.norm()) for w in want[:2]], rtol=1e-12)
+    res = landscape.gradient_norms_by_layer(model, x, t, layers=["out"], loss_fn=loss_fn)
+    np.testing.assert_allclose(res, [float(want[2].norm())], rtol=1e-12)
+
+
+def test_gradient_norms_leave_the_model_as_it_was():
+    # Parameters, buffers (running statistics, num_batches_tracked), every
+    # submodule's mode and .grad come back unchanged; the measurement itself
+    # runs in training mode whatever the model's mode.
+    model = _relu_mlp("bn", seed=2)
+    x, y = _data(n=16, seed=5)
+    want = landscape.gradient_norms_by_layer(copy.deepcopy(model).train(), x, y)
+    model.train()
+    training.train(model, x, y, steps=2, batch_size=8, lr=0.1)  # running stats away from 0 and 1
+    model.norm2.eval()                  # one BN frozen inside a model in training mode
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 7.0)
+    before = _state(model)
+    modes = [m.training for m in model.modules()]
+    res = landscape.gradient_norms_by_layer(model, x, y)
+    assert _same_state(before, _state(model))
+    assert [m.training for m in model.modules()] == modes
+    assert all(torch.equal(p.grad, torch.full_like(p, 7.0)) for p in model.parameters())
+    # a model in eval mode is measured in training mode too
+    model.eval()
+    trained = copy.deepcopy(model).train()
+    np.testing.assert_array_equal(landscape.gradient_norms_by_layer(model, x, y),
+                                  landscape.gradient_norms_by_layer(trained, x, y))
+    assert not any(m.training for m in model.modules())
+    assert not np.allclose(res, want), "training changed the gradients"
+
+
+def test_gradient_norms_of_a_residual_network_by_name():
+    # The default layers of make_resmlp are the stem's linear map and both of
+    # every block's, in order; with gamma = 0 in each block's last BN
+    # (zero_init) no gradient reaches the blocks' weights: exactly 0.
+    x, y = _data(n=16, d=6, seed=6)
+    for zero_init in (False, True):
+        model = models.make_resmlp(6, 5, 3, blocks=2, zero_init=zero_init, seed=0).double()
+        res = landscape.gradient_norms_by_layer(model, x, y)
+        names = ["stem.0", "block1.fc1", "block1.fc2", "block2.fc1", "block2.fc2"]
+        np.testing.assert_array_equal(res, landscape.gradient_norms_by_layer(model, x, y, layers=names))
+        assert res[0] > 0
+        assert np.all(res[1:] == 0) if zero_init else np.all(res[1:] > 0)
+
+
+def test_bn_gradients_grow_toward_the_input_at_the_mean_field_rate():
+    # Yang et al. (2019): with BN before every ReLU and He initialization, the
+    # weight gradient grows by sqrt(pi / (pi - 1)) ~ 1.211 per layer toward
+    # the input as width and batch grow; without normalization it stays about
+    # level. Width 128, batch 256, 20 layers, Gaussian inputs: the factor
+    # fitted to log g_l of seeds 0 to 9 is 1.189 to 1.198 with BN (finite width
+    # and batch move it by up to 0.02), hence a tolerance of 0.04; without BN
+    # 0.93 to 0.99 (random-matrix fluctuations), hence the range 0.85 to 1.05.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 32, generator=g)
+    y = torch.randint(0, 10, (256,), generator=g)
+    theory = math.sqrt(math.pi / (math.pi - 1))
+    for seed in range(3):
+        factor = {}
+        for norm in ("bn", None):
+            model = models.make_mlp(32, 128, 10, depth=20, activation="relu", norm=norm,
+                                    weight_scale=math.sqrt(2), seed=seed)
+            norms = landscape.gradient_norms_by_layer(model, x, y)
+            factor[norm] = math.exp(-np.polyfit(np.arange(1, 21), np.log(norms), 1)[0])
+        assert abs(factor["bn"] - theory) < 0.04, (seed, factor)
+        assert 0.85 < factor[None] < 1.05, (seed, factor)
+
+
+def test_gradient_norms_bad_input():
+    model = _relu_mlp("bn")
+    x, y = _data()
+    with pytest.raises(ValueError, match="same N"):
+        landscape.gradient_norms_by_layer(model, x, y[:-1])
+    for bad in (["act1"], ["fc9"], ["norm1.nope"]):
+        with pytest.raises(ValueError, match="weight that requires grad"):
+            landscape.gradient_norms_by_layer(model, x, y, layers=bad)
+    with pytest.raises(ValueError, match="empty"):
+        landscape.gradient_norms_by_layer(model, x, y, layers=[])
+    with pytest.raises(ValueError, match="list of names"):
+        landscape.gradient_norms_by_layer(model, x, y, layers="fc1")
+    with pytest.raises(ValueError, match="no hidden one"):
+        landscape.gradient_norms_by_layer(nn.Linear(6, 3).double(), x, y)
+    frozen = copy.deepcopy(model)
+    frozen.fc2.weight.requires_grad_(False)
+    with pytest.raises(ValueError, match="'fc2'"):
+        landscape.gradient_norms_by_layer(frozen, x, y)
+    # errors raised in the forward pass or by the loss change no state either
+    model.eval()
+    before = _state(model)
+    with pytest.raises(ValueError, match="scalar"):
+        landscape.gradient_norms_by_layer(
+            model, x, y, loss_fn=functools.partial(F.cross_entropy, reduction="none"))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        landscape.gradient_norms_by_layer(model, x[:1], y[:1])
+    assert _same_state(before, _state(model)) and not any(m.training for m in model.modules())
 
 
 # --------------------------------------------------------------------------
