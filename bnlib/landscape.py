@@ -73,6 +73,7 @@ from bnlib.nn import BatchNorm1d
 __all__ = [
     "NoisyBatchNorm1d",
     "LpBatchNorm1d",
+    "PartialBatchNorm1d",
     "GradientChange",
     "ics_gradient_change",
     "gradient_norms_by_layer",
@@ -271,6 +272,66 @@ class LpBatchNorm1d(BatchNorm1d):
 
     def extra_repr(self):
         return super().extra_repr() + f", p={self.p}"
+
+
+class PartialBatchNorm1d(LpBatchNorm1d):
+    r"""Batch norm taken apart: only the centring, only the scaling, or both.
+
+    For a unit with batch mean :math:`\mu` and biased variance :math:`\sigma^2`:
+
+    .. math::
+
+        \hat{x}_i = \begin{cases}
+            (x_i - \mu) / \sqrt{\sigma^2 + \epsilon} & \text{center, scale (BN)} \\
+            x_i - \mu & \text{center only (mean-only BN, Salimans and Kingma 2016)} \\
+            x_i / \sqrt{\sigma^2 + \epsilon} & \text{scale only}
+        \end{cases}
+        \qquad y_i = \gamma\,\hat{x}_i + \beta .
+
+    ``center=True, scale=True`` is exactly ``BatchNorm1d``. The running
+    estimates are BN's (``running_mean`` tracks :math:`\mu`, ``running_var``
+    the unbiased variance), and eval mode uses them in place of the batch's
+    for the parts that are on. Not foldable by :mod:`bnlib.fold` unless both are on.
+    Shapes: input ``(N, C)`` or ``(N, C, L)``, output the same.
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 device=None, dtype=None, *, bias=True, center: bool = True, scale: bool = True):
+        if not isinstance(center, bool) or not isinstance(scale, bool) or not (center or scale):
+            raise ValueError(f"center and scale must be booleans, at least one True; got {center!r}, {scale!r}")
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                         bias=bias, p=2.0)
+        self.center, self.scale = center, scale
+        self.foldable = center and scale
+
+    def forward(self, input):
+        if self.center and self.scale:
+            return super().forward(input)
+        self._check_input(input)  # before any state changes
+        ndim = input.dim()
+        x = input.to(bnF._compute_dtype(input.dtype))
+        dims = _stat_dims(ndim)
+        if self.training or self.running_mean is None:
+            mean = x.mean(dim=dims)
+            var = (x - _per_channel(mean, ndim)).pow(2).mean(dim=dims)
+            if self.training and self.track_running_stats:
+                factor = self._count_batch()
+                with torch.no_grad():
+                    _update_running_stats(self.running_mean, self.running_var, mean, var,
+                                          values_per_channel(input.shape), factor)
+        else:
+            mean, var = self.running_mean.to(x.dtype), self.running_var.to(x.dtype)
+        x_hat = x - _per_channel(mean, ndim) if self.center else x
+        if self.scale:
+            x_hat = x_hat / _per_channel(torch.sqrt(var + self.eps), ndim)
+        if self.weight is not None:
+            x_hat = x_hat * _per_channel(self.weight, ndim)
+        if self.bias is not None:
+            x_hat = x_hat + _per_channel(self.bias, ndim)
+        return x_hat.to(input.dtype)
+
+    def extra_repr(self):
+        return super().extra_repr() + f", center={self.center}, scale={self.scale}"
 
 
 # --------------------------------------------------------------------------

@@ -719,3 +719,54 @@ def test_lp_batchnorm_keeps_a_half_input_dtype(dtype):
         y = lp(x)
         assert y.dtype == dtype
         torch.testing.assert_close(y, bn(x))
+
+
+# --------------------------------------------------------------------------
+# PartialBatchNorm1d: centring only, scaling only, or both (= BN)
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(16, 4), (8, 4, 3)], ids=["NC", "NCL"])
+def test_partial_bn_parts_against_their_formulas(shape):
+    x = 2 + 3 * torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    dims = [0] if len(shape) == 2 else [0, 2]
+    view = (1, -1) + (1,) * (len(shape) - 2)
+    mu = x.mean(dim=dims).view(view)
+    var = x.var(dim=dims, unbiased=False).view(view)
+    expected = {(True, True): (x - mu) / torch.sqrt(var + 1e-5),
+                (True, False): x - mu,
+                (False, True): x / torch.sqrt(var + 1e-5)}
+    torch_bn = torch.nn.BatchNorm1d(4).double()
+    for (center, scale), want in expected.items():
+        layer = landscape.PartialBatchNorm1d(4, center=center, scale=scale).double()
+        torch.testing.assert_close(layer(x), want, rtol=1e-12, atol=1e-12)
+        # running estimates: batch norm's, whatever the parts
+        torch_bn.reset_running_stats()
+        torch_bn(x)
+        torch.testing.assert_close(layer.running_mean, torch_bn.running_mean, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(layer.running_var, torch_bn.running_var, rtol=1e-12, atol=1e-12)
+        assert layer.foldable == (center and scale)
+
+
+def test_partial_bn_eval_mode_uses_the_running_estimates_for_its_parts():
+    x = 2 + 3 * torch.randn(16, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for center, scale in ((True, False), (False, True)):
+        layer = landscape.PartialBatchNorm1d(4, center=center, scale=scale).double()
+        layer(x)
+        layer.eval()
+        mean, var = layer.running_mean, layer.running_var
+        want = x - mean if center else x / torch.sqrt(var + layer.eps)
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), want, rtol=1e-12, atol=1e-12)
+
+
+def test_partial_bn_refuses_no_parts_and_bad_input():
+    with pytest.raises(ValueError, match="at least one True"):
+        landscape.PartialBatchNorm1d(4, center=False, scale=False)
+    layer = landscape.PartialBatchNorm1d(4, center=False)
+    before = layer.running_mean.clone()
+    with pytest.raises(ValueError):
+        layer(torch.randn(1, 4))
+    with pytest.raises(ValueError):
+        layer(torch.randn(5, 3))
+    assert torch.equal(layer.running_mean, before)
