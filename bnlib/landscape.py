@@ -264,11 +264,16 @@ class LpBatchNorm1d(BatchNorm1d):
             centered = x - _per_channel(self.running_mean.to(x.dtype), ndim)
             spread_sq = self.running_var.to(x.dtype)
         x_hat = centered / _per_channel(torch.sqrt(spread_sq + self.eps), ndim)
+        return self._scale_and_shift(x_hat).to(input.dtype)
+
+    def _scale_and_shift(self, x_hat: torch.Tensor) -> torch.Tensor:
+        """``gamma * x_hat + beta`` per channel (either may be absent)."""
+        ndim = x_hat.dim()
         if self.weight is not None:
             x_hat = x_hat * _per_channel(self.weight, ndim)
         if self.bias is not None:
             x_hat = x_hat + _per_channel(self.bias, ndim)
-        return x_hat.to(input.dtype)
+        return x_hat
 
     def extra_repr(self):
         return super().extra_repr() + f", p={self.p}"
@@ -324,11 +329,7 @@ class PartialBatchNorm1d(LpBatchNorm1d):
         x_hat = x - _per_channel(mean, ndim) if self.center else x
         if self.scale:
             x_hat = x_hat / _per_channel(torch.sqrt(var + self.eps), ndim)
-        if self.weight is not None:
-            x_hat = x_hat * _per_channel(self.weight, ndim)
-        if self.bias is not None:
-            x_hat = x_hat + _per_channel(self.bias, ndim)
-        return x_hat.to(input.dtype)
+        return self._scale_and_shift(x_hat).to(input.dtype)
 
     def extra_repr(self):
         return super().extra_repr() + f", center={self.center}, scale={self.scale}"
