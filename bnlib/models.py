@@ -330,8 +330,8 @@ class ConstantStatsBatchNorm1d(nn.Module):
     gradient is :math:`\partial L/\partial x_i = \gamma\, (\partial L/\partial y_i)
     / \sqrt{\sigma^2 + \epsilon}`: the two terms of the compact formula that
     come from the statistics are missing. This is the scheme Ioffe and Szegedy
-    (2015, section 2) warn against, normalizing "outside the gradient step";
-    it exists to be compared with batch norm, not to be used.
+    (2015, section 2) warn against, normalization done outside the gradient
+    descent step; it exists to be compared with batch norm, not to be used.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1):

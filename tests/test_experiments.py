@@ -474,13 +474,29 @@ def test_train_domain_batches_feeds_one_domain_per_batch_in_turn():
     assert ex.train_domain_batches(again, [x_a, x_b], split.y_train, epochs=2, batch_size=8, seed=0) == losses
 
 
+def test_train_domain_batches_running_estimates_average_within_domain_statistics():
+    """The running mean ends between the domains' means, and the running variance near
+    the variance within a domain, far below the variance of the two domains pooled."""
+    split = blobs_split(n_train=64)
+    x_a, x_b = split.x_train, 10 + split.x_train
+    model = torch.nn.Sequential(bnlib.nn.BatchNorm1d(6, affine=False), torch.nn.Linear(6, 3))
+    ex.train_domain_batches(model, [x_a, x_b], split.y_train, epochs=20, batch_size=16, lr=1e-9)
+    bn = model[0]
+    mean_a, mean_b = x_a.mean(0), x_b.mean(0)
+    assert torch.all(bn.running_mean > mean_a + 1) and torch.all(bn.running_mean < mean_b - 1)
+    within = x_a.var(0)
+    pooled = torch.cat([x_a, x_b]).var(0)
+    assert torch.all(bn.running_var < 1.5 * within) and torch.all(pooled > 3 * within)
+
+
 def test_train_domain_batches_checks_its_arguments():
     split = blobs_split(n_train=40)
     model = ex.build_mlp(6, 3, norm="bn", seed=0)
     for domains, kw, match in (([], {}, "at least one"),
                                ([split.x_train[:30]], {}, "rows of y"),
                                ([split.x_train], {"batch_size": 1}, "batch_size must be an integer >= 2"),
-                               ([split.x_train], {"batch_size": 41}, "at most the 40 rows")):
+                               ([split.x_train], {"batch_size": 41}, "at most the 40 rows"),
+                               ([split.x_train], {"lr": 0.0}, "lr must be > 0")):
         kwargs = {"epochs": 1, "batch_size": 8, **kw}
         with pytest.raises(ValueError, match=match):
             ex.train_domain_batches(model, domains, split.y_train, **kwargs)
