@@ -36,8 +36,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from bnlib.frozen_batchnorm import FrozenBatchNorm
-from bnlib.moving_average import is_batchnorm
+from bnlib.frozen_batchnorm import FrozenBatchNorm, check_eval_map, freezable
 
 __all__ = ["FOLDABLE", "bn_scale_shift", "fold_bn", "fold_model"]
 
@@ -46,25 +45,18 @@ FOLDABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def _foldable_norm(module) -> bool:
-    """A BN layer, or a :class:`~bnlib.frozen_batchnorm.FrozenBatchNorm` (the same map in every mode)."""
-    return is_batchnorm(module) or isinstance(module, FrozenBatchNorm)
+    """A BN layer (:func:`~bnlib.frozen_batchnorm.freezable`: batch renorm too, whose
+    eval mode is BN's), or a :class:`~bnlib.frozen_batchnorm.FrozenBatchNorm`."""
+    return freezable(module) or isinstance(module, FrozenBatchNorm)
 
 
 def _check_bn(bn) -> None:
     if isinstance(bn, FrozenBatchNorm):
-        return
-    if not is_batchnorm(bn):
-        raise ValueError(f"expected a batch norm layer (torch's or bnlib's BatchNorm*d), got {type(bn).__name__}")
-    if not getattr(bn, "foldable", True):
-        raise ValueError(f"{type(bn).__name__} computes more than gamma * x_hat + beta in eval mode: it cannot be folded")
+        return  # the same map in every mode
+    check_eval_map(bn, "fold")
     if bn.training:
         raise ValueError(
             f"can only fold a BN layer in eval mode (call .eval() first), got {type(bn).__name__} in training mode"
-        )
-    if bn.running_mean is None or bn.running_var is None:
-        raise ValueError(
-            f"can only fold a BN layer with running statistics, got {type(bn).__name__} "
-            "with track_running_stats=False (it normalizes with batch statistics even in eval mode)"
         )
 
 

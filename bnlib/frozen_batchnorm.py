@@ -37,7 +37,7 @@ from bnlib._checks import check_floating_dtype, check_input_dims, check_norm_arg
 from bnlib.alternatives import _BatchRenorm
 from bnlib.moving_average import is_batchnorm
 
-__all__ = ["FrozenBatchNorm", "freezable"]
+__all__ = ["FrozenBatchNorm", "freezable", "check_eval_map"]
 
 
 class FrozenBatchNorm(nn.Module):
@@ -135,18 +135,29 @@ def freezable(module: nn.Module) -> bool:
     return is_batchnorm(module) or isinstance(module, _BatchRenorm)
 
 
-def _check_freezable(bn) -> None:
+def check_eval_map(bn, action: str = "freeze") -> None:
+    """Raise ``ValueError`` unless ``bn``'s eval mode is the fixed per-channel map
+    ``gamma * (x - running_mean) / sqrt(running_var + eps) + beta``, which can be
+    frozen (this module) or folded (:mod:`bnlib.fold`): ``bn`` must be a layer
+    :func:`freezable` accepts, one that has seen its first input if it is lazy,
+    no more than that map in eval mode, and with running statistics.
+    ``action``: ``"freeze"`` or ``"fold"``, for the message."""
+    done = {"freeze": "frozen", "fold": "folded"}[action]
     if not freezable(bn):
         raise ValueError(f"expected a batch norm layer (torch's or bnlib's BatchNorm*d), got {type(bn).__name__}")
     if isinstance(bn, nn.modules.lazy.LazyModuleMixin) and bn.has_uninitialized_params():
-        raise ValueError(f"{type(bn).__name__} has not seen an input yet, so it has no statistics to freeze: "
+        raise ValueError(f"{type(bn).__name__} has not seen an input yet, so it has no statistics to be {done}: "
                          "run one forward pass first")
     if not getattr(bn, "foldable", True):
         raise ValueError(f"{type(bn).__name__} computes more than gamma * x_hat + beta in eval mode: "
-                         "it cannot be frozen")
+                         f"it cannot be {done}")
     if bn.running_mean is None or bn.running_var is None:
-        raise ValueError(f"can only freeze a BN layer with running statistics, got {type(bn).__name__} "
-                         "with track_running_stats=False")
+        raise ValueError(f"can only {action} a BN layer with running statistics, got {type(bn).__name__} "
+                         "with track_running_stats=False (it normalizes with batch statistics even in eval mode)")
+
+
+def _check_freezable(bn) -> None:
+    check_eval_map(bn, "freeze")
 
 
 def _convert(cls, module: nn.Module, done: dict) -> nn.Module:

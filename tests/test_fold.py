@@ -223,3 +223,15 @@ def test_fold_refuses_what_it_cannot_fold_exactly():
                          nn.utils.parametrizations.spectral_norm(nn.Linear(3, 4))):
         with pytest.raises(ValueError, match="parametrized"):
             fold_bn(parametrized, bn)
+
+
+def test_fold_takes_batch_renorm_whose_eval_mode_is_bns():
+    layer = nn.Linear(5, 4).double()
+    renorm = bnlib.nn.BatchRenorm1d(4).double()
+    g = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        renorm(layer(torch.randn(16, 5, generator=g, dtype=torch.float64)))
+    renorm.eval()
+    x = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(fold_bn(layer, renorm)(x), renorm(layer(x)), **TOL[torch.float64])
