@@ -361,8 +361,10 @@ class ConstantStatsBatchNorm1d(nn.Module):
             mu = x.mean(0)
             var = ((x - mu) ** 2).mean(0)
             with torch.no_grad():
-                self.running_mean.lerp_(mu, self.momentum)
-                self.running_var.lerp_(var * m / (m - 1), self.momentum)
+                from bnlib.functional import update_running_estimates
+
+                update_running_estimates(self.running_mean, self.running_var, mu, var * m / (m - 1),
+                                         self.momentum)
             # The one change from batch norm: the statistics are constants to autograd.
             mu, var = mu.detach(), var.detach()
         return self.weight * (x - mu) / torch.sqrt(var + self.eps) + self.bias
