@@ -68,11 +68,24 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float,
         return float(F.cross_entropy(logits, y)), accuracy(logits, y)
 
 
-def _optimizer(model, optimizer, lr, momentum, weight_decay):
+def _parameter_groups(model, weight_decay, decay_bn):
+    """One group with ``weight_decay``; without ``decay_bn``, the BN layers' gamma and beta
+    in a second group with none."""
+    if decay_bn or weight_decay == 0:
+        return [{"params": list(model.parameters()), "weight_decay": weight_decay}]
+    from bnlib.moving_average import is_batchnorm
+
+    bn_params = {id(p) for m in model.modules() if is_batchnorm(m) for p in m.parameters(recurse=False)}
+    return [{"params": [p for p in model.parameters() if id(p) not in bn_params], "weight_decay": weight_decay},
+            {"params": [p for p in model.parameters() if id(p) in bn_params], "weight_decay": 0.0}]
+
+
+def _optimizer(model, optimizer, lr, momentum, weight_decay, decay_bn=True):
+    groups = _parameter_groups(model, weight_decay, decay_bn)
     if optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
     if optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+        return torch.optim.Adam(groups, lr=lr)
     raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
 
 
@@ -88,6 +101,7 @@ def train(
     optimizer: str = "sgd",
     momentum: float = 0.0,
     weight_decay: float = 0.0,
+    decay_bn: bool = True,
     seed: int = 0,
     callback: Callable[[int, nn.Module], None] | None = None,
 ) -> History:
@@ -97,7 +111,9 @@ def train(
     over the data). ``batch_size=None`` means full-batch gradient descent.
     ``callback(step, model)`` is called with ``step=0`` before the first update
     and with ``step=t`` after update ``t``, so it sees the initial and every
-    later state. Returns a :class:`History`; the model is trained in place.
+    later state. ``decay_bn=False`` exempts the BN layers' ``gamma`` and
+    ``beta`` from ``weight_decay`` (the other parameters keep it). Returns a
+    :class:`History`; the model is trained in place.
     """
     if (steps is None) == (epochs is None):
         raise ValueError(f"give exactly one of steps or epochs, got steps={steps}, epochs={epochs}")
@@ -111,7 +127,7 @@ def train(
     total = steps if steps is not None else epochs * per_epoch
     if total < 0:
         raise ValueError(f"steps/epochs must be >= 0, got {steps if steps is not None else epochs}")
-    opt = _optimizer(model, optimizer, lr, momentum, weight_decay)
+    opt = _optimizer(model, optimizer, lr, momentum, weight_decay, decay_bn)
     gen = torch.Generator().manual_seed(seed)
     history = History()
     model.train()
