@@ -434,20 +434,14 @@ def evaluate_batch_stats(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> 
     restored, so the model is unchanged. Compared with ``evaluate`` it
     separates "the network learned badly" from "its running statistics are off".
     """
-    saved = [b.detach().clone() for b in model.buffers()]
-    with models.modes_kept(model):
-        try:
-            model.train()
-            for m in model.modules():
-                if isinstance(m, nn.Dropout):
-                    m.eval()
-            with torch.no_grad():
-                logits = model(x)
-                return float(torch.nn.functional.cross_entropy(logits, y)), training.accuracy(logits, y)
-        finally:
-            with torch.no_grad():
-                for b, s in zip(model.buffers(), saved):
-                    b.copy_(s)
+    with models.buffers_kept(model), models.modes_kept(model):
+        model.train()
+        for m in model.modules():
+            if isinstance(m, nn.Dropout):
+                m.eval()
+        with torch.no_grad():
+            logits = model(x)
+            return float(torch.nn.functional.cross_entropy(logits, y)), training.accuracy(logits, y)
 
 
 def batch_size_sweep(
@@ -626,22 +620,15 @@ def stream_std(model: nn.Sequential, x: torch.Tensor) -> np.ndarray:
     Training mode (batch statistics), no gradients, running statistics left as
     they were. Returns ``(blocks + 1,)``: index 0 after the stem, ``b`` after block ``b``.
     """
-    buffers = {name: b.clone() for name, b in model.named_buffers()}
     out = []
-    with models.modes_kept(model):
-        try:
-            model.train()
-            with torch.no_grad():
-                h = model.stem(x)
+    with models.buffers_kept(model), models.modes_kept(model), torch.no_grad():
+        model.train()
+        h = model.stem(x)
+        out.append(float(h.std()))
+        for name, module in model.named_children():
+            if name.startswith("block"):
+                h = module(h)
                 out.append(float(h.std()))
-                for name, module in model.named_children():
-                    if name.startswith("block"):
-                        h = module(h)
-                        out.append(float(h.std()))
-        finally:
-            with torch.no_grad():
-                for name, b in model.named_buffers():
-                    b.copy_(buffers[name])
     return np.array(out)
 
 

@@ -67,7 +67,7 @@ from torch import nn
 from bnlib import functional as bnF
 from bnlib.functional import _per_channel, _stat_dims, _update_running_stats
 from bnlib._checks import values_per_channel
-from bnlib.models import modes_kept
+from bnlib.models import buffers_kept, modes_kept
 from bnlib.nn import BatchNorm1d
 
 __all__ = [
@@ -344,8 +344,7 @@ class PartialBatchNorm1d(LpBatchNorm1d):
 def _preserved(model: nn.Module, train: bool = True) -> Iterator[None]:
     """Run a block in ``train`` mode, then restore parameters, buffers and mode; clear ``.grad``."""
     params = [p.detach().clone() for p in model.parameters()]
-    buffers = [b.detach().clone() for b in model.buffers()]
-    with modes_kept(model):
+    with buffers_kept(model), modes_kept(model):
         try:
             model.train(train)
             yield
@@ -353,8 +352,6 @@ def _preserved(model: nn.Module, train: bool = True) -> Iterator[None]:
             with torch.no_grad():
                 for p, s in zip(model.parameters(), params):
                     p.copy_(s)
-                for b, s in zip(model.buffers(), buffers):
-                    b.copy_(s)
             model.zero_grad(set_to_none=True)
 
 
@@ -550,16 +547,12 @@ def gradient_norms_by_layer(
             raise ValueError(f"layers must name submodules with a weight that requires grad, got {name!r}; "
                              f"submodules with a weight: {shown}")
         weights.append(weight)
-    saved = [b.detach().clone() for b in model.buffers()]
-    with modes_kept(model):
-        try:
-            model.train()
-            loss = loss_fn(model(x), y)
-            if loss.ndim != 0:
-                raise ValueError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)}")
-            grads = torch.autograd.grad(loss, weights, allow_unused=True)
-        finally:
-            _restore_buffers(model, saved)
+    with buffers_kept(model), modes_kept(model):
+        model.train()
+        loss = loss_fn(model(x), y)
+        if loss.ndim != 0:
+            raise ValueError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)}")
+        grads = torch.autograd.grad(loss, weights, allow_unused=True)
     return np.array([0.0 if g is None else float(g.detach().double().norm()) for g in grads])
 
 

@@ -34,7 +34,8 @@ The activation functions and their derivatives (closed forms) live here too:
 the last :math:`\gamma` zero-initialized). ``modes_kept(model)`` is a context
 manager for a block that may call ``model.train()`` or ``model.eval()``:
 afterwards every submodule is back in its own train/eval mode (a BN layer
-frozen in eval mode inside a model in training mode stays frozen).
+frozen in eval mode inside a model in training mode stays frozen); ``buffers_kept(model)`` restores
+every buffer (BN's running statistics) after a block that may move them.
 ``ConstantStatsBatchNorm1d`` is the counterfactual of chapter 4: batch norm
 whose backward pass treats the batch statistics as constants.
 """
@@ -57,6 +58,7 @@ __all__ = [
     "ResidualBlock",
     "make_resmlp",
     "modes_kept",
+    "buffers_kept",
     "ConstantStatsBatchNorm1d",
 ]
 
@@ -84,6 +86,22 @@ def modes_kept(model: nn.Module) -> Iterator[None]:
     finally:
         for module, mode in saved:
             module.training = mode
+
+
+@contextlib.contextmanager
+def buffers_kept(model: nn.Module) -> Iterator[None]:
+    """Run a block that may change the model's buffers (BN's running statistics
+    and ``num_batches_tracked`` move in every training-mode forward pass);
+    afterwards every buffer holds its old value again, copied back in place, so
+    references to the buffers stay valid."""
+    saved = [b.detach().clone() for b in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, s in zip(model.buffers(), saved):
+                b.copy_(s)
+
 
 def _check_activation(name: str) -> str:
     if name not in ACTIVATIONS:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnlib.models import modes_kept
+from bnlib.models import buffers_kept, modes_kept
 
 __all__ = [
     "ACTIVATION_TYPES",
@@ -150,17 +150,11 @@ def probe(model: nn.Module, x: torch.Tensor, train: bool | None = None) -> Recor
     running statistics, ``num_batches_tracked``) and the mode are restored
     afterwards, so probing does not change training.
     """
-    saved = [b.detach().clone() for b in model.buffers()]
-    try:
-        with modes_kept(model):
-            if train is not None:
-                model.train(train)
-            with torch.no_grad(), record(model) as rec:
-                model(x)
-    finally:
-        with torch.no_grad():
-            for b, s in zip(model.buffers(), saved):
-                b.copy_(s)
+    with buffers_kept(model), modes_kept(model):
+        if train is not None:
+            model.train(train)
+        with torch.no_grad(), record(model) as rec:
+            model(x)
     return rec
 
 
@@ -219,15 +213,9 @@ def init_grad_norms(
     """
     if wrt not in ("weight", "act_in"):
         raise ValueError(f"wrt must be 'weight' or 'act_in', got {wrt!r}")
-    saved = [b.detach().clone() for b in model.buffers()]
     model.zero_grad(set_to_none=True)
-    try:
-        with record(model, grads=True) as rec:
-            loss_fn(model(x), y).backward()
-    finally:
-        with torch.no_grad():
-            for b, s in zip(model.buffers(), saved):
-                b.copy_(s)
+    with buffers_kept(model), record(model, grads=True) as rec:
+        loss_fn(model(x), y).backward()
     if wrt == "weight":
         return weight_grad_norms(model)
     return np.array([float(g.norm()) if g is not None else float("nan") for g in rec.grad_act_in])

@@ -269,3 +269,19 @@ def test_constant_stats_bn_bad_input_and_arguments():
     for kwargs in ({"num_features": 0}, {"num_features": 3, "eps": 0}, {"num_features": 3, "momentum": None}):
         with pytest.raises(ValueError):
             models.ConstantStatsBatchNorm1d(**kwargs)
+
+
+def test_buffers_kept_restores_every_buffer_in_place_also_after_an_error():
+    model = models.make_mlp(4, 6, 3, depth=2, norm="bn", seed=0).train()
+    buffers = list(model.buffers())
+    before = [b.clone() for b in buffers]
+    with models.buffers_kept(model):
+        model(torch.randn(8, 4))
+        assert not torch.equal(model.norm1.running_mean, before[0])
+    with pytest.raises(RuntimeError):
+        with models.buffers_kept(model):
+            model(torch.randn(8, 4))
+            raise RuntimeError("inside the block")
+    for b, old, now in zip(buffers, before, model.buffers()):
+        assert b is now and torch.equal(b, old)
+    assert "buffers_kept" in models.__all__
