@@ -24,7 +24,10 @@ variance) still weighs ``(1 - alpha)^t`` (the early bias). ``momentum=None``
 
 :func:`precise_bn` replaces the moving averages of every BN layer of a model
 by exact averages over many batches, computed with the final weights
-(Wu and Johnson 2021, "precise BN").
+(Wu and Johnson 2021, "precise BN"). :func:`population_statistics` computes
+what both estimate, each BN layer's input statistics over a data set under the
+eval-mode model, and :func:`running_stat_gaps` how far the running statistics
+are from them.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ __all__ = [
     "from_torch_momentum",
     "convert_momentum",
     "effective_window",
+    "equivalent_batches",
     "steps_to_forget",
     "ema_weights",
     "ema_trace",
@@ -50,6 +54,8 @@ __all__ = [
     "is_batchnorm",
     "running_stat_layers",
     "precise_bn",
+    "population_statistics",
+    "running_stat_gaps",
 ]
 
 #: The conventions and what their number means (the weight of the OLD average
@@ -126,6 +132,27 @@ def effective_window(momentum, convention: str = "torch") -> float:
     """
     alpha = _alpha(momentum, convention, allow_none=False)
     return math.inf if alpha == 0 else 1.0 / alpha
+
+
+def equivalent_batches(momentum, convention: str = "torch") -> float:
+    r"""How many batches a plain average needs to be as noisy as the EMA: ``(2 - alpha) / alpha``.
+
+    With independent batch values of variance ``v``, the steady-state EMA
+    has variance ``v * sum_j w_j^2`` with weights ``w_j = alpha (1 - alpha)^j``,
+
+    .. math::
+
+        \sum_{j \ge 0} \alpha^2 (1 - \alpha)^{2j} = \frac{\alpha^2}{1 - (1 - \alpha)^2}
+        = \frac{\alpha}{2 - \alpha},
+
+    and the average of ``K`` batches has variance ``v / K``: equal for
+    ``K = (2 - alpha) / alpha`` (19 batches at the default 0.1; Kish's
+    effective sample size ``1 / sum w_j^2``). This is about twice
+    :func:`effective_window`, ``1 / alpha``, which matches the EMA's mean age
+    instead. ``alpha = 0`` gives ``inf``.
+    """
+    alpha = _alpha(momentum, convention, allow_none=False)
+    return math.inf if alpha == 0 else (2.0 - alpha) / alpha
 
 
 def steps_to_forget(momentum, tol: float = 0.01, convention: str = "torch") -> float:
@@ -322,3 +349,105 @@ def precise_bn(model, batches: Iterable, max_batches: int | None = None):
             for bn, mom in zip(layers, saved_momentum):
                 bn.momentum = mom
     return model
+
+
+def _batches_of(data):
+    # a tensor is one batch; otherwise an iterable of batches (tensors, or
+    # tuples/lists whose first entry is the input), as precise_bn takes them
+    import torch
+
+    if isinstance(data, torch.Tensor):
+        return [data]
+    if not isinstance(data, Iterable):
+        raise ValueError(f"expected an input tensor or an iterable of batches, got {type(data).__name__}")
+    return (b[0] if isinstance(b, (tuple, list)) else b for b in data)
+
+
+def _channel_summary(z):
+    # (count, mean, M2) per channel (dim 1) of z, in float64, as NumPy arrays
+    z = z.detach().double().transpose(0, 1).reshape(z.shape[1], -1)
+    mean = z.mean(dim=1)
+    m2 = ((z - mean[:, None]) ** 2).sum(dim=1)
+    return float(z.shape[1]), mean.cpu().numpy(), m2.cpu().numpy()
+
+
+def population_statistics(model, data) -> list:
+    r"""Each BN layer's input mean and unbiased variance per channel over ``data``,
+    under the eval-mode model: the statistics inference needs, and that the
+    running statistics (EMA, or :func:`precise_bn`) only estimate.
+
+    ``data`` is one input tensor (e.g. the whole training set) or an iterable
+    of batches as for :func:`precise_bn`. For each BN layer with running
+    statistics (:func:`running_stat_layers` order), over all ``n`` values of
+    channel ``c`` that reach it (every sample, and every position for
+    ``(N, C, *)`` inputs),
+
+    .. math::
+
+        \mu_c = \frac{1}{n}\sum_i z_{i,c}, \qquad
+        \sigma^2_c = \frac{1}{n - 1}\sum_i (z_{i,c} - \mu_c)^2 ,
+
+    accumulated batch by batch in float64 with Chan's merge
+    (:func:`bnlib.perf.chan_merge`), so the batches need not fit in memory
+    together. The model runs in eval mode without gradients; its modes and
+    buffers are left as they were. Returns a list of ``(mean, var)`` pairs of
+    float64 tensors of shape ``(C,)``. Raises ``ValueError`` for a model
+    without such a BN layer, empty ``data``, or a layer that saw one value
+    per channel (no variance).
+    """
+    import torch
+
+    from bnlib.models import modes_kept
+    from bnlib.perf import chan_merge
+
+    layers = running_stat_layers(model)
+    if not layers:
+        raise ValueError("population_statistics expected a model with at least one BN layer that tracks running statistics, got none")
+    batches = _batches_of(data)
+    summaries = [None] * len(layers)
+
+    def recorder(k):
+        def hook(module, args):
+            part = _channel_summary(args[0])
+            summaries[k] = part if summaries[k] is None else chan_merge(summaries[k], part)
+        return hook
+
+    handles = [bn.register_forward_pre_hook(recorder(k)) for k, bn in enumerate(layers)]
+    try:
+        with modes_kept(model), torch.no_grad():
+            model.eval()
+            for batch in batches:
+                model(batch)
+    finally:
+        for h in handles:
+            h.remove()
+    if any(s is None for s in summaries):
+        raise ValueError("population_statistics expected at least one batch that reaches every BN layer, got none")
+    stats = []
+    for n, mean, m2 in summaries:
+        if n < 2:
+            raise ValueError(f"population_statistics needs at least 2 values per channel, got {n:g}")
+        device = layers[len(stats)].running_mean.device
+        stats.append((torch.as_tensor(mean, device=device), torch.as_tensor(m2 / (n - 1), device=device)))
+    return stats
+
+
+def running_stat_gaps(model, data) -> list:
+    r"""How far each BN layer's running statistics are from :func:`population_statistics`:
+    per layer, a pair of float64 tensors of shape ``(C,)``,
+
+    .. math::
+
+        \text{mean gap}_c = \frac{|\bar\mu_c - \mu_c|}{\sigma_c}, \qquad
+        \text{variance gap}_c = \frac{\bar\sigma^2_c}{\sigma^2_c} - 1,
+
+    with ``running_mean`` :math:`\bar\mu` and ``running_var``
+    :math:`\bar\sigma^2`: the mean's error in standard deviations, and the
+    variance's relative error (signed: above 0 when too large). Same
+    arguments, checks and guarantees as :func:`population_statistics`.
+    """
+    gaps = []
+    for bn, (mean, var) in zip(running_stat_layers(model), population_statistics(model, data)):
+        gaps.append(((bn.running_mean.double() - mean).abs() / var.sqrt(),
+                     bn.running_var.double() / var - 1))
+    return gaps

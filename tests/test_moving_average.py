@@ -17,6 +17,7 @@ from torch import nn
 
 import bnlib.nn
 from bnlib import moving_average as ma
+from bnlib.models import modes_kept
 
 # Closed forms vs a float64 loop of at most a few hundred steps: rounding
 # errors of ~T ulps, so 1e-12 is wide and still catches any wrong factor.
@@ -64,6 +65,8 @@ def test_round_trip(conv):
         (lambda: ma.to_torch_momentum(None, "keras"), "only in the 'torch' convention"),
         (lambda: ma.from_torch_momentum(None, "lecture"), "no 'lecture' equivalent"),
         (lambda: ma.effective_window(None), "not momentum=None"),
+        (lambda: ma.equivalent_batches(None), "not momentum=None"),
+        (lambda: ma.equivalent_batches(1.2), r"in \[0, 1\]"),
         (lambda: ma.steps_to_forget(0.1, tol=0), r"tol must be a number in \(0, 1\)"),
         (lambda: ma.ema_weights(-1, 0.1), "t must be an integer >= 0"),
         (lambda: ma.ema_trace([], 0.1), r"shape \(T,\) or \(T, C\)"),
@@ -280,3 +283,107 @@ def test_precise_bn_takes_no_batch_beyond_max_batches():
     batches = iter([torch.randn(8, 3) for _ in range(5)])
     ma.precise_bn(model, batches, max_batches=2)
     assert len(list(batches)) == 3
+
+
+# --- equivalent batches, population statistics, gaps -------------------------
+
+@pytest.mark.parametrize("a", [0.5, 0.1, 0.01])
+def test_equivalent_batches_is_kish_effective_size(a):
+    # 1 / sum of squared weights of a long EMA (start value forgotten)
+    w = ma.ema_weights(20_000, a)[1:]
+    assert ma.equivalent_batches(a) == pytest.approx(1 / (w ** 2).sum(), rel=1e-9)
+    assert ma.equivalent_batches(0.1) == pytest.approx(19.0)
+    assert ma.equivalent_batches(0.99, "keras") == pytest.approx(199.0)
+    assert ma.equivalent_batches(0.0) == math.inf
+
+
+def test_equivalent_batches_matches_simulated_noise():
+    # EMA of i.i.d. standard normal batch values: steady-state variance 1 / K
+    rng = np.random.default_rng(0)
+    a = 0.1
+    trace = ma.ema_trace(rng.standard_normal((4000, 200)), a)[1000:]
+    assert 1 / trace.var() == pytest.approx(ma.equivalent_batches(a), rel=0.05)
+
+
+def _conv_net(norm):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 3, 3), norm(3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 4),
+                         bnlib.nn.BatchNorm1d(4))
+
+
+@pytest.mark.parametrize("norm", [nn.BatchNorm2d, bnlib.nn.BatchNorm2d])
+def test_population_statistics_are_the_eval_mode_inputs_statistics(norm):
+    model = _conv_net(norm).double()
+    model.train()
+    model(torch.randn(16, 2, 6, 6, dtype=torch.float64) * 3 + 1)   # some running statistics
+    model[0].eval()                                   # a mixed mode to keep
+    modes = [m.training for m in model.modules()]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(40, 2, 6, 6, dtype=torch.float64) * 2 + 5
+    stats = ma.population_statistics(model, x)
+    # the truth: each BN layer's input in the eval-mode model, in one pass
+    with modes_kept(model), torch.no_grad():
+        model.eval()
+        z1 = model[0](x).transpose(0, 1).reshape(3, -1)       # (C, N*H*W)
+        z2 = model[4](model[3](model[2](model[1](model[0](x)))))
+    for (mean, var), (want_mean, want_var) in zip(stats, [(z1.mean(1), z1.var(1)), (z2.mean(0), z2.var(0))]):
+        assert mean.dtype == torch.float64
+        torch.testing.assert_close(mean, want_mean, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(var, want_var, rtol=1e-12, atol=1e-12)
+    # batch by batch (tensors and (x, y) tuples) gives the same numbers
+    parts = [x[:7], (x[7:20], None), x[20:]]
+    for (m1, v1), (m2, v2) in zip(stats, ma.population_statistics(model, parts)):
+        torch.testing.assert_close(m1, m2, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(v1, v2, rtol=1e-12, atol=1e-12)
+    assert [m.training for m in model.modules()] == modes
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, state[k], rtol=0, atol=0)
+
+
+def test_population_statistics_survive_a_large_mean_in_float32():
+    # float64 accumulation: E[x^2] - E[x]^2 in float32 would lose the variance
+    bn = bnlib.nn.BatchNorm1d(2)
+    x = 1e4 + torch.randn(4000, 2, generator=torch.Generator().manual_seed(0))
+    (mean, var), = ma.population_statistics(bn, list(x.split(100)))
+    truth = x.double()
+    torch.testing.assert_close(mean, truth.mean(0), rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(var, truth.var(0), rtol=1e-5, atol=0)
+
+
+def test_running_stat_gaps_after_precise_bn_on_the_same_data():
+    # Layer 1 after precise BN over one epoch of equal batches: its running mean
+    # is the exact mean (gap 0); its variance the mean of the batch variances.
+    model = _mlp(bnlib.nn.BatchNorm1d).double()
+    batches = [b.double() for b, _ in _batches(n=5, m=10)]
+    ma.precise_bn(model, batches)
+    (mean_gap, var_gap), _ = ma.running_stat_gaps(model, batches)
+    assert mean_gap.max() < 1e-12
+    with torch.no_grad():
+        z = torch.cat([model[0](b) for b in batches])
+    want = model[1].running_var / z.var(0) - 1
+    torch.testing.assert_close(var_gap, want, rtol=1e-12, atol=1e-12)
+    # a shifted running mean: gap = shift / sigma
+    with torch.no_grad():
+        model[1].running_mean += 2 * z.std(0)
+    (mean_gap, _), _ = ma.running_stat_gaps(model, torch.cat(batches))
+    torch.testing.assert_close(mean_gap, torch.full_like(mean_gap, 2.0), rtol=1e-9, atol=1e-9)
+
+
+def test_population_statistics_bad_input_changes_nothing():
+    model = _mlp(nn.BatchNorm1d)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="at least one BN layer"):
+        ma.population_statistics(nn.Sequential(nn.Linear(2, 2)), torch.randn(3, 2))
+    with pytest.raises(ValueError, match="at least one batch"):
+        ma.population_statistics(model, [])
+    with pytest.raises(ValueError, match="an input tensor or an iterable"):
+        ma.running_stat_gaps(model, 3.0)
+    with pytest.raises(ValueError, match="at least 2 values"):
+        ma.population_statistics(model, torch.randn(1, 5))
+    with pytest.raises(RuntimeError):                 # wrong width: Linear fails midway
+        ma.population_statistics(model, [torch.randn(4, 5), torch.randn(4, 9)])
+    assert model.training and all(m.training for m in model.modules())
+    assert not any(bn._forward_pre_hooks for bn in ma.running_stat_layers(model))
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
