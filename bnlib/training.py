@@ -11,6 +11,11 @@ with plain SGD (``w <- w - lr * (g + weight_decay * w)``, optionally with
 momentum) or Adam. Mini-batches are drawn without replacement from a fresh
 permutation every epoch, from a ``torch.Generator`` seeded with ``seed``, so
 the same call gives the same numbers every time (with one thread).
+
+:func:`per_sample_gradients` splits the gradient of that loss into one
+gradient per sample, ``g_i``, taken in the graph of the whole batch, so that
+``sum_i g_i = m * dL/dtheta``: what differentially private SGD clips one by
+one (chapter "Alternatives to BN").
 """
 
 from __future__ import annotations
@@ -22,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnlib.models import modes_kept
+from bnlib.models import buffers_kept, modes_kept
 
-__all__ = ["History", "minibatches", "accuracy", "evaluate", "train"]
+__all__ = ["History", "minibatches", "accuracy", "evaluate", "train", "per_sample_gradients"]
 
 
 @dataclass
@@ -150,3 +155,75 @@ def train(
             if callback is not None:
                 callback(step, model)
     return history
+
+
+def _per_sample_cross_entropy(output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each sample, shape ``(N,)``."""
+    return F.cross_entropy(output, y, reduction="none")
+
+
+def per_sample_gradients(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = _per_sample_cross_entropy,
+) -> dict[str, torch.Tensor]:
+    r"""The gradient of each sample's loss, in the graph of the whole batch.
+
+    One forward pass of the batch ``x`` (``(N, ...)``), in the model's own
+    modes (a BN layer in training mode uses the batch statistics, one in eval
+    mode its running estimates), gives the per-sample losses
+    :math:`\ell_i = \text{loss}(\text{model}(x), y)_i`; then, for every
+    sample ``i`` and every parameter :math:`\theta` that requires grad,
+
+    .. math::
+
+        g_i = \frac{\partial \ell_i}{\partial \theta}, \qquad
+        \sum_{i=1}^{N} g_i = \frac{\partial}{\partial \theta} \sum_{i=1}^{N} \ell_i
+                        = N \, \frac{\partial L}{\partial \theta}, \quad
+        L = \frac{1}{N} \sum_i \ell_i .
+
+    The sum holds for any model. But :math:`\ell_i` is differentiated with
+    every other sample held at its value, not removed: with BN in training
+    mode, ``mu`` and ``var`` depend on all of ``x``, so ``g_i`` depends on
+    the other samples too. (The gradient of sample ``i`` fed alone, as a batch
+    of one, is another thing: for BN in training mode, another network.)
+
+    ``loss(output, y)`` must return one value per sample, shape ``(N,)``;
+    the default is the cross-entropy with ``reduction="none"``. Returns a
+    dict ``name -> tensor of shape (N, *param.shape)``, one entry per
+    parameter that requires grad, in ``model.named_parameters()`` order
+    (zeros where :math:`\ell_i` does not reach the parameter). Computed simply:
+    one forward pass, then one ``torch.autograd.grad`` per sample with
+    ``retain_graph=True`` (``N`` backward passes). No parameter changes,
+    ``.grad`` is left as it was, every buffer (BN's running statistics,
+    ``num_batches_tracked``) is restored after the forward pass and every
+    submodule keeps its own train/eval mode (:func:`bnlib.models.buffers_kept`,
+    :func:`bnlib.models.modes_kept`), also when something raises.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        raise ValueError(f"x and y must be tensors, got {type(x).__name__} and {type(y).__name__}")
+    if x.ndim < 1 or y.ndim < 1 or x.shape[0] != y.shape[0] or x.shape[0] < 1:
+        raise ValueError(f"x must be (N, ...) and y (N, ...) with the same N >= 1, got shapes "
+                         f"{tuple(x.shape)} and {tuple(y.shape)}")
+    if not callable(loss):
+        raise ValueError(f"loss must be a callable (output, y) -> per-sample losses (N,), got {loss!r}")
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("model has no parameter that requires grad: there is no gradient to split")
+    n = x.shape[0]
+    params = [p for _, p in named]
+    with buffers_kept(model), modes_kept(model), torch.enable_grad():
+        losses = loss(model(x), y)
+        if not isinstance(losses, torch.Tensor) or tuple(losses.shape) != (n,):
+            shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+            raise ValueError(f"loss must return one value per sample, shape ({n},), got {shape}; "
+                             f"for a torch loss, pass reduction='none'")
+        per_sample = [[] for _ in params]
+        for i in range(n):
+            grads = torch.autograd.grad(losses[i], params, retain_graph=i < n - 1, allow_unused=True)
+            for k, (p, g) in enumerate(zip(params, grads)):
+                per_sample[k].append(torch.zeros_like(p) if g is None else g.detach())
+    return {name: torch.stack(gs) for (name, _), gs in zip(named, per_sample)}
