@@ -126,9 +126,13 @@ def _alpha(momentum, convention, allow_none=True):
 def effective_window(momentum, convention: str = "torch") -> float:
     """About how many recent batches the estimate averages: ``1 / alpha``.
 
-    The weights ``alpha (1 - alpha)^j`` of the batches ``j`` steps old have mean
-    age ``(1 - alpha) / alpha`` and sum to 1, like a plain average over
-    ``1 / alpha`` batches. ``alpha = 0`` (the estimate never moves) gives ``inf``.
+    The newest batch weighs ``alpha``, as in a plain average over the last
+    ``1 / alpha`` batches. The EMA reaches further back, though: its weights
+    ``alpha (1 - alpha)^j`` for the batch ``j`` steps old have mean age
+    ``(1 - alpha) / alpha``, twice that plain window's; a plain average of
+    :func:`equivalent_batches` batches, ``(2 - alpha) / alpha``, matches the
+    EMA in both mean age and noise. ``alpha = 0`` (the estimate never moves)
+    gives ``inf``.
     """
     alpha = _alpha(momentum, convention, allow_none=False)
     return math.inf if alpha == 0 else 1.0 / alpha
@@ -147,9 +151,11 @@ def equivalent_batches(momentum, convention: str = "torch") -> float:
 
     and the average of ``K`` batches has variance ``v / K``: equal for
     ``K = (2 - alpha) / alpha`` (19 batches at the default 0.1; Kish's
-    effective sample size ``1 / sum w_j^2``). This is about twice
-    :func:`effective_window`, ``1 / alpha``, which matches the EMA's mean age
-    instead. ``alpha = 0`` gives ``inf``.
+    effective sample size ``1 / sum w_j^2``). That plain average also has the
+    EMA's mean age, ``(K - 1) / 2 = (1 - alpha) / alpha``: in noise and in lag
+    the EMA behaves like the last ``K`` batches. This is about twice
+    :func:`effective_window`, ``1 / alpha``, which matches only the newest
+    batch's weight. ``alpha = 0`` gives ``inf``.
     """
     alpha = _alpha(momentum, convention, allow_none=False)
     return math.inf if alpha == 0 else (2.0 - alpha) / alpha
@@ -306,6 +312,8 @@ def precise_bn(model, batches: Iterable, max_batches: int | None = None):
     (dropout and the like are in eval mode, as at inference); afterwards every
     module's mode and every BN's ``momentum`` are as before. Gradients and
     parameters are not touched. ``max_batches`` stops after that many batches.
+    A BN layer that no batch reaches (say, an auxiliary head that runs only
+    in training mode) keeps its old statistics instead of the reset ones.
 
     Returns ``model`` (changed in place). Raises ``ValueError`` when the model
     has no BN layer with running statistics or ``batches`` is empty; then (and
@@ -339,6 +347,11 @@ def precise_bn(model, batches: Iterable, max_batches: int | None = None):
                     n += 1
             if n == 0:
                 raise ValueError("precise_bn expected at least one batch, got an empty iterable")
+            with torch.no_grad():
+                for bn, state in zip(layers, saved_state):
+                    if int(bn.num_batches_tracked) == 0:  # not reached: nothing measured
+                        for k, v in state.items():
+                            getattr(bn, k).copy_(v)
         except BaseException:
             with torch.no_grad():
                 for bn, state in zip(layers, saved_state):
@@ -353,7 +366,8 @@ def precise_bn(model, batches: Iterable, max_batches: int | None = None):
 
 def _batches_of(data):
     # a tensor is one batch; otherwise an iterable of batches (tensors, or
-    # tuples/lists whose first entry is the input), as precise_bn takes them
+    # tuples/lists whose first entry is the input), as precise_bn takes them:
+    # so a pair (x, y) is two batches, x and y
     import torch
 
     if isinstance(data, torch.Tensor):
@@ -377,7 +391,8 @@ def population_statistics(model, data) -> list:
     running statistics (EMA, or :func:`precise_bn`) only estimate.
 
     ``data`` is one input tensor (e.g. the whole training set) or an iterable
-    of batches as for :func:`precise_bn`. For each BN layer with running
+    of batches as for :func:`precise_bn` (a pair ``(x, y)`` is two batches:
+    pass ``x`` alone, or ``[(x, y)]``). For each BN layer with running
     statistics (:func:`running_stat_layers` order), over all ``n`` values of
     channel ``c`` that reach it (every sample, and every position for
     ``(N, C, *)`` inputs),
@@ -389,11 +404,13 @@ def population_statistics(model, data) -> list:
 
     accumulated batch by batch in float64 with Chan's merge
     (:func:`bnlib.perf.chan_merge`), so the batches need not fit in memory
-    together. The model runs in eval mode without gradients; its modes and
-    buffers are left as they were. Returns a list of ``(mean, var)`` pairs of
-    float64 tensors of shape ``(C,)``. Raises ``ValueError`` for a model
-    without such a BN layer, empty ``data``, or a layer that saw one value
-    per channel (no variance).
+    together; empty batches add nothing. A layer called more than once per
+    forward pass pools the inputs of all its calls. The model runs in eval
+    mode without gradients; its modes and buffers are left as they were.
+    Returns a list of ``(mean, var)`` pairs of float64 tensors of shape
+    ``(C,)``. Raises ``ValueError`` for a model without such a BN layer, empty
+    ``data``, a BN layer that no batch reaches (named in the message), or a
+    layer that saw one value per channel (no variance).
     """
     import torch
 
@@ -407,12 +424,16 @@ def population_statistics(model, data) -> list:
     summaries = [None] * len(layers)
 
     def recorder(k):
-        def hook(module, args):
-            part = _channel_summary(args[0])
+        def hook(module, args, kwargs):
+            z = args[0] if args else kwargs["input"]
+            if z.numel() == 0:
+                return None
+            part = _channel_summary(z)
             summaries[k] = part if summaries[k] is None else chan_merge(summaries[k], part)
+            return None
         return hook
 
-    handles = [bn.register_forward_pre_hook(recorder(k)) for k, bn in enumerate(layers)]
+    handles = [bn.register_forward_pre_hook(recorder(k), with_kwargs=True) for k, bn in enumerate(layers)]
     try:
         with modes_kept(model), torch.no_grad():
             model.eval()
@@ -421,8 +442,12 @@ def population_statistics(model, data) -> list:
     finally:
         for h in handles:
             h.remove()
+    if all(s is None for s in summaries):
+        raise ValueError("population_statistics expected at least one batch, got none (or only empty ones)")
     if any(s is None for s in summaries):
-        raise ValueError("population_statistics expected at least one batch that reaches every BN layer, got none")
+        names = {id(m): name for name, m in model.named_modules()}
+        missing = [names[id(bn)] for bn, s in zip(layers, summaries) if s is None]
+        raise ValueError(f"population_statistics expected every BN layer to see the data; no batch reached {', '.join(missing)}")
     stats = []
     for n, mean, m2 in summaries:
         if n < 2:
@@ -443,8 +468,9 @@ def running_stat_gaps(model, data) -> list:
 
     with ``running_mean`` :math:`\bar\mu` and ``running_var``
     :math:`\bar\sigma^2`: the mean's error in standard deviations, and the
-    variance's relative error (signed: above 0 when too large). Same
-    arguments, checks and guarantees as :func:`population_statistics`.
+    variance's relative error (signed: above 0 when too large). A channel
+    whose input does not vary (:math:`\sigma_c = 0`) gets ``inf`` or ``nan``.
+    Same arguments, checks and guarantees as :func:`population_statistics`.
     """
     gaps = []
     for bn, (mean, var) in zip(running_stat_layers(model), population_statistics(model, data)):

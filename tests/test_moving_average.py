@@ -288,10 +288,16 @@ def test_precise_bn_takes_no_batch_beyond_max_batches():
 # --- equivalent batches, population statistics, gaps -------------------------
 
 @pytest.mark.parametrize("a", [0.5, 0.1, 0.01])
-def test_equivalent_batches_is_kish_effective_size(a):
+def test_equivalent_batches_is_kish_effective_size_and_mean_age(a):
     # 1 / sum of squared weights of a long EMA (start value forgotten)
-    w = ma.ema_weights(20_000, a)[1:]
-    assert ma.equivalent_batches(a) == pytest.approx(1 / (w ** 2).sum(), rel=1e-9)
+    w = ma.ema_weights(20_000, a)[1:][::-1]            # index = age
+    k = ma.equivalent_batches(a)
+    assert k == pytest.approx(1 / (w ** 2).sum(), rel=1e-9)
+    # a plain average of k batches has the EMA's mean age, (k - 1) / 2
+    assert (k - 1) / 2 == pytest.approx((w * np.arange(w.size)).sum(), rel=1e-9)
+
+
+def test_equivalent_batches_values():
     assert ma.equivalent_batches(0.1) == pytest.approx(19.0)
     assert ma.equivalent_batches(0.99, "keras") == pytest.approx(199.0)
     assert ma.equivalent_batches(0.0) == math.inf
@@ -359,12 +365,13 @@ def test_running_stat_gaps_after_precise_bn_on_the_same_data():
     (mean_gap, var_gap), _ = ma.running_stat_gaps(model, batches)
     assert mean_gap.max() < 1e-12
     with torch.no_grad():
-        z = torch.cat([model[0](b) for b in batches])
-    want = model[1].running_var / z.var(0) - 1
+        z = [model[0](b) for b in batches]
+    mean_of_batch_vars = torch.stack([zi.var(0) for zi in z]).mean(0)
+    want = mean_of_batch_vars / torch.cat(z).var(0) - 1
     torch.testing.assert_close(var_gap, want, rtol=1e-12, atol=1e-12)
     # a shifted running mean: gap = shift / sigma
     with torch.no_grad():
-        model[1].running_mean += 2 * z.std(0)
+        model[1].running_mean += 2 * torch.cat(z).std(0)
     (mean_gap, _), _ = ma.running_stat_gaps(model, torch.cat(batches))
     torch.testing.assert_close(mean_gap, torch.full_like(mean_gap, 2.0), rtol=1e-9, atol=1e-9)
 
@@ -387,3 +394,70 @@ def test_population_statistics_bad_input_changes_nothing():
     assert not any(bn._forward_pre_hooks for bn in ma.running_stat_layers(model))
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+
+
+def test_population_statistics_other_layouts_shared_layers_and_keywords():
+    # (N, C, L) and channels_last (N, C, D, H, W) inputs; a layer called twice
+    # pools both calls; a layer called with input=... is seen too
+    bn1, bn3 = bnlib.nn.BatchNorm1d(3).double(), nn.BatchNorm3d(2).double()
+    x1 = torch.randn(6, 3, 5, dtype=torch.float64) * 2 + 1
+    x3 = (torch.randn(4, 2, 3, 3, 3, dtype=torch.float64) + 3).to(memory_format=torch.channels_last_3d)
+    for bn, x in [(bn1, x1), (bn3, x3)]:
+        (mean, var), = ma.population_statistics(bn, x)
+        flat = x.transpose(0, 1).reshape(x.shape[1], -1)
+        torch.testing.assert_close(mean, flat.mean(1), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(var, flat.var(1), rtol=1e-12, atol=1e-12)
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = bnlib.nn.BatchNorm1d(3).double()
+
+        def forward(self, x):
+            return self.bn(input=self.bn(x) + 5)
+
+    model = Twice()
+    x = torch.randn(8, 3, dtype=torch.float64)
+    (mean, var), = ma.population_statistics(model, x)
+    with torch.no_grad():
+        both = torch.cat([x, model.bn.eval()(x) + 5])
+    torch.testing.assert_close(mean, both.mean(0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(var, both.var(0), rtol=1e-12, atol=1e-12)
+
+
+def test_population_statistics_skip_empty_batches():
+    bn = bnlib.nn.BatchNorm1d(3).double()
+    x = torch.randn(10, 3, dtype=torch.float64)
+    (mean, var), = ma.population_statistics(bn, [x[:0], x[:4], x[:0], x[4:]])
+    torch.testing.assert_close(mean, x.mean(0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(var, x.var(0), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="only empty ones"):
+        ma.population_statistics(bn, [x[:0]])
+
+
+class _AuxHead(nn.Module):
+    # an auxiliary head that runs only in training mode, as in Inception
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(3, 4), bnlib.nn.BatchNorm1d(4))
+        self.aux = nn.Sequential(nn.Linear(4, 2), bnlib.nn.BatchNorm1d(2))
+
+    def forward(self, x):
+        z = self.body(x)
+        return (z, self.aux(z)) if self.training else z
+
+
+def test_a_layer_no_batch_reaches():
+    torch.manual_seed(0)
+    model = _AuxHead()
+    model.train()
+    model(torch.randn(16, 3) * 3 + 2)            # running statistics in both BN layers
+    model.eval()
+    aux_before = {k: v.clone() for k, v in model.aux[1].named_buffers()}
+    with pytest.raises(ValueError, match="no batch reached aux.1"):
+        ma.population_statistics(model, torch.randn(8, 3))
+    # precise BN leaves the unreached layer as it was, and measures the other
+    ma.precise_bn(model, [torch.randn(8, 3)])
+    for k, v in model.aux[1].named_buffers():
+        torch.testing.assert_close(v, aux_before[k], rtol=0, atol=0)
+    assert int(model.body[1].num_batches_tracked) == 1
