@@ -267,36 +267,58 @@ def get_layers(model: nn.Module, kind: str) -> list[nn.Module]:
     return [m for _, m in sorted(found, key=lambda p: p[0])]
 
 
+# the default normalization of the residual MLP (bnlib.nn.BatchNorm1d, imported
+# lazily); None means no normalization
+_BN = object()
+
+
 class ResidualBlock(nn.Module):
     r"""A residual block of two linear layers with BN (He et al. 2016, fully connected):
 
     .. math::
 
-        h' = \mathrm{relu}\bigl(h + \mathrm{BN}_2(W_2\,\mathrm{relu}(\mathrm{BN}_1(W_1 h)))\bigr).
+        h' = \mathrm{relu}\bigl(h + \alpha\,\mathrm{BN}_2(W_2\,\mathrm{relu}(\mathrm{BN}_1(W_1 h)))\bigr).
 
-    ``norm1``, ``norm2`` are ``bnlib.nn.BatchNorm1d``; with ``zero_init=True``
-    the last one starts with :math:`\gamma = 0` (Goyal et al. 2017), so the
-    block starts as the identity on its input (after the final ReLU, which
-    leaves a non-negative input unchanged).
+    ``norm1``, ``norm2`` are ``bnlib.nn.BatchNorm1d`` by default, or the layers
+    of ``norm_layer`` (a factory ``width -> nn.Module``); with
+    ``norm_layer=None`` they are ``nn.Identity`` and the linear layers get
+    biases (zero at the start). With ``zero_init=True`` the last norm layer
+    starts with :math:`\gamma = 0` (Goyal et al. 2017), so the block starts
+    as the identity on its input (after the final ReLU, which leaves a
+    non-negative input unchanged). ``skip_init=True`` adds a learnable scalar
+    ``alpha`` on the branch, 0 at the start (SkipInit, De and Smith 2020):
+    the same identity start without any normalization. Without it,
+    :math:`\alpha = 1` and there is no ``alpha`` parameter.
     """
 
-    def __init__(self, width: int, zero_init: bool = False):
+    def __init__(self, width: int, zero_init: bool = False, *, norm_layer=_BN, skip_init: bool = False):
         super().__init__()
         import bnlib.nn
 
-        self.fc1 = nn.Linear(width, width, bias=False)
-        self.norm1 = bnlib.nn.BatchNorm1d(width)
-        self.fc2 = nn.Linear(width, width, bias=False)
-        self.norm2 = bnlib.nn.BatchNorm1d(width)
+        factory = bnlib.nn.BatchNorm1d if norm_layer is _BN else norm_layer
+        if zero_init and factory is None:
+            raise ValueError("zero_init needs a normalization layer with a weight (gamma); "
+                             "without normalization use skip_init=True")
+        self.fc1 = nn.Linear(width, width, bias=factory is None)
+        self.norm1 = nn.Identity() if factory is None else factory(width)
+        self.fc2 = nn.Linear(width, width, bias=factory is None)
+        self.norm2 = nn.Identity() if factory is None else factory(width)
+        if factory is None:
+            for fc in (self.fc1, self.fc2):
+                nn.init.zeros_(fc.bias)
         if zero_init:
+            if getattr(self.norm2, "weight", None) is None:
+                raise ValueError(f"zero_init needs a norm layer with a weight, got {type(self.norm2).__name__}")
             nn.init.zeros_(self.norm2.weight)
+        self.alpha = nn.Parameter(torch.zeros(())) if skip_init else None
 
     def branch(self, h: torch.Tensor) -> torch.Tensor:
-        """The residual branch alone, ``BN_2(W_2 relu(BN_1(W_1 h)))``."""
+        """The residual branch alone, ``BN_2(W_2 relu(BN_1(W_1 h)))`` (without ``alpha``)."""
         return self.norm2(self.fc2(torch.relu(self.norm1(self.fc1(h)))))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return torch.relu(h + self.branch(h))
+        f = self.branch(h)
+        return torch.relu(h + (f if self.alpha is None else self.alpha * f))
 
 
 def make_resmlp(
@@ -306,28 +328,56 @@ def make_resmlp(
     blocks: int,
     *,
     zero_init: bool = False,
+    norm_layer=_BN,
+    skip_init: bool = False,
+    weight_scale: float | None = None,
     seed: int | None = None,
 ) -> nn.Sequential:
     r"""A residual MLP: ``stem`` (linear, BN, ReLU), ``block1`` ... ``block{blocks}`` (:class:`ResidualBlock`), ``out``.
 
     Input ``(N, in_features)``, output ``(N, out_features)`` logits.
     ``zero_init``: start the last BN of every block with :math:`\gamma = 0`.
+    ``norm_layer``: the normalization of the stem and of the blocks, a factory
+    ``width -> nn.Module`` (default ``bnlib.nn.BatchNorm1d``); ``None``: no
+    normalization (``nn.Identity`` in its place, so the module names stay;
+    the linear layers then have biases). ``skip_init``: a learnable scalar
+    :math:`\alpha = 0` on every block's branch (De and Smith 2020).
+    ``weight_scale``: ``None`` for torch's default initialization, or ``s``:
+    the stem's and blocks' weights drawn from :math:`\mathcal{N}(0, s^2 /
+    \text{fan\_in})`, biases 0 (``s = sqrt(2)`` is He's initialization for
+    ReLU, which keeps the variance through a linear layer and a ReLU), and
+    ``out`` with ``s = 1``, as in :func:`make_mlp`.
     ``seed``: draw the parameters from ``torch.manual_seed(seed)`` without
     touching the caller's random state.
     """
     if blocks < 1 or width < 1 or in_features < 1 or out_features < 1:
         raise ValueError(f"need blocks, width, in_features and out_features >= 1, got "
                          f"{blocks}, {width}, {in_features}, {out_features}")
+    if weight_scale is not None and not weight_scale > 0:
+        raise ValueError(f"weight_scale must be > 0 or None, got {weight_scale}")
+    if norm_layer is not _BN and norm_layer is not None and not callable(norm_layer):
+        raise ValueError(f"norm_layer must be a factory width -> nn.Module or None, got {norm_layer!r}")
+    if zero_init and norm_layer is None:
+        raise ValueError("zero_init needs a normalization layer with a weight (gamma); "
+                         "without normalization use skip_init=True")
     import bnlib.nn
 
+    factory = bnlib.nn.BatchNorm1d if norm_layer is _BN else norm_layer
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
         layers: OrderedDict[str, nn.Module] = OrderedDict()
-        layers["stem"] = nn.Sequential(nn.Linear(in_features, width, bias=False), bnlib.nn.BatchNorm1d(width), nn.ReLU())
+        layers["stem"] = nn.Sequential(nn.Linear(in_features, width, bias=factory is None),
+                                       nn.Identity() if factory is None else factory(width), nn.ReLU())
         for b in range(1, blocks + 1):
-            layers[f"block{b}"] = ResidualBlock(width, zero_init=zero_init)
+            layers[f"block{b}"] = ResidualBlock(width, zero_init=zero_init, norm_layer=factory,
+                                                skip_init=skip_init)
         layers["out"] = nn.Linear(width, out_features)
+        if weight_scale is not None:
+            for module in layers.values():
+                for fc in module.modules():
+                    if isinstance(fc, nn.Linear):
+                        _normal_init(fc, 1.0 if module is layers["out"] else weight_scale)
     return nn.Sequential(layers)
 
 

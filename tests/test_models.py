@@ -285,3 +285,71 @@ def test_buffers_kept_restores_every_buffer_in_place_also_after_an_error():
     for b, old, now in zip(buffers, before, model.buffers()):
         assert b is now and torch.equal(b, old)
     assert "buffers_kept" in models.__all__
+
+
+def test_resmlp_default_is_unchanged_by_the_new_options():
+    """The default network draws the same numbers as before the options existed:
+    explicit defaults give a bit-identical state dict, with no alpha."""
+    a = models.make_resmlp(6, 5, 3, blocks=2, seed=3)
+    b = models.make_resmlp(6, 5, 3, blocks=2, seed=3, skip_init=False, weight_scale=None)
+    assert list(a.state_dict()) == list(b.state_dict())
+    assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+    assert not any("alpha" in k for k in a.state_dict())
+    assert a.block1.fc1.bias is None and isinstance(a.block1.norm2, bnlib.nn.BatchNorm1d)
+
+
+def test_resmlp_without_normalization():
+    """norm_layer=None: Identity in the norm slots (names kept), linear layers with zero biases,
+    and a block is relu(h + W2 relu(W1 h + b1) + b2)."""
+    m = models.make_resmlp(6, 5, 3, blocks=2, norm_layer=None, seed=0)
+    assert not any(isinstance(x, (nn.BatchNorm1d, bnlib.nn.BatchNorm1d)) for x in m.modules())
+    assert isinstance(m.stem[1], nn.Identity) and isinstance(m.block2.norm1, nn.Identity)
+    assert torch.equal(m.block1.fc1.bias, torch.zeros(5)) and m.stem[0].bias is not None
+    h = torch.rand(4, 5)
+    with torch.no_grad():
+        m.block1.fc2.bias.fill_(0.3)
+        want = F.relu(h + F.linear(F.relu(F.linear(h, m.block1.fc1.weight, m.block1.fc1.bias)),
+                                   m.block1.fc2.weight, m.block1.fc2.bias))
+        torch.testing.assert_close(m.block1(h), want)
+    m.train()
+    assert m(torch.randn(1, 6)).shape == (1, 3)   # a batch of one is fine without BN
+    with pytest.raises(ValueError, match="skip_init"):
+        models.make_resmlp(6, 5, 3, blocks=2, norm_layer=None, zero_init=True)
+    with pytest.raises(ValueError, match="norm_layer must be"):
+        models.make_resmlp(6, 5, 3, blocks=2, norm_layer="bn")
+
+
+def test_resmlp_other_norm_layer():
+    m = models.make_resmlp(6, 5, 3, blocks=1, norm_layer=lambda c: nn.LayerNorm(c), zero_init=True, seed=0)
+    assert isinstance(m.stem[1], nn.LayerNorm) and isinstance(m.block1.norm1, nn.LayerNorm)
+    assert torch.equal(m.block1.norm2.weight, torch.zeros(5))
+    with pytest.raises(ValueError, match="a weight"):
+        models.make_resmlp(6, 5, 3, blocks=1, norm_layer=lambda c: nn.Identity(), zero_init=True)
+
+
+def test_resmlp_skip_init_starts_as_the_identity_and_learns_alpha():
+    """SkipInit: alpha = 0 in every block, so after the stem every block returns its
+    (non-negative) input; alpha gets a gradient."""
+    m = models.make_resmlp(6, 5, 3, blocks=3, norm_layer=None, weight_scale=2 ** 0.5, skip_init=True, seed=0)
+    assert all(getattr(m, f"block{b}").alpha.item() == 0 for b in (1, 2, 3))
+    x = torch.randn(8, 6)
+    stem = m.stem(x)
+    torch.testing.assert_close(m(x), m.out(stem), rtol=0, atol=0)
+    F.cross_entropy(m(x), torch.arange(8) % 3).backward()
+    assert m.block3.alpha.grad is not None and m.block3.alpha.grad.abs() > 0
+    names = [n for n, _ in m.named_parameters()]
+    assert "block1.alpha" in names
+    # with BN, skip_init adds alpha on top of BN
+    bn = models.make_resmlp(6, 5, 3, blocks=1, skip_init=True, seed=0)
+    assert isinstance(bn.block1.norm1, bnlib.nn.BatchNorm1d) and bn.block1.alpha.item() == 0
+
+
+def test_resmlp_weight_scale():
+    """weight_scale s: hidden weights N(0, s^2 / fan_in), biases 0, the out layer with s = 1."""
+    m = models.make_resmlp(64, 400, 10, blocks=2, norm_layer=None, weight_scale=2 ** 0.5, seed=0)
+    for fc in (m.stem[0], m.block1.fc1, m.block2.fc2):
+        assert fc.weight.std().item() == pytest.approx((2 / fc.in_features) ** 0.5, rel=0.02)
+        assert torch.equal(fc.bias, torch.zeros_like(fc.bias))
+    assert m.out.weight.std().item() == pytest.approx((1 / 400) ** 0.5, rel=0.05)
+    with pytest.raises(ValueError, match="weight_scale"):
+        models.make_resmlp(6, 5, 3, blocks=1, weight_scale=0)
