@@ -25,7 +25,8 @@ entry per seed, so the chapter shows the mean and the spread:
   dropout before BN causes.
 - :func:`stream_std` (chapter 11): the standard deviation of the residual
   stream of a :func:`bnlib.models.make_resmlp` network after the stem and
-  after each block.
+  after each block; :func:`branch_ratios`: how large each block's branch is
+  against the stream it reads.
 - :func:`pretrain`, :func:`fine_tune_run` (chapter 11): pretrain on some
   classes, fine-tune on a few examples of others with BN in training mode or
   frozen (:class:`bnlib.nn.FrozenBatchNorm`), or train from scratch.
@@ -77,6 +78,7 @@ __all__ = [
     "format_table",
     "variance_shift",
     "stream_std",
+    "branch_ratios",
     "pretrain",
     "fine_tune_run",
     "train_domain_batches",
@@ -629,6 +631,36 @@ def stream_std(model: nn.Sequential, x: torch.Tensor) -> np.ndarray:
             if name.startswith("block"):
                 h = module(h)
                 out.append(float(h.std()))
+    return np.array(out)
+
+
+def branch_ratios(model: nn.Sequential, x: torch.Tensor) -> np.ndarray:
+    r"""How large each block's branch is against the stream it reads, in a :func:`bnlib.models.make_resmlp` network.
+
+    For block :math:`b` with input :math:`h_{b-1}` (the stream) and what it adds,
+    :math:`\alpha F(h_{b-1})` (:math:`\alpha = 1` without SkipInit), the ratio
+    of root mean squares over the batch and the units,
+
+    .. math::
+
+        r_b = \frac{\sqrt{\operatorname{mean}\, (\alpha F(h_{b-1}))^2}}{\sqrt{\operatorname{mean}\, h_{b-1}^2}} :
+
+    near 0, the block is close to the identity; near 1 or above, it changes
+    the stream as much as the stream itself. Training mode (batch
+    statistics), no gradients, modes and running statistics left as they
+    were. Returns ``(blocks,)``, entry ``b - 1`` for block ``b``.
+    """
+    out = []
+    with models.buffers_kept(model), models.modes_kept(model), torch.no_grad():
+        model.train()
+        h = model.stem(x)
+        for name, block in model.named_children():
+            if name.startswith("block"):
+                added = block.branch(h)
+                if block.alpha is not None:
+                    added = block.alpha * added
+                out.append(float(added.pow(2).mean().sqrt() / h.pow(2).mean().sqrt()))
+                h = block(h)
     return np.array(out)
 
 

@@ -267,13 +267,32 @@ def get_layers(model: nn.Module, kind: str) -> list[nn.Module]:
     return [m for _, m in sorted(found, key=lambda p: p[0])]
 
 
-# the default normalization of the residual MLP (bnlib.nn.BatchNorm1d, imported
-# lazily); None means no normalization
-_BN = object()
+class _DefaultNorm:
+    # the default normalization of the residual MLP, bnlib.nn.BatchNorm1d
+    # (imported lazily); norm_layer=None means no normalization
+    def __repr__(self):
+        return "bnlib.nn.BatchNorm1d"
+
+
+_BN = _DefaultNorm()
+
+
+def _resmlp_norm(norm_layer, zero_init):
+    # the factory width -> nn.Module, or None; checks the combination
+    if norm_layer is _BN:
+        import bnlib.nn
+
+        return bnlib.nn.BatchNorm1d
+    if norm_layer is not None and not callable(norm_layer):
+        raise ValueError(f"norm_layer must be a factory width -> nn.Module or None, got {norm_layer!r}")
+    if zero_init and norm_layer is None:
+        raise ValueError("zero_init needs a normalization layer with a weight (gamma); "
+                         "without normalization use skip_init=True")
+    return norm_layer
 
 
 class ResidualBlock(nn.Module):
-    r"""A residual block of two linear layers with BN (He et al. 2016, fully connected):
+    r"""A residual block of two linear layers, with BN by default (He et al. 2016, fully connected):
 
     .. math::
 
@@ -287,18 +306,20 @@ class ResidualBlock(nn.Module):
     as the identity on its input (after the final ReLU, which leaves a
     non-negative input unchanged). ``skip_init=True`` adds a learnable scalar
     ``alpha`` on the branch, 0 at the start (SkipInit, De and Smith 2020):
-    the same identity start without any normalization. Without it,
+    the same identity start, with or without normalization. Without it,
     :math:`\alpha = 1` and there is no ``alpha`` parameter.
     """
 
-    def __init__(self, width: int, zero_init: bool = False, *, norm_layer=_BN, skip_init: bool = False):
+    def __init__(
+        self,
+        width: int,
+        zero_init: bool = False,
+        *,
+        norm_layer: Callable[[int], nn.Module] | None = _BN,
+        skip_init: bool = False,
+    ):
         super().__init__()
-        import bnlib.nn
-
-        factory = bnlib.nn.BatchNorm1d if norm_layer is _BN else norm_layer
-        if zero_init and factory is None:
-            raise ValueError("zero_init needs a normalization layer with a weight (gamma); "
-                             "without normalization use skip_init=True")
+        factory = _resmlp_norm(norm_layer, zero_init)
         self.fc1 = nn.Linear(width, width, bias=factory is None)
         self.norm1 = nn.Identity() if factory is None else factory(width)
         self.fc2 = nn.Linear(width, width, bias=factory is None)
@@ -328,25 +349,26 @@ def make_resmlp(
     blocks: int,
     *,
     zero_init: bool = False,
-    norm_layer=_BN,
+    norm_layer: Callable[[int], nn.Module] | None = _BN,
     skip_init: bool = False,
     weight_scale: float | None = None,
     seed: int | None = None,
 ) -> nn.Sequential:
-    r"""A residual MLP: ``stem`` (linear, BN, ReLU), ``block1`` ... ``block{blocks}`` (:class:`ResidualBlock`), ``out``.
+    r"""A residual MLP: ``stem`` (linear, norm, ReLU), ``block1`` ... ``block{blocks}`` (:class:`ResidualBlock`), ``out``.
 
     Input ``(N, in_features)``, output ``(N, out_features)`` logits.
-    ``zero_init``: start the last BN of every block with :math:`\gamma = 0`.
-    ``norm_layer``: the normalization of the stem and of the blocks, a factory
-    ``width -> nn.Module`` (default ``bnlib.nn.BatchNorm1d``); ``None``: no
-    normalization (``nn.Identity`` in its place, so the module names stay;
-    the linear layers then have biases). ``skip_init``: a learnable scalar
+    ``zero_init``: start the last norm layer of every block with
+    :math:`\gamma = 0`. ``norm_layer``: the normalization of the stem and
+    of the blocks, a factory ``width -> nn.Module`` (default
+    ``bnlib.nn.BatchNorm1d``); ``None``: no normalization (``nn.Identity`` in
+    its place, so the module names stay; the stem's and blocks' linear layers
+    then have biases, all 0 at the start). ``skip_init``: a learnable scalar
     :math:`\alpha = 0` on every block's branch (De and Smith 2020).
     ``weight_scale``: ``None`` for torch's default initialization, or ``s``:
     the stem's and blocks' weights drawn from :math:`\mathcal{N}(0, s^2 /
     \text{fan\_in})`, biases 0 (``s = sqrt(2)`` is He's initialization for
-    ReLU, which keeps the variance through a linear layer and a ReLU), and
-    ``out`` with ``s = 1``, as in :func:`make_mlp`.
+    ReLU: it keeps the mean square of the ReLU outputs from layer to layer),
+    and ``out`` with ``s = 1``, as in :func:`make_mlp`.
     ``seed``: draw the parameters from ``torch.manual_seed(seed)`` without
     touching the caller's random state.
     """
@@ -355,20 +377,15 @@ def make_resmlp(
                          f"{blocks}, {width}, {in_features}, {out_features}")
     if weight_scale is not None and not weight_scale > 0:
         raise ValueError(f"weight_scale must be > 0 or None, got {weight_scale}")
-    if norm_layer is not _BN and norm_layer is not None and not callable(norm_layer):
-        raise ValueError(f"norm_layer must be a factory width -> nn.Module or None, got {norm_layer!r}")
-    if zero_init and norm_layer is None:
-        raise ValueError("zero_init needs a normalization layer with a weight (gamma); "
-                         "without normalization use skip_init=True")
-    import bnlib.nn
-
-    factory = bnlib.nn.BatchNorm1d if norm_layer is _BN else norm_layer
+    factory = _resmlp_norm(norm_layer, zero_init)
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
         layers: OrderedDict[str, nn.Module] = OrderedDict()
         layers["stem"] = nn.Sequential(nn.Linear(in_features, width, bias=factory is None),
                                        nn.Identity() if factory is None else factory(width), nn.ReLU())
+        if factory is None:
+            nn.init.zeros_(layers["stem"][0].bias)
         for b in range(1, blocks + 1):
             layers[f"block{b}"] = ResidualBlock(width, zero_init=zero_init, norm_layer=factory,
                                                 skip_init=skip_init)

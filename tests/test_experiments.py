@@ -346,6 +346,27 @@ def test_stream_std_matches_a_manual_pass_and_keeps_the_buffers():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+def test_branch_ratios_match_a_manual_pass():
+    """rms of what each block adds over rms of its input; 0 for SkipInit and for
+    gamma_2 = 0; modes and buffers untouched."""
+    x = torch.randn(32, 6, generator=torch.Generator().manual_seed(2))
+    model = models.make_resmlp(6, 8, 3, blocks=3, seed=0).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    got = ex.branch_ratios(model, x)
+    assert got.shape == (3,) and not model.training
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        model.train()
+        h, want = model.stem(x), []
+        for b in (1, 2, 3):
+            block = getattr(model, f"block{b}")
+            want.append(float(block.branch(h).norm() / h.norm()))
+            h = block(h)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for options in (dict(zero_init=True), dict(norm_layer=None, skip_init=True)):
+        assert np.all(ex.branch_ratios(models.make_resmlp(6, 8, 3, blocks=2, seed=0, **options), x) == 0)
+
+
 def test_variance_shift_of_a_bn_on_sequences():
     """(N, C, L): each channel's variance over N and L, shape (C,), as BN takes it."""
     torch.manual_seed(0)

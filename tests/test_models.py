@@ -5,6 +5,7 @@ sigmoid'(-6) = e^-6 / (1 + e^-6)^2), a forward pass written out by hand with
 torch.nn.functional, and torch.nn.BatchNorm1d for the norm="bn" layers.
 """
 
+import inspect
 import math
 
 import pytest
@@ -287,15 +288,29 @@ def test_buffers_kept_restores_every_buffer_in_place_also_after_an_error():
     assert "buffers_kept" in models.__all__
 
 
-def test_resmlp_default_is_unchanged_by_the_new_options():
-    """The default network draws the same numbers as before the options existed:
-    explicit defaults give a bit-identical state dict, with no alpha."""
-    a = models.make_resmlp(6, 5, 3, blocks=2, seed=3)
-    b = models.make_resmlp(6, 5, 3, blocks=2, seed=3, skip_init=False, weight_scale=None)
-    assert list(a.state_dict()) == list(b.state_dict())
-    assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
-    assert not any("alpha" in k for k in a.state_dict())
-    assert a.block1.fc1.bias is None and isinstance(a.block1.norm2, bnlib.nn.BatchNorm1d)
+@pytest.mark.parametrize("zero_init", [False, True])
+def test_resmlp_default_is_the_original_recipe(zero_init):
+    """The default network draws the same numbers as the recipe it had before its
+    options existed (chapters 7 and 11 rely on it): under the seed, a stem
+    Linear(bias=False) and BN, per block Linear, BN, Linear, BN, then the out layer."""
+    got = models.make_resmlp(6, 5, 3, blocks=2, zero_init=zero_init, seed=3)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        parts = [nn.Linear(6, 5, bias=False), bnlib.nn.BatchNorm1d(5)]
+        for _ in range(2):
+            parts += [nn.Linear(5, 5, bias=False), bnlib.nn.BatchNorm1d(5),
+                      nn.Linear(5, 5, bias=False), bnlib.nn.BatchNorm1d(5)]
+        parts.append(nn.Linear(5, 3))
+    want = [t for p in parts for t in p.state_dict().values()]
+    have = list(got.state_dict().values())
+    assert len(have) == len(want)
+    for h, w in zip(have, want):
+        if zero_init and h.shape == (5,) and torch.equal(h, torch.zeros(5)) and torch.equal(w, torch.ones(5)):
+            continue  # the last gamma of each block, zeroed
+        assert torch.equal(h, w)
+    assert not any("alpha" in k for k in got.state_dict())
+    assert got.block1.fc1.bias is None and isinstance(got.block1.norm2, bnlib.nn.BatchNorm1d)
+    assert "BatchNorm1d" in repr(inspect.signature(models.make_resmlp).parameters["norm_layer"].default)
 
 
 def test_resmlp_without_normalization():
@@ -304,7 +319,7 @@ def test_resmlp_without_normalization():
     m = models.make_resmlp(6, 5, 3, blocks=2, norm_layer=None, seed=0)
     assert not any(isinstance(x, (nn.BatchNorm1d, bnlib.nn.BatchNorm1d)) for x in m.modules())
     assert isinstance(m.stem[1], nn.Identity) and isinstance(m.block2.norm1, nn.Identity)
-    assert torch.equal(m.block1.fc1.bias, torch.zeros(5)) and m.stem[0].bias is not None
+    assert all(torch.equal(b, torch.zeros(5)) for b in (m.block1.fc1.bias, m.block2.fc2.bias, m.stem[0].bias))
     h = torch.rand(4, 5)
     with torch.no_grad():
         m.block1.fc2.bias.fill_(0.3)
@@ -317,6 +332,10 @@ def test_resmlp_without_normalization():
         models.make_resmlp(6, 5, 3, blocks=2, norm_layer=None, zero_init=True)
     with pytest.raises(ValueError, match="norm_layer must be"):
         models.make_resmlp(6, 5, 3, blocks=2, norm_layer="bn")
+    with pytest.raises(ValueError, match="norm_layer must be"):
+        models.ResidualBlock(5, norm_layer="bn")
+    with pytest.raises(ValueError, match="skip_init"):
+        models.ResidualBlock(5, zero_init=True, norm_layer=None)
 
 
 def test_resmlp_other_norm_layer():
@@ -353,3 +372,7 @@ def test_resmlp_weight_scale():
     assert m.out.weight.std().item() == pytest.approx((1 / 400) ** 0.5, rel=0.05)
     with pytest.raises(ValueError, match="weight_scale"):
         models.make_resmlp(6, 5, 3, blocks=1, weight_scale=0)
+    # with BN: the weights are scaled, the (absent) biases left alone
+    bn = models.make_resmlp(64, 400, 10, blocks=1, weight_scale=2 ** 0.5, seed=0)
+    assert bn.block1.fc1.bias is None
+    assert bn.block1.fc1.weight.std().item() == pytest.approx((2 / 400) ** 0.5, rel=0.02)
