@@ -298,7 +298,8 @@ def precise_bn(model, batches: Iterable, max_batches: int | None = None):
     For every BN layer with running statistics: reset them (mean 0, variance 1,
     count 0), set ``momentum=None`` (the cumulative average), and run the model
     forward on ``batches`` (an iterable of input tensors, or of tuples/lists
-    whose first entry is the input, e.g. ``(x, y)``), without gradients. After
+    whose first entry is the input, e.g. ``(x, y)``; a single tensor is one
+    batch), without gradients. After
     ``T`` batches of equal size each layer holds
 
     .. math::
@@ -329,6 +330,7 @@ def precise_bn(model, batches: Iterable, max_batches: int | None = None):
     if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, numbers.Integral) or max_batches < 1):
         raise ValueError(f"max_batches must be None or an integer >= 1, got {max_batches!r}")
 
+    batches = _batches_of(batches)
     saved_state = [{k: v.clone() for k, v in bn.named_buffers(recurse=False)} for bn in layers]
     saved_momentum = [bn.momentum for bn in layers]
     if max_batches is not None:
@@ -343,7 +345,7 @@ def precise_bn(model, batches: Iterable, max_batches: int | None = None):
                 bn.train()
             with torch.no_grad():
                 for batch in batches:
-                    model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+                    model(batch)
                     n += 1
             if n == 0:
                 raise ValueError("precise_bn expected at least one batch, got an empty iterable")
@@ -365,9 +367,9 @@ def precise_bn(model, batches: Iterable, max_batches: int | None = None):
 
 
 def _batches_of(data):
-    # a tensor is one batch; otherwise an iterable of batches (tensors, or
-    # tuples/lists whose first entry is the input), as precise_bn takes them:
-    # so a pair (x, y) is two batches, x and y
+    # the inputs of precise_bn and population_statistics: a tensor is one
+    # batch; otherwise an iterable of batches (tensors, or tuples/lists whose
+    # first entry is the input), so a pair (x, y) is two batches, x and y
     import torch
 
     if isinstance(data, torch.Tensor):
@@ -449,10 +451,10 @@ def population_statistics(model, data) -> list:
         missing = [names[id(bn)] for bn, s in zip(layers, summaries) if s is None]
         raise ValueError(f"population_statistics expected every BN layer to see the data; no batch reached {', '.join(missing)}")
     stats = []
-    for n, mean, m2 in summaries:
+    for bn, (n, mean, m2) in zip(layers, summaries):
         if n < 2:
             raise ValueError(f"population_statistics needs at least 2 values per channel, got {n:g}")
-        device = layers[len(stats)].running_mean.device
+        device = bn.running_mean.device
         stats.append((torch.as_tensor(mean, device=device), torch.as_tensor(m2 / (n - 1), device=device)))
     return stats
 

@@ -461,3 +461,17 @@ def test_a_layer_no_batch_reaches():
     for k, v in model.aux[1].named_buffers():
         torch.testing.assert_close(v, aux_before[k], rtol=0, atol=0)
     assert int(model.body[1].num_batches_tracked) == 1
+
+
+def test_precise_bn_takes_a_single_tensor_as_one_batch():
+    x = torch.randn(16, 5, generator=torch.Generator().manual_seed(4)) * 2 + 1
+    one, listed = _mlp(bnlib.nn.BatchNorm1d), _mlp(bnlib.nn.BatchNorm1d)
+    ma.precise_bn(one, x)
+    ma.precise_bn(listed, [x])
+    assert int(one[1].num_batches_tracked) == 1
+    for a, b in zip(one.buffers(), listed.buffers()):
+        assert torch.equal(a, b)
+    before = {k: v.clone() for k, v in one.state_dict().items()}
+    with pytest.raises(ValueError, match="an input tensor or an iterable"):
+        ma.precise_bn(one, 3.0)
+    assert all(torch.equal(v, before[k]) for k, v in one.state_dict().items())
