@@ -622,16 +622,8 @@ def stream_std(model: nn.Sequential, x: torch.Tensor) -> np.ndarray:
     Training mode (batch statistics), no gradients, running statistics left as
     they were. Returns ``(blocks + 1,)``: index 0 after the stem, ``b`` after block ``b``.
     """
-    out = []
-    with models.buffers_kept(model), models.modes_kept(model), torch.no_grad():
-        model.train()
-        h = model.stem(x)
-        out.append(float(h.std()))
-        for name, module in model.named_children():
-            if name.startswith("block"):
-                h = module(h)
-                out.append(float(h.std()))
-    return np.array(out)
+    steps = list(_blocks_in_training_mode(model, x))
+    return np.array([float(steps[0][1].std())] + [float(h_out.std()) for _, _, h_out in steps])
 
 
 def branch_ratios(model: nn.Sequential, x: torch.Tensor) -> np.ndarray:
@@ -651,17 +643,27 @@ def branch_ratios(model: nn.Sequential, x: torch.Tensor) -> np.ndarray:
     were. Returns ``(blocks,)``, entry ``b - 1`` for block ``b``.
     """
     out = []
+    for block, h, _ in _blocks_in_training_mode(model, x):
+        added = block.branch(h)
+        if block.alpha is not None:
+            added = block.alpha * added
+        out.append(float(added.pow(2).mean().sqrt() / h.pow(2).mean().sqrt()))
+    return np.array(out)
+
+
+def _blocks_in_training_mode(model: nn.Sequential, x: torch.Tensor):
+    # For each block of a make_resmlp network: (block, its input, its output),
+    # in training mode (batch statistics), without gradients; afterwards the
+    # modes and the running statistics are as they were. The caller's loop
+    # body runs inside those settings too, so consume it to the end.
     with models.buffers_kept(model), models.modes_kept(model), torch.no_grad():
         model.train()
         h = model.stem(x)
         for name, block in model.named_children():
             if name.startswith("block"):
-                added = block.branch(h)
-                if block.alpha is not None:
-                    added = block.alpha * added
-                out.append(float(added.pow(2).mean().sqrt() / h.pow(2).mean().sqrt()))
-                h = block(h)
-    return np.array(out)
+                h_out = block(h)
+                yield block, h, h_out
+                h = h_out
 
 
 def _check_batch_size(name: str, value, least: int) -> None:

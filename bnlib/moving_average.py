@@ -335,6 +335,14 @@ def precise_bn(model, batches: Iterable, max_batches: int | None = None):
     saved_momentum = [bn.momentum for bn in layers]
     if max_batches is not None:
         batches = itertools.islice(batches, max_batches)  # (an iterator loses no batch beyond them)
+    def restore(which):
+        # copy the saved buffers back into the layers marked True
+        with torch.no_grad():
+            for bn, state, chosen in zip(layers, saved_state, which):
+                if chosen:
+                    for k, v in state.items():
+                        getattr(bn, k).copy_(v)
+
     n = 0
     with modes_kept(model):
         try:
@@ -349,16 +357,10 @@ def precise_bn(model, batches: Iterable, max_batches: int | None = None):
                     n += 1
             if n == 0:
                 raise ValueError("precise_bn expected at least one batch, got an empty iterable")
-            with torch.no_grad():
-                for bn, state in zip(layers, saved_state):
-                    if int(bn.num_batches_tracked) == 0:  # not reached: nothing measured
-                        for k, v in state.items():
-                            getattr(bn, k).copy_(v)
+            # a layer no batch reached measured nothing: it keeps its old statistics
+            restore([int(bn.num_batches_tracked) == 0 for bn in layers])
         except BaseException:
-            with torch.no_grad():
-                for bn, state in zip(layers, saved_state):
-                    for k, v in state.items():
-                        getattr(bn, k).copy_(v)
+            restore([True] * len(layers))
             raise
         finally:
             for bn, mom in zip(layers, saved_momentum):
