@@ -744,6 +744,7 @@ def train_domain_batches(
     batch_size: int,
     lr: float = 0.1,
     seed: int = 0,
+    mix: bool = False,
 ) -> list[float]:
     """Train ``model`` on several domains whose mini-batches each come from one domain.
 
@@ -759,6 +760,14 @@ def train_domain_batches(
     *within* each domain (no batch holds two domains, so the spread between
     their means never enters). With the default momentum 0.1 the domain of
     the last batch weighs a little more (about 0.53 of two).
+
+    ``mix=True`` is the other way to batch the same data: every step's batch
+    of ``batch_size`` rows holds ``batch_size // len(domains)`` rows of each
+    domain (each domain's order cut into batches of that size), so the batch
+    statistics in training are the mixture's, like the running estimates.
+    The number of steps and rows per step are those of ``mix=False``, and
+    each epoch again shows every row of every domain once. ``batch_size``
+    must then be a multiple of ``len(domains)``.
     Returns the loss of every step; the model is trained in place, in
     training mode (``model.train()`` applies to every submodule).
     """
@@ -772,19 +781,32 @@ def train_domain_batches(
     _check_batch_size("epochs", epochs, 0)
     if batch_size > n:
         raise ValueError(f"batch_size must be at most the {n} rows, got {batch_size}")
+    if mix and batch_size % len(domains):
+        raise ValueError(
+            f"with mix=True batch_size must be a multiple of the {len(domains)} domains, got {batch_size}"
+        )
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr}")
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     generators = [torch.Generator().manual_seed(seed * len(domains) + k) for k in range(len(domains))]
+    rows_per_domain = batch_size // len(domains) if mix else batch_size
     losses = []
     model.train()
+
+    def step(x: torch.Tensor, labels: torch.Tensor) -> None:
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(x), labels)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+
     for _ in range(epochs):
-        orders = [training.minibatches(n, batch_size, g) for g in generators]
+        orders = [training.minibatches(n, rows_per_domain, g) for g in generators]
         for indices in zip(*orders):
-            for x, idx in zip(domains, indices):
-                opt.zero_grad(set_to_none=True)
-                loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
-                loss.backward()
-                opt.step()
-                losses.append(float(loss.detach()))
+            if mix:
+                step(torch.cat([x[idx] for x, idx in zip(domains, indices)]),
+                     torch.cat([y[idx] for idx in indices]))
+            else:
+                for x, idx in zip(domains, indices):
+                    step(x[idx], y[idx])
     return losses

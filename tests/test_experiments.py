@@ -5,6 +5,7 @@ written out layer by layer (BN by its four formulas), counting, and
 ``bnlib.training.evaluate``. Everything runs on tiny data in a few seconds.
 """
 
+import copy
 import math
 
 import numpy as np
@@ -508,6 +509,42 @@ def test_train_domain_batches_running_estimates_average_within_domain_statistics
     within = x_a.var(0)
     pooled = torch.cat([x_a, x_b]).var(0)
     assert torch.all(bn.running_var < 1.5 * within) and torch.all(pooled > 3 * within)
+
+
+def test_train_domain_batches_mix_puts_every_domain_in_every_batch():
+    """mix=True: the same number of steps of the same size, each batch half of each
+    domain with matching labels, every row of every domain once per epoch; the
+    running variance then includes the spread between the domains' means."""
+    split = blobs_split(n_train=40)
+    x_a, x_b = split.x_train, 10 + split.x_train
+    model = ex.build_mlp(6, 3, norm="bn", seed=0)
+    batches = []
+    model.fc1.register_forward_hook(lambda m, inputs, out: batches.append(inputs[0].detach().clone()))
+    losses = ex.train_domain_batches(model, [x_a, x_b], split.y_train, epochs=2, batch_size=8, seed=0, mix=True)
+    assert len(losses) == len(batches) == 2 * 2 * (40 // 8)
+    for batch in batches:
+        assert batch.shape == (8, 6)
+        assert torch.all(batch[:4].mean(1) < 5) and torch.all(batch[4:].mean(1) > 5)
+    first_epoch = torch.cat(batches[:10])
+    for x in (x_a, x_b):
+        rows = {tuple(r.tolist()) for r in first_epoch}
+        assert all(tuple(r.tolist()) in rows for r in x)
+
+    bn_model = torch.nn.Sequential(bnlib.nn.BatchNorm1d(6, affine=False), torch.nn.Linear(6, 3))
+    ex.train_domain_batches(bn_model, [x_a, x_b], split.y_train, epochs=20, batch_size=16, lr=1e-9, mix=True)
+    pooled = torch.cat([x_a, x_b]).var(0)
+    torch.testing.assert_close(bn_model[0].running_var, pooled, rtol=0.3, atol=0)
+
+
+def test_train_domain_batches_mix_needs_a_batch_size_divisible_by_the_domains():
+    split = blobs_split(n_train=40)
+    model = ex.build_mlp(6, 3, norm="bn", seed=0)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="multiple of the 2 domains, got 9"):
+        ex.train_domain_batches(model, [split.x_train, split.x_train], split.y_train,
+                                epochs=1, batch_size=9, mix=True)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
 
 
 def test_train_domain_batches_checks_its_arguments():
