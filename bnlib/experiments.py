@@ -746,7 +746,7 @@ def train_domain_batches(
     seed: int = 0,
     mix: bool = False,
 ) -> list[float]:
-    """Train ``model`` on several domains whose mini-batches each come from one domain.
+    """Train ``model`` on several domains, each mini-batch from one domain (or, with ``mix``, from all).
 
     ``domains``: input tensors of the same rows in each domain (``(N, d)`` each,
     for example the images and a transformed copy), all with the labels ``y``
@@ -763,11 +763,12 @@ def train_domain_batches(
 
     ``mix=True`` is the other way to batch the same data: every step's batch
     of ``batch_size`` rows holds ``batch_size // len(domains)`` rows of each
-    domain (each domain's order cut into batches of that size), so the batch
-    statistics in training are the mixture's, like the running estimates.
-    The number of steps and rows per step are those of ``mix=False``, and
-    each epoch again shows every row of every domain once. ``batch_size``
-    must then be a multiple of ``len(domains)``.
+    domain, domain 0's first (each domain's order cut into batches of that
+    size, the remainder dropped), so the batch statistics in training are
+    the mixture's, like the running estimates. Each epoch again shows every
+    row of every domain once, apart from the dropped remainder; when ``N`` is
+    a multiple of ``batch_size`` the steps are as many and as large as with
+    ``mix=False``. ``batch_size`` must then be a multiple of ``len(domains)``.
     Returns the loss of every step; the model is trained in place, in
     training mode (``model.train()`` applies to every submodule).
     """

@@ -511,20 +511,31 @@ def test_train_domain_batches_running_estimates_average_within_domain_statistics
     assert torch.all(bn.running_var < 1.5 * within) and torch.all(pooled > 3 * within)
 
 
-def test_train_domain_batches_mix_puts_every_domain_in_every_batch():
+def test_train_domain_batches_mix_puts_every_domain_in_every_batch(monkeypatch):
     """mix=True: the same number of steps of the same size, each batch half of each
     domain with matching labels, every row of every domain once per epoch; the
     running variance then includes the spread between the domains' means."""
     split = blobs_split(n_train=40)
     x_a, x_b = split.x_train, 10 + split.x_train
     model = ex.build_mlp(6, 3, norm="bn", seed=0)
-    batches = []
+    batches, targets = [], []
     model.fc1.register_forward_hook(lambda m, inputs, out: batches.append(inputs[0].detach().clone()))
+    cross_entropy = torch.nn.functional.cross_entropy
+
+    def spy(logits, target, *args, **kwargs):
+        targets.append(target.clone())
+        return cross_entropy(logits, target, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", spy)
     losses = ex.train_domain_batches(model, [x_a, x_b], split.y_train, epochs=2, batch_size=8, seed=0, mix=True)
-    assert len(losses) == len(batches) == 2 * 2 * (40 // 8)
-    for batch in batches:
+    assert len(losses) == len(batches) == len(targets) == 2 * 2 * (40 // 8)
+    for batch, target in zip(batches, targets):
         assert batch.shape == (8, 6)
         assert torch.all(batch[:4].mean(1) < 5) and torch.all(batch[4:].mean(1) > 5)
+        # every row's label is the label of that row (domain b is domain a plus 10,
+        # up to rounding, hence the nearest row)
+        rows = torch.cdist(torch.cat([batch[:4], batch[4:] - 10]), x_a).argmin(dim=1)
+        assert torch.equal(target, split.y_train[rows])
     first_epoch = torch.cat(batches[:10])
     for x in (x_a, x_b):
         rows = {tuple(r.tolist()) for r in first_epoch}
