@@ -1,0 +1,222 @@
+r"""Contrastive learning with per-device BN: a shortcut through the batch (chapter 8).
+
+A contrastive objective learns features without labels: two noisy views of
+the same input should have similar features, views of different inputs
+dissimilar ones. For a batch of ``B`` inputs the encoder ``f`` gives the
+*queries* :math:`q_i = f(x_i + \text{noise})` and the *keys*
+:math:`k_i = f(x_i + \text{other noise})`, both scaled to unit length, and
+the InfoNCE loss (the form MoCo and SimCLR use) is a classification of the
+right key among all ``B`` keys, with temperature ``tau``:
+
+.. math::
+
+    L = -\frac{1}{B} \sum_{i=1}^{B}
+        \log \frac{\exp(q_i \cdot k_i / \tau)}{\sum_{j=1}^{B} \exp(q_i \cdot k_j / \tau)} .
+
+Data-parallel training puts ``device_batch`` consecutive rows on each
+device, and a BN layer there normalizes with the statistics of those rows
+only (:func:`encode`, ``device_batch=b``). Then :math:`q_i` and :math:`k_i`
+are normalized with the statistics of the same ``b`` images, while every
+key on another device was normalized with other statistics: a mark shared
+by exactly the right pairs, which the encoder can learn to use instead of
+the images. He et al. (2020) saw this in MoCo and fixed it by *shuffling
+BN*: the keys are encoded in a random regrouping of the rows over the
+devices and put back in order afterwards (``order=``), so that a query and
+its key no longer share a device. SimCLR (Chen et al. 2020) takes BN's
+statistics over all devices instead (SyncBN, :mod:`bnlib.sync_batchnorm`).
+
+Here the devices are simulated in one process, as with
+:class:`bnlib.nn.GhostBatchNorm`: the encoder runs on each slice of rows on
+its own.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bnlib.models import buffers_kept, modes_kept
+
+__all__ = [
+    "augment",
+    "encode",
+    "info_nce",
+    "train_contrastive",
+    "positive_retrieval",
+    "nearest_neighbour_accuracy",
+]
+
+
+def _check_rows(x: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.shape[0] < 2:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x must be a 2-D tensor (N, d) with N >= 2, got {shape}")
+
+
+def _check_device_batch(n: int, device_batch: int | None) -> None:
+    if device_batch is None:
+        return
+    if isinstance(device_batch, bool) or not isinstance(device_batch, int) or device_batch < 2:
+        raise ValueError(f"device_batch must be an integer >= 2 (BN needs two rows), got {device_batch!r}")
+    if n % device_batch:
+        raise ValueError(f"device_batch must divide the {n} rows of the batch, got {device_batch}")
+
+
+def augment(x: torch.Tensor, noise: float, generator: torch.Generator) -> torch.Tensor:
+    """One view of ``x``: ``x`` plus Gaussian noise of standard deviation ``noise``, drawn from ``generator``."""
+    return x + noise * torch.randn(x.shape, generator=generator, dtype=x.dtype)
+
+
+def encode(
+    encoder: nn.Module,
+    x: torch.Tensor,
+    device_batch: int | None = None,
+    order: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``encoder(x)`` scaled to unit length per row, shape ``(N, d_out)``.
+
+    ``device_batch=None``: one call on all ``N`` rows (in whatever mode the
+    encoder is). ``device_batch=b``: the rows are cut into ``N / b``
+    consecutive slices of ``b`` rows, one per device, and the encoder runs
+    on each slice on its own, so its BN layers (in training mode) normalize
+    with that slice's statistics. ``order`` (a permutation of ``range(N)``):
+    the slices are cut from ``x[order]`` instead, and the output is put back
+    in the order of ``x`` (shuffle BN: row ``i`` of the result is still
+    ``f(x_i)``, normalized with the statistics of another group of rows).
+    """
+    _check_rows(x)
+    n = x.shape[0]
+    _check_device_batch(n, device_batch)
+    if order is not None:
+        if device_batch is None:
+            raise ValueError("order regroups the rows over devices: it needs device_batch")
+        if not torch.equal(torch.sort(order.long()).values, torch.arange(n)):
+            raise ValueError(f"order must be a permutation of range({n})")
+    if device_batch is None:
+        return F.normalize(encoder(x), dim=1)
+    rows = torch.arange(n) if order is None else order.long()
+    out = torch.cat([encoder(x[idx]) for idx in rows.split(device_batch)])
+    # out[j] is f(x[rows[j]]); put row rows[j] back at place rows[j]
+    restored = torch.empty_like(out)
+    restored[rows] = out
+    return F.normalize(restored, dim=1)
+
+
+def info_nce(q: torch.Tensor, k: torch.Tensor, tau: float) -> torch.Tensor:
+    r"""The InfoNCE loss of the module docstring: cross-entropy of the logits
+    :math:`q k^\top / \tau` (``(B, B)``) with the right key of row ``i`` at column ``i``."""
+    if q.ndim != 2 or q.shape != k.shape:
+        raise ValueError(f"q and k must be (B, d) of the same shape, got {tuple(q.shape)} and {tuple(k.shape)}")
+    if not tau > 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+    return F.cross_entropy(q @ k.T / tau, torch.arange(q.shape[0]))
+
+
+def train_contrastive(
+    encoder: nn.Module,
+    x: torch.Tensor,
+    *,
+    steps: int,
+    batch_size: int,
+    device_batch: int,
+    shuffle_keys: bool = False,
+    noise: float = 0.7,
+    tau: float = 0.2,
+    lr: float = 0.1,
+    momentum: float = 0.9,
+    seed: int = 0,
+) -> list[float]:
+    """Train ``encoder`` in place with InfoNCE on per-device BN; return the loss of every step.
+
+    Every step draws ``batch_size`` rows of ``x`` at random, two views of
+    them (:func:`augment`), encodes the queries on devices of
+    ``device_batch`` rows and the keys on the same devices, or, with
+    ``shuffle_keys``, on a random regrouping of the rows (shuffle BN), and
+    takes one SGD step (``lr``, ``momentum``). Everything random comes from
+    one generator seeded with ``seed``. The encoder is left in training mode.
+    """
+    _check_rows(x)
+    for name, value, low in (("steps", steps, 0), ("batch_size", batch_size, 2)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if batch_size > x.shape[0]:
+        raise ValueError(f"batch_size must be at most the {x.shape[0]} rows of x, got {batch_size}")
+    if device_batch is None:
+        raise ValueError("device_batch is required: the rows each device normalizes together")
+    _check_device_batch(batch_size, device_batch)
+    if not noise >= 0 or not tau > 0 or not lr > 0:
+        raise ValueError(f"noise must be >= 0, tau and lr > 0; got noise={noise}, tau={tau}, lr={lr}")
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.SGD(encoder.parameters(), lr=lr, momentum=momentum)
+    encoder.train()
+    losses = []
+    for _ in range(steps):
+        batch = x[torch.randperm(x.shape[0], generator=generator)[:batch_size]]
+        queries, keys = augment(batch, noise, generator), augment(batch, noise, generator)
+        order = torch.randperm(batch_size, generator=generator) if shuffle_keys else None
+        loss = info_nce(encode(encoder, queries, device_batch),
+                        encode(encoder, keys, device_batch, order), tau)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def positive_retrieval(
+    encoder: nn.Module,
+    x: torch.Tensor,
+    *,
+    device_batch: int | None = None,
+    regroup: bool = False,
+    noise: float = 0.7,
+    seed: int = 0,
+) -> float:
+    r"""Fraction of rows ``i`` of ``x`` whose query finds its own key: :math:`\arg\max_j q_i \cdot k_j = i`.
+
+    Two views of all rows of ``x`` (the batch), drawn from ``seed``.
+    ``device_batch=None``: the encoder in eval mode (running statistics, no
+    batch), which measures what the features know about the images alone.
+    ``device_batch=b``: the encoder in training mode on devices of ``b``
+    rows, as in :func:`train_contrastive`; ``regroup=True`` encodes the keys
+    on a random regrouping of the rows. Every module's mode and every buffer
+    are restored afterwards; no gradients are taken.
+    """
+    _check_rows(x)
+    _check_device_batch(x.shape[0], device_batch)
+    if regroup and device_batch is None:
+        raise ValueError("regroup regroups the rows over devices: it needs device_batch")
+    generator = torch.Generator().manual_seed(seed)
+    queries, keys = augment(x, noise, generator), augment(x, noise, generator)
+    order = torch.randperm(x.shape[0], generator=generator) if regroup else None
+    with torch.no_grad(), modes_kept(encoder), buffers_kept(encoder):
+        encoder.train(device_batch is not None)
+        q = encode(encoder, queries, device_batch)
+        k = encode(encoder, keys, device_batch, order)
+    return float(((q @ k.T).argmax(dim=1) == torch.arange(x.shape[0])).double().mean())
+
+
+def nearest_neighbour_accuracy(
+    encoder: nn.Module,
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    x_test: torch.Tensor,
+    y_test: torch.Tensor,
+) -> float:
+    """Test accuracy of the 1-nearest-neighbour classifier on the features (cosine similarity).
+
+    Features of every row in eval mode (:func:`encode`); each test row gets
+    the label of the training row whose feature is closest. A common check of
+    features learned without labels: no training, so it scores the features
+    themselves. The encoder's modes are restored afterwards.
+    """
+    for name, t in (("x_train", x_train), ("x_test", x_test)):
+        _check_rows(t)
+    if y_train.shape != (x_train.shape[0],) or y_test.shape != (x_test.shape[0],):
+        raise ValueError("y_train and y_test must hold one label per row of x_train and x_test")
+    with torch.no_grad(), modes_kept(encoder):
+        encoder.eval()
+        train_features, test_features = encode(encoder, x_train), encode(encoder, x_test)
+    nearest = (test_features @ train_features.T).argmax(dim=1)
+    return float((y_train[nearest] == y_test).double().mean())

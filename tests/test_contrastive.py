@@ -1,0 +1,152 @@
+"""bnlib.contrastive: per-device encoding, shuffle BN, InfoNCE and the retrieval checks.
+
+The truth: torch's own ``F.batch_norm`` on each slice of rows, torch's
+``log_softmax`` for the loss, and closed cases (an encoder that treats every
+row on its own cannot depend on how rows are grouped).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bnlib.nn
+from bnlib import contrastive, data, models
+
+
+def encoder(norm="bn", seed=0):
+    layer = bnlib.nn.BatchNorm1d if norm == "bn" else bnlib.nn.LayerNorm
+    return models.make_mlp(6, 16, 4, depth=2, activation="relu", norm_layer=layer, seed=seed)
+
+
+def rows(n=24, seed=0):
+    return torch.randn(n, 6, generator=torch.Generator().manual_seed(seed), dtype=torch.float32) * 2 + 1
+
+
+def per_slice_bn(x, groups):
+    """torch's BN in training mode on each group of rows of x, rows put back in place, unit length."""
+    out = torch.empty_like(x)
+    for g in groups:
+        out[g] = F.batch_norm(x[g], None, None, training=True)
+    return F.normalize(out, dim=1)
+
+
+def test_encode_normalizes_each_device_with_its_own_rows():
+    bn = torch.nn.Sequential(bnlib.nn.BatchNorm1d(6, affine=False)).train()
+    x = rows()
+    got = contrastive.encode(bn, x, device_batch=4)
+    torch.testing.assert_close(got, per_slice_bn(x, torch.arange(24).split(4)), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(got.norm(dim=1), torch.ones(24))
+    # one device holding everything is BN over the whole batch
+    torch.testing.assert_close(contrastive.encode(bn, x, device_batch=24),
+                               per_slice_bn(x, [torch.arange(24)]), rtol=1e-5, atol=1e-6)
+
+
+def test_encode_with_an_order_regroups_the_rows_and_puts_them_back():
+    bn = torch.nn.Sequential(bnlib.nn.BatchNorm1d(6, affine=False)).train()
+    x = rows()
+    order = torch.randperm(24, generator=torch.Generator().manual_seed(1))
+    got = contrastive.encode(bn, x, device_batch=4, order=order)
+    torch.testing.assert_close(got, per_slice_bn(x, order.split(4)), rtol=1e-5, atol=1e-6)
+    # the grouping matters for BN: regrouped rows come out differently
+    assert not torch.allclose(got, contrastive.encode(bn, x, device_batch=4), atol=1e-3)
+
+
+def test_a_per_sample_encoder_does_not_see_the_grouping():
+    ln = encoder("ln").train()
+    x = rows()
+    whole = contrastive.encode(ln, x)
+    order = torch.randperm(24, generator=torch.Generator().manual_seed(2))
+    for got in (contrastive.encode(ln, x, device_batch=4), contrastive.encode(ln, x, device_batch=6, order=order)):
+        torch.testing.assert_close(got, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_info_nce_is_cross_entropy_over_the_keys():
+    g = torch.Generator().manual_seed(3)
+    q = F.normalize(torch.randn(5, 3, generator=g, dtype=torch.float64), dim=1)
+    k = F.normalize(torch.randn(5, 3, generator=g, dtype=torch.float64), dim=1)
+    tau = 0.3
+    logits = q @ k.T / tau
+    want = -torch.log_softmax(logits, dim=1).diagonal().mean()
+    torch.testing.assert_close(contrastive.info_nce(q, k, tau), want, rtol=1e-12, atol=0)
+    # keys equal to their orthonormal queries, tau small: every row is sure of its key
+    eye = torch.eye(4, dtype=torch.float64)
+    assert contrastive.info_nce(eye, eye, 0.01) < 1e-30
+    with pytest.raises(ValueError, match="tau must be > 0"):
+        contrastive.info_nce(q, k, 0.0)
+    with pytest.raises(ValueError, match="same shape"):
+        contrastive.info_nce(q, k[:4], tau)
+
+
+def test_positive_retrieval_keeps_modes_and_buffers_and_measures_what_it_says():
+    x = rows(32)
+    bn = encoder("bn")
+    bn.eval()
+    bn.norm1.train()   # a mixed state, which must come back as it was
+    before = copy.deepcopy(bn.state_dict())
+    modes = [m.training for m in bn.modules()]
+    for kwargs in ({}, {"device_batch": 8}, {"device_batch": 8, "regroup": True}):
+        value = contrastive.positive_retrieval(bn, x, **kwargs)
+        assert 0 <= value <= 1
+    assert [m.training for m in bn.modules()] == modes
+    for name, tensor in bn.state_dict().items():
+        assert torch.equal(tensor, before[name])
+    # without noise every query is its own key
+    assert contrastive.positive_retrieval(bn, x, noise=0.0) == 1.0
+    # a per-sample encoder scores the same however the rows are grouped, in either mode
+    ln = encoder("ln")
+    scores = {contrastive.positive_retrieval(ln, x, **kwargs)
+              for kwargs in ({}, {"device_batch": 8}, {"device_batch": 8, "regroup": True})}
+    assert len(scores) == 1
+
+
+def test_train_contrastive_learns_and_repeats_itself():
+    split = data.load_digits_split()
+    x = split.x_train[:, :6].contiguous()
+    for shuffle in (False, True):
+        net = encoder("bn", seed=0)
+        losses = contrastive.train_contrastive(net, x, steps=60, batch_size=32, device_batch=8,
+                                               shuffle_keys=shuffle, seed=0)
+        assert len(losses) == 60 and net.training
+        assert sum(losses[-10:]) < sum(losses[:10])
+        again = encoder("bn", seed=0)
+        assert contrastive.train_contrastive(again, x, steps=60, batch_size=32, device_batch=8,
+                                             shuffle_keys=shuffle, seed=0) == losses
+
+
+def test_nearest_neighbour_accuracy():
+    x, y = data.gaussian_blobs(60, n_features=6, n_classes=3, spread=0.3, seed=0)
+    net = encoder("ln")
+    # test rows that are training rows find themselves
+    assert contrastive.nearest_neighbour_accuracy(net, x, y, x[:20], y[:20]) == 1.0
+    assert net.training
+    with pytest.raises(ValueError, match="one label per row"):
+        contrastive.nearest_neighbour_accuracy(net, x, y[:-1], x, y)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda net, x: contrastive.encode(net, x, device_batch=5), "divide the 24 rows"),
+    (lambda net, x: contrastive.encode(net, x, device_batch=1), "integer >= 2"),
+    (lambda net, x: contrastive.encode(net, x, order=torch.arange(24)), "needs device_batch"),
+    (lambda net, x: contrastive.encode(net, x, device_batch=4, order=torch.zeros(24)), "permutation"),
+    (lambda net, x: contrastive.encode(net, x[0]), "2-D tensor"),
+    (lambda net, x: contrastive.positive_retrieval(net, x, regroup=True), "needs device_batch"),
+    (lambda net, x: contrastive.train_contrastive(net, x, steps=1, batch_size=8, device_batch=None),
+     "device_batch is required"),
+    (lambda net, x: contrastive.train_contrastive(net, x, steps=1, batch_size=25, device_batch=5),
+     "at most the 24 rows"),
+    (lambda net, x: contrastive.train_contrastive(net, x, steps=-1, batch_size=8, device_batch=4),
+     "steps must be an integer >= 0"),
+    (lambda net, x: contrastive.train_contrastive(net, x, steps=1, batch_size=8, device_batch=4, tau=0),
+     "tau and lr > 0"),
+])
+def test_bad_input_raises_before_anything_changes(call, match):
+    net = encoder("bn")
+    before = copy.deepcopy(net.state_dict())
+    with pytest.raises(ValueError, match=match):
+        call(net, rows())
+    for name, tensor in net.state_dict().items():
+        assert torch.equal(tensor, before[name])
