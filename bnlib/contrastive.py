@@ -5,29 +5,38 @@ the same input should have similar features, views of different inputs
 dissimilar ones. For a batch of ``B`` inputs the encoder ``f`` gives the
 *queries* :math:`q_i = f(x_i + \text{noise})` and the *keys*
 :math:`k_i = f(x_i + \text{other noise})`, both scaled to unit length, and
-the InfoNCE loss (the form MoCo and SimCLR use) is a classification of the
-right key among all ``B`` keys, with temperature ``tau``:
+the InfoNCE loss is a classification of the right key among all ``B`` keys
+of the batch, with temperature ``tau``:
 
 .. math::
 
     L = -\frac{1}{B} \sum_{i=1}^{B}
         \log \frac{\exp(q_i \cdot k_i / \tau)}{\sum_{j=1}^{B} \exp(q_i \cdot k_j / \tau)} .
 
+This is a simplified, one-directional, in-batch form. MoCo (He et al. 2020)
+takes its negatives from a queue of keys of earlier batches, computed by a
+slowly moving copy of the encoder; SimCLR (Chen et al. 2020) is symmetric
+in the two views and gives each view the other ``2B - 2`` views of the
+batch as negatives.
+
 Data-parallel training puts ``device_batch`` consecutive rows on each
 device, and a BN layer there normalizes with the statistics of those rows
 only (:func:`encode`, ``device_batch=b``). Then :math:`q_i` and :math:`k_i`
-are normalized with the statistics of the same ``b`` images, while every
-key on another device was normalized with other statistics: a mark shared
-by exactly the right pairs, which the encoder can learn to use instead of
-the images. He et al. (2020) saw this in MoCo and fixed it by *shuffling
-BN*: the keys are encoded in a random regrouping of the rows over the
-devices and put back in order afterwards (``order=``), so that a query and
-its key no longer share a device. SimCLR (Chen et al. 2020) takes BN's
-statistics over all devices instead (SyncBN, :mod:`bnlib.sync_batchnorm`).
+are normalized with the statistics of the same ``b`` images, a mark that
+the query shares with its own key and the ``b - 1`` other keys of its
+device, and with no key elsewhere; the encoder can learn to match it
+instead of the images. He et al. saw a shortcut of this kind in MoCo
+(where the positive is the only key of the current batch in the logits)
+and removed it by *shuffling BN*: the keys are encoded in a random
+regrouping of the rows over the devices and put back in order afterwards
+(``order=``), so that a query and its key share a device only by chance
+(``b / N`` of them). SimCLR takes BN's statistics over all devices instead
+("global BN", here :mod:`bnlib.sync_batchnorm`).
 
 Here the devices are simulated in one process, as with
 :class:`bnlib.nn.GhostBatchNorm`: the encoder runs on each slice of rows on
-its own.
+its own. Inputs are CPU tensors (the noise and the targets are made on the
+CPU).
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ __all__ = [
     "augment",
     "encode",
     "info_nce",
+    "retrieval_accuracy",
     "train_contrastive",
     "positive_retrieval",
     "nearest_neighbour_accuracy",
@@ -106,11 +116,24 @@ def encode(
 def info_nce(q: torch.Tensor, k: torch.Tensor, tau: float) -> torch.Tensor:
     r"""The InfoNCE loss of the module docstring: cross-entropy of the logits
     :math:`q k^\top / \tau` (``(B, B)``) with the right key of row ``i`` at column ``i``."""
-    if q.ndim != 2 or q.shape != k.shape:
-        raise ValueError(f"q and k must be (B, d) of the same shape, got {tuple(q.shape)} and {tuple(k.shape)}")
+    _check_pairs(q, k)
     if not tau > 0:
         raise ValueError(f"tau must be > 0, got {tau}")
     return F.cross_entropy(q @ k.T / tau, torch.arange(q.shape[0]))
+
+
+def _check_pairs(q: torch.Tensor, k: torch.Tensor) -> None:
+    if q.ndim != 2 or q.shape != k.shape or q.shape[0] < 1:
+        raise ValueError(f"q and k must be (B, d) of the same shape with B >= 1, got {tuple(q.shape)} and {tuple(k.shape)}")
+
+
+def retrieval_accuracy(q: torch.Tensor, k: torch.Tensor) -> float:
+    r"""Fraction of rows ``i`` whose most similar key is their own: :math:`\arg\max_j q_i \cdot k_j = i`.
+
+    ``q`` and ``k``: ``(B, d)``, row ``i`` of ``k`` the key of query ``i``.
+    """
+    _check_pairs(q, k)
+    return float(((q @ k.T).argmax(dim=1) == torch.arange(q.shape[0])).double().mean())
 
 
 def train_contrastive(
@@ -133,8 +156,12 @@ def train_contrastive(
     them (:func:`augment`), encodes the queries on devices of
     ``device_batch`` rows and the keys on the same devices, or, with
     ``shuffle_keys``, on a random regrouping of the rows (shuffle BN), and
-    takes one SGD step (``lr``, ``momentum``). Everything random comes from
-    one generator seeded with ``seed``. The encoder is left in training mode.
+    takes one SGD step (``lr``, ``momentum``). The batches, the noise and
+    the regroupings come from one generator seeded with ``seed``; anything
+    inside the encoder that draws from torch's global generator (dropout)
+    runs under ``torch.manual_seed(seed)`` in a forked generator, so the run
+    repeats and the caller's random state is left alone. The encoder is left
+    in training mode.
     """
     _check_rows(x)
     for name, value, low in (("steps", steps, 0), ("batch_size", batch_size, 2)):
@@ -151,17 +178,25 @@ def train_contrastive(
     optimizer = torch.optim.SGD(encoder.parameters(), lr=lr, momentum=momentum)
     encoder.train()
     losses = []
-    for _ in range(steps):
-        batch = x[torch.randperm(x.shape[0], generator=generator)[:batch_size]]
-        queries, keys = augment(batch, noise, generator), augment(batch, noise, generator)
-        order = torch.randperm(batch_size, generator=generator) if shuffle_keys else None
-        loss = info_nce(encode(encoder, queries, device_batch),
-                        encode(encoder, keys, device_batch, order), tau)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for _ in range(steps):
+            losses.append(_contrastive_step(encoder, optimizer, x, generator, batch_size,
+                                            device_batch, shuffle_keys, noise, tau))
     return losses
+
+
+def _contrastive_step(encoder, optimizer, x, generator, batch_size, device_batch, shuffle_keys, noise, tau):
+    """One step of :func:`train_contrastive`; returns its loss."""
+    batch = x[torch.randperm(x.shape[0], generator=generator)[:batch_size]]
+    queries, keys = augment(batch, noise, generator), augment(batch, noise, generator)
+    order = torch.randperm(batch_size, generator=generator) if shuffle_keys else None
+    loss = info_nce(encode(encoder, queries, device_batch),
+                    encode(encoder, keys, device_batch, order), tau)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
 
 
 def positive_retrieval(
@@ -178,10 +213,12 @@ def positive_retrieval(
     Two views of all rows of ``x`` (the batch), drawn from ``seed``.
     ``device_batch=None``: the encoder in eval mode (running statistics, no
     batch), which measures what the features know about the images alone.
-    ``device_batch=b``: the encoder in training mode on devices of ``b``
-    rows, as in :func:`train_contrastive`; ``regroup=True`` encodes the keys
-    on a random regrouping of the rows. Every module's mode and every buffer
-    are restored afterwards; no gradients are taken.
+    ``device_batch=b``: every module of the encoder in training mode (a BN
+    layer kept in eval mode on purpose too) on devices of ``b`` rows, as in
+    :func:`train_contrastive`; ``regroup=True`` encodes the keys on a random
+    regrouping of the rows. Dropout, if any, draws under
+    ``torch.manual_seed(seed)`` in a forked generator. Every module's mode
+    and every buffer are restored afterwards; no gradients are taken.
     """
     _check_rows(x)
     _check_device_batch(x.shape[0], device_batch)
@@ -190,11 +227,12 @@ def positive_retrieval(
     generator = torch.Generator().manual_seed(seed)
     queries, keys = augment(x, noise, generator), augment(x, noise, generator)
     order = torch.randperm(x.shape[0], generator=generator) if regroup else None
-    with torch.no_grad(), modes_kept(encoder), buffers_kept(encoder):
+    with torch.no_grad(), modes_kept(encoder), buffers_kept(encoder), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
         encoder.train(device_batch is not None)
         q = encode(encoder, queries, device_batch)
         k = encode(encoder, keys, device_batch, order)
-    return float(((q @ k.T).argmax(dim=1) == torch.arange(x.shape[0])).double().mean())
+    return retrieval_accuracy(q, k)
 
 
 def nearest_neighbour_accuracy(
@@ -211,7 +249,7 @@ def nearest_neighbour_accuracy(
     features learned without labels: no training, so it scores the features
     themselves. The encoder's modes are restored afterwards.
     """
-    for name, t in (("x_train", x_train), ("x_test", x_test)):
+    for t in (x_train, x_test):
         _check_rows(t)
     if y_train.shape != (x_train.shape[0],) or y_test.shape != (x_test.shape[0],):
         raise ValueError("y_train and y_test must hold one label per row of x_train and x_test")

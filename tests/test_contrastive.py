@@ -79,6 +79,8 @@ def test_info_nce_is_cross_entropy_over_the_keys():
         contrastive.info_nce(q, k, 0.0)
     with pytest.raises(ValueError, match="same shape"):
         contrastive.info_nce(q, k[:4], tau)
+    with pytest.raises(ValueError, match="B >= 1"):
+        contrastive.info_nce(q[:0], k[:0], tau)
 
 
 def test_positive_retrieval_keeps_modes_and_buffers_and_measures_what_it_says():
@@ -101,6 +103,93 @@ def test_positive_retrieval_keeps_modes_and_buffers_and_measures_what_it_says():
     scores = {contrastive.positive_retrieval(ln, x, **kwargs)
               for kwargs in ({}, {"device_batch": 8}, {"device_batch": 8, "regroup": True})}
     assert len(scores) == 1
+
+
+def test_retrieval_accuracy_reads_rows_not_columns():
+    # not symmetric: row 0's best key is its own (column 0), but column 0's best
+    # query is row 1; rows 1 and 2 pick key 0
+    q = torch.tensor([[1.0, 0.0, 0.0], [2.0, 0.0, 0.0], [3.0, 0.0, 0.0]])
+    k = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    assert contrastive.retrieval_accuracy(q, k) == pytest.approx(1 / 3)
+    assert contrastive.retrieval_accuracy(torch.eye(3), torch.eye(3)) == 1.0
+    with pytest.raises(ValueError, match="B >= 1"):
+        contrastive.retrieval_accuracy(torch.zeros(0, 3), torch.zeros(0, 3))
+
+
+@pytest.mark.parametrize("device_batch, regroup", [(None, False), (4, False), (4, True)])
+def test_positive_retrieval_against_a_hand_computation(device_batch, regroup):
+    """A trained-looking BN (running statistics far from the batch's), BN only: the score
+    is argmax over keys of the queries' and keys' normalized views, computed by hand with
+    torch's BN on the same noise, the same regrouping and the right mode."""
+    bn = bnlib.nn.BatchNorm1d(6, affine=False)
+    bn.running_mean.fill_(3.0)
+    bn.running_var.fill_(9.0)
+    net = torch.nn.Sequential(bn)
+    x = rows(32)
+    got = contrastive.positive_retrieval(net, x, device_batch=device_batch, regroup=regroup, noise=0.5, seed=4)
+
+    g = torch.Generator().manual_seed(4)
+    queries, keys = contrastive.augment(x, 0.5, g), contrastive.augment(x, 0.5, g)
+    if device_batch is None:
+        def normalize(v, groups):
+            return F.normalize(F.batch_norm(v, bn.running_mean, bn.running_var, training=False), dim=1)
+        q, k = normalize(queries, None), normalize(keys, None)
+    else:
+        order = torch.randperm(32, generator=g) if regroup else torch.arange(32)
+        q = per_slice_bn(queries, torch.arange(32).split(device_batch))
+        k = per_slice_bn(keys, order.split(device_batch))
+    want = float(((q @ k.T).argmax(dim=1) == torch.arange(32)).double().mean())
+    assert got == want
+    assert 0 < got < 1   # the noise makes some queries miss: the check has teeth
+    if regroup:   # and the regrouping matters here, by over 20 points
+        assert got < contrastive.positive_retrieval(net, x, device_batch=device_batch, noise=0.5, seed=4) - 0.2
+
+
+def test_train_contrastive_regroups_only_the_keys(monkeypatch):
+    x = rows(40)
+    encode = contrastive.encode
+    for shuffle in (False, True):
+        calls = []
+
+        def spy(encoder, inputs, device_batch=None, order=None):
+            calls.append((device_batch, order))
+            return encode(encoder, inputs, device_batch, order)
+
+        monkeypatch.setattr(contrastive, "encode", spy)
+        contrastive.train_contrastive(encoder("bn"), x, steps=3, batch_size=16, device_batch=4,
+                                      shuffle_keys=shuffle, seed=0)
+        assert len(calls) == 6 and all(b == 4 for b, _ in calls)
+        queries, keys = calls[0::2], calls[1::2]
+        assert all(order is None for _, order in queries)
+        if shuffle:
+            for _, order in keys:
+                assert torch.equal(torch.sort(order).values, torch.arange(16))
+            assert not all(torch.equal(order, torch.arange(16)) for _, order in keys)
+        else:
+            assert all(order is None for _, order in keys)
+
+
+def test_dropout_inside_the_encoder_repeats_with_the_seed():
+    def with_dropout():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(6, 16), bnlib.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                                   torch.nn.Dropout(0.5), torch.nn.Linear(16, 4))
+
+    x = rows(32)
+    runs = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        net = with_dropout()
+        runs.append((contrastive.train_contrastive(net, x, steps=5, batch_size=16, device_batch=8, seed=3),
+                     contrastive.positive_retrieval(net, x, device_batch=8, seed=3)))
+    assert runs[0] == runs[1]
+    # and the caller's random state is left alone
+    torch.manual_seed(5)
+    expected = torch.rand(1)
+    torch.manual_seed(5)
+    contrastive.train_contrastive(with_dropout(), x, steps=2, batch_size=16, device_batch=8, seed=3)
+    torch.manual_seed(5)
+    assert torch.equal(torch.rand(1), expected)
 
 
 def test_train_contrastive_learns_and_repeats_itself():
