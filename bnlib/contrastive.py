@@ -29,8 +29,10 @@ instead of the images. He et al. saw a shortcut of this kind in MoCo
 (where the positive is the only key of the current batch in the logits)
 and removed it by *shuffling BN*: the keys are encoded in a random
 regrouping of the rows over the devices and put back in order afterwards
-(``order=``), so that a query and its key share a device only by chance
-(``b / N`` of them). SimCLR takes BN's statistics over all devices instead
+(``order=``), so that a query and its key are normalized with the
+statistics of different, random groups of rows (which share, on average,
+``1 + (b - 1)**2 / (N - 1)`` of their ``b`` rows). SimCLR takes BN's
+statistics over all devices instead
 ("global BN", here :mod:`bnlib.sync_batchnorm`).
 
 Here the devices are simulated in one process, as with
