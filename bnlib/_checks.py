@@ -77,3 +77,9 @@ def check_batch_size(shape, size_text=None):
     if values_per_channel(shape) == 1:
         shown = size_text if size_text is not None else str(tuple(shape))
         raise InputError(f"Expected more than 1 value per channel when training, got input size {shown}")
+
+
+def check_integer_at_least(name, value, least):
+    """``value`` is an int (not a bool) and at least ``least``, or a ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")

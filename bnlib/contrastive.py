@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bnlib._checks import check_integer_at_least
 from bnlib.models import buffers_kept, modes_kept
 
 __all__ = [
@@ -69,8 +70,7 @@ def _check_rows(x: torch.Tensor) -> None:
 def _check_device_batch(n: int, device_batch: int | None) -> None:
     if device_batch is None:
         return
-    if isinstance(device_batch, bool) or not isinstance(device_batch, int) or device_batch < 2:
-        raise ValueError(f"device_batch must be an integer >= 2 (BN needs two rows), got {device_batch!r}")
+    check_integer_at_least("device_batch", device_batch, 2)   # BN needs two rows
     if n % device_batch:
         raise ValueError(f"device_batch must divide the {n} rows of the batch, got {device_batch}")
 
@@ -166,9 +166,8 @@ def train_contrastive(
     in training mode.
     """
     _check_rows(x)
-    for name, value, low in (("steps", steps, 0), ("batch_size", batch_size, 2)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    check_integer_at_least("steps", steps, 0)
+    check_integer_at_least("batch_size", batch_size, 2)
     if batch_size > x.shape[0]:
         raise ValueError(f"batch_size must be at most the {x.shape[0]} rows of x, got {batch_size}")
     if device_batch is None:

@@ -54,6 +54,7 @@ import torch
 from torch import nn
 
 from bnlib import models, recorders, training
+from bnlib._checks import check_integer_at_least
 from bnlib.data import Split
 from bnlib.frozen_batchnorm import FrozenBatchNorm
 
@@ -666,18 +667,13 @@ def _blocks_in_training_mode(model: nn.Sequential, x: torch.Tensor):
                 h = h_out
 
 
-def _check_batch_size(name: str, value, least: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
-
-
 def pretrain(source: Split, *, epochs: int = 10, batch_size: int = 32, lr: float = 0.1, seed: int = 0) -> nn.Sequential:
     """The network of :func:`fine_tune_run`, :func:`build_mlp` with BN (3 hidden layers of 100),
     trained on all of ``source``'s training rows: ``epochs`` of SGD in mini-batches of
     ``batch_size`` (at least 2: BN in training mode), learning rate ``lr``. Returned in
     training mode."""
-    _check_batch_size("batch_size", batch_size, 2)
-    _check_batch_size("epochs", epochs, 0)
+    check_integer_at_least("batch_size", batch_size, 2)
+    check_integer_at_least("epochs", epochs, 0)
     model = build_mlp(source.x_train.shape[1], int(source.y_train.max()) + 1, norm="bn", seed=seed)
     training.train(model, source.x_train, source.y_train, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
     return model
@@ -710,8 +706,8 @@ def fine_tune_run(
     baseline; ``frozen`` must be False). ``pretrained`` itself is not changed.
     Every argument is checked before any training.
     """
-    _check_batch_size("batch_size", batch_size, 1 if frozen else 2)
-    _check_batch_size("epochs", epochs, 0)
+    check_integer_at_least("batch_size", batch_size, 1 if frozen else 2)
+    check_integer_at_least("epochs", epochs, 0)
     n_target_classes = int(target.y_train.max()) + 1
     if pretrained is None:
         if frozen:
@@ -778,8 +774,8 @@ def train_domain_batches(
     for k, x in enumerate(domains):
         if x.shape[0] != n:
             raise ValueError(f"every domain must have the {n} rows of y, domain {k} has {x.shape[0]}")
-    _check_batch_size("batch_size", batch_size, 2)
-    _check_batch_size("epochs", epochs, 0)
+    check_integer_at_least("batch_size", batch_size, 2)
+    check_integer_at_least("epochs", epochs, 0)
     if batch_size > n:
         raise ValueError(f"batch_size must be at most the {n} rows, got {batch_size}")
     if mix and batch_size % len(domains):
