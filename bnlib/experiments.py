@@ -679,6 +679,23 @@ def pretrain(source: Split, *, epochs: int = 10, batch_size: int = 32, lr: float
     return model
 
 
+def with_new_head(pretrained: nn.Module, n_classes: int, seed: int = 0) -> nn.Module:
+    """A copy of ``pretrained`` (from :func:`pretrain`) with a new output layer ``out`` for ``n_classes``.
+
+    The new layer is torch's default ``nn.Linear``, drawn from
+    ``torch.manual_seed(seed)`` in a forked generator (the caller's random
+    state is left alone). ``pretrained`` itself is not changed.
+    """
+    if not isinstance(getattr(pretrained, "out", None), nn.Linear):
+        raise ValueError(f"pretrained must be a network from pretrain(), with an output layer 'out', "
+                         f"got {type(pretrained).__name__}")
+    model = copy.deepcopy(pretrained)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model.out = nn.Linear(model.out.in_features, n_classes)
+    return model
+
+
 def fine_tune_run(
     target: Split,
     pretrained: nn.Module | None = None,
@@ -714,16 +731,10 @@ def fine_tune_run(
             raise ValueError("frozen=True needs a pretrained network: there are no statistics to freeze")
         model = build_mlp(target.x_train.shape[1], n_target_classes, norm="bn", seed=seed)
     else:
-        if not isinstance(getattr(pretrained, "out", None), nn.Linear):
-            raise ValueError(f"pretrained must be a network from pretrain(), with an output layer 'out', "
-                             f"got {type(pretrained).__name__}")
-        first = next(m for m in pretrained.modules() if isinstance(m, nn.Linear))
+        model = with_new_head(pretrained, n_target_classes, seed)
+        first = next(m for m in model.modules() if isinstance(m, nn.Linear))
         if first.in_features != target.x_train.shape[1]:
             raise ValueError(f"pretrained takes {first.in_features} features, target has {target.x_train.shape[1]}")
-        model = copy.deepcopy(pretrained)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model.out = nn.Linear(model.out.in_features, n_target_classes)
         if frozen:
             FrozenBatchNorm.convert_frozen_batchnorm(model)
     subset = class_subset(target, n_per_class, seed=seed)

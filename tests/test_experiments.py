@@ -479,6 +479,23 @@ def test_fine_tune_run_frozen_keeps_the_pretrained_statistics(monkeypatch):
         assert torch.equal(a, b)
 
 
+def test_with_new_head_copies_and_leaves_the_random_state_alone():
+    net = ex.pretrain(blobs_split(n_train=40), epochs=1, batch_size=8, seed=0)
+    before = copy.deepcopy(net.state_dict())
+    torch.manual_seed(7)
+    expected = torch.rand(1)
+    torch.manual_seed(7)
+    model = ex.with_new_head(net, 5, seed=3)
+    assert torch.equal(torch.rand(1), expected)
+    assert model.out.out_features == 5 and model is not net
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k])
+    torch.testing.assert_close(model.fc1.weight, net.fc1.weight, rtol=0, atol=0)
+    assert torch.equal(ex.with_new_head(net, 5, seed=3).out.weight, model.out.weight)
+    with pytest.raises(ValueError, match="output layer 'out'"):
+        ex.with_new_head(torch.nn.Sequential(torch.nn.Linear(6, 3)), 5)
+
+
 def test_train_domain_batches_feeds_one_domain_per_batch_in_turn():
     split = blobs_split(n_train=40)
     x_a, x_b = split.x_train, 10 + split.x_train   # domain b: every input shifted by 10
