@@ -35,23 +35,34 @@ statistics of different, random groups of rows (which share, on average,
 statistics over all devices instead
 ("global BN", here :mod:`bnlib.sync_batchnorm`).
 
-Here the devices are simulated in one process, as with
-:class:`bnlib.nn.GhostBatchNorm`: the encoder runs on each slice of rows on
-its own. Inputs are CPU tensors (the noise and the targets are made on the
-CPU).
+Here the devices are simulated in one process: the encoder's BN layers are
+:class:`bnlib.nn.GhostBatchNorm`, whose virtual batches are the devices'
+slices, and :func:`encode` sets their size to ``device_batch``. Every other
+layer of an MLP or a CNN treats each row on its own, so one call on all rows
+computes what the devices would compute on their slices, without a Python
+loop over the devices. With ``running_stats="first"`` the running estimates
+are the ones DDP keeps (rank 0's, from its own slice, once per call). Inputs
+are CPU tensors (the noise and the targets are made on the CPU).
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from bnlib._checks import check_integer_at_least
+from bnlib.alternatives import _BatchRenorm
+from bnlib.batchnorm import _BatchNorm
+from bnlib.ghost_batchnorm import GhostBatchNorm
 from bnlib.models import buffers_kept, modes_kept
 
 __all__ = [
     "augment",
+    "device_batches",
     "encode",
     "info_nce",
     "retrieval_accuracy",
@@ -80,6 +91,40 @@ def augment(x: torch.Tensor, noise: float, generator: torch.Generator) -> torch.
     return x + noise * torch.randn(x.shape, generator=generator, dtype=x.dtype)
 
 
+def _uses_batch_statistics(module: nn.Module) -> bool:
+    """A BN-like layer that normalizes with the statistics of the rows it is given."""
+    batch_layers = (nn.modules.batchnorm._BatchNorm, _BatchNorm, _BatchRenorm)
+    return isinstance(module, batch_layers) and (module.training or module.running_mean is None)
+
+
+@contextlib.contextmanager
+def device_batches(encoder: nn.Module, device_batch: int) -> Iterator[None]:
+    """Within the block, every :class:`~bnlib.nn.GhostBatchNorm` of ``encoder``
+    normalizes virtual batches of ``device_batch`` rows: one device each.
+
+    Raises ``ValueError``, before anything changes, when another layer would
+    normalize with the statistics of all rows at once (a BatchNorm, SyncBN or
+    Batch Renorm in training mode, or without running estimates): it cannot
+    stand for per-device BN. Their sizes come back afterwards, also on error.
+    """
+    check_integer_at_least("device_batch", device_batch, 2)   # BN needs two rows
+    for name, module in encoder.named_modules():
+        if _uses_batch_statistics(module) and not isinstance(module, GhostBatchNorm):
+            raise ValueError(
+                "per-device BN is simulated with GhostBatchNorm layers, but "
+                f"{f'layer {name!r}' if name else 'the encoder'} ({type(module).__name__}) would normalize "
+                "with the statistics of all rows; build the encoder with bnlib.nn.GhostBatchNorm instead")
+    ghosts = [m for m in encoder.modules() if isinstance(m, GhostBatchNorm)]
+    sizes = [m.virtual_batch_size for m in ghosts]
+    try:
+        for module in ghosts:
+            module.virtual_batch_size = device_batch
+        yield
+    finally:
+        for module, size in zip(ghosts, sizes):
+            module.virtual_batch_size = size
+
+
 def encode(
     encoder: nn.Module,
     x: torch.Tensor,
@@ -88,11 +133,12 @@ def encode(
 ) -> torch.Tensor:
     """``encoder(x)`` scaled to unit length per row, shape ``(N, d_out)``.
 
-    ``device_batch=None``: one call on all ``N`` rows (in whatever mode the
-    encoder is). ``device_batch=b``: the rows are cut into ``N / b``
-    consecutive slices of ``b`` rows, one per device, and the encoder runs
-    on each slice on its own, so its BN layers (in training mode) normalize
-    with that slice's statistics. ``order`` (a permutation of ``range(N)``):
+    ``device_batch=None``: one call on all ``N`` rows, the encoder as it is
+    (in eval mode, BN uses its running estimates). ``device_batch=b``: the
+    rows are cut into ``N / b`` consecutive slices of ``b`` rows, one per
+    device, and every BN layer (a :class:`~bnlib.nn.GhostBatchNorm`; see
+    :func:`device_batches`) normalizes each slice with that slice's
+    statistics in training mode. ``order`` (a permutation of ``range(N)``):
     the slices are cut from ``x[order]`` instead, and the output is put back
     in the order of ``x`` (shuffle BN: row ``i`` of the result is still
     ``f(x_i)``, normalized with the statistics of another group of rows).
@@ -108,7 +154,8 @@ def encode(
     if device_batch is None:
         return F.normalize(encoder(x), dim=1)
     rows = torch.arange(n) if order is None else order.long()
-    out = torch.cat([encoder(x[idx]) for idx in rows.split(device_batch)])
+    with device_batches(encoder, device_batch):
+        out = encoder(x[rows])
     # out[j] is f(x[rows[j]]); put row rows[j] back at place rows[j]
     restored = torch.empty_like(out)
     restored[rows] = out

@@ -17,8 +17,13 @@ import bnlib.nn
 from bnlib import contrastive, data, models
 
 
+def ghost(num_features, **kwargs):
+    """Per-device BN as bnlib.contrastive expects it (encode sets the virtual batch size)."""
+    return bnlib.nn.GhostBatchNorm(num_features, 1024, running_stats="first", **kwargs)
+
+
 def encoder(norm="bn", seed=0):
-    layer = bnlib.nn.BatchNorm1d if norm == "bn" else bnlib.nn.LayerNorm
+    layer = ghost if norm == "bn" else bnlib.nn.LayerNorm
     return models.make_mlp(6, 16, 4, depth=2, activation="relu", norm_layer=layer, seed=seed)
 
 
@@ -35,7 +40,7 @@ def per_slice_bn(x, groups):
 
 
 def test_encode_normalizes_each_device_with_its_own_rows():
-    bn = torch.nn.Sequential(bnlib.nn.BatchNorm1d(6, affine=False)).train()
+    bn = torch.nn.Sequential(ghost(6, affine=False)).train()
     x = rows()
     got = contrastive.encode(bn, x, device_batch=4)
     torch.testing.assert_close(got, per_slice_bn(x, torch.arange(24).split(4)), rtol=1e-5, atol=1e-6)
@@ -46,7 +51,7 @@ def test_encode_normalizes_each_device_with_its_own_rows():
 
 
 def test_encode_with_an_order_regroups_the_rows_and_puts_them_back():
-    bn = torch.nn.Sequential(bnlib.nn.BatchNorm1d(6, affine=False)).train()
+    bn = torch.nn.Sequential(ghost(6, affine=False)).train()
     x = rows()
     order = torch.randperm(24, generator=torch.Generator().manual_seed(1))
     got = contrastive.encode(bn, x, device_batch=4, order=order)
@@ -62,6 +67,48 @@ def test_a_per_sample_encoder_does_not_see_the_grouping():
     order = torch.randperm(24, generator=torch.Generator().manual_seed(2))
     for got in (contrastive.encode(ln, x, device_batch=4), contrastive.encode(ln, x, device_batch=6, order=order)):
         torch.testing.assert_close(got, whole, rtol=1e-5, atol=1e-6)
+
+
+def test_one_call_computes_what_the_devices_compute_on_their_slices():
+    """The definition: each device runs the whole encoder (torch's BN layers) on its slice.
+    Ghost layers in one call give the same rows, and the running estimates of the first
+    device's BN layers (DDP keeps rank 0's), updated once."""
+    net = encoder("bn", seed=1).train()
+    x = rows(24, seed=3)
+    order = torch.randperm(24, generator=torch.Generator().manual_seed(5))
+    got = contrastive.encode(net, x, device_batch=6, order=order)
+
+    device = models.make_mlp(6, 16, 4, depth=2, activation="relu", norm_layer=torch.nn.BatchNorm1d, seed=1)
+    device.load_state_dict(encoder("bn", seed=1).state_dict())
+    first = copy.deepcopy(device).train()
+    want = torch.empty(24, 4)
+    for i, idx in enumerate(order.split(6)):
+        want[idx] = (first if i == 0 else copy.deepcopy(device).train())(x[idx])
+    torch.testing.assert_close(got, F.normalize(want, dim=1), rtol=1e-5, atol=1e-6)
+    for name, tensor in first.state_dict().items():
+        torch.testing.assert_close(net.state_dict()[name], tensor, rtol=1e-5, atol=1e-6)
+    assert net.norm1.virtual_batch_size == 1024   # the encoder's own size comes back
+
+
+@pytest.mark.parametrize("layer", [bnlib.nn.BatchNorm1d, torch.nn.BatchNorm1d, bnlib.nn.BatchRenorm1d])
+def test_a_layer_with_whole_batch_statistics_is_refused(layer):
+    net = torch.nn.Sequential(ghost(6), layer(6)).train()
+    before = copy.deepcopy(net.state_dict())
+    with pytest.raises(ValueError, match=f"layer '1' \\({layer.__name__}\\) would normalize .*GhostBatchNorm"):
+        contrastive.encode(net, rows(), device_batch=4)
+    for name, tensor in net.state_dict().items():
+        assert torch.equal(tensor, before[name])
+    assert net[0].virtual_batch_size == 1024
+    # in eval mode, with running estimates, it does not look at the batch
+    net[1].eval()
+    contrastive.encode(net, rows(), device_batch=4)
+
+
+def test_device_batches_restores_the_sizes_when_the_encoder_raises():
+    net = encoder("bn").train()
+    with pytest.raises(RuntimeError):
+        contrastive.encode(net, rows()[:, :5], device_batch=4)   # 5 features for 6
+    assert [m.virtual_batch_size for m in (net.norm1, net.norm2)] == [1024, 1024]
 
 
 def test_info_nce_is_cross_entropy_over_the_keys():
@@ -121,7 +168,7 @@ def test_positive_retrieval_against_a_hand_computation(device_batch, regroup):
     """A trained-looking BN (running statistics far from the batch's), BN only: the score
     is argmax over keys of the queries' and keys' normalized views, computed by hand with
     torch's BN on the same noise, the same regrouping and the right mode."""
-    bn = bnlib.nn.BatchNorm1d(6, affine=False)
+    bn = ghost(6, affine=False)
     bn.running_mean.fill_(3.0)
     bn.running_var.fill_(9.0)
     net = torch.nn.Sequential(bn)
@@ -172,7 +219,7 @@ def test_train_contrastive_regroups_only_the_keys(monkeypatch):
 def test_dropout_inside_the_encoder_repeats_with_the_seed():
     def with_dropout():
         torch.manual_seed(0)
-        return torch.nn.Sequential(torch.nn.Linear(6, 16), bnlib.nn.BatchNorm1d(16), torch.nn.ReLU(),
+        return torch.nn.Sequential(torch.nn.Linear(6, 16), ghost(16), torch.nn.ReLU(),
                                    torch.nn.Dropout(0.5), torch.nn.Linear(16, 4))
 
     x = rows(32)
