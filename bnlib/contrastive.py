@@ -38,11 +38,13 @@ statistics over all devices instead
 Here the devices are simulated in one process: the encoder's BN layers are
 :class:`bnlib.nn.GhostBatchNorm`, whose virtual batches are the devices'
 slices, and :func:`encode` sets their size to ``device_batch``. Every other
-layer of an MLP or a CNN treats each row on its own, so one call on all rows
-computes what the devices would compute on their slices, without a Python
-loop over the devices. With ``running_stats="first"`` the running estimates
-are the ones DDP keeps (rank 0's, from its own slice, once per call). Inputs
-are CPU tensors (the noise and the targets are made on the CPU).
+layer must treat each row on its own (an MLP's linear layers, activations,
+LN, dropout); then one call on all rows computes what the devices would
+compute on their slices, without a Python loop over the devices. A layer
+that mixes rows in some other way is not detected. With
+``running_stats="first"`` the running estimates are the ones DDP keeps
+(rank 0's, from its own slice, once per call). Inputs are CPU tensors (the
+noise and the targets are made on the CPU).
 """
 
 from __future__ import annotations
@@ -55,8 +57,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnlib._checks import check_integer_at_least
-from bnlib.alternatives import _BatchRenorm
-from bnlib.batchnorm import _BatchNorm
+from bnlib.alternatives import _InstanceNorm
+from bnlib.frozen_batchnorm import FrozenBatchNorm
 from bnlib.ghost_batchnorm import GhostBatchNorm
 from bnlib.models import buffers_kept, modes_kept
 
@@ -92,20 +94,29 @@ def augment(x: torch.Tensor, noise: float, generator: torch.Generator) -> torch.
 
 
 def _uses_batch_statistics(module: nn.Module) -> bool:
-    """A BN-like layer that normalizes with the statistics of the rows it is given."""
-    batch_layers = (nn.modules.batchnorm._BatchNorm, _BatchNorm, _BatchRenorm)
-    return isinstance(module, batch_layers) and (module.training or module.running_mean is None)
+    """A BN-like layer (it keeps ``running_mean``, possibly ``None``) that
+    normalizes with the statistics of the rows it is given: in training mode,
+    or without running estimates. Instance norms normalize each row on its
+    own and a frozen BN never looks at the batch."""
+    per_row = (nn.modules.instancenorm._InstanceNorm, _InstanceNorm, FrozenBatchNorm)
+    return (hasattr(module, "running_mean") and not isinstance(module, per_row)
+            and (module.training or module.running_mean is None))
 
 
 @contextlib.contextmanager
 def device_batches(encoder: nn.Module, device_batch: int) -> Iterator[None]:
     """Within the block, every :class:`~bnlib.nn.GhostBatchNorm` of ``encoder``
-    normalizes virtual batches of ``device_batch`` rows: one device each.
+    that uses batch statistics (training mode) normalizes virtual batches of
+    ``device_batch`` rows: one device each (a remainder of ``N`` rows that
+    ``device_batch`` does not divide is a last, smaller device).
 
     Raises ``ValueError``, before anything changes, when another layer would
-    normalize with the statistics of all rows at once (a BatchNorm, SyncBN or
-    Batch Renorm in training mode, or without running estimates): it cannot
-    stand for per-device BN. Their sizes come back afterwards, also on error.
+    normalize with the statistics of all rows at once (a BatchNorm, SyncBN,
+    Batch Renorm or any layer with a ``running_mean``, in training mode or
+    without running estimates): it cannot stand for per-device BN. The
+    GhostBatchNorm layers get their own sizes back afterwards, also when the
+    block raises; running estimates that a layer had already updated stay
+    updated.
     """
     check_integer_at_least("device_batch", device_batch, 2)   # BN needs two rows
     for name, module in encoder.named_modules():
@@ -142,6 +153,11 @@ def encode(
     the slices are cut from ``x[order]`` instead, and the output is put back
     in the order of ``x`` (shuffle BN: row ``i`` of the result is still
     ``f(x_i)``, normalized with the statistics of another group of rows).
+    Each GhostBatchNorm's own ``virtual_batch_size`` is overridden for the
+    call (ghost batches within a device are not simulated), and its running
+    estimates move as its ``running_stats`` says, once per call: ``"first"``
+    from the first device's rows, as DDP keeps them; ``"pooled"`` from the
+    statistics of all devices pooled.
     """
     _check_rows(x)
     n = x.shape[0]

@@ -90,7 +90,8 @@ def test_one_call_computes_what_the_devices_compute_on_their_slices():
     assert net.norm1.virtual_batch_size == 1024   # the encoder's own size comes back
 
 
-@pytest.mark.parametrize("layer", [bnlib.nn.BatchNorm1d, torch.nn.BatchNorm1d, bnlib.nn.BatchRenorm1d])
+@pytest.mark.parametrize("layer", [bnlib.nn.BatchNorm1d, torch.nn.BatchNorm1d, bnlib.nn.BatchRenorm1d,
+                                   models.ConstantStatsBatchNorm1d])
 def test_a_layer_with_whole_batch_statistics_is_refused(layer):
     net = torch.nn.Sequential(ghost(6), layer(6)).train()
     before = copy.deepcopy(net.state_dict())
@@ -102,6 +103,75 @@ def test_a_layer_with_whole_batch_statistics_is_refused(layer):
     # in eval mode, with running estimates, it does not look at the batch
     net[1].eval()
     contrastive.encode(net, rows(), device_batch=4)
+
+
+def test_which_layers_pass_the_check():
+    # torch's BN in eval mode but without running estimates still uses the batch
+    no_estimates = torch.nn.Sequential(ghost(6), torch.nn.BatchNorm1d(6, track_running_stats=False)).eval()
+    with pytest.raises(ValueError, match="layer '1' \\(BatchNorm1d\\)"):
+        contrastive.encode(no_estimates, rows(), device_batch=4)
+    # a frozen BN and the per-row norms never look at the other rows, in any mode
+    per_row = torch.nn.Sequential(bnlib.nn.FrozenBatchNorm(6), torch.nn.LayerNorm(6),
+                                  torch.nn.GroupNorm(2, 6)).train()
+    x = rows()
+    torch.testing.assert_close(contrastive.encode(per_row, x, device_batch=4),
+                               contrastive.encode(per_row, x), rtol=0, atol=0)
+
+
+def test_nested_ghost_layers_of_different_sizes_are_all_set_and_restored():
+    inner = torch.nn.Sequential(torch.nn.Linear(6, 6), bnlib.nn.GhostBatchNorm(6, 7, affine=False))
+    net = torch.nn.Sequential(inner, torch.nn.Sequential(ghost(6, affine=False))).train()
+    torch.nn.init.eye_(inner[0].weight)
+    torch.nn.init.zeros_(inner[0].bias)
+    x = rows()
+    order = torch.randperm(24, generator=torch.Generator().manual_seed(6))
+    # an identity layer, then BN twice on the same device: BN of BN of each slice
+    want = torch.empty(24, 6)
+    for idx in order.split(4):
+        want[idx] = F.batch_norm(F.batch_norm(x[idx], None, None, training=True), None, None, training=True)
+    torch.testing.assert_close(contrastive.encode(net, x, device_batch=4, order=order),
+                               F.normalize(want, dim=1), rtol=1e-5, atol=1e-5)
+    assert (inner[1].virtual_batch_size, net[1][0].virtual_batch_size) == (7, 1024)
+
+
+def test_ghost_without_running_estimates_uses_each_device_in_eval_mode_too():
+    net = torch.nn.Sequential(ghost(6, affine=False, track_running_stats=False)).eval()
+    x = rows()
+    torch.testing.assert_close(contrastive.encode(net, x, device_batch=4),
+                               per_slice_bn(x, torch.arange(24).split(4)), rtol=1e-5, atol=1e-6)
+
+
+def test_one_training_step_matches_devices_run_one_by_one():
+    """train_contrastive's first SGD step against the same step computed by hand: the same
+    draws, the encoder (torch's BN) run on each device's slice, torch's cross-entropy."""
+    x = rows(40, seed=7)
+    for shuffle in (False, True):
+        net = encoder("bn", seed=2)
+        contrastive.train_contrastive(net, x, steps=1, batch_size=16, device_batch=4,
+                                      shuffle_keys=shuffle, noise=0.3, tau=0.5, lr=0.1, seed=9)
+
+        device = models.make_mlp(6, 16, 4, depth=2, activation="relu", norm_layer=torch.nn.BatchNorm1d, seed=2)
+        device.load_state_dict(encoder("bn", seed=2).state_dict())
+        device.train()
+        g = torch.Generator().manual_seed(9)
+        batch = x[torch.randperm(40, generator=g)[:16]]
+        queries = batch + 0.3 * torch.randn(batch.shape, generator=g)
+        keys = batch + 0.3 * torch.randn(batch.shape, generator=g)
+        order = torch.randperm(16, generator=g) if shuffle else torch.arange(16)
+
+        def on_devices(inputs, rows_in_order):
+            out = torch.empty(16, 4)
+            for idx in rows_in_order.split(4):
+                out[idx] = device(inputs[idx])
+            return F.normalize(out, dim=1)
+
+        q, k = on_devices(queries, torch.arange(16)), on_devices(keys, order)
+        F.cross_entropy(q @ k.T / 0.5, torch.arange(16)).backward()
+        with torch.no_grad():
+            for p in device.parameters():
+                p -= 0.1 * p.grad   # SGD's first step: the momentum buffer is the gradient
+        for (name, got), want in zip(net.named_parameters(), device.parameters()):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_device_batches_restores_the_sizes_when_the_encoder_raises():
