@@ -30,6 +30,7 @@ __all__ = [
     "standardize",
     "load_digits_split",
     "gaussian_blobs",
+    "two_spirals_split",
 ]
 
 
@@ -108,3 +109,45 @@ def gaussian_blobs(
     y = torch.arange(n_samples) % n_classes
     x = centres[y] + spread * torch.randn(n_samples, n_features, generator=g, dtype=torch.float64)
     return x.to(dtype), y
+
+
+def two_spirals_split(
+    n_train: int = 2000,
+    n_test: int = 2000,
+    noise: float = 0.2,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> Split:
+    r"""Two interleaved spirals in the plane, one per class: a problem no straight line solves.
+
+    Point ``i`` has label ``y_i`` (0 or 1, each with probability 1/2) and
+    angle :math:`t_i = 3\pi \sqrt{u_i}`, :math:`u_i \sim U(0, 1)` (so the
+    points are spread about evenly along the arm's length, 1.5 turns), and lies at
+
+    .. math::
+
+        x_i = t_i \,(\cos(t_i + \pi y_i),\; \sin(t_i + \pi y_i)) + \text{noise}\cdot e_i,
+        \qquad e_i \sim \mathcal{N}(0, I):
+
+    class 1 is class 0 turned by half a turn. The first ``n_train`` of
+    ``n_train + n_test`` draws (one generator, ``seed``) are the training
+    split; both are standardized with the training split's statistics (the
+    module docstring). Returns a :class:`Split`, ``x_*`` of shape ``(n, 2)``.
+    """
+    if n_train < 2 or n_test < 1:
+        raise ValueError(f"n_train must be >= 2 and n_test >= 1, got {n_train} and {n_test}")
+    if not noise >= 0:
+        raise ValueError(f"noise must be >= 0, got {noise}")
+    rng = np.random.default_rng(seed)
+    n = n_train + n_test
+    t = 3 * np.pi * np.sqrt(rng.uniform(0.0, 1.0, n))
+    y = rng.integers(0, 2, n)
+    x = t[:, None] * np.stack([np.cos(t + np.pi * y), np.sin(t + np.pi * y)], axis=1)
+    x = x + noise * rng.normal(size=(n, 2))
+    mu, std = fit_standardizer(x[:n_train])
+    return Split(
+        torch.as_tensor(standardize(x[:n_train], mu, std), dtype=dtype),
+        torch.as_tensor(y[:n_train], dtype=torch.int64),
+        torch.as_tensor(standardize(x[n_train:], mu, std), dtype=dtype),
+        torch.as_tensor(y[n_train:], dtype=torch.int64),
+    )

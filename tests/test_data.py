@@ -89,3 +89,43 @@ def test_fit_standardizer_constant_column_whose_mean_rounds_off():
     x = np.column_stack([np.arange(6.0), np.full(6, 0.7)])
     mu, std = data.fit_standardizer(x)
     assert std[1] == 1.0 and np.all(data.standardize(x, mu, std)[:, 1] == 0.0)
+
+
+def test_two_spirals_split_is_standardized_with_training_statistics():
+    split = data.two_spirals_split(1500, 500, seed=3)
+    assert split.x_train.shape == (1500, 2) and split.x_test.shape == (500, 2)
+    assert split.x_train.dtype == torch.float32 and split.y_train.dtype == torch.int64
+    assert set(split.y_train.tolist()) == {0, 1} and 0.45 < split.y_train.double().mean() < 0.55
+    torch.testing.assert_close(split.x_train.double().mean(0), torch.zeros(2, dtype=torch.float64),
+                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(split.x_train.double().std(0, unbiased=False), torch.ones(2, dtype=torch.float64),
+                               atol=1e-6, rtol=0)
+    # the test split gets the training transform, not its own
+    assert split.x_test.double().mean(0).abs().max() > 1e-3
+    again = data.two_spirals_split(1500, 500, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(split, again))
+    assert not torch.equal(data.two_spirals_split(1500, 500, seed=4).x_train, split.x_train)
+
+
+def test_two_spirals_need_more_than_a_straight_line():
+    """Nearest neighbours separate the arms; the best linear fit does not."""
+    split = data.two_spirals_split(2000, 1000, seed=0)
+    nearest = torch.cdist(split.x_test, split.x_train).argmin(dim=1)
+    assert (split.y_train[nearest] == split.y_test).double().mean() > 0.95
+    # least squares on (x, 1) against +-1 labels, then the sign
+    design = torch.cat([split.x_train.double(), torch.ones(2000, 1, dtype=torch.float64)], dim=1)
+    target = 2.0 * split.y_train.double() - 1
+    w = torch.linalg.lstsq(design, target[:, None]).solution
+    test_design = torch.cat([split.x_test.double(), torch.ones(1000, 1, dtype=torch.float64)], dim=1)
+    linear = ((test_design @ w).squeeze(1) > 0).long()
+    assert (linear == split.y_test).double().mean() < 0.75
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(n_train=1), "n_train must be >= 2"),
+    (dict(n_test=0), "n_test >= 1"),
+    (dict(noise=-0.1), "noise must be >= 0"),
+])
+def test_two_spirals_bad_input(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        data.two_spirals_split(**kwargs)
