@@ -111,6 +111,14 @@ def gaussian_blobs(
     return x.to(dtype), y
 
 
+def _spiral_points(rng: np.random.Generator, n: int, noise: float) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` raw points of :func:`two_spirals_split` and their labels, before standardization."""
+    t = 3 * np.pi * np.sqrt(rng.uniform(0.0, 1.0, n))
+    y = rng.integers(0, 2, n)
+    x = t[:, None] * np.stack([np.cos(t + np.pi * y), np.sin(t + np.pi * y)], axis=1)
+    return x + noise * rng.normal(size=(n, 2)), y
+
+
 def two_spirals_split(
     n_train: int = 2000,
     n_test: int = 2000,
@@ -129,25 +137,23 @@ def two_spirals_split(
         x_i = t_i \,(\cos(t_i + \pi y_i),\; \sin(t_i + \pi y_i)) + \text{noise}\cdot e_i,
         \qquad e_i \sim \mathcal{N}(0, I):
 
-    class 1 is class 0 turned by half a turn. The first ``n_train`` of
-    ``n_train + n_test`` draws (one generator, ``seed``) are the training
-    split; both are standardized with the training split's statistics (the
-    module docstring). Returns a :class:`Split`, ``x_*`` of shape ``(n, 2)``.
+    before standardization, class 1 is class 0 turned by half a turn. One
+    generator (``seed``) draws the ``n_train`` training points, then the
+    ``n_test`` test points, so the training split does not depend on
+    ``n_test``. Both are standardized with the training split's statistics
+    (the module docstring). Returns a :class:`Split`, ``x_*`` of shape ``(n, 2)``.
     """
     if n_train < 2 or n_test < 1:
         raise ValueError(f"n_train must be >= 2 and n_test >= 1, got {n_train} and {n_test}")
     if not noise >= 0:
         raise ValueError(f"noise must be >= 0, got {noise}")
     rng = np.random.default_rng(seed)
-    n = n_train + n_test
-    t = 3 * np.pi * np.sqrt(rng.uniform(0.0, 1.0, n))
-    y = rng.integers(0, 2, n)
-    x = t[:, None] * np.stack([np.cos(t + np.pi * y), np.sin(t + np.pi * y)], axis=1)
-    x = x + noise * rng.normal(size=(n, 2))
-    mu, std = fit_standardizer(x[:n_train])
+    x_train, y_train = _spiral_points(rng, n_train, noise)
+    x_test, y_test = _spiral_points(rng, n_test, noise)
+    mu, std = fit_standardizer(x_train)
     return Split(
-        torch.as_tensor(standardize(x[:n_train], mu, std), dtype=dtype),
-        torch.as_tensor(y[:n_train], dtype=torch.int64),
-        torch.as_tensor(standardize(x[n_train:], mu, std), dtype=dtype),
-        torch.as_tensor(y[n_train:], dtype=torch.int64),
+        torch.as_tensor(standardize(x_train, mu, std), dtype=dtype),
+        torch.as_tensor(y_train, dtype=torch.int64),
+        torch.as_tensor(standardize(x_test, mu, std), dtype=dtype),
+        torch.as_tensor(y_test, dtype=torch.int64),
     )

@@ -100,8 +100,17 @@ def test_two_spirals_split_is_standardized_with_training_statistics():
                                atol=1e-6, rtol=0)
     torch.testing.assert_close(split.x_train.double().std(0, unbiased=False), torch.ones(2, dtype=torch.float64),
                                atol=1e-6, rtol=0)
-    # the test split gets the training transform, not its own
-    assert split.x_test.double().mean(0).abs().max() > 1e-3
+    # the test split gets the training transform: the raw points, standardized
+    # with the training split's mu and std (not its own, nor pooled ones)
+    rng = np.random.default_rng(3)
+    raw_train, y_train = data._spiral_points(rng, 1500, 0.2)
+    raw_test, y_test = data._spiral_points(rng, 500, 0.2)
+    mu, std = data.fit_standardizer(raw_train)
+    torch.testing.assert_close(split.x_test, torch.as_tensor(data.standardize(raw_test, mu, std),
+                                                             dtype=torch.float32))
+    assert torch.equal(split.y_test, torch.as_tensor(y_test))
+    # the training split does not depend on n_test
+    assert torch.equal(data.two_spirals_split(1500, 20, seed=3).x_train, split.x_train)
     again = data.two_spirals_split(1500, 500, seed=3)
     assert all(torch.equal(a, b) for a, b in zip(split, again))
     assert not torch.equal(data.two_spirals_split(1500, 500, seed=4).x_train, split.x_train)
@@ -119,6 +128,16 @@ def test_two_spirals_need_more_than_a_straight_line():
     test_design = torch.cat([split.x_test.double(), torch.ones(1000, 1, dtype=torch.float64)], dim=1)
     linear = ((test_design @ w).squeeze(1) > 0).long()
     assert (linear == split.y_test).double().mean() < 0.75
+
+
+def test_spiral_points_lie_on_their_arms():
+    """Without noise a point of class y at radius t has the angle t + pi*y (mod 2 pi):
+    class 1 is class 0 turned by half a turn."""
+    x, y = data._spiral_points(np.random.default_rng(0), 400, 0.0)
+    radius = np.hypot(x[:, 0], x[:, 1])
+    assert radius.max() <= 3 * np.pi + 1e-9 and set(y.tolist()) == {0, 1}
+    offset = np.angle(np.exp(1j * (np.arctan2(x[:, 1], x[:, 0]) - radius - np.pi * y)))
+    np.testing.assert_allclose(offset, 0, atol=1e-9)
 
 
 @pytest.mark.parametrize("kwargs, match", [
