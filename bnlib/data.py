@@ -57,6 +57,17 @@ def standardize(x: np.ndarray, mu: np.ndarray, std: np.ndarray) -> np.ndarray:
     return (np.asarray(x, dtype=np.float64) - mu) / std
 
 
+def _standardized_split(x_train, y_train, x_test, y_test, dtype: torch.dtype) -> Split:
+    """A :class:`Split` of tensors, both inputs standardized with the training rows' ``mu`` and ``std``."""
+    mu, std = fit_standardizer(x_train)
+    return Split(
+        torch.as_tensor(standardize(x_train, mu, std), dtype=dtype),
+        torch.as_tensor(y_train, dtype=torch.int64),
+        torch.as_tensor(standardize(x_test, mu, std), dtype=dtype),
+        torch.as_tensor(y_test, dtype=torch.int64),
+    )
+
+
 def load_digits_split(
     test_size: float = 0.25, seed: int = 0, dtype: torch.dtype = torch.float32
 ) -> Split:
@@ -76,13 +87,7 @@ def load_digits_split(
     x_tr, x_te, y_tr, y_te = train_test_split(
         digits.data, digits.target, test_size=test_size, random_state=seed, stratify=digits.target
     )
-    mu, std = fit_standardizer(x_tr)
-    return Split(
-        torch.as_tensor(standardize(x_tr, mu, std), dtype=dtype),
-        torch.as_tensor(y_tr, dtype=torch.int64),
-        torch.as_tensor(standardize(x_te, mu, std), dtype=dtype),
-        torch.as_tensor(y_te, dtype=torch.int64),
-    )
+    return _standardized_split(x_tr, y_tr, x_te, y_te, dtype)
 
 
 def gaussian_blobs(
@@ -150,10 +155,4 @@ def two_spirals_split(
     rng = np.random.default_rng(seed)
     x_train, y_train = _spiral_points(rng, n_train, noise)
     x_test, y_test = _spiral_points(rng, n_test, noise)
-    mu, std = fit_standardizer(x_train)
-    return Split(
-        torch.as_tensor(standardize(x_train, mu, std), dtype=dtype),
-        torch.as_tensor(y_train, dtype=torch.int64),
-        torch.as_tensor(standardize(x_test, mu, std), dtype=dtype),
-        torch.as_tensor(y_test, dtype=torch.int64),
-    )
+    return _standardized_split(x_train, y_train, x_test, y_test, dtype)
