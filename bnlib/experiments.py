@@ -76,6 +76,7 @@ __all__ = [
     "class_subset",
     "class_split",
     "generalization_gap",
+    "batch_noise",
     "format_table",
     "variance_shift",
     "stream_std",
@@ -547,6 +548,57 @@ def generalization_gap(
         v = seed_values(one, seeds)
         out[name] = {"train": v[:, 0], "test": v[:, 1], "gap": v[:, 0] - v[:, 1], "test_loss": v[:, 2]}
     return out
+
+
+def batch_noise(
+    model: nn.Module,
+    x_probe: torch.Tensor,
+    x_pool: torch.Tensor,
+    batch_size: int,
+    draws: int = 50,
+    seed: int = 0,
+) -> np.ndarray:
+    r"""How much a sample's activations move with its batch companions, per hidden layer.
+
+    Each probe row :math:`x_i` is put into ``draws`` training-mode batches
+    with ``batch_size - 1`` companions drawn without replacement from
+    ``x_pool`` (a new draw each time, from a generator seeded with ``seed``).
+    For every activation layer :math:`l` with output :math:`h^{[l]}`, the
+    relative noise of row :math:`i` is the root mean square over the units of
+    the standard deviation over the draws, over the root mean square of the
+    activations themselves,
+
+    .. math::
+
+        r_i^{[l]} = \sqrt{\frac{\operatorname{mean}_j \operatorname{Var}_d\, h^{[l]}_{ij}}
+                          {\operatorname{mean}_{j,d}\, (h^{[l]}_{ij})^2}},
+
+    averaged over the probe rows: a float64 array of one value per
+    activation layer (the layers :func:`bnlib.recorders.record` sees). In
+    these units inverted dropout with probability ``p`` has a noise of
+    :math:`\sqrt{p/(1-p)}`, 1 at ``p = 0.5``, whatever the activations. A
+    network without batch statistics has 0. The model's buffers and modes
+    are restored (:func:`bnlib.recorders.probe`); its dropout, if any, would
+    add its own noise, so probe a model without it.
+    """
+    check_integer_at_least("batch_size", batch_size, 2)
+    check_integer_at_least("draws", draws, 2)
+    if x_pool.shape[0] < batch_size - 1:
+        raise ValueError(f"x_pool must hold at least batch_size - 1 = {batch_size - 1} rows, "
+                         f"got {x_pool.shape[0]}")
+    generator = torch.Generator().manual_seed(seed)
+    per_row = []
+    for row in x_probe:
+        seen = []   # per draw: the probe row's activations, one tensor per layer
+        for _ in range(draws):
+            companions = x_pool[torch.randperm(x_pool.shape[0], generator=generator)[: batch_size - 1]]
+            recording = recorders.probe(model, torch.cat([row[None], companions]), train=True)
+            seen.append([a[0].double() for a in recording.a])
+        per_row.append([
+            float((h.var(0, unbiased=False).mean() / h.pow(2).mean()).sqrt())
+            for h in (torch.stack([draw[l] for draw in seen]) for l in range(len(seen[0])))
+        ])
+    return np.asarray(per_row).mean(axis=0)
 
 
 def format_table(

@@ -586,3 +586,55 @@ def test_train_domain_batches_checks_its_arguments():
         kwargs = {"epochs": 1, "batch_size": 8, **kw}
         with pytest.raises(ValueError, match=match):
             ex.train_domain_batches(model, domains, split.y_train, **kwargs)
+
+
+def test_batch_noise_against_a_hand_computation():
+    """One BN layer and a ReLU: the probe row's ReLU output over draws of companions, by hand
+    with torch's BN, the same generator and the formula of the docstring."""
+    model = torch.nn.Sequential(bnlib.nn.BatchNorm1d(3, affine=False), torch.nn.ReLU())
+    g = torch.Generator().manual_seed(0)
+    probe, pool = torch.randn(2, 3, generator=g), torch.randn(30, 3, generator=g)
+    before = copy.deepcopy(model.state_dict())
+    got = ex.batch_noise(model, probe, pool, batch_size=6, draws=5, seed=7)
+    assert got.shape == (1,)
+    for name, tensor in model.state_dict().items():   # running estimates left alone
+        assert torch.equal(tensor, before[name])
+
+    draws_g = torch.Generator().manual_seed(7)
+    values = []
+    for row in probe:
+        h = []
+        for _ in range(5):
+            companions = pool[torch.randperm(30, generator=draws_g)[:5]]
+            batch = torch.cat([row[None], companions]).double()
+            h.append(torch.relu(torch.nn.functional.batch_norm(batch, None, None, training=True))[0])
+        h = torch.stack(h)
+        values.append(float((h.var(0, unbiased=False).mean() / h.pow(2).mean()).sqrt()))
+    np.testing.assert_allclose(got, [np.mean(values)], rtol=1e-5)
+
+
+def test_batch_noise_is_zero_without_batch_statistics_and_falls_with_the_batch():
+    g = torch.Generator().manual_seed(1)
+    probe, pool = torch.randn(4, 8, generator=g), torch.randn(300, 8, generator=g)
+    for norm in (None, "ln"):
+        layer = None if norm is None else torch.nn.LayerNorm
+        net = models.make_mlp(8, 16, 3, depth=2, activation="relu", norm_layer=layer, seed=0)
+        np.testing.assert_allclose(ex.batch_noise(net, probe, pool, batch_size=8, draws=4), 0, atol=1e-12)
+    net = models.make_mlp(8, 16, 3, depth=2, activation="relu", norm="bn", seed=0)
+    noise = {b: ex.batch_noise(net, probe, pool, batch_size=b, draws=40) for b in (4, 16, 64)}
+    assert noise[4].shape == (2,)
+    assert (noise[4] > noise[16]).all() and (noise[16] > noise[64]).all()
+    # about 1/sqrt(B): four times the batch, about half the noise
+    assert (1.5 < noise[16] / noise[64]).all() and (noise[16] / noise[64] < 2.7).all()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(batch_size=1), "batch_size must be an integer >= 2"),
+    (dict(draws=1), "draws must be an integer >= 2"),
+    (dict(batch_size=40), "at least batch_size - 1 = 39 rows"),
+])
+def test_batch_noise_bad_input(kwargs, match):
+    net = models.make_mlp(3, 4, 2, depth=1, activation="relu", norm="bn", seed=0)
+    args = dict(batch_size=4, draws=3) | kwargs
+    with pytest.raises(ValueError, match=match):
+        ex.batch_noise(net, torch.zeros(2, 3), torch.zeros(20, 3), **args)
