@@ -564,22 +564,25 @@ def batch_noise(
     with ``batch_size - 1`` companions drawn without replacement from
     ``x_pool`` (a new draw each time, from a generator seeded with ``seed``).
     For every activation layer :math:`l` with output :math:`h^{[l]}`, the
-    relative noise of row :math:`i` is the root mean square over the units of
-    the standard deviation over the draws, over the root mean square of the
-    activations themselves,
+    relative noise of row :math:`i` compares the spread over the draws ``d``
+    with the mean over them, unit by unit (``j``), as root mean squares over
+    the units:
 
     .. math::
 
         r_i^{[l]} = \sqrt{\frac{\operatorname{mean}_j \operatorname{Var}_d\, h^{[l]}_{ij}}
-                          {\operatorname{mean}_{j,d}\, (h^{[l]}_{ij})^2}},
+                          {\operatorname{mean}_j (\operatorname{mean}_d\, h^{[l]}_{ij})^2}},
 
     averaged over the probe rows: a float64 array of one value per
-    activation layer (the layers :func:`bnlib.recorders.record` sees). In
-    these units inverted dropout with probability ``p`` has a noise of
-    :math:`\sqrt{p/(1-p)}`, 1 at ``p = 0.5``, whatever the activations. A
-    network without batch statistics has 0. The model's buffers and modes
-    are restored (:func:`bnlib.recorders.probe`); its dropout, if any, would
-    add its own noise, so probe a model without it.
+    activation layer (the layers :func:`bnlib.recorders.record` sees). On
+    this scale inverted dropout with probability ``p`` (each unit ``0`` or
+    ``h / (1 - p)``) has the noise :math:`\sqrt{p/(1-p)}`, 1 at ``p = 0.5``,
+    whatever the activations; a network without batch statistics has 0.
+    Companions from a small pool share many rows when ``batch_size`` is a
+    large part of it, which lowers the noise. The model's buffers and modes
+    are restored (:func:`bnlib.recorders.probe`); dropout inside the model
+    adds its own noise, drawn under ``torch.manual_seed(seed)`` in a forked
+    generator.
     """
     check_integer_at_least("batch_size", batch_size, 2)
     check_integer_at_least("draws", draws, 2)
@@ -588,16 +591,17 @@ def batch_noise(
                          f"got {x_pool.shape[0]}")
     generator = torch.Generator().manual_seed(seed)
     per_row = []
-    for row in x_probe:
-        seen = []   # per draw: the probe row's activations, one tensor per layer
-        for _ in range(draws):
-            companions = x_pool[torch.randperm(x_pool.shape[0], generator=generator)[: batch_size - 1]]
-            recording = recorders.probe(model, torch.cat([row[None], companions]), train=True)
-            seen.append([a[0].double() for a in recording.a])
-        per_row.append([
-            float((h.var(0, unbiased=False).mean() / h.pow(2).mean()).sqrt())
-            for h in (torch.stack([draw[l] for draw in seen]) for l in range(len(seen[0])))
-        ])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for row in x_probe:
+            seen = []   # per draw: the probe row's activations, one tensor per layer
+            for _ in range(draws):
+                companions = x_pool[torch.randperm(x_pool.shape[0], generator=generator)[: batch_size - 1]]
+                recording = recorders.probe(model, torch.cat([row[None], companions]), train=True)
+                seen.append([a[0].double() for a in recording.a])
+            layers = (torch.stack([draw[layer] for draw in seen]) for layer in range(len(seen[0])))
+            per_row.append([float((h.var(0, unbiased=False).mean() / h.mean(0).pow(2).mean()).sqrt())
+                            for h in layers])
     return np.asarray(per_row).mean(axis=0)
 
 

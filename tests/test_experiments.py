@@ -434,6 +434,25 @@ def test_fine_tune_run_three_ways_seeded_and_pretrained_untouched():
     assert torch.equal(ex.pretrain(source, epochs=2, seed=1).fc1.weight, net.fc1.weight)
 
 
+def test_batch_noise_of_inverted_dropout_is_sqrt_p_over_1_minus_p():
+    """ReLU after dropout is dropout after ReLU (a mask is >= 0): each unit is 0 or h/(1-p),
+    whatever the batch, so the noise is sqrt(p/(1-p)) in every layer, 1 at p = 0.5."""
+    g = torch.Generator().manual_seed(2)
+    probe, pool = torch.randn(3, 5, generator=g), torch.randn(20, 5, generator=g)
+    for p in (0.2, 0.5):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(5, 64), torch.nn.Dropout(p), torch.nn.ReLU())
+        noise = ex.batch_noise(net, probe, pool, batch_size=4, draws=800, seed=1)
+        np.testing.assert_allclose(noise, [math.sqrt(p / (1 - p))], rtol=0.06)
+    # the global generator is left alone, and the dropout masks repeat with the seed
+    torch.manual_seed(5)
+    expected = torch.rand(1)
+    torch.manual_seed(5)
+    first = ex.batch_noise(net, probe, pool, batch_size=4, draws=20, seed=3)
+    assert torch.equal(torch.rand(1), expected)
+    np.testing.assert_array_equal(first, ex.batch_noise(net, probe, pool, batch_size=4, draws=20, seed=3))
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(batch_size=1), "batch_size must be an integer >= 2"),
     (dict(batch_size=0, frozen=True), "batch_size must be an integer >= 1"),
@@ -591,12 +610,12 @@ def test_train_domain_batches_checks_its_arguments():
 def test_batch_noise_against_a_hand_computation():
     """One BN layer and a ReLU: the probe row's ReLU output over draws of companions, by hand
     with torch's BN, the same generator and the formula of the docstring."""
-    model = torch.nn.Sequential(bnlib.nn.BatchNorm1d(3, affine=False), torch.nn.ReLU())
+    model = torch.nn.Sequential(bnlib.nn.BatchNorm1d(3, affine=False), torch.nn.ReLU()).eval()
     g = torch.Generator().manual_seed(0)
     probe, pool = torch.randn(2, 3, generator=g), torch.randn(30, 3, generator=g)
     before = copy.deepcopy(model.state_dict())
     got = ex.batch_noise(model, probe, pool, batch_size=6, draws=5, seed=7)
-    assert got.shape == (1,)
+    assert got.shape == (1,) and not model.training and not model[0].training
     for name, tensor in model.state_dict().items():   # running estimates left alone
         assert torch.equal(tensor, before[name])
 
@@ -609,7 +628,7 @@ def test_batch_noise_against_a_hand_computation():
             batch = torch.cat([row[None], companions]).double()
             h.append(torch.relu(torch.nn.functional.batch_norm(batch, None, None, training=True))[0])
         h = torch.stack(h)
-        values.append(float((h.var(0, unbiased=False).mean() / h.pow(2).mean()).sqrt()))
+        values.append(float((h.var(0, unbiased=False).mean() / h.mean(0).pow(2).mean()).sqrt()))
     np.testing.assert_allclose(got, [np.mean(values)], rtol=1e-5)
 
 
@@ -626,6 +645,25 @@ def test_batch_noise_is_zero_without_batch_statistics_and_falls_with_the_batch()
     assert (noise[4] > noise[16]).all() and (noise[16] > noise[64]).all()
     # about 1/sqrt(B): four times the batch, about half the noise
     assert (1.5 < noise[16] / noise[64]).all() and (noise[16] / noise[64] < 2.7).all()
+
+
+def test_batch_noise_of_inverted_dropout_is_sqrt_p_over_1_minus_p():
+    """ReLU after dropout is dropout after ReLU (a mask is >= 0): each unit is 0 or h/(1-p),
+    whatever the batch, so the noise is sqrt(p/(1-p)) in every layer, 1 at p = 0.5."""
+    g = torch.Generator().manual_seed(2)
+    probe, pool = torch.randn(3, 5, generator=g), torch.randn(20, 5, generator=g)
+    for p in (0.2, 0.5):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(5, 64), torch.nn.Dropout(p), torch.nn.ReLU())
+        noise = ex.batch_noise(net, probe, pool, batch_size=4, draws=800, seed=1)
+        np.testing.assert_allclose(noise, [math.sqrt(p / (1 - p))], rtol=0.06)
+    # the global generator is left alone, and the dropout masks repeat with the seed
+    torch.manual_seed(5)
+    expected = torch.rand(1)
+    torch.manual_seed(5)
+    first = ex.batch_noise(net, probe, pool, batch_size=4, draws=20, seed=3)
+    assert torch.equal(torch.rand(1), expected)
+    np.testing.assert_array_equal(first, ex.batch_noise(net, probe, pool, batch_size=4, draws=20, seed=3))
 
 
 @pytest.mark.parametrize("kwargs, match", [
