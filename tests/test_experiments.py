@@ -434,25 +434,6 @@ def test_fine_tune_run_three_ways_seeded_and_pretrained_untouched():
     assert torch.equal(ex.pretrain(source, epochs=2, seed=1).fc1.weight, net.fc1.weight)
 
 
-def test_batch_noise_of_inverted_dropout_is_sqrt_p_over_1_minus_p():
-    """ReLU after dropout is dropout after ReLU (a mask is >= 0): each unit is 0 or h/(1-p),
-    whatever the batch, so the noise is sqrt(p/(1-p)) in every layer, 1 at p = 0.5."""
-    g = torch.Generator().manual_seed(2)
-    probe, pool = torch.randn(3, 5, generator=g), torch.randn(20, 5, generator=g)
-    for p in (0.2, 0.5):
-        torch.manual_seed(0)
-        net = torch.nn.Sequential(torch.nn.Linear(5, 64), torch.nn.Dropout(p), torch.nn.ReLU())
-        noise = ex.batch_noise(net, probe, pool, batch_size=4, draws=800, seed=1)
-        np.testing.assert_allclose(noise, [math.sqrt(p / (1 - p))], rtol=0.06)
-    # the global generator is left alone, and the dropout masks repeat with the seed
-    torch.manual_seed(5)
-    expected = torch.rand(1)
-    torch.manual_seed(5)
-    first = ex.batch_noise(net, probe, pool, batch_size=4, draws=20, seed=3)
-    assert torch.equal(torch.rand(1), expected)
-    np.testing.assert_array_equal(first, ex.batch_noise(net, probe, pool, batch_size=4, draws=20, seed=3))
-
-
 @pytest.mark.parametrize("kwargs, match", [
     (dict(batch_size=1), "batch_size must be an integer >= 2"),
     (dict(batch_size=0, frozen=True), "batch_size must be an integer >= 1"),
