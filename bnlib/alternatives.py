@@ -7,7 +7,8 @@ and state-dict keys, outputs and gradients:
   (``torch.nn.GroupNorm``), :class:`InstanceNorm1d` / :class:`InstanceNorm2d` /
   :class:`InstanceNorm3d` (``torch.nn.InstanceNorm1d/2d/3d``): normalize
   groups of values *of one sample* (see ``bnlib.reference_alternatives`` for
-  the math);
+  the math); :class:`RMSNorm` (``torch.nn.RMSNorm``), layer norm without the
+  centering;
 - :func:`weight_norm` and :func:`spectral_norm`
   (``torch.nn.utils.parametrizations.weight_norm`` / ``spectral_norm``):
   reparametrize a weight, ``w = g v / ||v||`` and ``W_SN = W / sigma(W)``,
@@ -53,12 +54,14 @@ __all__ = [
     "layer_norm",
     "group_norm",
     "instance_norm",
+    "rms_norm",
     "batch_renorm",
     "LayerNorm",
     "GroupNorm",
     "InstanceNorm1d",
     "InstanceNorm2d",
     "InstanceNorm3d",
+    "RMSNorm",
     "BatchRenorm1d",
     "BatchRenorm2d",
     "LinearRamp",
@@ -284,6 +287,94 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
     return y
 
 
+# --------------------------------------------------------------------------
+# RMS norm: layer norm without the mean
+# --------------------------------------------------------------------------
+
+
+def _rms_norm_eps(eps, dtype):
+    """torch's default: the machine epsilon of the computation (float32's for half inputs)."""
+    return torch.finfo(_compute_dtype(dtype)).eps if eps is None else eps
+
+
+def _rms_norm_formula(input, weight, row_shape, eps):
+    """``RMSNormFunction``'s map in plain differentiable tensor ops (for second derivatives)."""
+    x = input.to(_compute_dtype(input.dtype))
+    rows = x.reshape(row_shape)
+    x_hat = (rows * torch.rsqrt(rows.square().mean(-1, keepdim=True) + eps)).reshape(x.shape)
+    y = x_hat if weight is None else x_hat * weight.to(x.dtype)
+    return y.to(input.dtype)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    r"""``y = x / rms * weight``, ``rms = sqrt(mean(x^2) + eps)`` over each row of ``input.reshape(row_shape)``.
+
+    ``weight`` has the normalized shape (the trailing dims of ``input``);
+    ``param_dims`` are the leading dims, summed for its gradient. The backward
+    is batch norm's compact formula without the ``- mean(dx_hat)`` term
+    (there is no mean to flow through):
+    ``dx = inv_rms * (dx_hat - x_hat * mean(dx_hat * x_hat))``.
+    """
+
+    @staticmethod
+    def forward(ctx, input, weight, row_shape, param_dims, eps):
+        x = input.to(_compute_dtype(input.dtype))
+        rows = x.reshape(row_shape)
+        inv_rms = torch.rsqrt((rows * rows).mean(-1, keepdim=True) + eps)
+        # into a fresh tensor of x's shape, not a view (see GroupedNormFunction)
+        x_hat = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        torch.mul(rows, inv_rms, out=x_hat.view(row_shape))
+        y = x_hat if weight is None else x_hat * weight.to(x.dtype)
+        ctx.save_for_backward(input, inv_rms, weight)
+        ctx.row_shape, ctx.param_dims, ctx.eps = row_shape, param_dims, eps
+        return y.to(input.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        input, inv_rms, weight = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: gradients that can be differentiated again
+            grads = bnF.grads_through_formula(
+                lambda *t: _rms_norm_formula(*t, ctx.row_shape, ctx.eps), (input, weight), dy)
+            return (*grads, None, None, None)
+        x_hat = input.to(inv_rms.dtype).reshape(ctx.row_shape) * inv_rms
+        dy32 = dy.to(x_hat.dtype)
+        grad_input = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            dx_hat = (dy32 if weight is None else dy32 * weight.to(x_hat.dtype)).reshape(ctx.row_shape)
+            mean_dx_hat_x_hat = (dx_hat * x_hat).mean(-1, keepdim=True)
+            grad_input = (inv_rms * (dx_hat - x_hat * mean_dx_hat_x_hat)).reshape(input.shape).to(dy.dtype)
+        if weight is not None and ctx.needs_input_grad[1]:
+            grad_weight = _sum_over(dy32 * x_hat.reshape(input.shape), ctx.param_dims).to(weight.dtype)
+        return grad_input, grad_weight, None, None, None
+
+
+def rms_norm(input, normalized_shape, weight=None, eps=None):
+    r"""RMS norm; the signature and meaning of ``torch.nn.functional.rms_norm``.
+
+    Each sample is divided by the root mean square of its trailing
+    ``normalized_shape`` dims, ``rms = sqrt(mean(x^2) + eps)``, then scaled by
+    ``weight`` (shape ``normalized_shape``; Zhang & Sennrich 2019). No mean is
+    subtracted and there is no bias. ``eps=None`` is the machine epsilon of
+    the computation (float32's for float16, bfloat16 and float32 input).
+    """
+    normalized_shape = _normalized_shape_tuple(normalized_shape)
+    _check_layer_norm_input(input, normalized_shape)
+    check_floating_dtype("rms_norm", input.dtype, input.is_floating_point())
+    if weight is not None and tuple(weight.shape) != normalized_shape:
+        raise InputError(f"rms_norm expected weight of shape {list(normalized_shape)} "
+                         f"(normalized_shape), got {list(weight.shape)}")
+    eps = _rms_norm_eps(eps, input.dtype)
+    _check_eps(eps)
+    k = len(normalized_shape)
+    row_shape = tuple(input.shape[: input.dim() - k]) + (math.prod(normalized_shape),)
+    param_dims = tuple(range(input.dim() - k))
+    if bnF.under_func_transform():
+        y = _rms_norm_formula(input, weight, row_shape, eps)
+    else:
+        y = RMSNormFunction.apply(input, weight, row_shape, param_dims, eps)
+    return y.contiguous()  # as torch's, whatever the input's layout
+
+
 @torch.no_grad()
 def _update_instance_running_stats(running_mean, running_var, mu, var, m, momentum):
     """torch's rule for instance norm: the per-instance statistics (``(N, C)``)
@@ -366,6 +457,44 @@ class LayerNorm(nn.Module):
             f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
             f"bias={self.bias is not None}"
         )
+
+
+class RMSNorm(nn.Module):
+    """Drop-in for ``torch.nn.RMSNorm``: divide each sample by the root mean square of its last dims.
+
+    ``weight`` has shape ``normalized_shape`` (one per element); there is no
+    bias. ``eps=None`` (the default, as torch's) is the machine epsilon of the
+    computation. No running statistics: the same in training and evaluation.
+    """
+
+    def __init__(self, normalized_shape, eps=None, elementwise_affine=True, device=None, dtype=None):
+        normalized_shape = _normalized_shape_tuple(normalized_shape)
+        if len(normalized_shape) == 0:
+            raise ValueError("normalized_shape must have at least one dimension, got ()")
+        for size in normalized_shape:
+            _check_positive_int("every entry of normalized_shape", size)
+        if eps is not None:
+            _check_eps(eps)
+        super().__init__()
+        self.normalized_shape = normalized_shape
+        self.eps = eps
+        self.elementwise_affine = elementwise_affine
+        # a weight only: torch's RMSNorm has no bias entry at all (not even None)
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.empty(normalized_shape, device=device, dtype=dtype))
+        else:
+            self.register_parameter("weight", None)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+
+    def forward(self, input):
+        return rms_norm(input, self.normalized_shape, self.weight, self.eps)
+
+    def extra_repr(self):
+        return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
 
 
 class GroupNorm(nn.Module):

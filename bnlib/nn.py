@@ -6,7 +6,7 @@ one, with the backward pass written by hand:
 - batch norm: ``BatchNorm1d``, ``BatchNorm2d``, ``BatchNorm3d`` (``bnlib.batchnorm``)
 - across processes and virtual batches: ``SyncBatchNorm`` (``bnlib.sync_batchnorm``),
   ``GhostBatchNorm`` (``bnlib.ghost_batchnorm``)
-- the alternatives: ``LayerNorm``, ``GroupNorm``, ``InstanceNorm1d/2d/3d``,
+- the alternatives: ``LayerNorm``, ``RMSNorm``, ``GroupNorm``, ``InstanceNorm1d/2d/3d``,
   ``BatchRenorm1d/2d``, ``weight_norm``, ``spectral_norm`` (``bnlib.alternatives``)
 - fine-tuning: ``FrozenBatchNorm``, BN with its statistics and affine
   parameters fixed, in every mode (``bnlib.frozen_batchnorm``; torchvision's
@@ -24,6 +24,7 @@ from bnlib.alternatives import (
     InstanceNorm2d,
     InstanceNorm3d,
     LayerNorm,
+    RMSNorm,
     spectral_norm,
     weight_norm,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "GhostBatchNorm",
     "FrozenBatchNorm",
     "LayerNorm",
+    "RMSNorm",
     "GroupNorm",
     "InstanceNorm1d",
     "InstanceNorm2d",

@@ -1,4 +1,4 @@
-r"""The alternatives to batch norm in NumPy: layer, group and instance norm, batch renorm.
+r"""The alternatives to batch norm in NumPy: layer, group, instance and RMS norm, batch renorm.
 
 Layer, group and instance norm differ from batch norm only in *which values
 share a mean and a variance*. For an input ``x`` of shape ``(N, C, *spatial)``:
@@ -23,6 +23,11 @@ where ``gamma`` and ``beta`` are per channel (group, instance norm) or per
 element of the normalized shape (layer norm, as in ``torch.nn.LayerNorm``).
 The backward pass is batch norm's compact formula applied to each row (see
 :func:`_rows_backward`).
+
+RMS norm (Zhang & Sennrich 2019) is layer norm without the centering: each
+row is divided by its root mean square, ``rms = sqrt(mean(x^2) + eps)``, and
+scaled by ``gamma`` (no ``beta``). Its backward is the compact formula without
+the path through ``mu``.
 
 Batch renormalization (Ioffe 2017) keeps batch norm's statistics but corrects
 them towards the running estimates with two constants ``r`` and ``d``:
@@ -56,6 +61,9 @@ __all__ = [
     "groupnorm_backward",
     "instancenorm_forward",
     "instancenorm_backward",
+    "RMSNormCache",
+    "rmsnorm_forward",
+    "rmsnorm_backward",
     "batchrenorm_forward",
     "batchrenorm_backward",
 ]
@@ -318,6 +326,103 @@ def instancenorm_forward(x, gamma=None, beta=None, eps=1e-5):
 def instancenorm_backward(dy, cache):
     """Gradients of :func:`instancenorm_forward`: ``(dx, dgamma, dbeta)``."""
     return _grouped_backward(dy, cache)
+
+
+# --------------------------------------------------------------------------
+# RMS norm
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class RMSNormCache:
+    """What the backward pass of RMS norm needs."""
+
+    x_hat: np.ndarray  # x / rms, shape of x
+    inv_rms: np.ndarray  # 1 / sqrt(mean_square + eps), shape row_shape[:-1] + (1,)
+    gamma: np.ndarray  # gamma (shape normalized_shape), or None
+    row_shape: tuple  # x reshaped so that each row is one sample's normalized values
+    param_axes: tuple  # the leading axes of x, summed for dgamma
+    mean_square: np.ndarray  # mean(x^2) per row, shape row_shape[:-1]
+
+
+def rmsnorm_forward(x, gamma=None, eps=None, normalized_shape=None):
+    r"""RMS norm: each sample divided by the root mean square of its trailing axes.
+
+    With ``m = prod(normalized_shape)`` values per sample (Zhang & Sennrich 2019):
+
+    .. math::
+
+        \mathrm{rms} = \sqrt{\frac{1}{m} \sum_i x_i^2 + \epsilon}, \qquad
+        \hat{x}_i = \frac{x_i}{\mathrm{rms}}, \qquad
+        y_i = \gamma_i \hat{x}_i.
+
+    Layer norm without subtracting the mean (and without ``beta``): the
+    output does not change when a sample is scaled, but it does when a
+    constant is added to it. ``gamma`` has shape ``normalized_shape``, as in
+    ``torch.nn.RMSNorm``.
+
+    Args:
+        x: array ``(*, *normalized_shape)``.
+        gamma: array of shape ``normalized_shape``, or ``None``.
+        eps: added to the mean square; ``None`` (torch's default) is the
+            machine epsilon of the computation: float32's for float16 and
+            float32 input, float64's for float64.
+        normalized_shape: the trailing shape to normalize over. Default: the
+            shape of ``gamma`` if given, else every axis but the first.
+
+    Returns:
+        ``(y, cache)``; ``cache.mean_square`` has shape ``x.shape[:-len(normalized_shape)]``.
+    """
+    x = _as_compute(x)
+    if eps is None:
+        eps = float(np.finfo(x.dtype).eps)
+    _check_eps(eps)
+    if normalized_shape is None:
+        normalized_shape = np.shape(gamma) if gamma is not None else x.shape[1:]
+    if isinstance(normalized_shape, (int, np.integer)):
+        normalized_shape = (normalized_shape,)
+    normalized_shape = tuple(int(s) for s in normalized_shape)
+    k = len(normalized_shape)
+    if k == 0 or x.ndim < k or x.shape[x.ndim - k:] != normalized_shape:
+        raise ValueError(
+            f"Given normalized_shape={list(normalized_shape)}, expected input with shape "
+            f"[*, {', '.join(map(str, normalized_shape))}], but got input of size {list(x.shape)}"
+        )
+    gamma = _param("gamma", gamma, normalized_shape, x.dtype)
+    row_shape = x.shape[: x.ndim - k] + (prod(normalized_shape),)
+    rows = x.reshape(row_shape)
+    with np.errstate(invalid="ignore", divide="ignore"):  # an empty row gives NaN, as the math says
+        mean_square = np.mean(rows * rows, axis=-1, keepdims=True)
+        inv_rms = 1.0 / np.sqrt(mean_square + eps)
+    x_hat = (rows * inv_rms).reshape(x.shape)
+    y = x_hat.copy() if gamma is None else x_hat * gamma
+    cache = RMSNormCache(x_hat, inv_rms, gamma, row_shape, tuple(range(x.ndim - k)), mean_square[..., 0])
+    return y, cache
+
+
+def rmsnorm_backward(dy, cache):
+    r"""Gradients of :func:`rmsnorm_forward`: ``(dx, dgamma)``.
+
+    With ``dx_hat = dy * gamma``, per row of ``m`` values:
+
+    .. math::
+
+        dx_i = \frac{1}{\mathrm{rms}}
+               \Big(d\hat{x}_i - \hat{x}_i \frac{1}{m} \sum_j d\hat{x}_j \hat{x}_j\Big),
+
+    batch norm's compact formula without its ``- mean(dx_hat)`` term: there
+    is no ``mu`` for the gradient to flow through. The remaining term is the
+    path through ``rms`` (``d rms / d x_i = x_i / (m rms)``). ``dgamma`` is
+    ``sum(dy * x_hat)`` over the leading axes (``None`` without ``gamma``).
+    """
+    dy = np.asarray(dy, dtype=cache.x_hat.dtype)
+    dx_hat = dy if cache.gamma is None else dy * cache.gamma
+    dx_hat_rows = dx_hat.reshape(cache.row_shape)
+    x_hat_rows = cache.x_hat.reshape(cache.row_shape)
+    mean_dx_hat_x_hat = (dx_hat_rows * x_hat_rows).mean(axis=-1, keepdims=True)
+    dx = (cache.inv_rms * (dx_hat_rows - x_hat_rows * mean_dx_hat_x_hat)).reshape(cache.x_hat.shape)
+    dgamma = None if cache.gamma is None else (dy * cache.x_hat).sum(axis=cache.param_axes)
+    return dx, dgamma
 
 
 # --------------------------------------------------------------------------

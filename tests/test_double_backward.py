@@ -124,7 +124,8 @@ def test_sync_batch_norm_single_process():
     assert gradgradcheck(lambda x: layer(x), (x,))
 
 
-@pytest.mark.parametrize("case", ["batch_norm_half", "layer_norm", "layer_norm_half", "group_norm", "batch_renorm"])
+@pytest.mark.parametrize("case", ["batch_norm_half", "layer_norm", "layer_norm_half", "rms_norm",
+                                  "rms_norm_half", "group_norm", "batch_renorm"])
 def test_backward_keeps_no_new_activation(case):
     """What the forward saves for the backward: the input itself (alive anyway) and
     per-row or per-channel values, never a new tensor of the input's size (such as
@@ -138,6 +139,8 @@ def test_backward_keeps_no_new_activation(case):
         "batch_norm_half": lambda x: bnF.batch_norm(x, None, None, w, b, True),
         "layer_norm": lambda x: alt.layer_norm(x, (5,)),
         "layer_norm_half": lambda x: alt.layer_norm(x, (5,)),
+        "rms_norm": lambda x: alt.rms_norm(x, (6, 5), torch.ones(6, 5, requires_grad=True)),
+        "rms_norm_half": lambda x: alt.rms_norm(x, (5,)),
         "group_norm": lambda x: alt.group_norm(x, 2, w, b),
         "batch_renorm": lambda x: alt.batch_renorm(x, torch.zeros(4), torch.ones(4), w, b, True),
     }

@@ -36,6 +36,7 @@ LAYERS = {
     "BatchNorm2d batch statistics": (lambda: bnlib.nn.BatchNorm2d(4, track_running_stats=False), X4, True),
     "GroupNorm": (lambda: bnlib.nn.GroupNorm(2, 4), X4, True),
     "LayerNorm": (lambda: bnlib.nn.LayerNorm([4, 3, 3]), X4, True),
+    "RMSNorm": (lambda: bnlib.nn.RMSNorm([3, 3]), X4, True),
     "InstanceNorm2d": (lambda: bnlib.nn.InstanceNorm2d(4, affine=True), X4, True),
     "BatchRenorm2d eval": (lambda: bnlib.nn.BatchRenorm2d(4), X4, False),
     "weight_norm": (lambda: alternatives.weight_norm(torch.nn.Linear(3, 2)), X2, True),

@@ -55,6 +55,7 @@ def independent_models(trained_bn):
     return {
         "no norm": _mlp(),
         "LN": _mlp(lambda c: bnlib.nn.LayerNorm(c)),
+        "RMSNorm": _mlp(lambda c: bnlib.nn.RMSNorm(c)),
         "GN": _mlp(lambda c: bnlib.nn.GroupNorm(2, c)),
         "BN eval": copy.deepcopy(trained_bn).eval(),
         "FrozenBatchNorm": bnlib.nn.FrozenBatchNorm.convert_frozen_batchnorm(copy.deepcopy(trained_bn)),
