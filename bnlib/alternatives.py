@@ -215,6 +215,9 @@ def _normalized_shape_tuple(normalized_shape):
 
 
 def _check_layer_norm_input(input, normalized_shape):
+    if len(normalized_shape) == 0:
+        raise InputError("Expected normalized_shape to be at least 1-dimensional, i.e., containing at least one "
+                         "element, but got normalized_shape = []")
     k = len(normalized_shape)
     if input.dim() < k or tuple(input.shape[input.dim() - k:]) != normalized_shape:
         raise InputError(
@@ -355,7 +358,9 @@ def rms_norm(input, normalized_shape, weight=None, eps=None):
     ``normalized_shape`` dims, ``rms = sqrt(mean(x^2) + eps)``, then scaled by
     ``weight`` (shape ``normalized_shape``; Zhang & Sennrich 2019). No mean is
     subtracted and there is no bias. ``eps=None`` is the machine epsilon of
-    the computation (float32's for float16, bfloat16 and float32 input).
+    the computation (float32's for float16, bfloat16 and float32 input), as
+    in torch 2.13; older torch versions took a half input's own epsilon.
+    Stricter than torch: ``eps`` must be > 0.
     """
     normalized_shape = _normalized_shape_tuple(normalized_shape)
     _check_layer_norm_input(input, normalized_shape)
@@ -372,7 +377,9 @@ def rms_norm(input, normalized_shape, weight=None, eps=None):
         y = _rms_norm_formula(input, weight, row_shape, eps)
     else:
         y = RMSNormFunction.apply(input, weight, row_shape, param_dims, eps)
-    return y.contiguous()  # as torch's, whatever the input's layout
+    # as torch's: channels-last stays channels-last, anything else comes back contiguous
+    fmt = bnF._channels_last_format(input)
+    return y.contiguous() if fmt is None else y.contiguous(memory_format=fmt)
 
 
 @torch.no_grad()
@@ -465,6 +472,8 @@ class RMSNorm(nn.Module):
     ``weight`` has shape ``normalized_shape`` (one per element); there is no
     bias. ``eps=None`` (the default, as torch's) is the machine epsilon of the
     computation. No running statistics: the same in training and evaluation.
+    Stricter than torch at construction: ``eps`` must be None or > 0, and
+    every entry of ``normalized_shape`` at least 1.
     """
 
     def __init__(self, normalized_shape, eps=None, elementwise_affine=True, device=None, dtype=None):

@@ -108,6 +108,44 @@ def test_half_input_computes_in_float32_like_torch(half, affine):
     assert_close(dx1.float(), dx2.float(), tol, "input gradient")
 
 
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
+def test_half_input_large_and_tiny_values(half):
+    """Large half values (x^2 overflows float16 beyond 256) and a tiny sample
+    whose mean square is below eps: float32 statistics and float32's eps."""
+    x = (torch.randn(4, 16, generator=torch.Generator().manual_seed(3)) * 400).to(half)
+    assert_close(alt.rms_norm(x, (16,)).float(), F.rms_norm(x, (16,)).float(), dict(rtol=1e-2, atol=1e-2))
+    tiny = torch.full((2, 4), 1e-4).to(half)
+    expected = tiny.float() / torch.sqrt(tiny.float().square() + torch.finfo(torch.float32).eps)
+    assert_close(alt.rms_norm(tiny, (4,)).float(), expected, dict(rtol=1e-2, atol=1e-4))
+    assert_close(alt.rms_norm(tiny, (4,)).float(), F.rms_norm(tiny, (4,)).float(), dict(rtol=1e-2, atol=1e-4))
+
+
+def test_formula_path_with_a_large_eps_and_a_random_weight():
+    """The plain-op formula (second derivatives, torch.func) against torch,
+    where eps and the weight both matter."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 6, dtype=torch.float64, generator=g) * 0.5
+    w = torch.rand(6, dtype=torch.float64, generator=g) + 0.5
+    dy = torch.randn(3, 6, dtype=torch.float64, generator=g)
+    grads = []
+    for fn, create_graph in ((F.rms_norm, False), (alt.rms_norm, True)):
+        x_leaf, w_leaf = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = fn(x_leaf, (6,), w_leaf, eps=0.5)
+        grads.append(torch.autograd.grad(y, (x_leaf, w_leaf), dy, create_graph=create_graph))
+    for ours, theirs in zip(grads[1], grads[0]):
+        assert_close(ours.detach(), theirs, GRAD_TOL[torch.float64])
+    vmapped = torch.func.vmap(lambda row: alt.rms_norm(row, (6,), w, eps=0.5))(x)
+    assert_close(vmapped, F.rms_norm(x, (6,), w, eps=0.5), OUT_TOL[torch.float64])
+
+
+def test_channels_last_layout_as_torch():
+    x = torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)
+    for normalized_shape in ((5,), (4, 5)):
+        ours, theirs = alt.rms_norm(x, normalized_shape), F.rms_norm(x, normalized_shape)
+        assert ours.stride() == theirs.stride()
+        assert_close(ours, theirs, OUT_TOL[torch.float32])
+
+
 def test_default_eps_is_the_computation_machine_epsilon():
     """eps=None: float32's epsilon for float32 input, float64's for float64.
     On a tiny sample (mean square 1e-14) the two choices differ visibly."""
@@ -253,6 +291,14 @@ def test_bad_input_raises_value_error_and_runtime_error(call, pattern):
         call()
     with pytest.raises(RuntimeError):  # what torch raises for the same shape mistakes
         call()
+
+
+def test_empty_normalized_shape_raises_like_torch():
+    for fn in (alt.rms_norm, lambda x, shape: alt.layer_norm(x, shape)):
+        with pytest.raises(ValueError, match="at least 1-dimensional"):
+            fn(torch.randn(2, 3), ())
+    with pytest.raises(RuntimeError, match="at least 1-dimensional"):
+        F.rms_norm(torch.randn(2, 3), ())
 
 
 def test_functional_bad_eps():
