@@ -208,6 +208,30 @@ def _not_channel_dims(ndim):
 # --------------------------------------------------------------------------
 
 
+# torch's autocast runs layer, group and RMS norm in float32 on CUDA (they are
+# on its list of float32 ops): the input and parameters are cast up and the
+# output stays float32. On the CPU it runs them in the input's dtype. A
+# device type listed here gets torch's CUDA behaviour (tests list "cpu" to
+# exercise the path without a GPU).
+AUTOCAST_FLOAT32_DEVICES = ("cuda",)
+
+
+def _autocast_enabled(device_type):
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 asks about CUDA only
+        return device_type == "cuda" and torch.is_autocast_enabled()
+
+
+def _autocast_float32(*tensors):
+    """The tensors cast to float32 when autocast is on for the first one's
+    device type and that device runs these norms in float32; else None."""
+    device_type = tensors[0].device.type
+    if device_type not in AUTOCAST_FLOAT32_DEVICES or not _autocast_enabled(device_type):
+        return None
+    return tuple(t.float() if t is not None and t.is_floating_point() else t for t in tensors)
+
+
 def _normalized_shape_tuple(normalized_shape):
     if isinstance(normalized_shape, Integral):
         normalized_shape = (normalized_shape,)
@@ -236,6 +260,10 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     normalized_shape = _normalized_shape_tuple(normalized_shape)
     _check_layer_norm_input(input, normalized_shape)
     check_floating_dtype("layer_norm", input.dtype, input.is_floating_point())
+    cast = _autocast_float32(input, weight, bias)
+    if cast is not None:
+        with torch.autocast(input.device.type, enabled=False):
+            return layer_norm(cast[0], normalized_shape, cast[1], cast[2], eps)
     k = len(normalized_shape)
     for name, tensor in (("weight", weight), ("bias", bias)):
         # the shape, not only the count: a (3, 4) weight for normalized_shape
@@ -269,6 +297,10 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
         raise InputError(f"group_norm expected an input with at least 2 dimensions (N, C, ...), got {input.dim()}D input")
     num_channels = input.shape[1]
     check_floating_dtype("group_norm", input.dtype, input.is_floating_point())
+    cast = _autocast_float32(input, weight, bias)
+    if cast is not None:
+        with torch.autocast(input.device.type, enabled=False):
+            return group_norm(cast[0], num_groups, cast[1], cast[2], eps)
     if num_channels % num_groups != 0:
         raise InputError(
             f"Expected number of channels in input to be divisible by num_groups, "
@@ -365,6 +397,10 @@ def rms_norm(input, normalized_shape, weight=None, eps=None):
     normalized_shape = _normalized_shape_tuple(normalized_shape)
     _check_layer_norm_input(input, normalized_shape)
     check_floating_dtype("rms_norm", input.dtype, input.is_floating_point())
+    cast = _autocast_float32(input, weight)
+    if cast is not None:
+        with torch.autocast(input.device.type, enabled=False):
+            return rms_norm(cast[0], normalized_shape, cast[1], eps)
     if weight is not None and tuple(weight.shape) != normalized_shape:
         raise InputError(f"rms_norm expected weight of shape {list(normalized_shape)} "
                          f"(normalized_shape), got {list(weight.shape)}")

@@ -646,3 +646,35 @@ def test_layer_norm_weight_of_another_shape_raises():
         alt.layer_norm(x, (4, 3), torch.ones(3, 4))
     with pytest.raises(ValueError, match=r"bias of shape \[4, 3\]"):
         alt.layer_norm(x, (4, 3), None, torch.zeros(12))
+
+
+# --------------------------------------------------------------------------
+# Autocast: layer, group and RMS norm run in float32 where torch runs them so
+# --------------------------------------------------------------------------
+
+AUTOCAST_CASES = {
+    "layer_norm": (lambda x, w, b: alt.layer_norm(x, (5,), w, b), (5,)),
+    "group_norm": (lambda x, w, b: alt.group_norm(x, 2, w, b), (4,)),
+    "rms_norm": (lambda x, w, b: alt.rms_norm(x, (5,), w), (5,)),
+}
+
+
+@pytest.mark.parametrize("name", AUTOCAST_CASES)
+def test_autocast_runs_in_float32_on_listed_devices(name, monkeypatch):
+    """torch's CUDA autocast casts these three up to float32 (its float32 op
+    list); listing "cpu" exercises bnlib's path on CPU autocast: a float32
+    output equal to the float32 computation, gradients back in the input's dtype."""
+    fn, param_shape = AUTOCAST_CASES[name]
+    x = torch.randn(3, 4, 5).bfloat16().requires_grad_()
+    w = (torch.rand(param_shape) + 0.5).requires_grad_()
+    b = torch.randn(param_shape).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fn(x, w, b).dtype == torch.bfloat16  # not listed: the input's dtype, as torch's on the CPU
+    monkeypatch.setattr(alt, "AUTOCAST_FLOAT32_DEVICES", ("cpu",))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fn(x, w, b)
+    assert y.dtype == torch.float32
+    expected = fn(x.detach().float(), w.detach(), b.detach())
+    assert_close(y.detach(), expected, OUT_TOL[torch.float32], "output")
+    y.sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32

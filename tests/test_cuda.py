@@ -332,3 +332,26 @@ def test_empty_batch_cuda(shape):
     assert xo.grad.shape == xr.grad.shape
     for name in ("weight", "bias"):
         assert torch.equal(getattr(ours, name).grad, getattr(ref, name).grad), name
+
+
+@pytest.mark.parametrize("name", ["layer_norm", "group_norm", "rms_norm"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_alternatives_under_autocast_as_torch(name, dtype):
+    """Under CUDA autocast torch runs layer, group and RMS norm in float32
+    (its float32 op list); bnlib's return the same dtype and values."""
+    import torch.nn.functional as F
+
+    from bnlib import alternatives as alt
+
+    calls = {
+        "layer_norm": (lambda f, x, w, b: f(x, (16,), w, b), F.layer_norm, alt.layer_norm),
+        "group_norm": (lambda f, x, w, b: f(x, 4, w, b), F.group_norm, alt.group_norm),
+        "rms_norm": (lambda f, x, w, b: f(x, (16,), w), F.rms_norm, alt.rms_norm),
+    }
+    call, theirs, ours = calls[name]
+    x = torch.randn(8, 16, 16, device=DEV).to(dtype)
+    w, b = torch.rand(16, device=DEV) + 0.5, torch.randn(16, device=DEV)
+    with torch.autocast("cuda", dtype=dtype):
+        expected, got = call(theirs, x, w, b), call(ours, x, w, b)
+    assert got.dtype == expected.dtype
+    assert_close(got, expected, OUT_TOL[torch.float32], name)
