@@ -181,6 +181,24 @@ def _is_number(value):
     return isinstance(value, Real) and not isinstance(value, bool)
 
 
+def _trailing_shape(x, gamma, normalized_shape):
+    """The trailing axes that layer and RMS norm normalize over, as a tuple:
+    ``normalized_shape`` (an int or a sequence), else ``gamma``'s shape, else
+    ``x.shape[1:]``; ValueError when ``x`` does not end in that shape."""
+    if normalized_shape is None:
+        normalized_shape = np.shape(gamma) if gamma is not None else x.shape[1:]
+    if isinstance(normalized_shape, (int, np.integer)):
+        normalized_shape = (normalized_shape,)
+    normalized_shape = tuple(int(s) for s in normalized_shape)
+    k = len(normalized_shape)
+    if k == 0 or x.ndim < k or x.shape[x.ndim - k:] != normalized_shape:
+        raise ValueError(
+            f"Given normalized_shape={list(normalized_shape)}, expected input with shape "
+            f"[*, {', '.join(map(str, normalized_shape))}], but got input of size {list(x.shape)}"
+        )
+    return normalized_shape
+
+
 def layernorm_forward(x, gamma=None, beta=None, *more, eps=None, normalized_shape=None):
     r"""Layer norm: each sample normalized over its trailing ``normalized_shape`` axes.
 
@@ -226,17 +244,8 @@ def layernorm_forward(x, gamma=None, beta=None, *more, eps=None, normalized_shap
     eps = 1e-5 if eps is None else eps
     _check_eps(eps)
     x = _as_compute(x)
-    if normalized_shape is None:
-        normalized_shape = np.shape(gamma) if gamma is not None else x.shape[1:]
-    if isinstance(normalized_shape, (int, np.integer)):
-        normalized_shape = (normalized_shape,)
-    normalized_shape = tuple(int(s) for s in normalized_shape)
+    normalized_shape = _trailing_shape(x, gamma, normalized_shape)
     k = len(normalized_shape)
-    if k == 0 or x.ndim < k or x.shape[x.ndim - k:] != normalized_shape:
-        raise ValueError(
-            f"Given normalized_shape={list(normalized_shape)}, expected input with shape "
-            f"[*, {', '.join(map(str, normalized_shape))}], but got input of size {list(x.shape)}"
-        )
     gamma = _param("gamma", gamma, normalized_shape, x.dtype)
     beta = _param("beta", beta, normalized_shape, x.dtype)
     lead = x.shape[: x.ndim - k]
@@ -377,17 +386,8 @@ def rmsnorm_forward(x, gamma=None, eps=None, normalized_shape=None):
     if eps is None:
         eps = float(np.finfo(x.dtype).eps)
     _check_eps(eps)
-    if normalized_shape is None:
-        normalized_shape = np.shape(gamma) if gamma is not None else x.shape[1:]
-    if isinstance(normalized_shape, (int, np.integer)):
-        normalized_shape = (normalized_shape,)
-    normalized_shape = tuple(int(s) for s in normalized_shape)
+    normalized_shape = _trailing_shape(x, gamma, normalized_shape)
     k = len(normalized_shape)
-    if k == 0 or x.ndim < k or x.shape[x.ndim - k:] != normalized_shape:
-        raise ValueError(
-            f"Given normalized_shape={list(normalized_shape)}, expected input with shape "
-            f"[*, {', '.join(map(str, normalized_shape))}], but got input of size {list(x.shape)}"
-        )
     gamma = _param("gamma", gamma, normalized_shape, x.dtype)
     row_shape = x.shape[: x.ndim - k] + (prod(normalized_shape),)
     rows = x.reshape(row_shape)

@@ -149,3 +149,36 @@ def message_mentions(msg: str, *numbers) -> bool:
 
 def np64(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().to(torch.float64).numpy()
+
+
+def randomize_params(*modules, seed=100):
+    """The same random values in the parameters of every module (gamma near 1)."""
+    g = torch.Generator().manual_seed(seed)
+    values = [torch.rand(p.shape, generator=g, dtype=torch.float64) + 0.5 for p in modules[0].parameters()]
+    with torch.no_grad():
+        for module in modules:
+            for p, v in zip(module.parameters(), values):
+                p.copy_(v)
+
+
+def forward_backward(module, x, dy_seed=1):
+    """Output, input gradient and parameter gradients of one forward/backward,
+    with a random upstream gradient ``dy`` drawn from ``dy_seed``."""
+    module.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    y = module(x)
+    y.backward(random_input(y.shape, dtype=y.dtype, seed=dy_seed, spread=False))
+    return y.detach(), x.grad, {n: p.grad for n, p in module.named_parameters()}
+
+
+def assert_same_run(ours, theirs, x, dtype, seed=1):
+    """The same output (and dtype), input gradient and parameter gradients from
+    one forward/backward of two modules, at the tolerances of ``dtype``."""
+    y1, dx1, g1 = forward_backward(ours, x, seed)
+    y2, dx2, g2 = forward_backward(theirs, x, seed)
+    assert y1.dtype == y2.dtype
+    assert_close(y1, y2, OUT_TOL[dtype], "output")
+    assert_close(dx1, dx2, GRAD_TOL[dtype], "input gradient")
+    assert g1.keys() == g2.keys()
+    for name in g1:
+        assert_close(g1[name], g2[name], GRAD_TOL[dtype], f"{name} gradient")

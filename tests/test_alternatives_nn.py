@@ -25,40 +25,20 @@ from torch import nn
 import bnlib.alternatives as alt
 import bnlib.nn
 import bnlib.reference as ref
-from helpers import GRAD_TOL, OUT_TOL, STAT_TOL, TORCH_NORMS_TAKE_BIAS, assert_close, np64, random_input
+from helpers import (
+    GRAD_TOL,
+    OUT_TOL,
+    STAT_TOL,
+    TORCH_NORMS_TAKE_BIAS,
+    assert_close,
+    assert_same_run,
+    forward_backward,
+    np64,
+    random_input,
+    randomize_params,
+)
 
 DTYPES = [torch.float32, torch.float64]
-
-
-def _randomize_params(*modules, seed=100):
-    """The same random values in the parameters of every module (gamma near 1)."""
-    g = torch.Generator().manual_seed(seed)
-    values = [torch.rand(p.shape, generator=g, dtype=torch.float64) + 0.5 for p in modules[0].parameters()]
-    with torch.no_grad():
-        for module in modules:
-            for p, v in zip(module.parameters(), values):
-                p.copy_(v)
-
-
-def _run(module, x, dy_seed):
-    """Output, input gradient and parameter gradients of one forward/backward,
-    with a random upstream gradient ``dy`` drawn from ``dy_seed``."""
-    module.zero_grad(set_to_none=True)
-    x = x.clone().requires_grad_()
-    y = module(x)
-    y.backward(random_input(y.shape, dtype=y.dtype, seed=dy_seed, spread=False))
-    return y.detach(), x.grad, {n: p.grad for n, p in module.named_parameters()}
-
-
-def assert_same_run(ours, theirs, x, dtype, seed=1):
-    y1, dx1, g1 = _run(ours, x, seed)
-    y2, dx2, g2 = _run(theirs, x, seed)
-    assert y1.dtype == y2.dtype
-    assert_close(y1, y2, OUT_TOL[dtype], "output")
-    assert_close(dx1, dx2, GRAD_TOL[dtype], "input gradient")
-    assert g1.keys() == g2.keys()
-    for name in g1:
-        assert_close(g1[name], g2[name], GRAD_TOL[dtype], f"{name} gradient")
 
 
 def assert_same_state(ours, theirs, dtype):
@@ -107,7 +87,7 @@ def test_layernorm_vs_torch(shape, normalized_shape, cfg, dtype):
     if TORCH_NORMS_TAKE_BIAS:
         assert repr(ours) == repr(theirs)
     assert_same_state(ours, theirs, dtype)
-    _randomize_params(ours, theirs)
+    randomize_params(ours, theirs)
     x = random_input(shape, dtype=dtype)
     for train in (True, False):
         ours.train(train), theirs.train(train)
@@ -132,7 +112,7 @@ def test_groupnorm_vs_torch(groups, channels, shape, cfg, dtype):
     if TORCH_NORMS_TAKE_BIAS:
         assert repr(ours) == repr(theirs)
     assert_same_state(ours, theirs, dtype)
-    _randomize_params(ours, theirs)
+    randomize_params(ours, theirs)
     assert_same_run(ours, theirs, random_input(shape, dtype=dtype), dtype)
 
 
@@ -158,7 +138,7 @@ def test_instancenorm_vs_torch(d, cfg, dtype):
         assert repr(ours) == repr(theirs)
     assert_same_state(ours, theirs, dtype)
     if ours.affine:
-        _randomize_params(ours, theirs)
+        randomize_params(ours, theirs)
     for step, shape in enumerate(IN_SHAPES[d] * 2):  # several training steps, then eval
         x = random_input(shape, dtype=dtype, seed=step)
         assert_same_run(ours, theirs, x, dtype, seed=step + 10)
@@ -245,8 +225,8 @@ def test_modules_vs_numpy_reference():
          ref.instancenorm_backward),
     ]
     for module, forward, backward in cases:
-        _randomize_params(module)
-        y, dx, grads = _run(module, x, 5)
+        randomize_params(module)
+        y, dx, grads = forward_backward(module, x, 5)
         y_ref, cache = forward(np64(x), [np64(module.weight), np64(module.bias)])
         dx_ref, dw_ref, db_ref = backward(np64(dy), cache)
         for ours, theirs in [(y, y_ref), (dx, dx_ref), (grads["weight"], dw_ref), (grads["bias"], db_ref)]:

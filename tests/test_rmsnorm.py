@@ -21,7 +21,15 @@ from torch.autograd import gradcheck, gradgradcheck
 import bnlib.alternatives as alt
 import bnlib.nn
 import bnlib.reference_alternatives as ra
-from helpers import GRAD_TOL, OUT_TOL, assert_close, random_input
+from helpers import (
+    GRAD_TOL,
+    OUT_TOL,
+    assert_close,
+    assert_same_run,
+    forward_backward,
+    random_input,
+    randomize_params,
+)
 
 DTYPES = [torch.float32, torch.float64]
 # (input shape, normalized_shape); the last two have no leading dims, so the
@@ -29,23 +37,6 @@ DTYPES = [torch.float32, torch.float64]
 CASES = [((4, 6), 6), ((3, 5, 4), (4,)), ((3, 5, 4), (5, 4)), ((2, 3, 4, 5), (3, 4, 5)), ((2, 3), [3]),
          ((5,), 5), ((3, 5), (3, 5))]
 CONFIGS = [dict(), dict(eps=1e-3), dict(elementwise_affine=False), dict(eps=1e-6, elementwise_affine=False)]
-
-
-def _randomize(*modules, seed=100):
-    g = torch.Generator().manual_seed(seed)
-    values = [torch.rand(p.shape, generator=g, dtype=torch.float64) + 0.5 for p in modules[0].parameters()]
-    with torch.no_grad():
-        for module in modules:
-            for p, v in zip(module.parameters(), values):
-                p.copy_(v)
-
-
-def _run(module, x, seed=1):
-    module.zero_grad(set_to_none=True)
-    x = x.clone().requires_grad_()
-    y = module(x)
-    y.backward(random_input(y.shape, dtype=y.dtype, seed=seed, spread=False))
-    return y.detach(), x.grad, {n: p.grad for n, p in module.named_parameters()}
 
 
 def test_same_constructor_signature_repr_and_state_dict_as_torch():
@@ -67,21 +58,13 @@ def test_same_constructor_signature_repr_and_state_dict_as_torch():
 def test_module_vs_torch(shape, normalized_shape, cfg, dtype):
     ours = bnlib.nn.RMSNorm(normalized_shape, dtype=dtype, **cfg)
     theirs = nn.RMSNorm(normalized_shape, dtype=dtype, **cfg)
-    _randomize(ours, theirs)
-    x = random_input(shape, dtype=dtype)
-    y1, dx1, g1 = _run(ours, x)
-    y2, dx2, g2 = _run(theirs, x)
-    assert y1.dtype == y2.dtype and y1.shape == y2.shape
-    assert_close(y1, y2, OUT_TOL[dtype], "output")
-    assert_close(dx1, dx2, GRAD_TOL[dtype], "input gradient")
-    assert g1.keys() == g2.keys()
-    for name in g1:
-        assert_close(g1[name], g2[name], GRAD_TOL[dtype], f"{name} gradient")
+    randomize_params(ours, theirs)
+    assert_same_run(ours, theirs, random_input(shape, dtype=dtype), dtype)
 
 
 def test_state_dict_loads_both_ways():
     ours, theirs = bnlib.nn.RMSNorm(5), nn.RMSNorm(5)
-    _randomize(theirs)
+    randomize_params(theirs)
     buffer = io.BytesIO()
     torch.save(theirs.state_dict(), buffer)
     buffer.seek(0)
@@ -99,9 +82,9 @@ def test_half_input_computes_in_float32_like_torch(half, affine):
     """float32 statistics and torch's default eps (float32's machine epsilon), output in the input's dtype."""
     x = (torch.randn(6, 16) * 3).to(half)
     ours, theirs = bnlib.nn.RMSNorm(16, elementwise_affine=affine), nn.RMSNorm(16, elementwise_affine=affine)
-    _randomize(ours, theirs)
-    y1, dx1, _ = _run(ours, x)
-    y2, dx2, _ = _run(theirs, x)
+    randomize_params(ours, theirs)
+    y1, dx1, _ = forward_backward(ours, x)
+    y2, dx2, _ = forward_backward(theirs, x)
     assert y1.dtype == y2.dtype == half
     tol = dict(rtol=1e-2, atol=1e-2)
     assert_close(y1.float(), y2.float(), tol, "output")
