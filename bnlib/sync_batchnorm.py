@@ -220,7 +220,11 @@ class SyncBatchNormFunction(torch.autograd.Function):
         shift = torch.zeros_like(scale) if bias is None else bias.to(x.dtype)
         y = torch.addcmul(_per_channel(shift, x.dim()).expand_as(x), x_centered, _per_channel(scale, x.dim()))
 
-        ctx.save_for_backward(x_centered, invstd, weight, count)
+        # The input and (C,) statistics, not x_centered: the input is alive
+        # anyway, and the backward recomputes x - mu as it reads x (as
+        # torch's batch norm does), so no activation-sized buffer waits
+        # between the passes.
+        ctx.save_for_backward(input, mu, invstd, weight, count)
         ctx.process_group = process_group
         ctx.has_bias = bias is not None
         ctx.mark_non_differentiable(mu, var, count)
@@ -239,8 +243,9 @@ class SyncBatchNormFunction(torch.autograd.Function):
         every rank: hence the all_reduce. ``dgamma`` and ``dbeta`` are this
         rank's share, ``sum(dy * x_hat)`` and ``sum(dy)`` over its slice.
         """
-        x_centered, invstd, weight, count = ctx.saved_tensors
-        ndim = x_centered.dim()
+        input, mu, invstd, weight, count = ctx.saved_tensors
+        ndim = input.dim()
+        x_centered = input.to(invstd.dtype) - _per_channel(mu, ndim)
         dims = _stat_dims(ndim)
         dy32 = dy.to(x_centered.dtype)
         sum_dy = dy32.sum(dims)

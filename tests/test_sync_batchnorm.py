@@ -649,6 +649,20 @@ def test_sync_function_gradcheck_on_one_rank(one_process_group):
     assert_close(y, F.batch_norm(x, None, None, w, b, training=True), OUT_TOL[torch.float64], "output")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_sync_function_saves_no_new_activation(one_process_group, dtype):
+    """What the forward keeps for the backward: the input itself (alive anyway)
+    and per-channel values, never a new tensor of the input's size such as
+    x - mu (in float32 for a half input, twice the input's bytes)."""
+    from bnlib import perf
+
+    x = torch.randn(8, 4, 6, 5, dtype=dtype, requires_grad=True)
+    w, b = torch.ones(4, requires_grad=True), torch.zeros(4, requires_grad=True)
+    _, saved = perf.saved_tensors(lambda x: SyncBatchNormFunction.apply(x, w, b, 1e-5, one_process_group)[0], x)
+    big = [t for t in saved if t["bytes"] >= x.numel() * x.element_size()]
+    assert big and all(t["is_arg"] for t in big), big
+
+
 # ------------------------------------ CUDA -----------------------------------
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
