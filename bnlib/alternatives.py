@@ -225,11 +225,13 @@ def _autocast_enabled(device_type):
 
 def _autocast_float32(*tensors):
     """The tensors cast to float32 when autocast is on for the first one's
-    device type and that device runs these norms in float32; else None."""
+    device type and that device runs these norms in float32; else None.
+    As torch's autocast, float64 tensors are left as they are."""
     device_type = tensors[0].device.type
     if device_type not in AUTOCAST_FLOAT32_DEVICES or not _autocast_enabled(device_type):
         return None
-    return tuple(t.float() if t is not None and t.is_floating_point() else t for t in tensors)
+    return tuple(t.float() if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in tensors)
 
 
 def _normalized_shape_tuple(normalized_shape):

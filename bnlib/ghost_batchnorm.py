@@ -46,7 +46,8 @@ layer actually divided by in training. With ``k = 1`` it is BatchNorm's update.
 ``mu_0`` and unbiased ``var_0 * m_0 / (m_0 - 1)`` only, BatchNorm's update on
 ``input[:virtual_batch_size]``. That is what ``k`` devices running
 ``DistributedDataParallel`` with local BN end with: each updates its buffers
-from its own slice, and DDP (``broadcast_buffers=True``, its default)
+from its own slice, and DDP (``forward_sync_buffers=True``, its default;
+``broadcast_buffers`` before torch 2.13)
 overwrites every rank's buffers with rank 0's before each training forward
 pass, so rank 0's estimates (the ones a checkpoint saved by rank 0 holds)
 are moving averages of its own ``b`` rows of every step. Same expected

@@ -658,3 +658,8 @@ def test_autocast_runs_in_float32_on_listed_devices(name, monkeypatch):
     assert_close(y.detach(), expected, OUT_TOL[torch.float32], "output")
     y.sum().backward()
     assert x.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
+    x64 = x.detach().double()  # autocast leaves float64 alone, as torch's does
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y64 = fn(x64, w.detach().double(), b.detach().double())
+    assert y64.dtype == torch.float64
+    assert_close(y64, fn(x64, w.detach().double(), b.detach().double()), OUT_TOL[torch.float64], "float64")
