@@ -240,6 +240,26 @@ def _normalized_shape_tuple(normalized_shape):
     return tuple(normalized_shape)
 
 
+def _module_normalized_shape(normalized_shape):
+    """A module's ``normalized_shape`` as a tuple of at least one positive int (LayerNorm, RMSNorm)."""
+    normalized_shape = _normalized_shape_tuple(normalized_shape)
+    if len(normalized_shape) == 0:
+        raise ValueError("normalized_shape must have at least one dimension, got ()")
+    for size in normalized_shape:
+        _check_positive_int("every entry of normalized_shape", size)
+    return normalized_shape
+
+
+def _check_trailing_params(fn_name, normalized_shape, **params):
+    """Each given parameter must have the shape ``normalized_shape``: the shape,
+    not only the count, since a (3, 4) weight for normalized_shape (4, 3) would
+    be viewed as (4, 3), its elements on the wrong features."""
+    for name, tensor in params.items():
+        if tensor is not None and tuple(tensor.shape) != normalized_shape:
+            raise InputError(f"{fn_name} expected {name} of shape {list(normalized_shape)} "
+                             f"(normalized_shape), got {list(tensor.shape)}")
+
+
 def _check_layer_norm_input(input, normalized_shape):
     if len(normalized_shape) == 0:
         raise InputError("Expected normalized_shape to be at least 1-dimensional, i.e., containing at least one "
@@ -267,12 +287,7 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
         with torch.autocast(input.device.type, enabled=False):
             return layer_norm(cast[0], normalized_shape, cast[1], cast[2], eps)
     k = len(normalized_shape)
-    for name, tensor in (("weight", weight), ("bias", bias)):
-        # the shape, not only the count: a (3, 4) weight for normalized_shape
-        # (4, 3) would be viewed as (4, 3), its elements on the wrong features
-        if tensor is not None and tuple(tensor.shape) != normalized_shape:
-            raise InputError(f"layer_norm expected {name} of shape {list(normalized_shape)} "
-                             f"(normalized_shape), got {list(tensor.shape)}")
+    _check_trailing_params("layer_norm", normalized_shape, weight=weight, bias=bias)
     lead = tuple(input.shape[: input.dim() - k])
     row_shape = lead + (math.prod(normalized_shape),)
     param_dims = tuple(range(input.dim() - k))
@@ -403,9 +418,7 @@ def rms_norm(input, normalized_shape, weight=None, eps=None):
     if cast is not None:
         with torch.autocast(input.device.type, enabled=False):
             return rms_norm(cast[0], normalized_shape, cast[1], eps)
-    if weight is not None and tuple(weight.shape) != normalized_shape:
-        raise InputError(f"rms_norm expected weight of shape {list(normalized_shape)} "
-                         f"(normalized_shape), got {list(weight.shape)}")
+    _check_trailing_params("rms_norm", normalized_shape, weight=weight)
     eps = _rms_norm_eps(eps, input.dtype)
     _check_eps(eps)
     k = len(normalized_shape)
@@ -477,11 +490,7 @@ class LayerNorm(nn.Module):
     """
 
     def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True, device=None, dtype=None):
-        normalized_shape = _normalized_shape_tuple(normalized_shape)
-        if len(normalized_shape) == 0:
-            raise ValueError("normalized_shape must have at least one dimension, got ()")
-        for size in normalized_shape:
-            _check_positive_int("every entry of normalized_shape", size)
+        normalized_shape = _module_normalized_shape(normalized_shape)
         _check_eps(eps)
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
@@ -515,11 +524,7 @@ class RMSNorm(nn.Module):
     """
 
     def __init__(self, normalized_shape, eps=None, elementwise_affine=True, device=None, dtype=None):
-        normalized_shape = _normalized_shape_tuple(normalized_shape)
-        if len(normalized_shape) == 0:
-            raise ValueError("normalized_shape must have at least one dimension, got ()")
-        for size in normalized_shape:
-            _check_positive_int("every entry of normalized_shape", size)
+        normalized_shape = _module_normalized_shape(normalized_shape)
         if eps is not None:
             _check_eps(eps)
         super().__init__()
