@@ -7,7 +7,8 @@ one, with the backward pass written by hand:
 - across processes and virtual batches: ``SyncBatchNorm`` (``bnlib.sync_batchnorm``),
   ``GhostBatchNorm`` (``bnlib.ghost_batchnorm``)
 - the alternatives: ``LayerNorm``, ``RMSNorm``, ``GroupNorm``, ``InstanceNorm1d/2d/3d``,
-  ``BatchRenorm1d/2d``, ``weight_norm``, ``spectral_norm`` (``bnlib.alternatives``)
+  ``BatchRenorm1d/2d``, ``weight_norm``, ``weight_standardization``, ``spectral_norm``
+  (``bnlib.alternatives``)
 - fine-tuning: ``FrozenBatchNorm``, BN with its statistics and affine
   parameters fixed, in every mode (``bnlib.frozen_batchnorm``; torchvision's
   ``FrozenBatchNorm2d`` for any ``(N, C, *)``)
@@ -27,6 +28,7 @@ from bnlib.alternatives import (
     RMSNorm,
     spectral_norm,
     weight_norm,
+    weight_standardization,
 )
 from bnlib.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm, _NormBase  # noqa: F401
 from bnlib.frozen_batchnorm import FrozenBatchNorm
@@ -49,6 +51,7 @@ __all__ = [
     "BatchRenorm1d",
     "BatchRenorm2d",
     "weight_norm",
+    "weight_standardization",
     "spectral_norm",
     "InputError",
 ]

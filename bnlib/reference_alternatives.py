@@ -1,4 +1,5 @@
-r"""The alternatives to batch norm in NumPy: layer, group, instance and RMS norm, batch renorm.
+r"""The alternatives to batch norm in NumPy: layer, group, instance and RMS norm,
+weight standardization, batch renorm.
 
 Layer, group and instance norm differ from batch norm only in *which values
 share a mean and a variance*. For an input ``x`` of shape ``(N, C, *spatial)``:
@@ -28,6 +29,10 @@ RMS norm (Zhang & Sennrich 2019) is layer norm without the centering: each
 row is divided by its root mean square, ``rms = sqrt(mean(x^2) + eps)``, and
 scaled by ``gamma`` (no ``beta``). Its backward is the compact formula without
 the path through ``mu``.
+
+Weight standardization (Qiao et al. 2019) applies the same row formula to a
+layer's *weight*: each output unit's weights, a row of the weight matrix,
+to mean 0 and variance 1.
 
 Batch renormalization (Ioffe 2017) keeps batch norm's statistics but corrects
 them towards the running estimates with two constants ``r`` and ``d``:
@@ -64,6 +69,9 @@ __all__ = [
     "RMSNormCache",
     "rmsnorm_forward",
     "rmsnorm_backward",
+    "WeightStdCache",
+    "weightstd_forward",
+    "weightstd_backward",
     "batchrenorm_forward",
     "batchrenorm_backward",
 ]
@@ -423,6 +431,81 @@ def rmsnorm_backward(dy, cache):
     dx = (cache.inv_rms * (dx_hat_rows - x_hat_rows * mean_dx_hat_x_hat)).reshape(cache.x_hat.shape)
     dgamma = None if cache.gamma is None else (dy * cache.x_hat).sum(axis=cache.param_axes)
     return dx, dgamma
+
+
+# --------------------------------------------------------------------------
+# Weight standardization
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class WeightStdCache:
+    """What the backward pass of weight standardization needs."""
+
+    w_hat: np.ndarray  # each output unit's weights standardized, shape (out, n)
+    invstd: np.ndarray  # 1 / sqrt(var + eps) per output unit, shape (out, 1)
+    gain: np.ndarray  # the gain per output unit, shape (out,), or None
+    scale: float  # 1 / sqrt(n) for the scaled form, else 1
+    shape: tuple  # the weight's shape
+
+
+def weightstd_forward(w, gain=None, eps=1e-6, scaled=False):
+    r"""Weight standardization: each output unit's weights to mean 0, variance 1.
+
+    For the weight of a linear layer ``(out, in)`` or a convolution ``(out,
+    in, *kernel)``, row ``i`` is output unit ``i``'s ``n`` weights (``n`` is
+    the fan-in). Each row is standardized (Qiao et al. 2019):
+
+    .. math::
+
+        \mu_i = \frac{1}{n} \sum_j w_{ij}, \qquad
+        \sigma_i^2 = \frac{1}{n} \sum_j (w_{ij} - \mu_i)^2, \qquad
+        \hat{w}_{ij} = \frac{w_{ij} - \mu_i}{\sqrt{\sigma_i^2 + \epsilon}},
+
+    which is layer norm applied to the rows of the weight, not to
+    activations. ``scaled=True`` gives the scaled form of normalizer-free
+    networks (Brock et al. 2021), ``g_i \hat{w}_{ij} / \sqrt{n}``: rows of
+    length ``|g_i|``, so that a unit's output has the variance of its
+    inputs; ``gain`` is ``g`` (one per output unit; ``None``: 1).
+
+    Returns ``(w_std, cache)``, ``w_std`` of the shape of ``w``.
+    """
+    w = _as_compute(w)
+    _check_eps(eps)
+    if w.ndim < 2 or prod(w.shape[1:]) < 2:
+        raise ValueError(f"weight standardization needs a weight of shape (out, in, *kernel) with at least 2 "
+                         f"weights per output unit, got shape {w.shape}")
+    rows = w.reshape(w.shape[0], -1)
+    gain = _param("gain", gain, (w.shape[0],), w.dtype)
+    w_hat, _, _, invstd = _normalize_rows(rows, eps)
+    scale = 1.0 / np.sqrt(rows.shape[1]) if scaled else 1.0
+    factor = scale if gain is None else scale * gain[:, None]
+    w_std = (factor * w_hat).reshape(w.shape)
+    return w_std, WeightStdCache(w_hat, invstd, gain, scale, w.shape)
+
+
+def weightstd_backward(dw_std, cache):
+    r"""Gradients of :func:`weightstd_forward`: ``(dw, dgain)``.
+
+    Layer norm's backward on each row, with ``d\hat{w} = g_i\, s\, dw_{std}``
+    (``s = 1/\sqrt{n}`` or 1):
+
+    .. math::
+
+        dw_{ij} = \frac{1}{\sqrt{\sigma_i^2 + \epsilon}}
+                  \Big(d\hat{w}_{ij} - \frac{1}{n}\sum_k d\hat{w}_{ik}
+                  - \hat{w}_{ij} \frac{1}{n}\sum_k d\hat{w}_{ik} \hat{w}_{ik}\Big),
+
+    so each row of ``dw`` sums to 0 and is orthogonal to ``\hat{w}_i``: a
+    step never changes a row's mean and, to first order, not its spread,
+    which the output ignores anyway. ``dgain_i = s \sum_j dw_{std,ij}\, \hat{w}_{ij}``
+    (``None`` without ``gain``).
+    """
+    dw_std = np.asarray(dw_std, dtype=cache.w_hat.dtype).reshape(cache.w_hat.shape)
+    factor = cache.scale if cache.gain is None else cache.scale * cache.gain[:, None]
+    dw = _rows_backward(factor * dw_std, cache.w_hat, cache.invstd).reshape(cache.shape)
+    dgain = None if cache.gain is None else cache.scale * (dw_std * cache.w_hat).sum(axis=1)
+    return dw, dgain
 
 
 # --------------------------------------------------------------------------

@@ -40,6 +40,8 @@ LAYERS = {
     "InstanceNorm2d": (lambda: bnlib.nn.InstanceNorm2d(4, affine=True), X4, True),
     "BatchRenorm2d eval": (lambda: bnlib.nn.BatchRenorm2d(4), X4, False),
     "weight_norm": (lambda: alternatives.weight_norm(torch.nn.Linear(3, 2)), X2, True),
+    "weight_standardization": (lambda: alternatives.weight_standardization(torch.nn.Linear(3, 2), scaled=True),
+                               X2, True),
     "spectral_norm eval": (lambda: alternatives.spectral_norm(torch.nn.Linear(3, 2)), X2, False),
 }
 
@@ -94,7 +96,8 @@ def test_forward_mode_agrees_with_reverse_mode(name):
     torch.testing.assert_close(forward, reverse)
 
 
-@pytest.mark.parametrize("name", ["GroupNorm", "BatchNorm1d batch statistics", "weight_norm"])
+@pytest.mark.parametrize("name", ["GroupNorm", "BatchNorm1d batch statistics", "weight_norm",
+                                  "weight_standardization"])
 def test_hessian_matches_double_backward(name):
     """Second derivatives through the transform equal the eager path's double backward."""
     layer, x = make_layer(name)
