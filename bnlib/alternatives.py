@@ -1144,14 +1144,23 @@ def weight_standardization(module, name="weight", eps=1e-6, scaled=False):
     ``scaled=True`` is the *scaled* weight standardization of normalizer-free
     networks (Brock et al. 2021), ``g_i \hat{w}_{ij} / \sqrt{n}``, with a
     learnable gain ``g`` (``module.parametrizations.<name>[0].gain``, one per
-    output unit, starting at 1): each row has length ``|g_i|``, so an output
-    unit's variance is that of its inputs' (when they are uncorrelated) and
-    a network without normalization layers keeps its activations' scale.
+    output unit, starting at 1): each row has length ``|g_i|``, so with
+    ``g_i = 1`` an output unit's variance is that of its inputs when they are
+    uncorrelated and of equal variance. A nonlinearity in between changes the
+    variance (a ReLU passes on ``(1 - 1/pi) / 2`` of it), which the paper
+    undoes with a constant after it (``1 / sqrt((1 - 1/pi) / 2) = 1.71`` for
+    ReLU); setting the following layer's gain to that constant computes the same.
 
     ``eps`` must be small next to the rows' variance, which torch's default
     initialization makes ``1 / (3 n)``: ``7.2e-5`` for a 3x3 convolution over
-    512 channels, which the default ``1e-6`` shrinks by 0.7% (``1e-5`` would
-    shrink it by 6%).
+    512 channels, whose standardized weights come out 0.7% too small with the
+    default ``1e-6`` (6% with ``1e-5``). A constant row (all weights equal,
+    for example zero-initialized) standardizes to zeros, and its gradient is
+    scaled by ``1 / sqrt(eps)``.
+
+    Only weights whose dim 0 is the output unit: a transposed convolution's
+    weight, ``(in, out / groups, *kernel)``, is refused, and so is a weight
+    that already has weight standardization.
 
     torch has no weight standardization; this follows the papers and the
     style of :func:`weight_norm`. ``torch.nn.utils.parametrize.remove_parametrizations(module,
@@ -1161,6 +1170,12 @@ def weight_standardization(module, name="weight", eps=1e-6, scaled=False):
     if not isinstance(weight, torch.Tensor):
         raise ValueError(f"Module '{module}' has no parameter or buffer with name '{name}'")
     _check_eps(eps)
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        raise ValueError(f"weight_standardization standardizes each output unit's weights along dim 0; the weight "
+                         f"of {type(module).__name__} has its input channels there, (in, out / groups, *kernel)")
+    if parametrize.is_parametrized(module, name) and any(
+            isinstance(p, _WeightStandardization) for p in module.parametrizations[name]):
+        raise ValueError(f"{name} of {type(module).__name__} already has weight standardization")
     if not isinstance(scaled, bool):
         raise ValueError(f"scaled must be True or False, got {scaled!r}")
     fan_in = math.prod(weight.shape[1:])

@@ -206,6 +206,58 @@ def test_half_weights_are_standardized_in_float32(dtype):
     torch.testing.assert_close(grad_half, single.parametrizations.weight.original.grad.to(dtype), rtol=0, atol=0)
 
 
+def _layer_norm_of_rows(weight, gain, scale, eps=1e-6):
+    rows = F.layer_norm(weight.reshape(weight.shape[0], -1), (weight[0].numel(),), eps=eps)
+    factor = scale if gain is None else scale * gain.to(rows.dtype).unsqueeze(1)
+    return (factor * rows).reshape(weight.shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_gradients_with_a_graph_and_second_derivatives_vs_layer_norm_of_the_rows(dtype):
+    """create_graph=True goes through a formula of its own: its gradients and their
+    derivatives against the truth (bfloat16: computed in float32, as the first-order path)."""
+    g = torch.Generator().manual_seed(5)
+    weight = torch.randn(3, 2, 2, 2, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    gain = (torch.rand(3, generator=g, dtype=torch.float64) + 0.5).to(dtype).requires_grad_()
+    dy = torch.randn(3, 2, 2, 2, generator=g, dtype=torch.float64).to(dtype)
+    scale = 1 / math.sqrt(8)
+    tol = OUT_TOL[torch.float64] if dtype == torch.float64 else dict(rtol=1e-2, atol=1e-2)
+
+    def grads(fn, create_graph):
+        return torch.autograd.grad((fn(weight, gain) * dy).sum(), (weight, gain), create_graph=create_graph)
+
+    ours = lambda w, g_: alt.WeightStandardizationFunction.apply(w, g_, 1e-6, scale)  # noqa: E731
+    truth = lambda w, g_: _layer_norm_of_rows(w.double(), g_.double(), scale).to(dtype)  # noqa: E731
+    plain, graph, want = grads(ours, False), grads(ours, True), grads(truth, True)
+    for got_plain, got_graph, expected, what in zip(plain, graph, want, ("weight", "gain")):
+        assert got_graph.dtype == dtype
+        # both compute in float32 and round once: a bfloat16 ulp at most
+        same = tol if dtype == torch.float64 else dict(rtol=2 ** -8, atol=1e-6)
+        assert_close(got_graph, got_plain, same, f"d{what} with a graph vs without")
+        assert_close(got_graph, expected, tol, f"d{what} with a graph vs layer norm of the rows")
+    if dtype == torch.float64:  # second derivatives: of sum(dweight^2) and of sum(dgain^2)
+        for k, what in enumerate(("weight", "gain")):
+            # dgain does not depend on the gain: zeros there
+            kw = dict(retain_graph=True, allow_unused=True, materialize_grads=True)
+            got = torch.autograd.grad(graph[k].square().sum(), (weight, gain), **kw)
+            expected = torch.autograd.grad(want[k].square().sum(), (weight, gain), **kw)
+            for a, b in zip(got, expected):
+                assert_close(a, b, GRAD_TOL[torch.float64], f"second derivative through d{what}")
+
+
+def test_frozen_weight_trainable_gain():
+    """Fine-tuning only the gains: the gain still gets its gradient."""
+    ours, theirs, shape = _pair("Conv2d", torch.float64, scaled=True)
+    for module in (ours, theirs):
+        module.parametrizations.weight.original.requires_grad_(False)
+    x = random_input(shape, seed=1)
+    ours(x).square().sum().backward()
+    theirs(x).square().sum().backward()
+    assert ours.parametrizations.weight.original.grad is None
+    assert_close(ours.parametrizations.weight[0].gain.grad, theirs.parametrizations.weight[0].gain.grad,
+                 GRAD_TOL[torch.float64], "gain gradient")
+
+
 @pytest.mark.parametrize("make,kwargs,match", [
     (lambda: nn.Linear(3, 2), dict(eps=0.0), "eps must be a finite number > 0"),
     (lambda: nn.Linear(3, 2), dict(eps=float("nan")), "eps must be a finite number > 0"),
@@ -213,6 +265,7 @@ def test_half_weights_are_standardized_in_float32(dtype):
     (lambda: nn.Linear(3, 2), dict(name="foo"), "no parameter or buffer with name 'foo'"),
     (lambda: nn.Linear(1, 2), {}, r"at least 2 weights per output unit, got shape \(2, 1\)"),
     (lambda: nn.LayerNorm(4), {}, r"of shape \(out, in, \*kernel\).*got shape \(4,\)"),
+    (lambda: nn.ConvTranspose2d(4, 3, 3), {}, "ConvTranspose2d has its input channels there"),
 ])
 def test_bad_arguments_raise_and_leave_the_module_alone(make, kwargs, match):
     module = make()
@@ -220,4 +273,13 @@ def test_bad_arguments_raise_and_leave_the_module_alone(make, kwargs, match):
     with pytest.raises(ValueError, match=match):
         bnlib.nn.weight_standardization(module, **kwargs)
     assert not parametrize.is_parametrized(module)
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+
+
+def test_standardizing_twice_is_refused():
+    module = bnlib.nn.weight_standardization(nn.Linear(4, 3), scaled=True)
+    before = copy.deepcopy(module.state_dict())
+    with pytest.raises(ValueError, match="already has weight standardization"):
+        bnlib.nn.weight_standardization(module)
+    assert len(module.parametrizations.weight) == 1
     assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
