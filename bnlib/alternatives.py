@@ -1049,13 +1049,22 @@ def weight_norm(module, name="weight", dim=0):
 # --------------------------------------------------------------------------
 
 
-def _weight_std_formula(weight, gain, eps, scale):
-    """``WeightStandardizationFunction``'s map in plain differentiable tensor ops."""
+def _standardize_rows(weight, gain, eps, scale):
+    """``(w_std, w_hat, invstd)`` for the rows ``weight.reshape(out, -1)``, in
+    plain differentiable tensor ops: ``w_std = factor * w_hat`` with ``factor =
+    scale * gain``, computed in float32 for half weights (``w_std`` in the
+    computation's dtype, shape ``(out, n)``)."""
     rows = weight.to(_compute_dtype(weight.dtype)).reshape(weight.shape[0], -1)
     centered = rows - rows.mean(1, keepdim=True)
-    w_hat = centered * torch.rsqrt(centered.square().mean(1, keepdim=True) + eps)
+    invstd = torch.rsqrt(centered.square().mean(1, keepdim=True) + eps)
+    w_hat = centered * invstd
     factor = scale if gain is None else scale * gain.to(rows.dtype).unsqueeze(1)
-    return (factor * w_hat).reshape(weight.shape).to(weight.dtype)
+    return factor * w_hat, w_hat, invstd
+
+
+def _weight_std_formula(weight, gain, eps, scale):
+    """``WeightStandardizationFunction``'s map in plain differentiable tensor ops."""
+    return _standardize_rows(weight, gain, eps, scale)[0].reshape(weight.shape).to(weight.dtype)
 
 
 class WeightStandardizationFunction(torch.autograd.Function):
@@ -1073,14 +1082,10 @@ class WeightStandardizationFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, gain, eps, scale):
-        rows = weight.to(_compute_dtype(weight.dtype)).reshape(weight.shape[0], -1)
-        centered = rows - rows.mean(1, keepdim=True)
-        invstd = torch.rsqrt(centered.square().mean(1, keepdim=True) + eps)
-        w_hat = centered * invstd
-        factor = scale if gain is None else scale * gain.to(rows.dtype).unsqueeze(1)
+        w_std, w_hat, invstd = _standardize_rows(weight, gain, eps, scale)
         ctx.save_for_backward(weight, gain, w_hat, invstd)
         ctx.eps, ctx.scale = eps, scale
-        return (factor * w_hat).reshape(weight.shape).to(weight.dtype)
+        return w_std.reshape(weight.shape).to(weight.dtype)
 
     @staticmethod
     def backward(ctx, dw_std):
