@@ -465,8 +465,9 @@ def weightstd_forward(w, gain=None, eps=1e-6, scaled=False):
     which is layer norm applied to the rows of the weight, not to
     activations. ``scaled=True`` gives the scaled form of normalizer-free
     networks (Brock et al. 2021), ``g_i \hat{w}_{ij} / \sqrt{n}``: rows of
-    length ``|g_i|``, so that a unit's output has the variance of its
-    inputs; ``gain`` is ``g`` (one per output unit; ``None``: 1).
+    length ``|g_i|``, so that with ``g_i = 1`` a unit's output has the
+    variance of its inputs when they are uncorrelated and of equal variance;
+    ``gain`` is ``g`` (one per output unit; ``None``: 1).
 
     Returns ``(w_std, cache)``, ``w_std`` of the shape of ``w``.
     """
@@ -496,9 +497,9 @@ def weightstd_backward(dw_std, cache):
                   \Big(d\hat{w}_{ij} - \frac{1}{n}\sum_k d\hat{w}_{ik}
                   - \hat{w}_{ij} \frac{1}{n}\sum_k d\hat{w}_{ik} \hat{w}_{ik}\Big),
 
-    so each row of ``dw`` sums to 0 and is orthogonal to ``\hat{w}_i``: a
-    step never changes a row's mean and, to first order, not its spread,
-    which the output ignores anyway. ``dgain_i = s \sum_j dw_{std,ij}\, \hat{w}_{ij}``
+    so each row of ``dw`` sums to 0 and is orthogonal to ``\hat{w}_i`` (up
+    to ``eps / (var + eps)``): an SGD step never changes a row's mean and, to
+    first order, not its spread, which the output ignores anyway. ``dgain_i = s \sum_j dw_{std,ij}\, \hat{w}_{ij}``
     (``None`` without ``gain``).
     """
     dw_std = np.asarray(dw_std, dtype=cache.w_hat.dtype).reshape(cache.w_hat.shape)

@@ -36,19 +36,24 @@ MODULES = {
 }
 
 
-class _StandardizedByLayerNorm(nn.Module):
+def _layer_norm_of_rows(weight, gain, scale, eps=1e-6):
     """The definition, written with torch's layer norm: the truth for bnlib's Function."""
+    rows = F.layer_norm(weight.reshape(weight.shape[0], -1), (weight[0].numel(),), eps=eps)
+    factor = scale if gain is None else scale * gain.to(rows.dtype).unsqueeze(1)
+    return (factor * rows).reshape(weight.shape)
+
+
+class _StandardizedByLayerNorm(nn.Module):
+    """:func:`_layer_norm_of_rows` as a parametrization, with a gain in the scaled form."""
 
     def __init__(self, out_features, fan_in, eps, scaled):
         super().__init__()
-        self.eps, self.fan_in = eps, fan_in
+        self.eps = eps
         self.scale = 1 / math.sqrt(fan_in) if scaled else 1.0
         self.gain = nn.Parameter(torch.ones(out_features)) if scaled else None
 
     def forward(self, weight):
-        rows = F.layer_norm(weight.reshape(weight.shape[0], -1), (self.fan_in,), eps=self.eps)
-        factor = self.scale if self.gain is None else self.scale * self.gain.to(rows.dtype).unsqueeze(1)
-        return (factor * rows).reshape(weight.shape)
+        return _layer_norm_of_rows(weight, self.gain, self.scale, self.eps)
 
 
 def _pair(name, dtype, scaled, eps=1e-6):
@@ -93,7 +98,7 @@ def test_reference_vs_layer_norm_of_the_rows(scaled, shape):
     gain = (torch.rand(shape[0], generator=g, dtype=torch.float64) + 0.5).requires_grad_()
     n = math.prod(shape[1:])
     scale = 1 / math.sqrt(n) if scaled else 1.0
-    want = (F.layer_norm(w.reshape(shape[0], n), (n,), eps=1e-6) * scale * gain.unsqueeze(1)).reshape(shape)
+    want = _layer_norm_of_rows(w, gain, scale)
     dy = torch.randn(shape, generator=g, dtype=torch.float64)
     dw_want, dgain_want = torch.autograd.grad(want, (w, gain), dy)
 
@@ -204,12 +209,6 @@ def test_half_weights_are_standardized_in_float32(dtype):
     grad_half = half.parametrizations.weight.original.grad
     assert grad_half.dtype == dtype
     torch.testing.assert_close(grad_half, single.parametrizations.weight.original.grad.to(dtype), rtol=0, atol=0)
-
-
-def _layer_norm_of_rows(weight, gain, scale, eps=1e-6):
-    rows = F.layer_norm(weight.reshape(weight.shape[0], -1), (weight[0].numel(),), eps=eps)
-    factor = scale if gain is None else scale * gain.to(rows.dtype).unsqueeze(1)
-    return (factor * rows).reshape(weight.shape)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
