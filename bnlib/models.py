@@ -31,7 +31,9 @@ The activation functions and their derivatives (closed forms) live here too:
 ``get_layers`` returns the hidden layers of one kind (``"fc"``, ``"norm"``,
 ``"act"``) in order. ``make_resmlp`` builds a residual MLP whose blocks are
 ``ResidualBlock`` modules (two linear layers with BN each, optionally with
-the last :math:`\gamma` zero-initialized). ``modes_kept(model)`` is a context
+the last :math:`\gamma` zero-initialized); ``make_nf_resmlp`` builds its
+normalizer-free counterpart from ``NFResidualBlock`` modules (Brock et al.
+2021). ``modes_kept(model)`` is a context
 manager for a block that may call ``model.train()`` or ``model.eval()``:
 afterwards every submodule is back in its own train/eval mode (a BN layer
 frozen in eval mode inside a model in training mode stays frozen); ``buffers_kept(model)`` restores
@@ -43,6 +45,7 @@ whose backward pass treats the batch statistics as constants.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections import OrderedDict
 from typing import Callable, Iterator, Sequence
 
@@ -57,6 +60,9 @@ __all__ = [
     "get_layers",
     "ResidualBlock",
     "make_resmlp",
+    "RELU_GAIN",
+    "NFResidualBlock",
+    "make_nf_resmlp",
     "modes_kept",
     "buffers_kept",
     "ConstantStatsBatchNorm1d",
@@ -395,6 +401,116 @@ def make_resmlp(
                 for fc in module.modules():
                     if isinstance(fc, nn.Linear):
                         _normal_init(fc, 1.0 if module is layers["out"] else weight_scale)
+    return nn.Sequential(layers)
+
+
+#: The gain that makes ``RELU_GAIN * relu(x)`` have variance 1 for ``x ~ N(0, 1)``:
+#: a ReLU passes on ``(1 - 1/pi) / 2`` of the variance, so ``1 / sqrt((1 - 1/pi) / 2)``, about 1.71.
+RELU_GAIN = 1 / math.sqrt((1 - 1 / math.pi) / 2)
+
+
+def _scaled_ws_linear(in_features: int, out_features: int) -> nn.Linear:
+    # a linear layer with scaled weight standardization, bias 0 at the start
+    from bnlib.nn import weight_standardization
+
+    fc = nn.Linear(in_features, out_features)
+    nn.init.zeros_(fc.bias)
+    return weight_standardization(fc, scaled=True)
+
+
+def _check_positive(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+class NFResidualBlock(nn.Module):
+    r"""A normalizer-free residual block (Brock, De and Smith 2021), fully connected, pre-activation:
+
+    .. math::
+
+        h' = h + \alpha\, F(h), \qquad
+        F(h) = W_2\, \gamma\,\mathrm{relu}\bigl(W_1\, \gamma\,\mathrm{relu}(h / \beta)\bigr) + b_2,
+
+    (:math:`b_1` inside, after :math:`W_1`). ``fc1``, ``fc2`` have scaled weight
+    standardization (:func:`bnlib.nn.weight_standardization` with
+    ``scaled=True``: every row of length ``|g_i|``, mean 0) and biases that
+    start at 0; :math:`\gamma` = :data:`RELU_GAIN` undoes the variance a
+    ReLU removes. ``beta`` is the expected standard deviation of the block's
+    input ``h``: then ``h / beta`` has variance about 1, and so, at the
+    start, has every unit of the branch :math:`F(h)` (for inputs that are
+    Gaussian and uncorrelated), so the block adds about :math:`\alpha^2` to
+    the variance of the stream. No statistic of the batch is used: each
+    sample is computed alone, in training and in eval mode alike.
+    ``alpha`` is a constant, not a parameter. Nothing normalizes the stream
+    itself, which is why :func:`make_nf_resmlp` sets each block's ``beta``
+    from the variance the blocks before it add.
+    """
+
+    def __init__(self, width: int, alpha: float = 0.2, beta: float = 1.0):
+        super().__init__()
+        if isinstance(width, bool) or not isinstance(width, int) or width < 2:
+            raise ValueError(f"width must be an int >= 2 (weight standardization needs 2 weights per row), "
+                             f"got {width!r}")
+        _check_positive("alpha", alpha)
+        _check_positive("beta", beta)
+        self.alpha, self.beta = float(alpha), float(beta)
+        self.fc1 = _scaled_ws_linear(width, width)
+        self.fc2 = _scaled_ws_linear(width, width)
+
+    def branch(self, h: torch.Tensor) -> torch.Tensor:
+        """The residual branch alone, ``F(h)`` (without ``alpha``)."""
+        x = RELU_GAIN * torch.relu(h / self.beta)
+        return self.fc2(RELU_GAIN * torch.relu(self.fc1(x)))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.alpha * self.branch(h)
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha:g}, beta={self.beta:.4g}"
+
+
+def make_nf_resmlp(
+    in_features: int,
+    width: int,
+    out_features: int,
+    blocks: int,
+    *,
+    alpha: float = 0.2,
+    seed: int | None = None,
+) -> nn.Sequential:
+    r"""A normalizer-free residual MLP (NF-ResNet, Brock, De and Smith 2021): ``stem``, ``block1`` ... ``block{blocks}``, ``relu``, ``out``.
+
+    ``stem`` is a linear layer with scaled weight standardization (no
+    activation: the blocks start with theirs), ``block{b}`` an
+    :class:`NFResidualBlock` with the constant ``alpha`` and
+
+    .. math::
+
+        \beta_b = \sqrt{1 + (b - 1)\,\alpha^2},
+
+    the standard deviation the stream is expected to have on entering block
+    ``b`` if the stem's output has variance 1 (standardized, uncorrelated
+    inputs) and every block adds :math:`\alpha^2`; after block ``b`` it is
+    :math:`\sqrt{1 + b\,\alpha^2}`. Then a ReLU and ``out``, a plain
+    ``nn.Linear`` to ``out_features`` logits (torch's initialization), which
+    the paper leaves out of gradient clipping (``model[:-1]`` is everything
+    else; see :func:`bnlib.training.adaptive_grad_clip_`). No layer looks at
+    other samples, so the network computes the same in training and eval
+    mode. ``seed`` as in :func:`make_resmlp`.
+    """
+    if blocks < 1 or width < 2 or in_features < 2 or out_features < 1:
+        raise ValueError(f"need blocks >= 1, width >= 2, in_features >= 2 and out_features >= 1, got "
+                         f"{blocks}, {width}, {in_features}, {out_features}")
+    _check_positive("alpha", alpha)
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        layers: OrderedDict[str, nn.Module] = OrderedDict()
+        layers["stem"] = _scaled_ws_linear(in_features, width)
+        for b in range(1, blocks + 1):
+            layers[f"block{b}"] = NFResidualBlock(width, alpha, math.sqrt(1 + (b - 1) * alpha**2))
+        layers["relu"] = nn.ReLU()
+        layers["out"] = nn.Linear(width, out_features)
     return nn.Sequential(layers)
 
 

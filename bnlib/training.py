@@ -17,12 +17,26 @@ gradient per sample, ``g_i``, taken in the graph of the whole batch, so that
 for a batch of ``N`` samples (the ``m`` above) ``sum_i g_i = N * dL/dtheta``:
 what differentially private SGD clips one by one (chapter "Alternatives to
 BN").
+
+:func:`adaptive_grad_clip_` is the adaptive gradient clipping of
+normalizer-free networks (Brock et al. 2021): every unit's gradient
+``G_i`` is scaled down, where it is large next to that unit's weights
+``W_i``, to
+
+.. math::
+
+    G_i \leftarrow \lambda \, \frac{\max(\lVert W_i \rVert, \epsilon)}{\lVert G_i \rVert} \, G_i
+    \quad \text{where} \quad
+    \frac{\lVert G_i \rVert}{\max(\lVert W_i \rVert, \epsilon)} > \lambda ;
+
+:func:`train` applies it (or any other change to the gradients) through
+``clip_gradients``, between the backward pass and the update.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +44,8 @@ from torch import nn
 
 from bnlib.models import buffers_kept, modes_kept
 
-__all__ = ["History", "minibatches", "accuracy", "evaluate", "train", "per_sample_gradients"]
+__all__ = ["History", "minibatches", "accuracy", "evaluate", "train", "per_sample_gradients",
+           "unitwise_norm", "adaptive_grad_clip_"]
 
 
 @dataclass
@@ -110,6 +125,7 @@ def train(
     decay_bn: bool = True,
     seed: int = 0,
     callback: Callable[[int, nn.Module], None] | None = None,
+    clip_gradients: Callable[[nn.Module], object] | None = None,
 ) -> History:
     """Train ``model`` on ``x`` (``(N, d)``) and labels ``y`` (``(N,)``) in training mode.
 
@@ -118,13 +134,18 @@ def train(
     ``callback(step, model)`` is called with ``step=0`` before the first update
     and with ``step=t`` after update ``t``, so it sees the initial and every
     later state. ``decay_bn=False`` exempts the BN layers' ``gamma`` and
-    ``beta`` from ``weight_decay`` (the other parameters keep it). Returns a
-    :class:`History`; the model is trained in place.
+    ``beta`` from ``weight_decay`` (the other parameters keep it).
+    ``clip_gradients(model)`` is called after every backward pass, before
+    the update, to change the ``.grad`` of the parameters in place (for
+    example with :func:`adaptive_grad_clip_`); what it returns is ignored.
+    Returns a :class:`History`; the model is trained in place.
     """
     if (steps is None) == (epochs is None):
         raise ValueError(f"give exactly one of steps or epochs, got steps={steps}, epochs={epochs}")
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x and y must have the same number of rows, got {x.shape[0]} and {y.shape[0]}")
+    if clip_gradients is not None and not callable(clip_gradients):
+        raise ValueError(f"clip_gradients must be a callable model -> None or None, got {clip_gradients!r}")
     n = x.shape[0]
     m = n if batch_size is None else batch_size
     per_epoch = n // m if m <= n else 0
@@ -148,6 +169,8 @@ def train(
             logits = model(x[idx])
             loss = F.cross_entropy(logits, y[idx])
             loss.backward()
+            if clip_gradients is not None:
+                clip_gradients(model)
             opt.step()
             step += 1
             history.step.append(step)
@@ -156,6 +179,91 @@ def train(
             if callback is not None:
                 callback(step, model)
     return history
+
+
+def unitwise_norm(t: torch.Tensor) -> torch.Tensor:
+    """The Euclidean norm of each output unit's slice of ``t``, shaped to broadcast against ``t``.
+
+    A weight of ``Linear`` or ``Conv*d``, ``(out, in, *kernel)``, has one norm
+    per output unit (row ``i``: ``t[i]``), shape ``(out, 1, 1, ...)``. A
+    tensor of at most one dimension (a bias, a gain, a scalar) counts as one
+    unit: its norm over every entry, shape ``()``. The same rule as the
+    normalizer-free networks' code (Brock et al. 2021).
+    """
+    if t.ndim <= 1:
+        return torch.linalg.vector_norm(t)
+    return torch.linalg.vector_norm(t, dim=tuple(range(1, t.ndim)), keepdim=True)
+
+
+def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def adaptive_grad_clip_(
+    parameters: torch.Tensor | Iterable[torch.Tensor],
+    clipping: float,
+    eps: float = 1e-3,
+) -> torch.Tensor:
+    r"""Adaptive gradient clipping (AGC, Brock et al. 2021), in place on ``.grad``.
+
+    For every unit ``i`` of every parameter (:func:`unitwise_norm`: a row of a
+    weight, or a whole bias or gain), with weights :math:`W_i` and gradient
+    :math:`G_i`,
+
+    .. math::
+
+        G_i \leftarrow
+        egin{cases}
+            \lambda \, \dfrac{\max(\lVert W_i 
+Vert, \epsilon)}{\lVert G_i 
+Vert} \, G_i
+                & 	ext{if } \dfrac{\lVert G_i 
+Vert}{\max(\lVert W_i 
+Vert, \epsilon)} > \lambda, \[1ex]
+            G_i & 	ext{otherwise,}
+        \end{cases}
+
+    with :math:`\lambda` = ``clipping``: a unit's gradient is at most
+    :math:`\lambda` times the size of its weights, so a step of SGD at
+    learning rate ``lr`` changes a unit's weights by at most ``lr * clipping``
+    of their size (relative to ``eps`` for weights smaller than ``eps``).
+    Unlike clipping the norm of the whole gradient
+    (``torch.nn.utils.clip_grad_norm_``), the threshold scales with each
+    unit's weights. ``eps`` keeps zero-initialized weights (biases, a
+    SkipInit :math:`lpha`) from having every gradient clipped to zero,
+    but it still caps their steps at ``lr * clipping * eps`` while they are
+    small. The paper clips every layer except the final classifier, with
+    :math:`\lambda` from 0.01 to 0.16, smaller for larger batches.
+
+    ``parameters``: a tensor or an iterable of tensors (e.g.
+    ``model.parameters()``); those whose ``.grad`` is None are skipped. The
+    weights are not changed. Returns the number of clipped units, a tensor on
+    the gradients' device (no host synchronization; 0 for no gradients).
+
+    The norms are taken in float32 for float16 and bfloat16 tensors (a
+    float16 norm overflows above 65504).
+
+    Raises ``ValueError`` (and changes no gradient) for ``clipping`` or
+    ``eps`` that is not a finite number > 0.
+    """
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    parameters = [p for p in parameters if p.grad is not None]
+    for value, name in ((clipping, "clipping"), (eps, "eps")):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    clipped = torch.zeros((), dtype=torch.int64,
+                          device=parameters[0].grad.device if parameters else None)
+    with torch.no_grad():
+        for p in parameters:
+            max_norm = clipping * unitwise_norm(_at_least_float32(p.detach())).clamp_min(eps)
+            grad_norm = unitwise_norm(_at_least_float32(p.grad))
+            too_large = grad_norm > max_norm
+            # where too_large, grad_norm > max_norm >= clipping * eps > 0: no division by 0
+            scale = torch.where(too_large, max_norm / grad_norm.clamp_min(torch.finfo(grad_norm.dtype).tiny), 1.0)
+            p.grad.mul_(scale.to(p.grad.dtype))
+            clipped = clipped + too_large.sum().to(clipped.device)
+    return clipped
 
 
 def _per_sample_cross_entropy(output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
