@@ -443,7 +443,10 @@ class NFResidualBlock(nn.Module):
     sample is computed alone, in training and in eval mode alike.
     ``alpha`` is a constant, not a parameter. Nothing normalizes the stream
     itself, which is why :func:`make_nf_resmlp` sets each block's ``beta``
-    from the variance the blocks before it add.
+    from the variance the blocks before it add. The authors' networks also
+    multiply each branch by a learnable gain that starts at 0, as SkipInit
+    does; this block leaves it out, so that every block is on from the start
+    and the signal propagation above is what the network starts with.
     """
 
     def __init__(self, width: int, alpha: float = 0.2, beta: float = 1.0):
@@ -492,9 +495,11 @@ def make_nf_resmlp(
     ``b`` if the stem's output has variance 1 (standardized, uncorrelated
     inputs) and every block adds :math:`\alpha^2`; after block ``b`` it is
     :math:`\sqrt{1 + b\,\alpha^2}`. Then a ReLU and ``out``, a plain
-    ``nn.Linear`` to ``out_features`` logits (torch's initialization), which
-    the paper leaves out of gradient clipping (``model[:-1]`` is everything
-    else; see :func:`bnlib.training.adaptive_grad_clip_`). No layer looks at
+    ``nn.Linear`` to ``out_features`` logits (torch's initialization): the
+    final classifier, which Brock et al. (2021, "High-performance
+    large-scale image recognition without normalization") leave out of
+    adaptive gradient clipping (``model[:-1]`` is everything else; see
+    :func:`bnlib.training.adaptive_grad_clip_`). No layer looks at
     other samples, so the network computes the same in training and eval
     mode. ``seed`` as in :func:`make_resmlp`.
     """

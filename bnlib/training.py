@@ -35,9 +35,12 @@ normalizer-free networks (Brock et al. 2021): every unit's gradient
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -187,8 +190,10 @@ def unitwise_norm(t: torch.Tensor) -> torch.Tensor:
     A weight of ``Linear`` or ``Conv*d``, ``(out, in, *kernel)``, has one norm
     per output unit (row ``i``: ``t[i]``), shape ``(out, 1, 1, ...)``. A
     tensor of at most one dimension (a bias, a gain, a scalar) counts as one
-    unit: its norm over every entry, shape ``()``. The same rule as the
-    normalizer-free networks' code (Brock et al. 2021).
+    unit: its norm over every entry, shape ``()``. This is the rule of timm's
+    ``adaptive_clip_grad``; the authors' JAX code differs in corner cases (it
+    first drops dimensions of size 1, and takes 3-dimensional weights' norms
+    along dim 0).
     """
     if t.ndim <= 1:
         return torch.linalg.vector_norm(t)
@@ -213,52 +218,57 @@ def adaptive_grad_clip_(
     .. math::
 
         G_i \leftarrow
-        egin{cases}
-            \lambda \, \dfrac{\max(\lVert W_i 
-Vert, \epsilon)}{\lVert G_i 
-Vert} \, G_i
-                & 	ext{if } \dfrac{\lVert G_i 
-Vert}{\max(\lVert W_i 
-Vert, \epsilon)} > \lambda, \[1ex]
-            G_i & 	ext{otherwise,}
+        \begin{cases}
+            \lambda \, \dfrac{\max(\lVert W_i \rVert, \epsilon)}{\lVert G_i \rVert} \, G_i
+                & \text{if } \dfrac{\lVert G_i \rVert}{\max(\lVert W_i \rVert, \epsilon)} > \lambda, \\[1ex]
+            G_i & \text{otherwise,}
         \end{cases}
 
     with :math:`\lambda` = ``clipping``: a unit's gradient is at most
-    :math:`\lambda` times the size of its weights, so a step of SGD at
-    learning rate ``lr`` changes a unit's weights by at most ``lr * clipping``
-    of their size (relative to ``eps`` for weights smaller than ``eps``).
-    Unlike clipping the norm of the whole gradient
-    (``torch.nn.utils.clip_grad_norm_``), the threshold scales with each
-    unit's weights. ``eps`` keeps zero-initialized weights (biases, a
-    SkipInit :math:`lpha`) from having every gradient clipped to zero,
-    but it still caps their steps at ``lr * clipping * eps`` while they are
-    small. The paper clips every layer except the final classifier, with
+    :math:`\lambda` times the size of its weights (or of ``eps``, if they
+    are smaller). So one step of plain SGD (no momentum, no weight decay) at
+    learning rate ``lr`` changes a unit's weights by at most
+    ``lr * clipping`` of their size; momentum and weight decay act after the
+    clipping and are not bounded by it. Unlike clipping the norm of the whole
+    gradient (``torch.nn.utils.clip_grad_norm_``), the threshold scales with
+    each unit's weights. ``eps`` keeps zero-initialized weights (biases, a
+    SkipInit :math:`\alpha`) from having every gradient clipped to zero, but
+    it caps their steps at ``lr * clipping * eps`` while they are small. The
+    paper clips every layer except the final classifier, with
     :math:`\lambda` from 0.01 to 0.16, smaller for larger batches.
 
     ``parameters``: a tensor or an iterable of tensors (e.g.
-    ``model.parameters()``); those whose ``.grad`` is None are skipped. The
-    weights are not changed. Returns the number of clipped units, a tensor on
-    the gradients' device (no host synchronization; 0 for no gradients).
-
-    The norms are taken in float32 for float16 and bfloat16 tensors (a
-    float16 norm overflows above 65504).
+    ``model.parameters()``); those whose ``.grad`` is None are skipped, and a
+    tensor given twice is clipped once. The weights are not changed. Norms
+    are taken in float32 for float16 and bfloat16 tensors (a float16 norm
+    overflows above 65504). A unit whose gradient is not finite (inf or NaN)
+    is left as it is and not counted, as ``clip_grad_norm_`` leaves
+    non-finite gradients to the caller. Returns the number of clipped units,
+    an int64 tensor on the first gradient's device: no host synchronization
+    when every gradient is on that device (units on other devices are
+    counted there, a copy per parameter; ``tensor(0)`` for no gradients).
 
     Raises ``ValueError`` (and changes no gradient) for ``clipping`` or
-    ``eps`` that is not a finite number > 0.
+    ``eps`` that is not a real number with ``0 < value < inf`` (Python or
+    NumPy; a bool is refused).
     """
+    for value, name in ((clipping, "clipping"), (eps, "eps")):
+        if (isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real)
+                or not 0 < float(value) < math.inf):
+            raise ValueError(f"{name} must be a real number with 0 < {name} < inf, got {value!r}")
+    clipping, eps = float(clipping), float(eps)
     if isinstance(parameters, torch.Tensor):
         parameters = [parameters]
-    parameters = [p for p in parameters if p.grad is not None]
-    for value, name in ((clipping, "clipping"), (eps, "eps")):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
-            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    unique = {id(p): p for p in parameters if p.grad is not None}
+    parameters = list(unique.values())
     clipped = torch.zeros((), dtype=torch.int64,
                           device=parameters[0].grad.device if parameters else None)
     with torch.no_grad():
         for p in parameters:
             max_norm = clipping * unitwise_norm(_at_least_float32(p.detach())).clamp_min(eps)
             grad_norm = unitwise_norm(_at_least_float32(p.grad))
-            too_large = grad_norm > max_norm
+            # NaN > max_norm is False; inf is excluded by hand
+            too_large = (grad_norm > max_norm) & torch.isfinite(grad_norm)
             # where too_large, grad_norm > max_norm >= clipping * eps > 0: no division by 0
             scale = torch.where(too_large, max_norm / grad_norm.clamp_min(torch.finfo(grad_norm.dtype).tiny), 1.0)
             p.grad.mul_(scale.to(p.grad.dtype))

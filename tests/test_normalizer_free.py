@@ -8,6 +8,7 @@ form), and the stream's variance 1 + b * alpha^2 measured on Gaussian inputs.
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -91,11 +92,19 @@ def test_agc_eps_caps_the_steps_of_zero_weights():
     alpha.grad = torch.tensor(-5.0)
     bias = nn.Parameter(torch.zeros(3))
     bias.grad = torch.tensor([3.0, 0.0, 4.0])
-    training.adaptive_grad_clip_([alpha, bias], 0.01, eps=1e-3)
-    torch.testing.assert_close(alpha.grad, torch.tensor(-1e-5))
-    torch.testing.assert_close(bias.grad, torch.tensor([6e-6, 0.0, 8e-6]))
+    training.adaptive_grad_clip_([alpha, bias], 0.01)  # the default eps, 1e-3
+    # relative tolerances only: these are below assert_close's default atol
+    torch.testing.assert_close(alpha.grad, torch.tensor(-1e-5), rtol=1e-5, atol=0)
+    torch.testing.assert_close(bias.grad, torch.tensor([6e-6, 0.0, 8e-6]), rtol=1e-5, atol=0)
     training.adaptive_grad_clip_([alpha], 0.01, eps=0.1)
-    torch.testing.assert_close(alpha.grad, torch.tensor(-1e-5))  # now under 0.01 * 0.1
+    torch.testing.assert_close(alpha.grad, torch.tensor(-1e-5), rtol=1e-5, atol=0)  # under 0.01 * 0.1
+
+
+def test_agc_a_unit_exactly_at_the_threshold_is_left_alone():
+    w = nn.Parameter(torch.tensor([[3.0, 4.0]]))  # norm 5
+    w.grad = torch.tensor([[1.5, 2.0]])  # norm 2.5 = 0.5 * 5
+    assert training.adaptive_grad_clip_(w, 0.5).item() == 0
+    assert torch.equal(w.grad, torch.tensor([[1.5, 2.0]]))
 
 
 def test_agc_zero_gradient_and_missing_gradient():
@@ -127,15 +136,69 @@ def test_agc_low_precision_norms_do_not_overflow(dtype):
     torch.testing.assert_close(training.unitwise_norm(w.grad.float()), torch.full((2, 1), 4.0), rtol=1e-2, atol=0)
 
 
-@pytest.mark.parametrize("bad", [0, -0.1, float("inf"), float("nan"), True, "0.1", None])
+@pytest.mark.parametrize("bad", [0, -0.1, float("inf"), float("nan"), True, np.bool_(True), "0.1", None,
+                                 torch.tensor(0.1), np.float32(-1)])
 def test_agc_bad_clipping_or_eps_changes_nothing(bad):
     params = _with_grads(SHAPES, seed=3, grad_scale=10.0)
     before = [p.grad.clone() for p in params]
-    with pytest.raises(ValueError, match="clipping must be a finite number > 0"):
+    with pytest.raises(ValueError, match="clipping must be a real number with 0 < clipping < inf"):
         training.adaptive_grad_clip_(params, bad)
-    with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+    with pytest.raises(ValueError, match="eps must be a real number with 0 < eps < inf"):
         training.adaptive_grad_clip_(params, 0.1, eps=bad)
+    # a generator is consumed by then: still no gradient changed
+    with pytest.raises(ValueError, match="clipping"):
+        training.adaptive_grad_clip_((p for p in params), bad)
     assert all(torch.equal(p.grad, g) for p, g in zip(params, before))
+
+
+def test_agc_takes_numpy_numbers():
+    one, two = _with_grads(SHAPES, seed=4, grad_scale=5.0), _with_grads(SHAPES, seed=4, grad_scale=5.0)
+    training.adaptive_grad_clip_(one, 0.25, eps=1e-3)
+    training.adaptive_grad_clip_(two, np.float32(0.25), eps=np.float64(1e-3))
+    for p, q in zip(one, two):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-7, atol=0)  # np.float32(0.25) is exact
+
+
+def test_agc_leaves_non_finite_units_alone_and_clips_the_rest():
+    w = nn.Parameter(torch.ones(3, 4))
+    grad = torch.full((3, 4), 10.0)
+    grad[0, 1] = float("inf")
+    grad[1, 2] = float("nan")
+    w.grad = grad.clone()
+    assert training.adaptive_grad_clip_([w], 0.1).item() == 1  # only the finite row
+    assert torch.equal(w.grad[0], grad[0]) and torch.equal(w.grad[1].isnan(), grad[1].isnan())
+    torch.testing.assert_close(w.grad[2], torch.full((4,), 0.1))  # norm 0.1 * |w_2| = 0.2
+
+
+def test_agc_size_one_dimensions_and_a_tensor_given_twice():
+    # (n, 1): n units of one weight each; (1, n): one unit
+    column = nn.Parameter(torch.tensor([[2.0], [-1.0], [0.5]]))
+    column.grad = torch.tensor([[1.0], [1.0], [1.0]])
+    assert training.adaptive_grad_clip_([column, column], 0.8).item() == 2  # clipped once, not twice
+    torch.testing.assert_close(column.grad, torch.tensor([[1.0], [0.8], [0.4]]))
+    row = nn.Parameter(torch.tensor([[3.0, 4.0]]))
+    row.grad = torch.tensor([[0.0, 10.0]])
+    assert training.adaptive_grad_clip_(row, 0.5).item() == 1
+    torch.testing.assert_close(row.grad, torch.tensor([[0.0, 2.5]]))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_agc_on_cuda_does_not_synchronize():
+    model = models.make_nf_resmlp(16, 32, 4, blocks=2, seed=0).cuda()
+    x, y = torch.randn(8, 16, device="cuda"), torch.arange(8, device="cuda") % 4
+    F.cross_entropy(model(x), y).backward()
+    reference = [p.grad.double().cpu() for p in model.parameters()]
+    weights = [p.detach().double().cpu() for p in model.parameters()]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        clipped = training.adaptive_grad_clip_(model.parameters(), 0.01)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert clipped.device.type == "cuda" and clipped.item() > 0
+    for p, g, w in zip(model.parameters(), reference, weights):
+        torch.testing.assert_close(p.grad.double().cpu(), _agc_by_hand(w, g, 0.01, 1e-3), rtol=1e-5, atol=1e-8)
 
 
 def test_train_calls_clip_gradients_between_backward_and_step():
@@ -185,7 +248,11 @@ def test_nf_resmlp_structure_and_betas():
             torch.testing.assert_close(fc.weight.sum(1), torch.zeros(5), atol=1e-6, rtol=0)  # rows of mean 0
             torch.testing.assert_close(fc.weight.norm(dim=1), torch.ones(5), atol=1e-4, rtol=0)  # length 1 (eps)
     assert isinstance(m.out, nn.Linear) and not hasattr(m.out, "parametrizations")
-    assert m(torch.randn(7, 6)).shape == (7, 3)
+    assert isinstance(m.relu, nn.ReLU)
+    x = torch.randn(7, 6)
+    stream = m[:-2](x)  # the stem and the blocks
+    assert (stream < 0).any()
+    torch.testing.assert_close(m(x), m.out(torch.relu(stream)))
     # no parameter outside the blocks' and the stem's gains and biases, and out's
     names = {n for n, _ in m.named_parameters()}
     assert "block2.fc1.parametrizations.weight.0.gain" in names and "out.weight" in names
@@ -236,6 +303,8 @@ def test_nf_stream_variance_grows_by_alpha_squared_per_block():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(blocks=0), "blocks >= 1"),
     (dict(width=1), "width >= 2"),
+    (dict(in_features=1), "in_features >= 2"),
+    (dict(out_features=0), "out_features >= 1"),
     (dict(alpha=0), "alpha must be a finite number > 0"),
     (dict(alpha=float("nan")), "alpha must be"),
     (dict(alpha=True), "alpha must be"),
