@@ -234,6 +234,10 @@ _MATH_STATE = """
     containers: document.querySelectorAll('mjx-container').length,
     errors: Array.from(document.querySelectorAll('mjx-merror')).map((e) => e.textContent.slice(0, 80)),
     raw: raw,
+    // display equations wider than their column (they scroll sideways)
+    wide: Array.from(document.querySelectorAll('mjx-container[display="true"]'))
+      .filter((e) => e.scrollWidth > e.clientWidth + 2)
+      .map((e) => (e.getAttribute('aria-label') || e.textContent).slice(0, 80)),
   };
 }
 """
@@ -339,6 +343,8 @@ def test_math_is_rendered(crawl):
             items.append("no mjx-container: the math was not typeset")
         items += [f"MathJax error: {e}" for e in r["math"]["errors"]]
         items += [f"raw TeX left in the text: {t!r}" for t in r["math"]["raw"]]
+        items += [f"display equation wider than the column (split it with aligned): {t!r}"
+                  for t in r["math"]["wide"]]
         if items:
             problems[page] = items
     assert not problems, "math not rendered:\n" + _report(problems)
