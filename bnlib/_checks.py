@@ -79,6 +79,13 @@ def check_batch_size(shape, size_text=None):
         raise InputError(f"Expected more than 1 value per channel when training, got input size {shown}")
 
 
+def check_positive_finite(name, value):
+    """``value`` is a real number (Python or NumPy, not a bool) with ``0 < value < inf``,
+    or a ``ValueError`` naming ``name``: an ``eps``, a clipping threshold, a gain."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
 def check_integer_at_least(name, value, least):
     """``value`` is an int (not a bool) and at least ``least``, or a ``ValueError`` naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < least:

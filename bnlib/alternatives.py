@@ -50,6 +50,7 @@ from bnlib._checks import (
     check_input_dims,
     check_norm_args,
     check_num_channels,
+    check_positive_finite,
     values_per_channel,
 )
 
@@ -83,8 +84,7 @@ def _compute_dtype(dtype):
 
 def _check_eps(eps):
     # numbers.Real: NumPy scalars too, as torch and the BN modules take them
-    if not isinstance(eps, Real) or isinstance(eps, bool) or not (0 < eps < math.inf):
-        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+    check_positive_finite("eps", eps)
 
 
 def _check_positive_int(name, value):

@@ -52,6 +52,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
+from bnlib._checks import check_positive_finite
+
 __all__ = [
     "ACTIVATIONS",
     "NORM_POSITIONS",
@@ -418,11 +420,6 @@ def _scaled_ws_linear(in_features: int, out_features: int) -> nn.Linear:
     return weight_standardization(fc, scaled=True)
 
 
-def _check_positive(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-
-
 class NFResidualBlock(nn.Module):
     r"""A normalizer-free residual block (Brock, De and Smith 2021), fully connected, pre-activation:
 
@@ -454,8 +451,8 @@ class NFResidualBlock(nn.Module):
         if isinstance(width, bool) or not isinstance(width, int) or width < 2:
             raise ValueError(f"width must be an int >= 2 (weight standardization needs 2 weights per row), "
                              f"got {width!r}")
-        _check_positive("alpha", alpha)
-        _check_positive("beta", beta)
+        check_positive_finite("alpha", alpha)
+        check_positive_finite("beta", beta)
         self.alpha, self.beta = float(alpha), float(beta)
         self.fc1 = _scaled_ws_linear(width, width)
         self.fc2 = _scaled_ws_linear(width, width)
@@ -506,7 +503,7 @@ def make_nf_resmlp(
     if blocks < 1 or width < 2 or in_features < 2 or out_features < 1:
         raise ValueError(f"need blocks >= 1, width >= 2, in_features >= 2 and out_features >= 1, got "
                          f"{blocks}, {width}, {in_features}, {out_features}")
-    _check_positive("alpha", alpha)
+    check_positive_finite("alpha", alpha)
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)

@@ -57,6 +57,8 @@ from numbers import Real
 
 import numpy as np
 
+from bnlib._checks import check_positive_finite
+
 __all__ = [
     "NormCache",
     "BatchRenormCache",
@@ -170,8 +172,7 @@ def _grouped_backward(dy, cache):
 
 def _check_eps(eps):
     # numbers.Real: NumPy scalars too, as the BatchNorm class takes them
-    if not (isinstance(eps, Real) and not isinstance(eps, bool) and np.isfinite(eps) and eps > 0):
-        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+    check_positive_finite("eps", eps)
 
 
 # --------------------------------------------------------------------------

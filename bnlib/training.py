@@ -35,16 +35,14 @@ normalizer-free networks (Brock et al. 2021): every unit's gradient
 
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bnlib._checks import check_positive_finite
 from bnlib.models import buffers_kept, modes_kept
 
 __all__ = ["History", "minibatches", "accuracy", "evaluate", "train", "per_sample_gradients",
@@ -249,13 +247,11 @@ def adaptive_grad_clip_(
     counted there, a copy per parameter; ``tensor(0)`` for no gradients).
 
     Raises ``ValueError`` (and changes no gradient) for ``clipping`` or
-    ``eps`` that is not a real number with ``0 < value < inf`` (Python or
-    NumPy; a bool is refused).
+    ``eps`` that is not a finite number > 0 (Python or NumPy; a bool is
+    refused).
     """
-    for value, name in ((clipping, "clipping"), (eps, "eps")):
-        if (isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real)
-                or not 0 < float(value) < math.inf):
-            raise ValueError(f"{name} must be a real number with 0 < {name} < inf, got {value!r}")
+    check_positive_finite("clipping", clipping)
+    check_positive_finite("eps", eps)
     clipping, eps = float(clipping), float(eps)
     if isinstance(parameters, torch.Tensor):
         parameters = [parameters]
