@@ -42,6 +42,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from bnlib import functional as bnF
+from bnlib.functional import _compute_dtype
 from bnlib.batchnorm import _NormBase, register_affine_parameters, reset_affine_parameters
 from bnlib._checks import (
     InputError,
@@ -75,11 +76,6 @@ __all__ = [
     "weight_standardization",
     "spectral_norm",
 ]
-
-
-def _compute_dtype(dtype):
-    """Half inputs are computed in float32; float32 and float64 as they are."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _check_eps(eps):

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnlib._checks import check_positive_finite
+from bnlib.functional import _compute_dtype
 from bnlib.models import buffers_kept, modes_kept
 
 __all__ = ["History", "minibatches", "accuracy", "evaluate", "train", "per_sample_gradients",
@@ -198,10 +199,6 @@ def unitwise_norm(t: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(t, dim=tuple(range(1, t.ndim)), keepdim=True)
 
 
-def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-
-
 def adaptive_grad_clip_(
     parameters: torch.Tensor | Iterable[torch.Tensor],
     clipping: float,
@@ -261,8 +258,9 @@ def adaptive_grad_clip_(
                           device=parameters[0].grad.device if parameters else None)
     with torch.no_grad():
         for p in parameters:
-            max_norm = clipping * unitwise_norm(_at_least_float32(p.detach())).clamp_min(eps)
-            grad_norm = unitwise_norm(_at_least_float32(p.grad))
+            dtype = _compute_dtype(p.dtype)  # half: norms in float32
+            max_norm = clipping * unitwise_norm(p.detach().to(dtype)).clamp_min(eps)
+            grad_norm = unitwise_norm(p.grad.to(dtype))
             # NaN > max_norm is False; inf is excluded by hand
             too_large = (grad_norm > max_norm) & torch.isfinite(grad_norm)
             # where too_large, grad_norm > max_norm >= clipping * eps > 0: no division by 0
