@@ -31,6 +31,7 @@ __all__ = [
     "load_digits_split",
     "gaussian_blobs",
     "two_spirals_split",
+    "blur_images",
 ]
 
 
@@ -156,3 +157,34 @@ def two_spirals_split(
     x_train, y_train = _spiral_points(rng, n_train, noise)
     x_test, y_test = _spiral_points(rng, n_test, noise)
     return _standardized_split(x_train, y_train, x_test, y_test, dtype)
+
+
+def blur_images(x: torch.Tensor, passes: int = 1) -> torch.Tensor:
+    r"""Square images, flattened to rows of ``x``, blurred ``passes`` times.
+
+    ``x``: shape ``(n, side * side)`` (the digits: ``side = 8``). Each pass
+    replaces every pixel by a weighted mean of its 3x3 neighbourhood with
+    the binomial weights
+
+    .. math::
+
+        \frac{1}{16} \begin{pmatrix} 1 & 2 & 1 \\ 2 & 4 & 2 \\ 1 & 2 & 1 \end{pmatrix},
+
+    the border repeated outwards, so a constant image stays as it is. The
+    map is linear in the pixels but mixes neighbours: it is not a pixel-wise
+    change of scale and offset. Returns a new tensor of ``x``'s shape and
+    dtype; ``passes=0`` returns a copy. Raises ``ValueError`` for rows that
+    are not square images or a ``passes`` that is not an int >= 0.
+    """
+    if isinstance(passes, bool) or not isinstance(passes, int) or passes < 0:
+        raise ValueError(f"passes must be an int >= 0, got {passes!r}")
+    side = int(round(float(x.shape[-1]) ** 0.5)) if x.ndim == 2 else 0
+    if x.ndim != 2 or side < 1 or side * side != x.shape[1]:
+        raise ValueError(f"expected rows of square images, shape (n, side * side), got shape {tuple(x.shape)}")
+    weights = torch.tensor([1.0, 2.0, 1.0], dtype=x.dtype, device=x.device)
+    kernel = (torch.outer(weights, weights) / 16).view(1, 1, 3, 3)
+    images = x.reshape(-1, 1, side, side)
+    for _ in range(passes):
+        padded = torch.nn.functional.pad(images, (1, 1, 1, 1), mode="replicate")
+        images = torch.nn.functional.conv2d(padded, kernel)
+    return images.reshape(x.shape).clone()

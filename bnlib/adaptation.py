@@ -1,0 +1,102 @@
+r"""Test-time adaptation through BN's parameters: TENT (Wang et al. 2021).
+
+A network trained on one distribution meets another at test time, with no
+labels. AdaBN (``bnlib.moving_average.precise_bn`` on the new inputs)
+re-estimates BN's statistics; TENT goes one step further. It normalizes
+every batch with its own statistics and also moves BN's affine parameters
+:math:`\gamma` and :math:`\beta` (and nothing else) by gradient descent on
+the mean entropy of the model's predictions on that batch,
+
+.. math::
+
+    H(B) = -\frac{1}{m} \sum_{i \in B} \sum_{k=1}^{K} p_{ik} \log p_{ik},
+    \qquad p_i = \operatorname{softmax}(f(x_i)),
+
+so that the predictions grow more confident. The prediction for a batch is
+made by the same forward pass that gives the gradient (before the update),
+online, as in the paper.
+
+Use: ``params = configure_tent(model)``, an optimizer on ``params`` (the
+paper: Adam at 1e-3, or SGD with momentum), then ``tent_step(model, x,
+optimizer)`` for every test batch ``x``. ``configure_tent`` changes
+``model`` in place: copy it first (``copy.deepcopy``) to keep the original.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bnlib.moving_average import is_batchnorm
+
+__all__ = ["prediction_entropy", "configure_tent", "tent_step"]
+
+
+def prediction_entropy(logits: torch.Tensor) -> torch.Tensor:
+    r"""The mean entropy of the softmax predictions, in nats: :math:`H(B)` above.
+
+    ``logits``: shape ``(N, K)``, one row of ``K`` class scores per sample.
+    Returns a scalar tensor, between 0 (every prediction certain) and
+    :math:`\log K` (every prediction uniform). Computed from
+    ``log_softmax``, so large logits do not overflow. Raises ``ValueError``
+    for a tensor that is not 2-dimensional or has no rows or no classes.
+    """
+    if logits.ndim != 2 or logits.shape[0] == 0 or logits.shape[1] == 0:
+        raise ValueError(f"expected logits of shape (N, K) with N, K >= 1, got shape {tuple(logits.shape)}")
+    log_p = F.log_softmax(logits, dim=1)
+    return -(log_p.exp() * log_p).sum(dim=1).mean()
+
+
+def configure_tent(model: nn.Module) -> list[nn.Parameter]:
+    """Set ``model`` up for TENT, in place, and return the parameters to adapt.
+
+    Afterwards every BN layer (``moving_average.is_batchnorm``) normalizes
+    with the statistics of the batch in front of it, in training and in eval
+    mode alike (``track_running_stats=False``, running estimates None, as in
+    the authors' code); the model is in training mode; and only the BN layers'
+    ``weight`` (:math:`\\gamma`) and ``bias`` (:math:`\\beta`) require
+    gradients. Returns those, layer by layer in ``model.modules()`` order,
+    weight before bias.
+
+    Raises ``ValueError``, and changes nothing, when no BN layer has both a
+    weight and a bias (nothing to adapt).
+    """
+    layers = [m for m in model.modules() if is_batchnorm(m)]
+    adapted = [m for m in layers if m.weight is not None and m.bias is not None]
+    if not adapted:
+        raise ValueError(
+            "expected a model with at least one batch norm layer with a weight and a bias "
+            f"(affine=True), got {len(layers)} batch norm layer(s) and none with both"
+        )
+    model.train()
+    model.requires_grad_(False)
+    for m in layers:
+        # batch statistics always: with no running estimates, eval mode uses the batch too
+        m.track_running_stats = False
+        m.running_mean = None
+        m.running_var = None
+    params = []
+    for m in adapted:
+        for p in (m.weight, m.bias):
+            p.requires_grad_(True)
+            params.append(p)
+    return params
+
+
+def tent_step(model: nn.Module, x: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """One TENT step on the batch ``x``: predict, then descend the entropy.
+
+    Runs ``model(x)`` once, takes :func:`prediction_entropy` of the output,
+    and lets ``optimizer`` take one step on its gradient (the gradients are
+    zeroed first). Returns the logits of that forward pass, detached: the
+    predictions for ``x`` made before ``x`` changed the parameters. The model
+    must have been set up by :func:`configure_tent`, and ``optimizer`` hold
+    (some of) the parameters it returned.
+    """
+    logits = model(x)
+    loss = prediction_entropy(logits)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return logits.detach()
