@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bnlib.functional import _compute_dtype
 from bnlib.moving_average import is_batchnorm
 
 __all__ = ["prediction_entropy", "configure_tent", "tent_step"]
@@ -36,38 +37,52 @@ __all__ = ["prediction_entropy", "configure_tent", "tent_step"]
 def prediction_entropy(logits: torch.Tensor) -> torch.Tensor:
     r"""The mean entropy of the softmax predictions, in nats: :math:`H(B)` above.
 
-    ``logits``: shape ``(N, K)``, one row of ``K`` class scores per sample.
-    Returns a scalar tensor, between 0 (every prediction certain) and
-    :math:`\log K` (every prediction uniform). Computed from
-    ``log_softmax``, so large logits do not overflow. Raises ``ValueError``
-    for a tensor that is not 2-dimensional or has no rows or no classes.
+    ``logits``: a floating-point tensor of shape ``(N, K)``, one row of ``K``
+    class scores per sample. Returns a scalar tensor, between 0 (every
+    prediction certain) and :math:`\log K` (every prediction uniform),
+    computed from ``log_softmax`` (large logits do not overflow), in float32
+    for float16 and bfloat16 logits, and returned in their dtype. Raises
+    ``ValueError`` for a tensor that is not 2-dimensional, has no rows or no
+    classes, or is not floating point.
     """
     if logits.ndim != 2 or logits.shape[0] == 0 or logits.shape[1] == 0:
         raise ValueError(f"expected logits of shape (N, K) with N, K >= 1, got shape {tuple(logits.shape)}")
-    log_p = F.log_softmax(logits, dim=1)
-    return -(log_p.exp() * log_p).sum(dim=1).mean()
+    if not logits.is_floating_point():
+        raise ValueError(f"expected floating-point logits, got {logits.dtype}")
+    log_p = F.log_softmax(logits.to(_compute_dtype(logits.dtype)), dim=1)
+    return -(log_p.exp() * log_p).sum(dim=1).mean().to(logits.dtype)
 
 
 def configure_tent(model: nn.Module) -> list[nn.Parameter]:
-    """Set ``model`` up for TENT, in place, and return the parameters to adapt.
+    r"""Set ``model`` up for TENT, in place, and return the parameters to adapt.
 
-    Afterwards every BN layer (``moving_average.is_batchnorm``) normalizes
-    with the statistics of the batch in front of it, in training and in eval
-    mode alike (``track_running_stats=False``, running estimates None, as in
-    the authors' code); the model is in training mode; and only the BN layers'
-    ``weight`` (:math:`\\gamma`) and ``bias`` (:math:`\\beta`) require
+    Afterwards every BN layer (``moving_average.is_batchnorm``: torch's and
+    bnlib's BatchNorm*d, SyncBatchNorm and GhostBatchNorm) normalizes with
+    the statistics of the batch in front of it, in training and in eval mode
+    alike (``track_running_stats=False``, running estimates None, as in the
+    authors' code); the model is in training mode (so dropout, if any, is
+    active, as in the authors' code); and only the BN layers' ``weight``
+    (:math:`\gamma`) and ``bias`` (:math:`\beta`), where they exist, require
     gradients. Returns those, layer by layer in ``model.modules()`` order,
-    weight before bias.
+    weight before bias, each once (a parameter shared by two layers is not
+    repeated). A ``GhostBatchNorm`` normalizes each of its virtual batches
+    by itself; a ``SyncBatchNorm`` in a process group takes the statistics
+    of the whole batch across processes. Other normalization layers
+    (``FrozenBatchNorm``, layer or group norm) are left as they are.
 
-    Raises ``ValueError``, and changes nothing, when no BN layer has both a
-    weight and a bias (nothing to adapt).
+    Raises ``ValueError``, and changes nothing, when no BN layer has a
+    weight or a bias (nothing to adapt).
     """
     layers = [m for m in model.modules() if is_batchnorm(m)]
-    adapted = [m for m in layers if m.weight is not None and m.bias is not None]
-    if not adapted:
+    params = {}
+    for m in layers:
+        for p in (m.weight, m.bias):
+            if p is not None:
+                params.setdefault(id(p), p)
+    if not params:
         raise ValueError(
-            "expected a model with at least one batch norm layer with a weight and a bias "
-            f"(affine=True), got {len(layers)} batch norm layer(s) and none with both"
+            "expected a model with at least one batch norm layer with a weight or a bias "
+            f"(affine=True), got {len(layers)} batch norm layer(s) and none with either"
         )
     model.train()
     model.requires_grad_(False)
@@ -76,12 +91,9 @@ def configure_tent(model: nn.Module) -> list[nn.Parameter]:
         m.track_running_stats = False
         m.running_mean = None
         m.running_var = None
-    params = []
-    for m in adapted:
-        for p in (m.weight, m.bias):
-            p.requires_grad_(True)
-            params.append(p)
-    return params
+    for p in params.values():
+        p.requires_grad_(True)
+    return list(params.values())
 
 
 def tent_step(model: nn.Module, x: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Tensor:
@@ -89,14 +101,17 @@ def tent_step(model: nn.Module, x: torch.Tensor, optimizer: torch.optim.Optimize
 
     Runs ``model(x)`` once, takes :func:`prediction_entropy` of the output,
     and lets ``optimizer`` take one step on its gradient (the gradients are
-    zeroed first). Returns the logits of that forward pass, detached: the
-    predictions for ``x`` made before ``x`` changed the parameters. The model
-    must have been set up by :func:`configure_tent`, and ``optimizer`` hold
-    (some of) the parameters it returned.
+    zeroed first). Gradients are enabled for the step even inside
+    ``torch.no_grad()``, as in an evaluation loop. Returns the logits of that
+    forward pass, detached: the predictions for ``x`` made before ``x``
+    changed the parameters. The model must have been set up by
+    :func:`configure_tent`, and ``optimizer`` hold (some of) the parameters
+    it returned.
     """
-    logits = model(x)
-    loss = prediction_entropy(logits)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    with torch.enable_grad():
+        logits = model(x)
+        loss = prediction_entropy(logits)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
     optimizer.step()
     return logits.detach()

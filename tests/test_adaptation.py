@@ -10,6 +10,7 @@ torch's conv2d-free arithmetic (sums of neighbours by hand) for the blur.
 import copy
 import math
 import re
+import warnings
 
 import pytest
 import torch
@@ -60,6 +61,21 @@ def test_entropy_closed_forms_and_large_logits():
     logits = torch.randn(5, 4, dtype=torch.float64)
     shifted = logits + torch.arange(5, dtype=torch.float64)[:, None] * 100
     assert abs(adaptation.prediction_entropy(shifted) - adaptation.prediction_entropy(logits)) < 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_entropy_of_half_logits_is_taken_in_float32(dtype):
+    logits = torch.tensor([[6e4, 0.0, -6e4], [1.0, 2.0, 3.0]], dtype=dtype)  # exp overflows float16
+    got = adaptation.prediction_entropy(logits)
+    assert got.dtype == dtype and torch.isfinite(got)
+    want = _entropy_by_hand(logits.double())
+    assert abs(got.double().item() - want) < 1e-2 * want  # rounding of the result to half
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+def test_entropy_refuses_integer_logits(dtype):
+    with pytest.raises(ValueError, match="expected floating-point logits, got torch." + str(dtype).split(".")[1]):
+        adaptation.prediction_entropy(torch.zeros(3, 4, dtype=dtype))
 
 
 @pytest.mark.parametrize("shape", [(5,), (2, 3, 4), (0, 3), (3, 0), ()])
@@ -120,6 +136,39 @@ def test_configure_works_on_conv_nets():
     assert logits.shape == (8, 3)
 
 
+def test_configure_adapts_whatever_affine_parameter_a_layer_has():
+    model = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5, bias=False), nn.Linear(5, 4),
+                          nn.BatchNorm1d(4), nn.Linear(4, 3))
+    params = adaptation.configure_tent(model)
+    assert [id(p) for p in params] == [id(model[1].weight), id(model[3].weight), id(model[3].bias)]
+    only = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5, bias=False), nn.Linear(5, 3))
+    assert [id(p) for p in adaptation.configure_tent(only)] == [id(only[1].weight)]
+
+
+def test_configure_returns_a_shared_parameter_once():
+    first, second = bnn.BatchNorm1d(5), bnn.BatchNorm1d(5)
+    second.weight = first.weight  # tied gammas
+    model = nn.Sequential(nn.Linear(6, 5), first, nn.Linear(5, 5), second, nn.Linear(5, 3))
+    params = adaptation.configure_tent(model)
+    assert [id(p) for p in params] == [id(first.weight), id(first.bias), id(second.bias)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns of parameters given twice
+        torch.optim.Adam(params, lr=1e-3)
+
+
+def test_configure_takes_ghost_batch_norm_and_leaves_frozen_bn():
+    ghost = bnn.GhostBatchNorm(5, virtual_batch_size=4)
+    frozen = bnn.FrozenBatchNorm(4)
+    model = nn.Sequential(nn.Linear(6, 5), ghost, nn.Linear(5, 4), frozen, nn.Linear(4, 3))
+    params = adaptation.configure_tent(model)
+    assert [id(p) for p in params] == [id(ghost.weight), id(ghost.bias)]
+    assert ghost.running_mean is None and ghost.track_running_stats is False
+    assert not any(p.requires_grad for p in frozen.parameters())
+    frozen_state = {k: v.clone() for k, v in frozen.state_dict().items()}
+    adaptation.tent_step(model, torch.randn(8, 6), torch.optim.SGD(params, lr=0.1))
+    assert all(torch.equal(v, frozen.state_dict()[k]) for k, v in frozen_state.items())
+
+
 @pytest.mark.parametrize("make", [
     lambda: nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)),
     lambda: nn.Sequential(nn.Linear(4, 3), bnn.BatchNorm1d(3, affine=False), nn.Linear(3, 2)),
@@ -130,7 +179,7 @@ def test_configure_refuses_a_model_with_nothing_to_adapt_and_changes_nothing(mak
     before = copy.deepcopy(model.state_dict())
     flags = [p.requires_grad for p in model.parameters()]
     bns = [m for m in model.modules() if isinstance(m, (nn.BatchNorm1d, bnn.BatchNorm1d))]
-    with pytest.raises(ValueError, match=r"at least one batch norm layer with a weight and a bias.*got "
+    with pytest.raises(ValueError, match=r"at least one batch norm layer with a weight or a bias.*got "
                                          + str(len(bns))):
         adaptation.configure_tent(model)
     assert not model.training
@@ -175,6 +224,16 @@ def test_step_is_one_gradient_step_on_the_entropy():
     adaptation.tent_step(model, x, torch.optim.SGD(params, lr=0.1))
     for q, w in zip(params, want):
         torch.testing.assert_close(q.detach(), w, rtol=1e-12, atol=1e-14)
+
+
+def test_step_works_inside_no_grad():
+    model = _mlp()
+    params = adaptation.configure_tent(model)
+    before = [p.detach().clone() for p in params]
+    x = torch.randn(16, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():  # an evaluation loop
+        adaptation.tent_step(model, x, torch.optim.SGD(params, lr=0.1))
+    assert not any(torch.equal(p, b) for p, b in zip(params, before))
 
 
 def test_small_steps_lower_the_entropy_of_the_batch():
