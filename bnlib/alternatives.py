@@ -43,7 +43,7 @@ from torch.nn.utils import parametrize
 
 from bnlib import functional as bnF
 from bnlib.functional import _compute_dtype
-from bnlib.batchnorm import _NormBase, register_affine_parameters, reset_affine_parameters
+from bnlib.batchnorm import _LazyNorm, _NormBase, register_affine_parameters, reset_affine_parameters
 from bnlib._checks import (
     InputError,
     check_batch_size,
@@ -66,6 +66,9 @@ __all__ = [
     "InstanceNorm1d",
     "InstanceNorm2d",
     "InstanceNorm3d",
+    "LazyInstanceNorm1d",
+    "LazyInstanceNorm2d",
+    "LazyInstanceNorm3d",
     "RMSNorm",
     "BatchRenorm1d",
     "BatchRenorm2d",
@@ -674,6 +677,44 @@ class InstanceNorm3d(_InstanceNorm):
     """Drop-in for ``torch.nn.InstanceNorm3d``: ``(N, C, D, H, W)`` or unbatched ``(C, D, H, W)``."""
 
     allowed_dims = (5,)
+
+
+class _LazyInstanceNorm(_LazyNorm):
+    """Lazy instance norm. Its defaults are torch's lazy instance norms' (in
+    torch 2.13), ``affine=True, track_running_stats=True``, those of every
+    lazy norm module, not ``InstanceNorm*d``'s ``False, False`` (which
+    torch's docstrings for them state)."""
+
+    def _channels_of_first_input(self, input):
+        name = type(self).__name__
+        batched = self.allowed_dims[0]
+        check_input_dims(name, input.shape, (batched - 1, batched))
+        check_floating_dtype(name, input.dtype, input.is_floating_point())
+        x = input.unsqueeze(0) if input.dim() == batched - 1 else input  # unbatched: (C, ...)
+        if (self.training or not self.track_running_stats) and math.prod(x.shape[2:]) == 1:
+            raise InputError(f"Expected more than 1 spatial element when training, got input size {x.size()}")
+        return x.shape[1]
+
+
+class LazyInstanceNorm1d(_LazyInstanceNorm, InstanceNorm1d):
+    """Drop-in for ``torch.nn.LazyInstanceNorm1d``: an ``InstanceNorm1d`` whose ``num_features``
+    is its first input's ``C`` (``bnlib.batchnorm._LazyNorm``)."""
+
+    cls_to_become = InstanceNorm1d
+
+
+class LazyInstanceNorm2d(_LazyInstanceNorm, InstanceNorm2d):
+    """Drop-in for ``torch.nn.LazyInstanceNorm2d``: an ``InstanceNorm2d`` whose ``num_features``
+    is its first input's ``C`` (``bnlib.batchnorm._LazyNorm``)."""
+
+    cls_to_become = InstanceNorm2d
+
+
+class LazyInstanceNorm3d(_LazyInstanceNorm, InstanceNorm3d):
+    """Drop-in for ``torch.nn.LazyInstanceNorm3d``: an ``InstanceNorm3d`` whose ``num_features``
+    is its first input's ``C`` (``bnlib.batchnorm._LazyNorm``)."""
+
+    cls_to_become = InstanceNorm3d
 
 
 # --------------------------------------------------------------------------

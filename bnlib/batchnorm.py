@@ -22,10 +22,16 @@ utilities find batch norm layers with ``isinstance`` on that class:
 ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` converts them; without
 the second base they would skip bnlib's layers without a word.
 ``GhostBatchNorm`` is left out on purpose.
+
+``LazyBatchNorm1d/2d/3d`` (and ``bnlib.alternatives``' lazy instance norms)
+take ``num_features`` from their first input, as torch's lazy modules do
+(``_LazyNorm`` below), and then become the plain module.
 """
 
 import torch
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, is_lazy
 
 from bnlib import functional as bnF
 from bnlib._checks import (
@@ -38,7 +44,7 @@ from bnlib._checks import (
     values_per_channel,
 )
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d"]
 
 
 def register_affine_parameters(module, shape, affine, bias, factory_kwargs):
@@ -219,3 +225,107 @@ class BatchNorm3d(_TorchCompatible, _BatchNorm, _TorchBatchNorm):
     """Batch norm for ``(N, C, D, H, W)`` inputs: statistics over (N, D, H, W)."""
 
     allowed_dims = (5,)
+
+
+# --------------------------------------------------------------------------
+# Lazy modules: num_features from the first input
+# --------------------------------------------------------------------------
+
+
+class _LazyNorm(LazyModuleMixin):
+    """What torch's lazy norm modules (``_LazyNormBase``) do, for bnlib's.
+
+    The constructor takes the plain module's arguments without
+    ``num_features``. Until the first call, ``num_features`` is 0 and the
+    parameters and running estimates are uninitialized
+    (``torch.nn.UninitializedParameter`` / ``UninitializedBuffer``, which
+    ``.to()`` moves and casts as usual). The first call checks the input
+    as the plain module will, takes the channel count from it, creates the
+    tensors with their starting values (gamma 1, beta 0, mean 0, variance 1),
+    turns the module into ``cls_to_become`` and runs it. A state dict loaded
+    before that gives the tensors their shapes and values instead, and the
+    first input must then match them. A first input the plain module would
+    refuse raises ``InputError`` and leaves the module as it was, still
+    lazy. Unlike torch's, ``num_features`` is inferred also when the module
+    has no tensors to create (``affine=False``, ``track_running_stats=False``),
+    and an unbatched first input of an instance norm counts its channels on
+    axis 0.
+    """
+
+    cls_to_become = None  # the plain module, set by each subclass
+
+    def __init__(self, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, device=None, dtype=None,
+                 *, bias=True):
+        check_norm_args(1, eps, momentum)  # num_features comes from the first input
+        factory_kwargs = {"device": device, "dtype": dtype}
+        # The plain module's constructor with nothing to allocate: the tensors
+        # it would make are replaced by uninitialized ones below (as torch).
+        super().__init__(1, eps, momentum, False, False, device=device, dtype=dtype, bias=False)
+        self.num_features = 0
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        if affine:
+            self.weight = UninitializedParameter(**factory_kwargs)
+            if bias:
+                self.bias = UninitializedParameter(**factory_kwargs)
+        if track_running_stats:
+            self.running_mean = UninitializedBuffer(**factory_kwargs)
+            self.running_var = UninitializedBuffer(**factory_kwargs)
+            self.num_batches_tracked = torch.tensor(0, dtype=torch.long, device=device)
+
+    def reset_parameters(self):
+        if not self.has_uninitialized_params() and self.num_features != 0:
+            super().reset_parameters()
+
+    def _channels_of_first_input(self, input):
+        """The channel count of a first input, after the checks the plain module makes (``InputError``)."""
+        raise NotImplementedError
+
+    def initialize_parameters(self, input, *args, **kwargs):
+        """Called once, before the first forward (``LazyModuleMixin``'s hook)."""
+        names = ("weight", "bias", "running_mean", "running_var")
+        loaded = [getattr(self, n).shape[0] for n in names
+                  if getattr(self, n) is not None and not is_lazy(getattr(self, n))]
+        channels = self._channels_of_first_input(input)  # raises before anything changes
+        if loaded and channels != loaded[0]:
+            raise InputError(
+                f"{type(self).__name__} expected input with {loaded[0]} channels (num_features, from the "
+                f"loaded state dict), got {channels} (input shape {tuple(input.shape)})"
+            )
+        self.num_features = channels
+        with torch.no_grad():
+            for n in names:
+                t = getattr(self, n)
+                if t is not None and is_lazy(t):
+                    t.materialize((channels,))
+                    # the starting values of the plain module (only where nothing was loaded)
+                    t.fill_({"weight": 1.0, "bias": 0.0, "running_mean": 0.0, "running_var": 1.0}[n])
+
+
+class _LazyBatchNorm(_LazyNorm):
+    def _channels_of_first_input(self, input):
+        check_input_dims(type(self).__name__, input.shape, self.allowed_dims)
+        self.num_features = input.shape[1]
+        try:
+            self._check_input(input)  # the plain module's checks, with this channel count
+        finally:
+            self.num_features = 0
+        return input.shape[1]
+
+
+class LazyBatchNorm1d(_LazyBatchNorm, BatchNorm1d):
+    """Drop-in for ``torch.nn.LazyBatchNorm1d``: a ``BatchNorm1d`` whose ``num_features`` is its first input's ``C``."""
+
+    cls_to_become = BatchNorm1d
+
+
+class LazyBatchNorm2d(_LazyBatchNorm, BatchNorm2d):
+    """Drop-in for ``torch.nn.LazyBatchNorm2d``: a ``BatchNorm2d`` whose ``num_features`` is its first input's ``C``."""
+
+    cls_to_become = BatchNorm2d
+
+
+class LazyBatchNorm3d(_LazyBatchNorm, BatchNorm3d):
+    """Drop-in for ``torch.nn.LazyBatchNorm3d``: a ``BatchNorm3d`` whose ``num_features`` is its first input's ``C``."""
+
+    cls_to_become = BatchNorm3d

@@ -3,10 +3,12 @@
 Each is a drop-in for the torch module of the same name where torch has
 one, with the backward pass written by hand:
 
-- batch norm: ``BatchNorm1d``, ``BatchNorm2d``, ``BatchNorm3d`` (``bnlib.batchnorm``)
+- batch norm: ``BatchNorm1d``, ``BatchNorm2d``, ``BatchNorm3d`` (``bnlib.batchnorm``), and
+  ``LazyBatchNorm1d/2d/3d``, which take ``num_features`` from their first input
 - across processes and virtual batches: ``SyncBatchNorm`` (``bnlib.sync_batchnorm``),
   ``GhostBatchNorm`` (``bnlib.ghost_batchnorm``)
-- the alternatives: ``LayerNorm``, ``RMSNorm``, ``GroupNorm``, ``InstanceNorm1d/2d/3d``,
+- the alternatives: ``LayerNorm``, ``RMSNorm``, ``GroupNorm``, ``InstanceNorm1d/2d/3d``
+  (and ``LazyInstanceNorm1d/2d/3d``),
   ``BatchRenorm1d/2d``, ``weight_norm``, ``weight_standardization``, ``spectral_norm``
   (``bnlib.alternatives``)
 - fine-tuning: ``FrozenBatchNorm``, BN with its statistics and affine
@@ -25,12 +27,24 @@ from bnlib.alternatives import (
     InstanceNorm2d,
     InstanceNorm3d,
     LayerNorm,
+    LazyInstanceNorm1d,
+    LazyInstanceNorm2d,
+    LazyInstanceNorm3d,
     RMSNorm,
     spectral_norm,
     weight_norm,
     weight_standardization,
 )
-from bnlib.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm, _NormBase  # noqa: F401
+from bnlib.batchnorm import (  # noqa: F401
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    LazyBatchNorm1d,
+    LazyBatchNorm2d,
+    LazyBatchNorm3d,
+    _BatchNorm,
+    _NormBase,
+)
 from bnlib.frozen_batchnorm import FrozenBatchNorm
 from bnlib.ghost_batchnorm import GhostBatchNorm
 from bnlib.sync_batchnorm import SyncBatchNorm
@@ -39,6 +53,9 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "LazyBatchNorm1d",
+    "LazyBatchNorm2d",
+    "LazyBatchNorm3d",
     "SyncBatchNorm",
     "GhostBatchNorm",
     "FrozenBatchNorm",
@@ -48,6 +65,9 @@ __all__ = [
     "InstanceNorm1d",
     "InstanceNorm2d",
     "InstanceNorm3d",
+    "LazyInstanceNorm1d",
+    "LazyInstanceNorm2d",
+    "LazyInstanceNorm3d",
     "BatchRenorm1d",
     "BatchRenorm2d",
     "weight_norm",
