@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bnlib.batchnorm import check_initialized
 from bnlib.functional import _compute_dtype
 from bnlib.moving_average import is_batchnorm
 
@@ -71,7 +72,8 @@ def configure_tent(model: nn.Module) -> list[nn.Parameter]:
     (``FrozenBatchNorm``, layer or group norm) are left as they are.
 
     Raises ``ValueError``, and changes nothing, when no BN layer has a
-    weight or a bias (nothing to adapt).
+    weight or a bias (nothing to adapt), or when a lazy BN layer has not seen
+    an input yet.
     """
     layers = [m for m in model.modules() if is_batchnorm(m)]
     params = {}
@@ -79,6 +81,7 @@ def configure_tent(model: nn.Module) -> list[nn.Parameter]:
         for p in (m.weight, m.bias):
             if p is not None:
                 params.setdefault(id(p), p)
+    check_initialized(layers, "configure_tent")
     if not params:
         raise ValueError(
             "expected a model with at least one batch norm layer with a weight or a bias "

@@ -232,6 +232,22 @@ class BatchNorm3d(_TorchCompatible, _BatchNorm, _TorchBatchNorm):
 # --------------------------------------------------------------------------
 
 
+def check_initialized(layers, caller):
+    """Refuse, with ``InputError``, a lazy layer that has not seen its first input yet.
+
+    Its parameters and running estimates have no shape until then, so
+    nothing can be copied, reset or converted; ``caller`` names the
+    function in the message. Called before the function changes anything.
+    """
+    for layer in layers:
+        tensors = list(layer.parameters(recurse=False)) + list(layer.buffers(recurse=False))
+        if any(is_lazy(t) for t in tensors):
+            raise InputError(
+                f"{caller} got a {type(layer).__name__} that has not seen an input yet (a lazy module: "
+                "its parameters and running estimates have no shape): call the model on a batch first"
+            )
+
+
 class _LazyNorm(LazyModuleMixin):
     """What torch's lazy norm modules (``_LazyNormBase``) do, for bnlib's.
 
@@ -248,8 +264,9 @@ class _LazyNorm(LazyModuleMixin):
     refuse raises ``InputError`` and leaves the module as it was, still
     lazy. Unlike torch's, ``num_features`` is inferred also when the module
     has no tensors to create (``affine=False``, ``track_running_stats=False``),
-    and an unbatched first input of an instance norm counts its channels on
-    axis 0.
+    so a later input with another channel count is refused, as by the plain
+    module (torch's then takes any); and an unbatched first input of an
+    instance norm counts its channels on axis 0.
     """
 
     cls_to_become = None  # the plain module, set by each subclass
@@ -284,13 +301,15 @@ class _LazyNorm(LazyModuleMixin):
     def initialize_parameters(self, input, *args, **kwargs):
         """Called once, before the first forward (``LazyModuleMixin``'s hook)."""
         names = ("weight", "bias", "running_mean", "running_var")
-        loaded = [getattr(self, n).shape[0] for n in names
-                  if getattr(self, n) is not None and not is_lazy(getattr(self, n))]
+        # tensors given shapes before the first call (a loaded state dict)
+        shaped = {n: tuple(getattr(self, n).shape) for n in names
+                  if getattr(self, n) is not None and not is_lazy(getattr(self, n))}
         channels = self._channels_of_first_input(input)  # raises before anything changes
-        if loaded and channels != loaded[0]:
+        if any(shape != (channels,) for shape in shaped.values()):
             raise InputError(
-                f"{type(self).__name__} expected input with {loaded[0]} channels (num_features, from the "
-                f"loaded state dict), got {channels} (input shape {tuple(input.shape)})"
+                f"{type(self).__name__} expected its loaded tensors to have shape (C,) for the first input's "
+                f"C = {channels} channels (input shape {tuple(input.shape)}), got "
+                + ", ".join(f"{n} {shape}" for n, shape in shaped.items())
             )
         self.num_features = channels
         with torch.no_grad():

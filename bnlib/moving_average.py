@@ -322,11 +322,13 @@ def precise_bn(model, batches: Iterable, max_batches: int | None = None):
     """
     import torch
 
+    from bnlib.batchnorm import check_initialized
     from bnlib.models import modes_kept
 
     layers = running_stat_layers(model)
     if not layers:
         raise ValueError("precise_bn expected a model with at least one BN layer that tracks running statistics, got none")
+    check_initialized(layers, "precise_bn")
     if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, numbers.Integral) or max_batches < 1):
         raise ValueError(f"max_batches must be None or an integer >= 1, got {max_batches!r}")
 

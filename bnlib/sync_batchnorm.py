@@ -350,6 +350,8 @@ class SyncBatchNorm(bnn._BatchNorm, bnn._TorchBatchNorm):
         """
         convertible = (torch.nn.modules.batchnorm._BatchNorm, bnn.BatchNorm1d, bnn.BatchNorm2d,
                        bnn.BatchNorm3d, SyncBatchNorm)
+        # every layer checked before any is converted
+        bnn.check_initialized([m for m in module.modules() if isinstance(m, convertible)], "convert_sync_batchnorm")
         module_output = module
         if isinstance(module, convertible):
             like = module.weight if module.affine else module.running_mean  # None: neither exists

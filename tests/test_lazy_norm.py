@@ -15,7 +15,8 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import is_lazy
 
 import bnlib.nn as bnn
-from bnlib.moving_average import is_batchnorm
+from bnlib import adaptation
+from bnlib.moving_average import is_batchnorm, precise_bn
 
 CASES = [  # (ours, torch's, the plain bnlib module, a batched input shape)
     (bnn.LazyBatchNorm1d, nn.LazyBatchNorm1d, bnn.BatchNorm1d, (6, 3)),
@@ -140,11 +141,62 @@ def test_a_bad_first_input_raises_and_leaves_the_module_lazy(ours_cls, x, match)
 def test_a_first_input_that_does_not_match_the_loaded_state_raises():
     module = bnn.LazyBatchNorm1d()
     module.load_state_dict(nn.BatchNorm1d(4).state_dict())
-    with pytest.raises(ValueError, match=r"expected input with 4 channels.*loaded state dict.*got 3"):
+    with pytest.raises(ValueError, match=r"loaded tensors to have shape \(C,\) for the first input's C = 3.*"
+                                         r"weight \(4,\)"):
         module(torch.randn(5, 3))
     assert type(module) is bnn.LazyBatchNorm1d and module.num_features == 0
     module(torch.randn(5, 4))
     assert type(module) is bnn.BatchNorm1d and module.num_features == 4
+
+
+@pytest.mark.parametrize("state", [
+    {"weight": torch.ones(4), "bias": torch.zeros(5)},       # two lengths
+    {"weight": torch.ones(4, 1), "bias": torch.zeros(4)},    # not 1-D
+    {"weight": torch.tensor(1.0), "bias": torch.zeros(4)},   # 0-D
+])
+def test_loaded_tensors_must_all_be_one_channel_vector(state):
+    module = bnn.LazyBatchNorm1d()
+    module.load_state_dict(state, strict=False)
+    with pytest.raises(ValueError, match="loaded tensors to have shape"):
+        module(torch.randn(5, 4))
+    assert type(module) is bnn.LazyBatchNorm1d and module.num_features == 0
+
+
+@pytest.mark.parametrize("make, x", [
+    (lambda: bnn.LazyBatchNorm1d(), torch.randn(1, 3)),                       # one sample: fine in eval
+    (lambda: bnn.LazyBatchNorm2d(track_running_stats=False), None),
+    (lambda: bnn.LazyInstanceNorm2d(), torch.randn(2, 3, 1, 1)),              # one position, running stats
+])
+def test_an_eval_mode_first_call_initializes_and_stays_in_eval_mode(make, x):
+    module = make().eval()
+    if x is None:
+        x = torch.randn(4, 3, 2, 2)
+    y = module(x)
+    assert not module.training and module.num_features == 3 and y.shape == x.shape
+    if module.track_running_stats:
+        assert module.num_batches_tracked.item() == 0
+        assert torch.equal(module.running_mean, torch.zeros(3)) and torch.equal(module.running_var, torch.ones(3))
+
+
+def test_an_eval_mode_instance_norm_without_running_stats_still_needs_two_positions():
+    module = bnn.LazyInstanceNorm2d(track_running_stats=False).eval()
+    with pytest.raises(ValueError, match="Expected more than 1 spatial element"):
+        module(torch.randn(2, 3, 1, 1))
+    assert type(module) is bnn.LazyInstanceNorm2d and module.num_features == 0
+
+
+@pytest.mark.parametrize("call", [
+    lambda m: bnn.SyncBatchNorm.convert_sync_batchnorm(m),
+    lambda m: adaptation.configure_tent(m),
+    lambda m: precise_bn(m, [torch.randn(4, 3)]),
+], ids=["convert_sync_batchnorm", "configure_tent", "precise_bn"])
+def test_bnlib_tools_refuse_a_lazy_layer_before_changing_anything(call):
+    model = nn.Sequential(bnn.BatchNorm1d(3), nn.Linear(3, 3), bnn.LazyBatchNorm1d()).eval()
+    with pytest.raises(ValueError, match="LazyBatchNorm1d that has not seen an input yet"):
+        call(model)
+    assert [type(m) for m in model] == [bnn.BatchNorm1d, nn.Linear, bnn.LazyBatchNorm1d]
+    assert not model.training and model[1].weight.requires_grad
+    assert torch.equal(model[0].running_mean, torch.zeros(3)) and model[0].num_batches_tracked.item() == 0
 
 
 def test_an_unbatched_first_input_counts_its_channels_on_axis_0():
