@@ -355,3 +355,43 @@ def test_alternatives_under_autocast_as_torch(name, dtype):
         expected, got = call(theirs, x, w, b), call(ours, x, w, b)
     assert got.dtype == expected.dtype
     assert_close(got, expected, OUT_TOL[torch.float32], name)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_lazy_batch_norm_on_cuda_matches_torch(channels_last):
+    """A LazyBatchNorm2d made on the GPU becomes a bnlib BatchNorm2d there,
+    with torch's outputs, gradients and running statistics."""
+    ours = bnlib.nn.LazyBatchNorm2d(device=DEV)
+    ref = torch.nn.LazyBatchNorm2d(device=DEV)
+    x = random_input((8, 16, 6, 6), torch.float32, seed=3).to(DEV)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    xo, xr = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    yo, yr = ours(xo), ref(xr)
+    assert type(ours) is bnlib.nn.BatchNorm2d and ours.weight.device.type == torch.device(DEV).type
+    assert_close(yo, yr, OUT_TOL[torch.float32], "y")
+    assert_same_buffers(ours, ref, torch.float32)
+    dy = torch.randn_like(yo)
+    yo.backward(dy)
+    yr.backward(dy)
+    assert_close(xo.grad, xr.grad, GRAD_TOL[torch.float32], "dx")
+
+
+def test_tent_step_on_cuda():
+    """TENT on the GPU: only gamma and beta move, and the step's logits are
+    those of the forward pass before it."""
+    from bnlib import adaptation
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), bnlib.nn.BatchNorm1d(8), torch.nn.ReLU(),
+                                torch.nn.Linear(8, 3)).to(DEV)
+    params = adaptation.configure_tent(model)
+    frozen = [p.detach().clone() for p in (model[0].weight, model[3].weight)]
+    adapted = [p.detach().clone() for p in params]
+    x = torch.randn(16, 6, device=DEV)
+    with torch.no_grad():
+        want = model(x)
+    logits = adaptation.tent_step(model, x, torch.optim.SGD(params, lr=0.5))
+    assert torch.equal(logits, want)
+    assert all(torch.equal(p, f) for p, f in zip((model[0].weight, model[3].weight), frozen))
+    assert not any(torch.equal(p, a) for p, a in zip(params, adapted))
