@@ -119,10 +119,12 @@ class _NormBase(nn.Module):
             f"bias={self.bias is not None}, track_running_stats={self.track_running_stats}"
         )
 
-    def _check_input(self, input):
+    def _check_input(self, input, num_features=None):
+        """Raise ``InputError`` for an input the layer does not take; ``num_features``:
+        the channel count to expect, if not ``self.num_features`` (a lazy layer's first input)."""
         name = type(self).__name__
         check_input_dims(name, input.shape, self.allowed_dims)
-        check_num_channels(name, input.shape, self.num_features)
+        check_num_channels(name, input.shape, self.num_features if num_features is None else num_features)
         check_floating_dtype(name, input.dtype, input.is_floating_point())
         if self.training and values_per_channel(input.shape) == 1:  # the message's text is built only then
             check_batch_size(input.shape, str(input.size()))
@@ -324,11 +326,7 @@ class _LazyNorm(LazyModuleMixin):
 class _LazyBatchNorm(_LazyNorm):
     def _channels_of_first_input(self, input):
         check_input_dims(type(self).__name__, input.shape, self.allowed_dims)
-        self.num_features = input.shape[1]
-        try:
-            self._check_input(input)  # the plain module's checks, with this channel count
-        finally:
-            self.num_features = 0
+        self._check_input(input, num_features=input.shape[1])  # the plain module's checks
         return input.shape[1]
 
 

@@ -350,8 +350,12 @@ class SyncBatchNorm(bnn._BatchNorm, bnn._TorchBatchNorm):
         """
         convertible = (torch.nn.modules.batchnorm._BatchNorm, bnn.BatchNorm1d, bnn.BatchNorm2d,
                        bnn.BatchNorm3d, SyncBatchNorm)
-        # every layer checked before any is converted
+        # every layer checked once, before any is converted
         bnn.check_initialized([m for m in module.modules() if isinstance(m, convertible)], "convert_sync_batchnorm")
+        return cls._convert(module, process_group, convertible)
+
+    @classmethod
+    def _convert(cls, module, process_group, convertible):
         module_output = module
         if isinstance(module, convertible):
             like = module.weight if module.affine else module.running_mean  # None: neither exists
@@ -370,5 +374,5 @@ class SyncBatchNorm(bnn._BatchNorm, bnn._TorchBatchNorm):
             if hasattr(module, "qconfig"):
                 module_output.qconfig = module.qconfig
         for name, child in module.named_children():
-            module_output.add_module(name, cls.convert_sync_batchnorm(child, process_group))
+            module_output.add_module(name, cls._convert(child, process_group, convertible))
         return module_output
