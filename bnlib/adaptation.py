@@ -18,7 +18,8 @@ online, as in the paper.
 
 Use: ``params = configure_tent(model)``, an optimizer on ``params`` (the
 paper: Adam at 1e-3, or SGD with momentum), then ``tent_step(model, x,
-optimizer)`` for every test batch ``x``. ``configure_tent`` changes
+optimizer)`` for every test batch ``x`` (or ``tent_pass`` over a set of
+inputs in random batches). ``configure_tent`` changes
 ``model`` in place: copy it first (``copy.deepcopy``) to keep the original.
 """
 
@@ -31,8 +32,9 @@ from torch import nn
 from bnlib.batchnorm import check_initialized
 from bnlib.functional import _compute_dtype
 from bnlib.moving_average import is_batchnorm
+from bnlib.training import minibatches
 
-__all__ = ["prediction_entropy", "configure_tent", "tent_step"]
+__all__ = ["prediction_entropy", "configure_tent", "tent_step", "tent_pass"]
 
 
 def prediction_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -118,3 +120,29 @@ def tent_step(model: nn.Module, x: torch.Tensor, optimizer: torch.optim.Optimize
         loss.backward()
     optimizer.step()
     return logits.detach()
+
+
+def tent_pass(
+    model: nn.Module,
+    x: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    batch_size: int,
+    generator: torch.Generator,
+    drop_last: bool = False,
+) -> torch.Tensor:
+    """One pass of TENT over the inputs ``x``: a :func:`tent_step` per batch.
+
+    The batches are a random permutation of ``x``'s rows cut into
+    ``batch_size`` rows each (``bnlib.training.minibatches`` with
+    ``generator``; ``drop_last`` leaves out a last, smaller batch). Returns
+    the online logits, in ``x``'s row order: each row as predicted by the
+    step of its batch, before that step. Rows left out by ``drop_last`` are
+    NaN.
+    """
+    logits = None
+    for idx in minibatches(len(x), batch_size, generator, drop_last=drop_last):
+        batch_logits = tent_step(model, x[idx], optimizer)
+        if logits is None:
+            logits = batch_logits.new_full((len(x),) + tuple(batch_logits.shape[1:]), float("nan"))
+        logits[idx] = batch_logits
+    return logits

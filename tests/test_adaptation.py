@@ -247,6 +247,33 @@ def test_small_steps_lower_the_entropy_of_the_batch():
     assert all(b < a for a, b in zip(entropies, entropies[1:]))
 
 
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_pass_is_a_step_per_random_batch_with_logits_in_input_order(drop_last):
+    x = torch.randn(23, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    by_pass, by_hand = _mlp(), _mlp()
+    opt_pass = torch.optim.SGD(adaptation.configure_tent(by_pass), lr=0.2)
+    opt_hand = torch.optim.SGD(adaptation.configure_tent(by_hand), lr=0.2)
+    got = adaptation.tent_pass(by_pass, x, opt_pass, 5, torch.Generator().manual_seed(1), drop_last=drop_last)
+    # the truth: the same permutation (training.minibatches' rule), one step per batch
+    order = torch.randperm(23, generator=torch.Generator().manual_seed(1))
+    want = torch.full((23, 3), float("nan"), dtype=torch.float64)
+    stop = 20 if drop_last else 23
+    for start in range(0, stop, 5):
+        idx = order[start:start + 5]
+        want[idx] = adaptation.tent_step(by_hand, x[idx], opt_hand)
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    assert got.isnan().any(dim=1).sum() == (3 if drop_last else 0)
+    for p, q in zip(by_pass.parameters(), by_hand.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_pass_refuses_a_bad_batch_size():
+    model = _mlp()
+    opt = torch.optim.SGD(adaptation.configure_tent(model), lr=0.1)
+    with pytest.raises(ValueError, match=r"batch_size must be in \[1, n=4\], got 5"):
+        adaptation.tent_pass(model, torch.randn(4, 6, dtype=torch.float64), opt, 5, torch.Generator())
+
+
 # ---------------------------------------------------------------------------
 # data.blur_images
 # ---------------------------------------------------------------------------
