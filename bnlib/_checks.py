@@ -90,3 +90,20 @@ def check_integer_at_least(name, value, least):
     """``value`` is an int (not a bool) and at least ``least``, or a ``ValueError`` naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < least:
         raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+
+
+def check_labels(caller, labels_shape, is_integer, batch_size, lowest, highest, num_classes):
+    """Class labels for a conditional layer: ``batch_size`` integers in ``[0, num_classes)``.
+
+    ``labels_shape``: the labels' shape, which must be ``(batch_size,)``;
+    ``is_integer``: whether their dtype is an integer type (bool is not);
+    ``lowest``, ``highest``: their smallest and largest value (None for no labels).
+    """
+    if not is_integer:
+        raise InputError(f"{caller} expected integer class labels (int64, int32, ...), got another dtype")
+    if tuple(labels_shape) != (batch_size,):
+        raise InputError(f"{caller} expected one label per sample, shape ({batch_size},), "
+                         f"got shape {tuple(labels_shape)}")
+    if batch_size and (lowest < 0 or highest >= num_classes):
+        raise InputError(f"{caller} expected labels in [0, {num_classes}) (num_classes={num_classes}), "
+                         f"got values from {lowest} to {highest}")

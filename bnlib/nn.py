@@ -11,6 +11,8 @@ one, with the backward pass written by hand:
   (and ``LazyInstanceNorm1d/2d/3d``),
   ``BatchRenorm1d/2d``, ``weight_norm``, ``weight_standardization``, ``spectral_norm``
   (``bnlib.alternatives``)
+- conditional: ``ConditionalBatchNorm1d/2d/3d``, BN with one gamma and beta
+  per class (``bnlib.conditional``, which also has AdaIN); torch has none
 - fine-tuning: ``FrozenBatchNorm``, BN with its statistics and affine
   parameters fixed, in every mode (``bnlib.frozen_batchnorm``; torchvision's
   ``FrozenBatchNorm2d`` for any ``(N, C, *)``)
@@ -45,6 +47,7 @@ from bnlib.batchnorm import (  # noqa: F401
     _BatchNorm,
     _NormBase,
 )
+from bnlib.conditional import ConditionalBatchNorm1d, ConditionalBatchNorm2d, ConditionalBatchNorm3d
 from bnlib.frozen_batchnorm import FrozenBatchNorm
 from bnlib.ghost_batchnorm import GhostBatchNorm
 from bnlib.sync_batchnorm import SyncBatchNorm
@@ -59,6 +62,9 @@ __all__ = [
     "SyncBatchNorm",
     "GhostBatchNorm",
     "FrozenBatchNorm",
+    "ConditionalBatchNorm1d",
+    "ConditionalBatchNorm2d",
+    "ConditionalBatchNorm3d",
     "LayerNorm",
     "RMSNorm",
     "GroupNorm",

@@ -14,6 +14,13 @@ For an input ``x`` of shape ``(N, C, *spatial)`` the statistics of channel
 The names in the code are the book's: ``mu``, ``var``, ``x_hat``, ``gamma``,
 ``beta``, ``eps``, ``momentum``. float64 is the reference precision; float32
 is accepted (float16 is computed in float32). This module never imports torch.
+
+Conditional batch norm (de Vries et al. 2017) is batch norm whose ``gamma``
+and ``beta`` depend on each sample's class: tables of shape ``(K, C)``, and
+sample ``i`` is scaled and shifted by the row of its label ``k_i``,
+``y_i = gamma[k_i] * x_hat_i + beta[k_i]``. The normalization is batch
+norm's with ``gamma = 1, beta = 0``, and so is its backward
+(:func:`conditional_batchnorm_forward`, :func:`conditional_batchnorm_backward`).
 """
 
 from dataclasses import dataclass
@@ -24,12 +31,14 @@ from bnlib._checks import (
     InputError,
     check_batch_size,
     check_input_dims,
+    check_labels,
     check_norm_args,
     check_num_channels,
     values_per_channel,
 )
 
-__all__ = ["batchnorm_forward", "batchnorm_backward", "BatchNorm", "BatchNormCache"]
+__all__ = ["batchnorm_forward", "batchnorm_backward", "BatchNorm", "BatchNormCache",
+           "conditional_batchnorm_forward", "conditional_batchnorm_backward", "ConditionalCache"]
 
 
 def _stat_axes(x):
@@ -252,5 +261,88 @@ class BatchNorm:
             dx, dgamma, dbeta = batchnorm_backward(dy, cache)
         self.dgamma, self.dbeta = dgamma, dbeta
         return dx
+
+
+# --------------------------------------------------------------------------
+# Conditional batch norm: one gamma and one beta per class
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class ConditionalCache:
+    """What :func:`conditional_batchnorm_backward` needs: the cache of the
+    plain batch norm (``gamma = 1, beta = 0``), the labels, the gamma table."""
+
+    bn_cache: BatchNormCache
+    labels: np.ndarray
+    gamma: np.ndarray  # (K, C)
+
+
+def _per_sample(table, labels, ndim):
+    """``table[labels]``, shape ``(N, C)``, viewed as ``(N, C, 1, ...)`` to meet an ``ndim``-dim input."""
+    rows = table[labels]
+    return rows.reshape(rows.shape + (1,) * (ndim - 2))
+
+
+def conditional_batchnorm_forward(x, labels, gamma, beta, eps=1e-5):
+    r"""Training-mode conditional batch norm (de Vries et al. 2017).
+
+    .. math::
+
+        \hat{x}_i = \frac{x_i - \mu}{\sqrt{\mathrm{var} + \epsilon}}, \qquad
+        y_i = \gamma_{k_i} \hat{x}_i + \beta_{k_i},
+
+    with ``mu`` and ``var`` batch norm's per-channel statistics over the
+    whole batch, every class together, and ``k_i = labels[i]``.
+
+    Args:
+        x: array ``(N, C, *spatial)``, 2 to 5 dims.
+        labels: integers ``(N,)`` in ``[0, K)``, one class per sample.
+        gamma, beta: arrays ``(K, C)``, a row of scales and shifts per class.
+
+    Returns ``(y, cache)``, ``y`` with the shape of ``x``.
+    """
+    x, labels = np.asarray(x), np.asarray(labels)
+    gamma, beta = np.asarray(gamma), np.asarray(beta)
+    if x.ndim < 2:
+        raise InputError("conditional_batchnorm_forward expected an input with at least 2 dimensions "
+                         f"(N, C, ...), got shape {x.shape}")
+    if gamma.ndim != 2 or gamma.shape[1] != x.shape[1] or beta.shape != gamma.shape:
+        raise InputError(f"gamma and beta should both have shape (K, {x.shape[1]}), a row per class, "
+                         f"got {gamma.shape} and {beta.shape}")
+    integer = np.issubdtype(labels.dtype, np.integer)
+    seen = integer and labels.size > 0
+    check_labels("conditional_batchnorm_forward", labels.shape, integer, x.shape[0],
+                 labels.min() if seen else None, labels.max() if seen else None, gamma.shape[0])
+    x_hat, bn_cache = batchnorm_forward(x, None, None, eps)
+    gamma, beta = gamma.astype(x_hat.dtype), beta.astype(x_hat.dtype)
+    y = _per_sample(gamma, labels, x.ndim) * x_hat + _per_sample(beta, labels, x.ndim)
+    return y, ConditionalCache(bn_cache, labels, gamma)
+
+
+def conditional_batchnorm_backward(dy, cache):
+    r"""Gradients of :func:`conditional_batchnorm_forward`: ``(dx, dgamma, dbeta)``.
+
+    Class ``k``'s rows of the tables collect the gradients of its own samples:
+
+    .. math::
+
+        \frac{\partial L}{\partial \gamma_k} = \sum_{i:\, k_i = k} \sum_{s} dy_{is}\, \hat{x}_{is}, \qquad
+        \frac{\partial L}{\partial \beta_k} = \sum_{i:\, k_i = k} \sum_{s} dy_{is}
+
+    (``s`` runs over the spatial positions), and ``dx`` is batch norm's
+    compact formula applied to ``gamma[k_i] * dy_i``: through the shared
+    statistics every sample's gradient still reaches every other's.
+    """
+    x_hat = cache.bn_cache.x_hat
+    dy = np.asarray(dy, dtype=x_hat.dtype)
+    spatial = tuple(range(2, dy.ndim))
+    dgamma = np.zeros_like(cache.gamma)
+    dbeta = np.zeros_like(cache.gamma)
+    np.add.at(dgamma, cache.labels, (dy * x_hat).sum(axis=spatial))
+    np.add.at(dbeta, cache.labels, dy.sum(axis=spatial))
+    dx, _, _ = batchnorm_backward(dy * _per_sample(cache.gamma, cache.labels, dy.ndim), cache.bn_cache)
+    return dx, dgamma, dbeta
+
 
 from bnlib.reference_alternatives import *  # noqa: E402,F401,F403

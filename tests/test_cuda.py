@@ -395,3 +395,24 @@ def test_tent_step_on_cuda():
     assert torch.equal(logits, want)
     assert all(torch.equal(p, f) for p, f in zip((model[0].weight, model[3].weight), frozen))
     assert not any(torch.equal(p, a) for p, a in zip(params, adapted))
+
+
+def test_conditional_batchnorm_on_cuda():
+    """Conditional BN on the GPU: output, gradients and running statistics as on the CPU."""
+    torch.manual_seed(0)
+    cpu = bnlib.nn.ConditionalBatchNorm2d(4, 3)
+    with torch.no_grad():
+        cpu.weight.normal_()
+        cpu.bias.normal_()
+    gpu = copy.deepcopy(cpu).to(DEV)
+    x = torch.randn(6, 4, 5, 5)
+    labels = torch.tensor([0, 2, 1, 1, 0, 2])
+    xc, xg = x.clone().requires_grad_(True), x.to(DEV).requires_grad_(True)
+    yc, yg = cpu(xc, labels), gpu(xg, labels.to(DEV))
+    assert_close(yg.cpu(), yc, OUT_TOL[torch.float32], "y")
+    dy = torch.randn_like(yc)
+    yc.backward(dy)
+    yg.backward(dy.to(DEV))
+    assert_close(xg.grad.cpu(), xc.grad, GRAD_TOL[torch.float32], "dx")
+    assert_close(gpu.weight.grad.cpu(), cpu.weight.grad, GRAD_TOL[torch.float32], "dweight")
+    assert_close(gpu.norm.running_var.cpu(), cpu.norm.running_var, OUT_TOL[torch.float32], "running_var")

@@ -1,0 +1,155 @@
+r"""Conditional normalization: a condition enters a network through gamma and beta.
+
+After batch norm has standardized a unit, ``gamma`` and ``beta`` decide its
+scale and offset. Conditional batch norm (de Vries et al. 2017) gives every
+class its own pair, tables of shape ``(K, C)``, and scales and shifts each
+sample with the row of its label ``k_i``:
+
+.. math::
+
+    \hat{x}_i = \frac{x_i - \mu}{\sqrt{\mathrm{var} + \epsilon}}, \qquad
+    y_i = \gamma_{k_i} \hat{x}_i + \beta_{k_i}.
+
+The statistics ``mu`` and ``var`` are plain batch norm's, over the whole
+batch with every class in it, and so are the running estimates; only the
+affine step depends on the class. Conditional instance norm (Dumoulin et
+al. 2017, one pair per painting style) and class-conditional BN in GAN
+generators (BigGAN) do the same; FiLM (Perez et al. 2018) computes the pair
+from any vector with a linear layer instead of looking it up in a table.
+
+Adaptive instance norm (AdaIN; Huang and Belongie 2017) takes the pair from
+another input: each channel of the content is instance-normalized, then
+given the mean and standard deviation that the same channel has in the
+style input:
+
+.. math::
+
+    \mathrm{AdaIN}(x, s) = \sigma(s)\, \frac{x - \mu(x)}{\sigma(x)} + \mu(s),
+
+statistics per sample and channel over the spatial axes,
+``sigma = sqrt(var + eps)`` with the biased variance.
+
+The NumPy reference of conditional batch norm, with its backward written
+out, is :func:`bnlib.reference.conditional_batchnorm_forward`.
+"""
+
+import math
+
+import torch
+from torch import nn
+
+from bnlib import batchnorm as bnn
+from bnlib._checks import InputError, check_integer_at_least, check_labels, check_positive_finite
+from bnlib.alternatives import instance_norm
+
+__all__ = ["ConditionalBatchNorm1d", "ConditionalBatchNorm2d", "ConditionalBatchNorm3d", "adaptive_instance_norm"]
+
+
+class _ConditionalBatchNorm(nn.Module):
+    """Batch norm without an affine step (``norm``), then one ``gamma`` and ``beta`` per class.
+
+    Args: ``(num_features, num_classes, eps=1e-5, momentum=0.1,
+    track_running_stats=True, device=None, dtype=None)``; ``weight`` (gamma)
+    and ``bias`` (beta) are parameters of shape ``(num_classes,
+    num_features)``, initialized to 1 and 0 as in BatchNorm, so that at the
+    start every class gets the plain standardized input. The running
+    estimates live in ``norm``, a :class:`bnlib.nn.BatchNorm1d/2d/3d` with
+    ``affine=False``: the tools that look for BN layers (``precise_bn``,
+    AdaBN, ``convert_sync_batchnorm``, freezing) find and treat it as any
+    other BN layer, and leave the class tables alone.
+
+    ``forward(input, labels)``: ``labels`` holds one integer class in
+    ``[0, num_classes)`` per sample (shape ``(N,)``). Checking their range
+    reads two numbers back from the device, one host sync per call: a clear
+    error is worth it here. Bad input raises ``InputError`` (a
+    ``ValueError``) before the running estimates change.
+    """
+
+    norm_class = None  # the BatchNorm*d that normalizes: it says which input dims are taken
+
+    def __init__(self, num_features, num_classes, eps=1e-5, momentum=0.1, track_running_stats=True,
+                 device=None, dtype=None):
+        check_integer_at_least("num_classes", num_classes, 1)
+        super().__init__()
+        self.num_classes = num_classes
+        self.norm = self.norm_class(num_features, eps, momentum, affine=False,
+                                    track_running_stats=track_running_stats, device=device, dtype=dtype)
+        bnn.register_affine_parameters(self, (num_classes, num_features), True, True,
+                                       {"device": device, "dtype": dtype})
+        bnn.reset_affine_parameters(self)
+
+    @property
+    def num_features(self):
+        return self.norm.num_features
+
+    def extra_repr(self):
+        return f"{self.num_features}, num_classes={self.num_classes}"
+
+    def forward(self, input, labels):
+        # Every check before the running estimates change (norm's own included).
+        self.norm._check_input(input)
+        if not isinstance(labels, torch.Tensor):
+            raise InputError(f"{type(self).__name__} expected the labels as a tensor, got {type(labels).__name__}")
+        integer = not labels.is_floating_point() and not labels.is_complex() and labels.dtype != torch.bool
+        seen = integer and labels.numel() > 0
+        lowest, highest = (labels.min().item(), labels.max().item()) if seen else (None, None)
+        check_labels(type(self).__name__, labels.shape, integer, input.shape[0], lowest, highest,
+                     self.num_classes)
+        x_hat = self.norm(input)
+        per_sample = (input.shape[0], self.num_features) + (1,) * (input.dim() - 2)
+        labels = labels.to(self.weight.device)
+        gamma = self.weight[labels].view(per_sample).to(x_hat.dtype)
+        beta = self.bias[labels].view(per_sample).to(x_hat.dtype)
+        return torch.addcmul(beta, gamma, x_hat)
+
+
+class ConditionalBatchNorm1d(_ConditionalBatchNorm):
+    """Conditional batch norm for ``(N, C)`` or ``(N, C, L)`` inputs."""
+
+    norm_class = bnn.BatchNorm1d
+
+
+class ConditionalBatchNorm2d(_ConditionalBatchNorm):
+    """Conditional batch norm for ``(N, C, H, W)`` inputs: statistics over (N, H, W)."""
+
+    norm_class = bnn.BatchNorm2d
+
+
+class ConditionalBatchNorm3d(_ConditionalBatchNorm):
+    """Conditional batch norm for ``(N, C, D, H, W)`` inputs: statistics over (N, D, H, W)."""
+
+    norm_class = bnn.BatchNorm3d
+
+
+def adaptive_instance_norm(content, style, eps=1e-5):
+    r"""AdaIN (Huang and Belongie 2017): the content's channels with the style's mean and spread.
+
+    ``sigma(style) * (content - mu(content)) / sigma(content) + mu(style)``,
+    with ``mu`` and ``sigma = sqrt(var + eps)`` (biased variance) per sample
+    and channel, over the spatial axes. The content's part is
+    :func:`bnlib.alternatives.instance_norm`, backward by hand; the style's
+    statistics take autograd's.
+
+    Args:
+        content: ``(N, C, *spatial)``, at least one spatial axis with more than one value.
+        style: ``(N, C, *spatial')`` or ``(1, C, *spatial')``, one style for every
+            sample; its spatial size may differ from the content's.
+
+    The authors' code divides the style's and the content's variance by
+    ``m - 1``, not ``m``; on large feature maps the two agree closely.
+    """
+    check_positive_finite("eps", eps)
+    if content.dim() < 3 or style.dim() != content.dim():
+        raise InputError("adaptive_instance_norm expected content and style with the same number of "
+                         f"dimensions, at least 3 (N, C, L, ...), got {content.dim()}D and {style.dim()}D")
+    if style.shape[1] != content.shape[1] or style.shape[0] not in (1, content.shape[0]):
+        raise InputError(f"adaptive_instance_norm expected a style of shape (N, C, ...) or (1, C, ...) with "
+                         f"N = {content.shape[0]}, C = {content.shape[1]} (the content's), "
+                         f"got {tuple(style.shape)}")
+    spatial = tuple(range(2, style.dim()))
+    if math.prod(style.shape[2:]) < 2:
+        raise InputError(f"adaptive_instance_norm expected more than 1 spatial value in the style, "
+                         f"got {tuple(style.shape)}")
+    style_mu = style.mean(dim=spatial, keepdim=True)
+    style_sigma = ((style - style_mu).square().mean(dim=spatial, keepdim=True) + eps).sqrt()
+    return torch.addcmul(style_mu, style_sigma, instance_norm(content, eps=eps))
