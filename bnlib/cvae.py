@@ -41,7 +41,7 @@ from bnlib.data import Split
 from bnlib.training import minibatches
 
 __all__ = ["CONDITIONS", "Encoder", "Decoder", "CVAEResult", "load_digit_pixels", "negative_elbo",
-           "train_cvae", "evaluate_cvae", "generate"]
+           "train_cvae", "evaluate_cvae", "generate", "one_class_batches"]
 
 CONDITIONS = ("bn", "input", None)
 NUM_CLASSES = 10
@@ -69,6 +69,7 @@ class Encoder(nn.Module):
 
     def __init__(self, latent: int, hidden: int):
         super().__init__()
+        self.latent = latent
         self.body = nn.Sequential(nn.Linear(PIXELS, hidden), bnn.BatchNorm1d(hidden), nn.ReLU(),
                                   nn.Linear(hidden, 2 * latent))
 
@@ -162,8 +163,7 @@ def train_cvae(data: Split, condition: str | None, *, latent: int = 8, hidden: i
 @torch.no_grad()
 def evaluate_cvae(result: CVAEResult, x: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> tuple[float, float]:
     """``(reconstruction, kl)`` per image on ``x`` in eval mode, one draw of the noise (``seed``)."""
-    noise = torch.randn(len(x), result.encoder.body[-1].out_features // 2,
-                        generator=torch.Generator().manual_seed(seed))
+    noise = torch.randn(len(x), result.encoder.latent, generator=torch.Generator().manual_seed(seed))
     reconstruction, kl = negative_elbo(result.encoder, result.decoder, x, labels, noise)
     return float(reconstruction), float(kl)
 
@@ -186,3 +186,11 @@ def generate(decoder: Decoder, z: torch.Tensor, labels: torch.Tensor, batch_stat
         return torch.sigmoid(decoder(z, labels))
     finally:
         decoder.train(was_training)
+
+
+def one_class_batches(decoder: Decoder, z: torch.Tensor) -> torch.Tensor:
+    """Images ``(10, N, 64)``: row ``k`` is :func:`generate` of the codes ``z`` (``(N, latent)``),
+    all labelled ``k``, in one batch with BN's batch statistics, as a sampler asking for
+    "a batch of sevens" would run it."""
+    return torch.stack([generate(decoder, z, torch.full((len(z),), k), batch_statistics=True)
+                        for k in range(NUM_CLASSES)])

@@ -11,6 +11,8 @@ at h = 1e-6 on inputs of order 1.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -374,6 +376,18 @@ def test_where_the_label_enters(condition):
     assert decoder.training  # generate restores the mode
     assert torch.equal(a, b) == (condition is None)
     assert (decoder.fc1.in_features == 13) == (condition == "input")
+
+
+def test_one_class_batches_are_one_batch_per_class():
+    torch.manual_seed(2)
+    decoder = cvae.Decoder(3, 8, "bn")
+    z = torch.randn(5, 3)
+    images = cvae.one_class_batches(decoder, z)
+    assert images.shape == (10, 5, 64)
+    for k in (0, 7):
+        want = torch.sigmoid(copy.deepcopy(decoder).train()(z, torch.full((5,), k)))
+        assert_close(images[k], want, OUT_TOL[torch.float32], f"class {k}")
+    assert decoder.training and int(decoder.norm1.norm.num_batches_tracked) == 0
 
 
 def test_decoder_rejects_an_unknown_condition():
