@@ -1,21 +1,23 @@
 r"""Conditional normalization: a condition enters a network through gamma and beta.
 
 After batch norm has standardized a unit, ``gamma`` and ``beta`` decide its
-scale and offset. Conditional batch norm (de Vries et al. 2017) gives every
-class its own pair, tables of shape ``(K, C)``, and scales and shifts each
-sample with the row of its label ``k_i``:
+scale and offset. Conditional batch norm (de Vries et al. 2017) makes them
+functions of a condition, there a question's embedding, through a small
+network. For a class label the simplest such function is a table with a row
+per class, shape ``(K, C)``: each sample is scaled and shifted with the
+row of its label ``k_i``,
 
 .. math::
 
     \hat{x}_i = \frac{x_i - \mu}{\sqrt{\mathrm{var} + \epsilon}}, \qquad
-    y_i = \gamma_{k_i} \hat{x}_i + \beta_{k_i}.
+    y_i = \gamma_{k_i} \hat{x}_i + \beta_{k_i},
 
-The statistics ``mu`` and ``var`` are plain batch norm's, over the whole
-batch with every class in it, and so are the running estimates; only the
-affine step depends on the class. Conditional instance norm (Dumoulin et
-al. 2017, one pair per painting style) and class-conditional BN in GAN
-generators (BigGAN) do the same; FiLM (Perez et al. 2018) computes the pair
-from any vector with a linear layer instead of looking it up in a table.
+the form of conditional instance norm (Dumoulin et al. 2017, a row per
+painting style) and of the class-conditional BN in GAN generators (Miyato
+and Koyama 2018). The statistics ``mu`` and ``var`` are plain batch norm's,
+over the whole batch with every class in it, and so are the running
+estimates; only the affine step depends on the class. FiLM (Perez et al.
+2018) computes the pair from any vector with a linear layer.
 
 Adaptive instance norm (AdaIN; Huang and Belongie 2017) takes the pair from
 another input: each channel of the content is instance-normalized, then
@@ -34,12 +36,20 @@ out, is :func:`bnlib.reference.conditional_batchnorm_forward`.
 """
 
 import math
+import numbers
 
 import torch
 from torch import nn
 
 from bnlib import batchnorm as bnn
-from bnlib._checks import InputError, check_integer_at_least, check_labels, check_positive_finite
+from bnlib._checks import (
+    InputError,
+    check_floating_dtype,
+    check_input_dims,
+    check_labels,
+    check_num_channels,
+    check_positive_finite,
+)
 from bnlib.alternatives import instance_norm
 
 __all__ = ["ConditionalBatchNorm1d", "ConditionalBatchNorm2d", "ConditionalBatchNorm3d", "adaptive_instance_norm"]
@@ -54,9 +64,11 @@ class _ConditionalBatchNorm(nn.Module):
     num_features)``, initialized to 1 and 0 as in BatchNorm, so that at the
     start every class gets the plain standardized input. The running
     estimates live in ``norm``, a :class:`bnlib.nn.BatchNorm1d/2d/3d` with
-    ``affine=False``: the tools that look for BN layers (``precise_bn``,
-    AdaBN, ``convert_sync_batchnorm``, freezing) find and treat it as any
-    other BN layer, and leave the class tables alone.
+    ``affine=False``: the conversions that swap BN layers
+    (``convert_sync_batchnorm``, bnlib's or torch's, and
+    ``FrozenBatchNorm.convert_frozen_batchnorm``) reach it and leave the
+    class tables alone, and ``bnlib.training.train(decay_bn=False)``
+    exempts the tables from weight decay as BN's gamma and beta.
 
     ``forward(input, labels)``: ``labels`` holds one integer class in
     ``[0, num_classes)`` per sample (shape ``(N,)``). Checking their range
@@ -69,9 +81,11 @@ class _ConditionalBatchNorm(nn.Module):
 
     def __init__(self, num_features, num_classes, eps=1e-5, momentum=0.1, track_running_stats=True,
                  device=None, dtype=None):
-        check_integer_at_least("num_classes", num_classes, 1)
+        # NumPy integers too, as for num_features
+        if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
+            raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
         super().__init__()
-        self.num_classes = num_classes
+        self.num_classes = int(num_classes)
         self.norm = self.norm_class(num_features, eps, momentum, affine=False,
                                     track_running_stats=track_running_stats, device=device, dtype=dtype)
         bnn.register_affine_parameters(self, (num_classes, num_features), True, True,
@@ -82,22 +96,34 @@ class _ConditionalBatchNorm(nn.Module):
     def num_features(self):
         return self.norm.num_features
 
+    def reset_running_stats(self):
+        self.norm.reset_running_stats()
+
+    def reset_parameters(self):
+        """Running estimates reset, every class's gamma 1 and beta 0."""
+        self.reset_running_stats()
+        bnn.reset_affine_parameters(self)
+
     def extra_repr(self):
         return f"{self.num_features}, num_classes={self.num_classes}"
 
     def forward(self, input, labels):
-        # Every check before the running estimates change (norm's own included).
-        self.norm._check_input(input)
+        # Every check before the running estimates change: the input's here
+        # (norm may have been swapped for a frozen or synchronized layer),
+        # the batch size in norm, before it counts the batch.
+        name = type(self).__name__
+        check_input_dims(name, input.shape, self.norm_class.allowed_dims)
+        check_num_channels(name, input.shape, self.num_features)
+        check_floating_dtype(name, input.dtype, input.is_floating_point())
         if not isinstance(labels, torch.Tensor):
-            raise InputError(f"{type(self).__name__} expected the labels as a tensor, got {type(labels).__name__}")
+            raise InputError(f"{name} expected the labels as a tensor, got {type(labels).__name__}")
         integer = not labels.is_floating_point() and not labels.is_complex() and labels.dtype != torch.bool
         seen = integer and labels.numel() > 0
         lowest, highest = (labels.min().item(), labels.max().item()) if seen else (None, None)
-        check_labels(type(self).__name__, labels.shape, integer, input.shape[0], lowest, highest,
-                     self.num_classes)
+        check_labels(name, labels.shape, integer, input.shape[0], lowest, highest, self.num_classes)
         x_hat = self.norm(input)
         per_sample = (input.shape[0], self.num_features) + (1,) * (input.dim() - 2)
-        labels = labels.to(self.weight.device)
+        labels = labels.to(self.weight.device, torch.long)  # uint8 would index as a mask
         gamma = self.weight[labels].view(per_sample).to(x_hat.dtype)
         beta = self.bias[labels].view(per_sample).to(x_hat.dtype)
         return torch.addcmul(beta, gamma, x_hat)
@@ -135,8 +161,10 @@ def adaptive_instance_norm(content, style, eps=1e-5):
         style: ``(N, C, *spatial')`` or ``(1, C, *spatial')``, one style for every
             sample; its spatial size may differ from the content's.
 
-    The authors' code divides the style's and the content's variance by
-    ``m - 1``, not ``m``; on large feature maps the two agree closely.
+    Implementations differ in dividing by ``m`` or ``m - 1`` and in where
+    ``eps`` goes; on large feature maps they agree closely. float16 and
+    bfloat16 style statistics are computed in float32; the output has the
+    content's dtype.
     """
     check_positive_finite("eps", eps)
     if content.dim() < 3 or style.dim() != content.dim():
@@ -150,6 +178,9 @@ def adaptive_instance_norm(content, style, eps=1e-5):
     if math.prod(style.shape[2:]) < 2:
         raise InputError(f"adaptive_instance_norm expected more than 1 spatial value in the style, "
                          f"got {tuple(style.shape)}")
+    # float32 at least: a style's spread of a few hundred squared overflows float16
+    compute = torch.promote_types(torch.promote_types(content.dtype, style.dtype), torch.float32)
+    style = style.to(compute)
     style_mu = style.mean(dim=spatial, keepdim=True)
     style_sigma = ((style - style_mu).square().mean(dim=spatial, keepdim=True) + eps).sqrt()
-    return torch.addcmul(style_mu, style_sigma, instance_norm(content, eps=eps))
+    return torch.addcmul(style_mu, style_sigma, instance_norm(content, eps=eps).to(compute)).to(content.dtype)

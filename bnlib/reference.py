@@ -15,9 +15,10 @@ The names in the code are the book's: ``mu``, ``var``, ``x_hat``, ``gamma``,
 ``beta``, ``eps``, ``momentum``. float64 is the reference precision; float32
 is accepted (float16 is computed in float32). This module never imports torch.
 
-Conditional batch norm (de Vries et al. 2017) is batch norm whose ``gamma``
-and ``beta`` depend on each sample's class: tables of shape ``(K, C)``, and
-sample ``i`` is scaled and shifted by the row of its label ``k_i``,
+Conditional batch norm (de Vries et al. 2017) makes ``gamma`` and ``beta``
+depend on a condition; for a class label, as here, through tables of shape
+``(K, C)`` (Dumoulin et al. 2017), and sample ``i`` is scaled and shifted by
+the row of its label ``k_i``,
 ``y_i = gamma[k_i] * x_hat_i + beta[k_i]``. The normalization is batch
 norm's with ``gamma = 1, beta = 0``, and so is its backward
 (:func:`conditional_batchnorm_forward`, :func:`conditional_batchnorm_backward`).
@@ -285,7 +286,7 @@ def _per_sample(table, labels, ndim):
 
 
 def conditional_batchnorm_forward(x, labels, gamma, beta, eps=1e-5):
-    r"""Training-mode conditional batch norm (de Vries et al. 2017).
+    r"""Training-mode conditional batch norm with a row of ``gamma`` and ``beta`` per class.
 
     .. math::
 

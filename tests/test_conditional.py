@@ -263,6 +263,49 @@ def test_bad_num_classes(num_classes):
         bnlib.nn.ConditionalBatchNorm1d(3, num_classes)
 
 
+def test_uint8_labels_are_class_indices_not_a_mask():
+    """torch indexes with a uint8 tensor as with a boolean mask: the layer must not."""
+    layer = _module(1, dtype=torch.float32)
+    x = torch.randn(4, 3)
+    for labels in ([0, 1, 2, 3], [1, 1, 1, 1]):
+        got = layer(x, torch.tensor(labels, dtype=torch.uint8))
+        assert_close(got, layer(x, torch.tensor(labels)), OUT_TOL[torch.float32], f"uint8 {labels}")
+
+
+def test_reset_and_numpy_num_classes():
+    layer = _module(3, dtype=torch.float32, momentum=0.5)
+    layer(torch.randn(SHAPES[3]), _labels(SHAPES[3][0]))
+    layer.reset_parameters()
+    assert torch.equal(layer.weight, torch.ones(NUM_CLASSES, 3)) and torch.equal(layer.bias, torch.zeros(NUM_CLASSES, 3))
+    assert torch.equal(layer.norm.running_mean, torch.zeros(3)) and int(layer.norm.num_batches_tracked) == 0
+    assert bnlib.nn.ConditionalBatchNorm1d(3, np.int64(5)).num_classes == 5
+
+
+def test_low_precision_input_with_class_tables():
+    layer = _module(3, dtype=torch.float32)
+    x, labels = torch.randn(SHAPES[3]), _labels(SHAPES[3][0])
+    with torch.no_grad():
+        want = layer(x, labels)
+        got = layer(x.to(torch.bfloat16), labels)
+    assert got.dtype == torch.bfloat16
+    assert_close(got.float(), want, dict(rtol=3e-2, atol=3e-2), "bfloat16 with class rows")
+
+
+def test_error_names_the_conditional_layer():
+    with pytest.raises(ValueError, match="ConditionalBatchNorm2d expected input with 3 channels"):
+        bnlib.nn.ConditionalBatchNorm2d(3, NUM_CLASSES)(torch.randn(2, 4, 3, 3), torch.zeros(2, dtype=torch.long))
+
+
+def test_weight_decay_spares_the_class_tables_with_decay_bn_false():
+    from bnlib import training
+
+    model = torch.nn.ModuleDict({"fc": torch.nn.Linear(3, 3), "cbn": bnlib.nn.ConditionalBatchNorm1d(3, 2)})
+    groups = training._parameter_groups(model, 0.1, decay_bn=False)
+    undecayed = {id(p) for p in groups[1]["params"]}
+    assert groups[1]["weight_decay"] == 0.0
+    assert undecayed == {id(model["cbn"].weight), id(model["cbn"].bias)}
+
+
 def test_empty_batch_gives_empty_output_and_keeps_the_estimates():
     layer = bnlib.nn.ConditionalBatchNorm2d(3, NUM_CLASSES)
     y = layer(torch.randn(0, 3, 2, 2), torch.zeros(0, dtype=torch.long))
@@ -270,11 +313,26 @@ def test_empty_batch_gives_empty_output_and_keeps_the_estimates():
     assert torch.equal(layer.norm.running_mean, torch.zeros(3))
 
 
-def test_sync_conversion_reaches_the_inner_batchnorm():
-    model = torch.nn.ModuleDict({"cbn": bnlib.nn.ConditionalBatchNorm2d(3, NUM_CLASSES)})
-    converted = bnlib.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    assert isinstance(converted["cbn"].norm, bnlib.nn.SyncBatchNorm)
-    assert converted["cbn"].weight.shape == (NUM_CLASSES, 3)
+@pytest.mark.parametrize("convert", ["bnlib sync", "torch sync", "frozen"])
+def test_conversions_reach_the_inner_batchnorm_and_forward_still_works(convert):
+    """The swapped inner layer normalizes; the class rows are applied as before."""
+    layer = _module(3, dtype=torch.float32)
+    layer(torch.randn(SHAPES[3]), _labels(SHAPES[3][0]))  # running estimates away from 0 and 1
+    model = torch.nn.ModuleDict({"cbn": layer})
+    x, labels = torch.randn(SHAPES[3]), _labels(SHAPES[3][0], seed=3)
+    with torch.no_grad():
+        want = model.eval()["cbn"](x, labels)
+    converters = {"bnlib sync": bnlib.nn.SyncBatchNorm.convert_sync_batchnorm,
+                  "torch sync": torch.nn.SyncBatchNorm.convert_sync_batchnorm,
+                  "frozen": bnlib.nn.FrozenBatchNorm.convert_frozen_batchnorm}
+    kinds = {"bnlib sync": bnlib.nn.SyncBatchNorm, "torch sync": torch.nn.SyncBatchNorm,
+             "frozen": bnlib.nn.FrozenBatchNorm}
+    converted = converters[convert](model)["cbn"]
+    assert isinstance(converted.norm, kinds[convert]) and converted.weight.shape == (NUM_CLASSES, 3)
+    with torch.no_grad():
+        assert_close(converted.eval()(x, labels), want, OUT_TOL[torch.float32], convert)
+        with pytest.raises(ValueError, match="ConditionalBatchNorm2d expected labels in"):
+            converted(x, labels + NUM_CLASSES)
 
 
 # --------------------------------------------------------------------------
@@ -318,6 +376,19 @@ def test_adain_gives_the_content_the_styles_statistics():
     # each std is sqrt(var + eps): the ratio var_y / var_s is (var_s + eps) / var_s * var_c / (var_c + eps)
     assert_close(y.std((2, 3), unbiased=False), style.std((2, 3), unbiased=False), dict(rtol=1e-5, atol=0),
                  "standard deviations")
+
+
+def test_adain_half_precision_with_a_wide_style():
+    """A style spread of 300 squared overflows float16: the statistics are taken in float32."""
+    g = torch.Generator().manual_seed(8)
+    content = torch.randn(2, 3, 6, 6, generator=g)
+    style = 300 * torch.randn(2, 3, 6, 6, generator=g)
+    want = adaptive_instance_norm(content.double(), style.double())
+    for dtype in (torch.float16, torch.bfloat16):
+        got = adaptive_instance_norm(content.to(dtype), style.to(dtype))
+        assert got.dtype == dtype and torch.isfinite(got).all()
+        assert_close(got.double(), want, dict(rtol=2e-2, atol=0.02 * 300), str(dtype))
+    assert adaptive_instance_norm(content.half(), style).dtype == torch.float16  # the content's dtype
 
 
 @pytest.mark.parametrize("content_shape, style_shape, eps, match", [
@@ -376,6 +447,8 @@ def test_where_the_label_enters(condition):
     assert decoder.training  # generate restores the mode
     assert torch.equal(a, b) == (condition is None)
     assert (decoder.fc1.in_features == 13) == (condition == "input")
+    conditional = [isinstance(n, bnlib.nn.ConditionalBatchNorm1d) for n in (decoder.norm1, decoder.norm2)]
+    assert conditional == [condition == "bn"] * 2  # the label in both BN layers
 
 
 def test_one_class_batches_are_one_batch_per_class():
