@@ -38,6 +38,7 @@ from torch import nn
 
 from bnlib import nn as bnn
 from bnlib.data import Split
+from bnlib.models import modes_kept
 from bnlib.training import minibatches
 
 __all__ = ["CONDITIONS", "Encoder", "Decoder", "CVAEResult", "load_digit_pixels", "negative_elbo",
@@ -162,9 +163,11 @@ def train_cvae(data: Split, condition: str | None, *, latent: int = 8, hidden: i
 
 @torch.no_grad()
 def evaluate_cvae(result: CVAEResult, x: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> tuple[float, float]:
-    """``(reconstruction, kl)`` per image on ``x`` in eval mode, one draw of the noise (``seed``)."""
+    """``(reconstruction, kl)`` per image on ``x`` in eval mode, one draw of the noise (``seed``);
+    the models' modes are restored afterwards."""
     noise = torch.randn(len(x), result.encoder.latent, generator=torch.Generator().manual_seed(seed))
-    reconstruction, kl = negative_elbo(result.encoder, result.decoder, x, labels, noise)
+    with modes_kept(result.encoder), modes_kept(result.decoder):
+        reconstruction, kl = negative_elbo(result.encoder.eval(), result.decoder.eval(), x, labels, noise)
     return float(reconstruction), float(kl)
 
 

@@ -478,3 +478,7 @@ def test_train_cvae_is_reproducible_and_learns():
     assert runs[0].train_reconstruction < start.train_reconstruction
     rec, kl = cvae.evaluate_cvae(runs[0], pixels.x_test, pixels.y_test)
     assert rec > 0 and kl >= 0
+    runs[0].decoder.train()  # evaluated in eval mode all the same, and left in its mode
+    counted = int(runs[0].decoder.norm1.norm.num_batches_tracked)
+    assert cvae.evaluate_cvae(runs[0], pixels.x_test, pixels.y_test) == (rec, kl)
+    assert runs[0].decoder.training and int(runs[0].decoder.norm1.norm.num_batches_tracked) == counted
