@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnlib import nn as bnn
-from bnlib.data import Split
+from bnlib.data import Split, load_digit_pixels  # noqa: F401 (the chapter calls it from here)
 from bnlib.models import modes_kept
 from bnlib.training import minibatches
 
@@ -47,22 +47,6 @@ __all__ = ["CONDITIONS", "Encoder", "Decoder", "CVAEResult", "load_digit_pixels"
 CONDITIONS = ("bn", "input", None)
 NUM_CLASSES = 10
 PIXELS = 64
-
-
-def load_digit_pixels(test_size: float = 0.25, seed: int = 0) -> Split:
-    """scikit-learn's 8x8 digits with pixels scaled to ``[0, 1]`` (the raw 0-16 over 16), not standardized.
-
-    The split is :func:`bnlib.data.load_digits_split`'s (stratified, same ``seed``): the same images.
-    """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    x_tr, x_te, y_tr, y_te = train_test_split(digits.data / 16.0, digits.target, test_size=test_size,
-                                              random_state=seed, stratify=digits.target)
-    as_x = lambda a: torch.as_tensor(a, dtype=torch.float32)  # noqa: E731
-    as_y = lambda a: torch.as_tensor(a, dtype=torch.int64)  # noqa: E731
-    return Split(as_x(x_tr), as_y(y_tr), as_x(x_te), as_y(y_te))
 
 
 class Encoder(nn.Module):

@@ -29,6 +29,7 @@ __all__ = [
     "fit_standardizer",
     "standardize",
     "load_digits_split",
+    "load_digit_pixels",
     "gaussian_blobs",
     "two_spirals_split",
     "blur_images",
@@ -69,6 +70,19 @@ def _standardized_split(x_train, y_train, x_test, y_test, dtype: torch.dtype) ->
     )
 
 
+def _digits_arrays(test_size: float, seed: int):
+    """scikit-learn's 8x8 digits, pixels 0-16, split ``(x_train, x_test, y_train, y_test)``:
+    stratified by class, reproducible (``seed``)."""
+    if not 0 < test_size < 1:
+        raise ValueError(f"test_size must be in (0, 1), got {test_size}")
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    return train_test_split(digits.data, digits.target, test_size=test_size, random_state=seed,
+                            stratify=digits.target)
+
+
 def load_digits_split(
     test_size: float = 0.25, seed: int = 0, dtype: torch.dtype = torch.float32
 ) -> Split:
@@ -79,16 +93,17 @@ def load_digits_split(
     same transform is applied to the test split. Returns a :class:`Split` of
     tensors: ``x_*`` of ``dtype`` and shape ``(n, 64)``, ``y_*`` int64 of shape ``(n,)``.
     """
-    if not 0 < test_size < 1:
-        raise ValueError(f"test_size must be in (0, 1), got {test_size}")
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    x_tr, x_te, y_tr, y_te = train_test_split(
-        digits.data, digits.target, test_size=test_size, random_state=seed, stratify=digits.target
-    )
+    x_tr, x_te, y_tr, y_te = _digits_arrays(test_size, seed)
     return _standardized_split(x_tr, y_tr, x_te, y_te, dtype)
+
+
+def load_digit_pixels(test_size: float = 0.25, seed: int = 0) -> Split:
+    """The same split as :func:`load_digits_split`, with the pixels scaled to ``[0, 1]``
+    (the raw 0-16 over 16) instead of standardized: float32 ``x_*``, int64 ``y_*``."""
+    x_tr, x_te, y_tr, y_te = _digits_arrays(test_size, seed)
+    as_x = lambda a: torch.as_tensor(a / 16.0, dtype=torch.float32)  # noqa: E731
+    as_y = lambda a: torch.as_tensor(a, dtype=torch.int64)  # noqa: E731
+    return Split(as_x(x_tr), as_y(y_tr), as_x(x_te), as_y(y_te))
 
 
 def gaussian_blobs(

@@ -148,3 +148,8 @@ def test_spiral_points_lie_on_their_arms():
 def test_two_spirals_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):
         data.two_spirals_split(**kwargs)
+
+
+def test_digit_pixels_test_size_is_checked():
+    with pytest.raises(ValueError, match="test_size"):
+        data.load_digit_pixels(test_size=0.0)
