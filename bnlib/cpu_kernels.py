@@ -216,6 +216,18 @@ def _register_fakes():
     def _(running_mean, running_var, mean, var, m, momentum):
         return None
 
+    @torch.library.register_fake(lib + "batch_norm_stats")
+    def _(x):
+        return per_channel(x), per_channel(x)
+
+    @torch.library.register_fake(lib + "batch_norm_backward_reduce")
+    def _(dy, x, mean):
+        return per_channel(x), per_channel(x)
+
+    @torch.library.register_fake(lib + "batch_norm_backward_elemt")
+    def _(dy, x, mean, k, a, b):
+        return torch.empty_like(x)
+
 
 def load():
     """Build (if needed) and load the kernels once per process; True when they run here."""

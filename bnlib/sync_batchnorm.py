@@ -10,7 +10,9 @@ transport is ``torch.distributed``.
 Forward, training, a process group of ``P > 1`` ranks (input ``(N_r, C, *S)``
 on rank ``r``, ``m_r = N_r * prod(S)`` values per channel, possibly 0):
 
-1. every rank computes per channel, in two passes (never ``E[x^2] - E[x]^2``),
+1. every rank computes per channel, in two passes of tensor ops, or on CPU
+   in one pass of bnlib's fused loops that sum deviations from a shift near
+   the mean (never ``E[x^2] - E[x]^2``),
 
    .. math::
 
@@ -52,6 +54,16 @@ tensor, makes them global, and the compact formula, with the global ``m``,
          \Bigl(m\,dy - \textstyle\sum dy - \hat{x} \sum dy\,\hat{x}\Bigr),
 
 gives each rank the matching slice of the whole-batch ``dx``.
+
+On CPU (float32, float64, and half inputs computed in float32) the passes
+over ``x`` are those of :func:`bnlib.functional.batch_norm`'s C++ loops,
+split where the collectives must come between them (as torch's own
+SyncBatchNorm splits its CUDA kernels): ``batch_norm_stats``, then the
+eval-mode kernel with the global ``mu`` and ``var``; ``batch_norm_backward_reduce``,
+then ``batch_norm_backward_elemt``. So a rank reads ``x`` twice and writes
+``y`` forward, and reads ``x`` and ``dy`` twice and writes ``dx`` backward,
+as a local BN does; elsewhere (CUDA, or ``set_cpu_backend("tensor_ops")``)
+the same formulas run as tensor ops.
 ``dgamma = sum(dy * x_hat)`` and ``dbeta = sum(dy)`` stay local: each rank
 returns its own contribution and the sum over ranks is the whole-batch
 gradient (``DistributedDataParallel`` all-reduces parameter gradients
@@ -98,7 +110,7 @@ import torch.distributed as dist
 
 from bnlib import batchnorm as bnn
 from bnlib._checks import InputError, check_batch_size, check_floating_dtype, check_num_channels, values_per_channel
-from bnlib.functional import _compute_dtype, _per_channel, _stat_dims
+from bnlib.functional import _compute_dtype, _cpu_kernels, _dense, _dense_like, _per_channel, _per_channel_arg, _stat_dims
 # The running-estimate update of every bnlib module, under this module's old name.
 from bnlib.functional import update_running_estimates as update_running_stats
 
@@ -110,8 +122,10 @@ def local_stats(x):
     """Per-channel ``(n, mu, M2)`` of ``x`` of shape ``(N, C, *S)``: three ``(C,)`` tensors.
 
     ``n`` is the number of values per channel, ``mu`` their mean and ``M2``
-    the sum of squared deviations from ``mu`` (two passes). An empty ``x``
-    gives zeros. Dtype: ``x``'s (callers pass float32 for half inputs).
+    the sum of squared deviations from ``mu``: two passes of tensor ops, or
+    on CPU one pass of bnlib's fused loops (``bnlib.cpu_kernels``), which
+    sum deviations from a shift near the mean. An empty ``x`` gives zeros.
+    Dtype: ``x``'s (callers pass float32 for half inputs).
     """
     num_channels = x.shape[1]
     m = values_per_channel(x.shape)
@@ -119,6 +133,10 @@ def local_stats(x):
     if m == 0:
         zeros = torch.zeros(num_channels, dtype=x.dtype, device=x.device)
         return count, zeros, zeros
+    kernels = _cpu_kernels(x)
+    if kernels is not None:  # one pass of bnlib's CPU loops (stable: shifted sums, Chan's merge)
+        mu, m2 = kernels.batch_norm_stats(_dense(x))
+        return count, mu, m2
     dims = _stat_dims(x.dim())
     mu = x.mean(dims)
     deviations = x - _per_channel(mu, x.dim())
@@ -204,6 +222,9 @@ class SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, eps, process_group):
         x = input.to(_compute_dtype(input.dtype))
+        kernels = _cpu_kernels(x)
+        if kernels is not None:
+            x = _dense(x)
         world_size = dist.get_world_size(process_group)
 
         # Collective 1: every rank's (n_r, mu_r, M2_r), a (3, C) tensor.
@@ -214,11 +235,17 @@ class SyncBatchNormFunction(torch.autograd.Function):
         _check_global_count(input, count, world_size)
 
         var = m2 / count
-        invstd = torch.rsqrt(var + eps)
-        x_centered = x - _per_channel(mu, x.dim())
-        scale = invstd if weight is None else invstd * weight.to(x.dtype)
-        shift = torch.zeros_like(scale) if bias is None else bias.to(x.dtype)
-        y = torch.addcmul(_per_channel(shift, x.dim()).expand_as(x), x_centered, _per_channel(scale, x.dim()))
+        if kernels is not None:
+            # With the global mu and var in hand, the normalization is the
+            # eval-mode kernel's one pass: (x - mu) * gamma * invstd + beta.
+            y, invstd = kernels.batch_norm_eval(x, _per_channel_arg(weight, x), _per_channel_arg(bias, x),
+                                                mu, var, eps)
+        else:
+            invstd = torch.rsqrt(var + eps)
+            x_centered = x - _per_channel(mu, x.dim())
+            scale = invstd if weight is None else invstd * weight.to(x.dtype)
+            shift = torch.zeros_like(scale) if bias is None else bias.to(x.dtype)
+            y = torch.addcmul(_per_channel(shift, x.dim()).expand_as(x), x_centered, _per_channel(scale, x.dim()))
 
         # The input and (C,) statistics, not x_centered: the input is alive
         # anyway, and the backward recomputes x - mu as it reads x (as
@@ -245,15 +272,23 @@ class SyncBatchNormFunction(torch.autograd.Function):
         """
         input, mu, invstd, weight, count = ctx.saved_tensors
         ndim = input.dim()
-        x_centered = input.to(invstd.dtype) - _per_channel(mu, ndim)
-        dims = _stat_dims(ndim)
-        dy32 = dy.to(x_centered.dtype)
-        sum_dy = dy32.sum(dims)
-        if values_per_channel(x_centered.shape) == 0:
-            # An empty slice contributes exactly 0, even where invstd is NaN (every slice empty).
-            sum_dy_x_hat = torch.zeros_like(sum_dy)
+        x = input.to(invstd.dtype)
+        dy32 = dy.to(invstd.dtype)
+        kernels = _cpu_kernels(x)
+        if kernels is not None:  # the same two sums in one pass of bnlib's CPU loops
+            x = _dense(x)
+            dy32 = _dense_like(dy32, x)
+            sum_dy, sum_dy_x_centered = kernels.batch_norm_backward_reduce(dy32, x, mu)
+            sum_dy_x_hat = sum_dy_x_centered * invstd
         else:
-            sum_dy_x_hat = torch.mul(dy32, x_centered).sum(dims) * invstd
+            x_centered = x - _per_channel(mu, ndim)
+            dims = _stat_dims(ndim)
+            sum_dy = dy32.sum(dims)
+            if values_per_channel(x_centered.shape) == 0:
+                # An empty slice contributes exactly 0, even where invstd is NaN (every slice empty).
+                sum_dy_x_hat = torch.zeros_like(sum_dy)
+            else:
+                sum_dy_x_hat = torch.mul(dy32, x_centered).sum(dims) * invstd
 
         grad_input = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
@@ -263,8 +298,14 @@ class SyncBatchNormFunction(torch.autograd.Function):
             dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=ctx.process_group)
             total_dy, total_dy_x_hat = sums.unbind(0)
             k = invstd if weight is None else invstd * weight.to(invstd.dtype)
-            dx = dy32 * _per_channel(k, ndim) - _per_channel(k * total_dy / count, ndim)
-            dx -= x_centered * _per_channel(k * invstd * total_dy_x_hat / count, ndim)
+            # dx = k * dy + a * (x - mu) + b, per channel
+            a = -k * invstd * total_dy_x_hat / count
+            b = -k * total_dy / count
+            if kernels is not None:
+                dx = kernels.batch_norm_backward_elemt(dy32, x, mu, k.contiguous(), a, b)
+            else:
+                dx = dy32 * _per_channel(k, ndim) + _per_channel(b, ndim)
+                dx += x_centered * _per_channel(a, ndim)
             grad_input = dx.to(dy.dtype)
         if weight is not None and ctx.needs_input_grad[1]:
             grad_weight = sum_dy_x_hat.to(weight.dtype)

@@ -112,6 +112,49 @@ def test_gradcheck_through_the_kernels():
         assert torch.autograd.gradcheck(lambda t: BF.batch_norm(t, None, None, None, None, True), (xr,))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_split_ops_of_synchronized_batch_norm(layout, dtype):
+    """The three pieces SyncBatchNorm calls between its collectives, against
+    their formulas in float64: batch_norm_stats -> (mean, M2), and
+    batch_norm_backward_reduce -> (sum dy, sum dy (x - mean)), and
+    batch_norm_backward_elemt -> k dy + a (x - mean) + b, in x's layout."""
+    x = BF._dense(LAYOUTS[layout]().to(dtype))
+    dy = BF._dense_like(random_input(x.shape, dtype, seed=11, spread=False), x)
+    dims = [0] + list(range(2, x.dim()))
+    ops, x64, dy64 = cpu_kernels.ops(), x.double(), dy.double()
+    per_channel = [1, -1] + [1] * (x.dim() - 2)
+
+    mean, m2 = ops.batch_norm_stats(x)
+    true_mean = x64.mean(dims)
+    torch.testing.assert_close(mean.double(), true_mean, **TOL[dtype])
+    torch.testing.assert_close(m2.double(), ((x64 - true_mean.view(per_channel)) ** 2).sum(dims), **TOL[dtype])
+
+    sum_dy, sum_dy_xc = ops.batch_norm_backward_reduce(dy, x, mean)
+    centered = x64 - mean.double().view(per_channel)
+    torch.testing.assert_close(sum_dy.double(), dy64.sum(dims), **TOL[dtype])
+    torch.testing.assert_close(sum_dy_xc.double(), (dy64 * centered).sum(dims), **TOL[dtype])
+
+    k, a, b = (random_input((x.shape[1],), dtype, seed=s) for s in (12, 13, 14))
+    dx = ops.batch_norm_backward_elemt(dy, x, mean, k, a, b)
+    truth = dy64 * k.double().view(per_channel) + centered * a.double().view(per_channel) + b.double().view(per_channel)
+    torch.testing.assert_close(dx.double(), truth, **TOL[dtype])
+    assert dx.stride() == x.stride()
+
+
+def test_split_ops_check_their_arguments():
+    ops, x = cpu_kernels.ops(), torch.randn(4, 3, 5)
+    with pytest.raises(RuntimeError, match="empty input"):
+        ops.batch_norm_stats(x[:0])
+    with pytest.raises(RuntimeError, match="dy must have x's shape"):
+        ops.batch_norm_backward_reduce(torch.randn(4, 3, 4), x, torch.zeros(3))
+    with pytest.raises(RuntimeError, match="mean must be a contiguous"):
+        ops.batch_norm_backward_reduce(torch.randn(4, 3, 5), x, torch.zeros(4))
+    with pytest.raises(RuntimeError, match="k must be a contiguous"):
+        ops.batch_norm_backward_elemt(x, x, torch.zeros(3), torch.zeros(3, dtype=torch.float64), torch.zeros(3),
+                                      torch.zeros(3))
+
+
 @pytest.mark.parametrize("shape", [(100_000, 2), (40, 2, 50, 50)], ids=["rows", "planes"])
 def test_float32_mean_1e4_variance_is_stable(shape):
     """The contract: float32 input, mean 1e4, std 1, variance within 1e-3 of float64."""

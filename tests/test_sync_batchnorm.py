@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import bnlib.functional as BF
 import bnlib.nn
 from bnlib.distributed_demo import launch
 from bnlib.sync_batchnorm import SyncBatchNormFunction, local_stats, merge_stats, sync_cost
@@ -65,7 +66,19 @@ CASES = [
     ("5d-three", 3, [1, 2, 1], (3, 2, 2, 3), torch.float64, dict(momentum=None, affine=False), 2),
     ("3d-not-tracked", 2, [3, 2], (4, 6), torch.float64, dict(track_running_stats=False), 2),
     ("4d-float32", 3, [4, 4, 4], (3, 5, 5), torch.float32, dict(), 2),
+    ("4d-channels-last", 2, [3, 4], (3, 4, 5), torch.float32, dict(), 2),
 ]
+
+# Every multi-process case runs on each CPU path of bnlib (the fused C++
+# loops and the tensor ops), in the same processes.
+CPU_PATHS = ["kernels", "tensor_ops"]
+
+
+def cpu_paths_here():
+    """The CPU paths this machine can run (the kernels need a C++ compiler)."""
+    from bnlib import cpu_kernels
+
+    return CPU_PATHS if cpu_kernels.is_available() else CPU_PATHS[1:]
 
 
 def case_data(case):
@@ -98,8 +111,9 @@ def _run_case(rank, case, group):
     module = bnlib.nn.SyncBatchNorm(tail[0], dtype=dtype, process_group=group, **cfg)
     set_affine(module, *random_affine(tail[0], dtype))
     steps = []
+    layout = torch.channels_last if "channels-last" in name else torch.contiguous_format
     for x_all, dy_all in case_data(case):
-        x = x_all[rows_of(sizes, rank)].clone().requires_grad_(True)
+        x = x_all[rows_of(sizes, rank)].contiguous(memory_format=layout).requires_grad_(True)
         y = module(x)
         y.backward(dy_all[rows_of(sizes, rank)])
         steps.append(dict(y=y.detach(), dx=x.grad, grads=_grads(module), buffers=_buffers(module)))
@@ -234,12 +248,13 @@ def _ddp_local_bn(rank, group01):
 def worker(rank, world_size):
     group01 = dist.new_group([0, 1])  # every rank must call new_group
     groups = {2: group01, 3: None}
-    results = {"cases": {}}
-    for case in CASES:
-        members = case[1]
-        if rank < members:
-            results["cases"][case[0]] = _run_case(rank, case, groups[members])
-    results["large_mean"] = _float32_large_mean(rank, None)
+    results = {"cases": {}, "large_mean": {}}
+    for path in cpu_paths_here():
+        previous = BF.set_cpu_backend(path)
+        results["cases"][path] = {case[0]: _run_case(rank, case, groups[case[1]])
+                                  for case in CASES if rank < case[1]}
+        results["large_mean"][path] = _float32_large_mean(rank, None)
+        BF.set_cpu_backend(previous)
     results["bad"] = _bad_input(rank, group01)
     if rank < 2:
         results["nan"] = _nan_channel(rank, group01)
@@ -282,17 +297,29 @@ def _torch_reference(case):
     return steps, y_eval
 
 
+def _path_results(ranks, path):
+    """Every rank's case results on CPU path ``path`` (skips where it cannot run)."""
+    if path not in ranks[0]["cases"]:
+        pytest.skip(f"bnlib's {path} path does not run here")
+    return [r["cases"][path] for r in ranks]
+
+
+@pytest.mark.parametrize("path", CPU_PATHS)
 @pytest.mark.parametrize("case", [pytest.param(c, id=c[0], marks=[needs_torch_bias] if "bias" in c[5] else [])
                                   for c in CASES])
-def test_slices_equal_whole_batch(ranks, case):
+def test_slices_equal_whole_batch(ranks, case, path):
     name, members, sizes, _, dtype, _, _ = case
+    results = _path_results(ranks, path)
     ref_steps, ref_eval = _torch_reference(case)
     for step, ref in enumerate(ref_steps):
-        what = f"{name} step {step}"
+        what = f"{name} step {step} ({path})"
         for rank in range(members):
-            got = ranks[rank]["cases"][name]["steps"][step]
+            got = results[rank][name]["steps"][step]
             rows = rows_of(sizes, rank)
             assert got["y"].dtype == ref["y"].dtype and got["y"].shape == ref["y"][rows].shape
+            if "channels-last" in name:  # the output and dx keep the input's memory layout
+                assert got["y"].is_contiguous(memory_format=torch.channels_last), what
+                assert got["dx"].is_contiguous(memory_format=torch.channels_last), what
             assert_close(got["y"], ref["y"][rows], OUT_TOL[dtype], f"{what} rank {rank}: output")
             assert_close(got["dx"], ref["dx"][rows], GRAD_TOL[dtype], f"{what} rank {rank}: input grad")
             for key, value in ref["buffers"].items():
@@ -302,23 +329,25 @@ def test_slices_equal_whole_batch(ranks, case):
                     assert_close(got["buffers"][key], value, STAT_TOL[dtype], f"{what} rank {rank}: {key}")
             assert set(got["buffers"]) == set(ref["buffers"])
         for key, value in ref["grads"].items():
-            total = sum(ranks[r]["cases"][name]["steps"][step]["grads"][key] for r in range(members))
+            total = sum(results[r][name]["steps"][step]["grads"][key] for r in range(members))
             assert_close(total, value, GRAD_TOL[dtype], f"{what}: {key}.grad summed over ranks")
     for rank in range(members):
-        got = ranks[rank]["cases"][name]["y_eval"]
+        got = results[rank][name]["y_eval"]
         assert_close(got, ref_eval[rows_of(sizes, rank)], OUT_TOL[dtype], f"{name} rank {rank}: eval output")
 
 
-def test_float32_large_mean_is_stable(ranks):
+@pytest.mark.parametrize("path", CPU_PATHS)
+def test_float32_large_mean_is_stable(ranks, path):
     """float32, mean 1e4, std 1: the merged unbiased variance within 1e-3 of float64's."""
-    x_all = ranks[0]["large_mean"]["x_all"]
+    _path_results(ranks, path)
+    x_all = ranks[0]["large_mean"][path]["x_all"]
     truth = x_all.transpose(0, 1).reshape(4, -1).var(dim=1, unbiased=True)
     for rank in range(WORLD):
-        got = ranks[rank]["large_mean"]["running_var"].double()
+        got = ranks[rank]["large_mean"][path]["running_var"].double()
         rel = float(((got - truth).abs() / truth).max())
-        assert rel < 1e-3, f"rank {rank}: relative error of the variance {rel:.2e}"
-        assert_close(ranks[rank]["large_mean"]["running_mean"].double(), x_all.mean(dim=(0, 2)),
-                     dict(rtol=1e-6, atol=0), f"rank {rank}: mean")
+        assert rel < 1e-3, f"rank {rank} ({path}): relative error of the variance {rel:.2e}"
+        assert_close(ranks[rank]["large_mean"][path]["running_mean"].double(), x_all.mean(dim=(0, 2)),
+                     dict(rtol=1e-6, atol=0), f"rank {rank} ({path}): mean")
 
 
 def test_global_one_value_per_channel_raises_on_every_rank(ranks):
@@ -633,6 +662,7 @@ def test_one_rank_group_is_plain_batchnorm_without_communication(one_process_gro
     assert_close(ours.running_var, ref.running_var, STAT_TOL[torch.float64], "running_var")
 
 
+@pytest.mark.usefixtures("each_cpu_path")
 def test_sync_function_gradcheck_on_one_rank(one_process_group):
     """The hand-written backward against float64 finite differences, the
     collectives run (a group of one), so every line of both passes runs."""
@@ -649,6 +679,7 @@ def test_sync_function_gradcheck_on_one_rank(one_process_group):
     assert_close(y, F.batch_norm(x, None, None, w, b, training=True), OUT_TOL[torch.float64], "output")
 
 
+@pytest.mark.usefixtures("each_cpu_path")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_sync_function_saves_no_new_activation(one_process_group, dtype):
     """What the forward keeps for the backward: the input itself (alive anyway)

@@ -369,6 +369,16 @@ void check_per_channel(const c10::optional<at::Tensor>& t, const at::Tensor& x, 
               "bnlib batch norm: ", name, " must be a contiguous (C,) tensor of the input's dtype");
 }
 
+// dy must match x in shape, dtype and memory layout.
+void check_dy(const at::Tensor& dy, const at::Tensor& x, const Layout& L) {
+  TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(),
+              "bnlib batch norm backward: dy must have x's shape and dtype");
+  const Layout Ldy = layout_of(dy);
+  TORCH_CHECK(Ldy.rows == L.rows && Ldy.planes == L.planes && Ldy.inner == L.inner,
+              "bnlib batch norm backward: dy must be laid out in memory as x is (both contiguous or both "
+              "channels-last)");
+}
+
 // running = (1 - momentum) * running + momentum * batch, per channel, with the
 // unbiased variance var * m / (m - 1); channels whose statistics are not finite
 // keep their running values (the contract's NaN rule).
@@ -454,12 +464,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
     const c10::optional<at::Tensor>& weight, bool input_grad) {
   const Layout L = layout_of(x);
-  TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(),
-              "bnlib batch norm backward: dy must have x's shape and dtype");
-  const Layout Ldy = layout_of(dy);
-  TORCH_CHECK(Ldy.rows == L.rows && Ldy.planes == L.planes && Ldy.inner == L.inner,
-              "bnlib batch norm backward: dy must be laid out in memory as x is (both contiguous or both "
-              "channels-last)");
+  check_dy(dy, x, L);
   check_per_channel(weight, x, "weight");
   const int64_t C = L.channels;
   const double m = static_cast<double>(x.numel() / C);
@@ -525,6 +530,77 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_eval(const at::Tensor& x, const c1
   return {y, invstd};
 }
 
+// The pieces of a training step, for synchronized batch norm
+// (bnlib.sync_batchnorm), whose statistics and backward sums must cross
+// processes between the passes; the same loops as above, in the order
+//   batch_norm_stats -> (collective) -> batch_norm_eval with the global mean, var
+//   batch_norm_backward_reduce -> (collective) -> batch_norm_backward_elemt.
+
+// Per-channel mean and M2 = sum((x - mean)^2) of x (one pass, as in the forward).
+std::tuple<at::Tensor, at::Tensor> batch_norm_stats(const at::Tensor& x) {
+  const Layout L = layout_of(x);
+  TORCH_CHECK(x.numel() > 0, "bnlib batch norm: empty input");
+  const int64_t C = L.channels;
+  at::Tensor mean = at::empty({C}, x.options());
+  at::Tensor m2 = at::empty({C}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bnlib_batch_norm_stats", [&] {
+    std::vector<double> mu(C), M2(C);
+    if (L.rows > 0) {
+      row_stats(x.data_ptr<scalar_t>(), L, mu.data(), M2.data());
+    } else {
+      plane_stats(x.data_ptr<scalar_t>(), L, mu.data(), M2.data());
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      mean.data_ptr<scalar_t>()[c] = static_cast<scalar_t>(mu[c]);
+      m2.data_ptr<scalar_t>()[c] = static_cast<scalar_t>(M2[c]);
+    }
+  });
+  return {mean, m2};
+}
+
+// The backward's two per-channel sums, sum(dy) and sum(dy * (x - mean)).
+std::tuple<at::Tensor, at::Tensor> batch_norm_backward_reduce(const at::Tensor& dy, const at::Tensor& x,
+                                                              const at::Tensor& mean) {
+  const Layout L = layout_of(x);
+  check_dy(dy, x, L);
+  check_per_channel(mean, x, "mean");
+  const int64_t C = L.channels;
+  at::Tensor sum_dy = at::empty({C}, x.options());
+  at::Tensor sum_dy_xc = at::empty({C}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bnlib_batch_norm_backward_reduce", [&] {
+    std::vector<double> a(C, 0.0), b(C, 0.0);
+    if (x.numel() > 0) {
+      backward_sums(x.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(), L, mean.data_ptr<scalar_t>(), a.data(),
+                    b.data());
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      sum_dy.data_ptr<scalar_t>()[c] = static_cast<scalar_t>(a[c]);
+      sum_dy_xc.data_ptr<scalar_t>()[c] = static_cast<scalar_t>(b[c]);
+    }
+  });
+  return {sum_dy, sum_dy_xc};
+}
+
+// dx = k * dy + a * (x - mean) + b, per channel: the backward's one
+// elementwise pass, with coefficients from the (global) sums.
+at::Tensor batch_norm_backward_elemt(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
+                                     const at::Tensor& k, const at::Tensor& a, const at::Tensor& b) {
+  const Layout L = layout_of(x);
+  check_dy(dy, x, L);
+  check_per_channel(mean, x, "mean");
+  check_per_channel(k, x, "k");
+  check_per_channel(a, x, "a");
+  check_per_channel(b, x, "b");
+  at::Tensor dx = at::empty_like(x);
+  if (x.numel() == 0) return dx;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bnlib_batch_norm_backward_elemt", [&] {
+    channel_affine<scalar_t>(x.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), L,
+                             mean.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(),
+                             k.data_ptr<scalar_t>());
+  });
+  return dx;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(bnlib_cpu, m) {
@@ -540,6 +616,9 @@ TORCH_LIBRARY(bnlib_cpu, m) {
   m.def(
       "update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var, int m,"
       " float momentum) -> ()");
+  m.def("batch_norm_stats(Tensor x) -> (Tensor, Tensor)");
+  m.def("batch_norm_backward_reduce(Tensor dy, Tensor x, Tensor mean) -> (Tensor, Tensor)");
+  m.def("batch_norm_backward_elemt(Tensor dy, Tensor x, Tensor mean, Tensor k, Tensor a, Tensor b) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(bnlib_cpu, CPU, m) {
@@ -547,4 +626,7 @@ TORCH_LIBRARY_IMPL(bnlib_cpu, CPU, m) {
   m.impl("batch_norm_backward", &batch_norm_backward);
   m.impl("batch_norm_eval", &batch_norm_eval);
   m.impl("update_running_stats", &update_running_stats);
+  m.impl("batch_norm_stats", &batch_norm_stats);
+  m.impl("batch_norm_backward_reduce", &batch_norm_backward_reduce);
+  m.impl("batch_norm_backward_elemt", &batch_norm_backward_elemt);
 }
