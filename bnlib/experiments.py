@@ -51,6 +51,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from bnlib import models, recorders, training
@@ -209,6 +210,39 @@ class UnitPercentiles:
     @property
     def values(self) -> np.ndarray:
         return np.array(self._values).reshape(len(self._values), len(self.q))
+
+
+class WeightRows:
+    r"""Training callback: the rows of the hidden layers' weight matrices, one row per unit.
+
+    At every call, the mean over the units of every hidden layer
+    (:func:`bnlib.models.get_layers` ``(model, "fc")``) of the row norm
+    :math:`\|w_j\|` goes into ``self.norms``, with ``self.steps``; from the
+    second call on, the mean angle (radians) between each row and the same
+    row at the previous call,
+    :math:`\arccos\bigl(w_j \cdot w_j' / (\|w_j\|\,\|w_j'\|)\bigr)`,
+    goes into ``self.angles``. When BN follows a layer, the loss depends only
+    on the direction of each row (BN's scale invariance), so the angle is
+    what a step changes, and the norm sets how far a gradient step turns it:
+    about :math:`\eta \|g\| / \|w\|` with :math:`\|g\| \propto 1/\|w\|`.
+    """
+
+    def __init__(self):
+        self.steps: list[int] = []
+        self.norms: list[float] = []
+        self.angles: list[float] = []
+        self._previous: list[torch.Tensor] | None = None
+
+    def __call__(self, step: int, model: nn.Module) -> None:
+        rows = [layer.weight.detach().double().clone() for layer in models.get_layers(model, "fc")]
+        if not rows:
+            raise ValueError("WeightRows needs a network with hidden layers fc1, fc2, ... (bnlib.models.make_mlp)")
+        self.steps.append(step)
+        self.norms.append(float(torch.cat([w.norm(dim=1) for w in rows]).mean()))
+        if self._previous is not None:
+            cosines = torch.cat([F.cosine_similarity(w, w_old, dim=1) for w, w_old in zip(rows, self._previous)])
+            self.angles.append(float(torch.arccos(cosines.clamp(-1.0, 1.0)).mean()))
+        self._previous = rows
 
 
 # --------------------------------------------------------------------------

@@ -137,6 +137,53 @@ def test_eval_curve_records_every_k_steps_from_step_0():
 # --------------------------------------------------------------------------
 
 
+def test_weight_rows_norms_and_angles_on_known_changes():
+    """Scaling the rows changes their norm, not their angle; turning every
+    row by a known angle in a plane gives that angle."""
+    model = models.make_mlp(6, 5, 3, depth=2, activation="relu", norm="bn", seed=0)
+    rows = ex.WeightRows()
+    fc = models.get_layers(model, "fc")
+    truth = float(torch.cat([layer.weight.detach().double().norm(dim=1) for layer in fc]).mean())
+    rows(0, model)
+    with torch.no_grad():
+        for layer in fc:
+            layer.weight.mul_(3.0)
+    rows(1, model)
+    theta = 0.3
+    with torch.no_grad():
+        for layer in fc:
+            w = layer.weight.double()
+            # a unit vector orthogonal to each row: w * cos + u * |w| sin turns it by theta
+            u = torch.randn_like(w)
+            u -= (u * w).sum(1, keepdim=True) / (w * w).sum(1, keepdim=True) * w
+            u /= u.norm(dim=1, keepdim=True)
+            layer.weight.copy_(w * math.cos(theta) + u * w.norm(dim=1, keepdim=True) * math.sin(theta))
+    rows(2, model)
+    assert rows.steps == [0, 1, 2]
+    assert rows.norms[0] == pytest.approx(truth, rel=1e-12)
+    assert rows.norms[1] == pytest.approx(3 * truth, rel=1e-6)
+    assert rows.norms[2] == pytest.approx(3 * truth, rel=1e-6)
+    assert rows.angles[0] == pytest.approx(0.0, abs=1e-3)  # arccos near 1 loses digits
+    assert rows.angles[1] == pytest.approx(theta, rel=1e-5)
+
+
+def test_weight_rows_grow_only_by_the_second_order_term_with_bn():
+    """With BN after every hidden layer, plain SGD grows each row's squared
+    norm by eta^2 |g|^2 (the gradient is orthogonal to the row), so the
+    recorded norms never fall; without BN nothing forces that."""
+    digits = data.load_digits_split()
+    rows = ex.train_run(digits, norm="bn", steps=20, lr=0.5, seed=0,
+                        callbacks={"rows": ex.WeightRows()}).extras["rows"]
+    assert len(rows.norms) == 21 and len(rows.angles) == 20
+    assert all(b >= a - 1e-9 for a, b in zip(rows.norms, rows.norms[1:]))
+    assert all(angle > 0 for angle in rows.angles)
+
+
+def test_weight_rows_needs_hidden_layers():
+    with pytest.raises(ValueError, match="hidden layers fc1"):
+        ex.WeightRows()(0, torch.nn.Linear(3, 2))
+
+
 def test_add_dropout_inserts_after_activations_and_is_identity_in_eval():
     model = models.make_mlp(6, 8, 3, depth=2, activation="relu", norm="bn", seed=0)
     dropped = ex.add_dropout(model, 0.5)
