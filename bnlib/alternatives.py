@@ -950,8 +950,12 @@ class _BatchRenorm(_NormBase):
         check_batch_size(input.shape, str(input.size()))
         r_max, d_max = self.current_limits()  # may raise: still before any state changes
         factor = self._count_batch()
-        y, r, d = _batch_renorm_train(input, self.running_mean, self.running_var, self.weight, self.bias,
-                                      factor, self.eps, r_max, d_max)
+        try:
+            y, r, d = _batch_renorm_train(input, self.running_mean, self.running_var, self.weight, self.bias,
+                                          factor, self.eps, r_max, d_max)
+        except Exception:
+            self._uncount_batch()  # the estimates are unchanged; so must the count be
+            raise
         self.last_r, self.last_d = r, d
         return y
 

@@ -159,6 +159,12 @@ class _NormBase(nn.Module):
                 factor = 1.0 / float(self.num_batches_tracked)
         return factor
 
+    def _uncount_batch(self):
+        """Take back :meth:`_count_batch`'s count, for a call that failed after it:
+        the contract leaves ``num_batches_tracked`` as it was on every error."""
+        if self.num_batches_tracked is not None:
+            self.num_batches_tracked.sub_(1)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         # Checkpoints older than version 2 have no num_batches_tracked: keep
@@ -180,22 +186,31 @@ class _BatchNorm(_NormBase):
         # Every check comes before any state changes (num_batches_tracked included).
         self._check_input(input)
         factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats:
+        counted = self.training and self.track_running_stats
+        if counted:
             factor = self._count_batch()
         # Batch statistics in training mode, and in eval mode when no running
         # estimates are kept.
         use_batch_stats = self.training or self.running_mean is None
         keep = not self.training or self.track_running_stats
-        return bnF.batch_norm(
-            input,
-            self.running_mean if keep else None,
-            self.running_var if keep else None,
-            self.weight,
-            self.bias,
-            use_batch_stats,
-            factor,
-            self.eps,
-        )
+        try:
+            return bnF.batch_norm(
+                input,
+                self.running_mean if keep else None,
+                self.running_var if keep else None,
+                self.weight,
+                self.bias,
+                use_batch_stats,
+                factor,
+                self.eps,
+            )
+        except Exception:
+            # What batch_norm rejects (a weight of the wrong size, an input on
+            # another device) fails before the running estimates change: so
+            # must the count.
+            if counted:
+                self._uncount_batch()
+            raise
 
 
 # torch's base class of its batch norms, a second base of ours: why, in the

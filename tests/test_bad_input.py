@@ -416,3 +416,32 @@ def test_bad_input_is_caught_as_torch_code_catches_it():
         with pytest.raises(RuntimeError) as caught:
             ours(x)
         assert isinstance(caught.value, ValueError) and isinstance(caught.value, bnlib.nn.InputError)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("make", [lambda m: bnlib.nn.BatchNorm1d(3, momentum=m),
+                                  lambda m: bnlib.nn.BatchRenorm1d(3, momentum=m)],
+                         ids=["BatchNorm1d", "BatchRenorm1d"])
+@pytest.mark.parametrize("failure", ["weight of 4", "input on meta"])
+def test_a_call_failing_after_the_checks_counts_no_batch(make, momentum, failure):
+    """Errors that only the computation finds (a weight replaced by one of the
+    wrong size, an input on another device than the buffers) leave
+    num_batches_tracked as it was, as the other errors do; so with
+    momentum=None the next good batch still gets the cumulative factor 1."""
+    module = make(momentum)
+    x = random_input((8, 3), torch.float32, seed=1)
+    module(x)
+    before = buffers_snapshot(module)
+    if failure == "weight of 4":
+        original = module.weight
+        module.weight = torch.nn.Parameter(torch.ones(4))
+        bad = x
+    else:
+        bad = torch.randn(8, 3, device="meta")
+    with pytest.raises((ValueError, RuntimeError, NotImplementedError)):
+        module(bad)
+    assert_buffers_exactly(module, before)
+    if failure == "weight of 4":
+        module.weight = original
+    module(x)
+    assert int(module.num_batches_tracked) == 2
