@@ -202,3 +202,18 @@ def test_backward_is_hand_written(shape, use_stats):
                 "the input's gradient flows around the custom Function (autograd replaying the forward): "
                 + str([type(m).__name__ for m in outside])
             )
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape, fmt", [((2, 3, 4, 5), torch.channels_last),
+                                        ((2, 3, 2, 4, 5), torch.channels_last_3d)], ids=["4d", "5d"])
+def test_input_gradient_keeps_the_channels_last_layout(shape, fmt, training):
+    """A channels-last input gets a channels-last dx even from a contiguous
+    dy, in both modes, as from torch's native op."""
+    x = torch.randn(shape).contiguous(memory_format=fmt).requires_grad_()
+    rm, rv = torch.zeros(3), torch.ones(3)
+    dy = torch.randn(shape)
+    for op in (BF.batch_norm, torch.nn.functional.batch_norm):
+        y = op(x, rm.clone(), rv.clone(), torch.ones(3), torch.zeros(3), training)
+        (dx,) = torch.autograd.grad(y, x, dy)
+        assert dx.is_contiguous(memory_format=fmt), (op, dx.stride())

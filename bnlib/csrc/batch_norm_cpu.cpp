@@ -379,6 +379,15 @@ void check_dy(const at::Tensor& dy, const at::Tensor& x, const Layout& L) {
               "channels-last)");
 }
 
+// start + w * (end - start), in double, as torch.lerp (what the tensor-op path
+// calls) spells it: from the end when w >= 1/2, so that w = 1 gives end
+// exactly. (start + w * (end - start) at w = 1 returns start + (end - start),
+// which loses a small end against a large start: a batch variance of 1e-8
+// against the initial running variance of 1 came back as 0.)
+inline double lerp(double start, double end, double w) {
+  return w < 0.5 ? start + w * (end - start) : end - (end - start) * (1.0 - w);
+}
+
 // running = (1 - momentum) * running + momentum * batch, per channel, with the
 // unbiased variance var * m / (m - 1); channels whose statistics are not finite
 // keep their running values (the contract's NaN rule).
@@ -398,8 +407,8 @@ void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var, con
     for (int64_t c = 0; c < C; ++c) {
       const scalar_t unbiased = static_cast<scalar_t>(v[c] * correction);
       if (!std::isfinite(unbiased)) continue;
-      rm[c] = static_cast<scalar_t>(rm[c] + momentum * (mu[c] - rm[c]));
-      rv[c] = static_cast<scalar_t>(rv[c] + momentum * (unbiased - rv[c]));
+      rm[c] = static_cast<scalar_t>(lerp(rm[c], mu[c], momentum));
+      rv[c] = static_cast<scalar_t>(lerp(rv[c], unbiased, momentum));
     }
   });
   // An in-place change autograd must see, as torch's in-place ops do: a graph
