@@ -26,7 +26,7 @@ batch norm of zero-padded sequences over their real tokens only.
 
 Every normalization is written as a ``torch.autograd.Function`` whose
 backward is batch norm's compact formula applied to the right groups of values
-(:func:`_rows_backward`), not autograd replaying the forward. float16 and
+(``_rows_backward``), not autograd replaying the forward. float16 and
 bfloat16 inputs are computed in float32 and returned in their own dtype.
 
 The modules with running statistics derive from ``bnlib.batchnorm._NormBase``,
@@ -835,7 +835,7 @@ def batch_renorm(input, running_mean, running_var, weight=None, bias=None, train
     """Batch renormalization; ``torch.nn.functional.batch_norm``'s arguments plus ``r_max``, ``d_max``.
 
     Training: normalize with the batch statistics corrected by ``r`` and ``d``
-    (:class:`BatchRenormTrainFunction`), then update the running estimates
+    (``BatchRenormTrainFunction``), then update the running estimates
     in place exactly as batch norm does (the unbiased batch variance goes into
     ``running_var``). Eval: batch norm with the running estimates.
     """
@@ -1363,7 +1363,7 @@ def spectral_norm(module, name="weight", n_power_iterations=1, eps=1e-12, dim=No
 
     ``sigma(W)``, the largest singular value of the weight seen as a matrix
     (``dim`` first: 0, or 1 for transposed convolutions), is estimated by
-    power iteration (:class:`_SpectralNorm`) as in Miyato et al. (2018), so
+    power iteration (``_SpectralNorm``) as in Miyato et al. (2018), so
     the layer's Lipschitz constant is about 1. The original weight lives in
     ``module.parametrizations.<name>.original``, the vectors in
     ``module.parametrizations.<name>[0]._u`` / ``._v``. Returns ``module``.

@@ -36,7 +36,7 @@ statistics over all devices instead
 ("global BN", here :mod:`bnlib.sync_batchnorm`).
 
 Here the devices are simulated in one process: the encoder's BN layers are
-:class:`bnlib.nn.GhostBatchNorm`, whose virtual batches are the devices'
+:class:`bnlib.nn.GhostBatchNorm <bnlib.ghost_batchnorm.GhostBatchNorm>`, whose virtual batches are the devices'
 slices, and :func:`encode` sets their size to ``device_batch``. Every other
 layer must treat each row on its own (an MLP's linear layers, activations,
 LN, dropout); then one call on all rows computes what the devices would
@@ -105,7 +105,7 @@ def _uses_batch_statistics(module: nn.Module) -> bool:
 
 @contextlib.contextmanager
 def device_batches(encoder: nn.Module, device_batch: int) -> Iterator[None]:
-    """Within the block, every :class:`~bnlib.nn.GhostBatchNorm` of ``encoder``
+    """Within the block, every :class:`GhostBatchNorm <bnlib.ghost_batchnorm.GhostBatchNorm>` of ``encoder``
     that uses batch statistics (training mode) normalizes virtual batches of
     ``device_batch`` rows: one device each (a remainder of ``N`` rows that
     ``device_batch`` does not divide is a last, smaller device).
@@ -147,7 +147,7 @@ def encode(
     ``device_batch=None``: one call on all ``N`` rows, the encoder as it is
     (in eval mode, BN uses its running estimates). ``device_batch=b``: the
     rows are cut into ``N / b`` consecutive slices of ``b`` rows, one per
-    device, and every BN layer (a :class:`~bnlib.nn.GhostBatchNorm`; see
+    device, and every BN layer (a :class:`GhostBatchNorm <bnlib.ghost_batchnorm.GhostBatchNorm>`; see
     :func:`device_batches`) normalizes each slice with that slice's
     statistics in training mode. ``order`` (a permutation of ``range(N)``):
     the slices are cut from ``x[order]`` instead, and the output is put back

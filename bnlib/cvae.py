@@ -44,6 +44,8 @@ from bnlib.training import minibatches
 __all__ = ["CONDITIONS", "Encoder", "Decoder", "CVAEResult", "load_digit_pixels", "negative_elbo",
            "train_cvae", "evaluate_cvae", "generate", "one_class_batches"]
 
+#: Where the decoder takes the label, in its BN layers' gamma and beta ("bn"),
+#: one-hot at its input ("input"), or not at all (None).
 CONDITIONS = ("bn", "input", None)
 NUM_CLASSES = 10
 PIXELS = 64

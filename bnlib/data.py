@@ -98,7 +98,7 @@ def load_digits_split(
 
 
 def load_digit_pixels(test_size: float = 0.25, seed: int = 0) -> Split:
-    """The same split as :func:`load_digits_split`, with the pixels scaled to ``[0, 1]``
+    """The same split as :func:`bnlib.data.load_digits_split`, with the pixels scaled to ``[0, 1]``
     (the raw 0-16 over 16) instead of standardized: float32 ``x_*``, int64 ``y_*``."""
     x_tr, x_te, y_tr, y_te = _digits_arrays(test_size, seed)
     as_x = lambda a: torch.as_tensor(a / 16.0, dtype=torch.float32)  # noqa: E731

@@ -29,14 +29,14 @@ entry per seed, so the chapter shows the mean and the spread:
   against the stream it reads.
 - :func:`pretrain`, :func:`fine_tune_run` (chapter 11): pretrain on some
   classes, fine-tune on a few examples of others with BN in training mode or
-  frozen (:class:`bnlib.nn.FrozenBatchNorm`), or train from scratch.
+  frozen (:class:`bnlib.nn.FrozenBatchNorm <bnlib.frozen_batchnorm.FrozenBatchNorm>`), or train from scratch.
 - :func:`train_domain_batches` (chapter 11): training on several domains,
   every mini-batch drawn from one domain, the domains taking turns.
 - :func:`add_dropout`, :func:`class_subset`, :func:`class_split`,
   :func:`format_table`: helpers.
 
-Every run draws its parameters from ``seed`` (:func:`make_mlp`'s ``seed``),
-its mini-batches from ``seed`` (:func:`train`'s generator) and dropout masks
+Every run draws its parameters from ``seed`` (:func:`bnlib.models.make_mlp`'s ``seed``),
+its mini-batches from ``seed`` (:func:`bnlib.training.train`'s generator) and dropout masks
 from ``torch.manual_seed(seed)`` inside ``torch.random.fork_rng``, so the
 caller's random state is untouched and the same call gives the same numbers
 (with one thread).
@@ -251,7 +251,7 @@ class WeightRows:
 
 
 def add_dropout(model: nn.Sequential, p: float) -> nn.Sequential:
-    """A new ``nn.Sequential`` with the layers of a :func:`make_mlp` network (the
+    """A new ``nn.Sequential`` with the layers of a :func:`bnlib.models.make_mlp` network (the
     same modules, shared: training one trains the other) and ``nn.Dropout(p)``
     after every hidden activation.
 
@@ -806,7 +806,7 @@ def fine_tune_run(
 
     - ``frozen=False``: in training mode, as usual (batch statistics; the
       running statistics move to the target's);
-    - ``frozen=True``: replaced by :class:`bnlib.nn.FrozenBatchNorm`, their
+    - ``frozen=True``: replaced by :class:`bnlib.nn.FrozenBatchNorm <bnlib.frozen_batchnorm.FrozenBatchNorm>`, their
       pretrained statistics and ``gamma``, ``beta`` fixed.
 
     ``pretrained=None`` trains the same network from scratch instead (the

@@ -5,7 +5,8 @@ At inference a BN layer is a fixed affine map per output channel ``c``:
 .. math::
 
     \mathrm{BN}(z)_c = \gamma_c \frac{z_c - \bar\mu_c}{\sqrt{\bar\sigma^2_c + \epsilon}} + \beta_c
-                     = \tilde\gamma_c\, z_c + \tilde\beta_c, \qquad
+                     = \tilde\gamma_c\, z_c + \tilde\beta_c,
+
     \tilde\gamma_c = \frac{\gamma_c}{\sqrt{\bar\sigma^2_c + \epsilon}}, \quad
     \tilde\beta_c = \beta_c - \tilde\gamma_c\, \bar\mu_c,
 
@@ -40,7 +41,8 @@ from bnlib.frozen_batchnorm import FrozenBatchNorm, check_eval_map, freezable
 
 __all__ = ["FOLDABLE", "bn_scale_shift", "fold_bn", "fold_model"]
 
-#: The layer types a following BN can be folded into (weight: output channels on axis 0).
+#: The layer types a following BN can be folded into, each with its output
+#: channels on axis 0 of its ``weight``.
 FOLDABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 

@@ -29,7 +29,7 @@ kernels of ``bnlib.triton_kernels``. :func:`cpu_backend` picks the CPU path
 Under a ``torch.func`` transform (``grad``, ``vmap``, ``jacrev``, ``jacfwd``,
 ``hessian``, ...), or while a forward-mode AD level
 (``torch.autograd.forward_ad.dual_level``) is open, every entry point takes
-a third path, the formula path (:func:`under_func_transform`): the same map
+a third path, the formula path (``under_func_transform()``): the same map
 in plain differentiable tensor ops (``batch_norm_formula`` in training mode,
 ``batch_norm_eval_formula`` in eval mode), which the transform
 differentiates itself. The hand-written backward passes, the C++ kernels
@@ -730,7 +730,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     Returns:
         ``y``, with the shape and dtype of ``input``. Under a ``torch.func``
         transform, computed by ``batch_norm_formula`` or
-        ``batch_norm_eval_formula`` (see :func:`under_func_transform`).
+        ``batch_norm_eval_formula`` (see ``under_func_transform()``).
 
     Raises:
         ValueError: a non-floating-point input, fewer than 2 dims, one value per channel in training,

@@ -20,7 +20,8 @@ of BN numerically.
 
   .. math::
 
-      G  = \nabla_{W_i} L(W_1, \dots, W_{i-1}, W_i, \dots, W_k; x, y), \qquad
+      G  = \nabla_{W_i} L(W_1, \dots, W_{i-1}, W_i, \dots, W_k; x, y),
+
       G' = \nabla_{W_i} L(W_1', \dots, W_{i-1}', W_i, \dots, W_k; x, y),
 
   with :math:`W_j' = W_j - \text{lr}\, \nabla_{W_j} L` and the result
@@ -139,7 +140,8 @@ class NoisyBatchNorm1d(BatchNorm1d):
     Shapes: input ``(N, C)`` or ``(N, C, L)``, output the same.
     """
 
-    #: Its eval-mode output is BN's times the mean noise scale: bnlib.fold refuses it.
+    #: Its eval-mode output is BN's times the mean noise scale, so bnlib.fold
+    #: refuses it (False).
     foldable = False
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
@@ -288,12 +290,14 @@ class PartialBatchNorm1d(LpBatchNorm1d):
 
         \hat{x}_i = \begin{cases}
             (x_i - \mu) / \sqrt{\sigma^2 + \epsilon} & \text{center, scale (BN)} \\
-            x_i - \mu & \text{center only (mean-only BN, Salimans and Kingma 2016)} \\
+            x_i - \mu & \text{center only (mean-only BN)} \\
             x_i / \sqrt{\sigma^2 + \epsilon} & \text{scale only}
         \end{cases}
-        \qquad y_i = \gamma\,\hat{x}_i + \beta .
 
-    ``center=True, scale=True`` is exactly ``BatchNorm1d``. The running
+        y_i = \gamma\,\hat{x}_i + \beta .
+
+    ``center=True, scale=True`` is exactly ``BatchNorm1d``; ``scale=False`` is
+    Salimans and Kingma's (2016) mean-only BN. The running
     estimates are BN's (``running_mean`` tracks :math:`\mu`, ``running_var``
     the unbiased variance), and eval mode uses them in place of the batch's
     for the parts that are on. Not foldable by :mod:`bnlib.fold` unless both are on.
@@ -517,7 +521,7 @@ def gradient_norms_by_layer(
     :math:`g_l^2 / g_{l+1}^2 \to \pi / (\pi - 1)`, so
     :math:`g_l / g_{l+1} \to \sqrt{\pi/(\pi - 1)} \approx 1.21`.
 
-    The gradients come from :func:`torch.autograd.grad`: no parameter
+    The gradients come from ``torch.autograd.grad``: no parameter
     changes and ``.grad`` is left as it was. Buffers (BN's running
     statistics, ``num_batches_tracked``) are restored and every submodule
     gets back its own train/eval mode (:func:`bnlib.models.modes_kept`), also

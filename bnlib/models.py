@@ -11,7 +11,8 @@ Hidden layer ``l`` computes the pre-activation ``z`` and the activation
 
 .. math::
 
-    z^{[l]} = W^{[l]} a^{[l-1]} + b^{[l]}, \qquad
+    z^{[l]} = W^{[l]} a^{[l-1]} + b^{[l]},
+
     a^{[l]} = f\bigl(\mathrm{BN}(z^{[l]})\bigr) \ \text{(with norm)} \quad\text{or}\quad
     a^{[l]} = f(z^{[l]}) \ \text{(without)},
 
@@ -25,7 +26,8 @@ The activation functions and their derivatives (closed forms) live here too:
 
 .. math::
 
-    \sigma(z) = \frac{1}{1 + e^{-z}},\quad \sigma'(z) = \sigma(z)(1 - \sigma(z)),\qquad
+    \sigma(z) = \frac{1}{1 + e^{-z}},\quad \sigma'(z) = \sigma(z)(1 - \sigma(z)),
+
     \tanh'(z) = 1 - \tanh^2(z),\qquad \mathrm{relu}'(z) = [z > 0].
 
 ``get_layers`` returns the hidden layers of one kind (``"fc"``, ``"norm"``,
@@ -429,7 +431,7 @@ class NFResidualBlock(nn.Module):
         F(h) = W_2\, \gamma\,\mathrm{relu}\bigl(W_1\, \gamma\,\mathrm{relu}(h / \beta)\bigr) + b_2,
 
     (:math:`b_1` inside, after :math:`W_1`). ``fc1``, ``fc2`` have scaled weight
-    standardization (:func:`bnlib.nn.weight_standardization` with
+    standardization (:func:`bnlib.nn.weight_standardization <bnlib.alternatives.weight_standardization>` with
     ``scaled=True``: every row of length ``|g_i|``, mean 0) and biases that
     start at 0; :math:`\gamma` = :data:`RELU_GAIN` undoes the variance a
     ReLU removes. ``beta`` is the expected standard deviation of the block's

@@ -7,7 +7,8 @@ For an input ``x`` of shape ``(N, C, *spatial)`` the statistics of channel
 .. math::
 
     \mu = \frac{1}{m} \sum_i x_i, \qquad
-    \mathrm{var} = \frac{1}{m} \sum_i (x_i - \mu)^2, \qquad
+    \mathrm{var} = \frac{1}{m} \sum_i (x_i - \mu)^2,
+
     \hat{x}_i = \frac{x_i - \mu}{\sqrt{\mathrm{var} + \epsilon}}, \qquad
     y_i = \gamma \hat{x}_i + \beta.
 

@@ -16,14 +16,15 @@ row", with ``m`` values per row:
 .. math::
 
     \mu = \frac{1}{m} \sum_i x_i, \qquad
-    \mathrm{var} = \frac{1}{m} \sum_i (x_i - \mu)^2, \qquad
+    \mathrm{var} = \frac{1}{m} \sum_i (x_i - \mu)^2,
+
     \hat{x}_i = \frac{x_i - \mu}{\sqrt{\mathrm{var} + \epsilon}}, \qquad
     y_i = \gamma \hat{x}_i + \beta,
 
 where ``gamma`` and ``beta`` are per channel (group, instance norm) or per
 element of the normalized shape (layer norm, as in ``torch.nn.LayerNorm``).
 The backward pass is batch norm's compact formula applied to each row (see
-:func:`_rows_backward`).
+``_rows_backward``).
 
 RMS norm (Zhang & Sennrich 2019) is layer norm without the centering: each
 row is divided by its root mean square, ``rms = sqrt(mean(x^2) + eps)``, and
@@ -547,7 +548,8 @@ def batchrenorm_forward(x, gamma, beta, running_mean, running_var, r_max=3.0, d_
     .. math::
 
         \sigma_B = \sqrt{\mathrm{var}_B + \epsilon}, \quad
-        r = \mathrm{clip}\big(\sigma_B / \sigma,\ 1/r_{max},\ r_{max}\big), \quad
+        r = \mathrm{clip}\big(\sigma_B / \sigma,\ 1/r_{max},\ r_{max}\big),
+
         d = \mathrm{clip}\big((\mu_B - \mu_{running}) / \sigma,\ -d_{max},\ d_{max}\big),
 
         \hat{x} = \frac{x - \mu_B}{\sigma_B}\, r + d, \qquad y = \gamma \hat{x} + \beta.
@@ -559,7 +561,7 @@ def batchrenorm_forward(x, gamma, beta, running_mean, running_var, r_max=3.0, d_
     Args:
         x: ``(N, C, *spatial)``. gamma, beta: ``(C,)`` or ``None``.
         running_mean, running_var: ``(C,)``, the current running estimates.
-        r_max (>= 1), d_max (>= 0): the clipping limits.
+        r_max, d_max: the clipping limits, ``r_max >= 1`` and ``d_max >= 0``.
     """
     x = _as_compute(x)
     _check_channels_first("batchrenorm_forward", x)
@@ -605,7 +607,8 @@ def batchrenorm_backward(dy, cache):
 
         dx_i = \frac{\gamma r}{m \sigma_B}
                \Big(m\, dy_i - \sum_j dy_j - \hat{x}_{B,i} \sum_j dy_j \hat{x}_{B,j}\Big),
-        \quad d\gamma = \sum_i dy_i \hat{x}_i, \quad d\beta = \sum_i dy_i.
+
+        d\gamma = \sum_i dy_i \hat{x}_i, \quad d\beta = \sum_i dy_i.
     """
     dy = np.asarray(dy, dtype=cache.x_hat.dtype)
     ndim = dy.ndim

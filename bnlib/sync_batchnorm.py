@@ -27,7 +27,8 @@ on rank ``r``, ``m_r = N_r * prod(S)`` values per channel, possibly 0):
 
    .. math::
 
-       m = \sum_r n_r, \quad \mu = \sum_r \frac{n_r}{m}\,\mu_r, \quad
+       m = \sum_r n_r, \quad \mu = \sum_r \frac{n_r}{m}\,\mu_r,
+
        M2 = \sum_r M2_r + \sum_r n_r (\mu_r - \mu)^2, \quad
        \mathrm{var} = M2 / m;
 
