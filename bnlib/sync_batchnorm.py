@@ -111,7 +111,8 @@ import torch.distributed as dist
 
 from bnlib import batchnorm as bnn
 from bnlib._checks import InputError, check_batch_size, check_floating_dtype, check_num_channels, values_per_channel
-from bnlib.functional import _compute_dtype, _cpu_kernels, _dense, _dense_like, _per_channel, _per_channel_arg, _stat_dims
+from bnlib.functional import (_compute_dtype, _cpu_kernels, _dense, _dense_like, _per_channel, _per_channel_arg,
+                              _stat_dims, under_func_transform)
 # The running-estimate update of every bnlib module, under this module's old name.
 from bnlib.functional import update_running_estimates as update_running_stats
 
@@ -134,8 +135,13 @@ def local_stats(x):
     if m == 0:
         zeros = torch.zeros(num_channels, dtype=x.dtype, device=x.device)
         return count, zeros, zeros
-    kernels = _cpu_kernels(x)
-    if kernels is not None:  # one pass of bnlib's CPU loops (stable: shifted sums, Chan's merge)
+    # One pass of bnlib's CPU loops (stable: shifted sums, Chan's merge), where
+    # no gradient is asked of the result: the op has no backward, and a caller
+    # may differentiate this public helper (SyncBatchNormFunction calls it
+    # inside its forward, where no graph is recorded).
+    recording = (torch.is_grad_enabled() and x.requires_grad) or under_func_transform()
+    kernels = None if recording else _cpu_kernels(x)
+    if kernels is not None:
         mu, m2 = kernels.batch_norm_stats(_dense(x))
         return count, mu, m2
     dims = _stat_dims(x.dim())

@@ -628,6 +628,20 @@ def test_merge_stats_float32_large_mean():
     np.testing.assert_allclose((m2 / count).double().numpy(), truth, rtol=1e-3)
 
 
+def test_local_stats_can_be_differentiated():
+    """The C++ statistics have no backward, so local_stats takes them only
+    where no gradient is asked: differentiated, it is its formula's gradient."""
+    x = random_input((6, 3, 4, 2), torch.float32).requires_grad_(True)
+    _, mu, m2 = local_stats(x)
+    (mu.sum() + m2.sum()).backward()
+    x_ref = x.detach().double().requires_grad_(True)
+    m_ref = x_ref.mean((0, 2, 3))
+    (m_ref.sum() + (x_ref - m_ref.view(1, 3, 1, 1)).square().sum((0, 2, 3)).sum()).backward()
+    assert_close(x.grad.double(), x_ref.grad, GRAD_TOL[torch.float32], "dx of local_stats")
+    grad = torch.func.grad(lambda t: local_stats(t)[2].sum())(x.detach())
+    assert_close(grad.double(), 2 * (x_ref - m_ref.view(1, 3, 1, 1)).detach(), GRAD_TOL[torch.float32], "func.grad")
+
+
 def test_merge_of_nothing_is_nan():
     count, mu, m2 = merge_stats(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3))
     assert torch.equal(count, torch.zeros(3)) and torch.isnan(mu).all() and torch.isnan(m2).all()
