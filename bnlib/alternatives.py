@@ -70,6 +70,8 @@ __all__ = [
     "LazyInstanceNorm2d",
     "LazyInstanceNorm3d",
     "RMSNorm",
+    "filter_response_norm",
+    "FilterResponseNorm",
     "BatchRenorm1d",
     "BatchRenorm2d",
     "LinearRamp",
@@ -436,6 +438,83 @@ def rms_norm(input, normalized_shape, weight=None, eps=None):
     return y.contiguous() if fmt is None else y.contiguous(memory_format=fmt)
 
 
+# --------------------------------------------------------------------------
+# Filter response normalization: RMS norm of each channel's map, and a threshold
+# --------------------------------------------------------------------------
+
+
+def _frn_formula(input, weight, bias, tau, eps):
+    """``filter_response_norm``'s map in plain differentiable tensor ops (a
+    learned ``eps``, ``torch.func`` transforms, second derivatives)."""
+    x = input.to(_compute_dtype(input.dtype))
+    view = (1, -1) + (1,) * (x.dim() - 2)
+    eps_c = eps.to(x.dtype).reshape(view) if torch.is_tensor(eps) else eps
+    x_hat = x * torch.rsqrt(x.square().mean(tuple(range(2, x.dim())), keepdim=True) + eps_c)
+    return _frn_affine_threshold(x_hat, weight, bias, tau).to(input.dtype)
+
+
+def _frn_affine_threshold(x_hat, weight, bias, tau):
+    """``z = max(gamma * x_hat + beta, tau)``, per channel, in autograd's tensor ops."""
+    view = (1, -1) + (1,) * (x_hat.dim() - 2)
+    y = x_hat if weight is None else x_hat * weight.to(x_hat.dtype).view(view)
+    if bias is not None:
+        y = y + bias.to(x_hat.dtype).view(view)
+    # torch.maximum splits the gradient of a tie in two; a tie y == tau has probability 0
+    return y if tau is None else torch.maximum(y, tau.to(x_hat.dtype).view(view))
+
+
+def filter_response_norm(input, weight=None, bias=None, tau=None, eps=1e-6):
+    r"""Filter response normalization with a thresholded linear unit (Singh & Krishnan 2020).
+
+    For ``input`` of shape ``(N, C, *spatial)`` (at least one spatial dim),
+    per sample and channel, over its ``m = prod(spatial)`` values:
+    ``nu2 = mean(x^2)``, ``x_hat = x / sqrt(nu2 + eps)``,
+    ``y = weight * x_hat + bias``, ``z = max(y, tau)``. ``weight``, ``bias``,
+    ``tau``: ``(C,)`` or ``None`` (1, 0, and no threshold: ``z = y``). The
+    NumPy reference is :func:`bnlib.reference_alternatives.frn_forward`.
+
+    ``eps``: a float > 0, or a tensor broadcast against ``(C,)`` that is
+    positive (a learned ``eps``, as :class:`FilterResponseNorm` makes it). With
+    a float, ``x_hat`` comes from :class:`RMSNormFunction`, whose backward is
+    written by hand (RMS norm over each channel's map); the affine map and
+    the threshold are plain tensor ops. With a tensor ``eps``, under a
+    ``torch.func`` transform, or for second derivatives, the whole map runs
+    in tensor ops and autograd differentiates it.
+
+    No statistics cross samples, so the output of a sample does not depend
+    on its batch, and training and evaluation compute the same map. With a
+    1x1 map (``m = 1``) ``x_hat = x / sqrt(x^2 + eps)`` is nearly
+    ``sign(x)``: the paper's remedy is a learned ``eps``.
+    """
+    name = "filter_response_norm"
+    if input.dim() < 3:
+        raise InputError(
+            f"{name} expected an input with at least one spatial dimension (N, C, L, ...), got "
+            f"{input.dim()}D input: with one value per sample and channel, x / sqrt(x^2 + eps) is "
+            "nearly sign(x)"
+        )
+    check_floating_dtype(name, input.dtype, input.is_floating_point())
+    channels = input.shape[1]
+    for what, t in (("weight", weight), ("bias", bias), ("tau", tau)):
+        if t is not None and t.numel() != channels:
+            raise InputError(f"{what} should have {channels} elements (one per channel of the input), got {t.numel()}")
+    if torch.is_tensor(eps):
+        if eps.numel() not in (1, channels):
+            raise InputError(f"a tensor eps should have 1 or {channels} elements, got {eps.numel()}")
+        return _frn_formula(input, weight, bias, tau, eps)
+    _check_eps(eps)
+    if bnF.under_func_transform():
+        return _frn_formula(input, weight, bias, tau, eps)
+    # A half input is converted first (a differentiable copy), so that x_hat is
+    # not rounded to half before the affine map and the threshold.
+    x = input.to(_compute_dtype(input.dtype))
+    row_shape = (input.shape[0] * channels, math.prod(input.shape[2:]))  # one row per sample and channel
+    x_hat = RMSNormFunction.apply(x, None, row_shape, (), eps)
+    z = _frn_affine_threshold(x_hat, weight, bias, tau).to(input.dtype)
+    fmt = bnF._channels_last_format(input)  # a channels-last input gets a channels-last output
+    return z if fmt is None else z.contiguous(memory_format=fmt)
+
+
 @torch.no_grad()
 def _update_instance_running_stats(running_mean, running_var, mu, var, m, momentum):
     """torch's rule for instance norm: the per-instance statistics (``(N, C)``)
@@ -550,6 +629,64 @@ class RMSNorm(nn.Module):
 
     def extra_repr(self):
         return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+
+
+class FilterResponseNorm(nn.Module):
+    """Filter response normalization and its thresholded linear unit (Singh & Krishnan 2020);
+    torch has none. See :func:`filter_response_norm`.
+
+    Input ``(N, C, *spatial)`` with at least one spatial dim. Parameters
+    ``weight`` (gamma, ones), ``bias`` (beta, zeros) and, with ``tlu=True``,
+    ``tau`` (zeros): the layer replaces a normalization *and* the activation
+    after it (``tlu=False`` leaves the threshold out, for an activation of
+    your own). ``learnable_eps=True`` adds ``eps_learned``, one per channel,
+    starting at ``learnable_eps_init``; the layer then uses
+    ``eps + |eps_learned|``, the paper's remedy for small maps (a 1x1 map
+    gives nearly ``sign(x)`` with a small fixed ``eps``). No running
+    statistics: the same map in training and evaluation, and no dependence
+    on the batch.
+    """
+
+    def __init__(self, num_features, eps=1e-6, learnable_eps=False, tlu=True, device=None, dtype=None,
+                 *, learnable_eps_init=1e-4):
+        _check_positive_int("num_features", num_features)
+        _check_eps(eps)
+        if learnable_eps:
+            check_positive_finite("learnable_eps_init", learnable_eps_init)
+        factory_kwargs = {"device": device, "dtype": dtype}
+        super().__init__()
+        self.num_features, self.eps = num_features, eps
+        self.learnable_eps, self.tlu, self.learnable_eps_init = learnable_eps, tlu, learnable_eps_init
+        self.weight = nn.Parameter(torch.empty(num_features, **factory_kwargs))
+        self.bias = nn.Parameter(torch.empty(num_features, **factory_kwargs))
+        self.tau = nn.Parameter(torch.empty(num_features, **factory_kwargs)) if tlu else None
+        self.eps_learned = nn.Parameter(torch.empty(num_features, **factory_kwargs)) if learnable_eps else None
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        nn.init.ones_(self.weight)
+        nn.init.zeros_(self.bias)
+        if self.tau is not None:
+            nn.init.zeros_(self.tau)
+        if self.eps_learned is not None:
+            nn.init.constant_(self.eps_learned, self.learnable_eps_init)
+
+    def forward(self, input):
+        name = type(self).__name__
+        if input.dim() < 3:
+            raise InputError(
+                f"{name} expected an input with at least one spatial dimension (N, C, L, ...), got "
+                f"{input.dim()}D input"
+            )
+        check_num_channels(name, input.shape, self.num_features)
+        eps = self.eps if self.eps_learned is None else self.eps + self.eps_learned.abs()
+        return filter_response_norm(input, self.weight, self.bias, self.tau, eps)
+
+    def extra_repr(self):
+        text = f"{self.num_features}, eps={self.eps}, learnable_eps={self.learnable_eps}, tlu={self.tlu}"
+        if self.learnable_eps:
+            text += f", learnable_eps_init={self.learnable_eps_init}"
+        return text
 
 
 class GroupNorm(nn.Module):

@@ -8,7 +8,8 @@ one, with the backward pass written by hand:
 - across processes and virtual batches: ``SyncBatchNorm`` (``bnlib.sync_batchnorm``),
   ``GhostBatchNorm`` (``bnlib.ghost_batchnorm``)
 - the alternatives: ``LayerNorm``, ``RMSNorm``, ``GroupNorm``, ``InstanceNorm1d/2d/3d``
-  (and ``LazyInstanceNorm1d/2d/3d``),
+  (and ``LazyInstanceNorm1d/2d/3d``), ``FilterResponseNorm`` (with its thresholded
+  linear unit; torch has none),
   ``BatchRenorm1d/2d``, ``weight_norm``, ``weight_standardization``, ``spectral_norm``
   (``bnlib.alternatives``)
 - conditional: ``ConditionalBatchNorm1d/2d/3d``, BN with one gamma and beta
@@ -23,6 +24,7 @@ one, with the backward pass written by hand:
 from bnlib._checks import InputError
 from bnlib.alternatives import (
     BatchRenorm1d,
+    FilterResponseNorm,
     BatchRenorm2d,
     GroupNorm,
     InstanceNorm1d,
@@ -68,6 +70,7 @@ __all__ = [
     "LayerNorm",
     "RMSNorm",
     "GroupNorm",
+    "FilterResponseNorm",
     "InstanceNorm1d",
     "InstanceNorm2d",
     "InstanceNorm3d",

@@ -72,6 +72,9 @@ __all__ = [
     "RMSNormCache",
     "rmsnorm_forward",
     "rmsnorm_backward",
+    "FRNCache",
+    "frn_forward",
+    "frn_backward",
     "WeightStdCache",
     "weightstd_forward",
     "weightstd_backward",
@@ -433,6 +436,103 @@ def rmsnorm_backward(dy, cache):
     dx = (cache.inv_rms * (dx_hat_rows - x_hat_rows * mean_dx_hat_x_hat)).reshape(cache.x_hat.shape)
     dgamma = None if cache.gamma is None else (dy * cache.x_hat).sum(axis=cache.param_axes)
     return dx, dgamma
+
+
+# --------------------------------------------------------------------------
+# Filter response normalization with a thresholded linear unit
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class FRNCache:
+    """What the backward pass of FRN + TLU needs."""
+
+    x_hat: np.ndarray  # x / sqrt(nu2 + eps), shape of x
+    inv_rms: np.ndarray  # 1 / sqrt(nu2 + eps), shape (N, C, 1, ...)
+    gamma: np.ndarray  # (C,)
+    above: np.ndarray  # y > tau (where z = y), shape of x; all True without tau
+    nu2: np.ndarray  # mean of x^2 over the spatial axes, shape (N, C)
+    has_tau: bool
+
+
+def frn_forward(x, gamma=None, beta=None, tau=None, eps=1e-6):
+    r"""Filter response normalization and its thresholded linear unit (Singh & Krishnan 2020).
+
+    For ``x`` of shape ``(N, C, *spatial)`` (at least one spatial axis), per
+    sample ``n`` and channel ``c``, over the ``m = prod(spatial)`` values of
+    ``x[n, c]``:
+
+    .. math::
+
+        \nu^2 = \frac{1}{m} \sum_i x_i^2, \qquad
+        \hat{x}_i = \frac{x_i}{\sqrt{\nu^2 + \epsilon}}, \qquad
+        y_i = \gamma \hat{x}_i + \beta,
+
+        z_i = \max(y_i, \tau).
+
+    No mean is subtracted (instance norm's statistics without the centring:
+    RMS norm over each channel's map); the learned threshold ``tau`` (TLU)
+    replaces the ReLU that would follow and lets the layer shift what the
+    missing centring would have. ``gamma``, ``beta``, ``tau``: ``(C,)``;
+    ``None`` means 1, 0 and no threshold (``z = y``). ``eps`` > 0: a float,
+    or an array broadcast against ``(C,)`` (the learned ``eps`` of the
+    paper, which a caller keeps positive). With ``m = 1`` (a 1x1 map)
+    ``x_hat = x / sqrt(x^2 + eps)`` is close to ``sign(x)`` unless ``eps`` is
+    of the order of ``x^2``.
+
+    Returns:
+        ``(z, cache)``; ``cache.nu2`` has shape ``(N, C)``.
+    """
+    x = _as_compute(x)
+    _check_channels_first("frn_forward", x, min_ndim=3)
+    channels = x.shape[1]
+    view = (1, channels) + (1,) * (x.ndim - 2)
+    eps_c = np.broadcast_to(np.asarray(eps, dtype=x.dtype), (channels,))
+    if not (eps_c > 0).all():
+        raise ValueError(f"eps must be > 0, got {eps}")
+    gamma = np.ones(channels, x.dtype) if gamma is None else _param("gamma", gamma, (channels,), x.dtype)
+    beta = np.zeros(channels, x.dtype) if beta is None else _param("beta", beta, (channels,), x.dtype)
+    tau = None if tau is None else _param("tau", tau, (channels,), x.dtype)
+    axes = tuple(range(2, x.ndim))
+    nu2 = np.mean(x * x, axis=axes, keepdims=True)
+    inv_rms = 1.0 / np.sqrt(nu2 + eps_c.reshape(view))
+    x_hat = x * inv_rms
+    y = gamma.reshape(view) * x_hat + beta.reshape(view)
+    if tau is None:
+        above = np.ones(x.shape, dtype=bool)
+        z = y
+    else:
+        above = y > tau.reshape(view)
+        z = np.where(above, y, tau.reshape(view))
+    return z, FRNCache(x_hat, inv_rms, gamma, above, nu2.reshape(x.shape[:2]), tau is not None)
+
+
+def frn_backward(dz, cache):
+    r"""Gradients of :func:`frn_forward`: ``(dx, dgamma, dbeta, dtau)``.
+
+    The threshold passes ``dz`` to ``y`` where ``y > tau`` and to ``tau``
+    elsewhere: ``dy = dz [y > tau]``, ``dtau = sum(dz [y <= tau])``. Then,
+    with ``dx_hat = dy * gamma``, per sample and channel (RMS norm's formula):
+
+    .. math::
+
+        dx_i = \frac{1}{\sqrt{\nu^2 + \epsilon}}
+               \Big(d\hat{x}_i - \hat{x}_i \frac{1}{m} \sum_j d\hat{x}_j \hat{x}_j\Big),
+
+    and ``dgamma = sum(dy * x_hat)``, ``dbeta = sum(dy)`` over the sample and
+    spatial axes (``dtau`` is ``None`` without a threshold).
+    """
+    x_hat = cache.x_hat
+    dz = np.asarray(dz, dtype=x_hat.dtype)
+    view = (1, x_hat.shape[1]) + (1,) * (x_hat.ndim - 2)
+    axes = tuple(range(2, x_hat.ndim))
+    dy = np.where(cache.above, dz, 0.0)
+    dx_hat = dy * cache.gamma.reshape(view)
+    mean_dx_hat_x_hat = np.mean(dx_hat * x_hat, axis=axes, keepdims=True)
+    dx = cache.inv_rms * (dx_hat - x_hat * mean_dx_hat_x_hat)
+    param_axes = (0,) + axes
+    dtau = np.where(cache.above, 0.0, dz).sum(axis=param_axes) if cache.has_tau else None
+    return dx, (dy * x_hat).sum(axis=param_axes), dy.sum(axis=param_axes), dtau
 
 
 # --------------------------------------------------------------------------
