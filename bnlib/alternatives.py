@@ -475,7 +475,7 @@ def filter_response_norm(input, weight=None, bias=None, tau=None, eps=1e-6):
 
     ``eps``: a float > 0, or a tensor broadcast against ``(C,)`` that is
     positive (a learned ``eps``, as :class:`FilterResponseNorm` makes it). With
-    a float, ``x_hat`` comes from :class:`RMSNormFunction`, whose backward is
+    a float, ``x_hat`` comes from ``RMSNormFunction``, whose backward is
     written by hand (RMS norm over each channel's map); the affine map and
     the threshold are plain tensor ops. With a tensor ``eps``, under a
     ``torch.func`` transform, or for second derivatives, the whole map runs
