@@ -459,8 +459,13 @@ def _frn_affine_threshold(x_hat, weight, bias, tau):
     y = x_hat if weight is None else x_hat * weight.to(x_hat.dtype).view(view)
     if bias is not None:
         y = y + bias.to(x_hat.dtype).view(view)
-    # torch.maximum splits the gradient of a tie in two; a tie y == tau has probability 0
-    return y if tau is None else torch.maximum(y, tau.to(x_hat.dtype).view(view))
+    # where, not maximum: a tie y == tau (beta = tau = 0 at the start, and an
+    # input of exact zeros, give one) sends its whole gradient to tau, as the
+    # reference does; torch.maximum would split it in two.
+    if tau is None:
+        return y
+    tau = tau.to(x_hat.dtype).view(view)
+    return torch.where(y > tau, y, tau)
 
 
 def filter_response_norm(input, weight=None, bias=None, tau=None, eps=1e-6):
@@ -501,16 +506,26 @@ def filter_response_norm(input, weight=None, bias=None, tau=None, eps=1e-6):
     if torch.is_tensor(eps):
         if eps.numel() not in (1, channels):
             raise InputError(f"a tensor eps should have 1 or {channels} elements, got {eps.numel()}")
-        return _frn_formula(input, weight, bias, tau, eps)
-    _check_eps(eps)
-    if bnF.under_func_transform():
-        return _frn_formula(input, weight, bias, tau, eps)
-    # A half input is converted first (a differentiable copy), so that x_hat is
-    # not rounded to half before the affine map and the threshold.
-    x = input.to(_compute_dtype(input.dtype))
-    row_shape = (input.shape[0] * channels, math.prod(input.shape[2:]))  # one row per sample and channel
-    x_hat = RMSNormFunction.apply(x, None, row_shape, (), eps)
-    z = _frn_affine_threshold(x_hat, weight, bias, tau).to(input.dtype)
+        # a host read of eps; FilterResponseNorm, whose eps is positive by
+        # construction, calls _filter_response_norm and skips it
+        if not bnF.under_func_transform() and not bool((eps > 0).all()):
+            raise InputError(f"eps must be > 0 in every channel, got {eps.detach().flatten().tolist()}")
+    else:
+        _check_eps(eps)
+    return _filter_response_norm(input, weight, bias, tau, eps)
+
+
+def _filter_response_norm(input, weight, bias, tau, eps):
+    """:func:`filter_response_norm` after its checks."""
+    if torch.is_tensor(eps) or bnF.under_func_transform():
+        z = _frn_formula(input, weight, bias, tau, eps)
+    else:
+        # A half input is converted first (a differentiable copy), so that x_hat
+        # is not rounded to half before the affine map and the threshold.
+        x = input.to(_compute_dtype(input.dtype))
+        row_shape = (input.shape[0] * input.shape[1], math.prod(input.shape[2:]))  # a row per sample and channel
+        x_hat = RMSNormFunction.apply(x, None, row_shape, (), eps)
+        z = _frn_affine_threshold(x_hat, weight, bias, tau).to(input.dtype)
     fmt = bnF._channels_last_format(input)  # a channels-last input gets a channels-last output
     return z if fmt is None else z.contiguous(memory_format=fmt)
 
@@ -679,8 +694,9 @@ class FilterResponseNorm(nn.Module):
                 f"{input.dim()}D input"
             )
         check_num_channels(name, input.shape, self.num_features)
+        check_floating_dtype(name, input.dtype, input.is_floating_point())
         eps = self.eps if self.eps_learned is None else self.eps + self.eps_learned.abs()
-        return filter_response_norm(input, self.weight, self.bias, self.tau, eps)
+        return _filter_response_norm(input, self.weight, self.bias, self.tau, eps)
 
     def extra_repr(self):
         text = f"{self.num_features}, eps={self.eps}, learnable_eps={self.learnable_eps}, tlu={self.tlu}"

@@ -27,7 +27,8 @@ __all__ = ["LEAF_MODULES", "Tracer", "symbolic_trace"]
 
 #: The layer classes a trace keeps whole, every module class that
 #: ``bnlib.nn`` exports (batch norm and its lazy, synchronized, ghost, frozen
-#: and conditional forms, batch renorm, layer, RMS, group and instance norm).
+#: and conditional forms, batch renorm, layer, RMS, group, instance and filter
+#: response norm).
 #: weight_norm, spectral_norm and weight_standardization are parametrizations
 #: of torch's own layers, which FX keeps whole already.
 LEAF_MODULES = tuple(

@@ -90,6 +90,52 @@ def test_torch_path_matches_the_reference(shape, dtype, layout):
         assert_close(got.double(), torch.from_numpy(want), GRAD_TOL[dtype], what)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_per_channel_tensor_eps_and_the_module_learned_eps_match_the_reference(layout):
+    """The learned-eps path (a tensor eps, tensor ops): outputs and every
+    gradient against the reference with eps = (1e-3, 1e-2, 0.1, 1), and the
+    module with a negative eps_learned, which it uses as eps + |eps_learned|."""
+    g = torch.Generator().manual_seed(5)
+    x64 = torch.randn(3, 4, 2, 3, generator=g, dtype=torch.float64) * 0.3
+    dz = torch.randn(x64.shape, generator=g, dtype=torch.float64)
+    gamma, beta, tau = (torch.from_numpy(p) for p in _params(4, seed=6))
+    eps = torch.tensor([1e-3, 1e-2, 0.1, 1.0], dtype=torch.float64)
+    x = x64.clone()
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    params = [p.clone().requires_grad_() for p in (gamma, beta, tau)]
+    z = A.filter_response_norm(x, *params, eps=eps)
+    z.backward(dz)
+    z_ref, cache = R.frn_forward(x64.numpy(), gamma.numpy(), beta.numpy(), tau.numpy(), eps.numpy())
+    assert_close(z, torch.from_numpy(z_ref), OUT_TOL[torch.float64], "output")
+    for got, want, what in zip([x.grad, *(p.grad for p in params)], R.frn_backward(dz.numpy(), cache),
+                               ["dx", "dgamma", "dbeta", "dtau"]):
+        assert_close(got, torch.from_numpy(want), GRAD_TOL[torch.float64], what)
+    if layout == "channels_last":
+        assert z.is_contiguous(memory_format=torch.channels_last)
+    layer = bnn.FilterResponseNorm(4, learnable_eps=True, dtype=torch.float64)
+    with torch.no_grad():
+        layer.weight.copy_(gamma), layer.bias.copy_(beta), layer.tau.copy_(tau)
+        layer.eps_learned.copy_(-(eps - layer.eps))  # negative: the layer takes its size
+    assert_close(layer(x64), torch.from_numpy(z_ref), OUT_TOL[torch.float64], "module output")
+
+
+def test_a_tie_sends_its_whole_gradient_to_tau_as_the_reference():
+    """beta = tau = 0 at the start: an exact zero in the input is a tie y == tau."""
+    x = torch.tensor([[[0.0, 1.0, -2.0, 0.0]]], dtype=torch.float64, requires_grad=True)
+    beta, tau = torch.zeros(1, dtype=torch.float64, requires_grad=True), torch.zeros(1, dtype=torch.float64,
+                                                                                   requires_grad=True)
+    gamma = torch.ones(1, dtype=torch.float64, requires_grad=True)
+    z = A.filter_response_norm(x, gamma, beta, tau, eps=1e-3)
+    z.sum().backward()
+    _, cache = R.frn_forward(x.detach().numpy(), gamma.detach().numpy(), beta.detach().numpy(),
+                             tau.detach().numpy(), 1e-3)
+    dx, _, dbeta, dtau = R.frn_backward(np.ones((1, 1, 4)), cache)
+    assert_close(x.grad, torch.from_numpy(dx), GRAD_TOL[torch.float64], "dx")
+    assert float(beta.grad) == dbeta[0] == 1.0 and float(tau.grad) == dtau[0] == 3.0
+
+
 def test_gradcheck_and_gradgradcheck():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
@@ -141,13 +187,15 @@ def test_module_parameters_state_dict_and_repr():
     assert bnn.FilterResponseNorm in bnlib.fx.LEAF_MODULES
 
 
-def test_half_input_keeps_its_dtype():
+def test_half_input_is_computed_in_float32_and_rounded_once():
     x = torch.randn(4, 3, 5, 5)
     layer = bnn.FilterResponseNorm(3)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 2.0), layer.bias.uniform_(-1, 1), layer.tau.uniform_(-1, 0)
     for dtype in (torch.float16, torch.bfloat16):
         z = layer(x.to(dtype))
         assert z.dtype == dtype
-        torch.testing.assert_close(z.float(), layer(x.to(dtype).float()), rtol=1e-2, atol=1e-2)
+        assert torch.equal(z, layer(x.to(dtype).float()).to(dtype))
 
 
 def test_torch_func_grad_equals_autograd():
@@ -179,6 +227,8 @@ def test_bad_arguments():
         A.filter_response_norm(x, eps=0.0)
     with pytest.raises(ValueError, match="1 or 3 elements"):
         A.filter_response_norm(x, eps=torch.ones(2))
+    with pytest.raises(ValueError, match="eps must be > 0 in every channel"):
+        A.filter_response_norm(x, eps=torch.tensor([1e-3, 0.0, 1e-3]))
     for kwargs in (dict(num_features=0), dict(num_features=3, eps=-1.0),
                    dict(num_features=3, learnable_eps=True, learnable_eps_init=0.0)):
         with pytest.raises(ValueError):
