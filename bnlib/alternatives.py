@@ -468,6 +468,16 @@ def _frn_affine_threshold(x_hat, weight, bias, tau):
     return torch.where(y > tau, y, tau)
 
 
+def _check_frn_input(name, input):
+    if input.dim() < 3:
+        raise InputError(
+            f"{name} expected an input with at least one spatial dimension (N, C, L, ...), got "
+            f"{input.dim()}D input: with one value per sample and channel, x / sqrt(x^2 + eps) is "
+            "nearly sign(x)"
+        )
+    check_floating_dtype(name, input.dtype, input.is_floating_point())
+
+
 def filter_response_norm(input, weight=None, bias=None, tau=None, eps=1e-6):
     r"""Filter response normalization with a thresholded linear unit (Singh & Krishnan 2020).
 
@@ -491,14 +501,7 @@ def filter_response_norm(input, weight=None, bias=None, tau=None, eps=1e-6):
     1x1 map (``m = 1``) ``x_hat = x / sqrt(x^2 + eps)`` is nearly
     ``sign(x)``: the paper's remedy is a learned ``eps``.
     """
-    name = "filter_response_norm"
-    if input.dim() < 3:
-        raise InputError(
-            f"{name} expected an input with at least one spatial dimension (N, C, L, ...), got "
-            f"{input.dim()}D input: with one value per sample and channel, x / sqrt(x^2 + eps) is "
-            "nearly sign(x)"
-        )
-    check_floating_dtype(name, input.dtype, input.is_floating_point())
+    _check_frn_input("filter_response_norm", input)
     channels = input.shape[1]
     for what, t in (("weight", weight), ("bias", bias), ("tau", tau)):
         if t is not None and t.numel() != channels:
@@ -687,14 +690,8 @@ class FilterResponseNorm(nn.Module):
             nn.init.constant_(self.eps_learned, self.learnable_eps_init)
 
     def forward(self, input):
-        name = type(self).__name__
-        if input.dim() < 3:
-            raise InputError(
-                f"{name} expected an input with at least one spatial dimension (N, C, L, ...), got "
-                f"{input.dim()}D input"
-            )
-        check_num_channels(name, input.shape, self.num_features)
-        check_floating_dtype(name, input.dtype, input.is_floating_point())
+        _check_frn_input(type(self).__name__, input)
+        check_num_channels(type(self).__name__, input.shape, self.num_features)
         eps = self.eps if self.eps_learned is None else self.eps + self.eps_learned.abs()
         return _filter_response_norm(input, self.weight, self.bias, self.tau, eps)
 
