@@ -79,8 +79,8 @@ test-notebooks: $(STAMP)
 execute: $(STAMP)
 	$(PY) tools/execute_chapters.py --jobs $(BOOK_JOBS) --inplace chapters/*.ipynb
 
-# CPU: bnlib vs torch native (1 and 2 threads) and SyncBN vs local BN over
-# gloo processes. On a machine with CUDA and Triton, also the GPU table,
+# CPU: bnlib vs torch native (1 and 2 threads), SyncBN vs local BN over
+# gloo processes, and the Triton kernels' host work per call. On a machine with CUDA and Triton, also the GPU table,
 # written to bench/results/ (commit it, labelled with device and versions).
 bench: $(STAMP)
 	OMP_NUM_THREADS=2 $(PY) bench/bench_batchnorm.py --threads 1 2 --clock thread
