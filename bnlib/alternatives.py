@@ -43,7 +43,7 @@ from torch.nn.utils import parametrize
 
 from bnlib import functional as bnF
 from bnlib.functional import _compute_dtype
-from bnlib.batchnorm import _LazyNorm, _NormBase, register_affine_parameters, reset_affine_parameters
+from bnlib.batchnorm import _LazyNorm, _NormBase, _version, register_affine_parameters, reset_affine_parameters
 from bnlib._checks import (
     InputError,
     check_batch_size,
@@ -1100,11 +1100,13 @@ class _BatchRenorm(_NormBase):
         check_batch_size(input.shape, str(input.size()))
         r_max, d_max = self.current_limits()  # may raise: still before any state changes
         factor = self._count_batch()
+        version = _version(self.running_mean)
         try:
             y, r, d = _batch_renorm_train(input, self.running_mean, self.running_var, self.weight, self.bias,
                                           factor, self.eps, r_max, d_max)
         except Exception:
-            self._uncount_batch()  # the estimates are unchanged; so must the count be
+            if _version(self.running_mean) == version:
+                self._uncount_batch()  # the estimates are unchanged; so must the count be
             raise
         self.last_r, self.last_d = r, d
         return y

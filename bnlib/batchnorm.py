@@ -179,6 +179,16 @@ class _NormBase(nn.Module):
                                       unexpected_keys, error_msgs)
 
 
+def _version(buffer):
+    """The version counter of a running estimate (every in-place change adds
+    one); None for an inference tensor, which has none, and inside
+    ``torch.compile``, which cannot trace either (there a failed call takes
+    its count back whatever happened before it failed)."""
+    if torch.compiler.is_compiling() or buffer.is_inference():
+        return None
+    return buffer._version
+
+
 class _BatchNorm(_NormBase):
     """Batch norm over every axis but the channel axis 1."""
 
@@ -193,6 +203,7 @@ class _BatchNorm(_NormBase):
         # estimates are kept.
         use_batch_stats = self.training or self.running_mean is None
         keep = not self.training or self.track_running_stats
+        version = _version(self.running_mean) if counted else None
         try:
             return bnF.batch_norm(
                 input,
@@ -207,8 +218,10 @@ class _BatchNorm(_NormBase):
         except Exception:
             # What batch_norm rejects (a weight of the wrong size, an input on
             # another device) fails before the running estimates change: so
-            # must the count.
-            if counted:
+            # must the count. An exception after they changed keeps it (a
+            # non-reentrant checkpoint stops its recomputation there, and
+            # torch's BN has then counted the batch twice, as it updated it).
+            if counted and _version(self.running_mean) == version:
                 self._uncount_batch()
             raise
 

@@ -371,7 +371,7 @@ class BatchNormTrainFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, input, weight, bias, eps):
+    def forward(ctx, input, weight, bias, eps, running_mean=None, running_var=None, momentum=0.0):
         x = input.to(_compute_dtype(input.dtype))
         ndim = x.dim()
         m = values_per_channel(x.shape)
@@ -387,6 +387,12 @@ class BatchNormTrainFunction(torch.autograd.Function):
         else:
             shift = torch.addcmul(bias.to(x.dtype), mu, scale, value=-1)
         y = _fma(shift, x, scale, out=y)
+        if running_mean is not None and running_var is not None:
+            # Here, before anything is saved for backward, as torch's op and
+            # bnlib's kernels update them: a non-reentrant checkpoint stops
+            # its recomputation at the last saved tensor, and torch's BN has
+            # then updated its estimates a second time (and counted the batch).
+            _update_running_stats(running_mean, running_var, mu, var, m, momentum)
         # The input itself, not x (for half inputs x is a float32 copy, twice
         # the bytes): the backward converts it again, and a backward asked
         # for a graph differentiates the formula from the input.
@@ -421,10 +427,11 @@ class BatchNormTrainFunction(torch.autograd.Function):
         """
         input, mu, invstd, weight, bias = ctx.saved_tensors
         if dy is None:  # grads are not materialized (see forward); no gradient reached y
-            return None, None, None, None
+            return None, None, None, None, None, None, None
         if torch.is_grad_enabled():  # create_graph=True: gradients that can be differentiated again
             inputs = (input, weight, bias)
-            return (*grads_through_formula(lambda *t: batch_norm_formula(*t, ctx.eps), inputs, dy), None)
+            return (*grads_through_formula(lambda *t: batch_norm_formula(*t, ctx.eps), inputs, dy),
+                    None, None, None, None)
         x = input.to(mu.dtype)
         ndim = x.dim()
         ones_over_m = ctx.ones_over_m
@@ -455,7 +462,7 @@ class BatchNormTrainFunction(torch.autograd.Function):
             grad_weight = (mean_dy_xc * invstd * m).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = (mean_dy * m).to(weight.dtype if weight is not None else dy32.dtype)
-        return grad_input, grad_weight, grad_bias, None
+        return grad_input, grad_weight, grad_bias, None, None, None, None
 
 
 class FusedCPUTrainFunction(torch.autograd.Function):
@@ -524,9 +531,9 @@ def batch_norm_train(input, weight, bias, eps, running_mean=None, running_var=No
         if update and running is None:  # buffers the kernel cannot update in place
             _update_running_stats(running_mean, running_var, mu, var, values_per_channel(x.shape), momentum)
         return y, mu, var
-    y, mu, var = BatchNormTrainFunction.apply(input, weight, bias, eps)
-    if update:
-        _update_running_stats(running_mean, running_var, mu, var, values_per_channel(input.shape), momentum)
+    # _dense: a strided input's output comes back contiguous, as torch's
+    y, mu, var = BatchNormTrainFunction.apply(_dense(input), weight, bias, eps, *((running_mean, running_var, momentum)
+                                                                                  if update else ()))
     return y, mu, var
 
 
@@ -762,5 +769,6 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
             return batch_norm_eval_formula(input, weight, bias, running_mean, running_var, eps)
         if not torch.is_grad_enabled() and _cpu_kernels(input) is not None:
             return _eval_kernel(input, weight, bias, running_mean, running_var, eps)[0]  # no graph to record
-        return BatchNormEvalFunction.apply(input, weight, bias, running_mean, running_var, eps)
+        # _dense: a strided input's output comes back contiguous, as torch's
+        return BatchNormEvalFunction.apply(_dense(input), weight, bias, running_mean, running_var, eps)
     return batch_norm_train(input, weight, bias, eps, running_mean, running_var, momentum)[0]

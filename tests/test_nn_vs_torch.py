@@ -547,3 +547,46 @@ def test_instance_norm_pre_0_4_checkpoint_is_an_error_like_torch():
         for strict in (True, False):
             with pytest.raises(RuntimeError, match="track_running_stats=False"):
                 lib.InstanceNorm1d(3).load_state_dict(dict(sd), strict=strict)
+
+
+# --------------------------------------------------------------------------
+# Activation checkpointing, and the layout of the output
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum 0.1", "cumulative"])
+def test_checkpointed_block_counts_and_updates_as_torch(momentum, use_reentrant):
+    """A BN layer last in a block under torch.utils.checkpoint: torch's BN
+    updates its estimates again when the backward recomputes the block (the
+    non-reentrant checkpoint stops the recomputation at the last saved tensor,
+    after the update), and counts the batch again. bnlib must do the same, on
+    both CPU paths, and keep its count and its estimates consistent."""
+    from torch.utils.checkpoint import checkpoint
+
+    def three_steps(bn_class):
+        torch.manual_seed(0)
+        block = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), bn_class(3, momentum=momentum))
+        for step in range(3):
+            x = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(step), requires_grad=True)
+            checkpoint(block, x, use_reentrant=use_reentrant).sum().backward()
+        return block[1]
+
+    ours, theirs = three_steps(bnlib.nn.BatchNorm2d), three_steps(torch.nn.BatchNorm2d)
+    assert ours.num_batches_tracked.item() == theirs.num_batches_tracked.item()
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.running_var, theirs.running_var, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_strided_input_gives_a_contiguous_output_as_torch(training, dtype):
+    """An (N, C, L) view of an (N, L, C) tensor: torch's BN returns a
+    contiguous output (one can .view() it), on every path."""
+    x = torch.randn(4, 7, 3, dtype=dtype).transpose(1, 2)
+    ours, theirs = bnlib.nn.BatchNorm1d(3).to(dtype), torch.nn.BatchNorm1d(3).to(dtype)
+    ours.train(training), theirs.train(training)
+    y, expected = ours(x), theirs(x)
+    assert y.is_contiguous() and expected.is_contiguous()
+    assert y.stride() == expected.stride()
+    torch.testing.assert_close(y, expected, rtol=2e-2 if dtype == torch.bfloat16 else 1e-5, atol=2e-2)
