@@ -31,7 +31,7 @@ export PYDEVD_DISABLE_FILE_VALIDATION := 1
 help:
 	@echo "make book   build the HTML book in _build/html (executes every chapter fresh)"
 	@echo "make test   run every test: bnlib unit/property tests, nbval on the chapters, the book build and a browser check"
-	@echo "make bench  time bnlib against torch's native batch norm"
+	@echo "make bench  time bnlib against torch's native batch norm (and layer, group, instance norm)"
 	@echo "make lab    open the chapters in JupyterLab from the project's environment"
 	@echo "make execute  re-execute every chapter in place (after a change to bnlib)"
 	@echo "make test-unit        only bnlib's pytest suite"
@@ -84,6 +84,7 @@ execute: $(STAMP)
 # written to bench/results/ (commit it, labelled with device and versions).
 bench: $(STAMP)
 	OMP_NUM_THREADS=2 $(PY) bench/bench_batchnorm.py --threads 1 2 --clock thread
+	OMP_NUM_THREADS=2 $(PY) bench/bench_norms.py --threads 1 2 --clock thread
 	$(PY) bench/bench_sync.py --processes 2 4
 	$(PY) bench/bench_triton_host.py
 	@if $(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then \

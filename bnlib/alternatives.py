@@ -28,6 +28,10 @@ Every normalization is written as a ``torch.autograd.Function`` whose
 backward is batch norm's compact formula applied to the right groups of values
 (``_rows_backward``), not autograd replaying the forward. float16 and
 bfloat16 inputs are computed in float32 and returned in their own dtype.
+Layer, group and instance norm of a contiguous float32 or float64 CPU tensor
+run the same formulas in bnlib's C++ loops (``grouped_norm_forward`` and
+``grouped_norm_backward`` in ``bnlib/csrc/batch_norm_cpu.cpp``), a row at a
+time; ``bnlib.functional.cpu_backend("tensor_ops")`` keeps them on tensor ops.
 
 The modules with running statistics derive from ``bnlib.batchnorm._NormBase``,
 the base of bnlib's batch norm: the same parameters, buffers and state-dict
@@ -148,11 +152,29 @@ class GroupedNormFunction(torch.autograd.Function):
     broadcast against the input (``(1, C, 1, ...)`` per channel, or the
     normalized shape for layer norm), ``param_dims`` the input dims summed for
     their gradients. ``forward`` returns ``(y, mu, var)``, the per-row
-    statistics (shape ``row_shape[:-1]``, not differentiable).
+    statistics (shape ``row_shape[:-1]``, not differentiable). Where
+    ``_grouped_kernel`` says the C++ loops can, both passes run there.
     """
 
     @staticmethod
     def forward(ctx, input, weight, bias, row_shape, param_view, param_dims, eps):
+        ctx.eps = eps
+        ctx.has_bias = bias is not None
+        ctx.bias_shape = None if bias is None else bias.shape
+        ctx.row_shape, ctx.param_view, ctx.param_dims = row_shape, param_view, param_dims
+        kernel = _grouped_kernel(input, row_shape, param_view)
+        if kernel is not None:
+            ops, inner, params = kernel
+            w = _param_values(weight, 1.0, params, input)
+            b = _param_values(bias, 0.0, params, input)
+            y, mu, var, invstd = ops.grouped_norm_forward(input, w, b, math.prod(row_shape[:-1]), inner, params, eps)
+            stats_shape = tuple(row_shape[:-1]) + (1,)
+            ctx.kernel = inner, params
+            ctx.save_for_backward(input, mu.view(stats_shape), invstd.view(stats_shape), weight, bias)
+            mu, var = mu.view(row_shape[:-1]), var.view(row_shape[:-1])
+            ctx.mark_non_differentiable(mu, var)
+            return y, mu, var
+        ctx.kernel = None
         x = input.to(_compute_dtype(input.dtype))
         rows = x.reshape(row_shape)
         mu = rows.mean(-1, keepdim=True)
@@ -170,10 +192,6 @@ class GroupedNormFunction(torch.autograd.Function):
         # The input and the (row,) statistics, not x_hat: the input is alive
         # anyway, and the backward recomputes x_hat in one pass (as torch's).
         ctx.save_for_backward(input, mu, invstd, weight, bias)
-        ctx.eps = eps
-        ctx.has_bias = bias is not None
-        ctx.bias_shape = None if bias is None else bias.shape
-        ctx.row_shape, ctx.param_view, ctx.param_dims = row_shape, param_view, param_dims
         mu, var = mu.squeeze(-1), var.squeeze(-1)
         ctx.mark_non_differentiable(mu, var)
         return y.to(input.dtype), mu, var
@@ -185,6 +203,17 @@ class GroupedNormFunction(torch.autograd.Function):
             grads = bnF.grads_through_formula(
                 lambda *t: _grouped_norm_formula(*t, ctx.row_shape, ctx.param_view, ctx.eps), (input, weight, bias), dy)
             return (*grads, None, None, None, None)
+        param_grads = (weight is not None and ctx.needs_input_grad[1]) or (ctx.has_bias and ctx.needs_input_grad[2])
+        if ctx.kernel is not None and dy.dtype == input.dtype and (ctx.needs_input_grad[0] or param_grads):
+            inner, params = ctx.kernel
+            grad_input, grad_weight, grad_bias = bnF._cpu["ops"].grouped_norm_backward(
+                dy.contiguous(), input, mu.view(-1), invstd.view(-1), _param_values(weight, 1.0, params, input),
+                inner, ctx.needs_input_grad[0], param_grads)
+            return (grad_input if ctx.needs_input_grad[0] else None,
+                    grad_weight.view(weight.shape).to(weight.dtype) if weight is not None and ctx.needs_input_grad[1]
+                    else None,
+                    grad_bias.view(ctx.bias_shape).to(bias.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None,
+                    None, None, None, None)
         x_hat = ((input.to(invstd.dtype).reshape(ctx.row_shape) - mu) * invstd).reshape(input.shape)
         dy32 = dy.to(x_hat.dtype)
         grad_input = grad_weight = grad_bias = None
@@ -198,6 +227,43 @@ class GroupedNormFunction(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = _sum_over(dy32, ctx.param_dims).reshape(ctx.bias_shape).to(param_dtype)
         return grad_input, grad_weight, grad_bias, None, None, None, None
+
+
+def _grouped_kernel(input, row_shape, param_view):
+    """``(ops, inner, params)`` when bnlib's C++ loops can run
+    ``GroupedNormFunction`` on ``input`` (a contiguous float32 or float64 CPU
+    tensor, its parameters one block of dims), else None.
+
+    The loops give value ``i`` of the flattened input the parameter
+    ``(i // inner) % params``: for group and instance norm the channel
+    (``inner`` the spatial size, ``params`` = C), for layer norm the position
+    in the row (``inner`` = 1, ``params`` = the row's length).
+    """
+    ops = bnF._cpu_kernels(input)
+    if ops is None or not input.is_contiguous():
+        return None
+    shape = tuple(input.shape)
+    view = (1,) * (len(shape) - len(param_view)) + tuple(param_view)
+    varying = [d for d, v in enumerate(view) if v != 1]
+    if not varying:  # one parameter for every value
+        inner, params = row_shape[-1], 1
+    else:
+        first, last = varying[0], varying[-1] + 1
+        if any(view[d] == 1 and shape[d] != 1 for d in range(first, last)):
+            return None
+        inner, params = math.prod(shape[last:]), math.prod(shape[first:last])
+    row = row_shape[-1]
+    if row % inner or params % (row // inner):
+        return None
+    return ops, inner, params
+
+
+def _param_values(param, fill, params, input):
+    """A layer's weight or bias as the C++ loops take it: ``params`` contiguous
+    values of the input's dtype (``fill`` where the layer has none)."""
+    if param is None:
+        return torch.full((params,), fill, dtype=input.dtype)
+    return param.detach().to(input.dtype).reshape(-1).contiguous()
 
 
 def _channel_view(ndim):

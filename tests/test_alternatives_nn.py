@@ -39,6 +39,8 @@ from helpers import (
 )
 
 DTYPES = [torch.float32, torch.float64]
+# Layer, group and instance norm on both CPU paths: bnlib's C++ loops and the tensor ops.
+pytestmark = pytest.mark.usefixtures("each_cpu_path")
 
 
 def assert_same_state(ours, theirs, dtype):

@@ -360,3 +360,152 @@ def test_no_grad_calls_skip_the_function_and_agree(training):
         results.append([y.detach(), rm, rv])
     for a, b_ in zip(*results):
         assert torch.equal(a, b_)
+
+
+# --------------------------------------------------------------------------
+# Layer, group and instance norm: grouped_norm_forward / grouped_norm_backward
+# --------------------------------------------------------------------------
+
+import bnlib.alternatives as alt  # noqa: E402
+
+# (name, the functional call, input shape): every way the loops index the
+# parameters (per channel over runs of S values; per position in the row),
+# rows longer than one summing block (8192 float32 values), runs longer than
+# one block, one-value runs, and a normalized shape with a 1 inside.
+GROUPED_CASES = {
+    "group norm NCHW": (lambda x, w, b: alt.group_norm(x, 4, w, b), (5, 8, 3, 7), 8),
+    "group norm (N,C)": (lambda x, w, b: alt.group_norm(x, 2, w, b), (9, 6), 6),
+    "group norm G=1, 3d": (lambda x, w, b: alt.group_norm(x, 1, w, b), (2, 3, 4, 3, 5), 3),
+    "group norm G=C": (lambda x, w, b: alt.group_norm(x, 6, w, b), (3, 6, 11), 6),
+    "group norm, runs over a block": (lambda x, w, b: alt.group_norm(x, 2, w, b), (2, 4, 96, 96), 4),
+    "instance norm 1d": (lambda x, w, b: alt.instance_norm(x, weight=w, bias=b), (4, 3, 10), 3),
+    "instance norm 3d": (lambda x, w, b: alt.instance_norm(x, weight=w, bias=b), (2, 3, 2, 3, 4), 3),
+    "layer norm, last dim": (lambda x, w, b: alt.layer_norm(x, (13,), w, b), (3, 5, 13), (13,)),
+    "layer norm, three dims": (lambda x, w, b: alt.layer_norm(x, (4, 1, 5), w, b), (3, 4, 1, 5), (4, 1, 5)),
+    "layer norm, rows over a block": (lambda x, w, b: alt.layer_norm(x, (3, 4000), w, b), (2, 3, 4000), (3, 4000)),
+}
+
+
+def grouped_run(fn, x, weight, bias, dy):
+    x = x.detach().clone().requires_grad_()
+    params = [None if p is None else p.detach().clone().requires_grad_() for p in (weight, bias)]
+    y = fn(x, *params)
+    y.backward(dy)
+    return [y, x.grad] + [p.grad for p in params if p is not None]
+
+
+@pytest.mark.parametrize("affine", ["both", "weight", "none"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("case", list(GROUPED_CASES))
+def test_grouped_norm_kernels_match_the_tensor_ops(case, dtype, affine):
+    fn, shape, param_shape = GROUPED_CASES[case]
+    param_shape = (param_shape,) if isinstance(param_shape, int) else param_shape
+    x = (random_input(shape, torch.float64, seed=21) * 2 + 3).to(dtype)
+    g = torch.Generator().manual_seed(22)
+    weight = (torch.rand(param_shape, generator=g, dtype=torch.float64) + 0.5).to(dtype)
+    bias = torch.randn(param_shape, generator=g, dtype=torch.float64).to(dtype)
+    weight, bias = {"both": (weight, bias), "weight": (weight, None), "none": (None, None)}[affine]
+    dy = random_input(shape, torch.float64, seed=23).to(dtype)
+    with BF.cpu_backend("kernels"):
+        ours = grouped_run(fn, x, weight, bias, dy)
+    with BF.cpu_backend("tensor_ops"):
+        theirs = grouped_run(fn, x, weight, bias, dy)
+    for a, b in zip(ours, theirs):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(a, b, **TOL[dtype])
+
+
+@pytest.mark.parametrize("name,module,shape", [
+    ("GroupNorm", lambda: bnn.GroupNorm(2, 4), (3, 4, 5, 5)),
+    ("LayerNorm", lambda: bnn.LayerNorm(6), (4, 6)),
+    ("InstanceNorm2d", lambda: bnn.InstanceNorm2d(4, affine=True), (3, 4, 5, 5)),
+])
+def test_grouped_norm_runs_one_op_per_direction(name, module, shape):
+    """GroupNorm, LayerNorm and the instance norms call the C++ loops: one
+    custom op forward, one backward, and no pass of tensor ops over x."""
+    from bnlib import perf
+
+    layer = module()
+    x = random_input(shape, torch.float32, seed=24).requires_grad_()
+    with BF.cpu_backend("kernels"):
+        y, fwd_ops = perf.op_traffic(layer, x)
+        _, bwd_ops = perf.op_traffic(y.backward, torch.randn(y.shape))
+    fwd = [op for op, *_ in perf.traffic_table(fwd_ops, x.numel() * 4)]
+    bwd = [op for op, *_ in perf.traffic_table(bwd_ops, x.numel() * 4)]
+    assert fwd[0] == "grouped_norm_forward.default" and fwd[-1] == "total", fwd
+    assert "grouped_norm_backward.default" in bwd, bwd
+    assert not [op for op in fwd + bwd if op.startswith(("sub", "mul", "mean", "sum"))], (fwd, bwd)
+
+
+def test_grouped_norm_gradcheck_through_the_kernels():
+    x = random_input((3, 4, 2, 3), torch.float64, seed=25).requires_grad_()
+    w, b = (t.requires_grad_() for t in random_affine(4, torch.float64))
+    with BF.cpu_backend("kernels"):
+        assert torch.autograd.gradcheck(lambda *a: alt.group_norm(a[0], 2, a[1], a[2]), (x, w, b))
+        xl = random_input((4, 5), torch.float64, seed=26).requires_grad_()
+        wl, bl = (t.requires_grad_() for t in random_affine(5, torch.float64, seed=27))
+        assert torch.autograd.gradcheck(lambda *a: alt.layer_norm(a[0], (5,), a[1], a[2]), (xl, wl, bl))
+
+
+def test_grouped_norm_statistics_are_stable_at_a_large_mean():
+    """float32 rows with mean 1e4 and spread 1: the kernels' two-pass
+    statistics give unit variance (E[x^2] - E[x]^2 would give garbage)."""
+    g = torch.Generator().manual_seed(28)
+    x = 1e4 + torch.randn(4, 8, 300, generator=g)
+    with BF.cpu_backend("kernels"):
+        y = alt.group_norm(x, 2, None, None)
+    var = y.double().reshape(4, 2, -1).var(-1, unbiased=False)
+    torch.testing.assert_close(var, torch.ones_like(var), rtol=1e-4, atol=1e-4)
+
+
+def test_grouped_norm_strided_and_half_inputs_take_the_tensor_ops():
+    """Only contiguous float32/float64 inputs go to the loops; a channels-last
+    or bfloat16 input takes the tensor ops, with the same results."""
+    from bnlib import perf
+
+    x = random_input((2, 4, 3, 3), torch.float32, seed=29)
+    with BF.cpu_backend("kernels"):
+        for t in (x.to(memory_format=torch.channels_last), x.to(torch.bfloat16)):
+            y, ops = perf.op_traffic(alt.group_norm, t, 2)
+            assert "grouped_norm_forward.default" not in [op["op"] for op in ops]
+            expected = alt.group_norm(t.float().contiguous(), 2).to(t.dtype)
+            torch.testing.assert_close(y, expected, rtol=2e-2, atol=2e-2)
+
+
+def test_grouped_norm_threads_agree():
+    """Rows are split among threads, and each thread's parameter gradients
+    summed in its own buffer: 1 and 3 threads agree to float rounding."""
+    x = random_input((6, 8, 5, 5), torch.float32, seed=30).requires_grad_()
+    w, b = (t.requires_grad_() for t in random_affine(8, torch.float32))
+    dy = random_input((6, 8, 5, 5), torch.float32, seed=31)
+    results = []
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            with BF.cpu_backend("kernels"):
+                results.append(grouped_run(lambda *a: alt.group_norm(a[0], 4, a[1], a[2]), x, w, b, dy))
+    finally:
+        torch.set_num_threads(previous)
+    for a, b_ in zip(*results):
+        torch.testing.assert_close(a, b_, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,module,shape", [
+    ("GroupNorm", lambda: bnn.GroupNorm(4, 8), (3, 8, 5, 5)),
+    ("LayerNorm", lambda: bnn.LayerNorm(12), (4, 12)),
+])
+def test_grouped_norm_under_torch_compile(name, module, shape):
+    """fullgraph compilation through the loops (their shapes-only versions,
+    cpu_kernels._register_fakes): the eager output and input gradient."""
+    layer = module()
+    x = random_input(shape, torch.float32, seed=32).requires_grad_()
+    with BF.cpu_backend("kernels"):
+        expected = layer(x)
+        expected.sum().backward()
+        expected_grad, x.grad = x.grad, None
+        compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+        y = compiled(x)
+        y.sum().backward()
+    torch.testing.assert_close(y, expected)
+    torch.testing.assert_close(x.grad, expected_grad)

@@ -1,4 +1,5 @@
 // Batch norm on CPU tensors in a few fused loops: bnlib's fast CPU path.
+// (Layer, group and instance norm, the same formulas per row, are at the end.)
 //
 // The formulas are those of bnlib/functional.py (and the chapter "The Batch
 // Normalization algorithm"); only the number of passes over memory changes.
@@ -610,6 +611,291 @@ at::Tensor batch_norm_backward_elemt(const at::Tensor& dy, const at::Tensor& x, 
   return dx;
 }
 
+
+// ---------------------------------------------------------------------------
+// Layer, group and instance norm: the same formulas, per row
+//
+// bnlib/alternatives.py's GroupedNormFunction normalizes every row of a
+// contiguous x viewed as R rows of M values, then y = x_hat * w + b. Value i
+// of the flattened x has the parameter k = (i / S) % P: group norm's channel
+// (S = the spatial size, P = C; a row is C/G channels of S values; instance
+// norm is G = C), or layer norm's element (S = 1, P = M, k = the position in
+// the row). So a row is M/S runs of S values, each with one parameter.
+//
+// Each row is finished before the next: its statistics, then its output,
+// from cache when the row fits (as torch's own kernels do), so that
+//   forward : read x, write y                                     = 2 |x|
+//   backward: read x, dy, write dx                                = 3 |x|
+// (a row too long for the cache is read twice: 3 |x| and 5 |x|).
+
+struct Rows {
+  int64_t R, M, S, P;  // rows, values per row, values per parameter, parameters
+};
+
+Rows rows_of(const at::Tensor& x, int64_t rows, int64_t inner, int64_t params) {
+  TORCH_CHECK(x.is_contiguous(), "bnlib grouped norm: expected a contiguous input");
+  TORCH_CHECK(rows > 0 && x.numel() > 0 && x.numel() % rows == 0, "bnlib grouped norm: ", rows,
+              " rows do not divide ", x.numel(), " values");
+  const int64_t M = x.numel() / rows;
+  TORCH_CHECK(inner > 0 && M % inner == 0 && params > 0 && params % (M / inner) == 0,
+              "bnlib grouped norm: a row of ", M, " values is not whole runs of ", inner,
+              " values of ", params, " parameters");
+  return {rows, M, inner, params};
+}
+
+void check_params(const at::Tensor& t, const at::Tensor& x, const Rows& L, const char* name) {
+  TORCH_CHECK(t.numel() == L.P && t.is_contiguous() && t.scalar_type() == x.scalar_type(),
+              "bnlib grouped norm: ", name, " must be a contiguous tensor of ", L.P, " values of the input's dtype");
+}
+
+// One row's mean and M2, in two passes over the row (from cache, when it
+// fits): its mean, then the sums of d = x - mean and d^2, whose M2 =
+// sum(d^2) - sum(d)^2 / n corrects for the mean's rounding. Summed in T over
+// runs of kBlockBytes, then in double.
+template <typename T>
+inline void row_moments(const T* x, int64_t n, double& mean, double& m2) {
+  const int64_t chunk = std::max<int64_t>(1, kBlockBytes / static_cast<int64_t>(sizeof(T)));
+  double total = 0;
+  for (int64_t s0 = 0; s0 < n; s0 += chunk) {
+    const int64_t len = std::min(chunk, n - s0);
+    const T* p = x + s0;
+    T a = 0;
+#pragma omp simd reduction(+ : a)
+    for (int64_t j = 0; j < len; ++j) a += p[j];
+    total += a;
+  }
+  const T shift = static_cast<T>(total / n);
+  double s1 = 0, s2 = 0;
+  for (int64_t s0 = 0; s0 < n; s0 += chunk) {
+    const int64_t len = std::min(chunk, n - s0);
+    const T* p = x + s0;
+    T a = 0, c = 0;
+#pragma omp simd reduction(+ : a, c)
+    for (int64_t j = 0; j < len; ++j) {
+      const T d = p[j] - shift;
+      a += d;
+      c += d * d;
+    }
+    s1 += a;
+    s2 += c;
+  }
+  mean = static_cast<double>(shift) + s1 / n;
+  m2 = s2 - s1 * s1 / n;
+}
+
+// The forward, row by row: a row's statistics, then, while the row is still
+// in cache, y = ((x - mean) * invstd) * w[k] + b[k] (the tensor-op path's
+// order of operations, so both round alike). x is read from memory once.
+template <typename T>
+void grouped_forward(const T* x, T* y, const Rows& L, double eps, T* mean, T* var, T* invstd, const T* w,
+                     const T* b) {
+  const int64_t M = L.M, S = L.S, runs = L.M / L.S;
+  const int64_t grain = std::max<int64_t>(1, 32768 / M);
+  at::parallel_for(0, L.R, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* xr = x + r * M;
+      T* yr = y + r * M;
+      double mu_d, m2;
+      row_moments(xr, M, mu_d, m2);
+      // Rounded to T first, then used, as the tensor-op path does: y depends
+      // only on what is saved for backward.
+      mean[r] = static_cast<T>(mu_d);
+      var[r] = static_cast<T>(m2 / M);
+      invstd[r] = static_cast<T>(1.0 / std::sqrt(static_cast<double>(var[r]) + eps));
+      const T mu = mean[r], is = invstd[r];
+      const int64_t k0 = (r * runs) % L.P;
+      if (S == 1) {
+        const T* wr = w + k0;
+        const T* br = b + k0;
+#pragma omp simd
+        for (int64_t j = 0; j < M; ++j) yr[j] = ((xr[j] - mu) * is) * wr[j] + br[j];
+      } else {
+        for (int64_t q = 0; q < runs; ++q) {
+          const T wk = w[k0 + q], bk = b[k0 + q];
+          const T* xs = xr + q * S;
+          T* ys = yr + q * S;
+#pragma omp simd
+          for (int64_t s = 0; s < S; ++s) ys[s] = ((xs[s] - mu) * is) * wk + bk;
+        }
+      }
+    }
+  });
+}
+
+// sum(g) and sum(g * (x - mu)) over n values, g = dy * w (w: one value, or one
+// per value when w_each), summed in T over runs of kBlockBytes, then in double.
+template <typename T>
+inline void run_sums(const T* dy, const T* x, T mu, const T* w, bool w_each, int64_t n, double& s_g, double& s_gxc) {
+  const int64_t chunk = std::max<int64_t>(1, kBlockBytes / static_cast<int64_t>(sizeof(T)));
+  for (int64_t s0 = 0; s0 < n; s0 += chunk) {
+    const int64_t len = std::min(chunk, n - s0);
+    const T* d = dy + s0;
+    const T* xp = x + s0;
+    T a = 0, c = 0;
+    if (w_each) {
+      const T* wp = w + s0;
+#pragma omp simd reduction(+ : a, c)
+      for (int64_t j = 0; j < len; ++j) {
+        const T g = d[j] * wp[j];
+        a += g;
+        c += g * (xp[j] - mu);
+      }
+    } else {
+#pragma omp simd reduction(+ : a, c)
+      for (int64_t j = 0; j < len; ++j) {
+        a += d[j];
+        c += d[j] * (xp[j] - mu);
+      }
+    }
+    s_g += a;
+    s_gxc += c;
+  }
+}
+
+// The backward, row by row: with dx_hat = dy * w[k], x_hat = (x - mu) * invstd,
+//   dx = invstd * (dx_hat - mean(dx_hat) - x_hat * mean(dx_hat * x_hat)),
+//   dw[k] = sum(dy * x_hat), db[k] = sum(dy) over the values of parameter k.
+// Rows are split among threads; each thread sums dw, db into its own buffer
+// (in double), and the buffers are added in thread order.
+template <typename T>
+void grouped_backward(const T* dy, const T* x, const Rows& L, const T* mean, const T* invstd, const T* w, T* dx,
+                      double* dw, double* db) {
+  const int64_t M = L.M, S = L.S, P = L.P, runs = L.M / L.S;
+  const bool param_grads = dw != nullptr;
+  const int64_t tasks = num_tasks(L.R, 1);
+  std::vector<double> dw_t(param_grads ? tasks * P : 0, 0.0), db_t(param_grads ? tasks * P : 0, 0.0);
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const auto [r0, r1] = task_range(t, tasks, L.R);
+      double* dwp = param_grads ? dw_t.data() + t * P : nullptr;
+      double* dbp = param_grads ? db_t.data() + t * P : nullptr;
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* xr = x + r * M;
+        const T* dyr = dy + r * M;
+        const T mu = mean[r], is = invstd[r];
+        const int64_t k0 = (r * runs) % P;
+        double s_g = 0, s_gxc = 0;  // sum(dx_hat), sum(dx_hat * (x - mu))
+        if (S == 1) {
+          run_sums(dyr, xr, mu, w + k0, true, M, s_g, s_gxc);
+          if (param_grads && dx == nullptr) {  // (else summed below, in dx's pass)
+            double* dwr = dwp + k0;
+            double* dbr = dbp + k0;
+#pragma omp simd
+            for (int64_t j = 0; j < M; ++j) {
+              dwr[j] += static_cast<double>(dyr[j] * ((xr[j] - mu) * is));
+              dbr[j] += static_cast<double>(dyr[j]);
+            }
+          }
+        } else {
+          for (int64_t q = 0; q < runs; ++q) {
+            double s_dy = 0, s_dyxc = 0;
+            run_sums(dyr + q * S, xr + q * S, mu, w, false, S, s_dy, s_dyxc);
+            const double wk = static_cast<double>(w[k0 + q]);
+            s_g += wk * s_dy;
+            s_gxc += wk * s_dyxc;
+            if (param_grads) {
+              dwp[k0 + q] += s_dyxc * static_cast<double>(is);
+              dbp[k0 + q] += s_dy;
+            }
+          }
+        }
+        if (dx == nullptr) continue;
+        const T mean_g = static_cast<T>(s_g / M);
+        const T mean_gxh = static_cast<T>(s_gxc * static_cast<double>(is) / M);
+        T* dxr = dx + r * M;
+        if (S == 1) {
+          const T* wr = w + k0;
+          if (param_grads) {  // dw and db in the same pass over the row
+            double* dwr = dwp + k0;
+            double* dbr = dbp + k0;
+#pragma omp simd
+            for (int64_t j = 0; j < M; ++j) {
+              const T x_hat = (xr[j] - mu) * is;
+              dwr[j] += static_cast<double>(dyr[j] * x_hat);
+              dbr[j] += static_cast<double>(dyr[j]);
+              dxr[j] = is * ((dyr[j] * wr[j] - mean_g) - x_hat * mean_gxh);
+            }
+          } else {
+#pragma omp simd
+            for (int64_t j = 0; j < M; ++j) dxr[j] = is * ((dyr[j] * wr[j] - mean_g) - ((xr[j] - mu) * is) * mean_gxh);
+          }
+        } else {
+          for (int64_t q = 0; q < runs; ++q) {
+            const T wk = w[k0 + q];
+            const T* xs = xr + q * S;
+            const T* dys = dyr + q * S;
+            T* dxs = dxr + q * S;
+#pragma omp simd
+            for (int64_t s = 0; s < S; ++s) dxs[s] = is * ((dys[s] * wk - mean_g) - ((xs[s] - mu) * is) * mean_gxh);
+          }
+        }
+      }
+    }
+  });
+  if (!param_grads) return;
+  for (int64_t k = 0; k < P; ++k) {
+    double a = 0, c = 0;
+    for (int64_t t = 0; t < tasks; ++t) {
+      a += dw_t[t * P + k];
+      c += db_t[t * P + k];
+    }
+    dw[k] = a;
+    db[k] = c;
+  }
+}
+
+// Forward: y, and each row's mean, biased variance and invstd (R values each).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_norm_forward(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, int64_t rows, int64_t inner,
+    int64_t params, double eps) {
+  const Rows L = rows_of(x, rows, inner, params);
+  check_params(weight, x, L, "weight");
+  check_params(bias, x, L, "bias");
+  at::Tensor y = at::empty_like(x);
+  at::Tensor mean = at::empty({L.R}, x.options());
+  at::Tensor var = at::empty({L.R}, x.options());
+  at::Tensor invstd = at::empty({L.R}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bnlib_grouped_norm_forward", [&] {
+    grouped_forward<scalar_t>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), L, eps, mean.data_ptr<scalar_t>(),
+                              var.data_ptr<scalar_t>(), invstd.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
+                              bias.data_ptr<scalar_t>());
+  });
+  return {y, mean, var, invstd};
+}
+
+// Backward: dx (when input_grad), and dw, db (P values each; when param_grads,
+// else empty).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_norm_backward(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
+    const at::Tensor& weight, int64_t inner, bool input_grad, bool param_grads) {
+  const Rows L = rows_of(x, mean.numel(), inner, weight.numel());
+  TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type() && dy.is_contiguous(),
+              "bnlib grouped norm backward: dy must be contiguous, with x's shape and dtype");
+  TORCH_CHECK(invstd.numel() == L.R && mean.is_contiguous() && invstd.is_contiguous() &&
+                  mean.scalar_type() == x.scalar_type() && invstd.scalar_type() == x.scalar_type(),
+              "bnlib grouped norm backward: mean and invstd must be contiguous, one value per row");
+  check_params(weight, x, L, "weight");
+  at::Tensor dx = input_grad ? at::empty_like(x) : at::empty({0}, x.options());
+  at::Tensor dw = at::empty({param_grads ? L.P : 0}, x.options());
+  at::Tensor db = at::empty({param_grads ? L.P : 0}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bnlib_grouped_norm_backward", [&] {
+    std::vector<double> dw_d(param_grads ? L.P : 0), db_d(param_grads ? L.P : 0);
+    grouped_backward<scalar_t>(dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), L, mean.data_ptr<scalar_t>(),
+                               invstd.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
+                               input_grad ? dx.data_ptr<scalar_t>() : nullptr,
+                               param_grads ? dw_d.data() : nullptr, param_grads ? db_d.data() : nullptr);
+    if (param_grads) {
+      scalar_t* dw_p = dw.data_ptr<scalar_t>();
+      scalar_t* db_p = db.data_ptr<scalar_t>();
+      for (int64_t k = 0; k < L.P; ++k) {
+        dw_p[k] = static_cast<scalar_t>(dw_d[k]);
+        db_p[k] = static_cast<scalar_t>(db_d[k]);
+      }
+    }
+  });
+  return {dx, dw, db};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(bnlib_cpu, m) {
@@ -628,6 +914,12 @@ TORCH_LIBRARY(bnlib_cpu, m) {
   m.def("batch_norm_stats(Tensor x) -> (Tensor, Tensor)");
   m.def("batch_norm_backward_reduce(Tensor dy, Tensor x, Tensor mean) -> (Tensor, Tensor)");
   m.def("batch_norm_backward_elemt(Tensor dy, Tensor x, Tensor mean, Tensor k, Tensor a, Tensor b) -> Tensor");
+  m.def(
+      "grouped_norm_forward(Tensor x, Tensor weight, Tensor bias, int rows, int inner, int params, float eps)"
+      " -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "grouped_norm_backward(Tensor dy, Tensor x, Tensor mean, Tensor invstd, Tensor weight, int inner,"
+      " bool input_grad, bool param_grads) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(bnlib_cpu, CPU, m) {
@@ -638,4 +930,6 @@ TORCH_LIBRARY_IMPL(bnlib_cpu, CPU, m) {
   m.impl("batch_norm_stats", &batch_norm_stats);
   m.impl("batch_norm_backward_reduce", &batch_norm_backward_reduce);
   m.impl("batch_norm_backward_elemt", &batch_norm_backward_elemt);
+  m.impl("grouped_norm_forward", &grouped_norm_forward);
+  m.impl("grouped_norm_backward", &grouped_norm_backward);
 }

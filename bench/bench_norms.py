@@ -1,0 +1,91 @@
+"""Time bnlib's layer, group and instance norm against torch's on this CPU.
+
+Forward+backward (and forward alone) of ``bnlib.nn.LayerNorm``, ``GroupNorm``
+and ``InstanceNorm2d`` on their default CPU path (the C++ loops of
+``bnlib/csrc/batch_norm_cpu.cpp``, ``grouped_norm_forward/backward``), the
+same modules on the tensor-op path, and torch's modules, interleaved round
+after round in one process as in ``bench_batchnorm.py``, each round in
+another order; the median of the rounds, as time and as ratio to torch's.
+
+Usage: python bench/bench_norms.py [--threads 1 2] [--rounds 15] [--quick]
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import bench_batchnorm
+import bnlib.nn as bnn
+from bench_batchnorm import time_call, torch_steps
+
+# (label, bnlib module, torch module, input shape): a transformer's rows, a
+# normalized shape of three dims, ResNet-sized maps with 32 and 8 groups.
+CASES = [
+    ("LayerNorm(1024)", lambda: bnn.LayerNorm(1024), lambda: torch.nn.LayerNorm(1024), (4096, 1024)),
+    ("LayerNorm([64, 32, 32])", lambda: bnn.LayerNorm([64, 32, 32]), lambda: torch.nn.LayerNorm([64, 32, 32]),
+     (32, 64, 32, 32)),
+    ("GroupNorm(32, 256)", lambda: bnn.GroupNorm(32, 256), lambda: torch.nn.GroupNorm(32, 256), (64, 256, 14, 14)),
+    ("GroupNorm(8, 64)", lambda: bnn.GroupNorm(8, 64), lambda: torch.nn.GroupNorm(8, 64), (64, 64, 32, 32)),
+    ("InstanceNorm2d(64)", lambda: bnn.InstanceNorm2d(64, affine=True),
+     lambda: torch.nn.InstanceNorm2d(64, affine=True), (64, 64, 32, 32)),
+]
+
+
+def bench_case(make_ours, make_native, shape, rounds, reps):
+    torch.manual_seed(0)
+    x = torch.randn(shape, requires_grad=True)
+    dy = torch.randn(shape)
+    candidates = {
+        "bnlib": torch_steps(make_ours(), x, dy),
+        "native": torch_steps(make_native(), x, dy),
+        "tensor ops": torch_steps(make_ours(), x, dy, cpu_path="tensor_ops"),
+    }
+    times = {(name, kind): [] for name in candidates for kind in ("fwd", "fwd+bwd")}
+    for fwd, fwdbwd in candidates.values():  # warm-up
+        fwd(), fwdbwd()
+    names = list(candidates)
+    for round_ in range(rounds):
+        # Each round starts with another candidate: what ran just before (the
+        # tensor-op path frees many large blocks, and glibc's heap then hands
+        # the next large allocation fresh pages) moved a ratio by up to 0.3.
+        for name in names[round_ % len(names):] + names[: round_ % len(names)]:
+            fwd, fwdbwd = candidates[name]
+            times[(name, "fwd")].append(time_call(fwd, reps))
+            times[(name, "fwd+bwd")].append(time_call(fwdbwd, reps))
+    return {key: statistics.median(values) for key, values in times.items()}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1])
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--quick", action="store_true", help="few rounds, for a smoke test")
+    parser.add_argument("--clock", choices=["wall", "thread"], default="wall",
+                        help="'thread' counts only this thread's CPU time (steadier on a busy machine); "
+                             "row sets with more than one thread use the wall clock")
+    args = parser.parse_args()
+    rounds = 3 if args.quick else args.rounds
+    print(f"torch {torch.__version__}; median of {rounds} interleaved rounds; ratio = time / torch's time")
+    header = (f"{'threads':<8}{'clock':<7}{'module':<25}{'shape':<19}{'pass':<9}{'torch ms':>9}{'bnlib ms':>9}"
+              f"{'bnlib/torch':>12}{'tensor ops/torch':>17}")
+    print(header)
+    print("-" * len(header))
+    for threads in args.threads:
+        clock = args.clock if threads == 1 else "wall"
+        bench_batchnorm.CLOCK = time.thread_time if clock == "thread" else time.perf_counter
+        torch.set_num_threads(threads)
+        for label, make_ours, make_native, shape in CASES:
+            numel = 1
+            for size in shape:
+                numel *= size
+            result = bench_case(make_ours, make_native, shape, rounds, max(1, int(2e7 // numel)))
+            for kind in ("fwd", "fwd+bwd"):
+                native, ours = result[("native", kind)], result[("bnlib", kind)]
+                print(f"{threads:<8}{clock:<7}{label:<25}{str(shape):<19}{kind:<9}{native * 1e3:>9.2f}{ours * 1e3:>9.2f}"
+                      f"{ours / native:>12.2f}{result[('tensor ops', kind)] / native:>17.2f}")
+
+
+if __name__ == "__main__":
+    main()
