@@ -220,14 +220,19 @@ def _check_global_count(input, count, world_size):
 class SyncBatchNormFunction(torch.autograd.Function):
     """Training-mode batch norm over every rank of ``process_group``.
 
-    ``forward(input, weight, bias, eps, process_group)`` returns
-    ``(y, mu, var, count)``: the output (input's dtype) and the global mean,
-    biased variance and count per channel (``(C,)``, not differentiable).
-    One all_gather in forward, one all_reduce in backward.
+    ``forward(input, weight, bias, eps, process_group, on_stats=None)``
+    returns ``(y, mu, var, count)``: the output (input's dtype) and the
+    global mean, biased variance and count per channel (``(C,)``, not
+    differentiable). ``on_stats(mu, var, count)``, when given, is called with
+    them before anything is saved for backward: the module updates its
+    running estimates there, where torch's SyncBatchNorm does (a
+    non-reentrant checkpoint stops its recomputation at the last saved
+    tensor, after that update). One all_gather in forward, one all_reduce in
+    backward.
     """
 
     @staticmethod
-    def forward(ctx, input, weight, bias, eps, process_group):
+    def forward(ctx, input, weight, bias, eps, process_group, on_stats=None):
         x = input.to(_compute_dtype(input.dtype))
         kernels = _cpu_kernels(x)
         if kernels is not None:
@@ -242,6 +247,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
         _check_global_count(input, count, world_size)
 
         var = m2 / count
+        if on_stats is not None:
+            on_stats(mu, var, count)
         if kernels is not None:
             # With the global mu and var in hand, the normalization is the
             # eval-mode kernel's one pass: (x - mu) * gamma * invstd + beta.
@@ -318,7 +325,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
             grad_weight = sum_dy_x_hat.to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = sum_dy.to(weight.dtype if weight is not None else dy32.dtype)
-        return grad_input, grad_weight, grad_bias, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None
 
 
 class SyncBatchNorm(bnn._BatchNorm, bnn._TorchBatchNorm):
@@ -376,12 +383,15 @@ class SyncBatchNorm(bnn._BatchNorm, bnn._TorchBatchNorm):
         if group is None:
             return super().forward(input)  # plain BatchNorm; checks first, then state
         self._check_shape(input)
-        y, mu, var, count = SyncBatchNormFunction.apply(input, self.weight, self.bias, self.eps, group)
-        # Only now, after the global check inside the function, is state changed.
-        if self.track_running_stats:
-            factor = self._count_batch()
-            update_running_stats(self.running_mean, self.running_var, mu, var * (count / (count - 1)), factor)
-        return y
+        on_stats = self._update_running_stats if self.track_running_stats else None
+        return SyncBatchNormFunction.apply(input, self.weight, self.bias, self.eps, group, on_stats)[0]
+
+    @torch.no_grad()
+    def _update_running_stats(self, mu, var, count):
+        # Called inside SyncBatchNormFunction, after its global check: only
+        # then is state changed.
+        factor = self._count_batch()
+        update_running_stats(self.running_mean, self.running_var, mu, var * (count / (count - 1)), factor)
 
     @classmethod
     def convert_sync_batchnorm(cls, module, process_group=None):

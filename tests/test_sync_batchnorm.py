@@ -245,6 +245,18 @@ def _ddp_local_bn(rank, group01):
     return train_ddp_cnn(make_ddp_cnn(), rank, group01)
 
 
+def _checkpointed(rank, group01):
+    """SyncBN as a block under a non-reentrant checkpoint: 2 ranks of 4 rows, 2 steps."""
+    from torch.utils.checkpoint import checkpoint
+
+    layer = bnlib.nn.SyncBatchNorm(3, process_group=group01, dtype=torch.float64)
+    for step in range(2):
+        x_all = random_input((8, 3, 4), torch.float64, seed=70 + step)
+        x = x_all[4 * rank: 4 * rank + 4].clone().requires_grad_(True)
+        checkpoint(layer, x, use_reentrant=False).sum().backward()
+    return _buffers(layer)
+
+
 def worker(rank, world_size):
     group01 = dist.new_group([0, 1])  # every rank must call new_group
     groups = {2: group01, 3: None}
@@ -260,6 +272,7 @@ def worker(rank, world_size):
         results["nan"] = _nan_channel(rank, group01)
         results["ddp"] = _ddp(rank, group01)
         results["ddp_local_bn"] = _ddp_local_bn(rank, group01)
+        results["checkpointed"] = _checkpointed(rank, group01)
     else:
         results["outside"] = _outside_group(rank, group01)
     return results
@@ -825,3 +838,21 @@ def test_demo_cnn_is_the_same_network_with_either_batchnorm():
     assert type(make_cnn(2).norm3) is bnlib.nn.GhostBatchNorm and make_cnn(2).norm3.virtual_batch_size == 2
     with pytest.raises(ValueError, match="virtual batch size"):
         make_cnn("ghost")
+
+
+def test_checkpointed_sync_batchnorm_updates_as_torch(ranks):
+    """Under a non-reentrant checkpoint the recomputed forward updates torch's
+    estimates, and counts the batch, a second time: SyncBN on two slices
+    must end where torch's BN on the whole batch ends."""
+    from torch.utils.checkpoint import checkpoint
+
+    ref = torch.nn.BatchNorm1d(3, dtype=torch.float64)
+    for step in range(2):
+        x = random_input((8, 3, 4), torch.float64, seed=70 + step).requires_grad_(True)
+        checkpoint(ref, x, use_reentrant=False).sum().backward()
+    assert ref.num_batches_tracked.item() == 4  # torch's own behaviour, which this test pins
+    for rank in range(2):
+        got = ranks[rank]["checkpointed"]
+        assert torch.equal(got["num_batches_tracked"], ref.num_batches_tracked), rank
+        assert_close(got["running_mean"], ref.running_mean, STAT_TOL[torch.float64], f"rank {rank}")
+        assert_close(got["running_var"], ref.running_var, STAT_TOL[torch.float64], f"rank {rank}")
