@@ -181,10 +181,10 @@ class _NormBase(nn.Module):
 
 def _version(buffer):
     """The version counter of a running estimate (every in-place change adds
-    one); None for an inference tensor, which has none, and inside
+    one); None for no estimate, for an inference tensor, which has none, and inside
     ``torch.compile``, which cannot trace either (there a failed call takes
     its count back whatever happened before it failed)."""
-    if torch.compiler.is_compiling() or buffer.is_inference():
+    if buffer is None or torch.compiler.is_compiling() or buffer.is_inference():
         return None
     return buffer._version
 
@@ -197,13 +197,13 @@ class _BatchNorm(_NormBase):
         self._check_input(input)
         factor = 0.0 if self.momentum is None else self.momentum
         counted = self.training and self.track_running_stats
+        version = _version(self.running_mean) if counted else None
         if counted:
             factor = self._count_batch()
         # Batch statistics in training mode, and in eval mode when no running
         # estimates are kept.
         use_batch_stats = self.training or self.running_mean is None
         keep = not self.training or self.track_running_stats
-        version = _version(self.running_mean) if counted else None
         try:
             return bnF.batch_norm(
                 input,

@@ -590,3 +590,14 @@ def test_strided_input_gives_a_contiguous_output_as_torch(training, dtype):
     assert y.is_contiguous() and expected.is_contiguous()
     assert y.stride() == expected.stride()
     torch.testing.assert_close(y, expected, rtol=2e-2 if dtype == torch.bfloat16 else 1e-5, atol=2e-2)
+
+
+def test_running_estimates_set_to_none_count_batches_as_torch():
+    """track_running_stats=True with the buffers set to None afterwards:
+    torch counts the batch and normalizes with the batch statistics."""
+    ours, theirs = bnlib.nn.BatchNorm2d(3), torch.nn.BatchNorm2d(3)
+    for layer in (ours, theirs):
+        layer.running_mean = layer.running_var = None
+    x = torch.randn(4, 3, 2, 2)
+    torch.testing.assert_close(ours(x), theirs(x))
+    assert ours.num_batches_tracked.item() == theirs.num_batches_tracked.item() == 1
