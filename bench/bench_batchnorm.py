@@ -110,8 +110,9 @@ def bench_shape(shape, rounds, reps):
     return {key: statistics.median(values) for key, values in times.items() if values}
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def common_arguments(description):
+    """The options this script and ``bench_norms.py`` share."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--threads", type=int, nargs="+", default=[1],
                         help="torch thread counts, one row set each (e.g. --threads 1 2)")
     parser.add_argument("--rounds", type=int, default=15)
@@ -119,8 +120,22 @@ def main():
     parser.add_argument("--clock", choices=["wall", "thread"], default="wall",
                         help="'thread' counts only this thread's CPU time (steadier on a busy machine, "
                              "meaningful with --threads 1)")
-    args = parser.parse_args()
+    return parser
+
+
+def use_threads(threads, clock):
+    """Run torch on ``threads`` threads, timed on ``clock`` (the wall clock
+    for more than one thread: the thread clock counts one thread's time);
+    returns the clock's name."""
     global CLOCK
+    clock = clock if threads == 1 else "wall"
+    CLOCK = time.thread_time if clock == "thread" else time.perf_counter
+    torch.set_num_threads(threads)
+    return clock
+
+
+def main():
+    args = common_arguments(__doc__.splitlines()[0]).parse_args()
     rounds = 3 if args.quick else args.rounds
     kernels = "fused C++ kernels" if cpu_kernels.is_available() else "tensor ops (the C++ kernels could not be built)"
     print(f"torch {torch.__version__}, numpy {np.__version__}; bnlib's CPU path: {kernels}")
@@ -131,9 +146,7 @@ def main():
     print(header)
     print("-" * len(header))
     for threads in args.threads:
-        clock = args.clock if threads == 1 else "wall"
-        CLOCK = time.thread_time if clock == "thread" else time.perf_counter
-        torch.set_num_threads(threads)
+        clock = use_threads(threads, args.clock)
         for shape in SHAPES:
             numel = int(np.prod(shape))
             reps = max(1, int(2e7 // numel))

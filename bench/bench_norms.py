@@ -7,18 +7,15 @@ same modules on the tensor-op path, and torch's modules, interleaved round
 after round in one process as in ``bench_batchnorm.py``, each round in
 another order; the median of the rounds, as time and as ratio to torch's.
 
-Usage: python bench/bench_norms.py [--threads 1 2] [--rounds 15] [--quick]
+Usage: python bench/bench_norms.py [--threads 1 2] [--clock thread] [--rounds 15] [--quick]
 """
 
-import argparse
 import statistics
-import time
 
 import torch
 
-import bench_batchnorm
 import bnlib.nn as bnn
-from bench_batchnorm import time_call, torch_steps
+from bench_batchnorm import common_arguments, time_call, torch_steps, use_threads
 
 # (label, bnlib module, torch module, input shape): a transformer's rows, a
 # normalized shape of three dims, ResNet-sized maps with 32 and 8 groups.
@@ -58,14 +55,7 @@ def bench_case(make_ours, make_native, shape, rounds, reps):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, nargs="+", default=[1])
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--quick", action="store_true", help="few rounds, for a smoke test")
-    parser.add_argument("--clock", choices=["wall", "thread"], default="wall",
-                        help="'thread' counts only this thread's CPU time (steadier on a busy machine); "
-                             "row sets with more than one thread use the wall clock")
-    args = parser.parse_args()
+    args = common_arguments(__doc__.splitlines()[0]).parse_args()
     rounds = 3 if args.quick else args.rounds
     print(f"torch {torch.__version__}; median of {rounds} interleaved rounds; ratio = time / torch's time")
     header = (f"{'threads':<8}{'clock':<7}{'module':<25}{'shape':<19}{'pass':<9}{'torch ms':>9}{'bnlib ms':>9}"
@@ -73,9 +63,7 @@ def main():
     print(header)
     print("-" * len(header))
     for threads in args.threads:
-        clock = args.clock if threads == 1 else "wall"
-        bench_batchnorm.CLOCK = time.thread_time if clock == "thread" else time.perf_counter
-        torch.set_num_threads(threads)
+        clock = use_threads(threads, args.clock)
         for label, make_ours, make_native, shape in CASES:
             numel = 1
             for size in shape:

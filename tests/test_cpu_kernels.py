@@ -472,19 +472,24 @@ def test_grouped_norm_strided_and_half_inputs_take_the_tensor_ops():
             torch.testing.assert_close(y, expected, rtol=2e-2, atol=2e-2)
 
 
-def test_grouped_norm_threads_agree():
+@pytest.mark.parametrize("fn,shape,params", [
+    (lambda *a: alt.group_norm(a[0], 4, a[1], a[2]), (6, 8, 5, 5), 8),
+    # few long rows: fewer tasks than threads, so that the buffers stay small
+    (lambda *a: alt.layer_norm(a[0], (300,), a[1], a[2]), (24, 300), 300),
+], ids=["group norm", "layer norm, few rows"])
+def test_grouped_norm_threads_agree(fn, shape, params):
     """Rows are split among threads, and each thread's parameter gradients
     summed in its own buffer: 1 and 3 threads agree to float rounding."""
-    x = random_input((6, 8, 5, 5), torch.float32, seed=30).requires_grad_()
-    w, b = (t.requires_grad_() for t in random_affine(8, torch.float32))
-    dy = random_input((6, 8, 5, 5), torch.float32, seed=31)
+    x = random_input(shape, torch.float32, seed=30).requires_grad_()
+    w, b = (t.requires_grad_() for t in random_affine(params, torch.float32))
+    dy = random_input(shape, torch.float32, seed=31)
     results = []
     previous = torch.get_num_threads()
     try:
         for threads in (1, 3):
             torch.set_num_threads(threads)
             with BF.cpu_backend("kernels"):
-                results.append(grouped_run(lambda *a: alt.group_norm(a[0], 4, a[1], a[2]), x, w, b, dy))
+                results.append(grouped_run(fn, x, w, b, dy))
     finally:
         torch.set_num_threads(previous)
     for a, b_ in zip(*results):

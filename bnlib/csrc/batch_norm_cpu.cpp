@@ -105,6 +105,21 @@ void merge_tasks(const std::vector<double>& n, const std::vector<double>& tmean,
   }
 }
 
+// sum(x - shift) and sum((x - shift)^2) over len values, summed in T (the
+// caller keeps len to a block, and adds the sums into double).
+template <typename T>
+inline void shifted_sums(const T* p, int64_t len, T shift, T& sum_d, T& sum_d2) {
+  T a = 0, c = 0;
+#pragma omp simd reduction(+ : a, c)
+  for (int64_t j = 0; j < len; ++j) {
+    const T d = p[j] - shift;
+    a += d;
+    c += d * d;
+  }
+  sum_d = a;
+  sum_d2 = c;
+}
+
 // Per-channel mean and M2 of a planes-layout tensor. The planes are read in
 // memory order (the hardware prefetcher streams them; walking one channel's
 // planes, C * S values apart, is several times slower), split among threads;
@@ -136,13 +151,8 @@ void plane_stats(const T* x, const Layout& L, double* mean, double* m2) {
           } else {  // afterwards, by the channel's mean so far
             a = static_cast<T>(cmean[c]);
           }
-          T s1 = 0, s2 = 0;
-#pragma omp simd reduction(+ : s1, s2)
-          for (int64_t j = 0; j < len; ++j) {
-            const T d = p[j] - a;
-            s1 += d;
-            s2 += d * d;
-          }
+          T s1, s2;
+          shifted_sums(p, len, a, s1, s2);
           const double nb = static_cast<double>(len);
           chan_merge(cn[c], cmean[c], cm2[c], nb, a + static_cast<double>(s1) / nb,
                      static_cast<double>(s2) - static_cast<double>(s1) * s1 / nb);
@@ -668,14 +678,8 @@ inline void row_moments(const T* x, int64_t n, double& mean, double& m2) {
   double s1 = 0, s2 = 0;
   for (int64_t s0 = 0; s0 < n; s0 += chunk) {
     const int64_t len = std::min(chunk, n - s0);
-    const T* p = x + s0;
-    T a = 0, c = 0;
-#pragma omp simd reduction(+ : a, c)
-    for (int64_t j = 0; j < len; ++j) {
-      const T d = p[j] - shift;
-      a += d;
-      c += d * d;
-    }
+    T a, c;
+    shifted_sums(x + s0, len, shift, a, c);
     s1 += a;
     s2 += c;
   }
@@ -762,7 +766,10 @@ void grouped_backward(const T* dy, const T* x, const Rows& L, const T* mean, con
                       double* dw, double* db) {
   const int64_t M = L.M, S = L.S, P = L.P, runs = L.M / L.S;
   const bool param_grads = dw != nullptr;
-  const int64_t tasks = num_tasks(L.R, 1);
+  int64_t tasks = num_tasks(L.R, 1);
+  if (param_grads) {  // the buffers (16 P bytes a task) at most half a float32 x's size
+    tasks = std::min(tasks, std::max<int64_t>(1, L.R * L.M / (8 * P)));
+  }
   std::vector<double> dw_t(param_grads ? tasks * P : 0, 0.0), db_t(param_grads ? tasks * P : 0, 0.0);
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
