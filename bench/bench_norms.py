@@ -1,7 +1,7 @@
-"""Time bnlib's layer, group and instance norm against torch's on this CPU.
+"""Time bnlib's layer, group, RMS and instance norm against torch's on this CPU.
 
-Forward+backward (and forward alone) of ``bnlib.nn.LayerNorm``, ``GroupNorm``
-and ``InstanceNorm2d`` on their default CPU path (the C++ loops of
+Forward+backward (and forward alone) of ``bnlib.nn.LayerNorm``, ``GroupNorm``,
+``RMSNorm`` and ``InstanceNorm2d`` on their default CPU path (the C++ loops of
 ``bnlib/csrc/batch_norm_cpu.cpp``, ``grouped_norm_forward/backward``), the
 same modules on the tensor-op path, and torch's modules, interleaved round
 after round in one process as in ``bench_batchnorm.py``, each round in
@@ -25,6 +25,7 @@ CASES = [
      (32, 64, 32, 32)),
     ("GroupNorm(32, 256)", lambda: bnn.GroupNorm(32, 256), lambda: torch.nn.GroupNorm(32, 256), (64, 256, 14, 14)),
     ("GroupNorm(8, 64)", lambda: bnn.GroupNorm(8, 64), lambda: torch.nn.GroupNorm(8, 64), (64, 64, 32, 32)),
+    ("RMSNorm(1024)", lambda: bnn.RMSNorm(1024), lambda: torch.nn.RMSNorm(1024), (4096, 1024)),
     ("InstanceNorm2d(64)", lambda: bnn.InstanceNorm2d(64, affine=True),
      lambda: torch.nn.InstanceNorm2d(64, affine=True), (64, 64, 32, 32)),
 ]

@@ -28,10 +28,11 @@ Every normalization is written as a ``torch.autograd.Function`` whose
 backward is batch norm's compact formula applied to the right groups of values
 (``_rows_backward``), not autograd replaying the forward. float16 and
 bfloat16 inputs are computed in float32 and returned in their own dtype.
-Layer, group and instance norm of a contiguous float32 or float64 CPU tensor
-run the same formulas in bnlib's C++ loops (``grouped_norm_forward`` and
-``grouped_norm_backward`` in ``bnlib/csrc/batch_norm_cpu.cpp``), a row at a
-time; ``bnlib.functional.cpu_backend("tensor_ops")`` keeps them on tensor ops.
+Layer, group, instance and RMS norm (and so filter response norm) of a
+contiguous float32 or float64 CPU tensor run the same formulas in bnlib's
+C++ loops (``grouped_norm_forward`` and ``grouped_norm_backward`` in
+``bnlib/csrc/batch_norm_cpu.cpp``), a row at a time;
+``bnlib.functional.cpu_backend("tensor_ops")`` keeps them on tensor ops.
 
 The modules with running statistics derive from ``bnlib.batchnorm._NormBase``,
 the base of bnlib's batch norm: the same parameters, buffers and state-dict
@@ -166,8 +167,9 @@ class GroupedNormFunction(torch.autograd.Function):
         if kernel is not None:
             ops, inner, params = kernel
             w = _param_values(weight, 1.0, params, input)
-            b = _param_values(bias, 0.0, params, input)
-            y, mu, var, invstd = ops.grouped_norm_forward(input, w, b, math.prod(row_shape[:-1]), inner, params, eps)
+            b = None if bias is None else _param_values(bias, 0.0, params, input)
+            y, mu, var, invstd = ops.grouped_norm_forward(input, w, b, math.prod(row_shape[:-1]), inner, params, eps,
+                                                          True)
             stats_shape = tuple(row_shape[:-1]) + (1,)
             ctx.kernel = inner, params
             ctx.save_for_backward(input, mu.view(stats_shape), invstd.view(stats_shape), weight, bias)
@@ -208,7 +210,7 @@ class GroupedNormFunction(torch.autograd.Function):
             inner, params = ctx.kernel
             grad_input, grad_weight, grad_bias = bnF._cpu["ops"].grouped_norm_backward(
                 dy.contiguous(), input, mu.view(-1), invstd.view(-1), _param_values(weight, 1.0, params, input),
-                inner, ctx.needs_input_grad[0], param_grads)
+                inner, True, ctx.needs_input_grad[0], param_grads)
             return (grad_input if ctx.needs_input_grad[0] else None,
                     grad_weight.view(weight.shape).to(weight.dtype) if weight is not None and ctx.needs_input_grad[1]
                     else None,
@@ -441,6 +443,17 @@ class RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, weight, row_shape, param_dims, eps):
+        ctx.row_shape, ctx.param_dims, ctx.eps = row_shape, param_dims, eps
+        kernel = _grouped_kernel(input, row_shape, (1,) if weight is None else weight.shape)
+        if kernel is not None:  # bnlib's C++ loops, without the mean (centered = False)
+            ops, inner, params = kernel
+            w = _param_values(weight, 1.0, params, input)
+            y, zeros, _, inv_rms = ops.grouped_norm_forward(input, w, None, math.prod(row_shape[:-1]), inner, params,
+                                                            eps, False)
+            ctx.kernel = inner, params
+            ctx.save_for_backward(input, inv_rms, weight, zeros)
+            return y
+        ctx.kernel = None
         x = input.to(_compute_dtype(input.dtype))
         rows = x.reshape(row_shape)
         inv_rms = torch.rsqrt((rows * rows).mean(-1, keepdim=True) + eps)
@@ -449,16 +462,24 @@ class RMSNormFunction(torch.autograd.Function):
         torch.mul(rows, inv_rms, out=x_hat.view(row_shape))
         y = x_hat if weight is None else x_hat * weight.to(x.dtype)
         ctx.save_for_backward(input, inv_rms, weight)
-        ctx.row_shape, ctx.param_dims, ctx.eps = row_shape, param_dims, eps
         return y.to(input.dtype)
 
     @staticmethod
     def backward(ctx, dy):
-        input, inv_rms, weight = ctx.saved_tensors
+        input, inv_rms, weight, *zeros = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: gradients that can be differentiated again
             grads = bnF.grads_through_formula(
                 lambda *t: _rms_norm_formula(*t, ctx.row_shape, ctx.eps), (input, weight), dy)
             return (*grads, None, None, None)
+        weight_grad = weight is not None and ctx.needs_input_grad[1]
+        if ctx.kernel is not None and dy.dtype == input.dtype and (ctx.needs_input_grad[0] or weight_grad):
+            inner, params = ctx.kernel
+            grad_input, grad_weight, _ = bnF._cpu["ops"].grouped_norm_backward(
+                dy.contiguous(), input, zeros[0], inv_rms, _param_values(weight, 1.0, params, input), inner, False,
+                ctx.needs_input_grad[0], weight_grad)
+            return (grad_input if ctx.needs_input_grad[0] else None,
+                    grad_weight.view(weight.shape).to(weight.dtype) if weight_grad else None, None, None, None)
+        inv_rms = inv_rms.view(tuple(ctx.row_shape[:-1]) + (1,))
         x_hat = input.to(inv_rms.dtype).reshape(ctx.row_shape) * inv_rms
         dy32 = dy.to(x_hat.dtype)
         grad_input = grad_weight = None

@@ -229,12 +229,12 @@ def _register_fakes():
         return torch.empty_like(x)
 
     @torch.library.register_fake(lib + "grouped_norm_forward")
-    def _(x, weight, bias, rows, inner, params, eps):
+    def _(x, weight, bias, rows, inner, params, eps, centered):
         per_row = x.new_empty((rows,))
         return torch.empty_like(x), per_row, per_row.clone(), per_row.clone()
 
     @torch.library.register_fake(lib + "grouped_norm_backward")
-    def _(dy, x, mean, invstd, weight, inner, input_grad, param_grads):
+    def _(dy, x, mean, invstd, weight, inner, centered, input_grad, param_grads):
         dx = torch.empty_like(x) if input_grad else x.new_empty((0,))
         params = weight.numel() if param_grads else 0
         return dx, x.new_empty((params,)), x.new_empty((params,))

@@ -383,6 +383,12 @@ GROUPED_CASES = {
     "layer norm, last dim": (lambda x, w, b: alt.layer_norm(x, (13,), w, b), (3, 5, 13), (13,)),
     "layer norm, three dims": (lambda x, w, b: alt.layer_norm(x, (4, 1, 5), w, b), (3, 4, 1, 5), (4, 1, 5)),
     "layer norm, rows over a block": (lambda x, w, b: alt.layer_norm(x, (3, 4000), w, b), (2, 3, 4000), (3, 4000)),
+    # RMS norm: the same loops without the mean (its bias argument unused)
+    "RMS norm, last dim": (lambda x, w, b: alt.rms_norm(x, (13,), w), (3, 5, 13), (13,)),
+    "RMS norm, two dims, over a block": (lambda x, w, b: alt.rms_norm(x, (3, 4000), w), (2, 3, 4000), (3, 4000)),
+    # filter response norm: RMS norm of each (sample, channel) map, then an affine map and a threshold
+    "filter response norm": (lambda x, w, b: alt.filter_response_norm(x, w, b, None if b is None else -b),
+                             (4, 6, 5, 7), 6),
 }
 
 
@@ -391,7 +397,7 @@ def grouped_run(fn, x, weight, bias, dy):
     params = [None if p is None else p.detach().clone().requires_grad_() for p in (weight, bias)]
     y = fn(x, *params)
     y.backward(dy)
-    return [y, x.grad] + [p.grad for p in params if p is not None]
+    return [y, x.grad] + [p.grad for p in params if p is not None and p.grad is not None]
 
 
 @pytest.mark.parametrize("affine", ["both", "weight", "none"])
@@ -419,6 +425,7 @@ def test_grouped_norm_kernels_match_the_tensor_ops(case, dtype, affine):
     ("GroupNorm", lambda: bnn.GroupNorm(2, 4), (3, 4, 5, 5)),
     ("LayerNorm", lambda: bnn.LayerNorm(6), (4, 6)),
     ("InstanceNorm2d", lambda: bnn.InstanceNorm2d(4, affine=True), (3, 4, 5, 5)),
+    ("RMSNorm", lambda: bnn.RMSNorm(6), (4, 6)),
 ])
 def test_grouped_norm_runs_one_op_per_direction(name, module, shape):
     """GroupNorm, LayerNorm and the instance norms call the C++ loops: one

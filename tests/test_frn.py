@@ -18,6 +18,9 @@ from bnlib import alternatives as A
 from bnlib import reference as R
 from helpers import GRAD_TOL, OUT_TOL, assert_close
 
+# On both CPU paths: bnlib's C++ loops (RMS norm of each map) and the tensor ops.
+pytestmark = pytest.mark.usefixtures("each_cpu_path")
+
 SHAPES = [(3, 4, 5), (2, 3, 4, 5), (2, 3, 2, 3, 2), (1, 2, 1, 1), (4, 1, 7)]
 
 

@@ -32,6 +32,8 @@ from helpers import (
 )
 
 DTYPES = [torch.float32, torch.float64]
+# On both CPU paths: bnlib's C++ loops (without the mean) and the tensor ops.
+pytestmark = pytest.mark.usefixtures("each_cpu_path")
 # (input shape, normalized_shape); the last two have no leading dims, so the
 # weight gradient sums over nothing
 CASES = [((4, 6), 6), ((3, 5, 4), (4,)), ((3, 5, 4), (5, 4)), ((2, 3, 4, 5), (3, 4, 5)), ((2, 3), [3]),

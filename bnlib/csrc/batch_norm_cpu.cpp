@@ -631,6 +631,8 @@ at::Tensor batch_norm_backward_elemt(const at::Tensor& dy, const at::Tensor& x, 
 // (S = the spatial size, P = C; a row is C/G channels of S values; instance
 // norm is G = C), or layer norm's element (S = 1, P = M, k = the position in
 // the row). So a row is M/S runs of S values, each with one parameter.
+// RMS norm (and filter response norm, RMS norm per channel) is the same with
+// centered = false: no mean, "var" the mean square, no path through a mean.
 //
 // Each row is finished before the next: its statistics, then its output,
 // from cache when the row fits (as torch's own kernels do), so that
@@ -687,20 +689,41 @@ inline void row_moments(const T* x, int64_t n, double& mean, double& m2) {
   m2 = s2 - s1 * s1 / n;
 }
 
+// One row's sum of squares (RMS norm's statistic: no mean is taken), summed
+// in T over runs of kBlockBytes, then in double.
+template <typename T>
+inline double row_sum_squares(const T* x, int64_t n) {
+  const int64_t chunk = std::max<int64_t>(1, kBlockBytes / static_cast<int64_t>(sizeof(T)));
+  double total = 0;
+  for (int64_t s0 = 0; s0 < n; s0 += chunk) {
+    const int64_t len = std::min(chunk, n - s0);
+    const T* p = x + s0;
+    T a = 0;
+#pragma omp simd reduction(+ : a)
+    for (int64_t j = 0; j < len; ++j) a += p[j] * p[j];
+    total += a;
+  }
+  return total;
+}
+
 // The forward, row by row: a row's statistics, then, while the row is still
 // in cache, y = ((x - mean) * invstd) * w[k] + b[k] (the tensor-op path's
 // order of operations, so both round alike). x is read from memory once.
 template <typename T>
-void grouped_forward(const T* x, T* y, const Rows& L, double eps, T* mean, T* var, T* invstd, const T* w,
-                     const T* b) {
+void grouped_forward(const T* x, T* y, const Rows& L, double eps, bool centered, T* mean, T* var, T* invstd,
+                     const T* w, const T* b) {
   const int64_t M = L.M, S = L.S, runs = L.M / L.S;
   const int64_t grain = std::max<int64_t>(1, 32768 / M);
   at::parallel_for(0, L.R, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const T* xr = x + r * M;
       T* yr = y + r * M;
-      double mu_d, m2;
-      row_moments(xr, M, mu_d, m2);
+      double mu_d = 0, m2;
+      if (centered) {
+        row_moments(xr, M, mu_d, m2);
+      } else {  // RMS norm: "var" is the mean square, "mean" 0
+        m2 = row_sum_squares(xr, M);
+      }
       // Rounded to T first, then used, as the tensor-op path does: y depends
       // only on what is saved for backward.
       mean[r] = static_cast<T>(mu_d);
@@ -710,16 +733,27 @@ void grouped_forward(const T* x, T* y, const Rows& L, double eps, T* mean, T* va
       const int64_t k0 = (r * runs) % L.P;
       if (S == 1) {
         const T* wr = w + k0;
-        const T* br = b + k0;
+        if (b != nullptr) {
+          const T* br = b + k0;
 #pragma omp simd
-        for (int64_t j = 0; j < M; ++j) yr[j] = ((xr[j] - mu) * is) * wr[j] + br[j];
+          for (int64_t j = 0; j < M; ++j) yr[j] = ((xr[j] - mu) * is) * wr[j] + br[j];
+        } else {
+#pragma omp simd
+          for (int64_t j = 0; j < M; ++j) yr[j] = ((xr[j] - mu) * is) * wr[j];
+        }
       } else {
         for (int64_t q = 0; q < runs; ++q) {
-          const T wk = w[k0 + q], bk = b[k0 + q];
+          const T wk = w[k0 + q];
           const T* xs = xr + q * S;
           T* ys = yr + q * S;
+          if (b != nullptr) {
+            const T bk = b[k0 + q];
 #pragma omp simd
-          for (int64_t s = 0; s < S; ++s) ys[s] = ((xs[s] - mu) * is) * wk + bk;
+            for (int64_t s = 0; s < S; ++s) ys[s] = ((xs[s] - mu) * is) * wk + bk;
+          } else {
+#pragma omp simd
+            for (int64_t s = 0; s < S; ++s) ys[s] = ((xs[s] - mu) * is) * wk;
+          }
         }
       }
     }
@@ -762,8 +796,8 @@ inline void run_sums(const T* dy, const T* x, T mu, const T* w, bool w_each, int
 // Rows are split among threads; each thread sums dw, db into its own buffer
 // (in double), and the buffers are added in thread order.
 template <typename T>
-void grouped_backward(const T* dy, const T* x, const Rows& L, const T* mean, const T* invstd, const T* w, T* dx,
-                      double* dw, double* db) {
+void grouped_backward(const T* dy, const T* x, const Rows& L, bool centered, const T* mean, const T* invstd,
+                      const T* w, T* dx, double* dw, double* db) {
   const int64_t M = L.M, S = L.S, P = L.P, runs = L.M / L.S;
   const bool param_grads = dw != nullptr;
   int64_t tasks = num_tasks(L.R, 1);
@@ -807,7 +841,7 @@ void grouped_backward(const T* dy, const T* x, const Rows& L, const T* mean, con
           }
         }
         if (dx == nullptr) continue;
-        const T mean_g = static_cast<T>(s_g / M);
+        const T mean_g = centered ? static_cast<T>(s_g / M) : T(0);  // RMS norm: no path through a mean
         const T mean_gxh = static_cast<T>(s_gxc * static_cast<double>(is) / M);
         T* dxr = dx + r * M;
         if (S == 1) {
@@ -853,19 +887,20 @@ void grouped_backward(const T* dy, const T* x, const Rows& L, const T* mean, con
 
 // Forward: y, and each row's mean, biased variance and invstd (R values each).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_norm_forward(
-    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, int64_t rows, int64_t inner,
-    int64_t params, double eps) {
+    const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, int64_t rows, int64_t inner,
+    int64_t params, double eps, bool centered) {
   const Rows L = rows_of(x, rows, inner, params);
   check_params(weight, x, L, "weight");
-  check_params(bias, x, L, "bias");
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias) check_params(*bias, x, L, "bias");
   at::Tensor y = at::empty_like(x);
   at::Tensor mean = at::empty({L.R}, x.options());
   at::Tensor var = at::empty({L.R}, x.options());
   at::Tensor invstd = at::empty({L.R}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bnlib_grouped_norm_forward", [&] {
-    grouped_forward<scalar_t>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), L, eps, mean.data_ptr<scalar_t>(),
+    grouped_forward<scalar_t>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), L, eps, centered, mean.data_ptr<scalar_t>(),
                               var.data_ptr<scalar_t>(), invstd.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
-                              bias.data_ptr<scalar_t>());
+                              has_bias ? bias->data_ptr<scalar_t>() : nullptr);
   });
   return {y, mean, var, invstd};
 }
@@ -874,7 +909,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_norm_forward(
 // else empty).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_norm_backward(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
-    const at::Tensor& weight, int64_t inner, bool input_grad, bool param_grads) {
+    const at::Tensor& weight, int64_t inner, bool centered, bool input_grad, bool param_grads) {
   const Rows L = rows_of(x, mean.numel(), inner, weight.numel());
   TORCH_CHECK(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type() && dy.is_contiguous(),
               "bnlib grouped norm backward: dy must be contiguous, with x's shape and dtype");
@@ -887,7 +922,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_norm_backward(
   at::Tensor db = at::empty({param_grads ? L.P : 0}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bnlib_grouped_norm_backward", [&] {
     std::vector<double> dw_d(param_grads ? L.P : 0), db_d(param_grads ? L.P : 0);
-    grouped_backward<scalar_t>(dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), L, mean.data_ptr<scalar_t>(),
+    grouped_backward<scalar_t>(dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), L, centered, mean.data_ptr<scalar_t>(),
                                invstd.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
                                input_grad ? dx.data_ptr<scalar_t>() : nullptr,
                                param_grads ? dw_d.data() : nullptr, param_grads ? db_d.data() : nullptr);
@@ -922,11 +957,11 @@ TORCH_LIBRARY(bnlib_cpu, m) {
   m.def("batch_norm_backward_reduce(Tensor dy, Tensor x, Tensor mean) -> (Tensor, Tensor)");
   m.def("batch_norm_backward_elemt(Tensor dy, Tensor x, Tensor mean, Tensor k, Tensor a, Tensor b) -> Tensor");
   m.def(
-      "grouped_norm_forward(Tensor x, Tensor weight, Tensor bias, int rows, int inner, int params, float eps)"
-      " -> (Tensor, Tensor, Tensor, Tensor)");
+      "grouped_norm_forward(Tensor x, Tensor weight, Tensor? bias, int rows, int inner, int params, float eps,"
+      " bool centered) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "grouped_norm_backward(Tensor dy, Tensor x, Tensor mean, Tensor invstd, Tensor weight, int inner,"
-      " bool input_grad, bool param_grads) -> (Tensor, Tensor, Tensor)");
+      " bool centered, bool input_grad, bool param_grads) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(bnlib_cpu, CPU, m) {
