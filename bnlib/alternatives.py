@@ -29,7 +29,7 @@ backward is batch norm's compact formula applied to the right groups of values
 (``_rows_backward``), not autograd replaying the forward. float16 and
 bfloat16 inputs are computed in float32 and returned in their own dtype.
 Layer, group, instance and RMS norm (and so filter response norm) of a
-contiguous float32 or float64 CPU tensor run the same formulas in bnlib's
+float32 or float64 CPU tensor run the same formulas in bnlib's
 C++ loops (``grouped_norm_forward`` and ``grouped_norm_backward`` in
 ``bnlib/csrc/batch_norm_cpu.cpp``), a row at a time;
 ``bnlib.functional.cpu_backend("tensor_ops")`` keeps them on tensor ops.
@@ -168,7 +168,7 @@ class GroupedNormFunction(torch.autograd.Function):
             ops, inner, params = kernel
             w = _param_values(weight, 1.0, params, input)
             b = None if bias is None else _param_values(bias, 0.0, params, input)
-            y, mu, var, invstd = ops.grouped_norm_forward(input, w, b, math.prod(row_shape[:-1]), inner, params, eps,
+            y, mu, var, invstd = ops.grouped_norm_forward(input.contiguous(), w, b, math.prod(row_shape[:-1]), inner, params, eps,
                                                           True)
             stats_shape = tuple(row_shape[:-1]) + (1,)
             ctx.kernel = inner, params
@@ -209,7 +209,8 @@ class GroupedNormFunction(torch.autograd.Function):
         if ctx.kernel is not None and dy.dtype == input.dtype and (ctx.needs_input_grad[0] or param_grads):
             inner, params = ctx.kernel
             grad_input, grad_weight, grad_bias = bnF._cpu["ops"].grouped_norm_backward(
-                dy.contiguous(), input, mu.view(-1), invstd.view(-1), _param_values(weight, 1.0, params, input),
+                dy.contiguous(), input.contiguous(), mu.view(-1), invstd.view(-1),
+                _param_values(weight, 1.0, params, input),
                 inner, True, ctx.needs_input_grad[0], param_grads)
             return (grad_input if ctx.needs_input_grad[0] else None,
                     grad_weight.view(weight.shape).to(weight.dtype) if weight is not None and ctx.needs_input_grad[1]
@@ -233,8 +234,12 @@ class GroupedNormFunction(torch.autograd.Function):
 
 def _grouped_kernel(input, row_shape, param_view):
     """``(ops, inner, params)`` when bnlib's C++ loops can run
-    ``GroupedNormFunction`` on ``input`` (a contiguous float32 or float64 CPU
-    tensor, its parameters one block of dims), else None.
+    ``GroupedNormFunction`` on ``input`` (a float32 or float64 CPU tensor, its
+    parameters one block of dims), else None. The loops read rows in memory
+    order: a strided or channels-last input is copied to a contiguous one
+    first, in each pass (a copy costs less than the tensor ops' passes; the
+    input itself is what is saved, as on the tensor-op path, so that
+    second derivatives still reach it).
 
     The loops give value ``i`` of the flattened input the parameter
     ``(i // inner) % params``: for group and instance norm the channel
@@ -242,7 +247,7 @@ def _grouped_kernel(input, row_shape, param_view):
     in the row (``inner`` = 1, ``params`` = the row's length).
     """
     ops = bnF._cpu_kernels(input)
-    if ops is None or not input.is_contiguous():
+    if ops is None:
         return None
     shape = tuple(input.shape)
     view = (1,) * (len(shape) - len(param_view)) + tuple(param_view)
@@ -448,7 +453,7 @@ class RMSNormFunction(torch.autograd.Function):
         if kernel is not None:  # bnlib's C++ loops, without the mean (centered = False)
             ops, inner, params = kernel
             w = _param_values(weight, 1.0, params, input)
-            y, zeros, _, inv_rms = ops.grouped_norm_forward(input, w, None, math.prod(row_shape[:-1]), inner, params,
+            y, zeros, _, inv_rms = ops.grouped_norm_forward(input.contiguous(), w, None, math.prod(row_shape[:-1]), inner, params,
                                                             eps, False)
             ctx.kernel = inner, params
             ctx.save_for_backward(input, inv_rms, weight, zeros)
@@ -475,7 +480,7 @@ class RMSNormFunction(torch.autograd.Function):
         if ctx.kernel is not None and dy.dtype == input.dtype and (ctx.needs_input_grad[0] or weight_grad):
             inner, params = ctx.kernel
             grad_input, grad_weight, _ = bnF._cpu["ops"].grouped_norm_backward(
-                dy.contiguous(), input, zeros[0], inv_rms, _param_values(weight, 1.0, params, input), inner, False,
+                dy.contiguous(), input.contiguous(), zeros[0], inv_rms, _param_values(weight, 1.0, params, input), inner, False,
                 ctx.needs_input_grad[0], weight_grad)
             return (grad_input if ctx.needs_input_grad[0] else None,
                     grad_weight.view(weight.shape).to(weight.dtype) if weight_grad else None, None, None, None)

@@ -465,17 +465,42 @@ def test_grouped_norm_statistics_are_stable_at_a_large_mean():
     torch.testing.assert_close(var, torch.ones_like(var), rtol=1e-4, atol=1e-4)
 
 
-def test_grouped_norm_strided_and_half_inputs_take_the_tensor_ops():
-    """Only contiguous float32/float64 inputs go to the loops; a channels-last
-    or bfloat16 input takes the tensor ops, with the same results."""
+@pytest.mark.parametrize("layout", ["channels_last", "transposed"])
+def test_grouped_norm_strided_inputs_are_copied_to_the_loops(layout):
+    """A channels-last or otherwise strided float32 input goes to the loops
+    through a contiguous copy: the tensor-op path's results, the output in
+    torch's layout, and second derivatives that still reach the input."""
+    from bnlib import perf
+
+    x = random_input((2, 4, 3, 5), torch.float64, seed=29)
+    x = x.to(memory_format=torch.channels_last) if layout == "channels_last" else x.transpose(2, 3)
+    w, b = random_affine(4, torch.float64)
+    dy = random_input(x.shape, torch.float64, seed=33)
+    fn = lambda *a: alt.group_norm(a[0], 2, a[1], a[2])  # noqa: E731
+    with BF.cpu_backend("kernels"):
+        _, ops = perf.op_traffic(fn, x, w, b)
+        assert "grouped_norm_forward.default" in [op["op"] for op in ops]
+        ours = grouped_run(fn, x, w, b, dy)
+        xg, wg, bg = (t.detach().clone().requires_grad_() for t in (x, w, b))
+        assert torch.autograd.gradgradcheck(fn, (xg, wg, bg))
+    with BF.cpu_backend("tensor_ops"):
+        theirs = grouped_run(fn, x, w, b, dy)
+    for a, b_ in zip(ours, theirs):
+        torch.testing.assert_close(a, b_, **TOL[torch.float64])
+    expected = torch.nn.functional.group_norm(x, 2, w, b)
+    assert ours[0].stride() == expected.stride()
+
+
+def test_grouped_norm_half_inputs_take_the_tensor_ops():
+    """float16 and bfloat16 inputs keep the tensor ops (float32 inside)."""
     from bnlib import perf
 
     x = random_input((2, 4, 3, 3), torch.float32, seed=29)
     with BF.cpu_backend("kernels"):
-        for t in (x.to(memory_format=torch.channels_last), x.to(torch.bfloat16)):
+        for t in (x.to(torch.bfloat16), x.to(torch.float16)):
             y, ops = perf.op_traffic(alt.group_norm, t, 2)
             assert "grouped_norm_forward.default" not in [op["op"] for op in ops]
-            expected = alt.group_norm(t.float().contiguous(), 2).to(t.dtype)
+            expected = alt.group_norm(t.float(), 2).to(t.dtype)
             torch.testing.assert_close(y, expected, rtol=2e-2, atol=2e-2)
 
 
