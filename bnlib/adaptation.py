@@ -71,7 +71,10 @@ def configure_tent(model: nn.Module) -> list[nn.Parameter]:
     repeated). A ``GhostBatchNorm`` normalizes each of its virtual batches
     by itself; a ``SyncBatchNorm`` in a process group takes the statistics
     of the whole batch across processes. Other normalization layers
-    (``FrozenBatchNorm``, layer or group norm) are left as they are.
+    (``FrozenBatchNorm``, layer or group norm) are left as they are; so is
+    batch renorm, which in the model's training mode then keeps correcting
+    towards, and updating, its running statistics (call its ``eval()`` if
+    that is not wanted).
 
     Raises ``ValueError``, and changes nothing, when no BN layer has a
     weight or a bias (nothing to adapt), or when a lazy BN layer has not seen

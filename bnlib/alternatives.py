@@ -1175,7 +1175,10 @@ class _BatchRenorm(_NormBase):
 
     def current_limits(self):
         """``(r_max, d_max)`` for the next training step."""
-        step = int(self.num_batches_tracked)
+        # The step only where a schedule needs it (a host read on CUDA); a
+        # count set to None (torch allows it) is step 0.
+        scheduled = callable(self.r_max) or callable(self.d_max)
+        step = int(self.num_batches_tracked) if scheduled and self.num_batches_tracked is not None else 0
         r_max = self.r_max(step) if callable(self.r_max) else self.r_max
         d_max = self.d_max(step) if callable(self.d_max) else self.d_max
         _check_limit("r_max", r_max, 1.0)

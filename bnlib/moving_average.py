@@ -277,7 +277,15 @@ def conversion_table(torch_momenta=(0.5, 0.1, 0.01, 0.001), tol: float = 0.01) -
 
 def is_batchnorm(module) -> bool:
     """True for a batch norm layer: torch's ``nn.BatchNorm*d`` / ``SyncBatchNorm``
-    or bnlib's (``bnlib.nn.BatchNorm*d``, ``SyncBatchNorm``, ``GhostBatchNorm``)."""
+    or bnlib's (``bnlib.nn.BatchNorm*d``, ``SyncBatchNorm``, ``GhostBatchNorm``).
+
+    Not batch renorm (``bnlib.nn.BatchRenorm1d/2d``): in training mode its
+    output is corrected towards its running statistics, so re-estimating them
+    with the layer in training mode (:func:`precise_bn`, which leaves it in
+    eval mode) or adapting it at test time (``bnlib.adaptation``) is not BN's
+    procedure. Folding and freezing take it
+    (``frozen_batchnorm.freezable``: its eval mode is BN's), and so does
+    ``training.train(decay_bn=False)``, which exempts its gamma and beta."""
     import torch
     from bnlib import nn as bnn
 

@@ -93,14 +93,16 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float,
 
 def _parameter_groups(model, weight_decay, decay_bn):
     """One group with ``weight_decay``; without ``decay_bn``, the BN layers' gamma and beta
-    (conditional BN's tables too) in a second group with none."""
+    (conditional BN's tables and batch renorm's too) in a second group with none."""
     if decay_bn or weight_decay == 0:
         return [{"params": list(model.parameters()), "weight_decay": weight_decay}]
+    from bnlib.alternatives import _BatchRenorm
     from bnlib.conditional import _ConditionalBatchNorm
     from bnlib.moving_average import is_batchnorm
 
     # a conditional BN's class tables are its gamma and beta, one row per class
-    bn_params = {id(p) for m in model.modules() if is_batchnorm(m) or isinstance(m, _ConditionalBatchNorm)
+    bn_params = {id(p) for m in model.modules()
+                 if is_batchnorm(m) or isinstance(m, (_ConditionalBatchNorm, _BatchRenorm))
                  for p in m.parameters(recurse=False)}
     return [{"params": [p for p in model.parameters() if id(p) not in bn_params], "weight_decay": weight_decay},
             {"params": [p for p in model.parameters() if id(p) in bn_params], "weight_decay": 0.0}]

@@ -217,3 +217,25 @@ def test_bad_input_raises_and_changes_nothing(module, shape, pattern):
         module(torch.randn(shape))
     for key, value in module.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+def test_count_set_to_none_trains_with_fixed_limits():
+    """torch's BN trains with num_batches_tracked set to None; so does batch
+    renorm where no schedule needs the step (the count is then not read)."""
+    layer = bnlib.nn.BatchRenorm1d(3)
+    layer.num_batches_tracked = None
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(0))
+    y = layer(x)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    assert layer.num_batches_tracked is None
+
+
+def test_decay_bn_false_exempts_batch_renorm_parameters():
+    """training.train(decay_bn=False) puts batch renorm's gamma and beta in the
+    group without weight decay, as BN's."""
+    from bnlib.training import _parameter_groups
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), bnlib.nn.BatchRenorm1d(3))
+    decayed, exempt = _parameter_groups(model, 1e-4, decay_bn=False)
+    assert {id(p) for p in exempt["params"]} == {id(model[1].weight), id(model[1].bias)}
+    assert exempt["weight_decay"] == 0.0 and decayed["weight_decay"] == 1e-4
