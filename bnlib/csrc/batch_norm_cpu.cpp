@@ -689,19 +689,17 @@ inline void row_moments(const T* x, int64_t n, double& mean, double& m2) {
   m2 = s2 - s1 * s1 / n;
 }
 
-// One row's sum of squares (RMS norm's statistic: no mean is taken), summed
-// in T over runs of kBlockBytes, then in double.
+// One row's sum of squares (RMS norm's statistic: no mean is taken): the
+// shifted sums with shift 0, summed in T over runs of kBlockBytes, then in
+// double.
 template <typename T>
 inline double row_sum_squares(const T* x, int64_t n) {
   const int64_t chunk = std::max<int64_t>(1, kBlockBytes / static_cast<int64_t>(sizeof(T)));
   double total = 0;
   for (int64_t s0 = 0; s0 < n; s0 += chunk) {
-    const int64_t len = std::min(chunk, n - s0);
-    const T* p = x + s0;
-    T a = 0;
-#pragma omp simd reduction(+ : a)
-    for (int64_t j = 0; j < len; ++j) a += p[j] * p[j];
-    total += a;
+    T sum, sum_squares;
+    shifted_sums(x + s0, std::min(chunk, n - s0), T(0), sum, sum_squares);
+    total += sum_squares;
   }
   return total;
 }
