@@ -163,20 +163,14 @@ class GroupedNormFunction(torch.autograd.Function):
         ctx.has_bias = bias is not None
         ctx.bias_shape = None if bias is None else bias.shape
         ctx.row_shape, ctx.param_view, ctx.param_dims = row_shape, param_view, param_dims
-        kernel = _grouped_kernel(input, row_shape, param_view)
-        if kernel is not None:
-            ops, inner, params = kernel
-            w = _param_values(weight, 1.0, params, input)
-            b = None if bias is None else _param_values(bias, 0.0, params, input)
-            y, mu, var, invstd = ops.grouped_norm_forward(input.contiguous(), w, b, math.prod(row_shape[:-1]), inner, params, eps,
-                                                          True)
+        ctx.kernel = _grouped_kernel(input, row_shape, param_view)
+        if ctx.kernel is not None:
+            y, mu, var, invstd = _kernel_forward(ctx.kernel, input, weight, bias, row_shape, eps, centered=True)
             stats_shape = tuple(row_shape[:-1]) + (1,)
-            ctx.kernel = inner, params
             ctx.save_for_backward(input, mu.view(stats_shape), invstd.view(stats_shape), weight, bias)
             mu, var = mu.view(row_shape[:-1]), var.view(row_shape[:-1])
             ctx.mark_non_differentiable(mu, var)
             return y, mu, var
-        ctx.kernel = None
         x = input.to(_compute_dtype(input.dtype))
         rows = x.reshape(row_shape)
         mu = rows.mean(-1, keepdim=True)
@@ -207,16 +201,10 @@ class GroupedNormFunction(torch.autograd.Function):
             return (*grads, None, None, None, None)
         param_grads = (weight is not None and ctx.needs_input_grad[1]) or (ctx.has_bias and ctx.needs_input_grad[2])
         if ctx.kernel is not None and dy.dtype == input.dtype and (ctx.needs_input_grad[0] or param_grads):
-            inner, params = ctx.kernel
-            grad_input, grad_weight, grad_bias = bnF._cpu["ops"].grouped_norm_backward(
-                dy.contiguous(), input.contiguous(), mu.view(-1), invstd.view(-1),
-                _param_values(weight, 1.0, params, input),
-                inner, True, ctx.needs_input_grad[0], param_grads)
-            return (grad_input if ctx.needs_input_grad[0] else None,
-                    grad_weight.view(weight.shape).to(weight.dtype) if weight is not None and ctx.needs_input_grad[1]
-                    else None,
-                    grad_bias.view(ctx.bias_shape).to(bias.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None,
-                    None, None, None, None)
+            dx, dw, db = _kernel_backward(ctx, dy, input, mu, invstd, weight, param_grads, centered=True)
+            dw = dw.view(weight.shape).to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+            db = db.view(ctx.bias_shape).to(bias.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+            return dx, dw, db, None, None, None, None
         x_hat = ((input.to(invstd.dtype).reshape(ctx.row_shape) - mu) * invstd).reshape(input.shape)
         dy32 = dy.to(x_hat.dtype)
         grad_input = grad_weight = grad_bias = None
@@ -233,7 +221,7 @@ class GroupedNormFunction(torch.autograd.Function):
 
 
 def _grouped_kernel(input, row_shape, param_view):
-    """``(ops, inner, params)`` when bnlib's C++ loops can run
+    """``(inner, params)`` when bnlib's C++ loops can run
     ``GroupedNormFunction`` on ``input`` (a float32 or float64 CPU tensor, its
     parameters one block of dims), else None. The loops read rows in memory
     order: a strided or channels-last input is copied to a contiguous one
@@ -246,8 +234,7 @@ def _grouped_kernel(input, row_shape, param_view):
     (``inner`` the spatial size, ``params`` = C), for layer norm the position
     in the row (``inner`` = 1, ``params`` = the row's length).
     """
-    ops = bnF._cpu_kernels(input)
-    if ops is None:
+    if bnF._cpu_kernels(input) is None:
         return None
     shape = tuple(input.shape)
     view = (1,) * (len(shape) - len(param_view)) + tuple(param_view)
@@ -262,15 +249,36 @@ def _grouped_kernel(input, row_shape, param_view):
     row = row_shape[-1]
     if row % inner or params % (row // inner):
         return None
-    return ops, inner, params
+    return inner, params
 
 
-def _param_values(param, fill, params, input):
+def _param_values(param, params, input):
     """A layer's weight or bias as the C++ loops take it: ``params`` contiguous
-    values of the input's dtype (``fill`` where the layer has none)."""
+    values of the input's dtype (ones for a layer without a weight)."""
     if param is None:
-        return torch.full((params,), fill, dtype=input.dtype)
+        return torch.ones(params, dtype=input.dtype)
     return param.detach().to(input.dtype).reshape(-1).contiguous()
+
+
+def _kernel_forward(kernel, input, weight, bias, row_shape, eps, centered):
+    """``grouped_norm_forward`` of the C++ loops, ``kernel`` = ``(inner, params)``
+    from :func:`_grouped_kernel`: ``(y, mean, var, invstd)``, the statistics
+    one value per row (without ``centered``: mean 0, var the mean square)."""
+    inner, params = kernel
+    bias_values = None if bias is None else _param_values(bias, params, input)
+    return bnF._cpu["ops"].grouped_norm_forward(input.contiguous(), _param_values(weight, params, input), bias_values,
+                                                math.prod(row_shape[:-1]), inner, params, eps, centered)
+
+
+def _kernel_backward(ctx, dy, input, mean, invstd, weight, param_grads, centered):
+    """``grouped_norm_backward`` of the C++ loops, for a Function whose forward
+    ran them (``ctx.kernel``): dx (None where the input needs none), and the
+    weight's and bias's gradients as ``params`` values (when ``param_grads``)."""
+    inner, params = ctx.kernel
+    dx, dw, db = bnF._cpu["ops"].grouped_norm_backward(
+        dy.contiguous(), input.contiguous(), mean.reshape(-1), invstd.reshape(-1),
+        _param_values(weight, params, input), inner, centered, ctx.needs_input_grad[0], param_grads)
+    return (dx if ctx.needs_input_grad[0] else None), dw, db
 
 
 def _channel_view(ndim):
@@ -449,16 +457,11 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, row_shape, param_dims, eps):
         ctx.row_shape, ctx.param_dims, ctx.eps = row_shape, param_dims, eps
-        kernel = _grouped_kernel(input, row_shape, (1,) if weight is None else weight.shape)
-        if kernel is not None:  # bnlib's C++ loops, without the mean (centered = False)
-            ops, inner, params = kernel
-            w = _param_values(weight, 1.0, params, input)
-            y, zeros, _, inv_rms = ops.grouped_norm_forward(input.contiguous(), w, None, math.prod(row_shape[:-1]), inner, params,
-                                                            eps, False)
-            ctx.kernel = inner, params
+        ctx.kernel = _grouped_kernel(input, row_shape, (1,) if weight is None else weight.shape)
+        if ctx.kernel is not None:  # bnlib's C++ loops, without the mean
+            y, zeros, _, inv_rms = _kernel_forward(ctx.kernel, input, weight, None, row_shape, eps, centered=False)
             ctx.save_for_backward(input, inv_rms, weight, zeros)
             return y
-        ctx.kernel = None
         x = input.to(_compute_dtype(input.dtype))
         rows = x.reshape(row_shape)
         inv_rms = torch.rsqrt((rows * rows).mean(-1, keepdim=True) + eps)
@@ -478,12 +481,8 @@ class RMSNormFunction(torch.autograd.Function):
             return (*grads, None, None, None)
         weight_grad = weight is not None and ctx.needs_input_grad[1]
         if ctx.kernel is not None and dy.dtype == input.dtype and (ctx.needs_input_grad[0] or weight_grad):
-            inner, params = ctx.kernel
-            grad_input, grad_weight, _ = bnF._cpu["ops"].grouped_norm_backward(
-                dy.contiguous(), input.contiguous(), zeros[0], inv_rms, _param_values(weight, 1.0, params, input), inner, False,
-                ctx.needs_input_grad[0], weight_grad)
-            return (grad_input if ctx.needs_input_grad[0] else None,
-                    grad_weight.view(weight.shape).to(weight.dtype) if weight_grad else None, None, None, None)
+            dx, dw, _ = _kernel_backward(ctx, dy, input, zeros[0], inv_rms, weight, weight_grad, centered=False)
+            return dx, dw.view(weight.shape).to(weight.dtype) if weight_grad else None, None, None, None
         inv_rms = inv_rms.view(tuple(ctx.row_shape[:-1]) + (1,))
         x_hat = input.to(inv_rms.dtype).reshape(ctx.row_shape) * inv_rms
         dy32 = dy.to(x_hat.dtype)

@@ -532,8 +532,8 @@ def batch_norm_train(input, weight, bias, eps, running_mean=None, running_var=No
             _update_running_stats(running_mean, running_var, mu, var, values_per_channel(x.shape), momentum)
         return y, mu, var
     # _dense: a strided input's output comes back contiguous, as torch's
-    y, mu, var = BatchNormTrainFunction.apply(_dense(input), weight, bias, eps, *((running_mean, running_var, momentum)
-                                                                                  if update else ()))
+    y, mu, var = BatchNormTrainFunction.apply(_dense(input), weight, bias, eps, running_mean if update else None,
+                                              running_var if update else None, momentum)
     return y, mu, var
 
 
