@@ -28,13 +28,19 @@ CASES = [
     ("RMSNorm(1024)", lambda: bnn.RMSNorm(1024), lambda: torch.nn.RMSNorm(1024), (4096, 1024)),
     ("InstanceNorm2d(64)", lambda: bnn.InstanceNorm2d(64, affine=True),
      lambda: torch.nn.InstanceNorm2d(64, affine=True), (64, 64, 32, 32)),
+    # channels-last inputs (grouped_norm_forward_cl / backward_cl), as a
+    # model converted with .to(memory_format=torch.channels_last) feeds them
+    ("GroupNorm(32, 256) NHWC", lambda: bnn.GroupNorm(32, 256), lambda: torch.nn.GroupNorm(32, 256),
+     (64, 256, 14, 14), torch.channels_last),
+    ("GroupNorm(8, 64) NHWC", lambda: bnn.GroupNorm(8, 64), lambda: torch.nn.GroupNorm(8, 64), (64, 64, 32, 32),
+     torch.channels_last),
 ]
 
 
-def bench_case(make_ours, make_native, shape, rounds, reps):
+def bench_case(make_ours, make_native, shape, rounds, reps, memory_format=torch.contiguous_format):
     torch.manual_seed(0)
-    x = torch.randn(shape, requires_grad=True)
-    dy = torch.randn(shape)
+    x = torch.randn(shape).contiguous(memory_format=memory_format).requires_grad_()
+    dy = torch.randn(shape).contiguous(memory_format=memory_format)
     candidates = {
         "bnlib": torch_steps(make_ours(), x, dy),
         "native": torch_steps(make_native(), x, dy),
@@ -59,20 +65,20 @@ def main():
     args = common_arguments(__doc__.splitlines()[0]).parse_args()
     rounds = 3 if args.quick else args.rounds
     print(f"torch {torch.__version__}; median of {rounds} interleaved rounds; ratio = time / torch's time")
-    header = (f"{'threads':<8}{'clock':<7}{'module':<25}{'shape':<19}{'pass':<9}{'torch ms':>9}{'bnlib ms':>9}"
+    header = (f"{'threads':<8}{'clock':<7}{'module':<26}{'shape':<19}{'pass':<9}{'torch ms':>9}{'bnlib ms':>9}"
               f"{'bnlib/torch':>12}{'tensor ops/torch':>17}")
     print(header)
     print("-" * len(header))
     for threads in args.threads:
         clock = use_threads(threads, args.clock)
-        for label, make_ours, make_native, shape in CASES:
+        for label, make_ours, make_native, shape, *memory_format in CASES:
             numel = 1
             for size in shape:
                 numel *= size
-            result = bench_case(make_ours, make_native, shape, rounds, max(1, int(2e7 // numel)))
+            result = bench_case(make_ours, make_native, shape, rounds, max(1, int(2e7 // numel)), *memory_format)
             for kind in ("fwd", "fwd+bwd"):
                 native, ours = result[("native", kind)], result[("bnlib", kind)]
-                print(f"{threads:<8}{clock:<7}{label:<25}{str(shape):<19}{kind:<9}{native * 1e3:>9.2f}{ours * 1e3:>9.2f}"
+                print(f"{threads:<8}{clock:<7}{label:<26}{str(shape):<19}{kind:<9}{native * 1e3:>9.2f}{ours * 1e3:>9.2f}"
                       f"{ours / native:>12.2f}{result[('tensor ops', kind)] / native:>17.2f}")
 
 

@@ -221,18 +221,22 @@ class GroupedNormFunction(torch.autograd.Function):
 
 
 def _grouped_kernel(input, row_shape, param_view):
-    """``(inner, params)`` when bnlib's C++ loops can run
+    """``(inner, params, channels_last)`` when bnlib's C++ loops can run
     ``GroupedNormFunction`` on ``input`` (a float32 or float64 CPU tensor, its
-    parameters one block of dims), else None. The loops read rows in memory
-    order: a strided or channels-last input is copied to a contiguous one
-    first, in each pass (a copy costs less than the tensor ops' passes; the
-    input itself is what is saved, as on the tensor-op path, so that
-    second derivatives still reach it).
+    parameters one block of dims), else None.
 
     The loops give value ``i`` of the flattened input the parameter
     ``(i // inner) % params``: for group and instance norm the channel
     (``inner`` the spatial size, ``params`` = C), for layer norm the position
     in the row (``inner`` = 1, ``params`` = the row's length).
+
+    They read rows in memory order. ``channels_last`` is True for a
+    channels-last input whose rows are whole groups of channels with one
+    parameter per channel (or none): group, instance and filter response
+    norm, which the loops ``grouped_norm_*_cl`` run in that layout. Any other
+    strided input is copied to a contiguous one first, in each pass (a copy
+    costs less than the tensor ops' passes; the input itself is what is
+    saved, as on the tensor-op path, so that second derivatives still reach it).
     """
     if bnF._cpu_kernels(input) is None:
         return None
@@ -249,7 +253,19 @@ def _grouped_kernel(input, row_shape, param_view):
     row = row_shape[-1]
     if row % inner or params % (row // inner):
         return None
-    return inner, params
+    return inner, params, _channel_groups(input, row_shape, inner, params)
+
+
+def _channel_groups(input, row_shape, inner, params):
+    """True when the channels-last loops fit: ``input`` channels last (and
+    not also contiguous), each row ``C / G`` whole channels of a sample, and
+    one parameter per channel or one for all."""
+    if bnF._channels_last_format(input) is None:
+        return False
+    channels, spatial = input.shape[1], math.prod(input.shape[2:])
+    row = row_shape[-1]
+    per_channel = (inner, params) == (spatial, channels) or params == 1
+    return per_channel and row % spatial == 0 and channels % (row // spatial) == 0
 
 
 def _param_values(param, params, input):
@@ -261,23 +277,41 @@ def _param_values(param, params, input):
 
 
 def _kernel_forward(kernel, input, weight, bias, row_shape, eps, centered):
-    """``grouped_norm_forward`` of the C++ loops, ``kernel`` = ``(inner, params)``
-    from :func:`_grouped_kernel`: ``(y, mean, var, invstd)``, the statistics
-    one value per row (without ``centered``: mean 0, var the mean square)."""
-    inner, params = kernel
+    """``grouped_norm_forward`` of the C++ loops (``grouped_norm_forward_cl``
+    on a channels-last input), ``kernel`` from :func:`_grouped_kernel`:
+    ``(y, mean, var, invstd)``, the statistics one value per row (without
+    ``centered``: mean 0, var the mean square)."""
+    inner, params, channels_last = kernel
+    rows = math.prod(row_shape[:-1])
+    if channels_last:  # the loops take one value per channel
+        channels = input.shape[1]
+        weight_values = _param_values(weight, params, input).expand(channels).contiguous()
+        bias_values = None if bias is None else _param_values(bias, params, input).expand(channels).contiguous()
+        return bnF._cpu["ops"].grouped_norm_forward_cl(input, weight_values, bias_values, rows // input.shape[0],
+                                                       eps, centered)
     bias_values = None if bias is None else _param_values(bias, params, input)
     return bnF._cpu["ops"].grouped_norm_forward(input.contiguous(), _param_values(weight, params, input), bias_values,
-                                                math.prod(row_shape[:-1]), inner, params, eps, centered)
+                                                rows, inner, params, eps, centered)
 
 
 def _kernel_backward(ctx, dy, input, mean, invstd, weight, param_grads, centered):
-    """``grouped_norm_backward`` of the C++ loops, for a Function whose forward
-    ran them (``ctx.kernel``): dx (None where the input needs none), and the
-    weight's and bias's gradients as ``params`` values (when ``param_grads``)."""
-    inner, params = ctx.kernel
-    dx, dw, db = bnF._cpu["ops"].grouped_norm_backward(
-        dy.contiguous(), input.contiguous(), mean.reshape(-1), invstd.reshape(-1),
-        _param_values(weight, params, input), inner, centered, ctx.needs_input_grad[0], param_grads)
+    """``grouped_norm_backward`` of the C++ loops (``_cl`` on a channels-last
+    input), for a Function whose forward ran them (``ctx.kernel``): dx (None
+    where the input needs none), and the weight's and bias's gradients as
+    ``params`` values (when ``param_grads``)."""
+    inner, params, channels_last = ctx.kernel
+    ops = bnF._cpu["ops"]
+    if channels_last:
+        weight_values = _param_values(weight, params, input).expand(input.shape[1]).contiguous()
+        dx, dw, db = ops.grouped_norm_backward_cl(
+            dy.contiguous(memory_format=bnF._channels_last_format(input)), input, mean.reshape(-1),
+            invstd.reshape(-1), weight_values, centered, ctx.needs_input_grad[0], param_grads)
+        if param_grads and params == 1:  # one parameter for every channel: its channels' sum
+            dw, db = dw.sum(0, keepdim=True), db.sum(0, keepdim=True)
+    else:
+        dx, dw, db = ops.grouped_norm_backward(
+            dy.contiguous(), input.contiguous(), mean.reshape(-1), invstd.reshape(-1),
+            _param_values(weight, params, input), inner, centered, ctx.needs_input_grad[0], param_grads)
     return (dx if ctx.needs_input_grad[0] else None), dw, db
 
 

@@ -239,6 +239,17 @@ def _register_fakes():
         params = weight.numel() if param_grads else 0
         return dx, x.new_empty((params,)), x.new_empty((params,))
 
+    @torch.library.register_fake(lib + "grouped_norm_forward_cl")
+    def _(x, weight, bias, groups, eps, centered):
+        per_row = x.new_empty((x.shape[0] * groups,))
+        return torch.empty_like(x), per_row, per_row.clone(), per_row.clone()
+
+    @torch.library.register_fake(lib + "grouped_norm_backward_cl")
+    def _(dy, x, mean, invstd, weight, centered, input_grad, param_grads):
+        dx = torch.empty_like(x) if input_grad else x.new_empty((0,))
+        channels = x.shape[1] if param_grads else 0
+        return dx, x.new_empty((channels,)), x.new_empty((channels,))
+
 
 def load():
     """Build (if needed) and load the kernels once per process; True when they run here."""

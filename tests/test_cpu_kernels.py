@@ -465,11 +465,97 @@ def test_grouped_norm_statistics_are_stable_at_a_large_mean():
     torch.testing.assert_close(var, torch.ones_like(var), rtol=1e-4, atol=1e-4)
 
 
+# (the functional call, input shape, parameters): channels-last inputs the
+# loops grouped_norm_*_cl read in place: groups of several channels, one
+# channel, all channels, 5-D, more positions than one summing block (2048
+# of 4 float32 channels), more channels than one block, and filter response
+# norm (RMS norm of each channel, its one-for-all weight of ones).
+CHANNELS_LAST_CASES = {
+    "group norm NHWC": (lambda x, w, b: alt.group_norm(x, 4, w, b), (5, 8, 3, 7), 8),
+    "group norm G=1 NDHWC": (lambda x, w, b: alt.group_norm(x, 1, w, b), (2, 3, 4, 3, 5), 3),
+    "group norm G=C": (lambda x, w, b: alt.group_norm(x, 6, w, b), (3, 6, 1, 11), 6),
+    "group norm, positions over a block": (lambda x, w, b: alt.group_norm(x, 2, w, b), (2, 4, 64, 48), 4),
+    "group norm, channels over a block": (lambda x, w, b: alt.group_norm(x, 5, w, b), (2, 4100, 1, 3), 4100),
+    "instance norm 2d": (lambda x, w, b: alt.instance_norm(x, weight=w, bias=b), (4, 3, 5, 2), 3),
+    "filter response norm": (lambda x, w, b: alt.filter_response_norm(x, w, b, None if b is None else -b),
+                             (4, 6, 5, 7), 6),
+}
+
+
+@pytest.mark.parametrize("affine", ["both", "weight", "none"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("case", list(CHANNELS_LAST_CASES))
+def test_grouped_norm_channels_last_loops_match_the_tensor_ops(case, dtype, affine):
+    """Channels-last input, read in place (no copy to (N, C, ...) order):
+    the tensor-op path's output, input and parameter gradients, and the
+    output and input gradient in torch's layout."""
+    from bnlib import perf
+
+    fn, shape, params = CHANNELS_LAST_CASES[case]
+    fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    x = (random_input(shape, torch.float64, seed=34) * 2 + 3).to(dtype).contiguous(memory_format=fmt)
+    g = torch.Generator().manual_seed(35)
+    weight = (torch.rand(params, generator=g, dtype=torch.float64) + 0.5).to(dtype)
+    bias = torch.randn(params, generator=g, dtype=torch.float64).to(dtype)
+    weight, bias = {"both": (weight, bias), "weight": (weight, None), "none": (None, None)}[affine]
+    dy = random_input(shape, torch.float64, seed=36).to(dtype).contiguous(memory_format=fmt)
+    with BF.cpu_backend("kernels"):
+        y, ops = perf.op_traffic(fn, x, weight, bias)
+        names = [op["op"] for op in ops]
+        # no copy of the input; instance norm's output is copied to torch's contiguous layout
+        big_copies = [op for op in ops if op["op"] == "clone.default" and op["written"] >= x.nbytes]
+        assert "grouped_norm_forward_cl.default" in names, names
+        assert len(big_copies) == (0 if y.is_contiguous(memory_format=fmt) else 1), ops
+        ours = grouped_run(fn, x, weight, bias, dy)
+    with BF.cpu_backend("tensor_ops"):
+        theirs = grouped_run(fn, x, weight, bias, dy)
+    for a, b in zip(ours, theirs):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(a, b, **TOL[dtype])
+    assert ours[0].stride() == theirs[0].stride() and ours[1].stride() == theirs[1].stride()
+
+
+def test_grouped_norm_channels_last_threads_agree():
+    """Samples are split among threads, each summing its parameter
+    gradients in its own buffer: 1 and 3 threads agree to float rounding."""
+    x = random_input((6, 8, 5, 5), torch.float32, seed=37).to(memory_format=torch.channels_last)
+    w, b = random_affine(8, torch.float32)
+    dy = random_input(x.shape, torch.float32, seed=38).to(memory_format=torch.channels_last)
+    fn = lambda *a: alt.group_norm(a[0], 4, a[1], a[2])  # noqa: E731
+    results = []
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            with BF.cpu_backend("kernels"):
+                results.append(grouped_run(fn, x, w, b, dy))
+    finally:
+        torch.set_num_threads(previous)
+    for a, b_ in zip(*results):
+        torch.testing.assert_close(a, b_, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_norm_channels_last_loops_check_their_arguments():
+    ops = BF._cpu["ops"] if BF._cpu_kernels(torch.ones(1)) is not None else pytest.skip("no C++ loops here")
+    x = torch.randn(2, 4, 3, 3).to(memory_format=torch.channels_last)
+    w = torch.ones(4)
+    with pytest.raises(RuntimeError, match="channels-last input"):
+        ops.grouped_norm_forward_cl(x.contiguous(), w, None, 2, 1e-5, True)
+    with pytest.raises(RuntimeError, match="3 groups do not divide 4 channels"):
+        ops.grouped_norm_forward_cl(x, w, None, 3, 1e-5, True)
+    with pytest.raises(RuntimeError, match="weight must be a contiguous tensor of 4 values"):
+        ops.grouped_norm_forward_cl(x, torch.ones(3), None, 2, 1e-5, True)
+    y, mean, var, invstd = ops.grouped_norm_forward_cl(x, w, None, 2, 1e-5, True)
+    with pytest.raises(RuntimeError, match="dy must be channels last"):
+        ops.grouped_norm_backward_cl(y.contiguous(), x, mean, invstd, w, True, True, True)
+
+
 @pytest.mark.parametrize("layout", ["channels_last", "transposed"])
-def test_grouped_norm_strided_inputs_are_copied_to_the_loops(layout):
-    """A channels-last or otherwise strided float32 input goes to the loops
-    through a contiguous copy: the tensor-op path's results, the output in
-    torch's layout, and second derivatives that still reach the input."""
+def test_grouped_norm_strided_inputs_reach_the_loops(layout):
+    """A channels-last float64 input goes to the channels-last loops, any
+    other strided one through a contiguous copy: the tensor-op path's
+    results, the output in torch's layout, and second derivatives that still
+    reach the input."""
     from bnlib import perf
 
     x = random_input((2, 4, 3, 5), torch.float64, seed=29)
@@ -477,9 +563,10 @@ def test_grouped_norm_strided_inputs_are_copied_to_the_loops(layout):
     w, b = random_affine(4, torch.float64)
     dy = random_input(x.shape, torch.float64, seed=33)
     fn = lambda *a: alt.group_norm(a[0], 2, a[1], a[2])  # noqa: E731
+    op = {"channels_last": "grouped_norm_forward_cl.default", "transposed": "grouped_norm_forward.default"}[layout]
     with BF.cpu_backend("kernels"):
         _, ops = perf.op_traffic(fn, x, w, b)
-        assert "grouped_norm_forward.default" in [op["op"] for op in ops]
+        assert op in [op["op"] for op in ops]
         ours = grouped_run(fn, x, w, b, dy)
         xg, wg, bg = (t.detach().clone().requires_grad_() for t in (x, w, b))
         assert torch.autograd.gradgradcheck(fn, (xg, wg, bg))
@@ -530,13 +617,17 @@ def test_grouped_norm_threads_agree(fn, shape, params):
 
 @pytest.mark.parametrize("name,module,shape", [
     ("GroupNorm", lambda: bnn.GroupNorm(4, 8), (3, 8, 5, 5)),
+    ("GroupNorm NHWC", lambda: bnn.GroupNorm(4, 8), (3, 8, 5, 5)),
     ("LayerNorm", lambda: bnn.LayerNorm(12), (4, 12)),
 ])
 def test_grouped_norm_under_torch_compile(name, module, shape):
     """fullgraph compilation through the loops (their shapes-only versions,
     cpu_kernels._register_fakes): the eager output and input gradient."""
     layer = module()
-    x = random_input(shape, torch.float32, seed=32).requires_grad_()
+    x = random_input(shape, torch.float32, seed=32)
+    if name.endswith("NHWC"):
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
     with BF.cpu_backend("kernels"):
         expected = layer(x)
         expected.sum().backward()
