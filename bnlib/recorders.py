@@ -111,8 +111,10 @@ def record(model: nn.Module, grads: bool = False) -> Iterator[Recording]:
 
         return hook
 
-    def act_hook(name):
-        def hook(module, inputs, output):
+    # act_in (and its gradient hook) before the activation runs, a after it:
+    # an in-place activation (ReLU(inplace=True)) overwrites its input.
+    def act_pre_hook(name):
+        def hook(module, inputs):
             x = inputs[0]
             i = len(rec.act_in)
             rec.names.append(name)
@@ -120,7 +122,6 @@ def record(model: nn.Module, grads: bool = False) -> Iterator[Recording]:
             z = pending_z.pop(pairs[name], None) if pairs[name] is not None else None
             rec.z.append(z if z is not None else x.detach().clone())
             rec.act_in.append(x.detach().clone())
-            rec.a.append(output.detach().clone())
             rec.grad_act_in.append(None)
             if grads and x.requires_grad:
 
@@ -131,11 +132,15 @@ def record(model: nn.Module, grads: bool = False) -> Iterator[Recording]:
 
         return hook
 
+    def act_hook(module, inputs, output):
+        rec.a.append(output.detach().clone())
+
     try:
         for lin in {p for p in pairs.values() if p is not None}:
             handles.append(modules[lin].register_forward_hook(z_hook(lin)))
         for name, module in _activation_modules(model):
-            handles.append(module.register_forward_hook(act_hook(name)))
+            handles.append(module.register_forward_pre_hook(act_pre_hook(name)))
+            handles.append(module.register_forward_hook(act_hook))
         yield rec
     finally:
         for h in handles:

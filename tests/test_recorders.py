@@ -180,3 +180,22 @@ def test_init_grad_norms_wrt_act_in_against_retained_grads():
     np.testing.assert_allclose(norms, [float(u.grad.norm()) for u in us], rtol=1e-10)
     with pytest.raises(ValueError, match="wrt"):
         recorders.init_grad_norms(m, x, y, wrt="bias")
+
+
+def test_record_an_inplace_activation():
+    """ReLU(inplace=True) overwrites its input: act_in and its gradient are
+    taken before the activation runs, so they equal those of ReLU()."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 3)
+    recordings = []
+    for inplace in (False, True):
+        torch.manual_seed(1)
+        model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.ReLU(inplace=inplace),
+                                    torch.nn.Linear(4, 2))
+        with recorders.record(model, grads=True) as rec:
+            model(x).sum().backward()
+        recordings.append(rec)
+    plain, inplace = recordings
+    assert plain.act_in[0].min() < 0  # (some inputs negative: the overwrite would show)
+    for what in ("z", "act_in", "a", "grad_act_in"):
+        torch.testing.assert_close(getattr(inplace, what)[0], getattr(plain, what)[0], rtol=0, atol=0)
