@@ -43,7 +43,8 @@ def prediction_entropy(logits: torch.Tensor) -> torch.Tensor:
     ``logits``: a floating-point tensor of shape ``(N, K)``, one row of ``K``
     class scores per sample. Returns a scalar tensor, between 0 (every
     prediction certain) and :math:`\log K` (every prediction uniform),
-    computed from ``log_softmax`` (large logits do not overflow), in float32
+    computed from ``log_softmax`` (large logits do not overflow; a logit of
+    ``-inf``, a masked class, counts as probability 0), in float32
     for float16 and bfloat16 logits, and returned in their dtype. Raises
     ``ValueError`` for a tensor that is not 2-dimensional, has no rows or no
     classes, or is not floating point.
@@ -53,7 +54,10 @@ def prediction_entropy(logits: torch.Tensor) -> torch.Tensor:
     if not logits.is_floating_point():
         raise ValueError(f"expected floating-point logits, got {logits.dtype}")
     log_p = F.log_softmax(logits.to(_compute_dtype(logits.dtype)), dim=1)
-    return -(log_p.exp() * log_p).sum(dim=1).mean().to(logits.dtype)
+    p = log_p.exp()
+    # p log p -> 0 as p -> 0: a masked class (logit -inf, log p = -inf) adds 0,
+    # not 0 * -inf = NaN, and passes no NaN back through the gradient either.
+    return -(p * log_p.masked_fill(p == 0, 0.0)).sum(dim=1).mean().to(logits.dtype)
 
 
 def configure_tent(model: nn.Module) -> list[nn.Parameter]:

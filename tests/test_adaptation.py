@@ -63,6 +63,19 @@ def test_entropy_closed_forms_and_large_logits():
     assert abs(adaptation.prediction_entropy(shifted) - adaptation.prediction_entropy(logits)) < 1e-12
 
 
+def test_entropy_of_masked_classes_is_finite():
+    """A logit of -inf (a masked class) is probability 0 and adds 0 * log 0 = 0,
+    as torch.distributions.Categorical's entropy: log 2 for two equal classes
+    and a masked third, and a gradient with no NaN."""
+    logits = torch.tensor([[0.0, 0.0, float("-inf")], [1.0, 2.0, 3.0]], requires_grad=True)
+    h = adaptation.prediction_entropy(logits)
+    expected = torch.distributions.Categorical(logits=logits.detach()).entropy().mean()
+    torch.testing.assert_close(h.detach(), expected)
+    torch.testing.assert_close(adaptation.prediction_entropy(logits[:1].detach()), torch.tensor(math.log(2)))
+    h.backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad[0, 2] == 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_entropy_of_half_logits_is_taken_in_float32(dtype):
     logits = torch.tensor([[6e4, 0.0, -6e4], [1.0, 2.0, 3.0]], dtype=dtype)  # exp overflows float16
