@@ -35,6 +35,7 @@ normalizer-free networks (Brock et al. 2021): every unit's gradient
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
@@ -117,6 +118,11 @@ def _optimizer(model, optimizer, lr, momentum, weight_decay, decay_bn=True):
     raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
 
 
+def _is_integer(value):
+    """An int, or a NumPy integer; not a bool, not a float such as 2.5."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def train(
     model: nn.Module,
     x: torch.Tensor,
@@ -153,14 +159,17 @@ def train(
         raise ValueError(f"x and y must have the same number of rows, got {x.shape[0]} and {y.shape[0]}")
     if clip_gradients is not None and not callable(clip_gradients):
         raise ValueError(f"clip_gradients must be a callable model -> None or None, got {clip_gradients!r}")
+    for name, value in (("steps", steps), ("epochs", epochs)):
+        if value is not None and not (_is_integer(value) and value >= 0):
+            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
     n = x.shape[0]
-    m = n if batch_size is None else batch_size
-    per_epoch = n // m if m <= n else 0
-    if per_epoch < 1:
+    if batch_size is not None and not (_is_integer(batch_size) and 1 <= batch_size <= n):
+        raise ValueError(f"batch_size must be in [1, n={n}] (an integer), got {batch_size!r}")
+    m = n if batch_size is None else int(batch_size)
+    per_epoch = n // m
+    if per_epoch < 1:  # (no rows at all)
         raise ValueError(f"batch_size must be in [1, n={n}], got {batch_size}")
-    total = steps if steps is not None else epochs * per_epoch
-    if total < 0:
-        raise ValueError(f"steps/epochs must be >= 0, got {steps if steps is not None else epochs}")
+    total = int(steps) if steps is not None else int(epochs) * per_epoch
     opt = _optimizer(model, optimizer, lr, momentum, weight_decay, decay_bn)
     gen = torch.Generator().manual_seed(seed)
     history = History()

@@ -92,6 +92,11 @@ def test_accuracy_and_evaluate():
         (dict(), "exactly one of steps or epochs"),
         (dict(steps=1, epochs=1), "exactly one of steps or epochs"),
         (dict(steps=1, batch_size=100), "batch_size"),
+        (dict(steps=1, batch_size=0), r"batch_size must be in \[1, n=20\]"),
+        (dict(steps=1, batch_size=2.5), r"batch_size must be in \[1, n=20\] \(an integer\), got 2.5"),
+        (dict(steps=2.5, batch_size=4), "steps must be an integer >= 0, got 2.5"),
+        (dict(steps=-1), "steps must be an integer >= 0"),
+        (dict(epochs=True), "epochs must be an integer >= 0, got True"),
         (dict(steps=1, optimizer="rmsprop"), "optimizer"),
     ],
 )
