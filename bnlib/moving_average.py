@@ -174,7 +174,15 @@ def steps_to_forget(momentum, tol: float = 0.01, convention: str = "torch") -> f
         return 1
     if alpha == 0:
         return math.inf
-    return math.floor(math.log(tol) / math.log1p(-alpha)) + 1
+    t = math.floor(math.log(tol) / math.log1p(-alpha)) + 1
+    # The logarithms round: at an exact boundary (alpha 0.1, tol 0.9, where
+    # 0.9^1 == tol) the quotient is 0.999..., one step short. Settle t on the
+    # definition itself.
+    while (1 - alpha) ** t >= tol:
+        t += 1
+    while t > 1 and (1 - alpha) ** (t - 1) < tol:
+        t -= 1
+    return t
 
 
 def ema_weights(t: int, momentum, convention: str = "torch") -> np.ndarray:
@@ -423,17 +431,21 @@ def population_statistics(model, data) -> list:
     mode without gradients; its modes and buffers are left as they were.
     Returns a list of ``(mean, var)`` pairs of float64 tensors of shape
     ``(C,)``. Raises ``ValueError`` for a model without such a BN layer, empty
-    ``data``, a BN layer that no batch reaches (named in the message), or a
-    layer that saw one value per channel (no variance).
+    ``data``, a lazy BN layer that has not seen an input yet, a BN layer that
+    no batch reaches (named in the message), or a layer that saw one value
+    per channel (no variance).
     """
     import torch
 
+    from bnlib.batchnorm import check_initialized
     from bnlib.models import modes_kept
     from bnlib.perf import chan_merge
 
     layers = running_stat_layers(model)
     if not layers:
         raise ValueError("population_statistics expected a model with at least one BN layer that tracks running statistics, got none")
+    # (a lazy layer's first call would initialize it: no longer "left as it was")
+    check_initialized(layers, "population_statistics")
     batches = _batches_of(data)
     summaries = [None] * len(layers)
 

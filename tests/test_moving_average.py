@@ -89,6 +89,9 @@ def test_window_and_forgetting_closed_forms():
             t = ma.steps_to_forget(a, tol)
             assert (1 - a) ** t < tol <= (1 - a) ** (t - 1)
     assert ma.steps_to_forget(0.1) == 44   # ln(0.01) / ln(0.9) = 43.7
+    # exact boundaries, where the quotient of logarithms rounds below the integer
+    assert ma.steps_to_forget(0.1, tol=0.9) == 2   # 0.9^1 is not < 0.9
+    assert ma.steps_to_forget(0.5, tol=0.25) == 3  # 0.5^2 is not < 0.25
     assert ma.steps_to_forget(1.0) == 1
     assert ma.steps_to_forget(0.0) == math.inf
 
@@ -394,6 +397,17 @@ def test_population_statistics_bad_input_changes_nothing():
     assert not any(bn._forward_pre_hooks for bn in ma.running_stat_layers(model))
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("lazy", [nn.LazyBatchNorm1d, bnlib.nn.LazyBatchNorm1d])
+def test_population_statistics_refuse_an_uninitialized_lazy_layer(lazy):
+    """Its first call would turn it into a BatchNorm1d with fresh estimates:
+    refused, as precise_bn refuses it, and the layer stays lazy."""
+    model = nn.Sequential(nn.Linear(3, 4), lazy())
+    for fn in (ma.population_statistics, ma.running_stat_gaps):
+        with pytest.raises(ValueError, match="has not seen an input yet"):
+            fn(model, torch.randn(8, 3))
+    assert type(model[1]) is lazy
 
 
 def test_population_statistics_other_layouts_shared_layers_and_keywords():
