@@ -35,6 +35,7 @@ import copy
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 
 from bnlib.frozen_batchnorm import FrozenBatchNorm, check_eval_map, freezable
@@ -44,6 +45,22 @@ __all__ = ["FOLDABLE", "bn_scale_shift", "fold_bn", "fold_model"]
 #: The layer types a following BN can be folded into, each with its output
 #: channels on axis 0 of its ``weight``.
 FOLDABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _weight_hook(layer) -> str | None:
+    """``"weight_norm"`` or ``"spectral_norm"`` when ``layer``'s weight is
+    recomputed before every call by torch's older hook-based versions
+    (``torch.nn.utils.weight_norm`` / ``spectral_norm``), else None: a fold
+    would write a weight the next call overwrites."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    for hook in layer._forward_pre_hooks.values():
+        if isinstance(hook, WeightNorm) and hook.name == "weight":
+            return "weight_norm"
+        if isinstance(hook, SpectralNorm) and hook.name == "weight":
+            return "spectral_norm"
+    return None
 
 
 def _foldable_norm(module) -> bool:
@@ -88,8 +105,10 @@ def fold_bn(layer: nn.Module, bn: nn.Module) -> nn.Module:
     copy of ``layer`` (same type, shapes, stride, padding, dtype and device)
     that always has a bias; ``layer`` and ``bn`` are not changed.
 
-    Raises ``ValueError`` for another layer type, a BN in training mode or
-    without running statistics, or a channel count that does not match.
+    Raises ``ValueError`` for another layer type, a layer whose weight is
+    reparametrized (weight or spectral norm, either torch version) or lazy
+    and not yet initialized, a BN in training mode or without running
+    statistics, or a channel count that does not match.
     """
     if not isinstance(layer, FOLDABLE):
         raise ValueError(
@@ -99,6 +118,17 @@ def fold_bn(layer: nn.Module, bn: nn.Module) -> nn.Module:
         raise ValueError(
             f"expected a plain {type(layer).__name__}, got one whose weight is parametrized (weight or spectral "
             "norm): remove it first (torch.nn.utils.parametrize.remove_parametrizations)"
+        )
+    hook = _weight_hook(layer)
+    if hook is not None:
+        raise ValueError(
+            f"expected a plain {type(layer).__name__}, got one with the older hook-based {hook}: "
+            f"remove it first (torch.nn.utils.remove_{hook})"
+        )
+    if is_lazy(layer.weight):
+        raise ValueError(
+            f"expected an initialized {type(layer).__name__}, got a lazy one that has not seen an input yet "
+            "(its weight has no shape): call it on a batch first"
         )
     _check_bn(bn)
     out_channels = layer.weight.shape[0]
@@ -167,7 +197,9 @@ def fold_model(model: nn.Module) -> nn.Module:
     stay as they are.
 
     The model must be in eval mode, every BN layer included: raises ``ValueError``
-    otherwise, or when a BN to fold has no running statistics. ``model`` itself is
+    otherwise, when a BN to fold has no running statistics, for a pair
+    :func:`fold_bn` refuses, and for a layer anywhere under torch's older
+    hook-based weight or spectral norm (which cannot be copied). ``model`` itself is
     never changed. For ``make_mlp(..., norm="bn")``: ``fc1, norm1, act1, ..., out``
     becomes ``fc1, act1, ..., out``.
     """
@@ -178,6 +210,14 @@ def fold_model(model: nn.Module) -> nn.Module:
         raise ValueError(
             "fold_model needs the model in eval mode (call model.eval() first); "
             f"in training mode: {in_training[:5]}{' ...' if len(in_training) > 5 else ''}"
+        )
+    # (a layer under the hook-based weight or spectral norm cannot even be copied)
+    hooked = [(name or type(model).__name__, _weight_hook(m)) for name, m in model.named_modules() if _weight_hook(m)]
+    if hooked:
+        name, kind = hooked[0]
+        raise ValueError(
+            f"fold_model cannot copy a model with the older hook-based {kind} (on {name!r}): remove it first "
+            f"(torch.nn.utils.remove_{kind}), or use torch.nn.utils.parametrizations.{kind}"
         )
     folded, _ = _fold_children(copy.deepcopy(model))
     return folded

@@ -11,6 +11,7 @@ a few ulps of values of order 1-10, so 1e-4 absolute.
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -223,6 +224,17 @@ def test_fold_refuses_what_it_cannot_fold_exactly():
                          nn.utils.parametrizations.spectral_norm(nn.Linear(3, 4))):
         with pytest.raises(ValueError, match="parametrized"):
             fold_bn(parametrized, bn)
+    # torch's older hook-based versions recompute the weight before every call
+    for make, name in ((nn.utils.weight_norm, "weight_norm"), (nn.utils.spectral_norm, "spectral_norm")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # (deprecated in torch)
+            hooked = make(nn.Linear(3, 4))
+        with pytest.raises(ValueError, match=f"hook-based {name}: remove it first"):
+            fold_bn(hooked, bn)
+        with pytest.raises(ValueError, match=f"hook-based {name}"):
+            fold_model(nn.Sequential(hooked, bn).eval())
+    with pytest.raises(ValueError, match="lazy one that has not seen an input yet"):
+        fold_bn(nn.LazyLinear(4), bn)
 
 
 def test_fold_takes_batch_renorm_whose_eval_mode_is_bns():
