@@ -204,8 +204,8 @@ def whitening_fit(X, method="zca", eps=1e-5):
     """
     if method not in ("pca", "zca"):
         raise ValueError(f"method must be 'pca' or 'zca', got {method!r}")
-    if eps < 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.integer, np.floating)) or not 0 <= eps < np.inf:
+        raise ValueError(f"eps must be >= 0 and finite, got {eps!r}")  # (NaN too: it would make W NaN)
     m, C = covariance(X)
     lam, U = np.linalg.eigh(C)             # ascending
     lam, U = lam[::-1], U[:, ::-1]         # largest variance first

@@ -280,8 +280,9 @@ def test_bad_input():
         F.minmax_apply(np.ones((5, 3)), np.zeros(2), np.ones(2))
     with pytest.raises(ValueError, match="method must be 'pca' or 'zca', got 'svd'"):
         F.whitening_fit(X, method="svd")
-    with pytest.raises(ValueError, match="eps must be >= 0"):
-        F.whitening_fit(X, eps=-1.0)
+    for eps in (-1.0, float("nan"), float("inf"), "0.1"):
+        with pytest.raises(ValueError, match="eps must be >= 0 and finite"):
+            F.whitening_fit(X, eps=eps)
     with pytest.raises(ValueError, match="singular"):
         F.whitening_fit(np.column_stack([np.arange(5.0), 2 * np.arange(5.0)]), eps=0.0)
     with pytest.raises(ValueError, match="at least one row"):
