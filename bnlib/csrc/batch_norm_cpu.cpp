@@ -788,26 +788,41 @@ inline void run_sums(const T* dy, const T* x, T mu, const T* w, bool w_each, int
   }
 }
 
+// Rows of the backward per thread: with the parameter gradients, each thread
+// sums them into its own buffer of 16 P bytes, kept at most half a float32
+// x's size.
+inline int64_t grouped_backward_tasks(const Rows& L, bool param_grads) {
+  const int64_t tasks = num_tasks(L.R, 1);
+  return param_grads ? std::min(tasks, std::max<int64_t>(1, L.R * L.M / (8 * L.P))) : tasks;
+}
+
+// At most this many rows in one task sum the parameter gradients in T,
+// straight into the outputs (as torch's float32 layer norm does); more rows
+// sum them in double. A few long rows (a layer norm over a whole (C, H, W)
+// sample) then need no buffer of 16 P bytes, whose fresh pages cost more
+// than the pass itself.
+constexpr int64_t kFewRows = 8;
+
 // The backward, row by row: with dx_hat = dy * w[k], x_hat = (x - mu) * invstd,
 //   dx = invstd * (dx_hat - mean(dx_hat) - x_hat * mean(dx_hat * x_hat)),
 //   dw[k] = sum(dy * x_hat), db[k] = sum(dy) over the values of parameter k.
 // Rows are split among threads; each thread sums dw, db into its own buffer
-// (in double), and the buffers are added in thread order.
-template <typename T>
+// (in A: double, or T for a single task of at most kFewRows rows, which then
+// sums straight into dw and db), and the buffers are added in thread order
+// into dw, db (P values each, zeroed by the caller).
+template <typename T, typename A>
 void grouped_backward(const T* dy, const T* x, const Rows& L, bool centered, const T* mean, const T* invstd,
-                      const T* w, T* dx, double* dw, double* db) {
+                      const T* w, T* dx, A* dw, A* db) {
   const int64_t M = L.M, S = L.S, P = L.P, runs = L.M / L.S;
   const bool param_grads = dw != nullptr;
-  int64_t tasks = num_tasks(L.R, 1);
-  if (param_grads) {  // the buffers (16 P bytes a task) at most half a float32 x's size
-    tasks = std::min(tasks, std::max<int64_t>(1, L.R * L.M / (8 * P)));
-  }
-  std::vector<double> dw_t(param_grads ? tasks * P : 0, 0.0), db_t(param_grads ? tasks * P : 0, 0.0);
+  const int64_t tasks = grouped_backward_tasks(L, param_grads);
+  const bool direct = tasks == 1;  // one task: its buffer is dw, db themselves
+  std::vector<A> dw_t(param_grads && !direct ? tasks * P : 0, A(0)), db_t(param_grads && !direct ? tasks * P : 0, A(0));
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const auto [r0, r1] = task_range(t, tasks, L.R);
-      double* dwp = param_grads ? dw_t.data() + t * P : nullptr;
-      double* dbp = param_grads ? db_t.data() + t * P : nullptr;
+      A* dwp = !param_grads ? nullptr : direct ? dw : dw_t.data() + t * P;
+      A* dbp = !param_grads ? nullptr : direct ? db : db_t.data() + t * P;
       for (int64_t r = r0; r < r1; ++r) {
         const T* xr = x + r * M;
         const T* dyr = dy + r * M;
@@ -817,12 +832,12 @@ void grouped_backward(const T* dy, const T* x, const Rows& L, bool centered, con
         if (S == 1) {
           run_sums(dyr, xr, mu, w + k0, true, M, s_g, s_gxc);
           if (param_grads && dx == nullptr) {  // (else summed below, in dx's pass)
-            double* dwr = dwp + k0;
-            double* dbr = dbp + k0;
+            A* dwr = dwp + k0;
+            A* dbr = dbp + k0;
 #pragma omp simd
             for (int64_t j = 0; j < M; ++j) {
-              dwr[j] += static_cast<double>(dyr[j] * ((xr[j] - mu) * is));
-              dbr[j] += static_cast<double>(dyr[j]);
+              dwr[j] += static_cast<A>(dyr[j] * ((xr[j] - mu) * is));
+              dbr[j] += static_cast<A>(dyr[j]);
             }
           }
         } else {
@@ -833,8 +848,8 @@ void grouped_backward(const T* dy, const T* x, const Rows& L, bool centered, con
             s_g += wk * s_dy;
             s_gxc += wk * s_dyxc;
             if (param_grads) {
-              dwp[k0 + q] += s_dyxc * static_cast<double>(is);
-              dbp[k0 + q] += s_dy;
+              dwp[k0 + q] += static_cast<A>(s_dyxc * static_cast<double>(is));
+              dbp[k0 + q] += static_cast<A>(s_dy);
             }
           }
         }
@@ -845,13 +860,13 @@ void grouped_backward(const T* dy, const T* x, const Rows& L, bool centered, con
         if (S == 1) {
           const T* wr = w + k0;
           if (param_grads) {  // dw and db in the same pass over the row
-            double* dwr = dwp + k0;
-            double* dbr = dbp + k0;
+            A* dwr = dwp + k0;
+            A* dbr = dbp + k0;
 #pragma omp simd
             for (int64_t j = 0; j < M; ++j) {
               const T x_hat = (xr[j] - mu) * is;
-              dwr[j] += static_cast<double>(dyr[j] * x_hat);
-              dbr[j] += static_cast<double>(dyr[j]);
+              dwr[j] += static_cast<A>(dyr[j] * x_hat);
+              dbr[j] += static_cast<A>(dyr[j]);
               dxr[j] = is * ((dyr[j] * wr[j] - mean_g) - x_hat * mean_gxh);
             }
           } else {
@@ -871,9 +886,9 @@ void grouped_backward(const T* dy, const T* x, const Rows& L, bool centered, con
       }
     }
   });
-  if (!param_grads) return;
+  if (!param_grads || direct) return;
   for (int64_t k = 0; k < P; ++k) {
-    double a = 0, c = 0;
+    A a = 0, c = 0;
     for (int64_t t = 0; t < tasks; ++t) {
       a += dw_t[t * P + k];
       c += db_t[t * P + k];
@@ -919,12 +934,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_norm_backward(
   at::Tensor dw = at::empty({param_grads ? L.P : 0}, x.options());
   at::Tensor db = at::empty({param_grads ? L.P : 0}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bnlib_grouped_norm_backward", [&] {
-    std::vector<double> dw_d(param_grads ? L.P : 0), db_d(param_grads ? L.P : 0);
-    grouped_backward<scalar_t>(dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), L, centered, mean.data_ptr<scalar_t>(),
-                               invstd.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
-                               input_grad ? dx.data_ptr<scalar_t>() : nullptr,
-                               param_grads ? dw_d.data() : nullptr, param_grads ? db_d.data() : nullptr);
-    if (param_grads) {
+    const scalar_t* dy_p = dy.data_ptr<scalar_t>();
+    const scalar_t* x_p = x.data_ptr<scalar_t>();
+    const scalar_t* mean_p = mean.data_ptr<scalar_t>();
+    const scalar_t* invstd_p = invstd.data_ptr<scalar_t>();
+    const scalar_t* w_p = weight.data_ptr<scalar_t>();
+    scalar_t* dx_p = input_grad ? dx.data_ptr<scalar_t>() : nullptr;
+    if (!param_grads) {
+      grouped_backward<scalar_t, double>(dy_p, x_p, L, centered, mean_p, invstd_p, w_p, dx_p, nullptr, nullptr);
+    } else if (grouped_backward_tasks(L, true) == 1 && L.R <= kFewRows) {  // in T, into dw and db
+      dw.zero_();
+      db.zero_();
+      grouped_backward<scalar_t, scalar_t>(dy_p, x_p, L, centered, mean_p, invstd_p, w_p, dx_p,
+                                           dw.data_ptr<scalar_t>(), db.data_ptr<scalar_t>());
+    } else {  // in double, then rounded to T
+      std::vector<double> dw_d(L.P, 0.0), db_d(L.P, 0.0);
+      grouped_backward<scalar_t, double>(dy_p, x_p, L, centered, mean_p, invstd_p, w_p, dx_p, dw_d.data(), db_d.data());
       scalar_t* dw_p = dw.data_ptr<scalar_t>();
       scalar_t* db_p = db.data_ptr<scalar_t>();
       for (int64_t k = 0; k < L.P; ++k) {
