@@ -123,11 +123,21 @@ def _sum_over(t, dims):
     return t.sum(dims) if dims else t
 
 
+def _row_mean(rows):
+    """Each row's mean (over the last dim, kept), corrected once by the mean of
+    ``rows - mean``: a mean a unit in the last place off, times
+    ``1/sqrt(eps)``, would leave a constant row far from 0 (float32 rows of
+    10000.1 gave 0.3); corrected, they give 0, as torch's layer norm and
+    bnlib's C++ loops (whose shifted sums do the same) give."""
+    mu = rows.mean(-1, keepdim=True)
+    return mu + (rows - mu).mean(-1, keepdim=True)
+
+
 def _grouped_norm_formula(input, weight, bias, row_shape, param_view, eps):
     """``GroupedNormFunction``'s map in plain differentiable tensor ops (for second derivatives)."""
     x = input.to(_compute_dtype(input.dtype))
     rows = x.reshape(row_shape)
-    x_centered = rows - rows.mean(-1, keepdim=True)
+    x_centered = rows - _row_mean(rows)
     x_hat = (x_centered * torch.rsqrt(x_centered.square().mean(-1, keepdim=True) + eps)).reshape(x.shape)
     y = x_hat if weight is None else x_hat * weight.to(x.dtype).view(param_view)
     if bias is not None:
@@ -140,8 +150,9 @@ def _grouped_norm(input, weight, bias, row_shape, param_view, param_dims, eps):
     outputs from ``_grouped_norm_formula`` (see ``bnF.under_func_transform``)."""
     if bnF.under_func_transform():
         rows = input.detach().to(_compute_dtype(input.dtype)).reshape(row_shape)
-        mu = rows.mean(-1)
-        var = (rows - mu.unsqueeze(-1)).square().mean(-1)
+        mu = _row_mean(rows)
+        var = (rows - mu).square().mean(-1)
+        mu = mu.squeeze(-1)
         return _grouped_norm_formula(input, weight, bias, row_shape, param_view, eps), mu, var
     return GroupedNormFunction.apply(input, weight, bias, row_shape, param_view, param_dims, eps)
 
@@ -174,14 +185,19 @@ class GroupedNormFunction(torch.autograd.Function):
         x = input.to(_compute_dtype(input.dtype))
         rows = x.reshape(row_shape)
         mu = rows.mean(-1, keepdim=True)
-        x_centered = rows - mu  # two passes: stable when |mu| >> std
-        var = (x_centered * x_centered).mean(-1, keepdim=True)
+        x_centered = rows - mu  # after the mean: stable when |mu| >> std
+        # _row_mean's correction in one more read: shift = mean(x - mu), and
+        # x - (mu + shift) taken as x_centered * invstd - shift * invstd in
+        # the pass that writes x_hat (a constant row comes out 0, not 0.3).
+        shift = x_centered.mean(-1, keepdim=True)
+        var = ((x_centered * x_centered).mean(-1, keepdim=True) - shift * shift).clamp_min(0)
+        mu = mu + shift
         invstd = torch.rsqrt(var + eps)
         # Written through a view into a tensor of x's shape, so that x_hat is
         # not itself a view: returned as y (no weight, no bias), a view would
         # refuse in-place ops after it (ReLU(inplace=True), out += residual).
         x_hat = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        torch.mul(x_centered, invstd, out=x_hat.view(row_shape))
+        torch.addcmul(-shift * invstd, x_centered, invstd, out=x_hat.view(row_shape))
         y = x_hat if weight is None else x_hat * weight.to(x.dtype).view(param_view)
         if bias is not None:
             y = y + bias.to(x.dtype).view(param_view)
@@ -432,6 +448,7 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
     """
     if input.dim() < 2:
         raise InputError(f"group_norm expected an input with at least 2 dimensions (N, C, ...), got {input.dim()}D input")
+    _check_positive_int("num_groups", num_groups)
     num_channels = input.shape[1]
     check_floating_dtype("group_norm", input.dtype, input.is_floating_point())
     cast = _autocast_float32(input, weight, bias)

@@ -285,6 +285,26 @@ def test_groupnorm_divisibility_message():
         bnlib.nn.GroupNorm(4, 6)
 
 
+@pytest.mark.parametrize("num_groups", [0, -2, 2.0, True])
+def test_functional_group_norm_checks_num_groups(num_groups):
+    """Not an internal error from the C++ loops (-2) or a ZeroDivisionError (0)."""
+    with pytest.raises(ValueError, match="num_groups must be an integer >= 1"):
+        alt.group_norm(torch.randn(3, 4, 2), num_groups)
+
+
+@pytest.mark.parametrize("path", ["kernels", "tensor_ops"])
+@pytest.mark.parametrize("eps", [1e-5, 1e-12])
+def test_constant_rows_at_a_large_value_normalize_to_zero(path, eps):
+    """float32 rows of 10000.1: a mean a unit in the last place off, times
+    1/sqrt(eps), left the tensor-op path's output at 0.3 (torch's layer norm
+    gives 0); the mean is corrected once, so every path gives 0."""
+    x = torch.full((2, 6, 5), 10000.1)
+    with bnlib.functional.cpu_backend(path):
+        for y in (alt.layer_norm(x, (6, 5), eps=eps), alt.group_norm(x, 3, eps=eps),
+                  alt.instance_norm(x, eps=eps)):
+            assert y.abs().max().item() == 0
+
+
 @pytest.mark.parametrize("module,x,pattern", [
     (lambda: bnlib.nn.LayerNorm(4), (2, 3), r"normalized_shape=\[4\].*\[2, 3\]"),
     (lambda: bnlib.nn.LayerNorm((3, 4)), (2, 4, 3), r"normalized_shape=\[3, 4\]"),
