@@ -31,7 +31,9 @@ bfloat16 inputs are computed in float32 and returned in their own dtype.
 Layer, group, instance and RMS norm (and so filter response norm) of a
 float32 or float64 CPU tensor run the same formulas in bnlib's
 C++ loops (``grouped_norm_forward`` and ``grouped_norm_backward`` in
-``bnlib/csrc/batch_norm_cpu.cpp``), a row at a time;
+``bnlib/csrc/batch_norm_cpu.cpp``), a row at a time, and a channels-last
+input of group, instance or filter response norm in loops of its own
+(``grouped_norm_forward_cl`` / ``_backward_cl``), a sample at a time;
 ``bnlib.functional.cpu_backend("tensor_ops")`` keeps them on tensor ops.
 
 The modules with running statistics derive from ``bnlib.batchnorm._NormBase``,

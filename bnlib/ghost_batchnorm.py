@@ -56,6 +56,12 @@ values as the pooled ones, about ``k`` times their variance.
 Eval mode with running estimates is plain BatchNorm. Without running
 estimates (``track_running_stats=False``) eval normalizes each virtual
 batch with its own statistics, as training does.
+
+Under a non-reentrant ``torch.utils.checkpoint`` (with its default early
+stop) the running estimates are updated once per step, as without the
+checkpoint: the update follows the normalization, and the recomputation in
+the backward stops before it. torch's BatchNorm (and bnlib's) update them
+again in the recomputation, since their update is part of the op.
 """
 
 import numbers

@@ -278,3 +278,26 @@ def test_channels_last_input_keeps_its_layout(n):
     y = ghost(x)
     assert y.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(y, bnlib.nn.GhostBatchNorm(3, 2)(x.contiguous()))
+
+
+@pytest.mark.parametrize("batch", [4, 5], ids=["equal virtual batches", "a smaller last one"])
+def test_non_reentrant_checkpoint_updates_once(batch):
+    """The update follows the normalization, and the checkpoint's
+    recomputation stops before it: one update and one count per step, the
+    estimates of the same steps without a checkpoint (torch's BatchNorm,
+    whose update is inside the op, updates again)."""
+    from torch.utils.checkpoint import checkpoint
+
+    results = []
+    for use_checkpoint in (False, True):
+        torch.manual_seed(0)
+        layer = bnlib.nn.GhostBatchNorm(3, 2)
+        for _ in range(3):
+            x = torch.randn(batch, 3, 5, 5, requires_grad=True)
+            y = checkpoint(layer, x, use_reentrant=False) if use_checkpoint else layer(x)
+            y.sum().backward()
+        results.append((layer.num_batches_tracked.item(), layer.running_mean.clone(), layer.running_var.clone()))
+    (count, mean, var), (count_ckpt, mean_ckpt, var_ckpt) = results
+    assert count == count_ckpt == 3
+    torch.testing.assert_close(mean_ckpt, mean, rtol=0, atol=0)
+    torch.testing.assert_close(var_ckpt, var, rtol=0, atol=0)
