@@ -61,6 +61,20 @@ def check_floating_dtype(class_name, dtype, is_floating_point):
                          f"got {dtype}")
 
 
+def check_real_array(caller, dtype):
+    """A NumPy array the NumPy references can normalize: real numbers (float,
+    int, uint), not complex (its "variance" would be complex), strings,
+    objects or booleans; else ``InputError`` naming ``caller``."""
+    if dtype.kind not in "fiu":
+        raise InputError(f"{caller} expected an array of real numbers (float or int), got dtype {dtype}")
+
+
+def check_dy_shape(caller, dy_shape, expected):
+    """``dy`` has the forward output's shape (NumPy would broadcast a (N, 1) dy without a word)."""
+    if tuple(dy_shape) != tuple(expected):
+        raise InputError(f"{caller} expected dy of the output's shape {tuple(expected)}, got {tuple(dy_shape)}")
+
+
 def values_per_channel(shape):
     """How many values each channel holds: ``m = N * prod(spatial dims)``."""
     count = shape[0]

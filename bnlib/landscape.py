@@ -243,7 +243,13 @@ class LpBatchNorm1d(BatchNorm1d):
         r""":math:`s_p^2` of each channel of ``centered`` (already minus its mean) over ``dims``."""
         if math.isinf(self.p):
             return centered.abs().amax(dim=dims) ** 2
-        return centered.abs().pow(self.p).mean(dim=dims).pow(2.0 / self.p)
+        mean_p = centered.abs().pow(self.p).mean(dim=dims)
+        # u^(2/p) has an infinite slope at 0 for p > 2: a constant channel
+        # (mean_p = 0, a dead unit) would pass NaN back; it gets 0 and no gradient.
+        # (a NaN channel stays NaN: the NaN rule of the running estimates needs it)
+        zero = mean_p == 0
+        safe = torch.where(zero, torch.ones_like(mean_p), mean_p)
+        return torch.where(zero, torch.zeros_like(mean_p), safe.pow(2.0 / self.p))
 
     def forward(self, input):
         self._check_input(input)  # before any state changes
@@ -757,7 +763,7 @@ def negative_curvature_mask(surface: np.ndarray, alphas: Sequence[float], betas:
         raise ValueError(f"surface must be (len(betas), len(alphas)) with both >= 3, got {s.shape} "
                          f"for {b.size} betas and {a.size} alphas")
     ha, hb = np.diff(a), np.diff(b)
-    if not (np.allclose(ha, ha[0]) and np.allclose(hb, hb[0]) and ha[0] > 0 and hb[0] > 0):
+    if not (np.allclose(ha, ha[0], rtol=1e-6, atol=0) and np.allclose(hb, hb[0], rtol=1e-6, atol=0) and ha[0] > 0 and hb[0] > 0):
         raise ValueError("alphas and betas must be increasing and evenly spaced")
     ha, hb = ha[0], hb[0]
     s_aa = (s[1:-1, 2:] - 2 * s[1:-1, 1:-1] + s[1:-1, :-2]) / ha**2

@@ -37,13 +37,20 @@ __all__ = ["tensor_bytes", "op_traffic", "traffic_table", "saved_tensors", "peak
 def tensor_bytes(t: torch.Tensor) -> int:
     """Bytes of distinct elements ``t`` addresses: a broadcast (stride 0) axis counts once.
 
-    ``(1, C, 1, 1)`` expanded to ``(N, C, H, W)`` is ``C`` elements, not ``N*C*H*W``.
+    ``(1, C, 1, 1)`` expanded to ``(N, C, H, W)`` is ``C`` elements, not ``N*C*H*W``;
+    a view whose windows overlap (``unfold``) counts at most the span of memory
+    between its first and last element.
     """
+    if not t.numel():
+        return 0
     n = 1
     for size, stride in zip(t.shape, t.stride()):
         if stride != 0:
             n *= size
-    return n * t.element_size() if t.numel() else 0
+    # Other overlapping views (unfold, as_strided) address no more than the
+    # span from their first element to their last.
+    span = 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+    return min(n, span) * t.element_size()
 
 
 def _tensors(tree):
@@ -113,9 +120,12 @@ def traffic_table(ops, x_bytes, min_fraction=0.01):
     work on ``(C,)`` tensors) are summed into one last row
     ``("<k> per-channel ops", read, written)``. A ``"total"`` row closes the table."""
     rows, small = [], [0, 0, 0]
+    total_read = total_written = 0
     for o in ops:
         if o["read"] == o["written"] == 0:  # allocation only
             continue
+        total_read += o["read"]
+        total_written += o["written"]
         if max(o["read"], o["written"]) >= min_fraction * x_bytes:
             rows.append((o["op"], round(o["read"] / x_bytes, 2), round(o["written"] / x_bytes, 2)))
         else:
@@ -124,7 +134,8 @@ def traffic_table(ops, x_bytes, min_fraction=0.01):
             small[2] += o["written"]
     if small[0]:
         rows.append((f"{small[0]} per-channel ops", round(small[1] / x_bytes, 2), round(small[2] / x_bytes, 2)))
-    rows.append(("total", round(sum(r[1] for r in rows), 2), round(sum(r[2] for r in rows), 2)))
+    # the bytes summed, then rounded once (not a sum of rounded rows)
+    rows.append(("total", round(total_read / x_bytes, 2), round(total_written / x_bytes, 2)))
     return rows
 
 
@@ -322,13 +333,21 @@ def chan_merge(a, b):
     n_a, mean_a, m2_a = a
     n_b, mean_b, m2_b = b
     n = n_a + n_b
-    w_b = np.where(n > 0, n_b / np.maximum(n, 1), 0).astype(np.asarray(mean_a).dtype)
-    delta = mean_b - mean_a
-    return n, mean_a + delta * w_b, m2_a + m2_b + delta * delta * n_a * w_b
+    # the means' floating dtype (integer means are merged in float64)
+    dtype = np.result_type(np.asarray(mean_a).dtype, np.asarray(mean_b).dtype, np.float16)
+    w_b = np.where(n > 0, n_b / np.maximum(n, 1), 0).astype(dtype)
+    # An empty side's mean (NaN, as np.mean of nothing gives) is not used.
+    both = (np.asarray(n_a) > 0) & (np.asarray(n_b) > 0)
+    delta = np.where(both, np.asarray(mean_b, dtype) - np.asarray(mean_a, dtype), 0).astype(dtype)
+    mean = np.where(np.asarray(n_a) > 0, np.asarray(mean_a, dtype), np.asarray(mean_b, dtype)) + delta * w_b
+    m2 = (np.where(np.asarray(n_a) > 0, m2_a, 0).astype(dtype) + np.where(np.asarray(n_b) > 0, m2_b, 0).astype(dtype)
+          + delta * delta * n_a * w_b)
+    return n, mean, m2
 
 
 def welford(x, lanes=256):
-    """Per-column ``(count, mean, M2)`` of ``x`` (m, C) in x's dtype, the way the Triton kernels do it.
+    """Per-column ``(count, mean, M2)`` of ``x`` (m, C) in x's dtype (float32 for
+    float16, as the kernels keep half inputs' statistics), the way the Triton kernels do it.
 
     The m rows are dealt to ``lanes`` lanes (row i to lane i % lanes); each lane runs
     Welford's update over its rows, ``count += 1; delta = x - mean;
@@ -344,9 +363,11 @@ def welford(x, lanes=256):
     pad = -m % lanes
     valid = np.concatenate([np.ones(m, bool), np.zeros(pad, bool)]).reshape(-1, lanes)
     xs = np.concatenate([x, np.zeros((pad, C), x.dtype)]).reshape(-1, lanes, C)
-    count = np.zeros((lanes, C), x.dtype)
-    mean = np.zeros((lanes, C), x.dtype)
-    m2 = np.zeros((lanes, C), x.dtype)
+    # half inputs in float32, as the kernels keep their statistics
+    dtype = np.result_type(x.dtype, np.float32) if x.dtype == np.float16 else x.dtype
+    count = np.zeros((lanes, C), dtype)
+    mean = np.zeros((lanes, C), dtype)
+    m2 = np.zeros((lanes, C), dtype)
     for row, ok in zip(xs, valid):
         ok = ok[:, None]
         count = count + ok
@@ -357,7 +378,7 @@ def welford(x, lanes=256):
     while parts[0].shape[0] > 1:
         k = parts[0].shape[0]
         if k % 2:
-            parts = tuple(np.concatenate([p, np.zeros((1, C), x.dtype)]) for p in parts)
+            parts = tuple(np.concatenate([p, np.zeros((1, C), dtype)]) for p in parts)
         parts = chan_merge(tuple(p[0::2] for p in parts), tuple(p[1::2] for p in parts))
     return tuple(p[0] for p in parts)
 

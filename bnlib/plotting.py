@@ -58,16 +58,18 @@ def animation_html(anim: mpl_animation.Animation, fps: float | None = None, defa
 def histogram_fractions(values, bins: int, range: tuple[float, float]) -> np.ndarray:
     """Fraction of ``values`` (any shape) in each of ``bins`` equal bins over ``range``.
 
-    Values outside ``range`` are clipped into the first or last bin, so the
-    fractions always sum to 1 and saturated mass shows up at the edges.
-    Shape ``(bins,)``.
+    Values outside ``range`` (infinities too) are clipped into the first or
+    last bin, so the fractions always sum to 1 and saturated mass shows up at
+    the edges. NaN values (a diverged network's) belong to no bin and are
+    left out of the count as well. Shape ``(bins,)``.
     """
     lo, hi = range
     if not hi > lo or bins < 1:
         raise ValueError(f"need bins >= 1 and range (lo, hi) with hi > lo, got bins={bins}, range={range}")
     v = np.asarray(values, dtype=np.float64).ravel()
+    v = v[~np.isnan(v)]
     if v.size == 0:
-        raise ValueError("values is empty")
+        raise ValueError("values is empty (or all NaN)")
     counts, _ = np.histogram(np.clip(v, lo, hi), bins=bins, range=(lo, hi))
     return counts / v.size
 

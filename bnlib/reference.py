@@ -32,10 +32,12 @@ import numpy as np
 from bnlib._checks import (
     InputError,
     check_batch_size,
+    check_dy_shape,
     check_input_dims,
     check_labels,
     check_norm_args,
     check_num_channels,
+    check_real_array,
     values_per_channel,
 )
 
@@ -85,6 +87,7 @@ def batchnorm_forward(x, gamma, beta, eps=1e-5):
         ``cache.mu`` and ``cache.var`` are the batch statistics (biased var).
     """
     x = np.asarray(x)
+    check_real_array("batchnorm_forward", x.dtype)
     if x.ndim < 2:
         raise InputError(f"batchnorm_forward expected an input with at least 2 dimensions (N, C, ...), got shape {x.shape}")
     for name, param in (("gamma", gamma), ("beta", beta)):
@@ -203,6 +206,7 @@ class BatchNorm:
         return self.train(False)
 
     def _check_input(self, x):
+        check_real_array(type(self).__name__, x.dtype)
         check_input_dims(type(self).__name__, x.shape, (2, 3, 4, 5))
         check_num_channels(type(self).__name__, x.shape, self.num_features)
         if self.training:
@@ -255,6 +259,7 @@ class BatchNorm:
         if cache.eval_mode:
             # The statistics are constants: y is an affine map of x.
             dy = np.asarray(dy, dtype=cache.x_hat.dtype)
+            check_dy_shape("BatchNorm.backward", dy.shape, cache.x_hat.shape)
             axes = _stat_axes(cache.x_hat)
             dx = dy * _per_channel(cache.gamma * cache.invstd, dy.ndim)
             dgamma = (dy * cache.x_hat).sum(axis=axes) if cache.has_gamma else None
@@ -338,6 +343,7 @@ def conditional_batchnorm_backward(dy, cache):
     """
     x_hat = cache.bn_cache.x_hat
     dy = np.asarray(dy, dtype=x_hat.dtype)
+    check_dy_shape("conditional_batchnorm_backward", dy.shape, x_hat.shape)
     spatial = tuple(range(2, dy.ndim))
     dgamma = np.zeros_like(cache.gamma)
     dbeta = np.zeros_like(cache.gamma)

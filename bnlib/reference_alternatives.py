@@ -58,7 +58,7 @@ from numbers import Real
 
 import numpy as np
 
-from bnlib._checks import check_positive_finite
+from bnlib._checks import check_dy_shape, check_positive_finite, check_real_array
 
 __all__ = [
     "NormCache",
@@ -84,8 +84,11 @@ __all__ = [
 
 
 def _as_compute(x):
-    """float64 stays float64, everything else (float16, float32, ints) becomes float32."""
+    """float64 stays float64, float16 and float32 become float32, integers
+    float64 (NumPy's promotion with float32); complex, string, object or
+    boolean arrays are refused (``InputError``)."""
     x = np.asarray(x)
+    check_real_array("the NumPy reference", x.dtype)
     return x.astype(np.result_type(x.dtype, np.float32), copy=False)
 
 
@@ -162,8 +165,9 @@ def _grouped_forward(x, gamma, beta, eps, row_shape, param_view, param_axes, par
     return y, cache
 
 
-def _grouped_backward(dy, cache):
+def _grouped_backward(dy, cache, caller):
     dy = np.asarray(dy, dtype=cache.x_hat.dtype)
+    check_dy_shape(caller, dy.shape, cache.x_hat.shape)
     dx_hat = dy if cache.gamma is None else dy * cache.gamma
     dx_rows = _rows_backward(dx_hat.reshape(cache.row_shape), cache.x_hat.reshape(cache.row_shape), cache.invstd)
     dx = dx_rows.reshape(cache.x_hat.shape)
@@ -273,7 +277,7 @@ def layernorm_backward(dy, cache):
     ``dx`` is the compact formula per sample with ``dx_hat = dy * gamma``;
     ``dgamma = sum(dy * x_hat)`` and ``dbeta = sum(dy)`` over the leading axes.
     """
-    return _grouped_backward(dy, cache)
+    return _grouped_backward(dy, cache, "layernorm_backward")
 
 
 # --------------------------------------------------------------------------
@@ -326,7 +330,7 @@ def groupnorm_backward(dy, cache):
     ``dx`` is the compact formula per (sample, group) with ``dx_hat = dy * gamma[c]``;
     ``dgamma[c] = sum(dy * x_hat)`` and ``dbeta[c] = sum(dy)`` over ``(N, *spatial)``.
     """
-    return _grouped_backward(dy, cache)
+    return _grouped_backward(dy, cache, "groupnorm_backward")
 
 
 def instancenorm_forward(x, gamma=None, beta=None, eps=1e-5):
@@ -347,7 +351,7 @@ def instancenorm_forward(x, gamma=None, beta=None, eps=1e-5):
 
 def instancenorm_backward(dy, cache):
     """Gradients of :func:`instancenorm_forward`: ``(dx, dgamma, dbeta)``."""
-    return _grouped_backward(dy, cache)
+    return _grouped_backward(dy, cache, "instancenorm_backward")
 
 
 # --------------------------------------------------------------------------
@@ -429,6 +433,7 @@ def rmsnorm_backward(dy, cache):
     ``sum(dy * x_hat)`` over the leading axes (``None`` without ``gamma``).
     """
     dy = np.asarray(dy, dtype=cache.x_hat.dtype)
+    check_dy_shape("rmsnorm_backward", dy.shape, cache.x_hat.shape)
     dx_hat = dy if cache.gamma is None else dy * cache.gamma
     dx_hat_rows = dx_hat.reshape(cache.row_shape)
     x_hat_rows = cache.x_hat.reshape(cache.row_shape)
@@ -524,6 +529,7 @@ def frn_backward(dz, cache):
     """
     x_hat = cache.x_hat
     dz = np.asarray(dz, dtype=x_hat.dtype)
+    check_dy_shape("frn_backward", dz.shape, x_hat.shape)
     view = (1, x_hat.shape[1]) + (1,) * (x_hat.ndim - 2)
     axes = tuple(range(2, x_hat.ndim))
     dy = np.where(cache.above, dz, 0.0)
@@ -604,7 +610,9 @@ def weightstd_backward(dw_std, cache):
     first order, not its spread, which the output ignores anyway. ``dgain_i = s \sum_j dw_{std,ij}\, \hat{w}_{ij}``
     (``None`` without ``gain``).
     """
-    dw_std = np.asarray(dw_std, dtype=cache.w_hat.dtype).reshape(cache.w_hat.shape)
+    dw_std = np.asarray(dw_std, dtype=cache.w_hat.dtype)
+    check_dy_shape("weightstd_backward", dw_std.shape, cache.shape)
+    dw_std = dw_std.reshape(cache.w_hat.shape)
     factor = cache.scale if cache.gain is None else cache.scale * cache.gain[:, None]
     dw = _rows_backward(factor * dw_std, cache.w_hat, cache.invstd).reshape(cache.shape)
     dgain = None if cache.gain is None else cache.scale * (dw_std * cache.w_hat).sum(axis=1)
@@ -711,6 +719,7 @@ def batchrenorm_backward(dy, cache):
         d\gamma = \sum_i dy_i \hat{x}_i, \quad d\beta = \sum_i dy_i.
     """
     dy = np.asarray(dy, dtype=cache.x_hat.dtype)
+    check_dy_shape("batchrenorm_backward", dy.shape, cache.x_hat.shape)
     ndim = dy.ndim
     axes = _stat_axes(ndim)
     m = prod(dy.shape) // dy.shape[1] if dy.shape[1] else 0

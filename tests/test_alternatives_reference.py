@@ -353,3 +353,29 @@ def test_numpy_eps_accepted():
     x = np.random.default_rng(0).normal(size=(2, 4, 3))
     y, _ = ra.groupnorm_forward(x, None, None, 2, eps=np.float32(1e-5))
     np.testing.assert_allclose(y, ra.groupnorm_forward(x, None, None, 2, eps=1e-5)[0], rtol=1e-6)
+
+
+def test_backwards_refuse_a_dy_of_another_shape():
+    """NumPy would broadcast a (N, 1) dy, or reshape a transposed one, without
+    a word: every backward checks dy's shape."""
+    x = np.random.default_rng(0).standard_normal((6, 3, 4))
+    cases = {
+        "layernorm_backward": (ra.layernorm_forward(x, np.ones(4))[1], ra.layernorm_backward),
+        "groupnorm_backward": (ra.groupnorm_forward(x, num_groups=3)[1], ra.groupnorm_backward),
+        "instancenorm_backward": (ra.instancenorm_forward(x)[1], ra.instancenorm_backward),
+        "rmsnorm_backward": (ra.rmsnorm_forward(x, np.ones(4))[1], ra.rmsnorm_backward),
+        "frn_backward": (ra.frn_forward(x)[1], ra.frn_backward),
+        "batchrenorm_backward": (ra.batchrenorm_forward(x, np.ones(3), np.zeros(3), np.zeros(3), np.ones(3))[1],
+                                 ra.batchrenorm_backward),
+    }
+    for name, (cache, backward) in cases.items():
+        with pytest.raises(ValueError, match=f"{name} expected dy of the output's shape"):
+            backward(np.ones((6, 3, 1)), cache)
+    _, cache = ra.weightstd_forward(np.random.default_rng(1).standard_normal((4, 3)))
+    with pytest.raises(ValueError, match="weightstd_backward expected dy"):
+        ra.weightstd_backward(np.ones((3, 4)), cache)
+
+
+def test_references_refuse_complex_input():
+    with pytest.raises(ValueError, match="real numbers"):
+        ra.layernorm_forward(np.ones((2, 3)) + 1j)

@@ -770,3 +770,25 @@ def test_partial_bn_refuses_no_parts_and_bad_input():
     with pytest.raises(ValueError):
         layer(torch.randn(5, 3))
     assert torch.equal(layer.running_mean, before)
+
+
+@pytest.mark.parametrize("p", [1, 3, 4, math.inf])
+def test_lp_batchnorm_constant_channel_has_a_finite_gradient(p):
+    """A constant channel (a dead unit): s_p = 0, and u^(2/p) has an infinite
+    slope at 0 for p > 2; the gradient stays finite, as BatchNorm1d's."""
+    layer = landscape.LpBatchNorm1d(2, p=p, dtype=torch.float64)
+    x = torch.randn(8, 2, dtype=torch.float64)
+    x[:, 1] = 0.5
+    x.requires_grad_()
+    layer(x).pow(2).sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_negative_curvature_mask_checks_spacing_at_any_scale():
+    """Uneven grids are refused at a spacing of 1e-9 as at 1."""
+    a = np.array([0, 2.0, 2.1, 3.0])
+    b = np.array([0, 1.0, 2.0])
+    for scale in (1.0, 1e-9):
+        A, B = np.meshgrid(a * scale, b * scale)
+        with pytest.raises(ValueError, match="evenly spaced"):
+            landscape.negative_curvature_mask(A ** 2 + B ** 2, a * scale, b * scale)

@@ -144,3 +144,35 @@ def test_cpu_path_pins_the_path(name):
     torch.testing.assert_close(y, torch.nn.functional.batch_norm(x, None, None, training=True), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="'kernels' or 'tensor_ops'"):
         perf.cpu_path("fast")
+
+
+def test_chan_merge_integer_means_and_empty_sides():
+    """Integer means are merged in float64 (the weight 1/2 was cast to int,
+    0); an empty side's mean, NaN as np.mean of nothing, is not used."""
+    n, mean, m2 = perf.chan_merge((2, 1, 0.5), (2, 2, 0.5))
+    assert (n, float(mean), float(m2)) == (4, 1.5, 2.0)
+    empty_mean = float("nan")  # what np.mean of nothing gives
+    for a, b in (((0, empty_mean, 0.0), (3, 2.0, 1.5)), ((3, 2.0, 1.5), (0, empty_mean, 0.0))):
+        n, mean, m2 = perf.chan_merge(a, b)
+        assert (n, float(mean), float(m2)) == (3, 2.0, 1.5)
+
+
+def test_welford_keeps_half_inputs_statistics_in_float32():
+    """float16 counts stop at 2048 and overflow past 65504: the statistics of
+    a float16 input are kept in float32, as the kernels keep them."""
+    x = np.random.default_rng(0).standard_normal((70000, 1)).astype(np.float16)
+    n, mean, m2 = perf.welford(x)
+    exact = x.astype(np.float64)
+    assert n.dtype == np.float32 and n[0] == 70000
+    assert abs(mean[0] - exact.mean()) < 1e-5
+    assert abs(m2[0] / ((exact - exact.mean()) ** 2).sum() - 1) < 1e-4
+
+
+def test_tensor_bytes_of_overlapping_views_and_table_totals():
+    base = torch.randn(1000, 10)
+    assert perf.tensor_bytes(base.unfold(0, 3, 1)) == base.nbytes  # windows overlap
+    assert perf.tensor_bytes(torch.randn(2, 3).expand(4, 2, 3)) == 24
+    assert perf.tensor_bytes(torch.randn(3, 4).t()) == 48
+    # the total is the bytes summed, then rounded (three rows of 0.33 are 1.0)
+    rows = perf.traffic_table([{"op": "a", "read": 1, "written": 1}] * 3, 3)
+    assert rows[-1] == ("total", 1.0, 1.0)

@@ -110,3 +110,13 @@ def test_layer_table():
     )
     with pytest.raises(ValueError, match="same number of columns"):
         plotting.layer_table({"a": np.zeros(2), "b": np.zeros(3)})
+
+
+def test_histogram_fractions_leave_nan_out():
+    """NaN belongs to no bin: left out of the count too, so the fractions of
+    the other values still sum to 1; infinities go to the edge bins."""
+    fractions = plotting.histogram_fractions([0.1, 0.2, np.nan, 5.0, -np.inf], 4, (-1, 1))
+    assert fractions.sum() == pytest.approx(1.0)
+    assert fractions[0] == pytest.approx(0.25) and fractions[-1] == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="all NaN"):
+        plotting.histogram_fractions([np.nan], 4, (-1, 1))

@@ -266,3 +266,26 @@ def test_functions_check_shapes():
     _, cache = R.batchnorm_forward(np.random.default_rng(0).normal(size=(4, 3)), None, None)
     with pytest.raises(ValueError, match=r"dy of the input's shape \(4, 3\), got \(4, 1\)"):
         R.batchnorm_backward(np.ones((4, 1)), cache)
+
+
+@pytest.mark.parametrize("values", [np.array([[1 + 2j, 0], [3 - 1j, 1], [0, 5]]),
+                                    np.array([["a", "b"], ["c", "d"]]), np.ones((3, 2), bool)],
+                         ids=["complex", "strings", "booleans"])
+def test_reference_refuses_arrays_that_are_not_real_numbers(values):
+    """A complex batch made the running statistics complex for good; now a
+    clear error, before any state changes."""
+    layer = R.BatchNorm(2)
+    before = (layer.running_mean.copy(), layer.running_var.copy(), layer.num_batches_tracked)
+    with pytest.raises(ValueError, match="real numbers"):
+        layer(values)
+    with pytest.raises(ValueError, match="real numbers"):
+        R.batchnorm_forward(values, None, None)
+    assert np.array_equal(layer.running_mean, before[0]) and np.array_equal(layer.running_var, before[1])
+    assert layer.num_batches_tracked == before[2]
+
+
+def test_eval_backward_refuses_a_dy_of_another_shape():
+    layer = R.BatchNorm(3).eval()
+    layer(np.ones((4, 3)))
+    with pytest.raises(ValueError, match=r"dy of the output's shape \(4, 3\)"):
+        layer.backward(np.ones((4, 1)))
