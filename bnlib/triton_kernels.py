@@ -132,13 +132,15 @@ def _chan_combine(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
 
     n = n_a + n_b;  mean = mean_a + delta * n_b / n;
     M2 = M2_a + M2_b + delta^2 * n_a * n_b / n,  with delta = mean_b - mean_a.
-    An empty side (count 0) leaves the other one unchanged.
+    An empty side (count 0) leaves the other one unchanged: its delta^2 term
+    is taken as 0, not computed as 0 times delta^2, which overflows to inf
+    (and inf * 0 is NaN) once |delta| > 1.8e19 in float32.
     """
     n = n_a + n_b
     w_b = tl.where(n > 0, n_b / tl.maximum(n, 1.0), 0.0)
     delta = mean_b - mean_a
     mean = mean_a + delta * w_b
-    m2 = m2_a + m2_b + delta * delta * n_a * w_b
+    m2 = m2_a + m2_b + tl.where((n_a > 0) & (n_b > 0), delta * delta * n_a * w_b, 0.0)
     return mean, m2, n
 
 
@@ -182,8 +184,9 @@ def _tile(t, r_start, r_end, c_offs, s_r, s_c, C, S,
     s = (t % n_s_tiles) * BLOCK_S + tl.arange(0, BLOCK_S)[None, None, :]
     c = c_offs[None, :, None]
     mask = (r < r_end) & (c < C) & (s < S)
-    if INT64:
+    if INT64:  # (c * s_c too: channel 2 of a (1, 3, 2**30) input starts at 2**31)
         r = r.to(tl.int64)
+        c = c.to(tl.int64)
     return r * s_r + c * s_c + s, mask
 
 

@@ -336,6 +336,48 @@ def test_stable_variance(config):
 
 
 @interp
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
+def test_huge_finite_mean(config):
+    """A finite float32 batch of mean 3e19 (its variance 1e30): the merge of
+    an empty summary with a block's took 0 * delta^2, and delta^2 overflowed
+    to inf (inf * 0 = NaN): NaN output, and the channel's running estimates
+    kept as if the batch held a NaN. Now y and the estimates are torch's."""
+    g = torch.Generator().manual_seed(0)
+    x64 = torch.randn(8, 1, 1024, generator=g, dtype=torch.float64) * 1e15 + 3e19
+    rm, rv = torch.zeros(1), torch.ones(1)
+    y = tk.batch_norm(x64.float(), rm, rv, None, None, True, 0.1, 1e-5, config=config)
+    want_rm, want_rv = torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+    want = F.batch_norm(x64.float().double(), want_rm, want_rv, None, None, True, 0.1, 1e-5)
+    # (the float32 mean is good to an ulp of 3e19, 2e12: 2e-3 of the std)
+    assert torch.isfinite(y).all() and rel_err(y, want) < 1e-2
+    # (the contract: within 1e-3 of the float64 variance when the mean dwarfs the spread)
+    assert abs(rv.item() / want_rv.item() - 1) < 1e-3 and abs(rm.item() / want_rm.item() - 1) < 1e-6
+
+
+import triton.language as tl  # noqa: E402  (after the importorskip)
+
+
+@triton.jit
+def _tile_offsets_probe(out_ptr, C, S, s_r, s_c, BLOCK_S: tl.constexpr):
+    """Channel program_id(0)'s first BLOCK_S offsets from _tile, 64-bit."""
+    c_offs = tl.program_id(0) + tl.arange(0, 1)
+    offs, _ = tk._tile(0, 0, 1, c_offs, s_r, s_c, C, S, 1, BLOCK_S, True)
+    tl.store(out_ptr + tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)[None, None, :], offs.to(tl.int64))
+
+
+@interp
+def test_tile_offsets_past_int32():
+    """A contiguous (1, 3, 2**30) float16 input (6 GiB): channel 2 starts at
+    element 2**31, past int32; with 64-bit offsets the channel's term is 64-bit too."""
+    launch = tk._launch(1, 3, 2**30, torch.float16, torch.device("cpu"))
+    assert launch.common["INT64"]
+    out = torch.zeros(3 * 4, dtype=torch.int64)
+    _tile_offsets_probe[(3,)](out, 3, 2**30, launch.s_r, launch.s_c, BLOCK_S=4)
+    assert out.view(3, 4)[:, 0].tolist() == [0, 2**30, 2**31]
+    assert out[8:].tolist() == [2**31 + i for i in range(4)]
+
+
+@interp
 def test_dy_in_another_layout():
     """A channels-last input whose gradient arrives contiguous (and one with stride 0)."""
     x = make_input((3, 4, 5, 6), torch.float64, "cpu", "channels_last").requires_grad_()
