@@ -412,13 +412,20 @@ def test_grouped_norm_kernels_match_the_tensor_ops(case, dtype, affine):
     bias = torch.randn(param_shape, generator=g, dtype=torch.float64).to(dtype)
     weight, bias = {"both": (weight, bias), "weight": (weight, None), "none": (None, None)}[affine]
     dy = random_input(shape, torch.float64, seed=23).to(dtype)
+    kernels_agree_with_tensor_ops(fn, x, weight, bias, dy)
+
+
+def kernels_agree_with_tensor_ops(fn, x, weight, bias, dy):
+    """The C++ loops' output and gradients against the tensor-op path's, to
+    the dtype's tolerance; returns both."""
     with BF.cpu_backend("kernels"):
         ours = grouped_run(fn, x, weight, bias, dy)
     with BF.cpu_backend("tensor_ops"):
         theirs = grouped_run(fn, x, weight, bias, dy)
     for a, b in zip(ours, theirs):
         assert a.dtype == b.dtype and a.shape == b.shape
-        torch.testing.assert_close(a, b, **TOL[dtype])
+        torch.testing.assert_close(a, b, **TOL[x.dtype])
+    return ours, theirs
 
 
 @pytest.mark.parametrize("name,module,shape", [
@@ -506,33 +513,8 @@ def test_grouped_norm_channels_last_loops_match_the_tensor_ops(case, dtype, affi
         big_copies = [op for op in ops if op["op"] == "clone.default" and op["written"] >= x.nbytes]
         assert "grouped_norm_forward_cl.default" in names, names
         assert len(big_copies) == (0 if y.is_contiguous(memory_format=fmt) else 1), ops
-        ours = grouped_run(fn, x, weight, bias, dy)
-    with BF.cpu_backend("tensor_ops"):
-        theirs = grouped_run(fn, x, weight, bias, dy)
-    for a, b in zip(ours, theirs):
-        assert a.dtype == b.dtype and a.shape == b.shape
-        torch.testing.assert_close(a, b, **TOL[dtype])
+    ours, theirs = kernels_agree_with_tensor_ops(fn, x, weight, bias, dy)
     assert ours[0].stride() == theirs[0].stride() and ours[1].stride() == theirs[1].stride()
-
-
-def test_grouped_norm_channels_last_threads_agree():
-    """Samples are split among threads, each summing its parameter
-    gradients in its own buffer: 1 and 3 threads agree to float rounding."""
-    x = random_input((6, 8, 5, 5), torch.float32, seed=37).to(memory_format=torch.channels_last)
-    w, b = random_affine(8, torch.float32)
-    dy = random_input(x.shape, torch.float32, seed=38).to(memory_format=torch.channels_last)
-    fn = lambda *a: alt.group_norm(a[0], 4, a[1], a[2])  # noqa: E731
-    results = []
-    previous = torch.get_num_threads()
-    try:
-        for threads in (1, 3):
-            torch.set_num_threads(threads)
-            with BF.cpu_backend("kernels"):
-                results.append(grouped_run(fn, x, w, b, dy))
-    finally:
-        torch.set_num_threads(previous)
-    for a, b_ in zip(*results):
-        torch.testing.assert_close(a, b_, rtol=1e-5, atol=1e-5)
 
 
 def test_grouped_norm_channels_last_loops_check_their_arguments():
@@ -591,17 +573,20 @@ def test_grouped_norm_half_inputs_take_the_tensor_ops():
             torch.testing.assert_close(y, expected, rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("fn,shape,params", [
-    (lambda *a: alt.group_norm(a[0], 4, a[1], a[2]), (6, 8, 5, 5), 8),
+@pytest.mark.parametrize("fn,shape,params,memory_format", [
+    (lambda *a: alt.group_norm(a[0], 4, a[1], a[2]), (6, 8, 5, 5), 8, torch.contiguous_format),
     # few long rows: fewer tasks than threads, so that the buffers stay small
-    (lambda *a: alt.layer_norm(a[0], (300,), a[1], a[2]), (24, 300), 300),
-], ids=["group norm", "layer norm, few rows"])
-def test_grouped_norm_threads_agree(fn, shape, params):
-    """Rows are split among threads, and each thread's parameter gradients
-    summed in its own buffer: 1 and 3 threads agree to float rounding."""
-    x = random_input(shape, torch.float32, seed=30).requires_grad_()
+    (lambda *a: alt.layer_norm(a[0], (300,), a[1], a[2]), (24, 300), 300, torch.contiguous_format),
+    # the channels-last loops split the samples instead
+    (lambda *a: alt.group_norm(a[0], 4, a[1], a[2]), (6, 8, 5, 5), 8, torch.channels_last),
+], ids=["group norm", "layer norm, few rows", "group norm NHWC"])
+def test_grouped_norm_threads_agree(fn, shape, params, memory_format):
+    """Rows (channels last: samples) are split among threads, and each
+    thread's parameter gradients summed in its own buffer: 1 and 3 threads
+    agree to float rounding."""
+    x = random_input(shape, torch.float32, seed=30).contiguous(memory_format=memory_format).requires_grad_()
     w, b = (t.requires_grad_() for t in random_affine(params, torch.float32))
-    dy = random_input(shape, torch.float32, seed=31)
+    dy = random_input(shape, torch.float32, seed=31).contiguous(memory_format=memory_format)
     results = []
     previous = torch.get_num_threads()
     try:

@@ -788,6 +788,17 @@ inline void run_sums(const T* dy, const T* x, T mu, const T* w, bool w_each, int
   }
 }
 
+// Per-task partial sums (tasks blocks of P values) added in task order, the
+// same order at every thread count, into out (P values).
+template <typename A>
+void add_task_sums(const std::vector<A>& parts, int64_t tasks, int64_t P, A* out) {
+  for (int64_t k = 0; k < P; ++k) {
+    A sum = 0;
+    for (int64_t t = 0; t < tasks; ++t) sum += parts[t * P + k];
+    out[k] = sum;
+  }
+}
+
 // Rows of the backward per thread: with the parameter gradients, each thread
 // sums them into its own buffer of 16 P bytes, kept at most half a float32
 // x's size.
@@ -887,15 +898,8 @@ void grouped_backward(const T* dy, const T* x, const Rows& L, bool centered, con
     }
   });
   if (!param_grads || direct) return;
-  for (int64_t k = 0; k < P; ++k) {
-    A a = 0, c = 0;
-    for (int64_t t = 0; t < tasks; ++t) {
-      a += dw_t[t * P + k];
-      c += db_t[t * P + k];
-    }
-    dw[k] = a;
-    db[k] = c;
-  }
+  add_task_sums(dw_t, tasks, P, dw);
+  add_task_sums(db_t, tasks, P, db);
 }
 
 // Forward: y, and each row's mean, biased variance and invstd (R values each).
@@ -916,6 +920,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_norm_forward(
                               has_bias ? bias->data_ptr<scalar_t>() : nullptr);
   });
   return {y, mean, var, invstd};
+}
+
+// Sums kept in double, rounded into their output tensor of T (as many values).
+template <typename T>
+void store_rounded(const std::vector<double>& sums, at::Tensor& out) {
+  T* p = out.data_ptr<T>();
+  for (size_t k = 0; k < sums.size(); ++k) p[k] = static_cast<T>(sums[k]);
 }
 
 // Backward: dx (when input_grad), and dw, db (P values each; when param_grads,
@@ -950,12 +961,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_norm_backward(
     } else {  // in double, then rounded to T
       std::vector<double> dw_d(L.P, 0.0), db_d(L.P, 0.0);
       grouped_backward<scalar_t, double>(dy_p, x_p, L, centered, mean_p, invstd_p, w_p, dx_p, dw_d.data(), db_d.data());
-      scalar_t* dw_p = dw.data_ptr<scalar_t>();
-      scalar_t* db_p = db.data_ptr<scalar_t>();
-      for (int64_t k = 0; k < L.P; ++k) {
-        dw_p[k] = static_cast<scalar_t>(dw_d[k]);
-        db_p[k] = static_cast<scalar_t>(db_d[k]);
-      }
+      store_rounded<scalar_t>(dw_d, dw);
+      store_rounded<scalar_t>(db_d, db);
     }
   });
   return {dx, dw, db};
@@ -1160,15 +1167,8 @@ void grouped_backward_cl(const T* dy, const T* x, const Samples& L, bool centere
     }
   });
   if (!param_grads) return;
-  for (int64_t c = 0; c < C; ++c) {
-    double a = 0, q = 0;
-    for (int64_t t = 0; t < tasks; ++t) {
-      a += dw_t[t * C + c];
-      q += db_t[t * C + c];
-    }
-    dw[c] = a;
-    db[c] = q;
-  }
+  add_task_sums(dw_t, tasks, C, dw);
+  add_task_sums(db_t, tasks, C, db);
 }
 
 void check_channel_params(const at::Tensor& t, const at::Tensor& x, const char* name) {
@@ -1222,12 +1222,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_norm_backward_cl(
                                   input_grad ? dx.data_ptr<scalar_t>() : nullptr,
                                   param_grads ? dw_d.data() : nullptr, param_grads ? db_d.data() : nullptr);
     if (param_grads) {
-      scalar_t* dw_p = dw.data_ptr<scalar_t>();
-      scalar_t* db_p = db.data_ptr<scalar_t>();
-      for (int64_t c = 0; c < L.C; ++c) {
-        dw_p[c] = static_cast<scalar_t>(dw_d[c]);
-        db_p[c] = static_cast<scalar_t>(db_d[c]);
-      }
+      store_rounded<scalar_t>(dw_d, dw);
+      store_rounded<scalar_t>(db_d, db);
     }
   });
   return {dx, dw, db};
