@@ -461,15 +461,26 @@ def test_grouped_norm_gradcheck_through_the_kernels():
         assert torch.autograd.gradcheck(lambda *a: alt.layer_norm(a[0], (5,), a[1], a[2]), (xl, wl, bl))
 
 
-def test_grouped_norm_statistics_are_stable_at_a_large_mean():
-    """float32 rows with mean 1e4 and spread 1: the kernels' two-pass
-    statistics give unit variance (E[x^2] - E[x]^2 would give garbage)."""
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "channels_last, means +-1e4"])
+def test_grouped_norm_statistics_are_stable_at_a_large_mean(layout):
+    """float32 rows with mean 1e4 and spread 1 (and, channels last, groups
+    whose channels sit at +1e4 and -1e4): the kernels' two-pass statistics
+    give unit variance (E[x^2] - E[x]^2 would give garbage), and float64's
+    output to float32 rounding."""
     g = torch.Generator().manual_seed(28)
-    x = 1e4 + torch.randn(4, 8, 300, generator=g)
+    if layout == "contiguous":
+        x = 1e4 + torch.randn(4, 8, 300, generator=g)
+    else:
+        x = 1e4 + torch.randn(4, 8, 20, 15, generator=g)
+        if layout.endswith("1e4"):
+            x[:, 1::2] *= -1
+        x = x.to(memory_format=torch.channels_last)
     with BF.cpu_backend("kernels"):
         y = alt.group_norm(x, 2, None, None)
     var = y.double().reshape(4, 2, -1).var(-1, unbiased=False)
     torch.testing.assert_close(var, torch.ones_like(var), rtol=1e-4, atol=1e-4)
+    want = torch.nn.functional.group_norm(x.double(), 2)
+    torch.testing.assert_close(y.double(), want, rtol=0, atol=2e-3)
 
 
 # (the functional call, input shape, parameters): channels-last inputs the
