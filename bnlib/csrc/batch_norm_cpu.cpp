@@ -977,10 +977,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_norm_backward(
 // sample in memory order, summing per channel (a vector along C), and fold
 // the channel sums into their group's. Each sample is finished before the
 // next, from cache when it fits (a sample of (64, 32, 32) float32 is 256 KiB):
-//   forward : read x (mean), x (M2), then x, write y  = 2 |x| from memory
+//   forward : read x (shifted sums), then x, write y  = 2 |x| from memory
 //   backward: read x, dy (sums), then x, dy, write dx = 3 |x| from memory
-// The same formulas and roundings as grouped_forward / grouped_backward;
-// only the order of the sums differs.
+// The forward sums each channel's values as d = x - shift, the shift the
+// mean of the channel's first positions (a 64th of the sample, at least one
+// block), in one pass, and merges the channels into their group with
+// Chan's formula; the output and the backward use grouped_forward /
+// grouped_backward's formulas and roundings. Only the order of the sums
+// differs from those loops'.
 
 struct Samples {
   int64_t N, S, C, G;  // samples, positions per sample, channels, groups
@@ -1011,6 +1015,7 @@ void grouped_forward_cl(const T* x, T* y, const Samples& L, double eps, bool cen
                         const T* w, const T* b) {
   const int64_t S = L.S, C = L.C, G = L.G, Cg = L.C / L.G, count = L.S * Cg;
   const int64_t block = positions_per_block(C, sizeof(T));
+  const int64_t lead = std::min(S, std::max(block, (S + 63) / 64));  // positions that set the shifts
   at::parallel_for(0, L.N, 1, [&](int64_t n0, int64_t n1) {
     std::vector<double> s1(C), s2(C);
     std::vector<T> acc1(C), acc2(C), shift(C), mu(C), is(C);
@@ -1022,25 +1027,25 @@ void grouped_forward_cl(const T* x, T* y, const Samples& L, double eps, bool cen
     for (int64_t n = n0; n < n1; ++n) {
       const T* xn = x + n * S * C;
       T* yn = y + n * S * C;
-      std::fill(shift.begin(), shift.end(), T(0));  // RMS norm: the sums of squares, shift 0
-      if (centered) {  // pass 1: the group means, the shift of pass 2
+      // The shift of each channel: the mean of its first `lead` positions
+      // (RMS norm: 0, the sums of squares). With lead >= S / 64 it is
+      // within sqrt(S / lead) <= 8 standard deviations of the channel's mean,
+      // so the shifted sums below lose at most 64x in M2, not |mean|^2 / var.
+      std::fill(shift.begin(), shift.end(), T(0));
+      if (centered) {
         std::fill(s1.begin(), s1.end(), 0.0);
-        for (int64_t p0 = 0; p0 < S; p0 += block) {
+        for (int64_t p0 = 0; p0 < lead; p0 += block) {
           std::fill(acc1.begin(), acc1.end(), T(0));
-          for (int64_t p = p0; p < std::min(S, p0 + block); ++p) {
+          for (int64_t p = p0; p < std::min(lead, p0 + block); ++p) {
             const T* xp = xn + p * C;
 #pragma omp simd
             for (int64_t c = 0; c < C; ++c) a1[c] += xp[c];
           }
           for (int64_t c = 0; c < C; ++c) s1[c] += acc1[c];
         }
-        for (int64_t g = 0; g < G; ++g) {
-          double total = 0;
-          for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) total += s1[c];
-          std::fill(shift.begin() + g * Cg, shift.begin() + (g + 1) * Cg, static_cast<T>(total / count));
-        }
+        for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<T>(s1[c] / lead);
       }
-      // pass 2: sum(d) and sum(d^2), d = x - shift, per channel
+      // One pass: sum(d) and sum(d^2) per channel, d = x - shift[c]
       std::fill(s1.begin(), s1.end(), 0.0);
       std::fill(s2.begin(), s2.end(), 0.0);
       for (int64_t p0 = 0; p0 < S; p0 += block) {
@@ -1060,21 +1065,28 @@ void grouped_forward_cl(const T* x, T* y, const Samples& L, double eps, bool cen
           s2[c] += acc2[c];
         }
       }
+      // Each group from its channels' summaries (S values each, in double):
+      // mean = the channels' mean; M2 = sum of the channels' M2 plus
+      // S * sum (mean_c - mean)^2, Chan's merge for equal counts.
       for (int64_t g = 0; g < G; ++g) {
-        double a = 0, q = 0;
+        double mean_g = 0, m2 = 0;
         for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
-          a += s1[c];
-          q += s2[c];
+          mean_g += static_cast<double>(shift[c]) + s1[c] / S;
+        }
+        mean_g /= Cg;
+        for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+          const double mean_c = static_cast<double>(shift[c]) + s1[c] / S;
+          m2 += centered ? (s2[c] - s1[c] * s1[c] / S) + S * (mean_c - mean_g) * (mean_c - mean_g) : s2[c];
         }
         const int64_t r = n * G + g;
         // rounded to T, then used, as in grouped_forward
-        mean[r] = centered ? static_cast<T>(static_cast<double>(shift[g * Cg]) + a / count) : T(0);
-        var[r] = static_cast<T>((centered ? q - a * a / count : q) / count);
+        mean[r] = centered ? static_cast<T>(mean_g) : T(0);
+        var[r] = static_cast<T>(m2 / count);
         invstd[r] = static_cast<T>(1.0 / std::sqrt(static_cast<double>(var[r]) + eps));
         std::fill(mu.begin() + g * Cg, mu.begin() + (g + 1) * Cg, mean[r]);
         std::fill(is.begin() + g * Cg, is.begin() + (g + 1) * Cg, invstd[r]);
       }
-      // pass 3: y = ((x - mean) * invstd) * w[c] + b[c]
+      // Then y = ((x - mean) * invstd) * w[c] + b[c]
       for (int64_t p = 0; p < S; ++p) {
         const T* xp = xn + p * C;
         T* yp = yn + p * C;
