@@ -113,8 +113,13 @@ def under_func_transform():
     transforms then differentiate the formula themselves (forward-mode AD
     too: the Functions have no ``jvp``). Outside one, the hand-written
     passes and the kernels run as always.
+
+    ``torch.jit.trace`` takes the same path: it records a Function and also
+    the operations inside its forward, so a Function that updates the
+    running estimates would have them updated twice per call of the traced
+    module; the formula path's ops are recorded once, as torch's are.
     """
-    return _functorch_transforms_active() or _forward_ad_active()
+    return _functorch_transforms_active() or _forward_ad_active() or torch.jit.is_tracing()
 
 
 _functorch_level = getattr(getattr(torch._C, "_functorch", None), "maybe_get_level", None)
@@ -236,6 +241,14 @@ def _stat_dims(ndim):
     return [0] + list(range(2, ndim))
 
 
+def _eps_in(eps, dtype):
+    """``eps`` as it can be added in ``dtype``: at least the dtype's smallest
+    normal number. An ``eps`` below float32's (1.2e-38), which bnlib accepts
+    as torch does, would round to 0 there, and a constant channel (variance
+    0) would give 0 * inf = NaN instead of torch's 0."""
+    return max(eps, torch.finfo(dtype).tiny)
+
+
 def _channel_mean(t, ones_over_m=None):
     """Per-channel mean of ``t`` (over every axis but 1), as a (C,) tensor.
 
@@ -327,7 +340,7 @@ def batch_norm_formula(input, weight, bias, eps):
     dims = _stat_dims(x.dim())
     mu = x.mean(dims, keepdim=True)
     x_centered = x - mu
-    y = x_centered * torch.rsqrt(x_centered.square().mean(dims, keepdim=True) + eps)
+    y = x_centered * torch.rsqrt(x_centered.square().mean(dims, keepdim=True) + _eps_in(eps, x.dtype))
     if weight is not None:
         y = y * _per_channel(weight.to(x.dtype), x.dim())
     if bias is not None:
@@ -340,7 +353,8 @@ def batch_norm_eval_formula(input, weight, bias, running_mean, running_var, eps)
     ``BatchNormEvalFunction``, for ``torch.func`` transforms."""
     x = input.to(_compute_dtype(input.dtype))
     ndim = x.dim()
-    y = (x - _per_channel(running_mean.to(x.dtype), ndim)) * _per_channel(torch.rsqrt(running_var.to(x.dtype) + eps), ndim)
+    y = (x - _per_channel(running_mean.to(x.dtype), ndim)) * _per_channel(
+        torch.rsqrt(running_var.to(x.dtype) + _eps_in(eps, x.dtype)), ndim)
     if weight is not None:
         y = y * _per_channel(weight.to(x.dtype), ndim)
     if bias is not None:
@@ -355,6 +369,34 @@ def _detached_batch_stats(input):
     dims = _stat_dims(x.dim())
     mu = x.mean(dims)
     return mu, (x - _per_channel(mu, x.dim())).square().mean(dims)
+
+
+_legacy_batched = getattr(getattr(torch._C, "_functorch", None), "is_legacy_batchedtensor", None)
+
+
+def _is_legacy_batched(t):
+    """Whether ``t`` is batched by autograd's own vmap, as ``dy`` is in a
+    backward under ``torch.autograd.grad(..., is_grads_batched=True)`` (no
+    functorch level is active there). Without the internals to ask: False."""
+    return _legacy_batched is not None and _legacy_batched(t)
+
+
+def _train_backward_plain(ctx, x, mu, invstd, weight, dy32, dy_dtype):
+    """``BatchNormTrainFunction.backward``'s three gradients in plain
+    out-of-place tensor ops: the same formulas, for a batched ``dy``."""
+    ndim, dims = x.dim(), _stat_dims(x.dim())
+    x_hat = (x - _per_channel(mu, ndim)) * _per_channel(invstd, ndim)
+    grad_input = grad_weight = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        k = invstd if weight is None else invstd * weight.to(invstd.dtype)
+        mean_dy = dy32.mean(dims, keepdim=True) if values_per_channel(x.shape) else torch.zeros_like(dy32)
+        mean_dy_x_hat = (dy32 * x_hat).mean(dims, keepdim=True) if values_per_channel(x.shape) else mean_dy
+        grad_input = (_per_channel(k, ndim) * (dy32 - mean_dy - x_hat * mean_dy_x_hat)).to(dy_dtype)
+    if weight is not None and ctx.needs_input_grad[1]:
+        grad_weight = (dy32 * x_hat).sum(dims).to(weight.dtype)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        grad_bias = dy32.sum(dims).to(weight.dtype if weight is not None else dy32.dtype)
+    return grad_input, grad_weight, grad_bias
 
 
 class BatchNormTrainFunction(torch.autograd.Function):
@@ -377,7 +419,7 @@ class BatchNormTrainFunction(torch.autograd.Function):
         m = values_per_channel(x.shape)
         ones_over_m = _ones_over_m(x, m)
         mu, var, y = _mean_var(x, ones_over_m)  # y is, for now, the squares
-        invstd = torch.rsqrt(var + eps)
+        invstd = torch.rsqrt(var + _eps_in(eps, var.dtype))
         # y = gamma * (x - mu) * invstd + beta = x * scale + shift, one pass over x
         # (the same spelling as torch's own kernel): scale = gamma * invstd,
         # shift = beta - mu * scale.
@@ -436,6 +478,11 @@ class BatchNormTrainFunction(torch.autograd.Function):
         ndim = x.dim()
         ones_over_m = ctx.ones_over_m
         dy32 = dy.to(x.dtype)
+        if under_func_transform() or _is_legacy_batched(dy):
+            # A batched dy (autograd.grad(..., is_grads_batched=True), a
+            # vectorized jacobian): the same formula out of place, in ops vmap
+            # has rules for (no flatten, no in-place product, no BLAS mean).
+            return (*_train_backward_plain(ctx, x, mu, invstd, weight, dy32, dy.dtype), None, None, None, None)
         if values_per_channel(x.shape) == 0:
             # An empty batch: its statistics are NaN, but nothing depends on them.
             zeros = torch.zeros_like(invstd)
@@ -567,7 +614,7 @@ class BatchNormEvalFunction(torch.autograd.Function):
         dtype = _compute_dtype(input.dtype)
         x = input.to(dtype)
         mean = running_mean.to(dtype)
-        invstd = torch.rsqrt(running_var.to(dtype) + eps)
+        invstd = torch.rsqrt(running_var.to(dtype) + _eps_in(eps, dtype))
         scale = invstd if weight is None else invstd * weight.to(dtype)
         shift = -mean * scale
         if bias is not None:

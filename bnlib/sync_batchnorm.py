@@ -391,6 +391,8 @@ class SyncBatchNorm(bnn._BatchNorm, bnn._TorchBatchNorm):
         # Called inside SyncBatchNormFunction, after its global check: only
         # then is state changed.
         factor = self._count_batch()
+        if self.running_mean is None or self.running_var is None:
+            return  # estimates set to None (torch allows it): the batch is counted, nothing updated
         update_running_stats(self.running_mean, self.running_var, mu, var * (count / (count - 1)), factor)
 
     @classmethod

@@ -283,3 +283,50 @@ def test_replace_all_batch_norm_modules_then_vmap():
         assert model[1].running_mean is None and not model[1].track_running_stats
         outs.append(vmap(model)(x))
     torch.testing.assert_close(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("path", ["kernels", "tensor_ops"])
+@pytest.mark.parametrize("shape", [(4, 3, 2, 2), (6, 3)], ids=["NCHW", "(N, C)"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_batched_gradients_match_torch(path, shape, dtype):
+    """autograd.grad(..., is_grads_batched=True), which vectorized jacobians
+    use, runs the backward on a batched dy: the tensor-op backward's flatten
+    and in-place product had no batching rule (bfloat16 takes that path on
+    the CPU by default)."""
+    results = []
+    for module in (torch.nn, bnlib.nn):
+        torch.manual_seed(0)
+        layer = (module.BatchNorm2d if len(shape) == 4 else module.BatchNorm1d)(3).to(dtype)
+        x = torch.randn(*shape, dtype=dtype, requires_grad=True)
+        with bnF.cpu_backend(path):
+            y = layer(x)
+            v = torch.randn((5,) + y.shape, dtype=dtype, generator=torch.Generator().manual_seed(1))
+            results.append(torch.autograd.grad(y, [x, layer.weight, layer.bias], v, is_grads_batched=True))
+    tol = dict(rtol=3e-2, atol=3e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    for ours, theirs in zip(results[1], results[0]):
+        torch.testing.assert_close(ours, theirs, **tol)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.trace itself is deprecated
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # shape checks become constants: torch's too
+@pytest.mark.parametrize("path", ["kernels", "tensor_ops"])
+def test_jit_trace_updates_the_running_estimates_once(path):
+    """torch.jit.trace records a Function and the ops inside its forward:
+    a BN whose Function updates the estimates updated them twice per call
+    of the traced module (momentum 0.5 gave 0.75). Tracing takes the
+    formula path, so the trace is torch's: same estimates, same outputs."""
+    x = torch.randn(4, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+    results = []
+    with bnF.cpu_backend(path):
+        for cls in (torch.nn.BatchNorm2d, bnlib.nn.BatchNorm2d):
+            layer = cls(3, momentum=0.5)
+            traced = torch.jit.trace(layer, x)  # check_trace on: the graphs agree
+            layer.reset_running_stats()
+            y = traced(2 * x + 1)
+            results.append((y.detach(), layer.running_mean.clone(), layer.running_var.clone(),
+                            int(layer.num_batches_tracked)))
+    (y_t, mean_t, var_t, n_t), (y_b, mean_b, var_b, n_b) = results
+    torch.testing.assert_close(y_b, y_t, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mean_b, mean_t)
+    torch.testing.assert_close(var_b, var_t)
+    assert n_b == n_t == 1

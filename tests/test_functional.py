@@ -217,3 +217,18 @@ def test_input_gradient_keeps_the_channels_last_layout(shape, fmt, training):
         y = op(x, rm.clone(), rv.clone(), torch.ones(3), torch.zeros(3), training)
         (dx,) = torch.autograd.grad(y, x, dy)
         assert dx.is_contiguous(memory_format=fmt), (op, dx.stride())
+
+
+@pytest.mark.parametrize("path", ["kernels", "tensor_ops"])
+def test_eps_below_float32s_smallest_normal_number(path):
+    """eps = 1e-46 rounds to 0 in float32: a constant channel (variance 0)
+    gave 0 * inf = NaN on the tensor-op path (and for bfloat16 input);
+    torch and the C++ loops give 0."""
+    x = torch.ones(4, 2)
+    x[:, 1] = torch.arange(4.0)
+    want = F.batch_norm(x, None, None, training=True, eps=1e-46)
+    with BF.cpu_backend(path):
+        for t in (x, x.bfloat16()):
+            got = BF.batch_norm(t, None, None, training=True, eps=1e-46)
+            assert torch.isfinite(got).all()
+            torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2)

@@ -257,6 +257,15 @@ def _checkpointed(rank, group01):
     return _buffers(layer)
 
 
+def _estimates_none(rank, group01):
+    """Running estimates set to None (torch allows it): 2 ranks of 3 rows, one step."""
+    layer = bnlib.nn.SyncBatchNorm(3, process_group=group01, dtype=torch.float64)
+    layer.running_mean = layer.running_var = None
+    x_all = random_input((6, 3), torch.float64, seed=80)
+    y = layer(x_all[rows_of([3, 3], rank)])
+    return dict(y=y.detach(), num_batches_tracked=layer.num_batches_tracked.clone())
+
+
 def worker(rank, world_size):
     group01 = dist.new_group([0, 1])  # every rank must call new_group
     groups = {2: group01, 3: None}
@@ -273,6 +282,7 @@ def worker(rank, world_size):
         results["ddp"] = _ddp(rank, group01)
         results["ddp_local_bn"] = _ddp_local_bn(rank, group01)
         results["checkpointed"] = _checkpointed(rank, group01)
+        results["estimates_none"] = _estimates_none(rank, group01)
     else:
         results["outside"] = _outside_group(rank, group01)
     return results
@@ -856,3 +866,16 @@ def test_checkpointed_sync_batchnorm_updates_as_torch(ranks):
         assert torch.equal(got["num_batches_tracked"], ref.num_batches_tracked), rank
         assert_close(got["running_mean"], ref.running_mean, STAT_TOL[torch.float64], f"rank {rank}")
         assert_close(got["running_var"], ref.running_var, STAT_TOL[torch.float64], f"rank {rank}")
+
+
+def test_running_estimates_set_to_none(ranks):
+    """torch's rule: batch statistics, nothing updated, the batch counted. Two
+    ranks of 3 rows raised AttributeError after counting it."""
+    ref = torch.nn.BatchNorm1d(3, dtype=torch.float64)
+    ref.running_mean = ref.running_var = None
+    x_all = random_input((6, 3), torch.float64, seed=80)
+    want = ref(x_all).detach()
+    for rank in range(2):
+        got = ranks[rank]["estimates_none"]
+        assert_close(got["y"], want[rows_of([3, 3], rank)], OUT_TOL[torch.float64], f"rank {rank}")
+        assert int(got["num_batches_tracked"]) == int(ref.num_batches_tracked) == 1
