@@ -377,8 +377,11 @@ _legacy_batched = getattr(getattr(torch._C, "_functorch", None), "is_legacy_batc
 def _is_legacy_batched(t):
     """Whether ``t`` is batched by autograd's own vmap, as ``dy`` is in a
     backward under ``torch.autograd.grad(..., is_grads_batched=True)`` (no
-    functorch level is active there). Without the internals to ask: False."""
-    return _legacy_batched is not None and _legacy_batched(t)
+    functorch level is active there). Without the internals to ask, or while
+    torch.compile traces (it cannot call them, and compiles no such backward): False."""
+    if _legacy_batched is None or torch.compiler.is_compiling():
+        return False
+    return _legacy_batched(t)
 
 
 def _train_backward_plain(ctx, x, mu, invstd, weight, dy32, dy_dtype):
