@@ -165,6 +165,8 @@ def encode(
     if order is not None:
         if device_batch is None:
             raise ValueError("order regroups the rows over devices: it needs device_batch")
+        if not torch.is_tensor(order) or order.is_floating_point() or order.is_complex() or order.dtype == torch.bool:
+            raise ValueError(f"order must be an integer tensor, a permutation of range({n})")
         if not torch.equal(torch.sort(order.long()).values, torch.arange(n)):
             raise ValueError(f"order must be a permutation of range({n})")
     if device_batch is None:
@@ -288,6 +290,8 @@ def positive_retrieval(
     _check_device_batch(x.shape[0], device_batch)
     if regroup and device_batch is None:
         raise ValueError("regroup regroups the rows over devices: it needs device_batch")
+    if not noise >= 0:  # (NaN too)
+        raise ValueError(f"noise must be >= 0, got {noise}")
     generator = torch.Generator().manual_seed(seed)
     queries, keys = augment(x, noise, generator), augment(x, noise, generator)
     order = torch.randperm(x.shape[0], generator=generator) if regroup else None

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnlib import nn as bnn
+from bnlib._checks import check_integer_at_least
 from bnlib.data import Split, load_digit_pixels  # noqa: F401 (the chapter calls it from here)
 from bnlib.models import modes_kept
 from bnlib.training import minibatches
@@ -128,8 +129,10 @@ def train_cvae(data: Split, condition: str | None, *, latent: int = 8, hidden: i
     batch dropped); ``seed`` fixes the weights, the order and the noise.
     Returns the models in eval mode.
     """
-    torch.manual_seed(seed)
-    encoder, decoder = Encoder(latent, hidden), Decoder(latent, hidden, condition)
+    check_integer_at_least("epochs", epochs, 1)
+    with torch.random.fork_rng(devices=[]):  # (the caller's random state is left alone)
+        torch.manual_seed(seed)
+        encoder, decoder = Encoder(latent, hidden), Decoder(latent, hidden, condition)
     params = list(encoder.parameters()) + list(decoder.parameters())
     optimizer = torch.optim.Adam(params, lr=lr)
     generator = torch.Generator().manual_seed(seed)
@@ -169,12 +172,8 @@ def generate(decoder: Decoder, z: torch.Tensor, labels: torch.Tensor, batch_stat
     """
     if batch_statistics:
         return torch.sigmoid(copy.deepcopy(decoder).train()(z, labels))
-    was_training = decoder.training
-    decoder.eval()
-    try:
-        return torch.sigmoid(decoder(z, labels))
-    finally:
-        decoder.train(was_training)
+    with modes_kept(decoder):  # (each submodule's own mode: a frozen BN stays frozen)
+        return torch.sigmoid(decoder.eval()(z, labels))
 
 
 def one_class_batches(decoder: Decoder, z: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,8 @@ split (e.g. a pixel that is always blank) gets ``mu_j`` = its value and
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import NamedTuple
 
 import numpy as np
@@ -120,11 +122,11 @@ def gaussian_blobs(
     ``y = i mod n_classes`` (balanced), noise ``e ~ N(0, I)``. Returns
     ``x`` of shape ``(n_samples, n_features)`` and ``y`` (int64) of shape ``(n_samples,)``.
     """
-    if n_samples < 1 or n_features < 1 or n_classes < 1:
-        raise ValueError(
-            "n_samples, n_features and n_classes must be >= 1, got "
-            f"{n_samples}, {n_features}, {n_classes}"
-        )
+    for name, value in (("n_samples", n_samples), ("n_features", n_features), ("n_classes", n_classes)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if not 0 <= spread < math.inf:  # (NaN too)
+        raise ValueError(f"spread must be a finite number >= 0, got {spread!r}")
     g = torch.Generator().manual_seed(seed)
     centres = 2.0 * torch.randn(n_classes, n_features, generator=g, dtype=torch.float64)
     y = torch.arange(n_samples) % n_classes

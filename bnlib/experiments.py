@@ -45,6 +45,7 @@ caller's random state is untouched and the same call gives the same numbers
 from __future__ import annotations
 
 import copy
+import numbers
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -105,6 +106,9 @@ def seed_values(fn: Callable[[int], Any], seeds: Sequence[int]) -> np.ndarray:
     seeds = list(seeds)
     if not seeds:
         raise ValueError("seeds is empty: expected at least one seed")
+    for s in seeds:  # (0.5 and 1.9 were run as seeds 0 and 1)
+        if isinstance(s, bool) or not isinstance(s, numbers.Integral):
+            raise ValueError(f"every seed must be an integer, got {s!r}")
     return np.stack([np.asarray(fn(int(s)), dtype=np.float64) for s in seeds])
 
 
@@ -525,7 +529,8 @@ def class_subset(data: Split, n_per_class: int, seed: int = 0) -> Split:
     y = data.y_train
     classes = torch.unique(y)
     counts = torch.stack([(y == c).sum() for c in classes])
-    if n_per_class < 1 or n_per_class > int(counts.min()):
+    check_integer_at_least("n_per_class", n_per_class, 1)  # (1.5 was taken as 2)
+    if n_per_class > int(counts.min()):
         raise ValueError(f"n_per_class must be in [1, {int(counts.min())}], got {n_per_class}")
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     taken = {int(c): 0 for c in classes}

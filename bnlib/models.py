@@ -152,6 +152,19 @@ def _norm_factory(norm: str | None, norm_layer: Callable[[int], nn.Module] | Non
     raise ValueError(f"norm must be None or 'bn', got {norm!r}")
 
 
+@contextlib.contextmanager
+def _seeded(seed):
+    """The draws of a ``with`` block: from ``torch.manual_seed(seed)``, the
+    caller's random state put back afterwards; with ``seed=None`` from the
+    caller's global generator, which moves on (two calls, two networks)."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 def make_mlp(
     in_features: int,
     hidden: int | Sequence[int],
@@ -227,12 +240,10 @@ def make_mlp(
         bias = factory is None or norm_position == "after"
     if bias_init is not None and not bias:
         raise ValueError("bias_init needs hidden biases: pass bias=True")
-    if weight_scale is not None and not weight_scale > 0:
-        raise ValueError(f"weight_scale must be > 0 or None, got {weight_scale}")
+    if weight_scale is not None:
+        check_positive_finite("weight_scale", weight_scale)
 
-    with torch.random.fork_rng(devices=[]):
-        if seed is not None:
-            torch.manual_seed(seed)
+    with _seeded(seed):
         layers: OrderedDict[str, nn.Module] = OrderedDict()
         fan_in = in_features
         for l, width in enumerate(widths, start=1):
@@ -385,12 +396,10 @@ def make_resmlp(
     if blocks < 1 or width < 1 or in_features < 1 or out_features < 1:
         raise ValueError(f"need blocks, width, in_features and out_features >= 1, got "
                          f"{blocks}, {width}, {in_features}, {out_features}")
-    if weight_scale is not None and not weight_scale > 0:
-        raise ValueError(f"weight_scale must be > 0 or None, got {weight_scale}")
+    if weight_scale is not None:
+        check_positive_finite("weight_scale", weight_scale)
     factory = _resmlp_norm(norm_layer, zero_init)
-    with torch.random.fork_rng(devices=[]):
-        if seed is not None:
-            torch.manual_seed(seed)
+    with _seeded(seed):
         layers: OrderedDict[str, nn.Module] = OrderedDict()
         layers["stem"] = nn.Sequential(nn.Linear(in_features, width, bias=factory is None),
                                        nn.Identity() if factory is None else factory(width), nn.ReLU())
@@ -506,9 +515,7 @@ def make_nf_resmlp(
         raise ValueError(f"need blocks >= 1, width >= 2, in_features >= 2 and out_features >= 1, got "
                          f"{blocks}, {width}, {in_features}, {out_features}")
     check_positive_finite("alpha", alpha)
-    with torch.random.fork_rng(devices=[]):
-        if seed is not None:
-            torch.manual_seed(seed)
+    with _seeded(seed):
         layers: OrderedDict[str, nn.Module] = OrderedDict()
         layers["stem"] = _scaled_ws_linear(in_features, width)
         for b in range(1, blocks + 1):

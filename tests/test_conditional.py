@@ -482,3 +482,24 @@ def test_train_cvae_is_reproducible_and_learns():
     counted = int(runs[0].decoder.norm1.norm.num_batches_tracked)
     assert cvae.evaluate_cvae(runs[0], pixels.x_test, pixels.y_test) == (rec, kl)
     assert runs[0].decoder.training and int(runs[0].decoder.norm1.norm.num_batches_tracked) == counted
+
+
+def test_train_cvae_keeps_the_callers_random_state_and_checks_epochs():
+    pixels = cvae.load_digit_pixels()
+    small = pixels._replace(x_train=pixels.x_train[:64], y_train=pixels.y_train[:64])
+    state = torch.get_rng_state()
+    cvae.train_cvae(small, "bn", latent=2, hidden=8, epochs=1, batch_size=16, seed=0)
+    assert torch.equal(torch.get_rng_state(), state)
+    for epochs in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="epochs must be an integer >= 1"):
+            cvae.train_cvae(small, "bn", latent=2, hidden=8, epochs=epochs)
+
+
+def test_generate_keeps_each_submodules_mode():
+    """A BN layer the caller froze in eval mode inside a decoder in training
+    mode stays frozen (decoder.train(was_training) unfroze it)."""
+    decoder = cvae.Decoder(2, 8, "bn")
+    decoder.train()
+    decoder.norm1.eval()
+    cvae.generate(decoder, torch.randn(4, 2), torch.arange(4))
+    assert decoder.training and not decoder.norm1.training

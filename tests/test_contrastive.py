@@ -356,3 +356,13 @@ def test_bad_input_raises_before_anything_changes(call, match):
         call(net, rows())
     for name, tensor in net.state_dict().items():
         assert torch.equal(tensor, before[name])
+
+
+def test_positive_retrieval_and_encode_check_their_arguments():
+    encoder = models.make_mlp(8, 16, 4, depth=1, seed=0)
+    x = torch.randn(16, 8)
+    with pytest.raises(ValueError, match="noise must be >= 0"):
+        contrastive.positive_retrieval(encoder, x, device_batch=4, noise=float("nan"))
+    for order in (list(range(16)), torch.arange(16).float() + 0.5):
+        with pytest.raises(ValueError, match="order must be an integer tensor"):
+            contrastive.encode(encoder, x, 4, order=order)

@@ -153,3 +153,13 @@ def test_two_spirals_bad_input(kwargs, match):
 def test_digit_pixels_test_size_is_checked():
     with pytest.raises(ValueError, match="test_size"):
         data.load_digit_pixels(test_size=0.0)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(n_samples=5.5), "n_samples must be an integer >= 1"),
+    (dict(n_samples=5, spread=float("nan")), "spread must be a finite number >= 0"),
+    (dict(n_samples=5, spread=-1.0), "spread must be a finite number >= 0"),
+])
+def test_gaussian_blobs_check_their_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        data.gaussian_blobs(**kwargs)

@@ -704,3 +704,13 @@ def test_batch_noise_bad_input(kwargs, match):
     args = dict(batch_size=4, draws=3) | kwargs
     with pytest.raises(ValueError, match=match):
         ex.batch_noise(net, torch.zeros(2, 3), torch.zeros(20, 3), **args)
+
+
+def test_class_subset_and_seed_values_refuse_fractions():
+    """1.5 images per class was taken as 2, seeds 0.5 and 1.9 as 0 and 1."""
+    split = data.load_digits_split()
+    with pytest.raises(ValueError, match="n_per_class must be an integer >= 1"):
+        ex.class_subset(split, 1.5)
+    with pytest.raises(ValueError, match="every seed must be an integer"):
+        ex.seed_values(lambda s: s, [0.5, 1.9])
+    assert ex.seed_values(lambda s: s, np.arange(2)).tolist() == [0.0, 1.0]  # NumPy integers are seeds

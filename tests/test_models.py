@@ -376,3 +376,31 @@ def test_resmlp_weight_scale():
     bn = models.make_resmlp(64, 400, 10, blocks=1, weight_scale=2 ** 0.5, seed=0)
     assert bn.block1.fc1.bias is None
     assert bn.block1.fc1.weight.std().item() == pytest.approx((2 / 400) ** 0.5, rel=0.02)
+
+
+@pytest.mark.parametrize("make", [
+    lambda **k: models.make_mlp(4, 8, 2, depth=2, **k),
+    lambda **k: models.make_resmlp(4, 8, 2, 2, **k),
+    lambda **k: models.make_nf_resmlp(4, 8, 2, 2, **k),
+], ids=["mlp", "resmlp", "nf_resmlp"])
+def test_seed_none_draws_from_the_global_generator(make):
+    """Without a seed, two calls build two networks (the draws were made in a
+    forked generator and repeated); with one, the caller's state is kept."""
+    def flat(net):
+        return nn.utils.parameters_to_vector(net.parameters())
+
+    torch.manual_seed(0)
+    first, second = make(), make()
+    assert not torch.equal(flat(first), flat(second))
+    state = torch.get_rng_state()
+    seeded = [make(seed=3), make(seed=3)]
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(flat(seeded[0]), flat(seeded[1]))
+
+
+def test_weight_scale_must_be_finite():
+    for scale in (float("inf"), float("nan"), 0.0):
+        with pytest.raises(ValueError, match="weight_scale must be a finite number > 0"):
+            models.make_mlp(4, 8, 2, depth=1, weight_scale=scale)
+        with pytest.raises(ValueError, match="weight_scale must be a finite number > 0"):
+            models.make_resmlp(4, 8, 2, 1, weight_scale=scale)
