@@ -70,9 +70,10 @@ def check_real_array(caller, dtype):
 
 
 def check_dy_shape(caller, dy_shape, expected):
-    """``dy`` has the forward output's shape (NumPy would broadcast a (N, 1) dy without a word)."""
+    """``dy`` has the shape of the forward's input, and so of its output (NumPy would
+    broadcast a (N, 1) dy without a word)."""
     if tuple(dy_shape) != tuple(expected):
-        raise InputError(f"{caller} expected dy of the output's shape {tuple(expected)}, got {tuple(dy_shape)}")
+        raise InputError(f"{caller} expected dy of the input's shape {tuple(expected)}, got {tuple(dy_shape)}")
 
 
 def values_per_channel(shape):
@@ -101,8 +102,9 @@ def check_positive_finite(name, value):
 
 
 def check_integer_at_least(name, value, least):
-    """``value`` is an int (not a bool) and at least ``least``, or a ``ValueError`` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+    """``value`` is an integer (Python's or NumPy's, not a bool) and at least
+    ``least``, or a ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
         raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
 
 

@@ -140,7 +140,8 @@ def _grouped_norm_formula(input, weight, bias, row_shape, param_view, eps):
     x = input.to(_compute_dtype(input.dtype))
     rows = x.reshape(row_shape)
     x_centered = rows - _row_mean(rows)
-    x_hat = (x_centered * torch.rsqrt(x_centered.square().mean(-1, keepdim=True) + eps)).reshape(x.shape)
+    x_hat = (x_centered * torch.rsqrt(x_centered.square().mean(-1, keepdim=True) + bnF._eps_in(eps, x.dtype))
+             ).reshape(x.shape)
     y = x_hat if weight is None else x_hat * weight.to(x.dtype).view(param_view)
     if bias is not None:
         y = y + bias.to(x.dtype).view(param_view)
@@ -194,7 +195,7 @@ class GroupedNormFunction(torch.autograd.Function):
         shift = x_centered.mean(-1, keepdim=True)
         var = ((x_centered * x_centered).mean(-1, keepdim=True) - shift * shift).clamp_min(0)
         mu = mu + shift
-        invstd = torch.rsqrt(var + eps)
+        invstd = torch.rsqrt(var + bnF._eps_in(eps, var.dtype))
         # Written through a view into a tensor of x's shape, so that x_hat is
         # not itself a view: returned as y (no weight, no bias), a view would
         # refuse in-place ops after it (ReLU(inplace=True), out += residual).
@@ -294,6 +295,12 @@ def _param_values(param, params, input):
     return param.detach().to(input.dtype).reshape(-1).contiguous()
 
 
+def _channel_values(param, params, input):
+    """:func:`_param_values` with one value per channel, as the channels-last
+    loops take them (``params`` is the channel count, or 1 for one value for all)."""
+    return _param_values(param, params, input).expand(input.shape[1]).contiguous()
+
+
 def _kernel_forward(kernel, input, weight, bias, row_shape, eps, centered):
     """``grouped_norm_forward`` of the C++ loops (``grouped_norm_forward_cl``
     on a channels-last input), ``kernel`` from :func:`_grouped_kernel`:
@@ -302,11 +309,9 @@ def _kernel_forward(kernel, input, weight, bias, row_shape, eps, centered):
     inner, params, channels_last = kernel
     rows = math.prod(row_shape[:-1])
     if channels_last:  # the loops take one value per channel
-        channels = input.shape[1]
-        weight_values = _param_values(weight, params, input).expand(channels).contiguous()
-        bias_values = None if bias is None else _param_values(bias, params, input).expand(channels).contiguous()
-        return bnF._cpu["ops"].grouped_norm_forward_cl(input, weight_values, bias_values, rows // input.shape[0],
-                                                       eps, centered)
+        bias_values = None if bias is None else _channel_values(bias, params, input)
+        return bnF._cpu["ops"].grouped_norm_forward_cl(input, _channel_values(weight, params, input), bias_values,
+                                                       rows // input.shape[0], eps, centered)
     bias_values = None if bias is None else _param_values(bias, params, input)
     return bnF._cpu["ops"].grouped_norm_forward(input.contiguous(), _param_values(weight, params, input), bias_values,
                                                 rows, inner, params, eps, centered)
@@ -320,10 +325,9 @@ def _kernel_backward(ctx, dy, input, mean, invstd, weight, param_grads, centered
     inner, params, channels_last = ctx.kernel
     ops = bnF._cpu["ops"]
     if channels_last:
-        weight_values = _param_values(weight, params, input).expand(input.shape[1]).contiguous()
         dx, dw, db = ops.grouped_norm_backward_cl(
-            dy.contiguous(memory_format=bnF._channels_last_format(input)), input, mean.reshape(-1),
-            invstd.reshape(-1), weight_values, centered, ctx.needs_input_grad[0], param_grads)
+            bnF._dense_like(dy, input), input, mean.reshape(-1), invstd.reshape(-1),
+            _channel_values(weight, params, input), centered, ctx.needs_input_grad[0], param_grads)
         if param_grads and params == 1:  # one parameter for every channel: its channels' sum
             dw, db = dw.sum(0, keepdim=True), db.sum(0, keepdim=True)
     else:
@@ -492,7 +496,7 @@ def _rms_norm_formula(input, weight, row_shape, eps):
     """``RMSNormFunction``'s map in plain differentiable tensor ops (for second derivatives)."""
     x = input.to(_compute_dtype(input.dtype))
     rows = x.reshape(row_shape)
-    x_hat = (rows * torch.rsqrt(rows.square().mean(-1, keepdim=True) + eps)).reshape(x.shape)
+    x_hat = (rows * torch.rsqrt(rows.square().mean(-1, keepdim=True) + bnF._eps_in(eps, x.dtype))).reshape(x.shape)
     y = x_hat if weight is None else x_hat * weight.to(x.dtype)
     return y.to(input.dtype)
 
@@ -517,7 +521,7 @@ class RMSNormFunction(torch.autograd.Function):
             return y
         x = input.to(_compute_dtype(input.dtype))
         rows = x.reshape(row_shape)
-        inv_rms = torch.rsqrt((rows * rows).mean(-1, keepdim=True) + eps)
+        inv_rms = torch.rsqrt((rows * rows).mean(-1, keepdim=True) + bnF._eps_in(eps, x.dtype))
         # into a fresh tensor of x's shape, not a view (see GroupedNormFunction)
         x_hat = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         torch.mul(rows, inv_rms, out=x_hat.view(row_shape))
@@ -592,7 +596,7 @@ def _frn_formula(input, weight, bias, tau, eps):
     learned ``eps``, ``torch.func`` transforms, second derivatives)."""
     x = input.to(_compute_dtype(input.dtype))
     view = (1, -1) + (1,) * (x.dim() - 2)
-    eps_c = eps.to(x.dtype).reshape(view) if torch.is_tensor(eps) else eps
+    eps_c = eps.to(x.dtype).reshape(view) if torch.is_tensor(eps) else bnF._eps_in(eps, x.dtype)
     x_hat = x * torch.rsqrt(x.square().mean(tuple(range(2, x.dim())), keepdim=True) + eps_c)
     return _frn_affine_threshold(x_hat, weight, bias, tau).to(input.dtype)
 
@@ -1030,6 +1034,7 @@ def _batch_renorm_formula(input, weight, bias, r, d, eps):
 
 def _renorm_correction(mu, var, running_mean, running_var, eps, r_max, d_max):
     """Batch renorm's ``(r, d)`` per channel, from the batch's and the running statistics."""
+    eps = bnF._eps_in(eps, var.dtype)
     sigma = torch.sqrt(running_var.to(var.dtype) + eps)
     r = torch.clamp(torch.sqrt(var + eps) / sigma, 1.0 / r_max, r_max)
     d = torch.clamp((mu - running_mean.to(mu.dtype)) / sigma, -d_max, d_max)
@@ -1054,7 +1059,7 @@ class BatchRenormTrainFunction(torch.autograd.Function):
         x = input.to(_compute_dtype(input.dtype))
         ndim = x.dim()
         mu, var, x_centered, _ = bnF._batch_stats(x)  # two passes
-        invstd = torch.rsqrt(var + eps)
+        invstd = torch.rsqrt(var + bnF._eps_in(eps, var.dtype))
         r, d = _renorm_correction(mu, var, running_mean, running_var, eps, r_max, d_max)
         x_hat_batch = x_centered * bnF._per_channel(invstd, ndim)
         x_hat = x_hat_batch * bnF._per_channel(r, ndim) + bnF._per_channel(d, ndim)

@@ -39,7 +39,7 @@ from torch import nn
 from bnlib import nn as bnn
 from bnlib._checks import check_integer_at_least
 from bnlib.data import Split, load_digit_pixels  # noqa: F401 (the chapter calls it from here)
-from bnlib.models import modes_kept
+from bnlib.models import _seeded, modes_kept
 from bnlib.training import minibatches
 
 __all__ = ["CONDITIONS", "Encoder", "Decoder", "CVAEResult", "load_digit_pixels", "negative_elbo",
@@ -130,8 +130,7 @@ def train_cvae(data: Split, condition: str | None, *, latent: int = 8, hidden: i
     Returns the models in eval mode.
     """
     check_integer_at_least("epochs", epochs, 1)
-    with torch.random.fork_rng(devices=[]):  # (the caller's random state is left alone)
-        torch.manual_seed(seed)
+    with _seeded(seed):  # (the caller's random state is left alone)
         encoder, decoder = Encoder(latent, hidden), Decoder(latent, hidden, condition)
     params = list(encoder.parameters()) + list(decoder.parameters())
     optimizer = torch.optim.Adam(params, lr=lr)

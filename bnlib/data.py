@@ -18,12 +18,12 @@ split (e.g. a pixel that is always blank) gets ``mu_j`` = its value and
 from __future__ import annotations
 
 import math
-import numbers
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from bnlib._checks import check_integer_at_least
 from bnlib.features import standardize_fit
 
 __all__ = [
@@ -123,8 +123,7 @@ def gaussian_blobs(
     ``x`` of shape ``(n_samples, n_features)`` and ``y`` (int64) of shape ``(n_samples,)``.
     """
     for name, value in (("n_samples", n_samples), ("n_features", n_features), ("n_classes", n_classes)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        check_integer_at_least(name, value, 1)
     if not 0 <= spread < math.inf:  # (NaN too)
         raise ValueError(f"spread must be a finite number >= 0, got {spread!r}")
     g = torch.Generator().manual_seed(seed)

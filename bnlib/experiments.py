@@ -45,7 +45,6 @@ caller's random state is untouched and the same call gives the same numbers
 from __future__ import annotations
 
 import copy
-import numbers
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -107,8 +106,7 @@ def seed_values(fn: Callable[[int], Any], seeds: Sequence[int]) -> np.ndarray:
     if not seeds:
         raise ValueError("seeds is empty: expected at least one seed")
     for s in seeds:  # (0.5 and 1.9 were run as seeds 0 and 1)
-        if isinstance(s, bool) or not isinstance(s, numbers.Integral):
-            raise ValueError(f"every seed must be an integer, got {s!r}")
+        check_integer_at_least("every seed", s, 0)
     return np.stack([np.asarray(fn(int(s)), dtype=np.float64) for s in seeds])
 
 

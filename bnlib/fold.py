@@ -212,9 +212,10 @@ def fold_model(model: nn.Module) -> nn.Module:
             f"in training mode: {in_training[:5]}{' ...' if len(in_training) > 5 else ''}"
         )
     # (a layer under the hook-based weight or spectral norm cannot even be copied)
-    hooked = [(name or type(model).__name__, _weight_hook(m)) for name, m in model.named_modules() if _weight_hook(m)]
-    if hooked:
-        name, kind = hooked[0]
+    hooked = next(((name or type(model).__name__, kind) for name, m in model.named_modules()
+                   if (kind := _weight_hook(m)) is not None), None)
+    if hooked is not None:
+        name, kind = hooked
         raise ValueError(
             f"fold_model cannot copy a model with the older hook-based {kind} (on {name!r}): remove it first "
             f"(torch.nn.utils.remove_{kind}), or use torch.nn.utils.parametrizations.{kind}"

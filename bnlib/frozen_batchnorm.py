@@ -35,6 +35,7 @@ from torch import nn
 
 from bnlib._checks import check_floating_dtype, check_input_dims, check_norm_args, check_num_channels
 from bnlib.alternatives import _BatchRenorm
+from bnlib.functional import _eps_in
 from bnlib.moving_average import is_batchnorm
 
 __all__ = ["FrozenBatchNorm", "freezable", "check_eval_map"]
@@ -64,7 +65,7 @@ class FrozenBatchNorm(nn.Module):
 
     def scale_shift(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         r"""``(scale, shift)``, :math:`\tilde\gamma` and :math:`\tilde\beta`, shape ``(C,)``, in ``dtype``."""
-        scale = self.weight.to(dtype) * torch.rsqrt(self.running_var.to(dtype) + self.eps)
+        scale = self.weight.to(dtype) * torch.rsqrt(self.running_var.to(dtype) + _eps_in(self.eps, dtype))
         return scale, self.bias.to(dtype) - self.running_mean.to(dtype) * scale
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:

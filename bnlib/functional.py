@@ -392,8 +392,8 @@ def _train_backward_plain(ctx, x, mu, invstd, weight, dy32, dy_dtype):
     grad_input = grad_weight = grad_bias = None
     if ctx.needs_input_grad[0]:
         k = invstd if weight is None else invstd * weight.to(invstd.dtype)
-        mean_dy = dy32.mean(dims, keepdim=True) if values_per_channel(x.shape) else torch.zeros_like(dy32)
-        mean_dy_x_hat = (dy32 * x_hat).mean(dims, keepdim=True) if values_per_channel(x.shape) else mean_dy
+        # (an empty batch: NaN means, broadcast into an empty gradient)
+        mean_dy, mean_dy_x_hat = dy32.mean(dims, keepdim=True), (dy32 * x_hat).mean(dims, keepdim=True)
         grad_input = (_per_channel(k, ndim) * (dy32 - mean_dy - x_hat * mean_dy_x_hat)).to(dy_dtype)
     if weight is not None and ctx.needs_input_grad[1]:
         grad_weight = (dy32 * x_hat).sum(dims).to(weight.dtype)

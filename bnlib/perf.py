@@ -337,11 +337,10 @@ def chan_merge(a, b):
     dtype = np.result_type(np.asarray(mean_a).dtype, np.asarray(mean_b).dtype, np.float16)
     w_b = np.where(n > 0, n_b / np.maximum(n, 1), 0).astype(dtype)
     # An empty side's mean (NaN, as np.mean of nothing gives) is not used.
-    both = (np.asarray(n_a) > 0) & (np.asarray(n_b) > 0)
-    delta = np.where(both, np.asarray(mean_b, dtype) - np.asarray(mean_a, dtype), 0).astype(dtype)
-    mean = np.where(np.asarray(n_a) > 0, np.asarray(mean_a, dtype), np.asarray(mean_b, dtype)) + delta * w_b
-    m2 = (np.where(np.asarray(n_a) > 0, m2_a, 0).astype(dtype) + np.where(np.asarray(n_b) > 0, m2_b, 0).astype(dtype)
-          + delta * delta * n_a * w_b)
+    has_a, has_b = np.asarray(n_a) > 0, np.asarray(n_b) > 0
+    delta = np.where(has_a & has_b, np.asarray(mean_b, dtype) - np.asarray(mean_a, dtype), 0).astype(dtype)
+    mean = np.where(has_a, np.asarray(mean_a, dtype), np.asarray(mean_b, dtype)) + delta * w_b
+    m2 = np.where(has_a, m2_a, 0).astype(dtype) + np.where(has_b, m2_b, 0).astype(dtype) + delta * delta * n_a * w_b
     return n, mean, m2
 
 
@@ -364,7 +363,7 @@ def welford(x, lanes=256):
     valid = np.concatenate([np.ones(m, bool), np.zeros(pad, bool)]).reshape(-1, lanes)
     xs = np.concatenate([x, np.zeros((pad, C), x.dtype)]).reshape(-1, lanes, C)
     # half inputs in float32, as the kernels keep their statistics
-    dtype = np.result_type(x.dtype, np.float32) if x.dtype == np.float16 else x.dtype
+    dtype = np.float32 if x.dtype == np.float16 else x.dtype
     count = np.zeros((lanes, C), dtype)
     mean = np.zeros((lanes, C), dtype)
     m2 = np.zeros((lanes, C), dtype)

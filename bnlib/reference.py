@@ -142,8 +142,7 @@ def batchnorm_backward(dy, cache):
     ``dgamma`` / ``dbeta`` are ``None`` when the forward had no gamma / beta.
     """
     dy = np.asarray(dy, dtype=cache.x_hat.dtype)
-    if dy.shape != cache.x_hat.shape:  # (NumPy would broadcast a (N, 1) dy without a word)
-        raise InputError(f"batchnorm_backward expected dy of the input's shape {cache.x_hat.shape}, got {dy.shape}")
+    check_dy_shape("batchnorm_backward", dy.shape, cache.x_hat.shape)
     x_hat = cache.x_hat
     ndim = x_hat.ndim
     axes = _stat_axes(x_hat)

@@ -84,9 +84,9 @@ __all__ = [
 
 
 def _as_compute(x):
-    """float64 stays float64, float16 and float32 become float32, integers
-    float64 (NumPy's promotion with float32); complex, string, object or
-    boolean arrays are refused (``InputError``)."""
+    """NumPy's promotion with float32: float64 stays float64, float16, float32
+    and integers of up to 16 bits become float32, int32 and int64 float64;
+    complex, string, object or boolean arrays are refused (``InputError``)."""
     x = np.asarray(x)
     check_real_array("the NumPy reference", x.dtype)
     return x.astype(np.result_type(x.dtype, np.float32), copy=False)

@@ -111,8 +111,8 @@ import torch.distributed as dist
 
 from bnlib import batchnorm as bnn
 from bnlib._checks import InputError, check_batch_size, check_floating_dtype, check_num_channels, values_per_channel
-from bnlib.functional import (_compute_dtype, _cpu_kernels, _dense, _dense_like, _per_channel, _per_channel_arg,
-                              _stat_dims, under_func_transform)
+from bnlib.functional import (_compute_dtype, _cpu_kernels, _dense, _dense_like, _eps_in, _per_channel,
+                              _per_channel_arg, _stat_dims, under_func_transform)
 # The running-estimate update of every bnlib module, under this module's old name.
 from bnlib.functional import update_running_estimates as update_running_stats
 
@@ -255,7 +255,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
             y, invstd = kernels.batch_norm_eval(x, _per_channel_arg(weight, x), _per_channel_arg(bias, x),
                                                 mu, var, eps)
         else:
-            invstd = torch.rsqrt(var + eps)
+            invstd = torch.rsqrt(var + _eps_in(eps, var.dtype))
             x_centered = x - _per_channel(mu, x.dim())
             scale = invstd if weight is None else invstd * weight.to(x.dtype)
             shift = torch.zeros_like(scale) if bias is None else bias.to(x.dtype)

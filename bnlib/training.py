@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnlib._checks import check_positive_finite
+from bnlib._checks import check_integer_at_least, check_positive_finite
 from bnlib.functional import _compute_dtype
 from bnlib.models import buffers_kept, modes_kept
 
@@ -118,10 +118,6 @@ def _optimizer(model, optimizer, lr, momentum, weight_decay, decay_bn=True):
     raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
 
 
-def _is_integer(value):
-    """An int, or a NumPy integer; not a bool, not a float such as 2.5."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
 
 def train(
     model: nn.Module,
@@ -160,15 +156,16 @@ def train(
     if clip_gradients is not None and not callable(clip_gradients):
         raise ValueError(f"clip_gradients must be a callable model -> None or None, got {clip_gradients!r}")
     for name, value in (("steps", steps), ("epochs", epochs)):
-        if value is not None and not (_is_integer(value) and value >= 0):
-            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        if value is not None:
+            check_integer_at_least(name, value, 0)
     n = x.shape[0]
-    if batch_size is not None and not (_is_integer(batch_size) and 1 <= batch_size <= n):
+    if n == 0:
+        raise ValueError("x has no rows: expected at least one training example")
+    if batch_size is not None and not (isinstance(batch_size, numbers.Integral) and not isinstance(batch_size, bool)
+                                       and 1 <= batch_size <= n):
         raise ValueError(f"batch_size must be in [1, n={n}] (an integer), got {batch_size!r}")
     m = n if batch_size is None else int(batch_size)
     per_epoch = n // m
-    if per_epoch < 1:  # (no rows at all)
-        raise ValueError(f"batch_size must be in [1, n={n}], got {batch_size}")
     total = int(steps) if steps is not None else int(epochs) * per_epoch
     opt = _optimizer(model, optimizer, lr, momentum, weight_decay, decay_bn)
     gen = torch.Generator().manual_seed(seed)

@@ -369,7 +369,7 @@ def test_backwards_refuse_a_dy_of_another_shape():
                                  ra.batchrenorm_backward),
     }
     for name, (cache, backward) in cases.items():
-        with pytest.raises(ValueError, match=f"{name} expected dy of the output's shape"):
+        with pytest.raises(ValueError, match=f"{name} expected dy of the input's shape"):
             backward(np.ones((6, 3, 1)), cache)
     _, cache = ra.weightstd_forward(np.random.default_rng(1).standard_normal((4, 3)))
     with pytest.raises(ValueError, match="weightstd_backward expected dy"):

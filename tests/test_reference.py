@@ -287,5 +287,5 @@ def test_reference_refuses_arrays_that_are_not_real_numbers(values):
 def test_eval_backward_refuses_a_dy_of_another_shape():
     layer = R.BatchNorm(3).eval()
     layer(np.ones((4, 3)))
-    with pytest.raises(ValueError, match=r"dy of the output's shape \(4, 3\)"):
+    with pytest.raises(ValueError, match=r"dy of the input's shape \(4, 3\)"):
         layer.backward(np.ones((4, 1)))

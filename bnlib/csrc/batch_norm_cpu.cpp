@@ -54,6 +54,12 @@ struct Layout {
   int64_t rows;      // M rows for the rows layout, 0 for planes
 };
 
+// A 4-D channels-last or 5-D channels-last-3d tensor, dense in that order.
+bool channels_last_contiguous(const at::Tensor& x) {
+  return (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
+         (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d));
+}
+
 Layout layout_of(const at::Tensor& x) {
   TORCH_CHECK(x.dim() >= 2, "bnlib batch norm: expected (N, C, ...), got ", x.dim(), " dims");
   const int64_t C = x.size(1);
@@ -64,9 +70,7 @@ Layout layout_of(const at::Tensor& x) {
     if (S == 1) return {0, C, 1, N};
     return {N, C, S, 0};
   }
-  const bool cl = (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
-                  (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d));
-  TORCH_CHECK(cl, "bnlib batch norm: expected a contiguous or channels-last input");
+  TORCH_CHECK(channels_last_contiguous(x), "bnlib batch norm: expected a contiguous or channels-last input");
   return {0, C, 1, C > 0 ? x.numel() / C : 0};
 }
 
@@ -818,9 +822,9 @@ constexpr int64_t kFewRows = 8;
 //   dx = invstd * (dx_hat - mean(dx_hat) - x_hat * mean(dx_hat * x_hat)),
 //   dw[k] = sum(dy * x_hat), db[k] = sum(dy) over the values of parameter k.
 // Rows are split among threads; each thread sums dw, db into its own buffer
-// (in A: double, or T for a single task of at most kFewRows rows, which then
-// sums straight into dw and db), and the buffers are added in thread order
-// into dw, db (P values each, zeroed by the caller).
+// in A (double, or T for a single task of at most kFewRows rows), and the
+// buffers are added in thread order into dw, db (P values each, zeroed by the
+// caller). A single task's buffer is dw, db themselves.
 template <typename T, typename A>
 void grouped_backward(const T* dy, const T* x, const Rows& L, bool centered, const T* mean, const T* invstd,
                       const T* w, T* dx, A* dw, A* db) {
@@ -989,11 +993,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_norm_backward(
 struct Samples {
   int64_t N, S, C, G;  // samples, positions per sample, channels, groups
 };
-
-bool channels_last_contiguous(const at::Tensor& x) {
-  return (x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
-         (x.dim() == 5 && x.is_contiguous(at::MemoryFormat::ChannelsLast3d));
-}
 
 Samples samples_of(const at::Tensor& x, int64_t groups) {
   TORCH_CHECK(channels_last_contiguous(x), "bnlib grouped norm (channels last): expected a channels-last input");
@@ -1183,21 +1182,15 @@ void grouped_backward_cl(const T* dy, const T* x, const Samples& L, bool centere
   add_task_sums(db_t, tasks, C, db);
 }
 
-void check_channel_params(const at::Tensor& t, const at::Tensor& x, const char* name) {
-  TORCH_CHECK(t.numel() == x.size(1) && t.is_contiguous() && t.scalar_type() == x.scalar_type(),
-              "bnlib grouped norm (channels last): ", name, " must be a contiguous tensor of ", x.size(1),
-              " values of the input's dtype");
-}
-
 // Forward on a channels-last x: y (channels last), and each row's mean,
 // biased variance and invstd (N * groups values each, row n * groups + g).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_norm_forward_cl(
     const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, int64_t groups, double eps,
     bool centered) {
   const Samples L = samples_of(x, groups);
-  check_channel_params(weight, x, "weight");
+  check_per_channel(weight, x, "weight");
+  check_per_channel(bias, x, "bias");
   const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias) check_channel_params(*bias, x, "bias");
   at::Tensor y = at::empty_like(x);  // (keeps x's channels-last strides)
   at::Tensor mean = at::empty({L.N * L.G}, x.options());
   at::Tensor var = at::empty({L.N * L.G}, x.options());
@@ -1223,7 +1216,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_norm_backward_cl(
   TORCH_CHECK(invstd.numel() == mean.numel() && mean.is_contiguous() && invstd.is_contiguous() &&
                   mean.scalar_type() == x.scalar_type() && invstd.scalar_type() == x.scalar_type(),
               "bnlib grouped norm backward (channels last): mean and invstd must be contiguous, one value per row");
-  check_channel_params(weight, x, "weight");
+  check_per_channel(weight, x, "weight");
   at::Tensor dx = input_grad ? at::empty_like(x) : at::empty({0}, x.options());
   at::Tensor dw = at::empty({param_grads ? L.C : 0}, x.options());
   at::Tensor db = at::empty({param_grads ? L.C : 0}, x.options());
