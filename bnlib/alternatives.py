@@ -95,6 +95,24 @@ def _check_eps(eps):
     check_positive_finite("eps", eps)
 
 
+def _check_momentum(caller, momentum):
+    """The functional forms' ``momentum``, where running estimates are
+    updated: a finite number (``None``, the modules' cumulative average,
+    they turn into ``1 / num_batches_tracked``; NaN would make the estimates NaN)."""
+    if not bnF._finite_number(momentum):
+        raise InputError(f"{caller} updating running estimates expected a finite number for momentum, got "
+                         f"{momentum!r} (the modules turn momentum=None into 1 / num_batches_tracked)")
+
+
+def _check_channel_params(num_channels, **tensors):
+    """Per-channel tensors (those given) must be vectors of ``num_channels``
+    values: torch refuses a (2, 2) weight for 4 channels too."""
+    for name, tensor in tensors.items():
+        if tensor is not None and (tensor.dim() != 1 or tensor.numel() != num_channels):
+            raise InputError(f"{name} should be a vector of {num_channels} elements (one per channel), "
+                             f"got shape {list(tensor.shape)}")
+
+
 def _check_positive_int(name, value):
     if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -430,6 +448,7 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
             return layer_norm(cast[0], normalized_shape, cast[1], cast[2], eps)
     k = len(normalized_shape)
     _check_trailing_params("layer_norm", normalized_shape, weight=weight, bias=bias)
+    _check_eps(eps)
     lead = tuple(input.shape[: input.dim() - k])
     row_shape = lead + (math.prod(normalized_shape),)
     param_dims = tuple(range(input.dim() - k))
@@ -466,9 +485,8 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
             f"Expected number of channels in input to be divisible by num_groups, "
             f"but got input of shape {list(input.shape)} and num_groups={num_groups}"
         )
-    for name, tensor in (("weight", weight), ("bias", bias)):
-        if tensor is not None and tensor.numel() != num_channels:
-            raise InputError(f"{name} should have {num_channels} elements (one per channel), got {tensor.numel()}")
+    _check_channel_params(num_channels, weight=weight, bias=bias)
+    _check_eps(eps)
     _check_group_size(input, num_groups)
     m = num_channels // num_groups * math.prod(input.shape[2:])
     row_shape = (input.shape[0], num_groups, m)
@@ -706,9 +724,10 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     num_channels = input.shape[1]
     check_floating_dtype("instance_norm", input.dtype, input.is_floating_point())
     bnF.check_running_pair("instance_norm", running_mean, running_var)
-    for name, tensor in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
-        if tensor is not None and tensor.numel() != num_channels:
-            raise InputError(f"{name} should have {num_channels} elements (one per channel), got {tensor.numel()}")
+    _check_channel_params(num_channels, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
+    _check_eps(eps)
+    if use_input_stats and running_mean is not None:
+        _check_momentum("instance_norm", momentum)
     if not use_input_stats:
         if running_mean is None or running_var is None:
             raise InputError("instance_norm with use_input_stats=False needs running_mean and running_var")
@@ -1140,6 +1159,9 @@ def batch_renorm(input, running_mean, running_var, weight=None, bias=None, train
     """
     if running_mean is None or running_var is None:
         raise InputError("batch_renorm needs running_mean and running_var (r and d are measured against them)")
+    _check_eps(eps)
+    if training:
+        _check_momentum("batch_renorm", momentum)
     if not training:
         return bnF.batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
     y, _, _ = _batch_renorm_train(input, running_mean, running_var, weight, bias, momentum, eps, r_max, d_max)
@@ -1210,7 +1232,8 @@ class _BatchRenorm(_NormBase):
     keeps the buffers, the state dict and eval mode identical to
     ``BatchNorm*d``'s, so a trained BN's state loads into it and back.
     ``track_running_stats`` must be True (``r`` and ``d`` need the estimates).
-    After a training step ``last_r`` and ``last_d`` hold the ``(C,)`` values used.
+    After an eager training step ``last_r`` and ``last_d`` hold the ``(C,)`` values used
+    (not in a program from ``torch.export``).
     """
 
     allowed_dims = ()
@@ -1260,7 +1283,8 @@ class _BatchRenorm(_NormBase):
             if _version(self.running_mean) == version:
                 self._uncount_batch()  # the estimates are unchanged; so must the count be
             raise
-        self.last_r, self.last_d = r, d
+        if not bnF._is_exporting():  # (an exported program would hold them as constants, and warns)
+            self.last_r, self.last_d = r, d
         return y
 
     def extra_repr(self):
@@ -1374,6 +1398,8 @@ def weight_norm(module, name="weight", dim=0):
     weight = getattr(module, name, None)
     if not isinstance(weight, torch.Tensor):
         raise ValueError(f"Module '{module}' has no parameter or buffer with name '{name}'")
+    if dim is not None and (isinstance(dim, bool) or not isinstance(dim, Integral)):
+        raise InputError(f"weight_norm: dim must be an integer or None, got {dim!r}")
     if dim is not None and not -weight.dim() <= dim < weight.dim():
         raise DimensionError(f"weight_norm: dim out of range (expected None or one in [{-weight.dim()}, "
                              f"{weight.dim() - 1}] for the {weight.dim()}-D {name}), got {dim}")
@@ -1400,7 +1426,7 @@ def _standardize_rows(weight, gain, eps, scale):
     scale * gain``, computed in float32 for half weights (``w_std`` in the
     computation's dtype, shape ``(out, n)``)."""
     rows = weight.to(_compute_dtype(weight.dtype)).reshape(weight.shape[0], -1)
-    centered = rows - rows.mean(1, keepdim=True)
+    centered = rows - _row_mean(rows)  # a constant row standardizes to exactly 0
     invstd = torch.rsqrt(centered.square().mean(1, keepdim=True) + eps)
     w_hat = centered * invstd
     factor = scale if gain is None else scale * gain.to(rows.dtype).unsqueeze(1)

@@ -119,11 +119,17 @@ class _NormBase(nn.Module):
             f"bias={self.bias is not None}, track_running_stats={self.track_running_stats}"
         )
 
+    def _check_input_dim(self, input):
+        """The number of dims (``allowed_dims``). torch's batch and instance
+        norms call a method of this name, which subclasses override to take
+        other inputs; so does :meth:`_check_input`."""
+        check_input_dims(type(self).__name__, input.shape, self.allowed_dims)
+
     def _check_input(self, input, num_features=None):
         """Raise ``InputError`` for an input the layer does not take; ``num_features``:
         the channel count to expect, if not ``self.num_features`` (a lazy layer's first input)."""
         name = type(self).__name__
-        check_input_dims(name, input.shape, self.allowed_dims)
+        self._check_input_dim(input)
         check_num_channels(name, input.shape, self.num_features if num_features is None else num_features)
         check_floating_dtype(name, input.dtype, input.is_floating_point())
         if self.training and values_per_channel(input.shape) == 1:  # the message's text is built only then
@@ -232,11 +238,10 @@ _TorchBatchNorm = nn.modules.batchnorm._BatchNorm
 
 
 class _TorchCompatible:
-    """What torch's base class adds that callers may use: ``_check_input_dim``
-    (which subclasses of torch's batch norms override), here the dims check."""
+    """Put before torch's base class, whose ``_check_input_dim`` raises
+    ``NotImplementedError``: ours (:meth:`_NormBase._check_input_dim`) comes first."""
 
-    def _check_input_dim(self, input):
-        check_input_dims(type(self).__name__, input.shape, self.allowed_dims)
+    _check_input_dim = _NormBase._check_input_dim
 
 
 class BatchNorm1d(_TorchCompatible, _BatchNorm, _TorchBatchNorm):
@@ -335,6 +340,9 @@ class _LazyNorm(LazyModuleMixin):
         shaped = {n: tuple(getattr(self, n).shape) for n in names
                   if getattr(self, n) is not None and not is_lazy(getattr(self, n))}
         channels = self._channels_of_first_input(input)  # raises before anything changes
+        if channels < 1:  # the plain module's constructor refuses num_features=0
+            raise InputError(f"{type(self).__name__} expected a first input with at least 1 channel, got input "
+                             f"of shape {tuple(input.shape)}")
         if any(shape != (channels,) for shape in shaped.values()):
             raise InputError(
                 f"{type(self).__name__} expected its loaded tensors to have shape (C,) for the first input's "

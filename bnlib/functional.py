@@ -38,6 +38,8 @@ above.
 """
 
 import contextlib
+import math
+import numbers
 import warnings
 
 import torch
@@ -118,8 +120,20 @@ def under_func_transform():
     the operations inside its forward, so a Function that updates the
     running estimates would have them updated twice per call of the traced
     module; the formula path's ops are recorded once, as torch's are.
+
+    So does ``torch.export``: it keeps a Function's forward but not its
+    backward, nor a gradient for the C++ kernels, so an exported module
+    would give no gradients (silently, on float32) or fail on an ``out=``
+    write with grad on; and a program that names the kernels' ops loads only
+    where they are built and loaded. The formula's ops are torch's own: the
+    exported program trains, loads anywhere, and keeps dynamic sizes.
     """
-    return _functorch_transforms_active() or _forward_ad_active() or torch.jit.is_tracing()
+    return (_functorch_transforms_active() or _forward_ad_active() or torch.jit.is_tracing()
+            or _is_exporting())
+
+
+# torch >= 2.5; the non-strict and strict export both set it
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
 
 
 _functorch_level = getattr(getattr(torch._C, "_functorch", None), "maybe_get_level", None)
@@ -757,16 +771,26 @@ def check_running_pair(name, running_mean, running_var):
         )
 
 
+def _finite_number(value):
+    """A real, finite number (not a bool). Under ``torch.compile`` a float
+    argument may be symbolic, and ``math.isfinite`` of it breaks the graph:
+    only its type is checked there."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt)):
+        return False
+    return torch.compiler.is_compiling() or math.isfinite(value)
+
+
 def check_training_args(running_mean, running_var, momentum, eps):
     """What torch's batch norm refuses in training mode, before any state
     changes: one running estimate without the other, ``momentum=None`` (the
     cumulative average is the modules' business: they pass
     ``1 / num_batches_tracked``) and ``eps <= 0`` (the variance of a constant
-    channel is 0)."""
+    channel is 0); and, stricter than torch, a NaN or infinite ``momentum``
+    with running estimates (it would make them NaN)."""
     check_running_pair("batch_norm", running_mean, running_var)
-    if momentum is None and running_mean is not None:
-        raise InputError("batch_norm in training mode with running estimates expected a number for momentum, "
-                         "got None (the modules turn momentum=None into 1 / num_batches_tracked)")
+    if running_mean is not None and not _finite_number(momentum):
+        raise InputError("batch_norm in training mode with running estimates expected a finite number for "
+                         f"momentum, got {momentum!r} (the modules turn momentum=None into 1 / num_batches_tracked)")
     if not eps > 0:
         raise InputError(f"batch_norm expected eps > 0 in training (the variance of a constant channel is 0), got {eps}")
 

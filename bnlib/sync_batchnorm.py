@@ -355,8 +355,7 @@ class SyncBatchNorm(bnn._BatchNorm, bnn._TorchBatchNorm):
         self.process_group = process_group
 
     def _check_shape(self, input):
-        if input.dim() < 2:
-            raise InputError(f"SyncBatchNorm expected at least 2D input (N, C, ...) (got {input.dim()}D input)")
+        self._check_input_dim(input)  # (a subclass may override it, as torch's)
         check_num_channels("SyncBatchNorm", input.shape, self.num_features)
         check_floating_dtype("SyncBatchNorm", input.dtype, input.is_floating_point())
 

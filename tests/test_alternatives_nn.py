@@ -305,6 +305,27 @@ def test_constant_rows_at_a_large_value_normalize_to_zero(path, eps):
             assert y.abs().max().item() == 0
 
 
+@pytest.mark.parametrize("eps", [1e-5, 1e-12])
+def test_constant_rows_at_a_large_value_normalize_to_zero_in_the_references(eps):
+    """The NumPy references and weight standardization correct the mean once
+    too: before, they gave 0.3 (eps 1e-5) and 1.0 (eps 1e-12) here, and a
+    Conv2d weight filled with 3.3 standardized to 0.43 (eps 1e-12), though
+    a constant row is documented to standardize to zeros."""
+    import bnlib.reference_alternatives as RA
+
+    x = np.full((2, 6, 5), 10000.1, dtype=np.float32)
+    outputs = [RA.layernorm_forward(x, eps=eps, normalized_shape=(6, 5))[0],
+               RA.groupnorm_forward(x, num_groups=3, eps=eps)[0],
+               RA.weightstd_forward(x.reshape(2, 30), eps=eps)[0],
+               ref.batchnorm_forward(x.reshape(12, 5), np.ones(5, np.float32), np.zeros(5, np.float32), eps=eps)[0]]
+    for value in (3.3, 10000.1):
+        conv = torch.nn.Conv2d(64, 4, 3)
+        conv.weight.data.fill_(value)
+        alt.weight_standardization(conv, eps=eps)
+        outputs.append(conv.weight.detach().numpy())
+    assert [float(np.abs(y).max()) for y in outputs] == [0.0] * len(outputs)
+
+
 @pytest.mark.parametrize("module,x,pattern", [
     (lambda: bnlib.nn.LayerNorm(4), (2, 3), r"normalized_shape=\[4\].*\[2, 3\]"),
     (lambda: bnlib.nn.LayerNorm((3, 4)), (2, 4, 3), r"normalized_shape=\[3, 4\]"),

@@ -258,6 +258,68 @@ def test_functional_eps_must_be_positive_in_training(eps):
     assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
 
 
+
+@pytest.mark.parametrize("momentum", [float("nan"), float("inf"), None, "0.1"], ids=repr)
+@pytest.mark.parametrize("call", ["batch_norm", "instance_norm", "batch_renorm"])
+def test_functional_momentum_must_be_a_finite_number_when_estimates_update(call, momentum):
+    """NaN momentum would make the running estimates NaN (torch's functional
+    batch norm takes it); None is the modules' cumulative average, which the
+    functional forms cannot keep. Both refused, the estimates untouched."""
+    import bnlib.alternatives as alt
+
+    rm, rv = torch.zeros(3), torch.ones(3)
+    x = torch.randn(4, 3, 5)
+    calls = {
+        "batch_norm": lambda: BF.batch_norm(x, rm, rv, training=True, momentum=momentum),
+        "instance_norm": lambda: alt.instance_norm(x, rm, rv, momentum=momentum),
+        "batch_renorm": lambda: alt.batch_renorm(x, rm, rv, training=True, momentum=momentum),
+    }
+    with pytest.raises(ValueError, match="finite number for momentum"):
+        calls[call]()
+    assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+
+
+@pytest.mark.parametrize("eps", [0.0, -1.0, float("nan"), float("inf")], ids=repr)
+@pytest.mark.parametrize("call", ["layer_norm", "group_norm", "instance_norm", "batch_renorm"])
+def test_alternatives_functional_eps_must_be_positive(call, eps):
+    """As rms_norm, filter_response_norm and batch_norm in training: eps <= 0
+    gave NaN on one path and a finite result on another (the tensor ops lift
+    eps to the smallest float)."""
+    import bnlib.alternatives as alt
+
+    rm, rv = torch.zeros(3), torch.ones(3)
+    x = torch.randn(4, 3, 5)
+    calls = {
+        "layer_norm": lambda: alt.layer_norm(x, (5,), eps=eps),
+        "group_norm": lambda: alt.group_norm(x, 3, eps=eps),
+        "instance_norm": lambda: alt.instance_norm(x, rm, rv, eps=eps),
+        "batch_renorm": lambda: alt.batch_renorm(x, rm, rv, training=True, eps=eps),
+    }
+    with pytest.raises(ValueError, match="eps must be"):
+        calls[call]()
+    assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+
+
+@pytest.mark.parametrize("call", ["group_norm", "instance_norm"])
+def test_per_channel_parameters_must_be_vectors(call):
+    """A (2, 2) weight for 4 channels: torch refuses it; it used to pass the
+    count check and broadcast as 4 values."""
+    import bnlib.alternatives as alt
+
+    x = torch.randn(2, 4, 3)
+    with pytest.raises(ValueError, match=r"vector of 4 elements .* got shape \[2, 2\]"):
+        alt.group_norm(x, 2, torch.ones(2, 2)) if call == "group_norm" else alt.instance_norm(x, weight=torch.ones(2, 2))
+
+
+@pytest.mark.parametrize("dim", [1.0, "0", True], ids=repr)
+def test_weight_norm_dim_must_be_an_integer(dim):
+    import bnlib.alternatives as alt
+
+    layer = torch.nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="dim must be an integer or None"):
+        alt.weight_norm(layer, dim=dim)
+    assert not hasattr(layer, "parametrizations")
+
 # --------------------------------------------------------------------------
 # Constructor arguments
 # --------------------------------------------------------------------------

@@ -461,19 +461,22 @@ def test_grouped_norm_gradcheck_through_the_kernels():
         assert torch.autograd.gradcheck(lambda *a: alt.layer_norm(a[0], (5,), a[1], a[2]), (xl, wl, bl))
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "channels_last, means +-1e4"])
+@pytest.mark.parametrize("layout", ["contiguous", "contiguous, means +-1e4", "channels_last",
+                                    "channels_last, means +-1e4"])
 def test_grouped_norm_statistics_are_stable_at_a_large_mean(layout):
-    """float32 rows with mean 1e4 and spread 1 (and, channels last, groups
-    whose channels sit at +1e4 and -1e4): the kernels' two-pass statistics
-    give unit variance (E[x^2] - E[x]^2 would give garbage), and float64's
-    output to float32 rounding."""
+    """float32 rows with mean 1e4 and spread 1 (and groups whose channels sit
+    at +1e4 and -1e4: a contiguous row's head, the first channel, is then far
+    from the row's mean, and its statistics take their second pass): the
+    kernels' shifted sums give unit variance (E[x^2] - E[x]^2 would give
+    garbage), and float64's output to float32 rounding."""
     g = torch.Generator().manual_seed(28)
-    if layout == "contiguous":
+    if layout.startswith("contiguous"):
         x = 1e4 + torch.randn(4, 8, 300, generator=g)
     else:
         x = 1e4 + torch.randn(4, 8, 20, 15, generator=g)
-        if layout.endswith("1e4"):
-            x[:, 1::2] *= -1
+    if layout.endswith("1e4"):
+        x[:, 1::2] *= -1
+    if layout.startswith("channels_last"):
         x = x.to(memory_format=torch.channels_last)
     with BF.cpu_backend("kernels"):
         y = alt.group_norm(x, 2, None, None)
@@ -481,6 +484,22 @@ def test_grouped_norm_statistics_are_stable_at_a_large_mean(layout):
     torch.testing.assert_close(var, torch.ones_like(var), rtol=1e-4, atol=1e-4)
     want = torch.nn.functional.group_norm(x.double(), 2)
     torch.testing.assert_close(y.double(), want, rtol=0, atol=2e-3)
+
+
+def test_grouped_norm_row_whose_head_is_unlike_the_rest():
+    """A row's statistics are taken in one pass, shifted by the mean of the
+    row's first values. Where those sit 30 standard deviations from the rest,
+    the shift is off by 7.5 of the row's own, and the one pass alone would
+    leave errors near 1e-4 in y: the kernel sees it and takes a second pass,
+    shifted by the mean it found, and y stays within float32's rounding of
+    float64's (torch's own kernel: 1.6e-6 here)."""
+    g = torch.Generator().manual_seed(29)
+    x = torch.randn(64, 1024, generator=g)
+    x[:, :16] += 30.0
+    with BF.cpu_backend("kernels"):
+        y = alt.layer_norm(x, (1024,))
+    want = torch.nn.functional.layer_norm(x.double(), (1024,))
+    torch.testing.assert_close(y.double(), want, rtol=0, atol=1e-5)
 
 
 # (the functional call, input shape, parameters): channels-last inputs the

@@ -642,7 +642,8 @@ at::Tensor batch_norm_backward_elemt(const at::Tensor& dy, const at::Tensor& x, 
 // from cache when the row fits (as torch's own kernels do), so that
 //   forward : read x, write y                                     = 2 |x|
 //   backward: read x, dy, write dx                                = 3 |x|
-// (a row too long for the cache is read twice: 3 |x| and 5 |x|).
+// (a row too long for the cache is read twice: 3 |x| and 5 |x|; three times
+// forward where its statistics take a second pass, see row_moments).
 
 struct Rows {
   int64_t R, M, S, P;  // rows, values per row, values per parameter, parameters
@@ -664,33 +665,44 @@ void check_params(const at::Tensor& t, const at::Tensor& x, const Rows& L, const
               "bnlib grouped norm: ", name, " must be a contiguous tensor of ", L.P, " values of the input's dtype");
 }
 
-// One row's mean and M2, in two passes over the row (from cache, when it
-// fits): its mean, then the sums of d = x - mean and d^2, whose M2 =
-// sum(d^2) - sum(d)^2 / n corrects for the mean's rounding. Summed in T over
-// runs of kBlockBytes, then in double.
+// One row's mean and M2, in one pass over the row when it can: the sums of
+// d = x - shift and d^2, whose M2 = sum(d^2) - sum(d)^2 / n is exact in exact
+// arithmetic for any shift. In floating point its rounding error grows with
+// (mean - shift)^2 / var, so the shift is the mean of the row's first n/64
+// values (at least 16): contiguous, they are read anyway, while values spread
+// over the row would each cost a cache miss before the row streams in (a third
+// of a millisecond per 4096 rows of 1024 floats). If the shift turns out more
+// than one standard deviation from the mean (a row whose head is unlike the
+// rest: sorted, or a group whose first channel is shifted), the sums are taken
+// again, shifted by the mean just found: the two-pass result, at the cost of
+// the second pass only where it is needed. A one-pass row's error is thereby
+// at most twice the two-pass one. The first pass made layer and group norm's
+// forward 1.1-1.3x torch's time; one pass makes it 0.8-1.0x (4096 x 1024 and
+// 64 x 256 x 14 x 14 float32, one thread). Summed in T over runs of
+// kBlockBytes, then in double.
 template <typename T>
 inline void row_moments(const T* x, int64_t n, double& mean, double& m2) {
   const int64_t chunk = std::max<int64_t>(1, kBlockBytes / static_cast<int64_t>(sizeof(T)));
-  double total = 0;
-  for (int64_t s0 = 0; s0 < n; s0 += chunk) {
-    const int64_t len = std::min(chunk, n - s0);
-    const T* p = x + s0;
-    T a = 0;
-#pragma omp simd reduction(+ : a)
-    for (int64_t j = 0; j < len; ++j) a += p[j];
-    total += a;
+  const int64_t head = std::min<int64_t>(n, std::max<int64_t>(16, n / 64));
+  double head_sum = 0;
+  for (int64_t j = 0; j < head; ++j) head_sum += x[j];
+  T shift = static_cast<T>(head_sum / head);
+  for (int pass = 0; pass < 2; ++pass) {
+    double s1 = 0, s2 = 0;
+    for (int64_t s0 = 0; s0 < n; s0 += chunk) {
+      const int64_t len = std::min(chunk, n - s0);
+      T a, c;
+      shifted_sums(x + s0, len, shift, a, c);
+      s1 += a;
+      s2 += c;
+    }
+    const double offset = s1 / n;  // mean - shift
+    mean = static_cast<double>(shift) + offset;
+    m2 = s2 - s1 * offset;
+    // Kept unless offset^2 > var (NaN compares false: a NaN row is kept).
+    if (!(offset * offset * n > m2)) return;
+    shift = static_cast<T>(mean);
   }
-  const T shift = static_cast<T>(total / n);
-  double s1 = 0, s2 = 0;
-  for (int64_t s0 = 0; s0 < n; s0 += chunk) {
-    const int64_t len = std::min(chunk, n - s0);
-    T a, c;
-    shifted_sums(x + s0, len, shift, a, c);
-    s1 += a;
-    s2 += c;
-  }
-  mean = static_cast<double>(shift) + s1 / n;
-  m2 = s2 - s1 * s1 / n;
 }
 
 // One row's sum of squares (RMS norm's statistic: no mean is taken): the
@@ -1247,19 +1259,19 @@ TORCH_LIBRARY(bnlib_cpu, m) {
       "batch_norm_eval(Tensor x, Tensor? weight, Tensor? bias, Tensor running_mean, Tensor running_var, float eps)"
       " -> (Tensor, Tensor)");
   m.def(
-      "update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var, int m,"
+      "update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var, SymInt m,"
       " float momentum) -> ()");
   m.def("batch_norm_stats(Tensor x) -> (Tensor, Tensor)");
   m.def("batch_norm_backward_reduce(Tensor dy, Tensor x, Tensor mean) -> (Tensor, Tensor)");
   m.def("batch_norm_backward_elemt(Tensor dy, Tensor x, Tensor mean, Tensor k, Tensor a, Tensor b) -> Tensor");
   m.def(
-      "grouped_norm_forward(Tensor x, Tensor weight, Tensor? bias, int rows, int inner, int params, float eps,"
+      "grouped_norm_forward(Tensor x, Tensor weight, Tensor? bias, SymInt rows, SymInt inner, SymInt params, float eps,"
       " bool centered) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
-      "grouped_norm_backward(Tensor dy, Tensor x, Tensor mean, Tensor invstd, Tensor weight, int inner,"
+      "grouped_norm_backward(Tensor dy, Tensor x, Tensor mean, Tensor invstd, Tensor weight, SymInt inner,"
       " bool centered, bool input_grad, bool param_grads) -> (Tensor, Tensor, Tensor)");
   m.def(
-      "grouped_norm_forward_cl(Tensor x, Tensor weight, Tensor? bias, int groups, float eps, bool centered)"
+      "grouped_norm_forward_cl(Tensor x, Tensor weight, Tensor? bias, SymInt groups, float eps, bool centered)"
       " -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "grouped_norm_backward_cl(Tensor dy, Tensor x, Tensor mean, Tensor invstd, Tensor weight, bool centered,"

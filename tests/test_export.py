@@ -1,0 +1,146 @@
+"""torch.export and dynamic shapes with bnlib's layers.
+
+``torch.export`` keeps an autograd Function's forward but neither its
+hand-written backward nor a gradient for the C++ kernels' ops, so under
+export every layer computes its formula in plain tensor ops (the path of the
+``torch.func`` transforms, ``bnlib.functional.under_func_transform``). Before,
+an exported module gave no gradients (float32, silently), failed on an
+``out=`` write with grad on (layer, group, instance, RMS and filter response
+norm whenever the kernels had not run yet, and every half input), named
+``bnlib_cpu`` ops that a fresh process has not registered, and fixed the
+batch size. The kernels' op schemas take ``SymInt`` sizes, so
+``torch.compile(dynamic=True)`` compiles one frame for every batch size, as
+for torch's layers (it compiled one per size).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import bnlib.cpu_kernels
+import bnlib.nn as bnn
+
+LAYERS = {
+    "BatchNorm2d": lambda: bnn.BatchNorm2d(4),
+    "LayerNorm": lambda: bnn.LayerNorm([4, 5, 5]),
+    "GroupNorm": lambda: bnn.GroupNorm(2, 4),
+    "InstanceNorm2d": lambda: bnn.InstanceNorm2d(4, affine=True, track_running_stats=True),
+    "RMSNorm": lambda: bnn.RMSNorm([5]),
+    "FilterResponseNorm": lambda: bnn.FilterResponseNorm(4),
+    "BatchRenorm2d": lambda: bnn.BatchRenorm2d(4),
+}
+
+
+# (Not momentum=None in training: its factor 1 / num_batches_tracked is a
+# Python number read from a buffer, which export cannot trace; torch's batch
+# norm fails there the same way.)
+
+
+def model_with(name):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 1), LAYERS[name]())
+
+
+@pytest.fixture(autouse=True, scope="module")
+def kernels_loaded():
+    """With the C++ kernels loaded (the usual state after any eager call),
+    as an exported program must not depend on it."""
+    bnlib.cpu_kernels.load()
+
+
+def run(model, x):
+    """Output, input gradient, first-layer weight gradient and the norm's buffers after one step."""
+    x = x.clone().requires_grad_()
+    y = model(x)
+    # (not y.pow(2).sum(): after batch norm that is a constant, its gradient rounding noise)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype)
+    y.backward(dy)
+    params = dict(model.named_parameters())
+    return [y.detach(), x.grad, params["0.weight"].grad] + [b.clone() for b in model.buffers()]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_exported_module_computes_and_trains_as_the_eager_one(name, training, dtype):
+    eager = model_with(name).to(dtype).train(training)
+    exported_from = model_with(name).to(dtype).train(training)
+    x = torch.randn(6, 3, 5, 5, dtype=dtype)
+    program = torch.export.export(exported_from, (x,))
+    ops = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert not any("bnlib" in op for op in ops), ops
+    want, got = run(eager, x), run(program.module(), x)
+    tol = dict(rtol=0, atol=0) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g is not None
+        if g.is_floating_point() and dtype == torch.bfloat16:
+            torch.testing.assert_close(g.float(), w.float(), rtol=0.02, atol=0.02)
+        else:
+            torch.testing.assert_close(g, w, **tol)
+
+
+@pytest.mark.parametrize("name", ["BatchNorm2d", "LayerNorm", "GroupNorm", "InstanceNorm2d"])
+def test_export_with_a_dynamic_batch(name):
+    model = model_with(name).eval()
+    batch = torch.export.Dim("batch", min=2, max=64)
+    program = torch.export.export(model, (torch.randn(4, 3, 5, 5),), dynamic_shapes=({0: batch},))
+    x = torch.randn(9, 3, 5, 5)
+    torch.testing.assert_close(program.module()(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_an_exported_program_loads_without_bnlib(tmp_path):
+    """Only torch's ops: the saved program loads in a process that has not
+    imported bnlib (it named ``bnlib_cpu`` ops, unregistered there)."""
+    import subprocess
+    import sys
+
+    model = model_with("GroupNorm").eval()
+    x = torch.randn(2, 3, 5, 5)
+    model(x)  # the kernels run eagerly first
+    path = tmp_path / "program.pt2"
+    torch.export.save(torch.export.export(model, (x,)), path)
+    torch.save(x, tmp_path / "x.pt")
+    code = (f"import torch; p = torch.export.load({str(path)!r}); "
+            f"print(tuple(p.module()(torch.load({str(tmp_path / 'x.pt')!r})).shape))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "(2, 4, 5, 5)"
+
+
+@pytest.mark.parametrize("name", ["BatchNorm2d", "LayerNorm", "GroupNorm", "InstanceNorm2d"])
+def test_compile_with_dynamic_shapes_compiles_once(name):
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    model = LAYERS[name]()
+    model(torch.randn(8, 4, 5, 5))  # the kernels run eagerly first
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter, dynamic=True)
+    for batch in (2, 5, 17):
+        compiled(torch.randn(batch, 4, 5, 5))
+    assert counter.frame_count == 1
+
+
+def test_a_subclass_overriding_check_input_dim_is_obeyed():
+    """torch's batch norm calls ``_check_input_dim``; a subclass widens it."""
+
+    class BatchNorm2dAlso3d(bnn.BatchNorm2d):
+        def _check_input_dim(self, input):
+            if input.dim() not in (3, 4):
+                raise ValueError(f"expected 3D or 4D input (got {input.dim()}D input)")
+
+    layer = BatchNorm2dAlso3d(3)
+    assert layer(torch.randn(4, 3, 5)).shape == (4, 3, 5)
+    with pytest.raises(ValueError, match="3D or 4D"):
+        layer(torch.randn(4, 3))
+    assert int(layer.num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize("make,shape", [(bnn.LazyBatchNorm2d, (4, 0, 5, 5)), (bnn.LazyInstanceNorm1d, (4, 0, 5))])
+def test_a_lazy_layer_refuses_a_first_input_without_channels(make, shape):
+    layer = make()
+    with pytest.raises(ValueError, match="at least 1 channel"):
+        layer(torch.randn(shape))
+    assert layer.has_uninitialized_params() and layer.num_features == 0
