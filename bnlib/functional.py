@@ -257,10 +257,14 @@ def _stat_dims(ndim):
 
 def _eps_in(eps, dtype):
     """``eps`` as it can be added in ``dtype``: at least the dtype's smallest
-    normal number. An ``eps`` below float32's (1.2e-38), which bnlib accepts
-    as torch does, would round to 0 there, and a constant channel (variance
-    0) would give 0 * inf = NaN instead of torch's 0."""
-    return max(eps, torch.finfo(dtype).tiny)
+    positive (subnormal) number, ``tiny * eps`` of its ``finfo``. An ``eps``
+    below float32's (1.4e-45), which bnlib accepts as torch does, would round
+    to 0 there, and a constant channel (variance 0) would give 0 * inf = NaN
+    instead of torch's 0. (Lifting it to the smallest normal number, 1.2e-38,
+    changed the result for an eps of 1e-40 on values near 1e-20, where the C++
+    loops, which add eps in float64, and torch use it as given.)"""
+    info = torch.finfo(dtype)
+    return max(eps, info.tiny * info.eps)
 
 
 def _channel_mean(t, ones_over_m=None):

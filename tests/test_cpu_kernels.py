@@ -502,6 +502,43 @@ def test_grouped_norm_row_whose_head_is_unlike_the_rest():
     torch.testing.assert_close(y.double(), want, rtol=0, atol=1e-5)
 
 
+def test_channels_last_statistics_of_nearly_constant_channels():
+    """Channels of two float32 values near 3e6, a quarter apart: the shift
+    (the mean of a channel's first positions) was a float32 running sum of
+    4096 values near 3e6, which rounds by units; it landed hundreds of
+    standard deviations off, the one pass gave a negative variance, and
+    every output was NaN. Now summed as differences from the first value,
+    with a second pass for a channel still over a standard deviation off,
+    the variance is float64's to 1e-6, as on the contiguous loops."""
+    g = torch.Generator().manual_seed(0)
+    x = 3.0e6 + 0.25 * (torch.rand(1, 2, 64, 64, generator=g) < 0.5).float()
+    want = x.double().reshape(1, 2, -1).var(-1, unbiased=False).flatten()
+    for layout in (torch.channels_last, torch.contiguous_format):
+        xl = x.contiguous(memory_format=layout)
+        with BF.cpu_backend("kernels"):
+            y = alt.group_norm(xl, 2)
+        _, _, var, _ = BF._cpu["ops"].grouped_norm_forward_cl(
+            x.contiguous(memory_format=torch.channels_last), torch.ones(2), None, 2, 1e-5, True)
+        assert torch.isfinite(y).all()
+        torch.testing.assert_close(var.double(), want, rtol=1e-6, atol=0)
+
+
+def test_channels_last_channel_whose_head_is_unlike_the_rest():
+    """Each channel's first 256 positions, which set its shift, sit 64 units
+    above the rest (standard deviation 1): the shift is about 4 of the
+    channel's standard deviations from its mean, and the one pass alone left
+    errors of 5e-6 in y, ten times torch's. Those channels' sums are taken
+    again, and y is within float32 rounding of float64's, as torch's and the
+    contiguous loops' (5e-7)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 64, 64, generator=g)
+    x[:, :, :4] += 64.0
+    want = torch.nn.functional.group_norm(x.double(), 2)
+    with BF.cpu_backend("kernels"):
+        y = alt.group_norm(x.contiguous(memory_format=torch.channels_last), 2)
+    torch.testing.assert_close(y.double(), want, rtol=0, atol=1.5e-6)
+
+
 # (the functional call, input shape, parameters): channels-last inputs the
 # loops grouped_norm_*_cl read in place: groups of several channels, one
 # channel, all channels, 5-D, more positions than one summing block (2048

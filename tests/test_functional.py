@@ -232,3 +232,19 @@ def test_eps_below_float32s_smallest_normal_number(path):
             got = BF.batch_norm(t, None, None, training=True, eps=1e-46)
             assert torch.isfinite(got).all()
             torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("eps", [1e-40, 1e-46])
+def test_a_subnormal_eps_is_used_as_given(eps):
+    """Values near 1e-20 have a variance near 1e-40, a subnormal float32 that
+    an eps of 1e-40 is comparable to. The tensor ops lifted every eps below
+    1.2e-38 (float32's smallest normal number) to it, and gave 0.17 where
+    torch and the C++ loops give 1.16; now only an eps that rounds to 0
+    is lifted, to the smallest subnormal number."""
+    import bnlib.alternatives as alt
+
+    x = torch.randn(2, 5, generator=torch.Generator().manual_seed(0)) * 1e-20
+    want = F.layer_norm(x, (5,), eps=eps)
+    for path in ("kernels", "tensor_ops"):
+        with BF.cpu_backend(path):
+            torch.testing.assert_close(alt.layer_norm(x, (5,), eps=eps), want, rtol=1e-4, atol=1e-4)

@@ -701,6 +701,10 @@ inline void row_moments(const T* x, int64_t n, double& mean, double& m2) {
     m2 = s2 - s1 * offset;
     // Kept unless offset^2 > var (NaN compares false: a NaN row is kept).
     if (!(offset * offset * n > m2)) return;
+    if (pass == 1) {  // the second pass is kept; below 0 only by rounding
+      if (m2 < 0) m2 = 0;
+      return;
+    }
     shift = static_cast<T>(mean);
   }
 }
@@ -1016,9 +1020,12 @@ Samples samples_of(const at::Tensor& x, int64_t groups) {
 }
 
 // Positions summed in T before their sums are added into double: about
-// kBlockBytes of the sample at a time.
+// kBlockBytes of the sample at a time, and at most 256 (each channel's sum in
+// T is one running sum, whose rounding grows with its length: with 2
+// channels, 4096 positions a block left the variance 3e-5 off, 1000 times
+// the contiguous loops' error).
 inline int64_t positions_per_block(int64_t C, int64_t bytes) {
-  return std::max<int64_t>(1, kBlockBytes / (C * bytes));
+  return std::max<int64_t>(1, std::min<int64_t>(256, kBlockBytes / (C * bytes)));
 }
 
 template <typename T>
@@ -1039,9 +1046,14 @@ void grouped_forward_cl(const T* x, T* y, const Samples& L, double eps, bool cen
       const T* xn = x + n * S * C;
       T* yn = y + n * S * C;
       // The shift of each channel: the mean of its first `lead` positions
-      // (RMS norm: 0, the sums of squares). With lead >= S / 64 it is
+      // (RMS norm: 0, the sums of squares), summed as differences from the
+      // first position's value (a float32 running sum of the values
+      // themselves, 4096 of them near 3e6, rounds by units and put the shift
+      // hundreds of standard deviations off). With lead >= S / 64 the shift is
       // within sqrt(S / lead) <= 8 standard deviations of the channel's mean,
-      // so the shifted sums below lose at most 64x in M2, not |mean|^2 / var.
+      // so the shifted sums below lose at most 64x in M2, not |mean|^2 / var;
+      // a channel whose shift is still over one standard deviation off (its
+      // head unlike the rest) has its sums taken again, as row_moments does.
       std::fill(shift.begin(), shift.end(), T(0));
       if (centered) {
         std::fill(s1.begin(), s1.end(), 0.0);
@@ -1050,31 +1062,43 @@ void grouped_forward_cl(const T* x, T* y, const Samples& L, double eps, bool cen
           for (int64_t p = p0; p < std::min(lead, p0 + block); ++p) {
             const T* xp = xn + p * C;
 #pragma omp simd
-            for (int64_t c = 0; c < C; ++c) a1[c] += xp[c];
+            for (int64_t c = 0; c < C; ++c) a1[c] += xp[c] - xn[c];
           }
           for (int64_t c = 0; c < C; ++c) s1[c] += acc1[c];
         }
-        for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<T>(s1[c] / lead);
+        for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<T>(xn[c] + s1[c] / lead);
       }
-      // One pass: sum(d) and sum(d^2) per channel, d = x - shift[c]
-      std::fill(s1.begin(), s1.end(), 0.0);
-      std::fill(s2.begin(), s2.end(), 0.0);
-      for (int64_t p0 = 0; p0 < S; p0 += block) {
-        std::fill(acc1.begin(), acc1.end(), T(0));
-        std::fill(acc2.begin(), acc2.end(), T(0));
-        for (int64_t p = p0; p < std::min(S, p0 + block); ++p) {
-          const T* xp = xn + p * C;
+      for (int pass = 0; pass < 2; ++pass) {
+        // One pass: sum(d) and sum(d^2) per channel, d = x - shift[c]
+        std::fill(s1.begin(), s1.end(), 0.0);
+        std::fill(s2.begin(), s2.end(), 0.0);
+        for (int64_t p0 = 0; p0 < S; p0 += block) {
+          std::fill(acc1.begin(), acc1.end(), T(0));
+          std::fill(acc2.begin(), acc2.end(), T(0));
+          for (int64_t p = p0; p < std::min(S, p0 + block); ++p) {
+            const T* xp = xn + p * C;
 #pragma omp simd
+            for (int64_t c = 0; c < C; ++c) {
+              const T d = xp[c] - sh[c];
+              a1[c] += d;
+              a2[c] += d * d;
+            }
+          }
           for (int64_t c = 0; c < C; ++c) {
-            const T d = xp[c] - sh[c];
-            a1[c] += d;
-            a2[c] += d * d;
+            s1[c] += acc1[c];
+            s2[c] += acc2[c];
           }
         }
+        if (!centered || pass == 1) break;
+        bool again = false;
         for (int64_t c = 0; c < C; ++c) {
-          s1[c] += acc1[c];
-          s2[c] += acc2[c];
+          const double offset = s1[c] / S;  // the channel's mean - shift
+          if (offset * offset * S > s2[c] - s1[c] * offset) {  // offset^2 > var (NaN: false)
+            again = true;
+            shift[c] = static_cast<T>(static_cast<double>(shift[c]) + offset);
+          }
         }
+        if (!again) break;
       }
       // Each group from its channels' summaries (S values each, in double):
       // mean = the channels' mean; M2 = sum of the channels' M2 plus
@@ -1089,6 +1113,7 @@ void grouped_forward_cl(const T* x, T* y, const Samples& L, double eps, bool cen
           const double mean_c = static_cast<double>(shift[c]) + s1[c] / S;
           m2 += centered ? (s2[c] - s1[c] * s1[c] / S) + S * (mean_c - mean_g) * (mean_c - mean_g) : s2[c];
         }
+        if (m2 < 0) m2 = 0;  // rounding; a NaN stays
         const int64_t r = n * G + g;
         // rounded to T, then used, as in grouped_forward
         mean[r] = centered ? static_cast<T>(mean_g) : T(0);
