@@ -94,6 +94,14 @@ def check_batch_size(shape, size_text=None):
         raise InputError(f"Expected more than 1 value per channel when training, got input size {shown}")
 
 
+def check_training_batch(input):
+    """:func:`check_batch_size` for a tensor, its size printed as torch prints
+    it. The text is built only when the check fails: under ``torch.compile``
+    with dynamic shapes, printing a symbolic size breaks the graph."""
+    if values_per_channel(input.shape) == 1:
+        check_batch_size(input.shape, str(input.size()))
+
+
 def check_positive_finite(name, value):
     """``value`` is a real number (Python or NumPy, not a bool) with ``0 < value < inf``,
     or a ``ValueError`` naming ``name``: an ``eps``, a clipping threshold, a gain."""
@@ -113,13 +121,14 @@ def check_labels(caller, labels_shape, is_integer, batch_size, lowest, highest, 
 
     ``labels_shape``: the labels' shape, which must be ``(batch_size,)``;
     ``is_integer``: whether their dtype is an integer type (bool is not);
-    ``lowest``, ``highest``: their smallest and largest value (None for no labels).
+    ``lowest``, ``highest``: their smallest and largest value (None for no
+    labels, or where they cannot be read: the range is then not checked here).
     """
     if not is_integer:
         raise InputError(f"{caller} expected integer class labels (int64, int32, ...), got another dtype")
     if tuple(labels_shape) != (batch_size,):
         raise InputError(f"{caller} expected one label per sample, shape ({batch_size},), "
                          f"got shape {tuple(labels_shape)}")
-    if batch_size and (lowest < 0 or highest >= num_classes):
+    if lowest is not None and (lowest < 0 or highest >= num_classes):
         raise InputError(f"{caller} expected labels in [0, {num_classes}) (num_classes={num_classes}), "
                          f"got values from {lowest} to {highest}")

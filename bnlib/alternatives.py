@@ -53,12 +53,12 @@ from bnlib.functional import _compute_dtype
 from bnlib.batchnorm import _LazyNorm, _NormBase, _version, register_affine_parameters, reset_affine_parameters
 from bnlib._checks import (
     InputError,
-    check_batch_size,
     check_floating_dtype,
     check_input_dims,
     check_norm_args,
     check_num_channels,
     check_positive_finite,
+    check_training_batch,
     values_per_channel,
 )
 
@@ -699,7 +699,7 @@ def _filter_response_norm(input, weight, bias, tau, eps):
     return z if fmt is None else z.contiguous(memory_format=fmt)
 
 
-@torch.no_grad()
+@bnF.buffer_update
 def _update_instance_running_stats(running_mean, running_var, mu, var, m, momentum):
     """torch's rule for instance norm: the per-instance statistics (``(N, C)``)
     averaged over the batch, the variance unbiased over ``m`` spatial values,
@@ -1135,7 +1135,7 @@ def _batch_renorm_train(input, running_mean, running_var, weight, bias, momentum
     for name, tensor in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
         if tensor is not None and tensor.numel() != num_channels:
             raise InputError(f"{name} should have {num_channels} elements (one per channel), got {tensor.numel()}")
-    check_batch_size(input.shape, str(input.size()))
+    check_training_batch(input)
     _check_limit("r_max", r_max, 1.0)
     _check_limit("d_max", d_max, 0.0)
     if bnF.under_func_transform():  # the formula, r and d constants (see bnF.under_func_transform)
@@ -1272,7 +1272,7 @@ class _BatchRenorm(_NormBase):
         check_floating_dtype(name, input.dtype, input.is_floating_point())
         if not self.training:
             return bnF.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
-        check_batch_size(input.shape, str(input.size()))
+        check_training_batch(input)
         r_max, d_max = self.current_limits()  # may raise: still before any state changes
         factor = self._count_batch()
         version = _version(self.running_mean)
@@ -1660,7 +1660,7 @@ class _SpectralNorm(nn.Module):
             self.register_buffer("_v", _l2_normalize(v, self.eps))
             self._power_method(weight_mat, 15)
 
-    @torch.no_grad()
+    @bnF.buffer_update
     def _power_method(self, weight_mat, n_power_iterations):
         """``u <- normalize(W v)``, ``v <- normalize(W^T u)``, in place in the buffers."""
         captured = bnF.captured_by_transform(self._u)

@@ -36,12 +36,11 @@ from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, is_l
 from bnlib import functional as bnF
 from bnlib._checks import (
     InputError,
-    check_batch_size,
     check_floating_dtype,
     check_input_dims,
     check_norm_args,
     check_num_channels,
-    values_per_channel,
+    check_training_batch,
 )
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d"]
@@ -132,8 +131,8 @@ class _NormBase(nn.Module):
         self._check_input_dim(input)
         check_num_channels(name, input.shape, self.num_features if num_features is None else num_features)
         check_floating_dtype(name, input.dtype, input.is_floating_point())
-        if self.training and values_per_channel(input.shape) == 1:  # the message's text is built only then
-            check_batch_size(input.shape, str(input.size()))
+        if self.training:
+            check_training_batch(input)
 
     def _count_batch(self):
         """Count one training batch; return the running update's factor.

@@ -74,7 +74,9 @@ class _ConditionalBatchNorm(nn.Module):
     ``[0, num_classes)`` per sample (shape ``(N,)``). Checking their range
     reads two numbers back from the device, one host sync per call: a clear
     error is worth it here. Bad input raises ``InputError`` (a
-    ``ValueError``) before the running estimates change.
+    ``ValueError``) before the running estimates change. Under
+    ``torch.compile`` and ``torch.export``, which cannot read values back,
+    an op of the graph asserts the range instead (a ``RuntimeError``).
     """
 
     norm_class = None  # the BatchNorm*d that normalizes: it says which input dims are taken
@@ -119,8 +121,12 @@ class _ConditionalBatchNorm(nn.Module):
             raise InputError(f"{name} expected the labels as a tensor, got {type(labels).__name__}")
         integer = not labels.is_floating_point() and not labels.is_complex() and labels.dtype != torch.bool
         seen = integer and labels.numel() > 0
-        lowest, highest = (labels.min().item(), labels.max().item()) if seen else (None, None)
+        traced = torch.compiler.is_compiling()  # torch.compile or torch.export: no host reads
+        lowest, highest = (labels.min().item(), labels.max().item()) if seen and not traced else (None, None)
         check_labels(name, labels.shape, integer, input.shape[0], lowest, highest, self.num_classes)
+        if seen and traced:  # the range, checked by an op of the graph (before any buffer is written back)
+            torch._assert_async(((labels >= 0) & (labels < self.num_classes)).all(),
+                                f"{name} expected labels in [0, {self.num_classes})")
         x_hat = self.norm(input)
         per_sample = (input.shape[0], self.num_features) + (1,) * (input.dim() - 2)
         labels = labels.to(self.weight.device, torch.long)  # uint8 would index as a mask

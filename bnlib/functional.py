@@ -38,13 +38,14 @@ above.
 """
 
 import contextlib
+import functools
 import math
 import numbers
 import warnings
 
 import torch
 
-from bnlib._checks import InputError, check_batch_size, check_floating_dtype, values_per_channel
+from bnlib._checks import InputError, check_floating_dtype, check_training_batch, values_per_channel
 
 __all__ = ["batch_norm", "batch_norm_train", "cpu_backend", "get_cpu_backend", "set_cpu_backend"]
 
@@ -134,6 +135,23 @@ def under_func_transform():
 
 # torch >= 2.5; the non-strict and strict export both set it
 _is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+
+
+def buffer_update(fn):
+    """``torch.no_grad()`` for a function that writes running estimates (or
+    other buffers) from statistics that must not enter the graph. Under
+    ``torch.export`` the tensors it is given are detached instead: torch 2.13
+    saves a program that holds a ``no_grad`` region, but cannot load it
+    ("wrap_with_set_grad_enabled is missing val field")."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if _is_exporting():
+            return fn(*(a.detach() if isinstance(a, torch.Tensor) else a for a in args), **kwargs)
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 _functorch_level = getattr(getattr(torch._C, "_functorch", None), "maybe_get_level", None)
@@ -676,14 +694,16 @@ def _check_per_channel(name, tensor, num_channels):
         )
 
 
-@torch.no_grad()
+@buffer_update
 def _update_running_stats(running_mean, running_var, mu, var, m, momentum):
     """Batch norm's update of its running estimates from the batch's ``mu``
     and biased ``var`` over ``m`` values: :func:`update_running_estimates`
     with the unbiased variance, or the same in one call of the CPU kernels.
     """
-    transformed = _functorch_transforms_active()  # (forward-mode AD alone writes buffers as eager code does)
-    kernels = None if transformed else _cpu_kernels(mu)
+    # (forward-mode AD alone writes buffers as eager code does; an exported
+    # program must hold torch's ops only)
+    transformed = _functorch_transforms_active()
+    kernels = None if transformed or _is_exporting() else _cpu_kernels(mu)
     if kernels is not None and _running_args(running_mean, running_var, mu) is not None:
         # The same update in one call: on (C,) vectors the time is per-op overhead.
         kernels.update_running_stats(running_mean, running_var, mu, var, m, float(momentum))
@@ -691,7 +711,7 @@ def _update_running_stats(running_mean, running_var, mu, var, m, momentum):
     update_running_estimates(running_mean, running_var, mu, var * (m / (m - 1)) if m > 1 else var, momentum)
 
 
-@torch.no_grad()
+@buffer_update
 def update_running_estimates(running_mean, running_var, mu, unbiased_var, momentum):
     """``running = (1 - momentum) * running + momentum * batch``, per channel,
     skipping channels whose batch statistics are not finite. The one update
@@ -831,8 +851,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         _check_per_channel(name, tensor, num_channels)
     if training:
         check_training_args(running_mean, running_var, momentum, eps)
-        if values_per_channel(input.shape) == 1:  # (the message's text is built only then)
-            check_batch_size(input.shape, str(input.size()))
+        check_training_batch(input)
     elif running_mean is None or running_var is None:
         raise InputError("batch_norm in eval mode (training=False) needs running_mean and running_var")
 

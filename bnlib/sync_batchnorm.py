@@ -110,10 +110,12 @@ import torch
 import torch.distributed as dist
 
 from bnlib import batchnorm as bnn
-from bnlib._checks import InputError, check_batch_size, check_floating_dtype, check_num_channels, values_per_channel
+from bnlib._checks import (InputError, check_floating_dtype, check_num_channels, check_training_batch,
+                           values_per_channel)
 from bnlib.functional import (_compute_dtype, _cpu_kernels, _dense, _dense_like, _eps_in, _per_channel,
                               _per_channel_arg, _stat_dims, under_func_transform)
 # The running-estimate update of every bnlib module, under this module's old name.
+from bnlib.functional import buffer_update
 from bnlib.functional import update_running_estimates as update_running_stats
 
 __all__ = ["SyncBatchNorm", "SyncBatchNormFunction", "local_stats", "merge_stats", "update_running_stats",
@@ -199,9 +201,6 @@ def sync_cost(channels, world_size, bytes_per_value=4):
         "backward_payload": payload,
         "backward_ring_traffic": 2 * (world_size - 1) * payload / world_size,
     }
-
-
-@torch.no_grad()
 
 
 def _check_global_count(input, count, world_size):
@@ -367,7 +366,7 @@ class SyncBatchNorm(bnn._BatchNorm, bnn._TorchBatchNorm):
         """The plain (local) path's checks: shape, and in training the local batch."""
         self._check_shape(input)
         if self.training:
-            check_batch_size(input.shape, str(input.size()))
+            check_training_batch(input)
 
     def _sync_group(self):
         """The process group to synchronize over, or None for plain batch norm."""
@@ -385,7 +384,7 @@ class SyncBatchNorm(bnn._BatchNorm, bnn._TorchBatchNorm):
         on_stats = self._update_running_stats if self.track_running_stats else None
         return SyncBatchNormFunction.apply(input, self.weight, self.bias, self.eps, group, on_stats)[0]
 
-    @torch.no_grad()
+    @buffer_update
     def _update_running_stats(self, mu, var, count):
         # Called inside SyncBatchNormFunction, after its global check: only
         # then is state changed.

@@ -15,6 +15,8 @@ for torch's layers (it compiled one per size).
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 from torch import nn
@@ -30,6 +32,8 @@ LAYERS = {
     "RMSNorm": lambda: bnn.RMSNorm([5]),
     "FilterResponseNorm": lambda: bnn.FilterResponseNorm(4),
     "BatchRenorm2d": lambda: bnn.BatchRenorm2d(4),
+    "GhostBatchNorm": lambda: bnn.GhostBatchNorm(4, virtual_batch_size=3),
+    "SyncBatchNorm": lambda: bnn.SyncBatchNorm(4),
 }
 
 
@@ -48,6 +52,13 @@ def kernels_loaded():
     """With the C++ kernels loaded (the usual state after any eager call),
     as an exported program must not depend on it."""
     bnlib.cpu_kernels.load()
+
+
+def ops_of(program):
+    """Every op the program calls, in its graph and in the graphs nested in it
+    (a no_grad region, for one)."""
+    return {str(node.target) for module in program.graph_module.modules() if isinstance(module, torch.fx.GraphModule)
+            for node in module.graph.nodes if node.op == "call_function"}
 
 
 def run(model, x):
@@ -69,9 +80,13 @@ def test_exported_module_computes_and_trains_as_the_eager_one(name, training, dt
     exported_from = model_with(name).to(dtype).train(training)
     x = torch.randn(6, 3, 5, 5, dtype=dtype)
     program = torch.export.export(exported_from, (x,))
-    ops = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
-    assert not any("bnlib" in op for op in ops), ops
-    want, got = run(eager, x), run(program.module(), x)
+    assert not any("bnlib" in op for op in ops_of(program)), ops_of(program)
+    # saved and loaded: a training program held a no_grad region, which
+    # torch 2.13 saves but cannot load
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    buffer.seek(0)
+    want, got = run(eager, x), run(torch.export.load(buffer).module(), x)
     tol = dict(rtol=0, atol=0) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
     assert len(got) == len(want)
     for g, w in zip(got, want):
@@ -144,3 +159,20 @@ def test_a_lazy_layer_refuses_a_first_input_without_channels(make, shape):
     with pytest.raises(ValueError, match="at least 1 channel"):
         layer(torch.randn(shape))
     assert layer.has_uninitialized_params() and layer.num_features == 0
+
+
+def test_conditional_batch_norm_exports_and_checks_its_labels_in_the_graph():
+    """Its label check read the labels' range back (``.item()``), which
+    export cannot trace; there an op of the graph asserts the range."""
+    torch.manual_seed(0)
+    eager, exported_from = bnn.ConditionalBatchNorm2d(4, 3), bnn.ConditionalBatchNorm2d(4, 3)
+    x, labels = torch.randn(6, 4, 5, 5), torch.tensor([0, 1, 2, 0, 1, 2])
+    program = torch.export.export(exported_from, (x, labels))
+    assert not any("bnlib" in op for op in ops_of(program))
+    module = program.module()
+    torch.testing.assert_close(module(x, labels), eager(x, labels), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(module.norm.running_var, eager.norm.running_var, rtol=1e-6, atol=1e-6)
+    with pytest.raises(RuntimeError, match=r"labels in \[0, 3\)"):
+        module(x, torch.tensor([0, 1, 2, 0, 1, 3]))
+    compiled = torch.compile(bnn.ConditionalBatchNorm2d(4, 3), backend="eager", fullgraph=True)
+    assert compiled(x, labels).shape == x.shape
