@@ -37,6 +37,7 @@
 #include <cmath>
 #include <cstdint>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -834,11 +835,16 @@ inline int64_t grouped_backward_tasks(const Rows& L, bool param_grads) {
 // than the pass itself.
 constexpr int64_t kFewRows = 8;
 
+// Rows whose per-element dw, db are summed in T before they are added into
+// double (layer norm with more rows than kFewRows, or several tasks).
+constexpr int64_t kStageRows = 16;
+
 // The backward, row by row: with dx_hat = dy * w[k], x_hat = (x - mu) * invstd,
 //   dx = invstd * (dx_hat - mean(dx_hat) - x_hat * mean(dx_hat * x_hat)),
 //   dw[k] = sum(dy * x_hat), db[k] = sum(dy) over the values of parameter k.
 // Rows are split among threads; each thread sums dw, db into its own buffer
-// in A (double, or T for a single task of at most kFewRows rows), and the
+// in A (double, or T for a single task of at most kFewRows rows; with S == 1,
+// a double buffer gets T sums of kStageRows rows at a time), and the
 // buffers are added in thread order into dw, db (P values each, zeroed by the
 // caller). A single task's buffer is dw, db themselves.
 template <typename T, typename A>
@@ -849,11 +855,37 @@ void grouped_backward(const T* dy, const T* x, const Rows& L, bool centered, con
   const int64_t tasks = grouped_backward_tasks(L, param_grads);
   const bool direct = tasks == 1;  // one task: its buffer is dw, db themselves
   std::vector<A> dw_t(param_grads && !direct ? tasks * P : 0, A(0)), db_t(param_grads && !direct ? tasks * P : 0, A(0));
+  // Layer norm's per-element dw, db (S == 1) summed in double cost more than
+  // the rest of the backward (1.4 of 2.3 ms for 4096 x 1024 float32): they
+  // are summed in T over kStageRows rows, then added into A.
+  constexpr bool staged_type = !std::is_same<A, T>::value;
+  const bool staged = staged_type && param_grads && S == 1;
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<T> dw_s(staged ? P : 0, T(0)), db_s(staged ? P : 0, T(0));
     for (int64_t t = t0; t < t1; ++t) {
       const auto [r0, r1] = task_range(t, tasks, L.R);
       A* dwp = !param_grads ? nullptr : direct ? dw : dw_t.data() + t * P;
       A* dbp = !param_grads ? nullptr : direct ? db : db_t.data() + t * P;
+      // where a row adds its dw, db when S == 1: the stage, or dw, db in T
+      T* dwq = nullptr;
+      T* dbq = nullptr;
+      if (staged) {
+        dwq = dw_s.data();
+        dbq = db_s.data();
+      } else if constexpr (!staged_type) {
+        dwq = dwp;
+        dbq = dbp;
+      }
+      int64_t staged_rows = 0;
+      auto flush = [&]() {
+        for (int64_t k = 0; k < P; ++k) {
+          dwp[k] += static_cast<A>(dw_s[k]);
+          dbp[k] += static_cast<A>(db_s[k]);
+          dw_s[k] = T(0);
+          db_s[k] = T(0);
+        }
+        staged_rows = 0;
+      };
       for (int64_t r = r0; r < r1; ++r) {
         const T* xr = x + r * M;
         const T* dyr = dy + r * M;
@@ -863,13 +895,14 @@ void grouped_backward(const T* dy, const T* x, const Rows& L, bool centered, con
         if (S == 1) {
           run_sums(dyr, xr, mu, w + k0, true, M, s_g, s_gxc);
           if (param_grads && dx == nullptr) {  // (else summed below, in dx's pass)
-            A* dwr = dwp + k0;
-            A* dbr = dbp + k0;
+            T* dwr = dwq + k0;
+            T* dbr = dbq + k0;
 #pragma omp simd
             for (int64_t j = 0; j < M; ++j) {
-              dwr[j] += static_cast<A>(dyr[j] * ((xr[j] - mu) * is));
-              dbr[j] += static_cast<A>(dyr[j]);
+              dwr[j] += dyr[j] * ((xr[j] - mu) * is);
+              dbr[j] += dyr[j];
             }
+            if (staged && ++staged_rows == kStageRows) flush();
           }
         } else {
           for (int64_t q = 0; q < runs; ++q) {
@@ -891,15 +924,16 @@ void grouped_backward(const T* dy, const T* x, const Rows& L, bool centered, con
         if (S == 1) {
           const T* wr = w + k0;
           if (param_grads) {  // dw and db in the same pass over the row
-            A* dwr = dwp + k0;
-            A* dbr = dbp + k0;
+            T* dwr = dwq + k0;
+            T* dbr = dbq + k0;
 #pragma omp simd
             for (int64_t j = 0; j < M; ++j) {
               const T x_hat = (xr[j] - mu) * is;
-              dwr[j] += static_cast<A>(dyr[j] * x_hat);
-              dbr[j] += static_cast<A>(dyr[j]);
+              dwr[j] += dyr[j] * x_hat;
+              dbr[j] += dyr[j];
               dxr[j] = is * ((dyr[j] * wr[j] - mean_g) - x_hat * mean_gxh);
             }
+            if (staged && ++staged_rows == kStageRows) flush();
           } else {
 #pragma omp simd
             for (int64_t j = 0; j < M; ++j) dxr[j] = is * ((dyr[j] * wr[j] - mean_g) - ((xr[j] - mu) * is) * mean_gxh);
@@ -915,6 +949,7 @@ void grouped_backward(const T* dy, const T* x, const Rows& L, bool centered, con
           }
         }
       }
+      if (staged && staged_rows > 0) flush();
     }
   });
   if (!param_grads || direct) return;
