@@ -175,6 +175,11 @@ def _grouped_norm(input, weight, bias, row_shape, param_view, param_dims, eps):
         var = (rows - mu).square().mean(-1)
         mu = mu.squeeze(-1)
         return _grouped_norm_formula(input, weight, bias, row_shape, param_view, eps), mu, var
+    if not torch.is_grad_enabled():  # nothing to record: the C++ loops without the Function's overhead
+        kernel = _grouped_kernel(input, row_shape, param_view)
+        if kernel is not None:
+            y, mu, var, _ = _kernel_forward(kernel, input, weight, bias, row_shape, eps, centered=True)
+            return y, mu.view(row_shape[:-1]), var.view(row_shape[:-1])
     return GroupedNormFunction.apply(input, weight, bias, row_shape, param_view, param_dims, eps)
 
 
