@@ -91,8 +91,12 @@ __all__ = [
 
 
 def _check_eps(eps):
-    # numbers.Real: NumPy scalars too, as torch and the BN modules take them
-    check_positive_finite("eps", eps)
+    # numbers.Real: NumPy scalars too, as torch and the BN modules take them;
+    # InputError, as for the other bad arguments of a call
+    try:
+        check_positive_finite("eps", eps)
+    except ValueError as error:
+        raise InputError(str(error)) from None
 
 
 def _check_momentum(caller, momentum):
@@ -1137,9 +1141,7 @@ def _batch_renorm_train(input, running_mean, running_var, weight, bias, momentum
     if input.dim() < 2:
         raise InputError(f"batch_renorm expected an input with at least 2 dimensions (N, C, ...), got {input.dim()}D input")
     num_channels = input.shape[1]
-    for name, tensor in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
-        if tensor is not None and tensor.numel() != num_channels:
-            raise InputError(f"{name} should have {num_channels} elements (one per channel), got {tensor.numel()}")
+    _check_channel_params(num_channels, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     check_training_batch(input)
     _check_limit("r_max", r_max, 1.0)
     _check_limit("d_max", d_max, 0.0)

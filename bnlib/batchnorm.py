@@ -118,17 +118,14 @@ class _NormBase(nn.Module):
             f"bias={self.bias is not None}, track_running_stats={self.track_running_stats}"
         )
 
-    def _check_input_dim(self, input):
-        """The number of dims (``allowed_dims``). torch's batch and instance
-        norms call a method of this name, which subclasses override to take
-        other inputs; so does :meth:`_check_input`."""
-        check_input_dims(type(self).__name__, input.shape, self.allowed_dims)
-
     def _check_input(self, input, num_features=None):
         """Raise ``InputError`` for an input the layer does not take; ``num_features``:
         the channel count to expect, if not ``self.num_features`` (a lazy layer's first input)."""
         name = type(self).__name__
-        self._check_input_dim(input)
+        if isinstance(self, _TorchCompatible):  # torch's hook, which a subclass may override
+            self._check_input_dim(input)
+        else:
+            check_input_dims(name, input.shape, self.allowed_dims)
         check_num_channels(name, input.shape, self.num_features if num_features is None else num_features)
         check_floating_dtype(name, input.dtype, input.is_floating_point())
         if self.training:
@@ -237,10 +234,12 @@ _TorchBatchNorm = nn.modules.batchnorm._BatchNorm
 
 
 class _TorchCompatible:
-    """Put before torch's base class, whose ``_check_input_dim`` raises
-    ``NotImplementedError``: ours (:meth:`_NormBase._check_input_dim`) comes first."""
+    """What torch's base class adds that callers may use: ``_check_input_dim``,
+    the dims check, which torch's batch norm calls and subclasses override
+    to take other inputs; :meth:`_NormBase._check_input` calls it too."""
 
-    _check_input_dim = _NormBase._check_input_dim
+    def _check_input_dim(self, input):
+        check_input_dims(type(self).__name__, input.shape, self.allowed_dims)
 
 
 class BatchNorm1d(_TorchCompatible, _BatchNorm, _TorchBatchNorm):
@@ -360,7 +359,7 @@ class _LazyNorm(LazyModuleMixin):
 
 class _LazyBatchNorm(_LazyNorm):
     def _channels_of_first_input(self, input):
-        check_input_dims(type(self).__name__, input.shape, self.allowed_dims)
+        self._check_input_dim(input)  # (before input.shape[1] is read)
         self._check_input(input, num_features=input.shape[1])  # the plain module's checks
         return input.shape[1]
 

@@ -796,10 +796,18 @@ def check_running_pair(name, running_mean, running_var):
 
 
 def _finite_number(value):
-    """A real, finite number (not a bool). Under ``torch.compile`` a float
-    argument may be symbolic, and ``math.isfinite`` of it breaks the graph:
-    only its type is checked there."""
-    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt)):
+    """A momentum torch's batch norm takes (a real number, a bool, or a
+    one-element real tensor) that is not NaN or infinite. Under
+    ``torch.compile`` a float argument may be symbolic, and ``math.isfinite``
+    of it breaks the graph: only its type is checked there; and a tensor's
+    value is read only on the CPU (elsewhere it would wait for the device)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex():
+            return False
+        if torch.compiler.is_compiling() or value.device.type != "cpu":
+            return True
+        value = value.item()
+    if not isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt)):
         return False
     return torch.compiler.is_compiling() or math.isfinite(value)
 

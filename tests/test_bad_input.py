@@ -258,7 +258,6 @@ def test_functional_eps_must_be_positive_in_training(eps):
     assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
 
 
-
 @pytest.mark.parametrize("momentum", [float("nan"), float("inf"), None, "0.1"], ids=repr)
 @pytest.mark.parametrize("call", ["batch_norm", "instance_norm", "batch_renorm"])
 def test_functional_momentum_must_be_a_finite_number_when_estimates_update(call, momentum):
@@ -295,20 +294,37 @@ def test_alternatives_functional_eps_must_be_positive(call, eps):
         "instance_norm": lambda: alt.instance_norm(x, rm, rv, eps=eps),
         "batch_renorm": lambda: alt.batch_renorm(x, rm, rv, training=True, eps=eps),
     }
-    with pytest.raises(ValueError, match="eps must be"):
+    with pytest.raises(bnlib.nn.InputError, match="eps must be"):
         calls[call]()
     assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
 
 
-@pytest.mark.parametrize("call", ["group_norm", "instance_norm"])
+@pytest.mark.parametrize("call", ["group_norm", "instance_norm", "batch_renorm"])
 def test_per_channel_parameters_must_be_vectors(call):
     """A (2, 2) weight for 4 channels: torch refuses it; it used to pass the
     count check and broadcast as 4 values."""
     import bnlib.alternatives as alt
 
-    x = torch.randn(2, 4, 3)
+    x, w = torch.randn(2, 4, 3), torch.ones(2, 2)
+    calls = {
+        "group_norm": lambda: alt.group_norm(x, 2, w),
+        "instance_norm": lambda: alt.instance_norm(x, weight=w),
+        "batch_renorm": lambda: alt.batch_renorm(x, torch.zeros(4), torch.ones(4), w, training=True),
+    }
     with pytest.raises(ValueError, match=r"vector of 4 elements .* got shape \[2, 2\]"):
-        alt.group_norm(x, 2, torch.ones(2, 2)) if call == "group_norm" else alt.instance_norm(x, weight=torch.ones(2, 2))
+        calls[call]()
+
+
+@pytest.mark.parametrize("momentum", [torch.tensor(0.1), True, np.float32(0.1)], ids=repr)
+def test_functional_momentum_takes_what_torch_takes(momentum):
+    """A one-element tensor and a bool are momentum values torch's batch norm
+    takes: so does bnlib's, with the same running estimates."""
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(0))
+    ours, torchs = (torch.zeros(3), torch.ones(3)), (torch.zeros(3), torch.ones(3))
+    BF.batch_norm(x, *ours, training=True, momentum=momentum)
+    torch.nn.functional.batch_norm(x, *torchs, training=True, momentum=momentum)
+    for a, b in zip(ours, torchs):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("dim", [1.0, "0", True], ids=repr)

@@ -172,7 +172,9 @@ def test_conditional_batch_norm_exports_and_checks_its_labels_in_the_graph():
     module = program.module()
     torch.testing.assert_close(module(x, labels), eager(x, labels), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(module.norm.running_var, eager.norm.running_var, rtol=1e-6, atol=1e-6)
+    before = [b.clone() for b in module.buffers()]
     with pytest.raises(RuntimeError, match=r"labels in \[0, 3\)"):
         module(x, torch.tensor([0, 1, 2, 0, 1, 3]))
+    assert all(torch.equal(a, b) for a, b in zip(module.buffers(), before))  # nothing written back
     compiled = torch.compile(bnn.ConditionalBatchNorm2d(4, 3), backend="eager", fullgraph=True)
     assert compiled(x, labels).shape == x.shape

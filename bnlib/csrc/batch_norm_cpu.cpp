@@ -830,7 +830,8 @@ inline int64_t grouped_backward_tasks(const Rows& L, bool param_grads) {
 
 // At most this many rows in one task sum the parameter gradients in T,
 // straight into the outputs (as torch's float32 layer norm does); more rows
-// sum them in double. A few long rows (a layer norm over a whole (C, H, W)
+// sum them in double (layer norm's per-element ones first in T over
+// kStageRows rows). A few long rows (a layer norm over a whole (C, H, W)
 // sample) then need no buffer of 16 P bytes, whose fresh pages cost more
 // than the pass itself.
 constexpr int64_t kFewRows = 8;
@@ -1036,10 +1037,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_norm_backward(
 //   backward: read x, dy (sums), then x, dy, write dx = 3 |x| from memory
 // The forward sums each channel's values as d = x - shift, the shift the
 // mean of the channel's first positions (a 64th of the sample, at least one
-// block), in one pass, and merges the channels into their group with
-// Chan's formula; the output and the backward use grouped_forward /
-// grouped_backward's formulas and roundings. Only the order of the sums
-// differs from those loops'.
+// block), in one pass (a second one for the channels whose shift proves over
+// a standard deviation off), and merges the channels into their group with
+// Chan's formula. The output is (x - mean) * (invstd * w) + b, within a
+// rounding of grouped_forward's; the backward uses grouped_backward's
+// formulas and roundings, only the order of the sums differing.
 
 struct Samples {
   int64_t N, S, C, G;  // samples, positions per sample, channels, groups
