@@ -686,12 +686,21 @@ class BatchNormEvalFunction(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None, None, None
 
 
-def _check_per_channel(name, tensor, num_channels):
-    if tensor is not None and tensor.numel() != num_channels:
+def _check_per_channel(name, tensor, input):
+    """``tensor`` (if given) holds one value per channel of ``input`` and is on
+    its device: the C++ kernels' ops dispatch on every argument, and a meta
+    weight beside a CPU input ran the fake kernel, which returns
+    uninitialized memory (torch raises)."""
+    if tensor is None:
+        return
+    if tensor.numel() != input.shape[1]:
         raise InputError(
-            f"{name} should have {num_channels} elements (one per channel of the input), "
+            f"{name} should have {input.shape[1]} elements (one per channel of the input), "
             f"got {tensor.numel()}"
         )
+    if tensor.device != input.device:
+        raise InputError(f"Expected all tensors to be on the same device, but got the input on {input.device} "
+                         f"and {name} on {tensor.device}")
 
 
 @buffer_update
@@ -856,7 +865,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     num_channels = input.shape[1]
     check_floating_dtype("batch_norm", input.dtype, input.is_floating_point())
     for name, tensor in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
-        _check_per_channel(name, tensor, num_channels)
+        _check_per_channel(name, tensor, input)
     if training:
         check_training_args(running_mean, running_var, momentum, eps)
         check_training_batch(input)

@@ -523,3 +523,35 @@ def test_a_call_failing_after_the_checks_counts_no_batch(make, momentum, failure
         module.weight = original
     module(x)
     assert int(module.num_batches_tracked) == 2
+
+
+@pytest.mark.parametrize("call", ["batch_norm", "batch_norm eval", "layer_norm", "group_norm", "rms_norm"])
+def test_a_parameter_on_another_device_is_refused(call):
+    """A meta weight beside a CPU input: the C++ ops dispatch on every
+    argument, so their fake (meta) kernel ran and returned uninitialized
+    memory, silently; torch raises. Now an InputError, nothing updated."""
+    import bnlib.alternatives as alt
+
+    x, meta = torch.randn(2, 4, 5), torch.ones(4, device="meta")
+    rm, rv = torch.zeros(4), torch.ones(4)
+    calls = {
+        "batch_norm": lambda: BF.batch_norm(x, rm, rv, meta, training=True),
+        "batch_norm eval": lambda: BF.batch_norm(x, meta, rv, training=False),
+        "layer_norm": lambda: alt.layer_norm(x, (5,), torch.ones(5, device="meta")),
+        "group_norm": lambda: alt.group_norm(x, 2, meta),
+        "rms_norm": lambda: alt.rms_norm(x, (5,), torch.ones(5, device="meta")),
+    }
+    with pytest.raises(bnlib.nn.InputError, match="same device"):
+        calls[call]()
+    assert torch.equal(rm, torch.zeros(4)) and torch.equal(rv, torch.ones(4))
+
+
+def test_layers_without_a_weight_ignore_the_default_device():
+    """The ones that stand for a missing weight are made on the input's
+    device, not the default one (a meta default gave garbage)."""
+    import bnlib.alternatives as alt
+
+    x = torch.randn(2, 4, 5, generator=torch.Generator().manual_seed(0))
+    with torch.device("meta"):
+        y = alt.group_norm(x, 2)
+    torch.testing.assert_close(y, torch.nn.functional.group_norm(x, 2))
