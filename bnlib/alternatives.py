@@ -117,16 +117,6 @@ def _check_channel_params(num_channels, **tensors):
                              f"got shape {list(tensor.shape)}")
 
 
-def _check_same_device(input, **tensors):
-    """The parameters given must be on the input's device, on both CPU paths
-    (torch raises a RuntimeError on the tensor ops; the C++ ops would
-    dispatch on a meta weight and return uninitialized memory)."""
-    for name, tensor in tensors.items():
-        if tensor is not None and tensor.device != input.device:
-            raise InputError(f"Expected all tensors to be on the same device, but got the input on {input.device} "
-                             f"and {name} on {tensor.device}")
-
-
 def _check_positive_int(name, value):
     if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -329,9 +319,6 @@ def _param_values(param, params, input):
     values of the input's dtype (ones for a layer without a weight)."""
     if param is None:
         return torch.ones(params, dtype=input.dtype, device=input.device)  # (not the default device)
-    if param.device != input.device:  # the op would dispatch on it: a meta weight ran the fake kernel
-        raise InputError(f"Expected all tensors to be on the same device, but got the input on {input.device} "
-                         f"and a parameter on {param.device}")
     return param.detach().to(input.dtype).reshape(-1).contiguous()
 
 
@@ -470,7 +457,7 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
             return layer_norm(cast[0], normalized_shape, cast[1], cast[2], eps)
     k = len(normalized_shape)
     _check_trailing_params("layer_norm", normalized_shape, weight=weight, bias=bias)
-    _check_same_device(input, weight=weight, bias=bias)
+    bnF.check_same_device(input, weight=weight, bias=bias)
     _check_eps(eps)
     lead = tuple(input.shape[: input.dim() - k])
     row_shape = lead + (math.prod(normalized_shape),)
@@ -509,7 +496,7 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
             f"but got input of shape {list(input.shape)} and num_groups={num_groups}"
         )
     _check_channel_params(num_channels, weight=weight, bias=bias)
-    _check_same_device(input, weight=weight, bias=bias)
+    bnF.check_same_device(input, weight=weight, bias=bias)
     _check_eps(eps)
     _check_group_size(input, num_groups)
     m = num_channels // num_groups * math.prod(input.shape[2:])
@@ -614,7 +601,7 @@ def rms_norm(input, normalized_shape, weight=None, eps=None):
         with torch.autocast(input.device.type, enabled=False):
             return rms_norm(cast[0], normalized_shape, cast[1], eps)
     _check_trailing_params("rms_norm", normalized_shape, weight=weight)
-    _check_same_device(input, weight=weight)
+    bnF.check_same_device(input, weight=weight)
     eps = _rms_norm_eps(eps, input.dtype)
     _check_eps(eps)
     k = len(normalized_shape)
@@ -750,7 +737,7 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     check_floating_dtype("instance_norm", input.dtype, input.is_floating_point())
     bnF.check_running_pair("instance_norm", running_mean, running_var)
     _check_channel_params(num_channels, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
-    _check_same_device(input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
+    bnF.check_same_device(input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     _check_eps(eps)
     if use_input_stats and running_mean is not None:
         _check_momentum("instance_norm", momentum)

@@ -686,11 +686,19 @@ class BatchNormEvalFunction(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None, None, None
 
 
+def check_same_device(input, **tensors):
+    """The tensors given (by name) must be on ``input``'s device. The C++
+    kernels' ops dispatch on every argument: a meta weight beside a CPU
+    input ran their fake kernel, which returns uninitialized memory, where
+    torch raises."""
+    for name, tensor in tensors.items():
+        if tensor is not None and tensor.device != input.device:
+            raise InputError(f"Expected all tensors to be on the same device, but got the input on {input.device} "
+                             f"and {name} on {tensor.device}")
+
+
 def _check_per_channel(name, tensor, input):
-    """``tensor`` (if given) holds one value per channel of ``input`` and is on
-    its device: the C++ kernels' ops dispatch on every argument, and a meta
-    weight beside a CPU input ran the fake kernel, which returns
-    uninitialized memory (torch raises)."""
+    """``tensor`` (if given) holds one value per channel of ``input``, on its device."""
     if tensor is None:
         return
     if tensor.numel() != input.shape[1]:
@@ -698,9 +706,7 @@ def _check_per_channel(name, tensor, input):
             f"{name} should have {input.shape[1]} elements (one per channel of the input), "
             f"got {tensor.numel()}"
         )
-    if tensor.device != input.device:
-        raise InputError(f"Expected all tensors to be on the same device, but got the input on {input.device} "
-                         f"and {name} on {tensor.device}")
+    check_same_device(input, **{name: tensor})
 
 
 @buffer_update
