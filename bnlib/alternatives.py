@@ -99,15 +99,6 @@ def _check_eps(eps):
         raise InputError(str(error)) from None
 
 
-def _check_momentum(caller, momentum):
-    """The functional forms' ``momentum``, where running estimates are
-    updated: a finite number (``None``, the modules' cumulative average,
-    they turn into ``1 / num_batches_tracked``; NaN would make the estimates NaN)."""
-    if not bnF._finite_number(momentum):
-        raise InputError(f"{caller} updating running estimates expected a finite number for momentum, got "
-                         f"{momentum!r} (the modules turn momentum=None into 1 / num_batches_tracked)")
-
-
 def _check_channel_params(num_channels, **tensors):
     """Per-channel tensors (those given) must be vectors of ``num_channels``
     values: torch refuses a (2, 2) weight for 4 channels too."""
@@ -740,7 +731,7 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     bnF.check_same_device(input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     _check_eps(eps)
     if use_input_stats and running_mean is not None:
-        _check_momentum("instance_norm", momentum)
+        bnF.check_momentum("instance_norm", momentum)
     if not use_input_stats:
         if running_mean is None or running_var is None:
             raise InputError("instance_norm with use_input_stats=False needs running_mean and running_var")
@@ -1172,7 +1163,7 @@ def batch_renorm(input, running_mean, running_var, weight=None, bias=None, train
         raise InputError("batch_renorm needs running_mean and running_var (r and d are measured against them)")
     _check_eps(eps)
     if training:
-        _check_momentum("batch_renorm", momentum)
+        bnF.check_momentum("batch_renorm", momentum)
     if not training:
         return bnF.batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
     y, _, _ = _batch_renorm_train(input, running_mean, running_var, weight, bias, momentum, eps, r_max, d_max)

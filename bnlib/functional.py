@@ -827,6 +827,16 @@ def _finite_number(value):
     return torch.compiler.is_compiling() or math.isfinite(value)
 
 
+def check_momentum(caller, momentum):
+    """A ``momentum`` with which running estimates are updated: what
+    :func:`_finite_number` takes (``None``, the modules' cumulative average,
+    is theirs to turn into ``1 / num_batches_tracked``; NaN would make the
+    estimates NaN)."""
+    if not _finite_number(momentum):
+        raise InputError(f"{caller} updating running estimates expected a finite number for momentum, got "
+                         f"{momentum!r} (the modules turn momentum=None into 1 / num_batches_tracked)")
+
+
 def check_training_args(running_mean, running_var, momentum, eps):
     """What torch's batch norm refuses in training mode, before any state
     changes: one running estimate without the other, ``momentum=None`` (the
@@ -835,9 +845,8 @@ def check_training_args(running_mean, running_var, momentum, eps):
     channel is 0); and, stricter than torch, a NaN or infinite ``momentum``
     with running estimates (it would make them NaN)."""
     check_running_pair("batch_norm", running_mean, running_var)
-    if running_mean is not None and not _finite_number(momentum):
-        raise InputError("batch_norm in training mode with running estimates expected a finite number for "
-                         f"momentum, got {momentum!r} (the modules turn momentum=None into 1 / num_batches_tracked)")
+    if running_mean is not None:
+        check_momentum("batch_norm", momentum)
     if not eps > 0:
         raise InputError(f"batch_norm expected eps > 0 in training (the variance of a constant channel is 0), got {eps}")
 
