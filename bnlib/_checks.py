@@ -94,14 +94,6 @@ def check_batch_size(shape, size_text=None):
         raise InputError(f"Expected more than 1 value per channel when training, got input size {shown}")
 
 
-def check_training_batch(input):
-    """:func:`check_batch_size` for a tensor, its size printed as torch prints
-    it. The text is built only when the check fails: under ``torch.compile``
-    with dynamic shapes, printing a symbolic size breaks the graph."""
-    if values_per_channel(input.shape) == 1:
-        check_batch_size(input.shape, str(input.size()))
-
-
 def check_positive_finite(name, value):
     """``value`` is a real number (Python or NumPy, not a bool) with ``0 < value < inf``,
     or a ``ValueError`` naming ``name``: an ``eps``, a clipping threshold, a gain."""

@@ -58,7 +58,6 @@ from bnlib._checks import (
     check_norm_args,
     check_num_channels,
     check_positive_finite,
-    check_training_batch,
     values_per_channel,
 )
 
@@ -1137,7 +1136,7 @@ def _batch_renorm_train(input, running_mean, running_var, weight, bias, momentum
         raise InputError(f"batch_renorm expected an input with at least 2 dimensions (N, C, ...), got {input.dim()}D input")
     num_channels = input.shape[1]
     _check_channel_params(num_channels, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
-    check_training_batch(input)
+    bnF.check_training_batch(input)
     _check_limit("r_max", r_max, 1.0)
     _check_limit("d_max", d_max, 0.0)
     if bnF.under_func_transform():  # the formula, r and d constants (see bnF.under_func_transform)
@@ -1274,7 +1273,7 @@ class _BatchRenorm(_NormBase):
         check_floating_dtype(name, input.dtype, input.is_floating_point())
         if not self.training:
             return bnF.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
-        check_training_batch(input)
+        bnF.check_training_batch(input)
         r_max, d_max = self.current_limits()  # may raise: still before any state changes
         factor = self._count_batch()
         version = _version(self.running_mean)

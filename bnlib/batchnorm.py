@@ -40,7 +40,6 @@ from bnlib._checks import (
     check_input_dims,
     check_norm_args,
     check_num_channels,
-    check_training_batch,
 )
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d"]
@@ -129,7 +128,7 @@ class _NormBase(nn.Module):
         check_num_channels(name, input.shape, self.num_features if num_features is None else num_features)
         check_floating_dtype(name, input.dtype, input.is_floating_point())
         if self.training:
-            check_training_batch(input)
+            bnF.check_training_batch(input)
 
     def _count_batch(self):
         """Count one training batch; return the running update's factor.

@@ -45,7 +45,7 @@ import warnings
 
 import torch
 
-from bnlib._checks import InputError, check_floating_dtype, check_training_batch, values_per_channel
+from bnlib._checks import InputError, check_batch_size, check_floating_dtype, values_per_channel
 
 __all__ = ["batch_norm", "batch_norm_train", "cpu_backend", "get_cpu_backend", "set_cpu_backend"]
 
@@ -695,6 +695,22 @@ def check_same_device(input, **tensors):
         if tensor is not None and tensor.device != input.device:
             raise InputError(f"Expected all tensors to be on the same device, but got the input on {input.device} "
                              f"and {name} on {tensor.device}")
+
+
+def check_training_batch(input):
+    """Training needs more than one value per channel
+    (:func:`bnlib._checks.check_batch_size`), the size printed as torch
+    prints it. The text is built only when the check fails: under
+    ``torch.compile`` with dynamic shapes, printing a symbolic size breaks
+    the graph. ``torch.export`` assumes every dynamic size is at least 2, so
+    the test above is settled at export time and the program would take a
+    batch of one and divide by ``m - 1 = 0``: an op of the graph checks it
+    instead, at run time."""
+    m = values_per_channel(input.shape)
+    if _is_exporting():
+        torch._assert_async(torch.scalar_tensor(m) > 1, "Expected more than 1 value per channel when training")
+    elif m == 1:
+        check_batch_size(input.shape, str(input.size()))
 
 
 def _check_per_channel(name, tensor, input):

@@ -110,10 +110,9 @@ import torch
 import torch.distributed as dist
 
 from bnlib import batchnorm as bnn
-from bnlib._checks import (InputError, check_floating_dtype, check_num_channels, check_training_batch,
-                           values_per_channel)
+from bnlib._checks import InputError, check_floating_dtype, check_num_channels, values_per_channel
 from bnlib.functional import (_compute_dtype, _cpu_kernels, _dense, _dense_like, _eps_in, _per_channel,
-                              _per_channel_arg, _stat_dims, under_func_transform)
+                              _per_channel_arg, _stat_dims, check_training_batch, under_func_transform)
 # The running-estimate update of every bnlib module, under this module's old name.
 from bnlib.functional import buffer_update
 from bnlib.functional import update_running_estimates as update_running_stats

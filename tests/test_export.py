@@ -106,6 +106,22 @@ def test_export_with_a_dynamic_batch(name):
     torch.testing.assert_close(program.module()(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("make", [lambda: bnn.BatchNorm1d(3), lambda: bnn.BatchRenorm1d(3)], ids=["bn", "renorm"])
+def test_an_exported_training_program_refuses_one_value_per_channel(make):
+    """Export takes a dynamic size to be at least 2, so the eager check is
+    settled while tracing; the program checks the batch itself (it divided
+    by ``m - 1 = 0``), before any buffer changes."""
+    model = make().train()
+    program = torch.export.export(model, (torch.randn(4, 3),), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    exported = program.module()
+    before = {name: b.clone() for name, b in exported.named_buffers()}
+    with pytest.raises(RuntimeError, match="Expected more than 1 value per channel when training"):
+        exported(torch.randn(1, 3))
+    for name, b in exported.named_buffers():
+        torch.testing.assert_close(b, before[name], rtol=0, atol=0)
+    assert exported(torch.randn(5, 3)).shape == (5, 3)
+
+
 def test_an_exported_program_loads_without_bnlib(tmp_path):
     """Only torch's ops: the saved program loads in a process that has not
     imported bnlib (it named ``bnlib_cpu`` ops, unregistered there)."""
