@@ -634,6 +634,17 @@ def _eval_kernel(input, weight, bias, running_mean, running_var, eps):
     return y, mean, invstd
 
 
+def _mean_for_backward(ctx, mean, weight):
+    """The running mean as the eval-mode forward used it, for ``dgamma``
+    (nothing else in the backward needs it): a copy, since ``mean`` may be
+    the buffer itself, which a train-mode call of the same layer before
+    this backward (a teacher branch in eval mode, a student in training)
+    updates in place. torch's own op then computes ``dgamma`` from the
+    updated buffer; this is the gradient of the map the forward applied,
+    as the Triton path computes it."""
+    return mean.clone() if weight is not None and ctx.needs_input_grad[1] else None
+
+
 class BatchNormEvalFunction(torch.autograd.Function):
     """Eval mode: the running estimates are constants, so y is affine in x.
 
@@ -648,7 +659,7 @@ class BatchNormEvalFunction(torch.autograd.Function):
         ctx.has_bias = bias is not None
         if _cpu_kernels(input) is not None:
             y, mean, invstd = _eval_kernel(input, weight, bias, running_mean, running_var, eps)
-            ctx.save_for_backward(input, mean, invstd, weight)
+            ctx.save_for_backward(input, _mean_for_backward(ctx, mean, weight), invstd, weight)
             return y
         dtype = _compute_dtype(input.dtype)
         x = input.to(dtype)
@@ -659,7 +670,7 @@ class BatchNormEvalFunction(torch.autograd.Function):
         if bias is not None:
             shift = shift + bias.to(dtype)
         y = _fma(shift, x, scale)
-        ctx.save_for_backward(input, mean, invstd, weight)
+        ctx.save_for_backward(input, _mean_for_backward(ctx, mean, weight), invstd, weight)
         return y.to(input.dtype)
 
     @staticmethod

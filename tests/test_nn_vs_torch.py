@@ -156,6 +156,30 @@ def test_eval_without_running_stats_uses_batch_stats(d):
     torch.testing.assert_close(z.mean(dims), torch.zeros(3, dtype=dtype), atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_eval_output_backpropagates_after_a_training_step_of_the_same_layer(dtype):
+    """A teacher branch in eval mode, a student branch in training, one
+    backward: the training call updates the running estimates in place,
+    which the eval call's backward must not depend on (it raised "modified
+    by an inplace operation"). Its gradients are those of the map the eval
+    call applied, the running estimates of that moment. (torch's own op
+    reads the updated buffers instead, so its dgamma differs here.)"""
+    layer = bnlib.nn.BatchNorm2d(4, dtype=dtype)
+    set_affine(layer, *random_affine(4, dtype, seed=1))
+    layer.running_mean.normal_()
+    layer.running_var.uniform_(0.5, 2.0)
+    frozen = copy.deepcopy(layer).eval()
+    x = random_input((3, 4, 2, 2), dtype, seed=2).requires_grad_()
+    y = layer.eval()(x)
+    layer.train()(random_input((3, 4, 2, 2), dtype, seed=3) * 3 + 1)
+    y.sum().backward()
+    expected_x = x.detach().clone().requires_grad_()
+    frozen(expected_x).sum().backward()
+    for got, want in [(x.grad, expected_x.grad), (layer.weight.grad, frozen.weight.grad),
+                      (layer.bias.grad, frozen.bias.grad)]:
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_training_under_no_grad_updates_stats():
     """torch.no_grad() in train mode still normalizes with batch stats and updates buffers."""
     dtype = torch.float32
