@@ -247,3 +247,22 @@ def test_fold_takes_batch_renorm_whose_eval_mode_is_bns():
     x = torch.randn(6, 5, generator=g, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(fold_bn(layer, renorm)(x), renorm(layer(x)), **TOL[torch.float64])
+
+
+def test_torch_ao_fuse_modules_with_the_readme_s_mapping():
+    """torch's quantization fuser looks bnlib's layer up by exact type; the
+    mapping the README gives makes it fuse conv, BN and ReLU."""
+    from torch.ao.quantization import fuse_modules
+    from torch.ao.quantization.fuser_method_mappings import fuse_conv_bn_relu
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), bnlib.nn.BatchNorm2d(4), torch.nn.ReLU()).eval()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 8, 8)
+    expected = model(x)
+    mapping = {(torch.nn.Conv2d, bnlib.nn.BatchNorm2d, torch.nn.ReLU): fuse_conv_bn_relu}
+    fused = fuse_modules(model, [["0", "1", "2"]],
+                         fuse_custom_config_dict={"additional_fuser_method_mapping": mapping})
+    assert isinstance(fused[1], torch.nn.Identity)
+    torch.testing.assert_close(fused(x), expected, rtol=1e-5, atol=1e-5)
