@@ -205,20 +205,25 @@ def layer_curves(
     logy: bool = False,
     band: bool = True,
     marker: str = "o",
+    colors: Mapping[str, str] | None = None,
 ):
     """Plot one line per condition: ``series[label]`` has shape ``(n_seeds, n_layers)`` or ``(n_layers,)``.
 
     The line is the mean over seeds (the geometric mean when ``logy``, the
     right average for quantities that vary by orders of magnitude), the shaded
     band runs from the smallest to the largest seed. ``x`` defaults to
-    ``1, ..., n_layers``. Returns ``ax``.
+    ``1, ..., n_layers``. ``colors`` maps a label to its colour, so that a
+    condition keeps one colour across panels (a label it lacks, and every
+    label by default, gets ``C0``, ``C1``, ... in the order of ``series``).
+    Returns ``ax``.
     """
     for i, (label, values) in enumerate(series.items()):
         mean, lo, hi = _summary(values, logy)
         xs = np.arange(1, mean.size + 1) if x is None else np.asarray(x)
-        ax.plot(xs, mean, marker=marker, ms=4, color=f"C{i}", label=label)
+        color = (colors or {}).get(label, f"C{i}")
+        ax.plot(xs, mean, marker=marker, ms=4, color=color, label=label)
         if band and np.atleast_2d(values).shape[0] > 1:
-            ax.fill_between(xs, lo, hi, color=f"C{i}", alpha=0.2, lw=0)
+            ax.fill_between(xs, lo, hi, color=color, alpha=0.2, lw=0)
     if logy:
         ax.set_yscale("log")
     return ax

@@ -99,6 +99,14 @@ def test_layer_curves_geometric_mean_and_band():
     plt.close(fig)
 
 
+def test_layer_curves_keeps_a_label_s_colour():
+    fig, ax = plt.subplots()
+    values = np.array([[1.0, 2.0], [3.0, 4.0]])
+    plotting.layer_curves(ax, {"a": values, "b": values}, colors={"b": "tab:red"})
+    assert [line.get_color() for line in ax.lines] == ["C0", "tab:red"]
+    plt.close(fig)
+
+
 def test_layer_table():
     table = plotting.layer_table(
         {"no BN": np.array([[0.1, 0.3], [0.3, 0.5]]), "BN": np.array([0.0, 0.25])}, fmt="{:.2f}"
