@@ -37,6 +37,7 @@ from bnlib._checks import (
     check_labels,
     check_norm_args,
     check_num_channels,
+    check_positive_finite,
     check_real_array,
     values_per_channel,
 )
@@ -53,6 +54,17 @@ def _stat_axes(x):
 def _per_channel(v, ndim):
     """Reshape a per-channel vector (C,) to (1, C, 1, ...) so it broadcasts."""
     return np.reshape(v, (1, -1) + (1,) * (ndim - 2))
+
+
+def gradient_array(caller, dy, dtype, expected_shape):
+    """``dy`` as an array of ``dtype``: real numbers in the shape of the
+    forward's input, or an ``InputError`` naming ``caller``. (Cast straight
+    to float, a complex ``dy`` would lose its imaginary part with only a
+    warning, and a boolean one pass as 0 and 1.)"""
+    dy = np.asarray(dy)
+    check_real_array(caller, dy.dtype)
+    check_dy_shape(caller, dy.shape, expected_shape)
+    return dy.astype(dtype, copy=False)
 
 
 def _compute_dtype(x):
@@ -86,10 +98,12 @@ def batchnorm_forward(x, gamma, beta, eps=1e-5):
         and the :class:`BatchNormCache` for :func:`batchnorm_backward`.
         ``cache.mu`` and ``cache.var`` are the batch statistics (biased var).
     """
+    check_positive_finite("eps", eps)
     x = np.asarray(x)
     check_real_array("batchnorm_forward", x.dtype)
     if x.ndim < 2:
         raise InputError(f"batchnorm_forward expected an input with at least 2 dimensions (N, C, ...), got shape {x.shape}")
+    check_batch_size(x.shape)
     for name, param in (("gamma", gamma), ("beta", beta)):
         if param is not None and np.shape(param) != (x.shape[1],):
             raise InputError(f"{name} should have shape ({x.shape[1]},), one value per channel, got {np.shape(param)}")
@@ -102,7 +116,7 @@ def batchnorm_forward(x, gamma, beta, eps=1e-5):
         # running estimates (see BatchNorm._update_running_stats).
         mu = np.full(num_channels, np.nan, dtype)
         var = np.full(num_channels, np.nan, dtype)
-        gamma_vec = np.ones(num_channels, dtype) if gamma is None else np.asarray(gamma, dtype)
+        gamma_vec = np.ones(num_channels, dtype) if gamma is None else np.array(gamma, dtype)
         cache = BatchNormCache(x.copy(), gamma_vec, np.full(num_channels, np.nan, dtype),
                                gamma is not None, beta is not None, mu, var)
         return x.copy(), cache
@@ -119,7 +133,8 @@ def batchnorm_forward(x, gamma, beta, eps=1e-5):
     invstd = 1.0 / np.sqrt(var + eps)
     x_hat = x_centered * _per_channel(invstd, x.ndim)
 
-    gamma_vec = np.ones(num_channels, dtype) if gamma is None else np.asarray(gamma, dtype)
+    # a copy: the backward must not see a later in-place change of gamma
+    gamma_vec = np.ones(num_channels, dtype) if gamma is None else np.array(gamma, dtype)
     y = x_hat * _per_channel(gamma_vec, x.ndim)
     if beta is not None:
         y = y + _per_channel(np.asarray(beta, dtype), x.ndim)
@@ -145,8 +160,7 @@ def batchnorm_backward(dy, cache):
 
     ``dgamma`` / ``dbeta`` are ``None`` when the forward had no gamma / beta.
     """
-    dy = np.asarray(dy, dtype=cache.x_hat.dtype)
-    check_dy_shape("batchnorm_backward", dy.shape, cache.x_hat.shape)
+    dy = gradient_array("batchnorm_backward", dy, cache.x_hat.dtype, cache.x_hat.shape)
     x_hat = cache.x_hat
     ndim = x_hat.ndim
     axes = _stat_axes(x_hat)
@@ -202,6 +216,8 @@ class BatchNorm:
         self._cache = None
 
     def train(self, mode=True):
+        if not isinstance(mode, (bool, np.bool_)):  # bool("False") is True
+            raise ValueError(f"training mode is expected to be boolean, got {mode!r}")
         self.training = bool(mode)
         return self
 
@@ -212,7 +228,7 @@ class BatchNorm:
         check_real_array(type(self).__name__, x.dtype)
         check_input_dims(type(self).__name__, x.shape, (2, 3, 4, 5))
         check_num_channels(type(self).__name__, x.shape, self.num_features)
-        if self.training:
+        if self.training or not self.track_running_stats:  # batch statistics
             check_batch_size(x.shape)
 
     def forward(self, x):
@@ -245,12 +261,15 @@ class BatchNorm:
         """Eval mode: ``x_hat = (x - running_mean) / sqrt(running_var + eps)``."""
         dtype = _compute_dtype(x)
         x = x.astype(dtype, copy=False)
-        invstd = 1.0 / np.sqrt(self.running_var + self.eps)
-        x_hat = (x - _per_channel(self.running_mean, x.ndim)) * _per_channel(invstd, x.ndim)
-        gamma = np.ones(self.num_features, dtype) if self.gamma is None else self.gamma
+        # (in the input's precision, as training: the float64 estimates would
+        # make the output and gradients of a float32 input float64)
+        invstd = (1.0 / np.sqrt(self.running_var + self.eps)).astype(dtype)
+        x_hat = (x - _per_channel(self.running_mean.astype(dtype), x.ndim)) * _per_channel(invstd, x.ndim)
+        # a copy, as in training: the backward must not see a later in-place change
+        gamma = np.ones(self.num_features, dtype) if self.gamma is None else np.array(self.gamma, dtype)
         y = x_hat * _per_channel(gamma, x.ndim)
         if self.beta is not None:
-            y = y + _per_channel(self.beta, x.ndim)
+            y = y + _per_channel(np.asarray(self.beta, dtype), x.ndim)
         cache = BatchNormCache(x_hat, gamma, invstd, self.gamma is not None, self.beta is not None, eval_mode=True)
         return y.astype(dtype, copy=False), cache
 
@@ -261,8 +280,7 @@ class BatchNorm:
         cache = self._cache
         if cache.eval_mode:
             # The statistics are constants: y is an affine map of x.
-            dy = np.asarray(dy, dtype=cache.x_hat.dtype)
-            check_dy_shape("BatchNorm.backward", dy.shape, cache.x_hat.shape)
+            dy = gradient_array("BatchNorm.backward", dy, cache.x_hat.dtype, cache.x_hat.shape)
             axes = _stat_axes(cache.x_hat)
             dx = dy * _per_channel(cache.gamma * cache.invstd, dy.ndim)
             dgamma = (dy * cache.x_hat).sum(axis=axes) if cache.has_gamma else None
@@ -345,8 +363,7 @@ def conditional_batchnorm_backward(dy, cache):
     statistics every sample's gradient still reaches every other's.
     """
     x_hat = cache.bn_cache.x_hat
-    dy = np.asarray(dy, dtype=x_hat.dtype)
-    check_dy_shape("conditional_batchnorm_backward", dy.shape, x_hat.shape)
+    dy = gradient_array("conditional_batchnorm_backward", dy, x_hat.dtype, x_hat.shape)
     spatial = tuple(range(2, dy.ndim))
     dgamma = np.zeros_like(cache.gamma)
     dbeta = np.zeros_like(cache.gamma)

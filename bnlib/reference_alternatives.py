@@ -58,7 +58,8 @@ from numbers import Real
 
 import numpy as np
 
-from bnlib._checks import check_dy_shape, check_positive_finite, check_real_array
+from bnlib._checks import InputError, check_batch_size, check_positive_finite, check_real_array
+from bnlib.reference import gradient_array
 
 __all__ = [
     "NormCache",
@@ -93,10 +94,13 @@ def _as_compute(x):
 
 
 def _param(name, value, shape, dtype):
-    """``gamma``/``beta`` as an array of ``shape``, or ``None``; ValueError on a wrong shape."""
+    """``gamma``/``beta`` as an array of ``shape``, or ``None``; ValueError on a wrong shape.
+
+    A copy, never the caller's array: the cache keeps it for the backward,
+    which must not see a later in-place change (``gamma *= 2``)."""
     if value is None:
         return None
-    value = np.asarray(value, dtype=dtype)
+    value = np.array(value, dtype=dtype)
     if value.shape != tuple(shape):
         raise ValueError(f"{name} should have shape {tuple(shape)}, got {value.shape}")
     return value
@@ -169,8 +173,7 @@ def _grouped_forward(x, gamma, beta, eps, row_shape, param_view, param_axes, par
 
 
 def _grouped_backward(dy, cache, caller):
-    dy = np.asarray(dy, dtype=cache.x_hat.dtype)
-    check_dy_shape(caller, dy.shape, cache.x_hat.shape)
+    dy = gradient_array(caller, dy, cache.x_hat.dtype, cache.x_hat.shape)
     dx_hat = dy if cache.gamma is None else dy * cache.gamma
     dx_rows = _rows_backward(dx_hat.reshape(cache.row_shape), cache.x_hat.reshape(cache.row_shape), cache.invstd)
     dx = dx_rows.reshape(cache.x_hat.shape)
@@ -219,6 +222,27 @@ def _trailing_shape(x, gamma, normalized_shape):
     return normalized_shape
 
 
+def _list_read_as_gamma(x, values, normalized_shape):
+    """Whether a list of ints in second place is this module's ``gamma``
+    rather than torch's ``normalized_shape``: when ``normalized_shape`` comes
+    by keyword, or when only the gamma reading fits ``x`` (as a gamma, its
+    normalized shape is ``(len(values),)``). Where both fit, as ``[2, 2]``
+    does for an ``(N, 2, 2)`` input, the two readings give different layers:
+    a ``ValueError`` asks which."""
+    if not isinstance(values, list):
+        return False
+    if normalized_shape is not None:
+        return True
+    shape, k = np.shape(x), len(values)
+    fits_as_shape = 0 < k <= len(shape) and tuple(shape[len(shape) - k:]) == tuple(values)
+    fits_as_gamma = len(shape) >= 1 and shape[-1] == k
+    if fits_as_shape and fits_as_gamma and k > 1:
+        raise ValueError(f"layernorm_forward: {values!r} in second place fits the input of shape {tuple(shape)} both "
+                         "as torch's normalized_shape and as gamma; pass normalized_shape= by keyword, or gamma "
+                         "as an array")
+    return fits_as_gamma and not fits_as_shape
+
+
 def layernorm_forward(x, gamma=None, beta=None, *more, eps=None, normalized_shape=None):
     r"""Layer norm: each sample normalized over its trailing ``normalized_shape`` axes.
 
@@ -244,7 +268,7 @@ def layernorm_forward(x, gamma=None, beta=None, *more, eps=None, normalized_shap
     """
     if len(more) > 2:
         raise TypeError(f"layernorm_forward takes at most 5 positional arguments, got {3 + len(more)}")
-    if _is_shape(gamma):
+    if _is_shape(gamma) and not _list_read_as_gamma(x, gamma, normalized_shape):
         # torch.nn.functional.layer_norm's order (x, normalized_shape, weight, bias, eps)
         if normalized_shape is not None:
             raise ValueError("layernorm_forward got normalized_shape twice: in torch's place "
@@ -318,6 +342,9 @@ def groupnorm_forward(x, gamma=None, beta=None, num_groups=None, eps=1e-5):
         raise ValueError(f"num_groups must be an integer >= 1, got {num_groups!r}")
     if num_channels % num_groups != 0:
         raise ValueError(f"num_channels ({num_channels}) must be divisible by num_groups ({num_groups})")
+    # torch's check, word for word: F.group_norm refuses a batch whose
+    # (N * C / G, G, *spatial) "channels" hold one value each
+    check_batch_size((x.shape[0] * num_channels // num_groups, num_groups) + x.shape[2:], str(list(x.shape)))
     gamma = _param("gamma", gamma, (num_channels,), x.dtype)
     beta = _param("beta", beta, (num_channels,), x.dtype)
     m = (num_channels // num_groups) * prod(x.shape[2:])
@@ -349,6 +376,8 @@ def instancenorm_forward(x, gamma=None, beta=None, eps=1e-5):
     """
     x = _as_compute(x)
     _check_channels_first("instancenorm_forward", x, min_ndim=3)
+    if prod(x.shape[2:]) == 1:  # torch's check: each (sample, channel) would hold one value
+        raise InputError(f"Expected more than 1 spatial element when training, got input size {list(x.shape)}")
     return groupnorm_forward(x, gamma, beta, num_groups=x.shape[1], eps=eps)
 
 
@@ -435,8 +464,7 @@ def rmsnorm_backward(dy, cache):
     path through ``rms`` (``d rms / d x_i = x_i / (m rms)``). ``dgamma`` is
     ``sum(dy * x_hat)`` over the leading axes (``None`` without ``gamma``).
     """
-    dy = np.asarray(dy, dtype=cache.x_hat.dtype)
-    check_dy_shape("rmsnorm_backward", dy.shape, cache.x_hat.shape)
+    dy = gradient_array("rmsnorm_backward", dy, cache.x_hat.dtype, cache.x_hat.shape)
     dx_hat = dy if cache.gamma is None else dy * cache.gamma
     dx_hat_rows = dx_hat.reshape(cache.row_shape)
     x_hat_rows = cache.x_hat.reshape(cache.row_shape)
@@ -495,9 +523,12 @@ def frn_forward(x, gamma=None, beta=None, tau=None, eps=1e-6):
     _check_channels_first("frn_forward", x, min_ndim=3)
     channels = x.shape[1]
     view = (1, channels) + (1,) * (x.ndim - 2)
-    eps_c = np.broadcast_to(np.asarray(eps, dtype=x.dtype), (channels,))
-    if not (eps_c > 0).all():
-        raise ValueError(f"eps must be > 0, got {eps}")
+    eps_array = np.asarray(eps)
+    if eps_array.dtype.kind not in "fiu":  # not a string, a bool, an object
+        raise ValueError(f"eps must be a finite number > 0 (or an array of them), got {eps!r}")
+    eps_c = np.broadcast_to(eps_array.astype(x.dtype), (channels,))
+    if not ((eps_c > 0) & np.isfinite(eps_c)).all():
+        raise ValueError(f"eps must be a finite number > 0 (or an array of them), got {eps}")
     gamma = np.ones(channels, x.dtype) if gamma is None else _param("gamma", gamma, (channels,), x.dtype)
     beta = np.zeros(channels, x.dtype) if beta is None else _param("beta", beta, (channels,), x.dtype)
     tau = None if tau is None else _param("tau", tau, (channels,), x.dtype)
@@ -531,8 +562,7 @@ def frn_backward(dz, cache):
     spatial axes (``dtau`` is ``None`` without a threshold).
     """
     x_hat = cache.x_hat
-    dz = np.asarray(dz, dtype=x_hat.dtype)
-    check_dy_shape("frn_backward", dz.shape, x_hat.shape)
+    dz = gradient_array("frn_backward", dz, x_hat.dtype, x_hat.shape)
     view = (1, x_hat.shape[1]) + (1,) * (x_hat.ndim - 2)
     axes = tuple(range(2, x_hat.ndim))
     dy = np.where(cache.above, dz, 0.0)
@@ -613,8 +643,7 @@ def weightstd_backward(dw_std, cache):
     first order, not its spread, which the output ignores anyway. ``dgain_i = s \sum_j dw_{std,ij}\, \hat{w}_{ij}``
     (``None`` without ``gain``).
     """
-    dw_std = np.asarray(dw_std, dtype=cache.w_hat.dtype)
-    check_dy_shape("weightstd_backward", dw_std.shape, cache.shape)
+    dw_std = gradient_array("weightstd_backward", dw_std, cache.w_hat.dtype, cache.shape)
     dw_std = dw_std.reshape(cache.w_hat.shape)
     factor = cache.scale if cache.gain is None else cache.scale * cache.gain[:, None]
     dw = _rows_backward(factor * dw_std, cache.w_hat, cache.invstd).reshape(cache.shape)
@@ -677,13 +706,16 @@ def batchrenorm_forward(x, gamma, beta, running_mean, running_var, r_max=3.0, d_
     x = _as_compute(x)
     _check_channels_first("batchrenorm_forward", x)
     _check_eps(eps)
-    if not r_max >= 1:
-        raise ValueError(f"r_max must be >= 1, got {r_max!r}")
-    if not d_max >= 0:
-        raise ValueError(f"d_max must be >= 0, got {d_max!r}")
+    if not (_is_number(r_max) and r_max >= 1):
+        raise ValueError(f"r_max must be a number >= 1, got {r_max!r}")
+    if not (_is_number(d_max) and d_max >= 0):
+        raise ValueError(f"d_max must be a number >= 0, got {d_max!r}")
+    check_batch_size(x.shape)
     num_channels = x.shape[1]
     running_mean = _param("running_mean", running_mean, (num_channels,), x.dtype)
     running_var = _param("running_var", running_var, (num_channels,), x.dtype)
+    if (running_var < 0).any():
+        raise ValueError(f"running_var must be >= 0 (a variance), got {running_var}")
     has_gamma, has_beta = gamma is not None, beta is not None
     gamma = _param("gamma", gamma, (num_channels,), x.dtype)
     beta = _param("beta", beta, (num_channels,), x.dtype)
@@ -692,6 +724,7 @@ def batchrenorm_forward(x, gamma, beta, running_mean, running_var, r_max=3.0, d_
 
     axes = _stat_axes(x.ndim)
     mu = x.mean(axis=axes)
+    mu = mu + (x - _per_channel(mu, x.ndim)).mean(axis=axes)  # the mean's rounding error removed, as batch norm's
     x_centered = x - _per_channel(mu, x.ndim)
     var = np.mean(x_centered * x_centered, axis=axes)  # two passes
     sigma_batch = np.sqrt(var + eps)
@@ -721,8 +754,7 @@ def batchrenorm_backward(dy, cache):
 
         d\gamma = \sum_i dy_i \hat{x}_i, \quad d\beta = \sum_i dy_i.
     """
-    dy = np.asarray(dy, dtype=cache.x_hat.dtype)
-    check_dy_shape("batchrenorm_backward", dy.shape, cache.x_hat.shape)
+    dy = gradient_array("batchrenorm_backward", dy, cache.x_hat.dtype, cache.x_hat.shape)
     ndim = dy.ndim
     axes = _stat_axes(ndim)
     m = prod(dy.shape) // dy.shape[1] if dy.shape[1] else 0

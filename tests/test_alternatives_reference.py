@@ -379,3 +379,91 @@ def test_backwards_refuse_a_dy_of_another_shape():
 def test_references_refuse_complex_input():
     with pytest.raises(ValueError, match="real numbers"):
         ra.layernorm_forward(np.ones((2, 3)) + 1j)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: ra.groupnorm_forward(np.ones((1, 4)), num_groups=4), "more than 1 value per channel"),
+    (lambda: ra.instancenorm_forward(np.ones((2, 4, 1))), "more than 1 spatial element"),
+    (lambda: ra.batchrenorm_forward(np.ones((1, 4)), None, None, np.zeros(4), np.ones(4)),
+     "more than 1 value per channel"),
+], ids=["group", "instance", "renorm"])
+def test_one_value_per_group_is_refused_as_torch_refuses_it(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_batch_renorm_removes_the_mean_s_rounding_error():
+    """A constant float32 channel: r_max = 1, d_max = 0 is batch norm, which
+    gives exactly 0 (the mean's rounding error is measured and removed)."""
+    x = np.full((100, 2), 10000.1, np.float32)
+    y, cache = ra.batchrenorm_forward(x, None, None, np.zeros(2), np.ones(2), r_max=1.0, d_max=0.0)
+    assert np.abs(y).max() == 0 and np.all(cache.var == 0)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(r_max="3"), "r_max must be a number >= 1"), (dict(r_max=True), "r_max must be a number >= 1"),
+    (dict(d_max=None), "d_max must be a number >= 0"),
+    (dict(running_var=-np.ones(3)), "running_var must be >= 0"),
+])
+def test_batch_renorm_refuses_bad_limits_and_estimates(kwargs, message):
+    args = dict(running_mean=np.zeros(3), running_var=np.ones(3)) | kwargs
+    with pytest.raises(ValueError, match=message):
+        ra.batchrenorm_forward(_rand((4, 3)), None, None, **args)
+
+
+@pytest.mark.parametrize("eps", ["1e-5", True, float("inf"), float("nan"), 0.0])
+def test_frn_refuses_a_bad_eps(eps):
+    with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+        ra.frn_forward(_rand((2, 3, 2, 2)), eps=eps)
+
+
+def _backward_calls():
+    x = _rand((2, 4, 3))
+    return {
+        "layernorm": (ra.layernorm_backward, ra.layernorm_forward(x)[1], x.shape),
+        "groupnorm": (ra.groupnorm_backward, ra.groupnorm_forward(x, num_groups=2)[1], x.shape),
+        "instancenorm": (ra.instancenorm_backward, ra.instancenorm_forward(x)[1], x.shape),
+        "rmsnorm": (ra.rmsnorm_backward, ra.rmsnorm_forward(x)[1], x.shape),
+        "frn": (ra.frn_backward, ra.frn_forward(x)[1], x.shape),
+        "batchrenorm": (ra.batchrenorm_backward,
+                        ra.batchrenorm_forward(x, None, None, np.zeros(4), np.ones(4))[1], x.shape),
+        "weightstd": (ra.weightstd_backward, ra.weightstd_forward(x)[1], x.shape),
+    }
+
+
+@pytest.mark.parametrize("name", list(_backward_calls()))
+@pytest.mark.parametrize("kind", ["bool", "complex"])
+def test_every_backward_refuses_a_dy_that_is_not_real_numbers(name, kind):
+    backward, cache, shape = _backward_calls()[name]
+    dy = np.ones(shape, bool) if kind == "bool" else np.ones(shape) * (1 + 1j)
+    with pytest.raises(ValueError, match="expected an array of real numbers"):
+        backward(dy, cache)
+
+
+def test_every_cache_holds_a_copy_of_gamma():
+    """An in-place change of gamma between forward and backward (an
+    optimizer's step) must not change the gradients."""
+    x, dy = _rand((2, 4, 3)), _rand((2, 4, 3), seed=1)
+    for forward, backward, gamma in [
+        (lambda x, g: ra.groupnorm_forward(x, g, None, num_groups=2), ra.groupnorm_backward, _rand(4, seed=2)),
+        (lambda x, g: ra.layernorm_forward(x, g, None), ra.layernorm_backward, _rand((4, 3), seed=3)),
+        (lambda x, g: ra.rmsnorm_forward(x, g), ra.rmsnorm_backward, _rand((4, 3), seed=4)),
+    ]:
+        expected = backward(dy, forward(x, gamma.copy())[1])[0]
+        _, cache = forward(x, gamma)
+        gamma *= 2
+        np.testing.assert_array_equal(backward(dy, cache)[0], expected)
+
+
+def test_a_list_of_ints_in_layer_norm_s_second_place():
+    """torch's normalized_shape or this module's gamma: the reading that fits
+    the input, a ValueError where both fit."""
+    x = _rand((4, 2, 2))
+    with pytest.raises(ValueError, match="both as torch's normalized_shape and as gamma"):
+        ra.layernorm_forward(x, [2, 2])
+    np.testing.assert_allclose(ra.layernorm_forward(x, [2, 2], normalized_shape=(2,))[0],
+                               ra.layernorm_forward(x, np.array([2.0, 2.0]))[0], **TOL)
+    y = _rand((4, 3))
+    np.testing.assert_allclose(ra.layernorm_forward(y, [1, 2, 3])[0],
+                               ra.layernorm_forward(y, np.array([1.0, 2.0, 3.0]))[0], **TOL)
+    assert ra.layernorm_forward(y, [3])[1].gamma is None  # torch's order: normalized_shape (3,)

@@ -289,3 +289,66 @@ def test_eval_backward_refuses_a_dy_of_another_shape():
     layer(np.ones((4, 3)))
     with pytest.raises(ValueError, match=r"dy of the input's shape \(4, 3\)"):
         layer.backward(np.ones((4, 1)))
+
+
+@pytest.mark.parametrize("eps", [0, -0.5, float("nan"), float("inf"), "1e-5", None, True])
+def test_batchnorm_forward_refuses_a_bad_eps(eps):
+    with pytest.raises(ValueError, match="eps must be a finite number > 0"):
+        R.batchnorm_forward(np.ones((4, 3)), None, None, eps=eps)
+
+
+@pytest.mark.parametrize("shape", [(1, 3), (1, 3, 1), (1, 3, 1, 1)], ids=str)
+def test_one_value_per_channel_is_refused_wherever_batch_statistics_are_used(shape):
+    """torch refuses it in training and, untracked, in eval mode too (the
+    batch statistics normalize there as well); the function too."""
+    x = np.ones(shape)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        R.batchnorm_forward(x, None, None)
+    for layer in (R.BatchNorm(3), R.BatchNorm(3, track_running_stats=False).eval()):
+        with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+            layer(x)
+    assert R.BatchNorm(3).eval()(x).shape == shape  # running estimates: fine
+
+
+def test_the_backward_uses_gamma_as_the_forward_did():
+    """The cache holds a copy of gamma: an in-place change between forward
+    and backward (an optimizer's step) does not change the gradients."""
+    x, dy = np.random.default_rng(0).normal(size=(2, 6, 3))
+    gamma = np.array([0.5, 1.0, 2.0])
+    expected = R.batchnorm_backward(dy, R.batchnorm_forward(x, gamma.copy(), None)[1])
+    _, cache = R.batchnorm_forward(x, gamma, None)
+    gamma *= 2
+    for got, want in zip(R.batchnorm_backward(dy, cache)[:2], expected[:2]):
+        np.testing.assert_array_equal(got, want)
+    for training in (True, False):
+        layer = R.BatchNorm(3).train(training)
+        layer.gamma = np.array([0.5, 1.0, 2.0])
+        layer(x)
+        dx = layer.backward(dy)
+        layer.gamma *= 2
+        np.testing.assert_array_equal(layer.backward(dy), dx)
+
+
+def test_eval_mode_keeps_a_float32_input_in_float32():
+    layer = R.BatchNorm(3)
+    layer(np.random.default_rng(1).normal(size=(8, 3)))
+    layer.eval()
+    y = layer(np.ones((4, 3), np.float32))
+    dx = layer.backward(np.ones((4, 3), np.float32))
+    assert y.dtype == dx.dtype == layer.dgamma.dtype == layer.dbeta.dtype == np.float32
+
+
+@pytest.mark.parametrize("dy", [np.ones((4, 3), bool), np.ones((4, 3)) * (1 + 1j)], ids=["bool", "complex"])
+def test_backward_refuses_a_dy_that_is_not_real_numbers(dy):
+    _, cache = R.batchnorm_forward(np.random.default_rng(2).normal(size=(4, 3)), None, None)
+    with pytest.raises(ValueError, match="expected an array of real numbers"):
+        R.batchnorm_backward(dy, cache)
+
+
+def test_train_takes_a_boolean_only():
+    """bool("False") is True: torch raises rather than train."""
+    layer = R.BatchNorm(3).eval()
+    with pytest.raises(ValueError, match="training mode is expected to be boolean"):
+        layer.train("False")
+    assert layer.training is False
+    assert layer.train(np.bool_(True)).training is True
