@@ -97,13 +97,16 @@ def batchnorm_forward(x, gamma, beta, eps=1e-5):
         ``(y, cache)``: ``y = gamma * x_hat + beta`` with the shape of ``x``,
         and the :class:`BatchNormCache` for :func:`batchnorm_backward`.
         ``cache.mu`` and ``cache.var`` are the batch statistics (biased var).
+
+    One value per channel (``m = 1``) is computed, not refused: ``x_hat = 0``,
+    ``y = beta`` and ``dx = 0``, the math an exercise of chapter 4 shows. The
+    :class:`BatchNorm` layer refuses it in training, as torch does.
     """
     check_positive_finite("eps", eps)
     x = np.asarray(x)
     check_real_array("batchnorm_forward", x.dtype)
     if x.ndim < 2:
         raise InputError(f"batchnorm_forward expected an input with at least 2 dimensions (N, C, ...), got shape {x.shape}")
-    check_batch_size(x.shape)
     for name, param in (("gamma", gamma), ("beta", beta)):
         if param is not None and np.shape(param) != (x.shape[1],):
             raise InputError(f"{name} should have shape ({x.shape[1]},), one value per channel, got {np.shape(param)}")

@@ -49,7 +49,10 @@ with ``sigma_B = sqrt(var_B + eps)`` and, here, ``sigma = sqrt(running_var + eps
 Every ``<name>_forward`` returns ``(y, cache)``; every ``<name>_backward(dy,
 cache)`` returns ``(dx, dgamma, dbeta)`` (``None`` for an absent parameter).
 float64 is the reference precision; float32 is kept; float16 is computed in
-float32. Variances are two-pass. This module never imports torch.
+float32. Variances are two-pass. This module never imports torch. Like
+``bnlib.reference.batchnorm_forward``, the functions compute their formulas
+for a group of one value too (``x_hat = 0``), where torch's functional forms
+refuse it.
 """
 
 from dataclasses import dataclass
@@ -58,7 +61,7 @@ from numbers import Real
 
 import numpy as np
 
-from bnlib._checks import InputError, check_batch_size, check_positive_finite, check_real_array
+from bnlib._checks import check_positive_finite, check_real_array
 from bnlib.reference import gradient_array
 
 __all__ = [
@@ -342,9 +345,6 @@ def groupnorm_forward(x, gamma=None, beta=None, num_groups=None, eps=1e-5):
         raise ValueError(f"num_groups must be an integer >= 1, got {num_groups!r}")
     if num_channels % num_groups != 0:
         raise ValueError(f"num_channels ({num_channels}) must be divisible by num_groups ({num_groups})")
-    # torch's check, word for word: F.group_norm refuses a batch whose
-    # (N * C / G, G, *spatial) "channels" hold one value each
-    check_batch_size((x.shape[0] * num_channels // num_groups, num_groups) + x.shape[2:], str(list(x.shape)))
     gamma = _param("gamma", gamma, (num_channels,), x.dtype)
     beta = _param("beta", beta, (num_channels,), x.dtype)
     m = (num_channels // num_groups) * prod(x.shape[2:])
@@ -376,8 +376,6 @@ def instancenorm_forward(x, gamma=None, beta=None, eps=1e-5):
     """
     x = _as_compute(x)
     _check_channels_first("instancenorm_forward", x, min_ndim=3)
-    if prod(x.shape[2:]) == 1:  # torch's check: each (sample, channel) would hold one value
-        raise InputError(f"Expected more than 1 spatial element when training, got input size {list(x.shape)}")
     return groupnorm_forward(x, gamma, beta, num_groups=x.shape[1], eps=eps)
 
 
@@ -710,7 +708,6 @@ def batchrenorm_forward(x, gamma, beta, running_mean, running_var, r_max=3.0, d_
         raise ValueError(f"r_max must be a number >= 1, got {r_max!r}")
     if not (_is_number(d_max) and d_max >= 0):
         raise ValueError(f"d_max must be a number >= 0, got {d_max!r}")
-    check_batch_size(x.shape)
     num_channels = x.shape[1]
     running_mean = _param("running_mean", running_mean, (num_channels,), x.dtype)
     running_var = _param("running_var", running_var, (num_channels,), x.dtype)

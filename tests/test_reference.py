@@ -299,15 +299,18 @@ def test_batchnorm_forward_refuses_a_bad_eps(eps):
 
 @pytest.mark.parametrize("shape", [(1, 3), (1, 3, 1), (1, 3, 1, 1)], ids=str)
 def test_one_value_per_channel_is_refused_wherever_batch_statistics_are_used(shape):
-    """torch refuses it in training and, untracked, in eval mode too (the
-    batch statistics normalize there as well); the function too."""
+    """torch's layer refuses it in training and, untracked, in eval mode too
+    (the batch statistics normalize there as well). The function computes
+    the math (y = beta, dx = 0), which chapter 4 shows."""
     x = np.ones(shape)
-    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
-        R.batchnorm_forward(x, None, None)
     for layer in (R.BatchNorm(3), R.BatchNorm(3, track_running_stats=False).eval()):
         with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
             layer(x)
     assert R.BatchNorm(3).eval()(x).shape == shape  # running estimates: fine
+    beta = np.array([0.0, 1.0, -1.0])
+    y, cache = R.batchnorm_forward(x, None, beta)
+    np.testing.assert_array_equal(y.reshape(3), beta)
+    np.testing.assert_array_equal(R.batchnorm_backward(np.ones(shape), cache)[0], np.zeros(shape))
 
 
 def test_the_backward_uses_gamma_as_the_forward_did():
