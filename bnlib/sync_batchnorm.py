@@ -164,10 +164,16 @@ def merge_stats(count, mu, m2):
         ``M2 = sum_p M2_p + sum_p n_p (mu_p - mu)^2``.
 
     Exact for any part sizes (parts with ``n_p = 0`` drop out) and
-    independent of the order of the parts up to rounding. When ``n = 0``
-    (every part empty) ``mu`` and ``M2`` are NaN, so the running estimates
-    of such a batch are left alone, as BatchNorm leaves them for an empty
-    batch.
+    independent of the order of the parts up to rounding. That rounding
+    includes the parts' means themselves: float32 means of values near
+    ``1e4`` are rounded by up to ``5e-4``, which ``n_p (mu_p - mu)^2`` carries
+    at first order, so parts of two or three values each with ``|mean| >> std``
+    can lose ``1e-3`` of the variance (torch's CUDA SyncBatchNorm merges
+    float32 means the same way); the error shrinks as the parts grow.
+
+    When ``n = 0`` (every part empty) ``mu`` and ``M2`` are NaN, so the
+    running estimates of such a batch are left alone, as BatchNorm leaves
+    them for an empty batch.
     """
     n = count.sum(0)
     mean = (count / n * mu).sum(0)

@@ -196,15 +196,31 @@ def _n_tiles(r_start, r_end, S, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr):
 
 
 @_jit
-def _welford(x_ptr, r_start, r_end, c_offs, s_r, s_c, C, S,
+def _pivot(x_ptr, c_offs, s_c, C, R, S):
+    """Each channel's first value, x[0, c, 0], in x's dtype: the shift of its
+    Welford sums (0 for an empty input). Every program and split of a
+    channel loads the same one, so their summaries are of the same shifted
+    values. (64-bit offsets always: a few loads per program.)"""
+    return tl.load(x_ptr + c_offs.to(tl.int64) * s_c, mask=(c_offs < C) & (R > 0) & (S > 0), other=0.0)
+
+
+@_jit
+def _welford(x_ptr, pivot, r_start, r_end, c_offs, s_r, s_c, C, S,
              BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
              INT64: tl.constexpr, ACC: tl.constexpr, PREFETCH: tl.constexpr):
-    """(mean, M2, count) of x over rows [r_start, r_end) and all S, per channel in c_offs.
+    """(mean, M2, count) of x - pivot over rows [r_start, r_end) and all S, per channel in c_offs.
 
     Every lane of the tile runs Welford's update on the values it sees,
         count += 1;  delta = x - mean;  mean += delta / count;  M2 += delta * (x - mean),
     and the lanes are merged with ``_merge`` at the end. With PREFETCH the
     next tile is loaded before the current one is used: two tiles in flight.
+
+    Of x - pivot (``_pivot``), not x: the merge adds n_i (mean_i - mean)^2,
+    and a lane's mean of a few values near 1e4 is rounded to float32 by up
+    to 5e-4, which that term carries at first order (a variance of 0.87 over
+    4 such values came out 1.2e-3 too small). Shifted by a value of the
+    channel, the means are of the order of its spread and keep their digits.
+    The mean of x is pivot + the returned mean.
     """
     mean = tl.zeros([BLOCK_R, BLOCK_C, BLOCK_S], ACC)
     m2 = tl.zeros([BLOCK_R, BLOCK_C, BLOCK_S], ACC)
@@ -219,7 +235,7 @@ def _welford(x_ptr, r_start, r_end, c_offs, s_r, s_c, C, S,
         elif t > 0:
             offs, mask = _tile(t, r_start, r_end, c_offs, s_r, s_c, C, S, BLOCK_R, BLOCK_S, INT64)
             x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-        xf = x.to(ACC)
+        xf = x.to(ACC) - pivot[None, :, None]
         count += mask.to(ACC)
         delta = xf - mean
         mean += tl.where(mask, delta / tl.maximum(count, 1.0), 0.0)
@@ -265,6 +281,19 @@ def _grad_sums(x_ptr, dy_ptr, mean, r_start, r_end, c_offs, s_r, s_c, C, S,
 
 
 @_jit
+def _lerp(old, batch, momentum):
+    """(1 - momentum) * old + momentum * batch, in old's dtype: in float64 for
+    float64 buffers (a float32 input's float32 statistics would otherwise
+    round them, 0.1 to 0.10000000149 even at momentum 0), else in batch's
+    (float32 for half buffers)."""
+    if old.dtype == tl.float64:
+        new = (1.0 - momentum) * old + momentum * batch.to(tl.float64)
+    else:
+        new = (1.0 - momentum) * old.to(batch.dtype) + momentum * batch
+    return new.to(old.dtype)
+
+
+@_jit
 def _finish_stats(mean, m2, count, c_offs, C, stats_ptr, rmean_ptr, rvar_ptr, momentum, eps, store,
                   UPDATE_RMEAN: tl.constexpr, UPDATE_RVAR: tl.constexpr):
     """From (mean, M2, count): store mean and invstd = 1/sqrt(M2/count + eps) in stats, update the running estimates.
@@ -285,12 +314,10 @@ def _finish_stats(mean, m2, count, c_offs, C, stats_ptr, rmean_ptr, rvar_ptr, mo
         finite = ((mean - mean) == 0.0) & ((var_unbiased - var_unbiased) == 0.0)
         if UPDATE_RMEAN:
             old = tl.load(rmean_ptr + c_offs, mask=c_mask, other=0.0)
-            new = (1.0 - momentum) * old.to(mean.dtype) + momentum * mean
-            tl.store(rmean_ptr + c_offs, tl.where(finite, new.to(old.dtype), old), mask=c_mask)
+            tl.store(rmean_ptr + c_offs, tl.where(finite, _lerp(old, mean, momentum), old), mask=c_mask)
         if UPDATE_RVAR:
             old = tl.load(rvar_ptr + c_offs, mask=c_mask, other=0.0)
-            new = (1.0 - momentum) * old.to(mean.dtype) + momentum * var_unbiased
-            tl.store(rvar_ptr + c_offs, tl.where(finite, new.to(old.dtype), old), mask=c_mask)
+            tl.store(rvar_ptr + c_offs, tl.where(finite, _lerp(old, var_unbiased, momentum), old), mask=c_mask)
     return mean, invstd
 
 
@@ -345,14 +372,16 @@ _FROM_PARTS = 4  # the splits' partial results, merged by every program itself (
 def _partial_stats_kernel(x_ptr, part_ptr, C, S, R, s_r, s_c, rows_per_split,
                           BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
                           INT64: tl.constexpr, ACC: tl.constexpr, PREFETCH: tl.constexpr):
-    """Training forward, pass 1 of 3: each program's (count, mean, M2) into part[3, n_split, C]."""
+    """Training forward, pass 1 of 3: each program's (count, mean, M2) into
+    part[3, n_split, C], the mean of x minus the channel's pivot (``_welford``)."""
     pid_c = tl.program_id(0)
     j = tl.program_id(1)
     n_split = tl.num_programs(1)
     c_offs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     r_start = j * rows_per_split
     r_end = tl.minimum(r_start + rows_per_split, R)
-    mean, m2, count = _welford(x_ptr, r_start, r_end, c_offs, s_r, s_c, C, S,
+    pivot = _pivot(x_ptr, c_offs, s_c, C, R, S).to(ACC)
+    mean, m2, count = _welford(x_ptr, pivot, r_start, r_end, c_offs, s_r, s_c, C, S,
                                BLOCK_R, BLOCK_C, BLOCK_S, INT64, ACC, PREFETCH)
     c_mask = c_offs < C
     out = part_ptr + j * C + c_offs
@@ -362,12 +391,13 @@ def _partial_stats_kernel(x_ptr, part_ptr, C, S, R, s_r, s_c, rows_per_split,
 
 
 @_jit
-def _finalize_stats_kernel(part_ptr, stats_ptr, rmean_ptr, rvar_ptr, C, n_split, momentum, eps,
+def _finalize_stats_kernel(part_ptr, x_ptr, stats_ptr, rmean_ptr, rvar_ptr, C, S, R, s_c, n_split, momentum, eps,
                            UPDATE_RMEAN: tl.constexpr, UPDATE_RVAR: tl.constexpr,
                            BLOCK_C: tl.constexpr, BLOCK_SPLIT: tl.constexpr):
     """Training forward, pass 2 of 3: merge the splits' summaries (Chan), write mean/invstd, update running stats."""
     c_offs = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     mean, m2, count = _merged_split_stats(part_ptr, c_offs, C, n_split, BLOCK_C, BLOCK_SPLIT)
+    mean += _pivot(x_ptr, c_offs, s_c, C, R, S).to(mean.dtype)
     _finish_stats(mean, m2, count, c_offs, C, stats_ptr, rmean_ptr, rvar_ptr, momentum, eps, c_offs < C,
                   UPDATE_RMEAN, UPDATE_RVAR)
 
@@ -395,12 +425,14 @@ def _normalize_kernel(x_ptr, y_ptr, w_ptr, b_ptr, stats_ptr, rmean_ptr, rvar_ptr
     r_start = j * rows_per_split
     r_end = tl.minimum(r_start + rows_per_split, R)
     if STATS == 1:  # _COMPUTE
-        mean, m2, count = _welford(x_ptr, r_start, r_end, c_offs, s_r, s_c, C, S,
+        pivot = _pivot(x_ptr, c_offs, s_c, C, R, S).to(ACC)
+        mean, m2, count = _welford(x_ptr, pivot, r_start, r_end, c_offs, s_r, s_c, C, S,
                                    BLOCK_R, BLOCK_C, BLOCK_S, INT64, ACC, PREFETCH)
-        mean, invstd = _finish_stats(mean, m2, count, c_offs, C, stats_ptr, rmean_ptr, rvar_ptr,
+        mean, invstd = _finish_stats(mean + pivot, m2, count, c_offs, C, stats_ptr, rmean_ptr, rvar_ptr,
                                      momentum, eps, j == 0, UPDATE_RMEAN, UPDATE_RVAR)
     elif STATS == 4:  # _FROM_PARTS
         mean, m2, count = _merged_split_stats(part_ptr, c_offs, C, tl.num_programs(1), BLOCK_C, BLOCK_SPLIT)
+        mean += _pivot(x_ptr, c_offs, s_c, C, R, S).to(ACC)
         mean, invstd = _finish_stats(mean, m2, count, c_offs, C, stats_ptr, rmean_ptr, rvar_ptr,
                                      momentum, eps, j == 0, UPDATE_RMEAN, UPDATE_RVAR)
     elif STATS == 2:  # _RUNNING
@@ -731,7 +763,7 @@ def _forward(x, launch, weight, bias, running_mean, running_var, training, momen
             mode = _FROM_PARTS
         else:
             _finalize_stats_kernel[launch.final_grid](
-                part, stats, rmean, rvar, C, launch.n_split, momentum, eps,
+                part, x, stats, rmean, rvar, C, launch.S, launch.R, launch.s_c, launch.n_split, momentum, eps,
                 UPDATE_RMEAN=update_rmean, UPDATE_RVAR=update_rvar,
                 BLOCK_C=launch.BLOCK_C_FINAL, BLOCK_SPLIT=launch.BLOCK_SPLIT)
             mode = _FROM_BUFFER

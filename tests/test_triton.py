@@ -337,6 +337,33 @@ def test_stable_variance(config):
 
 @interp
 @pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
+def test_stable_variance_of_a_few_values_per_lane(config):
+    """float32 values near 1e4, two per lane and per split: merged as they
+    were, the lanes' float32 means (rounded by up to 5e-4) put 1.2e-3 of
+    relative error into a variance of 0.87 (the contract allows 1e-3).
+    Summed as differences from each channel's first value, 3e-8."""
+    g = torch.Generator().manual_seed(27)
+    x = (torch.randn(6, 64, 2, generator=g, dtype=torch.float64) + 1e4).float()
+    rm, rv = torch.zeros(64), torch.zeros(64)
+    tk.batch_norm(x, rm, rv, None, None, True, 1.0, 1e-5, config=config)
+    want = x.double().var(dim=(0, 2), unbiased=True)
+    assert ((rv.double() / want - 1).abs().max()) < 1e-5
+    assert ((rm.double() - x.double().mean((0, 2))).abs().max()) < 1e-3  # the mean's own rounding: 5e-4
+
+
+@interp
+def test_float64_running_estimates_of_a_float32_input_are_updated_in_float64():
+    """At momentum 0 they must not change at all (they were rounded through
+    float32: 0.1 became 0.10000000149)."""
+    rm = torch.tensor([0.1, 1.000000000001, 3.141592653589793], dtype=torch.float64)
+    rv = torch.tensor([0.3, 2.000000000001, 2.718281828459045], dtype=torch.float64)
+    before = rm.clone(), rv.clone()
+    tk.batch_norm(make_input((8, 3), torch.float32, "cpu"), rm, rv, None, None, True, 0.0, 1e-5)
+    assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])
+
+
+@interp
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
 def test_huge_finite_mean(config):
     """A finite float32 batch of mean 3e19 (its variance 1e30): the merge of
     an empty summary with a block's took 0 * delta^2, and delta^2 overflowed
