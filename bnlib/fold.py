@@ -105,6 +105,12 @@ def fold_bn(layer: nn.Module, bn: nn.Module) -> nn.Module:
     copy of ``layer`` (same type, shapes, stride, padding, dtype and device)
     that always has a bias; ``layer`` and ``bn`` are not changed.
 
+    A ``Linear`` scales its last axis, and BN normalizes axis 1: the fold is
+    right where the ``Linear``'s output reaches BN as ``(N, C)``. On a 3-D
+    input (``Linear`` on ``(N, L, in)``, BN on ``(N, C, L)``) the two axes
+    differ, and neither function can see the input to tell (torch's
+    ``fuse_linear_bn_eval`` has the same limit).
+
     Raises ``ValueError`` for another layer type, a layer whose weight is
     reparametrized (weight or spectral norm, either torch version) or lazy
     and not yet initialized, a BN in training mode or without running
@@ -201,7 +207,8 @@ def fold_model(model: nn.Module) -> nn.Module:
     :func:`fold_bn` refuses, and for a layer anywhere under torch's older
     hook-based weight or spectral norm (which cannot be copied). ``model`` itself is
     never changed. For ``make_mlp(..., norm="bn")``: ``fc1, norm1, act1, ..., out``
-    becomes ``fc1, act1, ..., out``.
+    becomes ``fc1, act1, ..., out``. A ``Linear`` followed by BN folds rightly
+    only where BN sees ``(N, C)`` inputs (see :func:`fold_bn`).
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"expected an nn.Module, got {type(model).__name__}")

@@ -177,11 +177,16 @@ def steps_to_forget(momentum, tol: float = 0.01, convention: str = "torch") -> f
     t = math.floor(math.log(tol) / math.log1p(-alpha)) + 1
     # The logarithms round: at an exact boundary (alpha 0.1, tol 0.9, where
     # 0.9^1 == tol) the quotient is 0.999..., one step short. Settle t on the
-    # definition itself.
-    while (1 - alpha) ** t >= tol:
-        t += 1
-    while t > 1 and (1 - alpha) ** (t - 1) < tol:
-        t -= 1
+    # definition itself, by a step or two at most, and only where the base
+    # 1 - alpha keeps alpha's digits: for a tiny alpha its rounding moves t
+    # by more than the logarithms do (alpha 1e-12: by 1e8 steps, walked one at
+    # a time), and below 1.1e-16 it is 1.0 (the walk never ended).
+    if alpha > 1e-6:
+        for _ in range(2):
+            if (1 - alpha) ** t >= tol:
+                t += 1
+            elif t > 1 and (1 - alpha) ** (t - 1) < tol:
+                t -= 1
     return t
 
 
@@ -329,12 +334,16 @@ def precise_bn(model, batches: Iterable, max_batches: int | None = None):
     (dropout and the like are in eval mode, as at inference); afterwards every
     module's mode and every BN's ``momentum`` are as before. Gradients and
     parameters are not touched. ``max_batches`` stops after that many batches.
+    An empty batch is skipped: it has nothing to measure, yet the layers would
+    count it (torch's ``update_bn`` does, which pulls the averages towards
+    the reset values).
     A BN layer that no batch reaches (say, an auxiliary head that runs only
     in training mode) keeps its old statistics instead of the reset ones.
 
     Returns ``model`` (changed in place). Raises ``ValueError`` when the model
-    has no BN layer with running statistics or ``batches`` is empty; then (and
-    on any other error during the pass) every running statistic is restored.
+    has no BN layer with running statistics or ``batches`` holds no batch
+    that is not empty; then (and on any other error during the pass) every
+    running statistic is restored.
     """
     import torch
 
@@ -371,10 +380,12 @@ def precise_bn(model, batches: Iterable, max_batches: int | None = None):
                 bn.train()
             with torch.no_grad():
                 for batch in batches:
+                    if batch.numel() == 0:  # nothing to measure, yet it would count as a batch
+                        continue
                     model(batch)
                     n += 1
             if n == 0:
-                raise ValueError("precise_bn expected at least one batch, got an empty iterable")
+                raise ValueError("precise_bn expected at least one batch that is not empty, got none")
             # a layer no batch reached measured nothing: it keeps its old statistics
             restore([int(bn.num_batches_tracked) == 0 for bn in layers])
         except BaseException:

@@ -10,7 +10,9 @@ cross-entropy
 with plain SGD (``w <- w - lr * (g + weight_decay * w)``, optionally with
 momentum) or Adam. Mini-batches are drawn without replacement from a fresh
 permutation every epoch, from a ``torch.Generator`` seeded with ``seed``, so
-the same call gives the same numbers every time (with one thread).
+the same call gives the same numbers every time (with one thread). Dropout
+and other random layers draw from torch's global generator instead: seed
+it too (``torch.manual_seed``) for a model that has them.
 
 :func:`per_sample_gradients` splits the gradient of that loss into one
 gradient per sample, ``g_i``, taken in the graph of the whole batch, so that
@@ -78,6 +80,10 @@ def minibatches(
 
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
     """Fraction of rows of ``logits`` (``(N, K)``) whose argmax equals ``y`` (``(N,)``)."""
+    if logits.dim() != 2 or tuple(y.shape) != (logits.shape[0],):
+        # (a (N, 1) or (1,) y would broadcast into an N x N comparison)
+        raise ValueError(f"accuracy expected logits of shape (N, K) and labels of shape (N,), "
+                         f"got {tuple(logits.shape)} and {tuple(y.shape)}")
     return float((logits.argmax(dim=1) == y).double().mean())
 
 

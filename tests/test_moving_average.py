@@ -489,3 +489,29 @@ def test_precise_bn_takes_a_single_tensor_as_one_batch():
     with pytest.raises(ValueError, match="an input tensor or an iterable"):
         ma.precise_bn(one, 3.0)
     assert all(torch.equal(v, before[k]) for k, v in one.state_dict().items())
+
+
+@pytest.mark.parametrize("momentum, tol", [(1e-9, 0.01), (1e-12, 0.01), (1e-17, 0.5), (0.1, 0.9), (0.3, 1e-6)])
+def test_steps_to_forget_is_quick_and_right_for_any_momentum(momentum, tol):
+    """A tiny momentum: the rounded base 1 - alpha was walked one step at a
+    time (1e-12: 1e8 steps, 14 s) or was 1.0 (1e-17: no end). The count
+    stays within a step of the logarithms' estimate."""
+    import math
+
+    t = ma.steps_to_forget(momentum, tol)
+    estimate = math.log(tol) / math.log1p(-momentum)
+    assert abs(t - estimate) <= 2
+
+
+def test_precise_bn_skips_an_empty_batch():
+    """It would count as a batch (torch's update_bn counts it), pulling the
+    averages towards the reset values."""
+    torch.manual_seed(0)
+    batches = [torch.randn(8, 3) * 2 + 3 for _ in range(3)]
+    with_empty, without = (bnlib.nn.BatchNorm1d(3), bnlib.nn.BatchNorm1d(3))
+    ma.precise_bn(with_empty, [torch.zeros(0, 3)] + batches)
+    ma.precise_bn(without, batches)
+    torch.testing.assert_close(with_empty.running_mean, without.running_mean, rtol=0, atol=0)
+    torch.testing.assert_close(with_empty.running_var, without.running_var, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="at least one batch"):
+        ma.precise_bn(bnlib.nn.BatchNorm1d(3), [torch.zeros(0, 3)])

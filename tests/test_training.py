@@ -147,3 +147,12 @@ def test_decay_bn_false_exempts_only_the_bn_parameters():
     training.train(b, x, y, steps=3, batch_size=4, weight_decay=0.1, decay_bn=True)
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.equal(pa, pb)
+
+
+@pytest.mark.parametrize("y", [torch.tensor([[0], [1], [2]]), torch.tensor([0])], ids=["column", "one"])
+def test_accuracy_refuses_labels_that_would_broadcast(y):
+    """A (N, 1) or (1,) y broadcast into an N x N comparison (0.556, not 1)."""
+    logits = torch.eye(3)
+    with pytest.raises(ValueError, match=r"labels of shape \(N,\)"):
+        training.accuracy(logits, y)
+    assert training.accuracy(logits, torch.tensor([0, 1, 2])) == 1.0
