@@ -39,7 +39,7 @@ def check_norm_args(num_features, eps, momentum):
 def check_input_dims(class_name, shape, allowed_dims):
     """The number of dimensions must be one of ``allowed_dims`` (e.g. (2, 3))."""
     ndim = len(shape)
-    if ndim not in allowed_dims:
+    if not any(ndim == d for d in allowed_dims):  # (not `in`: torch 2.4's dynamo misjudges it for a module's SymInt)
         expected = " or ".join(f"{d}D" for d in allowed_dims)
         raise InputError(f"{class_name} expected {expected} input (got {ndim}D input)")
 

@@ -94,7 +94,16 @@ _KERNEL_DTYPES = (torch.float32, torch.float64)
 
 # torch's own test for it (torch.autograd.Function asks it too); a torch
 # without it has no torch.func.
-_functorch_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+_functorch_check = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+# torch 2.4's dynamo cannot trace the check (a non-Tensor bool from a torch._C
+# call; pytorch#134889 taught it, after 2.4): while it traces, no transform is active.
+_DYNAMO_TRACES_FUNCTORCH_CHECK = torch.torch_version.TorchVersion(torch.__version__) >= (2, 5)
+
+
+def _functorch_transforms_active():
+    if not _DYNAMO_TRACES_FUNCTORCH_CHECK and torch.compiler.is_compiling():
+        return False
+    return _functorch_check()
 
 
 def _forward_ad_active():
@@ -134,7 +143,8 @@ def under_func_transform():
 
 
 # torch >= 2.5; the non-strict and strict export both set it
-_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+# (torch 2.4 has no is_exporting; its export is dynamo's tracing, so any dynamo trace counts)
+_is_exporting = getattr(torch.compiler, "is_exporting", torch.compiler.is_dynamo_compiling)
 
 
 def buffer_update(fn):

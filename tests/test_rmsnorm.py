@@ -78,8 +78,23 @@ def test_state_dict_loads_both_ways():
     assert_close(back(x), ours(x), OUT_TOL[torch.float32])
 
 
+def _torch_rms_norm_computes_half_in_float32():
+    """torch 2.4's F.rms_norm computed a half input in half (x^2 overflowed,
+    half's eps), returned float32 beside a float32 weight, and kept a
+    non-contiguous layout; newer ones compute in float32 like bnlib."""
+    y = F.rms_norm(torch.full((1, 2), 300.0, dtype=torch.float16), (2,), torch.ones(2))
+    contiguous = F.rms_norm(torch.randn(3, 4, 5).transpose(1, 2), (4,)).is_contiguous()
+    return bool(y.dtype == torch.float16 and (y == 1).all()) and contiguous
+
+
+TORCH_RMS_NORM_IN_FLOAT32 = _torch_rms_norm_computes_half_in_float32()
+like_torch_rms_norm = pytest.mark.skipif(not TORCH_RMS_NORM_IN_FLOAT32,
+                                         reason="this torch's F.rms_norm computes half inputs in half")
+
+
 @pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("affine", [True, False])
+@like_torch_rms_norm
 def test_half_input_computes_in_float32_like_torch(half, affine):
     """float32 statistics and torch's default eps (float32's machine epsilon), output in the input's dtype."""
     x = (torch.randn(6, 16) * 3).to(half)
@@ -98,11 +113,13 @@ def test_half_input_large_and_tiny_values(half):
     """Large half values (x^2 overflows float16 beyond 256) and a tiny sample
     whose mean square is below eps: float32 statistics and float32's eps."""
     x = (torch.randn(4, 16, generator=torch.Generator().manual_seed(3)) * 400).to(half)
-    assert_close(alt.rms_norm(x, (16,)).float(), F.rms_norm(x, (16,)).float(), dict(rtol=1e-2, atol=1e-2))
+    if TORCH_RMS_NORM_IN_FLOAT32:
+        assert_close(alt.rms_norm(x, (16,)).float(), F.rms_norm(x, (16,)).float(), dict(rtol=1e-2, atol=1e-2))
     tiny = torch.full((2, 4), 1e-4).to(half)
     expected = tiny.float() / torch.sqrt(tiny.float().square() + torch.finfo(torch.float32).eps)
     assert_close(alt.rms_norm(tiny, (4,)).float(), expected, dict(rtol=1e-2, atol=1e-4))
-    assert_close(alt.rms_norm(tiny, (4,)).float(), F.rms_norm(tiny, (4,)).float(), dict(rtol=1e-2, atol=1e-4))
+    if TORCH_RMS_NORM_IN_FLOAT32:
+        assert_close(alt.rms_norm(tiny, (4,)).float(), F.rms_norm(tiny, (4,)).float(), dict(rtol=1e-2, atol=1e-4))
 
 
 def test_formula_path_with_a_large_eps_and_a_random_weight():
@@ -240,7 +257,7 @@ def test_input_gradient_is_orthogonal_to_the_sample():
 def test_output_is_contiguous_and_takes_inplace_ops():
     x = torch.randn(3, 4, 5).transpose(1, 2)
     y = alt.rms_norm(x, (4,))
-    assert y.is_contiguous() and F.rms_norm(x, (4,)).is_contiguous()
+    assert y.is_contiguous() and (F.rms_norm(x, (4,)).is_contiguous() or not TORCH_RMS_NORM_IN_FLOAT32)
     assert_close(y, F.rms_norm(x, (4,)), OUT_TOL[torch.float32])
     out = bnlib.nn.RMSNorm(5, elementwise_affine=False)(torch.randn(3, 5, requires_grad=True))
     out.relu_()  # no "view of a leaf" error: the output is not a view
