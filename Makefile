@@ -25,6 +25,13 @@ export MKL_CBWR ?= AVX2,STRICT
 export ONEDNN_MAX_CPU_ISA ?= AVX2
 export OPENBLAS_CORETYPE ?= Haswell
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
+# The same pins in the kernel's own environment (its kernel.json), so that a
+# chapter opened in Jupyter by hand, or in an editor that uses this .venv's
+# kernel, runs as `make` runs it: without them, on a CPU with AVX-512, torch
+# and oneDNN pick other kernels, training runs end elsewhere, and checks in
+# chapters 6 to 9 fail (measured on an AMD EPYC).
+PINNED := OMP_NUM_THREADS MKL_NUM_THREADS ATEN_CPU_CAPABILITY MKL_CBWR ONEDNN_MAX_CPU_ISA OPENBLAS_CORETYPE
+KERNEL_ENV := $(foreach v,$(PINNED),--env $(v) $($(v)))
 
 .PHONY: help setup book test test-unit test-notebooks execute bench lab clean
 
@@ -44,7 +51,7 @@ $(STAMP): requirements-lock.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-lock.txt
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
-	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	$(PY) -m ipykernel install --sys-prefix --name python3 $(KERNEL_ENV) >/dev/null
 	$(PY) -m bnlib.cpu_kernels
 	@touch $(STAMP)
 
