@@ -15,7 +15,8 @@ that memory sets. Five groups of tools:
   :func:`naive_var`: per-channel statistics in float32, two one-pass ways
   (the Triton kernels' and the C++ CPU kernels') and the way that fails.
 - :func:`cpu_path`: ``bnlib.functional.batch_norm`` on one CPU path, to put
-  the fused C++ kernels and the tensor ops side by side.
+  the fused C++ kernels and the tensor ops side by side; :func:`bench_results`
+  reads a results file that ``make bench`` committed.
 
 Every count is in bytes; ``|x|`` is ``x.numel() * x.element_size()``.
 """
@@ -31,7 +32,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["tensor_bytes", "op_traffic", "traffic_table", "saved_tensors", "peak_bytes", "time_interleaved",
-           "pass_bytes", "bench_cpu", "cpu_path", "welford", "shifted_stats", "chan_merge", "naive_var"]
+           "pass_bytes", "bench_cpu", "cpu_path", "bench_results", "welford", "shifted_stats", "chan_merge", "naive_var"]
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
@@ -315,6 +316,31 @@ def cpu_path(name):
 
     batch_norm.__name__ = f"batch_norm_{name}"
     return batch_norm
+
+
+def bench_results(name, start=None):
+    """The JSON file ``bench/results/<name>`` that ``make bench`` committed, loaded.
+
+    The file sits in the book's checkout, not in the installed package: it is
+    looked for next to an editable install of bnlib, then in the folder
+    ``start`` (default: the working directory, a chapter's folder when the
+    chapter runs) and each folder above it, so a chapter finds it whether
+    bnlib was installed with ``pip install -e .`` or ``pip install .``.
+    """
+    import json
+    from pathlib import Path
+
+    if not isinstance(name, str) or not name.endswith(".json") or "/" in name:
+        raise ValueError(f"bench_results expects a file name such as 'gpu_h100.json', got {name!r}")
+    start = Path.cwd() if start is None else Path(start)
+    places = [Path(__file__).resolve().parents[1]] + [start.resolve(), *start.resolve().parents]
+    for folder in places:
+        path = folder / "bench" / "results" / name
+        if path.is_file():
+            return json.loads(path.read_text())
+    raise FileNotFoundError(
+        f"bench/results/{name} was not found next to bnlib ({places[0]}) nor in {start} or a folder "
+        "above it: run the chapter from the book's checkout")
 
 
 def naive_var(x):

@@ -176,3 +176,26 @@ def test_tensor_bytes_of_overlapping_views_and_table_totals():
     # the total is the bytes summed, then rounded (three rows of 0.33 are 1.0)
     rows = perf.traffic_table([{"op": "a", "read": 1, "written": 1}] * 3, 3)
     assert rows[-1] == ("total", 1.0, 1.0)
+
+
+def test_bench_results_found_from_a_chapter_folder_without_editable_install(tmp_path, monkeypatch):
+    """A chapter reads the committed results next to an editable install of
+    bnlib, or, installed elsewhere, from its own folder's parents."""
+    import json
+
+    committed = perf.bench_results("gpu_h100.json")
+    assert "meta" in committed and committed["meta"]["device"]
+    checkout = tmp_path / "book"
+    (checkout / "bench" / "results").mkdir(parents=True)
+    (checkout / "chapters").mkdir()
+    (checkout / "bench" / "results" / "x.json").write_text(json.dumps({"rows": [1]}))
+    # bnlib installed somewhere without bench/ beside it (pip install .)
+    monkeypatch.setattr(perf, "__file__", str(tmp_path / "site" / "bnlib" / "perf.py"))
+    assert perf.bench_results("x.json", start=checkout / "chapters") == {"rows": [1]}
+    monkeypatch.chdir(checkout / "chapters")
+    assert perf.bench_results("x.json") == {"rows": [1]}
+    with pytest.raises(FileNotFoundError, match="bench/results/missing.json"):
+        perf.bench_results("missing.json")
+    for bad in ("gpu_h100", "../x.json", 3):
+        with pytest.raises(ValueError, match="bench_results expects a file name"):
+            perf.bench_results(bad)
