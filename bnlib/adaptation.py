@@ -144,10 +144,16 @@ def tent_pass(
     ``generator``; ``drop_last`` leaves out a last, smaller batch). Returns
     the online logits, in ``x``'s row order: each row as predicted by the
     step of its batch, before that step. Rows left out by ``drop_last`` are
-    NaN.
+    NaN. A last batch of one ``(1, C)`` row, which BN in training mode
+    refuses, raises ``ValueError`` before the first step, not after the
+    others changed the model.
     """
+    batches = list(minibatches(len(x), batch_size, generator, drop_last=drop_last))
+    if x.dim() == 2 and len(batches[-1]) == 1 and len(x) > 1:
+        raise ValueError(f"tent_pass would end with a batch of one row ({len(x)} rows in batches of "
+                         f"{batch_size}), which BN cannot normalize: use drop_last=True or another batch_size")
     logits = None
-    for idx in minibatches(len(x), batch_size, generator, drop_last=drop_last):
+    for idx in batches:
         batch_logits = tent_step(model, x[idx], optimizer)
         if logits is None:
             logits = batch_logits.new_full((len(x),) + tuple(batch_logits.shape[1:]), float("nan"))

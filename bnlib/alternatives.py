@@ -102,6 +102,8 @@ def _check_channel_params(num_channels, **tensors):
     """Per-channel tensors (those given) must be vectors of ``num_channels``
     values: torch refuses a (2, 2) weight for 4 channels too."""
     for name, tensor in tensors.items():
+        if tensor is not None and not tensor.is_floating_point():  # (an integer estimate would be truncated)
+            raise InputError(f"{name} should be a floating-point tensor, got {tensor.dtype}")
         if tensor is not None and (tensor.dim() != 1 or tensor.numel() != num_channels):
             raise InputError(f"{name} should be a vector of {num_channels} elements (one per channel), "
                              f"got shape {list(tensor.shape)}")
@@ -1135,7 +1137,9 @@ def _batch_renorm_train(input, running_mean, running_var, weight, bias, momentum
     if input.dim() < 2:
         raise InputError(f"batch_renorm expected an input with at least 2 dimensions (N, C, ...), got {input.dim()}D input")
     num_channels = input.shape[1]
+    check_floating_dtype("batch_renorm", input.dtype, input.is_floating_point())
     _check_channel_params(num_channels, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
+    bnF.check_same_device(input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     bnF.check_training_batch(input)
     _check_limit("r_max", r_max, 1.0)
     _check_limit("d_max", d_max, 0.0)
@@ -1274,6 +1278,9 @@ class _BatchRenorm(_NormBase):
         if not self.training:
             return bnF.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
         bnF.check_training_batch(input)
+        _check_eps(self.eps)  # (attributes a user may have set since construction)
+        if self.momentum is not None:
+            bnF.check_momentum(name, self.momentum)
         r_max, d_max = self.current_limits()  # may raise: still before any state changes
         factor = self._count_batch()
         version = _version(self.running_mean)

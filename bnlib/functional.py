@@ -735,9 +735,21 @@ def check_training_batch(input):
 
 
 def _check_per_channel(name, tensor, input):
-    """``tensor`` (if given) holds one value per channel of ``input``, on its device."""
+    """``tensor`` (if given) holds one real floating-point value per channel
+    of ``input``, on its device, in a vector (C,): torch's kernels require
+    it of the running estimates (and take a weight of shape (C, 1), which is
+    refused here, as torch's group norm refuses it). Checked before anything
+    is written: an integer running estimate would be truncated, a (C, 1) one
+    half updated before the update failed."""
     if tensor is None:
         return
+    if not isinstance(tensor, torch.Tensor):
+        raise InputError(f"{name} should be a tensor (or None), got {type(tensor).__name__}")
+    if not tensor.is_floating_point():
+        raise InputError(f"{name} should be a floating-point tensor, got {tensor.dtype}")
+    if tensor.dim() != 1 and tensor.numel() == input.shape[1]:
+        raise InputError(f"{name} should be a vector of {input.shape[1]} elements (one per channel), "
+                         f"got shape {list(tensor.shape)}")
     if tensor.numel() != input.shape[1]:
         raise InputError(
             f"{name} should have {input.shape[1]} elements (one per channel of the input), "
@@ -910,8 +922,14 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         ValueError: a non-floating-point input, fewer than 2 dims, one value per channel in training,
             per-channel tensors of the wrong length, only one of the running
             estimates or ``eps <= 0`` in training, or eval mode without
-            running estimates. Nothing is updated when it raises.
+            running estimates, ``eps < 0`` in eval mode, a ``training`` that is
+            not a bool, or running estimates that are not float vectors (C,).
+            Nothing is updated when it raises.
     """
+    if not isinstance(input, torch.Tensor):
+        raise InputError(f"batch_norm expected the input to be a tensor, got {type(input).__name__}")
+    if not isinstance(training, bool):
+        raise InputError(f"batch_norm expected training to be a bool, got {training!r}")
     if input.dim() < 2:
         raise InputError(f"batch_norm expected an input with at least 2 dimensions (N, C, ...), got {input.dim()}D input")
     num_channels = input.shape[1]
@@ -923,6 +941,8 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         check_training_batch(input)
     elif running_mean is None or running_var is None:
         raise InputError("batch_norm in eval mode (training=False) needs running_mean and running_var")
+    elif not eps >= 0:  # torch's rule and words (a NaN eps too)
+        raise InputError(f"batch_norm eps must be non-negative, but got {eps}")
 
     transformed = under_func_transform()
     if input.is_cuda and not transformed:

@@ -70,8 +70,8 @@ def minibatches(
     With ``drop_last`` the last, smaller batch is skipped (BN needs more than
     one sample, and equal batch sizes keep the statistics comparable).
     """
-    if not 1 <= batch_size <= n:
-        raise ValueError(f"batch_size must be in [1, n={n}], got {batch_size}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or not 1 <= batch_size <= n:
+        raise ValueError(f"batch_size must be an integer in [1, n={n}], got {batch_size!r}")
     perm = torch.randperm(n, generator=generator)
     stop = n - n % batch_size if drop_last else n
     for start in range(0, stop, batch_size):
@@ -153,12 +153,20 @@ def train(
     ``clip_gradients(model)`` is called after every backward pass, before
     the update, to change the ``.grad`` of the parameters in place (for
     example with :func:`adaptive_grad_clip_`); what it returns is ignored.
-    Returns a :class:`History`; the model is trained in place.
+    Returns a :class:`History`; the model is trained in place. Bad arguments
+    raise ``ValueError`` before the model changes (a label past the last
+    class only in the loss of the first step).
     """
     if (steps is None) == (epochs is None):
         raise ValueError(f"give exactly one of steps or epochs, got steps={steps}, epochs={epochs}")
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x and y must have the same number of rows, got {x.shape[0]} and {y.shape[0]}")
+    # the labels, before the first forward pass changes any BN layer's estimates
+    # (a label past the last class is caught only by the loss, after it)
+    if y.dim() != 1 or y.dtype != torch.long:
+        raise ValueError(f"y must hold class indices, a (N,) tensor of dtype torch.long, got {tuple(y.shape)} {y.dtype}")
+    if y.numel() and int(y.min()) < 0:
+        raise ValueError(f"y must hold class indices >= 0, got {int(y.min())}")
     if clip_gradients is not None and not callable(clip_gradients):
         raise ValueError(f"clip_gradients must be a callable model -> None or None, got {clip_gradients!r}")
     for name, value in (("steps", steps), ("epochs", epochs)):

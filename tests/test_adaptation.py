@@ -286,8 +286,25 @@ def test_pass_is_a_step_per_random_batch_with_logits_in_input_order(drop_last):
 def test_pass_refuses_a_bad_batch_size():
     model = _mlp()
     opt = torch.optim.SGD(adaptation.configure_tent(model), lr=0.1)
-    with pytest.raises(ValueError, match=r"batch_size must be in \[1, n=4\], got 5"):
-        adaptation.tent_pass(model, torch.randn(4, 6, dtype=torch.float64), opt, 5, torch.Generator())
+    x = torch.randn(4, 6, dtype=torch.float64)
+    for bad in (5, 2.5, True):
+        with pytest.raises(ValueError, match=rf"batch_size must be an integer in \[1, n=4\], got {bad}"):
+            adaptation.tent_pass(model, x, opt, bad, torch.Generator())
+
+
+def test_pass_refuses_a_last_batch_of_one_row_before_any_step():
+    # 10 rows in batches of 3: the fourth batch holds one row, which BN in
+    # training mode refuses; nothing may have changed by then
+    model = _mlp()
+    opt = torch.optim.SGD(adaptation.configure_tent(model), lr=0.1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="would end with a batch of one row"):
+        adaptation.tent_pass(model, torch.randn(10, 6, dtype=torch.float64), opt, 3, torch.Generator())
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    logits = adaptation.tent_pass(model, torch.randn(10, 6, dtype=torch.float64), opt, 3, torch.Generator(),
+                                  drop_last=True)
+    assert logits.isnan().all(dim=1).sum() == 1   # the row left out
 
 
 # ---------------------------------------------------------------------------

@@ -315,6 +315,66 @@ def test_per_channel_parameters_must_be_vectors(call):
         calls[call]()
 
 
+@pytest.mark.parametrize("bad", [
+    ("running_var", torch.ones(4, 1), r"running_var should be a vector of 4 elements .* got shape \[4, 1\]"),
+    ("running_mean", torch.zeros(4, dtype=torch.long), "running_mean should be a floating-point tensor, got torch.int64"),
+    ("running_var", torch.ones(4, dtype=torch.bool), "running_var should be a floating-point tensor, got torch.bool"),
+    ("weight", torch.ones(4, dtype=torch.complex64), "weight should be a floating-point tensor, got torch.complex64"),
+    ("weight", torch.ones(4, 1), r"weight should be a vector of 4 elements .* got shape \[4, 1\]"),
+    ("bias", [0.0] * 4, "bias should be a tensor"),
+], ids=lambda b: f"{b[0]}-{getattr(b[1], 'dtype', 'list')}-{tuple(getattr(b[1], 'shape', ()))}")
+@pytest.mark.parametrize("module", [BF, "renorm", "instance"], ids=["batch_norm", "batch_renorm", "instance_norm"])
+def test_functional_per_channel_tensors_are_float_vectors(bad, module):
+    """torch refuses these (its kernels want 1-D estimates of the input's
+    float type); bnlib's tensor ops used to write half of a (4, 1) estimate
+    before failing, and to truncate an integer estimate (0 -> 2)."""
+    import bnlib.alternatives as alt
+
+    name, tensor, message = bad
+    if module != BF and (name == "bias" or (module == "instance" and name.startswith("running"))):
+        pytest.skip("checked by batch_norm's rule only")
+    args = {"running_mean": torch.zeros(4), "running_var": torch.ones(4), "weight": None, "bias": None}
+    args[name] = tensor
+    kept = {k: v.clone() for k, v in args.items() if isinstance(v, torch.Tensor)}
+    x = torch.randn(8, 4, 3) * 3 + 5
+    call = {BF: lambda: BF.batch_norm(x, training=True, momentum=0.5, **args),
+            "renorm": lambda: alt.batch_renorm(x, training=True, momentum=0.5, **args),
+            "instance": lambda: alt.instance_norm(x, use_input_stats=True, momentum=0.5, **args)}[module]
+    with pytest.raises(ValueError, match=message):
+        call()
+    for k, v in kept.items():
+        assert torch.equal(args[k], v), k
+
+
+def test_functional_bad_training_flag_eps_and_input():
+    """torch refuses training="False" (a TypeError; truthy, it would train)
+    and a negative eps in eval mode (the two CPU paths gave x/1 and x/2)."""
+    x, rm, rv = torch.randn(4, 3), torch.zeros(3), torch.full((3,), 4.0)
+    with pytest.raises(ValueError, match="expected training to be a bool, got 'False'"):
+        BF.batch_norm(x, rm, rv, training="False")
+    assert torch.equal(rm, torch.zeros(3))
+    for eps in (-3.0, float("nan")):
+        with pytest.raises(ValueError, match="eps must be non-negative"):
+            BF.batch_norm(x, rm, rv, eps=eps)
+    with pytest.raises(ValueError, match="expected the input to be a tensor, got ndarray"):
+        BF.batch_norm(x.numpy(), rm, rv)
+
+
+@pytest.mark.parametrize("attr, value", [("momentum", float("nan")), ("momentum", "0.1"), ("eps", -1.0)],
+                         ids=repr)
+@pytest.mark.parametrize("make", [lambda: bnlib.nn.GhostBatchNorm(3, virtual_batch_size=2),
+                                  lambda: bnlib.nn.BatchRenorm2d(3)], ids=["ghost", "renorm"])
+def test_attributes_set_after_construction_are_checked_at_call_time(make, attr, value):
+    """As BatchNorm's: a NaN momentum made the estimates NaN, a string one
+    raised a TypeError after the batch was counted, a negative eps gave NaN."""
+    layer = make()
+    setattr(layer, attr, value)
+    before = buffers_snapshot(layer)
+    with pytest.raises(ValueError, match="momentum|eps"):
+        layer(torch.randn(4, 3, 2, 2))
+    assert_buffers_exactly(layer, before)
+
+
 @pytest.mark.parametrize("momentum", [torch.tensor(0.1), True, np.float32(0.1)], ids=repr)
 def test_functional_momentum_takes_what_torch_takes(momentum):
     """A one-element tensor and a bool are momentum values torch's batch norm

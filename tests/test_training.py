@@ -11,7 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import bnlib.nn
 from bnlib import data, models, training
+from torch import nn
 
 
 def test_minibatches_cover_every_index_once():
@@ -107,6 +109,26 @@ def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         training.train(m, x, y, **kwargs)
     assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
+
+
+@pytest.mark.parametrize("y, match", [
+    (torch.zeros(20), r"dtype torch.long, got \(20,\) torch.float32"),
+    (torch.zeros(20, 1, dtype=torch.long), r"a \(N,\) tensor of dtype torch.long, got \(20, 1\)"),
+    (-torch.ones(20, dtype=torch.long), "class indices >= 0, got -1"),
+], ids=["float", "column", "negative"])
+def test_bad_labels_are_refused_before_any_bn_layer_changes(y, match):
+    x, _ = data.gaussian_blobs(20, seed=0)
+    m = nn.Sequential(nn.Linear(2, 4), bnlib.nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        training.train(m, x, y, steps=1)
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+
+
+def test_minibatches_refuses_what_is_no_batch_size():
+    for bad in (2.5, True, 0):
+        with pytest.raises(ValueError, match=rf"an integer in \[1, n=10\], got {bad}"):
+            list(training.minibatches(10, bad, torch.Generator()))
 
 
 def test_helpers_restore_each_submodules_mode():
