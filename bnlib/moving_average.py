@@ -313,7 +313,7 @@ def running_stat_layers(model) -> list:
     ]
 
 
-def precise_bn(model, batches: Iterable, max_batches: int | None = None):
+def precise_bn(model, batches: Iterable, max_batches: int | None = None, estimator: str = "batch_average"):
     r"""Recompute the running statistics of every BN layer as exact averages (Wu and Johnson 2021).
 
     For every BN layer with running statistics: reset them (mean 0, variance 1,
@@ -330,7 +330,28 @@ def precise_bn(model, batches: Iterable, max_batches: int | None = None):
 
     the averages of the batch means and of the unbiased batch variances under the
     model's current (final) weights, instead of an EMA that mixes statistics
-    of older weights. During the pass only the BN layers are in training mode
+    of older weights (``estimator="batch_average"``, what torch's
+    ``update_bn`` computes). ``estimator="pooled"`` instead pools all ``n``
+    values of a channel that reached the layer, as one batch:
+
+    .. math::
+
+        \text{running\_mean} = \frac{1}{n}\sum_i z_i, \qquad
+        \text{running\_var} = \frac{1}{n-1}\sum_i (z_i - \text{running\_mean})^2,
+
+    accumulated in float64 with Chan's merge (the layer's input is read by a
+    forward pre-hook). The two differ when the batches' values are not
+    independent draws: in training mode an earlier BN layer normalizes each
+    batch by its own statistics, so a later layer's batch variances are each
+    a little too small or too large, and ``m/(m-1)`` times their average
+    misses the variance at inference by a bias that grows as the batches
+    shrink; pooling keeps the spread of the batch means and the within-batch
+    spread together, and is the better estimate for small batches (Wu and
+    Johnson 2021, appendix; fvcore's ``PopulationVarianceEstimator``). It
+    pools what this process sees: with more than one process in
+    ``torch.distributed`` it raises ``ValueError``. For batches of equal
+    size the two means agree.
+    During the pass only the BN layers are in training mode
     (dropout and the like are in eval mode, as at inference); afterwards every
     module's mode and every BN's ``momentum`` are as before. Gradients and
     parameters are not touched. ``max_batches`` stops after that many batches.
@@ -341,14 +362,15 @@ def precise_bn(model, batches: Iterable, max_batches: int | None = None):
     in training mode) keeps its old statistics instead of the reset ones.
 
     Returns ``model`` (changed in place). Raises ``ValueError`` when the model
-    has no BN layer with running statistics or ``batches`` holds no batch
-    that is not empty; then (and on any other error during the pass) every
+    has no BN layer with running statistics, ``batches`` holds no batch
+    that is not empty, or ``estimator`` is neither of the two; then (and on any other error during the pass) every
     running statistic is restored.
     """
     import torch
 
     from bnlib.batchnorm import check_initialized
     from bnlib.models import modes_kept
+    from bnlib.perf import chan_merge
 
     layers = running_stat_layers(model)
     if not layers:
@@ -356,6 +378,13 @@ def precise_bn(model, batches: Iterable, max_batches: int | None = None):
     check_initialized(layers, "precise_bn")
     if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, numbers.Integral) or max_batches < 1):
         raise ValueError(f"max_batches must be None or an integer >= 1, got {max_batches!r}")
+    if estimator not in ("batch_average", "pooled"):
+        raise ValueError(f"precise_bn expects estimator='batch_average' or 'pooled', got {estimator!r}")
+    pooled = estimator == "pooled"
+    if pooled and torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        raise ValueError("precise_bn(estimator='pooled') pools one process's inputs; with "
+                         f"{torch.distributed.get_world_size()} processes use estimator='batch_average'")
 
     batches = _batches_of(batches)
     saved_state = [{k: v.clone() for k, v in bn.named_buffers(recurse=False)} for bn in layers]
@@ -370,6 +399,19 @@ def precise_bn(model, batches: Iterable, max_batches: int | None = None):
                     for k, v in state.items():
                         getattr(bn, k).copy_(v)
 
+    # estimator="pooled": (count, mean, M2) per channel of each layer's inputs
+    summaries = [None] * len(layers)
+
+    def recorder(k):
+        def hook(module, args, kwargs):
+            z = args[0] if args else kwargs["input"]
+            if z.numel() > 0:
+                part = _channel_summary(z)
+                summaries[k] = part if summaries[k] is None else chan_merge(summaries[k], part)
+        return hook
+
+    handles = [bn.register_forward_pre_hook(recorder(k), with_kwargs=True)
+               for k, bn in enumerate(layers)] if pooled else []
     n = 0
     with modes_kept(model):
         try:
@@ -388,10 +430,18 @@ def precise_bn(model, batches: Iterable, max_batches: int | None = None):
                 raise ValueError("precise_bn expected at least one batch that is not empty, got none")
             # a layer no batch reached measured nothing: it keeps its old statistics
             restore([int(bn.num_batches_tracked) == 0 for bn in layers])
+            with torch.no_grad():
+                for bn, summary in zip(layers, summaries):
+                    if summary is not None:  # (pooled; training mode saw > 1 value per channel)
+                        count, mean, m2 = summary
+                        bn.running_mean.copy_(torch.as_tensor(mean))
+                        bn.running_var.copy_(torch.as_tensor(m2 / (count - 1)))
         except BaseException:
             restore([True] * len(layers))
             raise
         finally:
+            for h in handles:
+                h.remove()
             for bn, mom in zip(layers, saved_momentum):
                 bn.momentum = mom
     return model
