@@ -50,7 +50,7 @@ from torch.nn.utils import parametrize
 
 from bnlib import functional as bnF
 from bnlib.functional import _compute_dtype
-from bnlib.batchnorm import _LazyNorm, _NormBase, _version, register_affine_parameters, reset_affine_parameters
+from bnlib.batchnorm import NotScriptable, _LazyNorm, _NormBase, _version, register_affine_parameters, reset_affine_parameters
 from bnlib._checks import (
     InputError,
     check_floating_dtype,
@@ -754,7 +754,7 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
 # --------------------------------------------------------------------------
 
 
-class LayerNorm(nn.Module):
+class LayerNorm(NotScriptable, nn.Module):
     """Drop-in for ``torch.nn.LayerNorm``: normalize each sample over its last dims.
 
     ``weight`` and ``bias`` have shape ``normalized_shape`` (one per element).
@@ -785,7 +785,7 @@ class LayerNorm(nn.Module):
         )
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(NotScriptable, nn.Module):
     """Drop-in for ``torch.nn.RMSNorm``: divide each sample by the root mean square of its last dims.
 
     ``weight`` has shape ``normalized_shape`` (one per element); there is no
@@ -821,7 +821,7 @@ class RMSNorm(nn.Module):
         return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
 
 
-class FilterResponseNorm(nn.Module):
+class FilterResponseNorm(NotScriptable, nn.Module):
     """Filter response normalization and its thresholded linear unit (Singh & Krishnan 2020);
     torch has none. See :func:`filter_response_norm`.
 
@@ -874,7 +874,7 @@ class FilterResponseNorm(nn.Module):
         return text
 
 
-class GroupNorm(nn.Module):
+class GroupNorm(NotScriptable, nn.Module):
     """Drop-in for ``torch.nn.GroupNorm``: per sample, per group of ``C // num_groups`` channels.
 
     ``num_channels`` must be divisible by ``num_groups`` (``ValueError`` at

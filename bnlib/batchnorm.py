@@ -68,7 +68,23 @@ def reset_affine_parameters(module):
         nn.init.zeros_(module.bias)
 
 
-class _NormBase(nn.Module):
+class NotScriptable:
+    """A mixin for bnlib's layers: ``torch.jit.script`` calls
+    ``__prepare_scriptable__`` on every module it compiles, and this one
+    says in one line why it cannot work (TorchScript compiles neither Python
+    autograd Functions nor ``try`` blocks), where the compiler itself failed
+    deep inside, a different message per layer. ``torch.jit.trace``,
+    ``torch.compile`` and ``torch.export`` do not call it."""
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            f"bnlib's {type(self).__name__} cannot be compiled by TorchScript (torch.jit.script): its "
+            "forward and backward passes are Python autograd Functions. Use torch.compile or "
+            "torch.export (or torch.jit.trace) instead"
+        )
+
+
+class _NormBase(NotScriptable, nn.Module):
     """Parameters, buffers and argument checks shared by the BN modules."""
 
     # Version 2 of torch's state dict added ``num_batches_tracked``; keeping

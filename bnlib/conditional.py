@@ -55,7 +55,7 @@ from bnlib.alternatives import instance_norm
 __all__ = ["ConditionalBatchNorm1d", "ConditionalBatchNorm2d", "ConditionalBatchNorm3d", "adaptive_instance_norm"]
 
 
-class _ConditionalBatchNorm(nn.Module):
+class _ConditionalBatchNorm(bnn.NotScriptable, nn.Module):
     """Batch norm without an affine step (``norm``), then one ``gamma`` and ``beta`` per class.
 
     Args: ``(num_features, num_classes, eps=1e-5, momentum=0.1,

@@ -35,13 +35,14 @@ from torch import nn
 
 from bnlib._checks import check_floating_dtype, check_input_dims, check_norm_args, check_num_channels
 from bnlib.alternatives import _BatchRenorm
+from bnlib.batchnorm import NotScriptable
 from bnlib.functional import _eps_in
 from bnlib.moving_average import is_batchnorm
 
 __all__ = ["FrozenBatchNorm", "freezable", "check_eval_map"]
 
 
-class FrozenBatchNorm(nn.Module):
+class FrozenBatchNorm(NotScriptable, nn.Module):
     r"""``y = (x - running_mean) / sqrt(running_var + eps) * weight + bias`` per channel, in every mode.
 
     ``num_features``: the channel count ``C`` (axis 1). The four buffers start
@@ -49,7 +50,10 @@ class FrozenBatchNorm(nn.Module):
     ``running_var`` 1); :meth:`convert_frozen_batchnorm` copies them from
     trained BN layers. The map is computed in float32 for float16 and
     bfloat16 input (in float64 for float64 input); the output has the input's
-    dtype. Gradients flow to the input only.
+    dtype. Gradients flow to the input only. Built on the meta device and
+    moved with ``to_empty``, its buffers hold whatever memory they got:
+    :meth:`reset_parameters` makes it the identity map again (or load a
+    state dict).
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, device=None, dtype=None):
@@ -62,6 +66,14 @@ class FrozenBatchNorm(nn.Module):
         self.register_buffer("bias", torch.zeros(num_features, **factory))
         self.register_buffer("running_mean", torch.zeros(num_features, **factory))
         self.register_buffer("running_var", torch.ones(num_features, **factory))
+
+    def reset_parameters(self) -> None:
+        """The identity map: ``weight`` 1, ``bias`` 0, ``running_mean`` 0, ``running_var`` 1."""
+        with torch.no_grad():
+            self.weight.fill_(1)
+            self.bias.zero_()
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
 
     def scale_shift(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         r"""``(scale, shift)``, :math:`\tilde\gamma` and :math:`\tilde\beta`, shape ``(C,)``, in ``dtype``."""

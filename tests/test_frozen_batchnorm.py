@@ -226,3 +226,11 @@ def test_integer_input_and_bad_constructor_raise_value_error():
     for kwargs in ({"num_features": 0}, {"num_features": 3, "eps": 0.0}):
         with pytest.raises(ValueError):
             FrozenBatchNorm(**kwargs)
+
+
+def test_meta_device_then_to_empty_then_reset_parameters_is_the_identity():
+    layer = FrozenBatchNorm(3, device="meta").to_empty(device="cpu")
+    layer.reset_parameters()
+    x = torch.randn(4, 3, 2)
+    torch.testing.assert_close(layer(x), x / (1 + layer.eps) ** 0.5)
+    assert [k for k, _ in layer.named_buffers()] == ["weight", "bias", "running_mean", "running_var"]
