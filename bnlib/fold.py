@@ -85,9 +85,12 @@ def bn_scale_shift(bn) -> tuple[torch.Tensor, torch.Tensor]:
     so that ``BN(z) = z * scale + shift`` per channel (``gamma = 1``, ``beta = 0``
     when the layer has no affine parameters)."""
     _check_bn(bn)
+    var = bn.running_var.detach().to(torch.float64)
+    if not bool(torch.all(var + bn.eps > 0)):  # (NaN weights otherwise, silently)
+        raise ValueError(f"bn_scale_shift expected running_var + eps > 0 in every channel, got a minimum of "
+                         f"{float((var + bn.eps).min()):g} (a negative running_var, or eps <= 0)")
     if isinstance(bn, FrozenBatchNorm):
         return tuple(t.detach() for t in bn.scale_shift(torch.float64))
-    var = bn.running_var.detach().to(torch.float64)
     mean = bn.running_mean.detach().to(torch.float64)
     gamma = torch.ones_like(var) if bn.weight is None else bn.weight.detach().to(torch.float64)
     beta = torch.zeros_like(var) if bn.bias is None else bn.bias.detach().to(torch.float64)

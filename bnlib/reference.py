@@ -110,6 +110,8 @@ def batchnorm_forward(x, gamma, beta, eps=1e-5):
     for name, param in (("gamma", gamma), ("beta", beta)):
         if param is not None and np.shape(param) != (x.shape[1],):
             raise InputError(f"{name} should have shape ({x.shape[1]},), one value per channel, got {np.shape(param)}")
+        if param is not None:  # (a complex gamma lost its imaginary part, a string one was parsed)
+            check_real_array(f"batchnorm_forward's {name}", np.asarray(param).dtype)
     dtype = _compute_dtype(x)
     x = x.astype(dtype, copy=False)
     axes = _stat_axes(x)

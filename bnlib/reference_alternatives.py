@@ -103,6 +103,8 @@ def _param(name, value, shape, dtype):
     which must not see a later in-place change (``gamma *= 2``)."""
     if value is None:
         return None
+    # real numbers only: a complex value lost its imaginary part, a string was parsed
+    check_real_array(name, np.asarray(value).dtype)
     value = np.array(value, dtype=dtype)
     if value.shape != tuple(shape):
         raise ValueError(f"{name} should have shape {tuple(shape)}, got {value.shape}")

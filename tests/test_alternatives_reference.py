@@ -456,3 +456,15 @@ def test_a_list_of_ints_in_layer_norm_s_second_place():
     np.testing.assert_allclose(ra.layernorm_forward(y, [1, 2, 3])[0],
                                ra.layernorm_forward(y, np.array([1.0, 2.0, 3.0]))[0], **TOL)
     assert ra.layernorm_forward(y, [3])[1].gamma is None  # torch's order: normalized_shape (3,)
+
+
+@pytest.mark.parametrize("gamma", [np.ones(3) * (1 + 1j), np.array(["1", "2", "3"]), np.array([True, False, True])],
+                         ids=["complex", "strings", "bools"])
+def test_reference_parameters_must_be_real_numbers(gamma):
+    """A complex gamma lost its imaginary part (a warning at most), a string
+    one was parsed, a boolean one taken as 0 and 1."""
+    x = np.random.default_rng(0).standard_normal((4, 3))
+    with pytest.raises(ValueError, match="expected an array of real numbers"):
+        ref.batchnorm_forward(x, gamma, np.zeros(3))
+    with pytest.raises(ValueError, match="gamma expected an array of real numbers"):
+        ra.layernorm_forward(x, gamma, np.zeros(3))

@@ -266,3 +266,15 @@ def test_torch_ao_fuse_modules_with_the_readme_s_mapping():
                          fuse_custom_config_dict={"additional_fuser_method_mapping": mapping})
     assert isinstance(fused[1], torch.nn.Identity)
     torch.testing.assert_close(fused(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("change", ["negative running_var", "eps"])
+def test_fold_refuses_statistics_that_give_nan_weights(change):
+    bn = bnlib.nn.BatchNorm1d(3).eval()
+    if change == "eps":
+        bn.eps = -2.0
+    else:
+        with torch.no_grad():
+            bn.running_var[1] = -1.0
+    with pytest.raises(ValueError, match=r"running_var \+ eps > 0 in every channel"):
+        fold_bn(nn.Linear(2, 3), bn)
