@@ -25,6 +25,8 @@ inputs in random batches). ``configure_tent`` changes
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -148,12 +150,15 @@ def tent_pass(
     refuses, raises ``ValueError`` before the first step, not after the
     others changed the model.
     """
-    batches = list(minibatches(len(x), batch_size, generator, drop_last=drop_last))
-    if x.dim() == 2 and len(batches[-1]) == 1 and len(x) > 1:
+    # (checked before the generator is drawn from)
+    n = len(x)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or not 1 <= batch_size <= n:
+        raise ValueError(f"batch_size must be an integer in [1, n={n}], got {batch_size!r}")
+    if x.dim() == 2 and not drop_last and n % batch_size == 1 and n > 1:
         raise ValueError(f"tent_pass would end with a batch of one row ({len(x)} rows in batches of "
                          f"{batch_size}), which BN cannot normalize: use drop_last=True or another batch_size")
     logits = None
-    for idx in batches:
+    for idx in minibatches(n, batch_size, generator, drop_last=drop_last):
         batch_logits = tent_step(model, x[idx], optimizer)
         if logits is None:
             logits = batch_logits.new_full((len(x),) + tuple(batch_logits.shape[1:]), float("nan"))

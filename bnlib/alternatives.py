@@ -1371,7 +1371,7 @@ class WeightNormFunction(torch.autograd.Function):
         return dv, dg, None
 
 
-class _WeightNorm(nn.Module):
+class _WeightNorm(NotScriptable, nn.Module):
     """The parametrization ``(g, v) -> g * v / ||v||``; ``original0`` is ``g``, ``original1`` is ``v``."""
 
     def __init__(self, dim=0):
@@ -1483,7 +1483,7 @@ class WeightStandardizationFunction(torch.autograd.Function):
         return dweight, dgain, None, None
 
 
-class _WeightStandardization(nn.Module):
+class _WeightStandardization(NotScriptable, nn.Module):
     """The parametrization ``weight -> gain * scale * (weight - mu) / sqrt(var + eps)``, per output unit.
 
     ``gain`` (a parameter, one per output unit, starting at 1) and ``scale =
@@ -1638,7 +1638,7 @@ class SpectralNormFunction(torch.autograd.Function):
         return grad_weight, None, None, None
 
 
-class _SpectralNorm(nn.Module):
+class _SpectralNorm(NotScriptable, nn.Module):
     """The parametrization ``W -> W / sigma(W)``, ``sigma`` from power iteration.
 
     Buffers ``_u`` (``(h,)``) and ``_v`` (``(w,)``) hold the estimates of the

@@ -72,15 +72,16 @@ class NotScriptable:
     """A mixin for bnlib's layers: ``torch.jit.script`` calls
     ``__prepare_scriptable__`` on every module it compiles, and this one
     says in one line why it cannot work (TorchScript compiles neither Python
-    autograd Functions nor ``try`` blocks), where the compiler itself failed
+    autograd Functions nor ``try`` blocks, nor bnlib's checks), where the
+    compiler itself failed
     deep inside, a different message per layer. ``torch.jit.trace``,
     ``torch.compile`` and ``torch.export`` do not call it."""
 
     def __prepare_scriptable__(self):
         raise RuntimeError(
-            f"bnlib's {type(self).__name__} cannot be compiled by TorchScript (torch.jit.script): its "
-            "forward and backward passes are Python autograd Functions. Use torch.compile or "
-            "torch.export (or torch.jit.trace) instead"
+            f"bnlib's {type(self).__name__} cannot be compiled by TorchScript (torch.jit.script): it "
+            "is written in Python that TorchScript does not compile (autograd Functions, try blocks, "
+            "checks). Use torch.compile or torch.export (or torch.jit.trace) instead"
         )
 
 

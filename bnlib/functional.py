@@ -738,7 +738,8 @@ def _check_per_channel(name, tensor, input):
     """``tensor`` (if given) holds one real floating-point value per channel
     of ``input``, on its device, in a vector (C,): torch's kernels require
     it of the running estimates (and take a weight of shape (C, 1), which is
-    refused here, as torch's group norm refuses it). Checked before anything
+    refused here, as torch's group norm refuses it; a 0-dim weight for one
+    channel passes, as in torch). Checked before anything
     is written: an integer running estimate would be truncated, a (C, 1) one
     half updated before the update failed."""
     if tensor is None:
@@ -747,7 +748,7 @@ def _check_per_channel(name, tensor, input):
         raise InputError(f"{name} should be a tensor (or None), got {type(tensor).__name__}")
     if not tensor.is_floating_point():
         raise InputError(f"{name} should be a floating-point tensor, got {tensor.dtype}")
-    if tensor.dim() != 1 and tensor.numel() == input.shape[1]:
+    if (tensor.dim() > 1 or (tensor.dim() == 0 and name.startswith("running_"))) and tensor.numel() == input.shape[1]:
         raise InputError(f"{name} should be a vector of {input.shape[1]} elements (one per channel), "
                          f"got shape {list(tensor.shape)}")
     if tensor.numel() != input.shape[1]:
@@ -900,6 +901,28 @@ def check_training_args(running_mean, running_var, momentum, eps):
         raise InputError(f"batch_norm expected eps > 0 in training (the variance of a constant channel is 0), got {eps}")
 
 
+def check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps):
+    """Every argument check of :func:`batch_norm` (and of the Triton
+    kernels' entry point, which calls it too), before anything is written;
+    ``InputError`` names what was expected."""
+    if not isinstance(input, torch.Tensor):
+        raise InputError(f"batch_norm expected the input to be a tensor, got {type(input).__name__}")
+    if not isinstance(training, bool):
+        raise InputError(f"batch_norm expected training to be a bool, got {training!r}")
+    if input.dim() < 2:
+        raise InputError(f"batch_norm expected an input with at least 2 dimensions (N, C, ...), got {input.dim()}D input")
+    check_floating_dtype("batch_norm", input.dtype, input.is_floating_point())
+    for name, tensor in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
+        _check_per_channel(name, tensor, input)
+    if training:
+        check_training_args(running_mean, running_var, momentum, eps)
+        check_training_batch(input)
+    elif running_mean is None or running_var is None:
+        raise InputError("batch_norm in eval mode (training=False) needs running_mean and running_var")
+    elif not eps >= 0:  # torch's rule and words (a NaN eps too)
+        raise InputError(f"batch_norm eps must be non-negative, but got {eps}")
+
+
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
     """Batch normalization; the signature and meaning of ``torch.nn.functional.batch_norm``.
 
@@ -926,24 +949,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
             not a bool, or running estimates that are not float vectors (C,).
             Nothing is updated when it raises.
     """
-    if not isinstance(input, torch.Tensor):
-        raise InputError(f"batch_norm expected the input to be a tensor, got {type(input).__name__}")
-    if not isinstance(training, bool):
-        raise InputError(f"batch_norm expected training to be a bool, got {training!r}")
-    if input.dim() < 2:
-        raise InputError(f"batch_norm expected an input with at least 2 dimensions (N, C, ...), got {input.dim()}D input")
-    num_channels = input.shape[1]
-    check_floating_dtype("batch_norm", input.dtype, input.is_floating_point())
-    for name, tensor in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
-        _check_per_channel(name, tensor, input)
-    if training:
-        check_training_args(running_mean, running_var, momentum, eps)
-        check_training_batch(input)
-    elif running_mean is None or running_var is None:
-        raise InputError("batch_norm in eval mode (training=False) needs running_mean and running_var")
-    elif not eps >= 0:  # torch's rule and words (a NaN eps too)
-        raise InputError(f"batch_norm eps must be non-negative, but got {eps}")
-
+    check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
     transformed = under_func_transform()
     if input.is_cuda and not transformed:
         triton = _triton_path()

@@ -139,7 +139,7 @@ class GhostBatchNorm(bnn._BatchNorm):
         self._check_virtual_batches(input)
         # (attributes a user may have set since construction; checked before the count)
         if not self.eps > 0:
-            raise InputError(f"{type(self).__name__} expected eps > 0 in training, got {self.eps}")
+            raise InputError(f"{type(self).__name__} expected eps > 0 with batch statistics, got {self.eps}")
         if self.training and self.track_running_stats and self.momentum is not None:
             check_momentum(type(self).__name__, self.momentum)
 

@@ -347,8 +347,8 @@ def precise_bn(model, batches: Iterable, max_batches: int | None = None, estimat
     misses the variance at inference by a bias that grows as the batches
     shrink; pooling keeps the spread of the batch means and the within-batch
     spread together, and is the better estimate for small batches (Wu and
-    Johnson 2021, appendix; fvcore's ``PopulationVarianceEstimator``). It
-    pools what this process sees: with more than one process in
+    Johnson 2021, appendix; fvcore's ``PopulationVarianceEstimator`` pools
+    the same way). It pools what this process sees: with more than one process in
     ``torch.distributed`` it raises ``ValueError``. For batches of equal
     size the two means agree.
     During the pass only the BN layers are in training mode
@@ -430,6 +430,14 @@ def precise_bn(model, batches: Iterable, max_batches: int | None = None, estimat
                 raise ValueError("precise_bn expected at least one batch that is not empty, got none")
             # a layer no batch reached measured nothing: it keeps its old statistics
             restore([int(bn.num_batches_tracked) == 0 for bn in layers])
+            if pooled:
+                unseen = [bn for bn, summary in zip(layers, summaries)
+                          if summary is None and int(bn.num_batches_tracked) > 0]
+                if unseen:  # (a model that calls bn.forward(x) directly skips the hooks)
+                    names = {id(m): name for name, m in model.named_modules()}
+                    raise ValueError(f"precise_bn(estimator='pooled') could not read the inputs of "
+                                     f"{', '.join(names[id(bn)] for bn in unseen)}: called without its forward "
+                                     "pre-hooks (bn.forward(x) instead of bn(x)); use estimator='batch_average'")
             with torch.no_grad():
                 for bn, summary in zip(layers, summaries):
                     if summary is not None:  # (pooled; training mode saw > 1 value per channel)

@@ -163,8 +163,9 @@ def train(
         raise ValueError(f"x and y must have the same number of rows, got {x.shape[0]} and {y.shape[0]}")
     # the labels, before the first forward pass changes any BN layer's estimates
     # (a label past the last class is caught only by the loss, after it)
-    if y.dim() != 1 or y.dtype != torch.long:
-        raise ValueError(f"y must hold class indices, a (N,) tensor of dtype torch.long, got {tuple(y.shape)} {y.dtype}")
+    if y.dim() != 1 or y.dtype not in (torch.long, torch.uint8):  # (what cross_entropy takes)
+        raise ValueError(f"y must hold class indices, a (N,) tensor of dtype torch.long (or uint8), "
+                         f"got {tuple(y.shape)} {y.dtype}")
     if y.numel() and int(y.min()) < 0:
         raise ValueError(f"y must hold class indices >= 0, got {int(y.min())}")
     if clip_gradients is not None and not callable(clip_gradients):

@@ -888,24 +888,13 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     if _TRITON_VERSION < MIN_TRITON:
         raise RuntimeError(f"bnlib.triton_kernels needs Triton >= {'.'.join(map(str, MIN_TRITON))}, "
                            f"found {triton.__version__}")
-    if input.dim() < 2:
-        raise InputError(f"batch_norm expected an input with at least 2 dimensions (N, C, ...), got {input.dim()}D input")
+    # bnlib.functional.batch_norm's checks (dims, dtype, per-channel tensors,
+    # training arguments, eval's estimates), then what only the kernels need
+    bnF.check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
     if input.dtype not in _DTYPES:
         raise InputError(f"batch_norm's Triton kernels take float16, bfloat16, float32 or float64 input, got {input.dtype}")
     if not (_INTERPRET or input.is_cuda):
         raise InputError(f"batch_norm's Triton kernels need a CUDA tensor, got one on {input.device}")
-    C = input.shape[1]
-    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
-        if t is not None and t.numel() != C:
-            raise InputError(f"{name} should have {C} elements (one per channel of the input), got {t.numel()}")
-        if t is not None and t.device != input.device:
-            raise InputError(f"{name} is on {t.device}, the input on {input.device}")
-    if training:
-        if input.numel() // max(C, 1) == 1:
-            raise InputError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
-        bnF.check_training_args(running_mean, running_var, momentum, eps)
-    elif running_mean is None or running_var is None:
-        raise InputError("batch_norm in eval mode (training=False) needs running_mean and running_var")
     if bnF.under_func_transform():
         # torch.func or forward-mode AD: the kernels' Function has no vmap or
         # jvp rule, so the formulas in tensor ops (bnlib.functional's path)

@@ -298,10 +298,13 @@ def test_pass_refuses_a_last_batch_of_one_row_before_any_step():
     model = _mlp()
     opt = torch.optim.SGD(adaptation.configure_tent(model), lr=0.1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    g_state = g.get_state()
     with pytest.raises(ValueError, match="would end with a batch of one row"):
-        adaptation.tent_pass(model, torch.randn(10, 6, dtype=torch.float64), opt, 3, torch.Generator())
+        adaptation.tent_pass(model, torch.randn(10, 6, dtype=torch.float64), opt, 3, g)
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+    assert torch.equal(g.get_state(), g_state)          # nothing drawn either
     logits = adaptation.tent_pass(model, torch.randn(10, 6, dtype=torch.float64), opt, 3, torch.Generator(),
                                   drop_last=True)
     assert logits.isnan().all(dim=1).sum() == 1   # the row left out

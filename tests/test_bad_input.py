@@ -346,6 +346,16 @@ def test_functional_per_channel_tensors_are_float_vectors(bad, module):
         assert torch.equal(args[k], v), k
 
 
+def test_functional_takes_a_0_dim_weight_for_one_channel_as_torch():
+    x = torch.randn(4, 1, 3)
+    ours = BF.batch_norm(x, torch.zeros(1), torch.ones(1), torch.tensor(2.0), torch.tensor(0.5), training=True)
+    theirs = torch.nn.functional.batch_norm(x, torch.zeros(1), torch.ones(1), torch.tensor(2.0), torch.tensor(0.5),
+                                            training=True)
+    assert_close(ours, theirs, OUT_TOL[torch.float32])
+    with pytest.raises(ValueError, match="running_mean should be a vector of 1 elements"):
+        BF.batch_norm(x, torch.tensor(0.0), torch.ones(1), training=True)
+
+
 def test_functional_bad_training_flag_eps_and_input():
     """torch refuses training="False" (a TypeError; truthy, it would train)
     and a negative eps in eval mode (the two CPU paths gave x/1 and x/2)."""

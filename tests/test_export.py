@@ -206,6 +206,9 @@ def test_conditional_batch_norm_exports_and_checks_its_labels_in_the_graph():
     lambda: bnlib.nn.InstanceNorm2d(3), lambda: bnlib.nn.LayerNorm(3), lambda: bnlib.nn.RMSNorm(3),
     lambda: bnlib.nn.GroupNorm(1, 3), lambda: bnlib.nn.FilterResponseNorm(3),
     lambda: bnlib.nn.ConditionalBatchNorm2d(3, num_classes=2),
+    lambda: bnlib.nn.weight_norm(nn.Linear(3, 3)).parametrizations.weight[0],
+    lambda: bnlib.nn.spectral_norm(nn.Linear(3, 3)).parametrizations.weight[0],
+    lambda: bnlib.nn.weight_standardization(nn.Linear(3, 3)).parametrizations.weight[0],
 ], ids=lambda make: type(make()).__name__)
 def test_torchscript_is_refused_with_one_clear_message(make):
     """The compiler itself failed deep inside, a different message per layer

@@ -259,6 +259,26 @@ def test_precise_bn_pooled_is_less_biased_after_a_bn_layer_with_small_batches():
     assert abs(gaps["pooled"]) < 0.01, gaps
 
 
+def test_precise_bn_pooled_refuses_a_layer_called_around_its_hooks():
+    # bn.forward(x) skips the pre-hook that reads the inputs: the layer would
+    # keep the batch average under the name of the pooled estimate
+    class Direct(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = bnlib.nn.BatchNorm1d(3)
+
+        def forward(self, x):
+            return self.bn.forward(x)
+
+    model = Direct()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="could not read the inputs of bn"):
+        ma.precise_bn(model, [torch.randn(5, 3), 3 + torch.randn(9, 3)], estimator="pooled")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert not model.bn._forward_pre_hooks and model.bn.momentum == 0.1
+
+
 def test_precise_bn_pooled_refuses_bad_estimators_and_restores_on_error():
     model = _mlp(nn.BatchNorm1d)
     model.train()

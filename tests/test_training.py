@@ -112,8 +112,8 @@ def test_bad_arguments(kwargs, match):
 
 
 @pytest.mark.parametrize("y, match", [
-    (torch.zeros(20), r"dtype torch.long, got \(20,\) torch.float32"),
-    (torch.zeros(20, 1, dtype=torch.long), r"a \(N,\) tensor of dtype torch.long, got \(20, 1\)"),
+    (torch.zeros(20), r"dtype torch.long \(or uint8\), got \(20,\) torch.float32"),
+    (torch.zeros(20, 1, dtype=torch.long), r"a \(N,\) tensor of dtype torch.long \(or uint8\), got \(20, 1\)"),
     (-torch.ones(20, dtype=torch.long), "class indices >= 0, got -1"),
 ], ids=["float", "column", "negative"])
 def test_bad_labels_are_refused_before_any_bn_layer_changes(y, match):

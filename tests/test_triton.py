@@ -445,7 +445,15 @@ def test_bad_input_changes_nothing():
         tk.batch_norm(torch.randn(4, C), None, None, training=False)
     with pytest.raises(ValueError, match="float16, bfloat16, float32 or float64"):
         tk.batch_norm(torch.ones(4, C, dtype=torch.int32), rm, rv, training=True)
+    # bnlib.functional's rules hold at this entry point too: an integer
+    # estimate was truncated, training="False" trained
+    int_rm = torch.zeros(C, dtype=torch.long)
+    with pytest.raises(ValueError, match="running_mean should be a floating-point tensor"):
+        tk.batch_norm(torch.randn(8, C) + 5, int_rm, torch.ones(C), training=True, momentum=0.5)
+    with pytest.raises(ValueError, match="training to be a bool"):
+        tk.batch_norm(torch.randn(8, C) + 5, rm, rv, training="False", momentum=0.5)
     assert torch.equal(rm, torch.zeros(C)) and torch.equal(rv, torch.ones(C))
+    assert torch.equal(int_rm, torch.zeros(C, dtype=torch.long))
 
 
 @interp
