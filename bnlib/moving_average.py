@@ -336,8 +336,10 @@ def precise_bn(model, batches: Iterable, max_batches: int | None = None, estimat
 
     .. math::
 
-        \text{running\_mean} = \frac{1}{n}\sum_i z_i, \qquad
-        \text{running\_var} = \frac{1}{n-1}\sum_i (z_i - \text{running\_mean})^2,
+        \begin{aligned}
+        \text{running\_mean} &= \frac{1}{n}\sum_i z_i,\\
+        \text{running\_var} &= \frac{1}{n-1}\sum_i (z_i - \text{running\_mean})^2,
+        \end{aligned}
 
     accumulated in float64 with Chan's merge (the layer's input is read by a
     forward pre-hook). The two differ when the batches' values are not
