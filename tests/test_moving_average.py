@@ -446,6 +446,11 @@ def test_running_stat_gaps_after_precise_bn_on_the_same_data():
         model[1].running_mean += 2 * torch.cat(z).std(0)
     (mean_gap, _), _ = ma.running_stat_gaps(model, torch.cat(batches))
     torch.testing.assert_close(mean_gap, torch.full_like(mean_gap, 2.0), rtol=1e-9, atol=1e-9)
+    # shifted the other way: the gap is a distance, +2 again
+    with torch.no_grad():
+        model[1].running_mean -= 4 * torch.cat(z).std(0)
+    (mean_gap, _), _ = ma.running_stat_gaps(model, torch.cat(batches))
+    torch.testing.assert_close(mean_gap, torch.full_like(mean_gap, 2.0), rtol=1e-9, atol=1e-9)
 
 
 def test_population_statistics_bad_input_changes_nothing():

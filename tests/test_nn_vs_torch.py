@@ -156,6 +156,30 @@ def test_eval_without_running_stats_uses_batch_stats(d):
     torch.testing.assert_close(z.mean(dims), torch.zeros(3, dtype=dtype), atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("make", ["1d", "2d", "3d", "sync"])
+def test_eval_after_tracking_is_switched_off_keeps_using_the_running_stats(make):
+    """A trained layer, then .eval() and track_running_stats = False with the
+    buffers kept: torch normalizes with the running statistics (they exist),
+    and so must bnlib; nothing is updated. (A mutation that keyed this on
+    track_running_stats alone raised "needs running_mean" and no test saw.)"""
+    d = {"1d": 1, "2d": 2, "3d": 3, "sync": 2}[make]
+    shape = {1: (6, 3), 2: (4, 3, 2, 3), 3: (3, 3, 2, 2, 2)}[d]
+    dtype = torch.float64
+    ours = (bnlib.nn.SyncBatchNorm(3, dtype=dtype) if make == "sync" else bnlib_bn_class(d)(3, dtype=dtype))
+    ref = torch_bn_class(d)(3, dtype=dtype)
+    ref.load_state_dict(ours.state_dict())
+    x = random_input(shape, dtype, seed=4) * 3 + 2
+    for layer in (ours, ref):
+        layer(x)
+        layer.eval()
+        layer.track_running_stats = False
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    x2 = random_input(shape, dtype, seed=5) * 2 - 1
+    assert_close(ours(x2), ref(x2), OUT_TOL[dtype], "eval after tracking is switched off")
+    for k, v in ours.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 def test_eval_output_backpropagates_after_a_training_step_of_the_same_layer(dtype):
     """A teacher branch in eval mode, a student branch in training, one

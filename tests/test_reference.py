@@ -355,3 +355,26 @@ def test_train_takes_a_boolean_only():
         layer.train("False")
     assert layer.training is False
     assert layer.train(np.bool_(True)).training is True
+
+
+def test_an_empty_batch_reaches_neither_statistics_nor_running_estimates():
+    """Its batch statistics are NaN (there are none), and the class keeps its
+    running estimates (as torch's module does), whatever they hold."""
+    _, cache = R.batchnorm_forward(np.zeros((0, 3)), np.ones(3), np.zeros(3))
+    assert np.isnan(cache.mu).all() and np.isnan(cache.var).all()
+    bn = R.BatchNorm(3)
+    bn.running_mean[:] = [1.0, -2.0, 3.0]
+    bn.running_var[:] = [0.5, 2.0, 4.0]
+    y = bn(np.zeros((0, 3)))
+    assert y.shape == (0, 3)
+    np.testing.assert_array_equal(bn.running_mean, [1.0, -2.0, 3.0])
+    np.testing.assert_array_equal(bn.running_var, [0.5, 2.0, 4.0])
+
+
+def test_a_constant_float32_channel_far_from_zero_normalizes_to_zero():
+    """The mean's rounding error is measured and removed: without it a
+    constant float32 channel of 10000.1 gives x_hat about 0.3, not 0."""
+    x = np.full((64, 3), 10000.1, dtype=np.float32)
+    y, cache = R.batchnorm_forward(x, np.ones(3, np.float32), np.zeros(3, np.float32))
+    assert np.abs(y).max() == 0.0
+    assert (cache.var == 0).all()
