@@ -106,8 +106,8 @@ def _run_both(shape, dtype, device, layout, training, affine, running, momentum,
     rv = torch.rand(C, generator=g, dtype=torch.float64) + 0.5 if running else None
 
     def params(dev, dt):
-        out = [None if t is None else t.to(dev, dt).requires_grad_() for t in (w, b)]
-        out += [None if t is None else t.to(dev, dt) for t in (rm, rv)]
+        out = [None if t is None else t.to(dev, dt, copy=True).requires_grad_() for t in (w, b)]
+        out += [None if t is None else t.to(dev, dt, copy=True) for t in (rm, rv)]
         return out
 
     # bnlib: parameters and running stats in float32 for half inputs (mixed precision, as in torch.nn)
@@ -792,3 +792,113 @@ def test_cuda_no_host_sync():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert math.isfinite(rm.sum().item())
+
+
+# --- from a mutation run of the kernels in the interpreter (50 mutants, 40
+# caught): the cases that let the other ten through ----------------------
+
+
+def _torch_reference(x, rm, rv, w, b, momentum, eps):
+    x2 = x.detach().double().requires_grad_()
+    rm2 = None if rm is None else rm.double().clone()
+    rv2 = None if rv is None else rv.double().clone()
+    w2 = None if w is None else w.detach().double().requires_grad_()
+    b2 = None if b is None else b.detach().double().requires_grad_()
+    return x2, rm2, rv2, w2, b2, F.batch_norm(x2, rm2, rv2, w2, b2, True, momentum, eps)
+
+
+@interp
+@pytest.mark.parametrize("config", [ONE_SPLIT, SPLITS], ids=["one_split", "splits"])
+def test_float64_running_stats_separate_buffers(config):
+    """Float64 running estimates, each library with its own buffers (_run_both
+    once handed both the same tensors: .to() of a float64 CPU tensor is a no-op)."""
+    x = make_input((4, 3, 10), torch.float64, "cpu")
+    rm, rv = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
+    rm2, rv2 = rm.clone(), rv.clone()
+    tk.batch_norm(x, rm, rv, None, None, True, 0.3, 1e-5, config=config)
+    F.batch_norm(x, rm2, rv2, None, None, True, 0.3, 1e-5)
+    assert rel_err(rm, rm2) < 1e-7 and rel_err(rv, rv2) < 1e-7
+
+
+@interp
+def test_more_than_256_splits():
+    """More than 256 splits: the finalize kernels' second BLOCK_SPLIT step
+    (_chan_combine with both sides non-empty)."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(514, 1, generator=g, dtype=torch.float64) + torch.arange(514.0, dtype=torch.float64)[:, None] / 100)
+    x.requires_grad_()
+    config = {"n_split": 257, "tile": 4, "block_c": 1}
+    R, C, S = 514, 1, 1
+    launch = tk._launch(R, C, S, torch.float64, torch.device("cpu"), config)
+    assert launch.n_split == 257 and launch.BLOCK_SPLIT == 256 and not launch.fuse_finalize
+    rm, rv = torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+    w = torch.tensor([1.5], dtype=torch.float64, requires_grad=True)
+    b = torch.tensor([0.5], dtype=torch.float64, requires_grad=True)
+    y = tk.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5, config=config)
+    x2, rm2, rv2, w2, b2, y2 = _torch_reference(x, torch.zeros(1), torch.ones(1), w, b, 0.1, 1e-5)
+    dy = torch.randn(514, 1, generator=g, dtype=torch.float64)
+    g1 = torch.autograd.grad(y, (x, w, b), dy)
+    g2 = torch.autograd.grad(y2, (x2, w2, b2), dy)
+    assert rel_err(y, y2) < 1e-12
+    assert rel_err(rm, rm2) < 1e-7 and rel_err(rv, rv2) < 1e-7
+    for a, c in zip(g1, g2):
+        assert rel_err(a, c) < 1e-12
+
+
+@interp
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
+def test_stable_variance_channels_of_different_means(config):
+    """Each channel shifted by its own first value: channel 0 near 0, the
+    others near 1e4."""
+    g = torch.Generator().manual_seed(27)
+    x = (torch.randn(6, 64, 2, generator=g, dtype=torch.float64) + 1e4)
+    x[:, 0] -= 1e4
+    x = x.float()
+    rm, rv = torch.zeros(64), torch.zeros(64)
+    tk.batch_norm(x, rm, rv, None, None, True, 1.0, 1e-5, config=config)
+    want = x.double().var(dim=(0, 2), unbiased=True)
+    assert ((rv.double() / want - 1).abs().max()) < 1e-5
+
+
+@interp
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
+def test_nan_rule_infinite_variance_finite_mean(config):
+    """A float32 channel alternating 0 and 3e19: a finite mean, an infinite
+    M2; the NaN rule keeps its running estimates."""
+    x = make_input((4, 2, 8), torch.float32, "cpu")
+    x[:, 1] = 0.0
+    x[:, 1, 1::2] = 3e19
+    rm, rv = torch.zeros(2), torch.ones(2)
+    tk.batch_norm(x, rm, rv, None, None, True, 0.5, 1e-5, config=config)
+    assert rm[1].item() == 0.0 and rv[1].item() == 1.0, (rm, rv)
+    want_rm, want_rv = torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+    F.batch_norm(x[:, :1].double(), want_rm, want_rv, training=True, momentum=0.5)
+    assert rel_err(rm[:1], want_rm) < 1e-5 and rel_err(rv[:1], want_rv) < 1e-5
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_eps_inside_sqrt(dtype):
+    """eps of the order of the variance (std 0.01, eps 1e-4): inside the sqrt."""
+    x = make_input((4, 3, 10), dtype, "cpu", mean=1.0, std=0.01)
+    y = tk.batch_norm(x, None, None, None, None, True, 0.1, 1e-4, config=ONE_SPLIT)
+    assert rel_err(y, F.batch_norm(x.double(), None, None, training=True, eps=1e-4)) < 1e-5
+
+
+@interp
+@pytest.mark.parametrize("which", ["weight_only", "bias_only"])
+@pytest.mark.parametrize("config", [ONE_SPLIT, SPLITS], ids=["one_split", "splits"])
+def test_weight_or_bias_alone(which, config):
+    """A weight without a bias and a bias without a weight: y and every gradient."""
+    x = make_input((4, 3, 10), torch.float64, "cpu").requires_grad_()
+    w = torch.tensor([1.5, -0.5, 2.0], dtype=torch.float64, requires_grad=True) if which == "weight_only" else None
+    b = torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64, requires_grad=True) if which == "bias_only" else None
+    y = tk.batch_norm(x, None, None, w, b, True, 0.1, 1e-5, config=config)
+    x2, _, _, w2, b2, y2 = _torch_reference(x, None, None, w, b, 0.1, 1e-5)
+    dy = make_input((4, 3, 10), torch.float64, "cpu", mean=0.0, std=1.0, seed=2)
+    p1 = [t for t in (x, w, b) if t is not None]
+    p2 = [t for t in (x2, w2, b2) if t is not None]
+    assert rel_err(y, y2) < 1e-12
+    for a, c in zip(torch.autograd.grad(y, p1, dy), torch.autograd.grad(y2, p2, dy)):
+        assert rel_err(a, c) < 1e-12
