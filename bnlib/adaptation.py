@@ -25,8 +25,6 @@ inputs in random batches). ``configure_tent`` changes
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,7 +32,7 @@ from torch import nn
 from bnlib.batchnorm import check_initialized
 from bnlib.functional import _compute_dtype
 from bnlib.moving_average import is_batchnorm
-from bnlib.training import minibatches
+from bnlib.training import check_minibatch_size, minibatches
 
 __all__ = ["prediction_entropy", "configure_tent", "tent_step", "tent_pass"]
 
@@ -152,8 +150,7 @@ def tent_pass(
     """
     # (checked before the generator is drawn from)
     n = len(x)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or not 1 <= batch_size <= n:
-        raise ValueError(f"batch_size must be an integer in [1, n={n}], got {batch_size!r}")
+    check_minibatch_size(n, batch_size)
     if x.dim() == 2 and not drop_last and n % batch_size == 1 and n > 1:
         raise ValueError(f"tent_pass would end with a batch of one row ({len(x)} rows in batches of "
                          f"{batch_size}), which BN cannot normalize: use drop_last=True or another batch_size")

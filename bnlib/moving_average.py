@@ -372,7 +372,6 @@ def precise_bn(model, batches: Iterable, max_batches: int | None = None, estimat
 
     from bnlib.batchnorm import check_initialized
     from bnlib.models import modes_kept
-    from bnlib.perf import chan_merge
 
     layers = running_stat_layers(model)
     if not layers:
@@ -403,17 +402,7 @@ def precise_bn(model, batches: Iterable, max_batches: int | None = None, estimat
 
     # estimator="pooled": (count, mean, M2) per channel of each layer's inputs
     summaries = [None] * len(layers)
-
-    def recorder(k):
-        def hook(module, args, kwargs):
-            z = args[0] if args else kwargs["input"]
-            if z.numel() > 0:
-                part = _channel_summary(z)
-                summaries[k] = part if summaries[k] is None else chan_merge(summaries[k], part)
-        return hook
-
-    handles = [bn.register_forward_pre_hook(recorder(k), with_kwargs=True)
-               for k, bn in enumerate(layers)] if pooled else []
+    handles = _record_inputs(layers, summaries) if pooled else []
     n = 0
     with modes_kept(model):
         try:
@@ -470,6 +459,23 @@ def _batches_of(data):
     return (b[0] if isinstance(b, (tuple, list)) else b for b in data)
 
 
+def _record_inputs(layers, summaries):
+    """Forward pre-hooks that merge each call's input into ``summaries[k]``,
+    the ``(count, mean, M2)`` per channel of layer ``k`` (Chan's merge; an
+    empty input adds nothing); returns their handles, to remove."""
+    from bnlib.perf import chan_merge
+
+    def recorder(k):
+        def hook(module, args, kwargs):
+            z = args[0] if args else kwargs["input"]
+            if z.numel() > 0:
+                part = _channel_summary(z)
+                summaries[k] = part if summaries[k] is None else chan_merge(summaries[k], part)
+        return hook
+
+    return [bn.register_forward_pre_hook(recorder(k), with_kwargs=True) for k, bn in enumerate(layers)]
+
+
 def _channel_summary(z):
     # (count, mean, M2) per channel (dim 1) of z, in float64, as NumPy arrays
     z = z.detach().double().transpose(0, 1).reshape(z.shape[1], -1)
@@ -510,7 +516,6 @@ def population_statistics(model, data) -> list:
 
     from bnlib.batchnorm import check_initialized
     from bnlib.models import modes_kept
-    from bnlib.perf import chan_merge
 
     layers = running_stat_layers(model)
     if not layers:
@@ -519,18 +524,7 @@ def population_statistics(model, data) -> list:
     check_initialized(layers, "population_statistics")
     batches = _batches_of(data)
     summaries = [None] * len(layers)
-
-    def recorder(k):
-        def hook(module, args, kwargs):
-            z = args[0] if args else kwargs["input"]
-            if z.numel() == 0:
-                return None
-            part = _channel_summary(z)
-            summaries[k] = part if summaries[k] is None else chan_merge(summaries[k], part)
-            return None
-        return hook
-
-    handles = [bn.register_forward_pre_hook(recorder(k), with_kwargs=True) for k, bn in enumerate(layers)]
+    handles = _record_inputs(layers, summaries)
     try:
         with modes_kept(model), torch.no_grad():
             model.eval()

@@ -49,7 +49,7 @@ from bnlib._checks import check_integer_at_least, check_positive_finite
 from bnlib.functional import _compute_dtype
 from bnlib.models import buffers_kept, modes_kept
 
-__all__ = ["History", "minibatches", "accuracy", "evaluate", "train", "per_sample_gradients",
+__all__ = ["History", "check_minibatch_size", "minibatches", "accuracy", "evaluate", "train", "per_sample_gradients",
            "unitwise_norm", "adaptive_grad_clip_"]
 
 
@@ -62,6 +62,12 @@ class History:
     accuracy: list[float] = field(default_factory=list)
 
 
+def check_minibatch_size(n: int, batch_size) -> None:
+    """ValueError unless ``batch_size`` is an integer in ``[1, n]`` (not a bool)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or not 1 <= batch_size <= n:
+        raise ValueError(f"batch_size must be an integer in [1, n={n}], got {batch_size!r}")
+
+
 def minibatches(
     n: int, batch_size: int, generator: torch.Generator, drop_last: bool = True
 ) -> Iterator[torch.Tensor]:
@@ -70,8 +76,7 @@ def minibatches(
     With ``drop_last`` the last, smaller batch is skipped (BN needs more than
     one sample, and equal batch sizes keep the statistics comparable).
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or not 1 <= batch_size <= n:
-        raise ValueError(f"batch_size must be an integer in [1, n={n}], got {batch_size!r}")
+    check_minibatch_size(n, batch_size)
     perm = torch.randperm(n, generator=generator)
     stop = n - n % batch_size if drop_last else n
     for start in range(0, stop, batch_size):
