@@ -1278,9 +1278,7 @@ class _BatchRenorm(_NormBase):
         if not self.training:
             return bnF.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
         bnF.check_training_batch(input)
-        _check_eps(self.eps)  # (attributes a user may have set since construction)
-        if self.momentum is not None:
-            bnF.check_momentum(name, self.momentum)
+        self._check_attributes_now(True)
         r_max, d_max = self.current_limits()  # may raise: still before any state changes
         factor = self._count_batch()
         version = _version(self.running_mean)

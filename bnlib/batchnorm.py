@@ -40,6 +40,7 @@ from bnlib._checks import (
     check_input_dims,
     check_norm_args,
     check_num_channels,
+    check_positive_finite,
 )
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d"]
@@ -146,6 +147,20 @@ class _NormBase(NotScriptable, nn.Module):
         check_floating_dtype(name, input.dtype, input.is_floating_point())
         if self.training:
             bnF.check_training_batch(input)
+
+    def _check_attributes_now(self, updates):
+        """``eps`` (batch statistics are used: > 0) and, where the running
+        estimates are updated, ``momentum``, as they are at this call (a user
+        may have set them since construction): ``InputError`` before anything
+        changes. For layers that do not pass them through
+        ``bnlib.functional.batch_norm``, whose checks cover the others."""
+        name = type(self).__name__
+        try:
+            check_positive_finite("eps", self.eps)
+        except ValueError as error:
+            raise InputError(f"{name}: {error}") from None
+        if updates and self.momentum is not None:
+            bnF.check_momentum(name, self.momentum)
 
     def _count_batch(self):
         """Count one training batch; return the running update's factor.

@@ -69,8 +69,8 @@ import numbers
 import torch
 
 from bnlib import batchnorm as bnn
-from bnlib._checks import InputError, check_floating_dtype, check_num_channels, values_per_channel
-from bnlib.functional import _channels_last_format, batch_norm_train, check_momentum, update_running_estimates
+from bnlib._checks import check_floating_dtype, check_num_channels, values_per_channel
+from bnlib.functional import _channels_last_format, batch_norm_train, update_running_estimates
 
 __all__ = ["GhostBatchNorm"]
 
@@ -137,11 +137,7 @@ class GhostBatchNorm(bnn._BatchNorm):
             return super().forward(input)  # eval with running estimates: plain BatchNorm
         self._check_input(input)
         self._check_virtual_batches(input)
-        # (attributes a user may have set since construction; checked before the count)
-        if not self.eps > 0:
-            raise InputError(f"{type(self).__name__} expected eps > 0 with batch statistics, got {self.eps}")
-        if self.training and self.track_running_stats and self.momentum is not None:
-            check_momentum(type(self).__name__, self.momentum)
+        self._check_attributes_now(self.training and self.track_running_stats)  # (before the count)
 
         n, vbs = input.shape[0], self.virtual_batch_size
         if n > vbs and n % vbs == 0:
