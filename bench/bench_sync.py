@@ -4,7 +4,7 @@ For each per-process input shape ``(N, C, H, W)`` and each number of
 processes: forward + backward of ``bnlib.nn.BatchNorm2d`` (no communication)
 and of ``bnlib.nn.SyncBatchNorm`` (one all_gather forward, one all_reduce
 backward), in training mode, interleaved round after round in the same
-processes; the median over the rounds, measured on rank 0. One launch of
+processes; the fastest round, measured on rank 0. One launch of
 the largest number of processes serves every group size: ranks
 ``0 .. g-1`` form the group, the others wait.
 
@@ -40,7 +40,7 @@ def main():
     start = time.perf_counter()
     timings = launch(time_bn_worker, world, shapes, rounds, args.reps, sorted(args.processes))[0]
     print(f"SyncBatchNorm vs local BatchNorm2d, forward + backward, CPU (gloo on 127.0.0.1), "
-          f"torch {torch.__version__}, 1 thread per process, median of {rounds} rounds x {args.reps}")
+          f"torch {torch.__version__}, 1 thread per process, fastest of {rounds} rounds x {args.reps}")
     print(f"{'processes':>9s}  {'input per process':<20s}{'local ms':>10s}{'sync ms':>10s}{'sync/local':>12s}"
           f"{'bytes fwd/bwd per rank':>25s}")
     for (g, shape), (local, sync) in sorted(timings.items()):

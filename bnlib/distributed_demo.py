@@ -301,7 +301,10 @@ def time_bn_worker(rank, world_size, shapes, rounds=7, reps=5, group_sizes=None)
     For every per-rank input shape ``(N, C, H, W)`` and every group size in
     ``group_sizes`` (default: ``[world_size]``; the ranks ``0 .. g-1`` form
     the group, the others wait): ``rounds`` rounds of ``reps`` steps each,
-    local and sync interleaved; the median over the rounds, on rank 0.
+    local and sync interleaved; the fastest round, on rank 0. (The fastest,
+    not the median: a busy machine only ever adds time, and with more
+    processes than cores a burst of load can slow most rounds of one of
+    the two layers, and their medians then misorder them.)
     Returns ``{(g, shape): (local_seconds, sync_seconds)}`` on rank 0, else None.
     """
     group_sizes = group_sizes or [world_size]
@@ -335,7 +338,7 @@ def _time_one(shape, group, rounds, reps):
             for _ in range(reps):
                 step(module)
             times[name].append((time.perf_counter() - start) / reps)
-    return statistics.median(times["local"]), statistics.median(times["sync"])
+    return min(times["local"]), min(times["sync"])
 
 
 if __name__ == "__main__":
