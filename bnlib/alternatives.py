@@ -98,15 +98,13 @@ def _check_eps(eps):
         raise InputError(str(error)) from None
 
 
-def _check_channel_params(num_channels, **tensors):
-    """Per-channel tensors (those given) must be vectors of ``num_channels``
-    values: torch refuses a (2, 2) weight for 4 channels too."""
+def _check_channel_params(input, **tensors):
+    """Per-channel tensors (those given) must be float vectors of one value
+    per channel of ``input``, on its device: batch norm's check
+    (:func:`bnlib.functional._check_per_channel`), with a 0-dim tensor
+    refused for one channel too, as torch's group norm refuses it."""
     for name, tensor in tensors.items():
-        if tensor is not None and not tensor.is_floating_point():  # (an integer estimate would be truncated)
-            raise InputError(f"{name} should be a floating-point tensor, got {tensor.dtype}")
-        if tensor is not None and (tensor.dim() != 1 or tensor.numel() != num_channels):
-            raise InputError(f"{name} should be a vector of {num_channels} elements (one per channel), "
-                             f"got shape {list(tensor.shape)}")
+        bnF._check_per_channel(name, tensor, input, vector_only=True)
 
 
 def _check_positive_int(name, value):
@@ -487,8 +485,7 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
             f"Expected number of channels in input to be divisible by num_groups, "
             f"but got input of shape {list(input.shape)} and num_groups={num_groups}"
         )
-    _check_channel_params(num_channels, weight=weight, bias=bias)
-    bnF.check_same_device(input, weight=weight, bias=bias)
+    _check_channel_params(input, weight=weight, bias=bias)
     _check_eps(eps)
     _check_group_size(input, num_groups)
     m = num_channels // num_groups * math.prod(input.shape[2:])
@@ -728,8 +725,7 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     num_channels = input.shape[1]
     check_floating_dtype("instance_norm", input.dtype, input.is_floating_point())
     bnF.check_running_pair("instance_norm", running_mean, running_var)
-    _check_channel_params(num_channels, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
-    bnF.check_same_device(input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
+    _check_channel_params(input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     _check_eps(eps)
     if use_input_stats and running_mean is not None:
         bnF.check_momentum("instance_norm", momentum)
@@ -1136,10 +1132,8 @@ def _batch_renorm_train(input, running_mean, running_var, weight, bias, momentum
     """Training step of :func:`batch_renorm`; returns ``(y, r, d)``, ``r``, ``d`` of shape ``(C,)``."""
     if input.dim() < 2:
         raise InputError(f"batch_renorm expected an input with at least 2 dimensions (N, C, ...), got {input.dim()}D input")
-    num_channels = input.shape[1]
     check_floating_dtype("batch_renorm", input.dtype, input.is_floating_point())
-    _check_channel_params(num_channels, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
-    bnF.check_same_device(input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
+    _check_channel_params(input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     bnF.check_training_batch(input)
     _check_limit("r_max", r_max, 1.0)
     _check_limit("d_max", d_max, 0.0)

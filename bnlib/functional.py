@@ -739,12 +739,13 @@ def check_training_batch(input):
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
-def _check_per_channel(name, tensor, input):
+def _check_per_channel(name, tensor, input, vector_only=False):
     """``tensor`` (if given) holds one real floating-point value per channel
     of ``input``, on its device, in a vector (C,): torch's kernels require
     it of the running estimates (and take a weight of shape (C, 1), which is
     refused here, as torch's group norm refuses it; a 0-dim weight for one
-    channel passes, as in torch). Checked before anything
+    channel passes, as in torch's batch norm, unless ``vector_only``: group
+    norm refuses it). Checked before anything
     is written: an integer running estimate would be truncated, a (C, 1) one
     half updated before the update failed."""
     if tensor is None:
@@ -753,7 +754,8 @@ def _check_per_channel(name, tensor, input):
         raise InputError(f"{name} should be a tensor (or None), got {type(tensor).__name__}")
     if not tensor.is_floating_point():
         raise InputError(f"{name} should be a floating-point tensor, got {tensor.dtype}")
-    if (tensor.dim() > 1 or (tensor.dim() == 0 and name.startswith("running_"))) and tensor.numel() == input.shape[1]:
+    scalar_refused = vector_only or name.startswith("running_")
+    if (tensor.dim() > 1 or (tensor.dim() == 0 and scalar_refused)) and tensor.numel() == input.shape[1]:
         raise InputError(f"{name} should be a vector of {input.shape[1]} elements (one per channel), "
                          f"got shape {list(tensor.shape)}")
     if tensor.numel() != input.shape[1]:
