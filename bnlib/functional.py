@@ -930,6 +930,13 @@ def check_batch_norm_args(input, running_mean, running_var, weight, bias, traini
             and tensor.is_floating_point() and tensor.device == device
         ):
             _check_per_channel(name, tensor, input)
+    if ((running_mean is not None and running_mean.requires_grad)
+            or (running_var is not None and running_var.requires_grad)) and not under_func_transform():
+        # torch refuses them too ("not differentiable with respect to
+        # running_mean"): they are estimates, not parameters, and the
+        # hand-written backward gives them no gradient.
+        raise InputError("batch_norm expected running_mean and running_var that do not require grad "
+                         "(running estimates get no gradient; pass them detached)")
     if training:
         check_training_args(running_mean, running_var, momentum, eps)
         check_training_batch(input)

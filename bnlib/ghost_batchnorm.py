@@ -69,7 +69,7 @@ import numbers
 import torch
 
 from bnlib import batchnorm as bnn
-from bnlib._checks import check_floating_dtype, check_num_channels, values_per_channel
+from bnlib._checks import InputError, check_floating_dtype, check_num_channels, values_per_channel
 from bnlib.functional import _channels_last_format, batch_norm_train, update_running_estimates
 
 __all__ = ["GhostBatchNorm"]
@@ -115,7 +115,7 @@ class GhostBatchNorm(bnn._BatchNorm):
     def _check_input(self, input):
         """Shape checks (the plain path of eval mode calls this too)."""
         if input.dim() < 2:
-            raise ValueError(f"GhostBatchNorm expected at least 2D input (N, C, ...) (got {input.dim()}D input)")
+            raise InputError(f"GhostBatchNorm expected at least 2D input (N, C, ...) (got {input.dim()}D input)")
         check_num_channels("GhostBatchNorm", input.shape, self.num_features)
         check_floating_dtype("GhostBatchNorm", input.dtype, input.is_floating_point())
 
@@ -126,7 +126,7 @@ class GhostBatchNorm(bnn._BatchNorm):
             return  # an empty batch, as BatchNorm: empty output, running estimates kept
         smallest = n % self.virtual_batch_size or self.virtual_batch_size  # the last virtual batch
         if values_per_channel((smallest,) + tuple(input.shape[1:])) == 1:
-            raise ValueError(
+            raise InputError(
                 "Expected more than 1 value per channel when training, got a virtual batch of "
                 f"input size {[smallest] + list(input.shape[1:])} (input size {list(input.shape)}, "
                 f"virtual_batch_size={self.virtual_batch_size})"

@@ -566,6 +566,29 @@ def test_bad_input_is_caught_as_torch_code_catches_it():
         assert isinstance(caught.value, ValueError) and isinstance(caught.value, bnlib.nn.InputError)
 
 
+def test_ghost_batch_norm_bad_input_is_an_input_error():
+    """GhostBatchNorm raised a plain ValueError, which torch-style code catching RuntimeError missed."""
+    ghost = bnlib.nn.GhostBatchNorm(3, virtual_batch_size=4)
+    for x in (torch.randn(5, 3), torch.randn(3)):  # a last virtual batch of one row; a 1-D input
+        with pytest.raises(bnlib.nn.InputError):
+            ghost(x)
+    assert int(ghost.num_batches_tracked) == 0
+
+
+def test_running_estimates_that_require_grad_are_refused_as_torch():
+    """torch refuses them ("not differentiable with respect to running_mean"); bnlib gave them no
+    gradient in eager mode and a gradient under torch.func (the formula): refused, with nothing changed."""
+    x = torch.randn(4, 3)
+    for training in (False, True):
+        rm, rv = torch.zeros(3, requires_grad=True), torch.ones(3)
+        with pytest.raises(RuntimeError):
+            torch.nn.functional.batch_norm(x, rm, rv, training=training)
+        for running in ((rm, rv), (rv.detach(), rm)):
+            with pytest.raises(bnlib.nn.InputError, match="do not require grad"):
+                BF.batch_norm(x, *running, training=training)
+        assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+
+
 @pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("make", [lambda m: bnlib.nn.BatchNorm1d(3, momentum=m),
                                   lambda m: bnlib.nn.BatchRenorm1d(3, momentum=m)],
