@@ -342,7 +342,8 @@ def precise_bn(model, batches: Iterable, max_batches: int | None = None, estimat
         \end{aligned}
 
     accumulated in float64 with Chan's merge (the layer's input is read by a
-    forward pre-hook). The two differ when the batches' values are not
+    forward pre-hook; each batch is summarized on its device in its own
+    precision, float32 for half inputs). The two differ when the batches' values are not
     independent draws: in training mode an earlier BN layer normalizes each
     batch by its own statistics, so a later layer's batch variances are each
     a little too small or too large, and ``m/(m-1)`` times their average
@@ -433,8 +434,9 @@ def precise_bn(model, batches: Iterable, max_batches: int | None = None, estimat
                 for bn, summary in zip(layers, summaries):
                     if summary is not None:  # (pooled; training mode saw > 1 value per channel)
                         count, mean, m2 = summary
-                        bn.running_mean.copy_(torch.as_tensor(mean))
-                        bn.running_var.copy_(torch.as_tensor(m2 / (count - 1)))
+                        # (rounded to the buffers' dtype on the host: MPS has no float64)
+                        bn.running_mean.copy_(torch.as_tensor(mean, dtype=bn.running_mean.dtype))
+                        bn.running_var.copy_(torch.as_tensor(m2 / (count - 1), dtype=bn.running_var.dtype))
         except BaseException:
             restore([True] * len(layers))
             raise
@@ -469,19 +471,53 @@ def _record_inputs(layers, summaries):
         def hook(module, args, kwargs):
             z = args[0] if args else kwargs["input"]
             if z.numel() > 0:
-                part = _channel_summary(z)
+                part = _channel_summary(z, None if summaries[k] is None else summaries[k][1])
                 summaries[k] = part if summaries[k] is None else chan_merge(summaries[k], part)
         return hook
 
     return [bn.register_forward_pre_hook(recorder(k), with_kwargs=True) for k, bn in enumerate(layers)]
 
 
-def _channel_summary(z):
-    # (count, mean, M2) per channel (dim 1) of z, in float64, as NumPy arrays
-    z = z.detach().double().transpose(0, 1).reshape(z.shape[1], -1)
-    mean = z.mean(dim=1)
-    m2 = ((z - mean[:, None]) ** 2).sum(dim=1)
-    return float(z.shape[1]), mean.cpu().numpy(), m2.cpu().numpy()
+def _channel_summary(z, shift=None):
+    """(count, mean, M2) per channel (dim 1) of ``z``, as float64 NumPy arrays.
+
+    Computed on z's device in z's precision (float32 for half inputs), not
+    in a float64 copy of z (twice the memory on a GPU; MPS has no float64);
+    only the (C,) results go to the host, where Chan's merge pools the
+    batches in float64. The values are summed as ``d = z - shift``, with
+    ``shift`` the mean so far (float64, from the host) or, for the first
+    batch, z's own mean: ``d`` is on the scale of the spread, so its float32
+    sums keep the digits a mean of 1e4 would round away, and the mean comes
+    out as ``shift + mean(d)`` in float64. Two passes over ``d`` (its mean,
+    then the squared deviations from it): stable for any mean."""
+    import torch
+
+    z = z.detach()
+    if z.dtype not in (torch.float32, torch.float64):
+        z = z.float()
+    z = z.transpose(0, 1).reshape(z.shape[1], -1)
+    if shift is None:
+        shift = z.mean(dim=1)
+    else:  # rounded to z's dtype: the shift used is the one added back
+        shift = torch.as_tensor(shift, dtype=z.dtype).to(z.device)
+    d = z - shift[:, None]
+    mean_d = d.mean(dim=1)
+    m2 = (d - mean_d[:, None]).square().sum(dim=1)
+    return float(z.shape[1]), _host_float64(shift) + _host_float64(mean_d), _host_float64(m2)
+
+
+def _host_float64(t):
+    # a (C,) tensor as a float64 NumPy array: to the host first (an MPS
+    # tensor cannot be made float64 on its device)
+    return t.cpu().double().numpy()
+
+
+def _float64_device(device):
+    """Where float64 results for a layer on ``device`` can live: the device
+    itself, or the CPU for MPS, which has no float64."""
+    import torch
+
+    return torch.device("cpu") if device.type == "mps" else device
 
 
 def population_statistics(model, data) -> list:
@@ -507,7 +543,8 @@ def population_statistics(model, data) -> list:
     forward pass pools the inputs of all its calls. The model runs in eval
     mode without gradients; its modes and buffers are left as they were.
     Returns a list of ``(mean, var)`` pairs of float64 tensors of shape
-    ``(C,)``. Raises ``ValueError`` for a model without such a BN layer, empty
+    ``(C,)``, on the layer's device (on the CPU for a layer on MPS, which has
+    no float64). Raises ``ValueError`` for a model without such a BN layer, empty
     ``data``, a lazy BN layer that has not seen an input yet, a BN layer that
     no batch reaches (named in the message), or a layer that saw one value
     per channel (no variance).
@@ -543,7 +580,7 @@ def population_statistics(model, data) -> list:
     for bn, (n, mean, m2) in zip(layers, summaries):
         if n < 2:
             raise ValueError(f"population_statistics needs at least 2 values per channel, got {n:g}")
-        device = bn.running_mean.device
+        device = _float64_device(bn.running_mean.device)
         stats.append((torch.as_tensor(mean, device=device), torch.as_tensor(m2 / (n - 1), device=device)))
     return stats
 
@@ -565,6 +602,8 @@ def running_stat_gaps(model, data) -> list:
     """
     gaps = []
     for bn, (mean, var) in zip(running_stat_layers(model), population_statistics(model, data)):
-        gaps.append(((bn.running_mean.double() - mean).abs() / var.sqrt(),
-                     bn.running_var.double() / var - 1))
+        # (to the statistics' device first: the CPU for a layer on MPS)
+        running_mean = bn.running_mean.detach().to(mean.device).double()
+        running_var = bn.running_var.detach().to(var.device).double()
+        gaps.append(((running_mean - mean).abs() / var.sqrt(), running_var / var - 1))
     return gaps
