@@ -39,6 +39,7 @@ from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 
 from bnlib.frozen_batchnorm import FrozenBatchNorm, check_eval_map, freezable
+from bnlib.functional import to_float64
 
 __all__ = ["FOLDABLE", "bn_scale_shift", "fold_bn", "fold_model"]
 
@@ -83,17 +84,18 @@ def bn_scale_shift(bn) -> tuple[torch.Tensor, torch.Tensor]:
     """``(scale, shift)`` of an eval-mode BN layer (or a frozen one, in either mode), float64, shape ``(C,)`` each:
     ``scale = gamma / sqrt(running_var + eps)``, ``shift = beta - running_mean * scale``,
     so that ``BN(z) = z * scale + shift`` per channel (``gamma = 1``, ``beta = 0``
-    when the layer has no affine parameters)."""
+    when the layer has no affine parameters). On the layer's device, or on
+    the CPU for a layer on MPS, which has no float64."""
     _check_bn(bn)
-    var = bn.running_var.detach().to(torch.float64)
+    var = to_float64(bn.running_var)
     if not bool(torch.all(var + bn.eps > 0)):  # (NaN weights otherwise, silently)
         raise ValueError(f"bn_scale_shift expected running_var + eps > 0 in every channel, got a minimum of "
                          f"{float((var + bn.eps).min()):g} (a negative running_var, or eps <= 0)")
     if isinstance(bn, FrozenBatchNorm):
-        return tuple(t.detach() for t in bn.scale_shift(torch.float64))
-    mean = bn.running_mean.detach().to(torch.float64)
-    gamma = torch.ones_like(var) if bn.weight is None else bn.weight.detach().to(torch.float64)
-    beta = torch.zeros_like(var) if bn.bias is None else bn.bias.detach().to(torch.float64)
+        return tuple(t.detach() for t in bn.scale_shift(torch.float64, var.device))
+    mean = to_float64(bn.running_mean)
+    gamma = torch.ones_like(var) if bn.weight is None else to_float64(bn.weight)
+    beta = torch.zeros_like(var) if bn.bias is None else to_float64(bn.bias)
     scale = gamma / torch.sqrt(var + bn.eps)
     return scale, beta - mean * scale
 
@@ -147,15 +149,16 @@ def fold_bn(layer: nn.Module, bn: nn.Module) -> nn.Module:
             f"{out_channels} output channels; they must match"
         )
     scale, shift = bn_scale_shift(bn)
-    w = layer.weight.detach().to(torch.float64)
-    b = torch.zeros(out_channels, dtype=torch.float64, device=w.device) if layer.bias is None else layer.bias.detach().to(torch.float64)
+    w = to_float64(layer.weight)  # (on the CPU for MPS, as the scale)
+    b = torch.zeros(out_channels, dtype=torch.float64, device=w.device) if layer.bias is None else to_float64(layer.bias)
     new_w = w * scale.to(w.device).view((-1,) + (1,) * (w.dim() - 1))
     new_b = b * scale.to(w.device) + shift.to(w.device)
 
     folded = copy.deepcopy(layer)
     dtype, device = layer.weight.dtype, layer.weight.device
-    folded.weight = nn.Parameter(new_w.to(dtype=dtype, device=device), requires_grad=layer.weight.requires_grad)
-    folded.bias = nn.Parameter(new_b.to(dtype=dtype, device=device), requires_grad=layer.weight.requires_grad)
+    # rounded where float64 is, then moved (MPS has no float64)
+    folded.weight = nn.Parameter(new_w.to(dtype).to(device), requires_grad=layer.weight.requires_grad)
+    folded.bias = nn.Parameter(new_b.to(dtype).to(device), requires_grad=layer.weight.requires_grad)
     return folded
 
 

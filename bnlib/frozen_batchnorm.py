@@ -75,10 +75,13 @@ class FrozenBatchNorm(NotScriptable, nn.Module):
             self.running_mean.zero_()
             self.running_var.fill_(1)
 
-    def scale_shift(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        r"""``(scale, shift)``, :math:`\tilde\gamma` and :math:`\tilde\beta`, shape ``(C,)``, in ``dtype``."""
-        scale = self.weight.to(dtype) * torch.rsqrt(self.running_var.to(dtype) + _eps_in(self.eps, dtype))
-        return scale, self.bias.to(dtype) - self.running_mean.to(dtype) * scale
+    def scale_shift(self, dtype: torch.dtype = torch.float32, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""``(scale, shift)``, :math:`\tilde\gamma` and :math:`\tilde\beta`, shape ``(C,)``, in ``dtype``,
+        on ``device`` (default: the layer's)."""
+        weight, bias, mean, var = (t.to(device).to(dtype) for t in
+                                   (self.weight, self.bias, self.running_mean, self.running_var))
+        scale = weight * torch.rsqrt(var + _eps_in(self.eps, dtype))
+        return scale, bias - mean * scale
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         name = type(self).__name__

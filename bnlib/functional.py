@@ -218,6 +218,17 @@ def _channels_last_format(t):
     return None
 
 
+def to_float64(t, device=None):
+    """``t`` detached, as float64, on ``device`` (default: its own), or on
+    the CPU where that device has no float64 (MPS): for small per-channel
+    computations (folding, statistics) that want the digits. Moved first,
+    then converted, so no float64 tensor is made on MPS."""
+    device = t.device if device is None else torch.device(device)
+    if device.type == "mps":
+        device = torch.device("cpu")
+    return t.detach().to(device).to(torch.float64)
+
+
 def _dense(t):
     """``t`` itself when its memory is in (N, C, ...) or channels-last order, else a contiguous copy."""
     if t.is_contiguous() or _channels_last_format(t) is not None:

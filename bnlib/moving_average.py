@@ -512,14 +512,6 @@ def _host_float64(t):
     return t.cpu().double().numpy()
 
 
-def _float64_device(device):
-    """Where float64 results for a layer on ``device`` can live: the device
-    itself, or the CPU for MPS, which has no float64."""
-    import torch
-
-    return torch.device("cpu") if device.type == "mps" else device
-
-
 def population_statistics(model, data) -> list:
     r"""Each BN layer's input mean and unbiased variance per channel over ``data``,
     under the eval-mode model: the statistics inference needs, and that the
@@ -552,6 +544,7 @@ def population_statistics(model, data) -> list:
     import torch
 
     from bnlib.batchnorm import check_initialized
+    from bnlib.functional import to_float64
     from bnlib.models import modes_kept
 
     layers = running_stat_layers(model)
@@ -580,8 +573,8 @@ def population_statistics(model, data) -> list:
     for bn, (n, mean, m2) in zip(layers, summaries):
         if n < 2:
             raise ValueError(f"population_statistics needs at least 2 values per channel, got {n:g}")
-        device = _float64_device(bn.running_mean.device)
-        stats.append((torch.as_tensor(mean, device=device), torch.as_tensor(m2 / (n - 1), device=device)))
+        stats.append((to_float64(torch.as_tensor(mean), bn.running_mean.device),
+                      to_float64(torch.as_tensor(m2 / (n - 1)), bn.running_mean.device)))
     return stats
 
 
@@ -600,10 +593,10 @@ def running_stat_gaps(model, data) -> list:
     whose input does not vary (:math:`\sigma_c = 0`) gets ``inf`` or ``nan``.
     Same arguments, checks and guarantees as :func:`population_statistics`.
     """
+    from bnlib.functional import to_float64
+
     gaps = []
     for bn, (mean, var) in zip(running_stat_layers(model), population_statistics(model, data)):
-        # (to the statistics' device first: the CPU for a layer on MPS)
-        running_mean = bn.running_mean.detach().to(mean.device).double()
-        running_var = bn.running_var.detach().to(var.device).double()
+        running_mean, running_var = to_float64(bn.running_mean), to_float64(bn.running_var)
         gaps.append(((running_mean - mean).abs() / var.sqrt(), running_var / var - 1))
     return gaps

@@ -248,3 +248,13 @@ def test_a_subnormal_eps_is_used_as_given(eps):
     for path in ("kernels", "tensor_ops"):
         with BF.cpu_backend(path):
             torch.testing.assert_close(alt.layer_norm(x, (5,), eps=eps), want, rtol=1e-4, atol=1e-4)
+
+
+def test_to_float64_keeps_float64_off_mps():
+    """Folding and the population statistics compute in float64, which MPS does not have:
+    for an MPS device they use the CPU (asked for here without an MPS device to run on)."""
+    t = torch.arange(3.0, requires_grad=True)
+    out = BF.to_float64(t, "mps")
+    assert out.device.type == "cpu" and out.dtype == torch.float64 and not out.requires_grad
+    assert BF.to_float64(t).device == t.device
+    torch.testing.assert_close(out, t.detach().double())
