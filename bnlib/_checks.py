@@ -21,6 +21,12 @@ class InputError(ValueError, RuntimeError):
     """
 
 
+class InputTypeError(InputError, TypeError):
+    """An :class:`InputError` for an argument of the wrong type (an array
+    where a tensor belongs, a string for ``training``): also a ``TypeError``,
+    which torch raises for these."""
+
+
 def check_norm_args(num_features, eps, momentum):
     """Validate constructor arguments: ``num_features >= 1``, ``eps > 0``,
     ``momentum`` in ``[0, 1]`` or ``None`` (cumulative average).

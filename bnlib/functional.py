@@ -45,7 +45,7 @@ import warnings
 
 import torch
 
-from bnlib._checks import InputError, check_batch_size, check_floating_dtype, values_per_channel
+from bnlib._checks import InputError, InputTypeError, check_batch_size, check_floating_dtype, values_per_channel
 
 __all__ = ["batch_norm", "batch_norm_train", "cpu_backend", "get_cpu_backend", "set_cpu_backend"]
 
@@ -762,7 +762,7 @@ def _check_per_channel(name, tensor, input, vector_only=False):
     if tensor is None:
         return
     if not isinstance(tensor, torch.Tensor):
-        raise InputError(f"{name} should be a tensor (or None), got {type(tensor).__name__}")
+        raise InputTypeError(f"{name} should be a tensor (or None), got {type(tensor).__name__}")
     if not tensor.is_floating_point():
         raise InputError(f"{name} should be a floating-point tensor, got {tensor.dtype}")
     scalar_refused = vector_only or name.startswith("running_")
@@ -924,9 +924,9 @@ def check_batch_norm_args(input, running_mean, running_var, weight, bias, traini
     kernels' entry point, which calls it too), before anything is written;
     ``InputError`` names what was expected."""
     if not isinstance(input, torch.Tensor):
-        raise InputError(f"batch_norm expected the input to be a tensor, got {type(input).__name__}")
+        raise InputTypeError(f"batch_norm expected the input to be a tensor, got {type(input).__name__}")
     if not isinstance(training, bool):
-        raise InputError(f"batch_norm expected training to be a bool, got {training!r}")
+        raise InputTypeError(f"batch_norm expected training to be a bool, got {training!r}")
     if input.dim() < 2:
         raise InputError(f"batch_norm expected an input with at least 2 dimensions (N, C, ...), got {input.dim()}D input")
     check_floating_dtype("batch_norm", input.dtype, input.is_floating_point())

@@ -368,6 +368,13 @@ def test_functional_bad_training_flag_eps_and_input():
             BF.batch_norm(x, rm, rv, eps=eps)
     with pytest.raises(ValueError, match="expected the input to be a tensor, got ndarray"):
         BF.batch_norm(x.numpy(), rm, rv)
+    # torch raises TypeError for these three: bnlib's error is one too
+    for call in (lambda: BF.batch_norm(x, rm, rv, training="False"), lambda: BF.batch_norm(x.numpy(), rm, rv),
+                 lambda: BF.batch_norm(x, rm.numpy(), rv)):
+        with pytest.raises(TypeError):
+            call()
+    with pytest.raises(TypeError):
+        torch.nn.functional.batch_norm(x, rm, rv, training="False")
 
 
 @pytest.mark.parametrize("attr, value", [("momentum", float("nan")), ("momentum", "0.1"), ("eps", -1.0)],
