@@ -17,7 +17,9 @@ class InputError(ValueError, RuntimeError):
     A ``ValueError``, as bnlib's contract says, and a ``RuntimeError``, which is
     what torch raises for most of the same mistakes (a channel count that is
     not ``num_features``, a shape LayerNorm was not built for, an integer
-    input): code written against either library catches it.
+    input): code written against either library catches it. An argument of
+    the wrong type raises the subclass ``InputTypeError``, a
+    ``TypeError`` too, as torch raises for those.
     """
 
 
