@@ -438,6 +438,7 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     (``m = prod(normalized_shape)`` values), ``y = x_hat * weight + bias`` with
     ``weight``, ``bias`` of shape ``normalized_shape`` (Ba et al. 2016).
     """
+    bnF.check_tensor_input("layer_norm", input)
     normalized_shape = _normalized_shape_tuple(normalized_shape)
     _check_layer_norm_input(input, normalized_shape)
     check_floating_dtype("layer_norm", input.dtype, input.is_floating_point())
@@ -471,6 +472,7 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
     group is normalized over its ``m = C / G * prod(spatial)`` values
     (Wu & He 2018); ``weight``, ``bias``: per channel, ``(C,)``.
     """
+    bnF.check_tensor_input("group_norm", input)
     if input.dim() < 2:
         raise InputError(f"group_norm expected an input with at least 2 dimensions (N, C, ...), got {input.dim()}D input")
     _check_positive_int("num_groups", num_groups)
@@ -582,6 +584,7 @@ def rms_norm(input, normalized_shape, weight=None, eps=None):
     in torch 2.13; older torch versions took a half input's own epsilon.
     Stricter than torch: ``eps`` must be > 0.
     """
+    bnF.check_tensor_input("rms_norm", input)
     normalized_shape = _normalized_shape_tuple(normalized_shape)
     _check_layer_norm_input(input, normalized_shape)
     check_floating_dtype("rms_norm", input.dtype, input.is_floating_point())
@@ -636,6 +639,7 @@ def _frn_affine_threshold(x_hat, weight, bias, tau):
 
 
 def _check_frn_input(name, input):
+    bnF.check_tensor_input(name, input)
     if input.dim() < 3:
         raise InputError(
             f"{name} expected an input with at least one spatial dimension (N, C, L, ...), got "
@@ -720,6 +724,7 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     the per-instance statistics. Otherwise the running estimates normalize,
     as in batch norm's eval mode.
     """
+    bnF.check_tensor_input("instance_norm", input)
     if input.dim() < 3:
         raise InputError(f"instance_norm expected an input with at least 3 dimensions (N, C, L, ...), got {input.dim()}D input")
     num_channels = input.shape[1]
@@ -898,6 +903,7 @@ class GroupNorm(NotScriptable, nn.Module):
 
     def forward(self, input):
         name = type(self).__name__
+        bnF.check_tensor_input(name, input)
         if input.dim() < 2:
             raise InputError(f"{name} expected an input with at least 2 dimensions (N, C, ...), got {input.dim()}D input")
         check_num_channels(name, input.shape, self.num_channels)
@@ -933,6 +939,7 @@ class _InstanceNorm(_NormBase):
 
     def forward(self, input):
         name = type(self).__name__
+        bnF.check_tensor_input(name, input)
         batched = self.allowed_dims[0]
         check_input_dims(name, input.shape, (batched - 1, batched))
         unbatched = input.dim() == batched - 1
@@ -1005,6 +1012,7 @@ class _LazyInstanceNorm(_LazyNorm):
 
     def _channels_of_first_input(self, input):
         name = type(self).__name__
+        bnF.check_tensor_input(name, input)
         batched = self.allowed_dims[0]
         check_input_dims(name, input.shape, (batched - 1, batched))
         check_floating_dtype(name, input.dtype, input.is_floating_point())
@@ -1266,6 +1274,7 @@ class _BatchRenorm(_NormBase):
 
     def forward(self, input):
         name = type(self).__name__
+        bnF.check_tensor_input(name, input)
         check_input_dims(name, input.shape, self.allowed_dims)
         check_num_channels(name, input.shape, self.num_features)
         check_floating_dtype(name, input.dtype, input.is_floating_point())

@@ -139,6 +139,7 @@ class _NormBase(NotScriptable, nn.Module):
         """Raise ``InputError`` for an input the layer does not take; ``num_features``:
         the channel count to expect, if not ``self.num_features`` (a lazy layer's first input)."""
         name = type(self).__name__
+        bnF.check_tensor_input(name, input)
         if isinstance(self, _TorchCompatible):  # torch's hook, which a subclass may override
             self._check_input_dim(input)
         else:

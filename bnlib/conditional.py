@@ -51,6 +51,7 @@ from bnlib._checks import (
     check_positive_finite,
 )
 from bnlib.alternatives import instance_norm
+from bnlib.functional import check_tensor_input
 
 __all__ = ["ConditionalBatchNorm1d", "ConditionalBatchNorm2d", "ConditionalBatchNorm3d", "adaptive_instance_norm"]
 
@@ -114,6 +115,7 @@ class _ConditionalBatchNorm(bnn.NotScriptable, nn.Module):
         # (norm may have been swapped for a frozen or synchronized layer),
         # the batch size in norm, before it counts the batch.
         name = type(self).__name__
+        check_tensor_input(name, input)
         check_input_dims(name, input.shape, self.norm_class.allowed_dims)
         check_num_channels(name, input.shape, self.num_features)
         check_floating_dtype(name, input.dtype, input.is_floating_point())

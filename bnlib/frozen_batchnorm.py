@@ -36,7 +36,7 @@ from torch import nn
 from bnlib._checks import check_floating_dtype, check_input_dims, check_norm_args, check_num_channels
 from bnlib.alternatives import _BatchRenorm
 from bnlib.batchnorm import NotScriptable
-from bnlib.functional import _eps_in
+from bnlib.functional import _eps_in, check_tensor_input
 from bnlib.moving_average import is_batchnorm
 
 __all__ = ["FrozenBatchNorm", "freezable", "check_eval_map"]
@@ -85,6 +85,7 @@ class FrozenBatchNorm(NotScriptable, nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         name = type(self).__name__
+        check_tensor_input(name, input)
         check_input_dims(name, input.shape, (2, 3, 4, 5))
         check_num_channels(name, input.shape, self.num_features)
         check_floating_dtype(name, input.dtype, input.is_floating_point())

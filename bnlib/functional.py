@@ -729,6 +729,13 @@ def check_same_device(input, **tensors):
                              f"and {name} on {tensor.device}")
 
 
+def check_tensor_input(caller, input):
+    """``input`` is a tensor: an array or a list gets an ``InputTypeError``
+    that names the caller, not an ``AttributeError`` from deep inside it."""
+    if not isinstance(input, torch.Tensor):
+        raise InputTypeError(f"{caller} expected the input to be a tensor, got {type(input).__name__}")
+
+
 def check_training_batch(input):
     """Training needs more than one value per channel
     (:func:`bnlib._checks.check_batch_size`), the size printed as torch
@@ -923,8 +930,7 @@ def check_batch_norm_args(input, running_mean, running_var, weight, bias, traini
     """Every argument check of :func:`batch_norm` (and of the Triton
     kernels' entry point, which calls it too), before anything is written;
     ``InputError`` names what was expected."""
-    if not isinstance(input, torch.Tensor):
-        raise InputTypeError(f"batch_norm expected the input to be a tensor, got {type(input).__name__}")
+    check_tensor_input("batch_norm", input)
     if not isinstance(training, bool):
         raise InputTypeError(f"batch_norm expected training to be a bool, got {training!r}")
     if input.dim() < 2:

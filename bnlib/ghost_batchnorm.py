@@ -70,7 +70,7 @@ import torch
 
 from bnlib import batchnorm as bnn
 from bnlib._checks import InputError, check_floating_dtype, check_num_channels, values_per_channel
-from bnlib.functional import _channels_last_format, batch_norm_train, update_running_estimates
+from bnlib.functional import _channels_last_format, batch_norm_train, check_tensor_input, update_running_estimates
 
 __all__ = ["GhostBatchNorm"]
 
@@ -114,6 +114,7 @@ class GhostBatchNorm(bnn._BatchNorm):
 
     def _check_input(self, input):
         """Shape checks (the plain path of eval mode calls this too)."""
+        check_tensor_input("GhostBatchNorm", input)
         if input.dim() < 2:
             raise InputError(f"GhostBatchNorm expected at least 2D input (N, C, ...) (got {input.dim()}D input)")
         check_num_channels("GhostBatchNorm", input.shape, self.num_features)

@@ -114,7 +114,7 @@ from bnlib._checks import InputError, check_floating_dtype, check_num_channels, 
 from bnlib.functional import (_compute_dtype, _cpu_kernels, _dense, _dense_like, _eps_in, _per_channel,
                               _per_channel_arg, _stat_dims, check_training_batch, under_func_transform)
 # The running-estimate update of every bnlib module, under this module's old name.
-from bnlib.functional import buffer_update
+from bnlib.functional import buffer_update, check_tensor_input
 from bnlib.functional import update_running_estimates as update_running_stats
 
 __all__ = ["SyncBatchNorm", "SyncBatchNormFunction", "local_stats", "merge_stats", "update_running_stats",
@@ -359,6 +359,7 @@ class SyncBatchNorm(bnn._BatchNorm, bnn._TorchBatchNorm):
         self.process_group = process_group
 
     def _check_shape(self, input):
+        check_tensor_input("SyncBatchNorm", input)
         self._check_input_dim(input)  # (a subclass may override it, as torch's)
         check_num_channels("SyncBatchNorm", input.shape, self.num_features)
         check_floating_dtype("SyncBatchNorm", input.dtype, input.is_floating_point())

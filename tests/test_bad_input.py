@@ -655,3 +655,30 @@ def test_layers_without_a_weight_ignore_the_default_device():
     with torch.device("meta"):
         y = alt.group_norm(x, 2)
     torch.testing.assert_close(y, torch.nn.functional.group_norm(x, 2))
+
+
+@pytest.mark.parametrize("make, call", [
+    (lambda: bnlib.nn.BatchNorm2d(3), None), (lambda: bnlib.nn.LazyBatchNorm2d(), None),
+    (lambda: bnlib.nn.BatchRenorm2d(3), None), (lambda: bnlib.nn.GhostBatchNorm(3, 2), None),
+    (lambda: bnlib.nn.FrozenBatchNorm(3), None), (lambda: bnlib.nn.SyncBatchNorm(3), None),
+    (lambda: bnlib.nn.LayerNorm([5, 5]), None), (lambda: bnlib.nn.RMSNorm([5, 5]), None),
+    (lambda: bnlib.nn.GroupNorm(1, 3), None), (lambda: bnlib.nn.InstanceNorm2d(3), None),
+    (lambda: bnlib.nn.LazyInstanceNorm2d(), None), (lambda: bnlib.nn.FilterResponseNorm(3), None),
+    (lambda: bnlib.nn.ConditionalBatchNorm2d(3, 4), lambda m, x: m(x, torch.zeros(4, dtype=torch.long))),
+], ids=["BatchNorm2d", "LazyBatchNorm2d", "BatchRenorm2d", "GhostBatchNorm", "FrozenBatchNorm",
+        "SyncBatchNorm", "LayerNorm", "RMSNorm", "GroupNorm", "InstanceNorm2d", "LazyInstanceNorm2d",
+        "FilterResponseNorm", "ConditionalBatchNorm2d"])
+def test_layers_refuse_an_array_input_with_a_type_error_naming_them(make, call):
+    """An array gave an AttributeError from deep inside (torch's layers too), and a lazy
+    layer could take its shape first: now an InputTypeError (a ValueError and a TypeError)
+    before anything changes."""
+    layer = make()
+    kind = type(layer)
+    state = {k: v.clone() for k, v in layer.state_dict().items() if not torch.nn.parameter.is_lazy(v)}
+    x = np.random.default_rng(0).standard_normal((4, 3, 5, 5)).astype(np.float32)
+    with pytest.raises(bnlib.nn.InputError, match="expected the input to be a tensor, got ndarray") as caught:
+        (call or (lambda m, x: m(x)))(layer, x)
+    assert isinstance(caught.value, TypeError) and isinstance(caught.value, ValueError)
+    assert type(layer) is kind  # a lazy layer stays lazy
+    for k, v in state.items():
+        assert torch.equal(layer.state_dict()[k], v), k
