@@ -416,3 +416,29 @@ def test_conditional_batchnorm_on_cuda():
     assert_close(xg.grad.cpu(), xc.grad, GRAD_TOL[torch.float32], "dx")
     assert_close(gpu.weight.grad.cpu(), cpu.weight.grad, GRAD_TOL[torch.float32], "dweight")
     assert_close(gpu.norm.running_var.cpu(), cpu.norm.running_var, OUT_TOL[torch.float32], "running_var")
+
+
+def test_statistics_and_folding_on_cuda():
+    """The population statistics, pooled precise BN and folding on the GPU: the same
+    numbers as on the CPU (each batch summarized on its device in float32, merged in
+    float64 on the host; the fold in float64 on the device)."""
+    from bnlib import fold
+    from bnlib import moving_average as ma
+
+    torch.manual_seed(0)
+    cpu = torch.nn.Sequential(torch.nn.Linear(6, 8), bnlib.nn.BatchNorm1d(8), torch.nn.ReLU(),
+                              torch.nn.Linear(8, 3))
+    gpu = copy.deepcopy(cpu).to(DEV)
+    batches = [3 + torch.randn(16, 6) for _ in range(4)]
+    for (mean_c, var_c), (mean_g, var_g) in zip(ma.population_statistics(cpu, batches),
+                                                ma.population_statistics(gpu, [b.to(DEV) for b in batches])):
+        assert mean_g.device.type == "cuda" and mean_g.dtype == torch.float64
+        torch.testing.assert_close(mean_g.cpu(), mean_c, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(var_g.cpu(), var_c, rtol=1e-5, atol=1e-6)
+    ma.precise_bn(cpu, batches, estimator="pooled")
+    ma.precise_bn(gpu, [b.to(DEV) for b in batches], estimator="pooled")
+    assert_close(gpu[1].running_var.cpu(), cpu[1].running_var, STAT_TOL[torch.float32], "running_var")
+    folded = fold.fold_model(gpu.eval())
+    x = batches[0].to(DEV)
+    with torch.no_grad():
+        assert_close(folded(x).cpu(), gpu(x).cpu(), OUT_TOL[torch.float32], "folded")
