@@ -72,6 +72,7 @@ machine without a GPU).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 
@@ -741,6 +742,18 @@ def _tl_acc(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def _on_device(device):
+    """``device`` as the current CUDA device while kernels launch: Triton
+    launches on the current device and its stream, so a tensor on ``cuda:1``
+    while ``cuda:0`` is current would be refused ("Pointer argument cannot be
+    accessed from Triton"), or, with peer access, be read on the other
+    device's stream, unordered with its own. A no-op on the current device
+    (and on the CPU, under the interpreter)."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 def _forward(x, launch, weight, bias, running_mean, running_var, training, momentum, eps):
     """The forward kernels on ``x`` (laid out as ``launch`` says): ``(y, stats)``,
     with ``stats[0]``, ``stats[1]`` the batch mean and invstd in training mode
@@ -784,7 +797,8 @@ class _TritonBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps, config):
         x, launch = _view_and_launch(input, config)
-        y, stats = _forward(x, launch, weight, bias, running_mean, running_var, training, momentum, eps)
+        with _on_device(x.device):
+            y, stats = _forward(x, launch, weight, bias, running_mean, running_var, training, momentum, eps)
         ctx.training = training
         ctx.eps = eps
         ctx.launch = launch
@@ -825,6 +839,11 @@ class _TritonBatchNorm(torch.autograd.Function):
 
             grads = bnF.grads_through_formula(formula, (input, weight, bias), dy)
             return (*grads, None, None, None, None, None, None)
+        with _on_device(input.device):  # (autograd's device threads set it too; kept for direct calls)
+            return _TritonBatchNorm._backward_kernels(ctx, input, weight, stats, dy)
+
+    @staticmethod
+    def _backward_kernels(ctx, input, weight, stats, dy):
         x = _rcs_view(input)[0]
         launch = ctx.launch
         C = launch.C

@@ -442,3 +442,22 @@ def test_statistics_and_folding_on_cuda():
     x = batches[0].to(DEV)
     with torch.no_grad():
         assert_close(folded(x).cpu(), gpu(x).cpu(), OUT_TOL[torch.float32], "folded")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_input_on_another_gpu_than_the_current_one():
+    """A layer and its input on cuda:1 while cuda:0 is current: Triton launches on
+    the current device, so bnlib makes the input's device current first."""
+    torch.manual_seed(0)
+    ours = bnlib.nn.BatchNorm2d(3).to("cuda:1")
+    ref = torch.nn.BatchNorm2d(3).to("cuda:1")
+    x = torch.randn(4, 3, 5, 5, device="cuda:1", requires_grad=True)
+    xr = x.detach().clone().requires_grad_(True)
+    with torch.cuda.device(0):
+        y, yr = ours(x), ref(xr)
+        dy = torch.randn_like(y)
+        y.backward(dy)
+        yr.backward(dy)
+    assert_close(y, yr, OUT_TOL[torch.float32], "y")
+    assert_close(x.grad, xr.grad, GRAD_TOL[torch.float32], "dx")
+    assert_same_buffers(ours, ref, torch.float32)

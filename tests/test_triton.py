@@ -184,6 +184,18 @@ def _interpreter_runs_loops(env):
     return None if proc.returncode == 0 else proc.stderr.strip().splitlines()[-1]
 
 
+def test_kernels_launch_on_the_input_device():
+    """Triton launches on the current CUDA device: the entry point makes the
+    input's device current when it is another one, and does nothing on the CPU
+    (the interpreter) or on the current device. (Two GPUs: tests/test_cuda.py.)"""
+    import contextlib
+
+    assert isinstance(tk._on_device(torch.device("cpu")), contextlib.nullcontext)
+    if torch.cuda.is_available():
+        here = torch.device("cuda", torch.cuda.current_device())
+        assert isinstance(tk._on_device(here), contextlib.nullcontext)
+
+
 @pytest.mark.skipif(INTERPRET, reason="this is the subprocess already")
 def test_interpreter_suite():
     """Every ``interp`` test below, through Triton's interpreter on CPU tensors."""
