@@ -78,8 +78,10 @@ class FrozenBatchNorm(NotScriptable, nn.Module):
     def scale_shift(self, dtype: torch.dtype = torch.float32, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         r"""``(scale, shift)``, :math:`\tilde\gamma` and :math:`\tilde\beta`, shape ``(C,)``, in ``dtype``,
         on ``device`` (default: the layer's)."""
-        weight, bias, mean, var = (t.to(device).to(dtype) for t in
-                                   (self.weight, self.bias, self.running_mean, self.running_var))
+        tensors = (self.weight, self.bias, self.running_mean, self.running_var)
+        if device is not None:  # (moved first, then converted: MPS has no float64)
+            tensors = [t.to(device) for t in tensors]
+        weight, bias, mean, var = (t.to(dtype) for t in tensors)
         scale = weight * torch.rsqrt(var + _eps_in(self.eps, dtype))
         return scale, bias - mean * scale
 
