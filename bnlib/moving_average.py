@@ -492,6 +492,8 @@ def _channel_summary(z, shift=None):
     then the squared deviations from it): stable for any mean."""
     import torch
 
+    from bnlib.functional import to_float64
+
     z = z.detach()
     if z.dtype not in (torch.float32, torch.float64):
         z = z.float()
@@ -503,13 +505,8 @@ def _channel_summary(z, shift=None):
     d = z - shift[:, None]
     mean_d = d.mean(dim=1)
     m2 = (d - mean_d[:, None]).square().sum(dim=1)
-    return float(z.shape[1]), _host_float64(shift) + _host_float64(mean_d), _host_float64(m2)
-
-
-def _host_float64(t):
-    # a (C,) tensor as a float64 NumPy array: to the host first (an MPS
-    # tensor cannot be made float64 on its device)
-    return t.cpu().double().numpy()
+    host = [to_float64(t, "cpu").numpy() for t in (shift, mean_d, m2)]
+    return float(z.shape[1]), host[0] + host[1], host[2]
 
 
 def population_statistics(model, data) -> list:
