@@ -577,45 +577,57 @@ def test_direct_call_checks_what_torch_checks():
 # rejects. (layout, dtype, overrides of CONFIG) -> kernels of _forward and
 # _TritonBatchNorm.backward.
 _HOPPER_CASES = [
-    ("nchw", torch.float32, {"n_split": 1}),
-    ("nchw", torch.bfloat16, {"n_split": 8}),
-    ("nhwc", torch.float32, {"n_split": 8, "prefetch": True}),
-    ("nhwc", torch.float16, {"n_split": 128}),  # past fuse_finalize_max_splits: the finalize kernels
+    ("nchw", torch.float32, {"n_split": 1}, {}),
+    ("nchw", torch.bfloat16, {"n_split": 8}, {}),
+    ("nhwc", torch.float32, {"n_split": 8, "prefetch": True}, {}),
+    ("nhwc", torch.float16, {"n_split": 128}, {}),  # past fuse_finalize_max_splits: the finalize kernels
+    # float64 (float64 statistics), a layer without weight, bias or running
+    # statistics, and 64-bit offsets (inputs of 2**31 elements or more)
+    ("nchw", torch.float64, {"n_split": 8}, {}),
+    ("nhwc", torch.float32, {"n_split": 1}, {"affine": False, "running": False}),
+    ("nchw", torch.float16, {"n_split": 8, "fuse_finalize_max_splits": 0}, {"int64": True}),
 ]
 
 
-def _hopper_kernels(layout, dtype, overrides):
-    """(kernel, pointer dtypes, constexprs) of one case, with the block sizes _Launch picks."""
+def _hopper_kernels(layout, dtype, overrides, variant):
+    """(kernel, pointer dtypes, constexprs, num_warps) of one case, with the
+    block sizes _Launch picks; every other pointer is of the statistics'
+    dtype (float64 for float64 input, else float32)."""
     R, C, S = (64, 256, 196) if layout == "nchw" else (64 * 196, 256, 1)
     launch = tk._Launch(R, C, S, dtype, torch.device("cpu"), overrides)
-    x = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}[dtype]
+    x = {torch.float64: "*fp64", torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}[dtype]
     common = {k: v for k, v in launch.common.items() if k != "num_warps"}
+    if variant.get("int64"):
+        common["INT64"] = True
+    affine, running = variant.get("affine", True), variant.get("running", True)
     parts = "fuse" if launch.fuse_finalize else ("finalize" if launch.n_split > 1 else "one")
     split = {"BLOCK_SPLIT": launch.BLOCK_SPLIT if parts == "fuse" else 1}
     final = {"BLOCK_C": launch.BLOCK_C_FINAL, "BLOCK_SPLIT": launch.BLOCK_SPLIT}
+    warps = launch.num_warps
     out = []
     if parts != "one":
-        out.append((tk._partial_stats_kernel, {"x_ptr": x}, common))
-        out.append((tk._partial_grad_sums_kernel, {"x_ptr": x, "dy_ptr": x}, common))
-    if parts == "finalize":
-        out.append((tk._finalize_stats_kernel, {}, {**final, "UPDATE_RMEAN": True, "UPDATE_RVAR": True}))
-        out.append((tk._finalize_grad_sums_kernel, {}, final))
+        out.append((tk._partial_stats_kernel, {"x_ptr": x}, common, warps))
+        out.append((tk._partial_grad_sums_kernel, {"x_ptr": x, "dy_ptr": x}, common, warps))
+    if parts == "finalize":  # (launched with Triton's default of 4 warps)
+        out.append((tk._finalize_stats_kernel, {"x_ptr": x},
+                    {**final, "UPDATE_RMEAN": running, "UPDATE_RVAR": running}, 4))
+        out.append((tk._finalize_grad_sums_kernel, {}, final, 4))
     stats, sums = {"one": (tk._COMPUTE, tk._COMPUTE), "fuse": (tk._FROM_PARTS, tk._FROM_PARTS),
                    "finalize": (tk._FROM_BUFFER, tk._FROM_BUFFER)}[parts]
     for mode, training in ((stats, True), (tk._RUNNING, False)):
         out.append((tk._normalize_kernel, {"x_ptr": x, "y_ptr": x},
-                    {**common, **split, "STATS": mode, "HAS_W": True, "HAS_B": True,
-                     "UPDATE_RMEAN": training, "UPDATE_RVAR": training}))
+                    {**common, **split, "STATS": mode, "HAS_W": affine, "HAS_B": affine,
+                     "UPDATE_RMEAN": training and running, "UPDATE_RVAR": training and running}, warps))
     for mode, training in ((sums, True), (tk._NONE, False)):
         out.append((tk._grad_input_kernel, {"x_ptr": x, "dy_ptr": x, "dx_ptr": x},
-                    {**common, **split, "SUMS": mode, "TRAINING": training, "HAS_W": True}))
-    return out, launch.num_warps
+                    {**common, **split, "SUMS": mode, "TRAINING": training, "HAS_W": affine}, warps))
+    return out, "*fp64" if dtype == torch.float64 else "*fp32"
 
 
 @pytest.mark.skipif(INTERPRET, reason="compiles the kernels; under TRITON_INTERPRET they are interpreted")
-@pytest.mark.parametrize("layout, dtype, overrides", _HOPPER_CASES,
-                         ids=[f"{l}-{str(d)[6:]}-{o}" for l, d, o in _HOPPER_CASES])
-def test_kernels_compile_for_hopper(layout, dtype, overrides):
+@pytest.mark.parametrize("layout, dtype, overrides, variant", _HOPPER_CASES,
+                         ids=[f"{l}-{str(d)[6:]}-{o}-{v}" for l, d, o, v in _HOPPER_CASES])
+def test_kernels_compile_for_hopper(layout, dtype, overrides, variant):
     """Each kernel the case launches compiles to a cubin for sm_90, without a GPU."""
     import inspect
 
@@ -628,14 +640,14 @@ def test_kernels_compile_for_hopper(layout, dtype, overrides):
         pytest.skip(f"Triton {triton.__version__}'s ASTSource takes constants another way")
     if tk._TRITON_VERSION < tk.MIN_TRITON:
         pytest.skip(f"Triton {triton.__version__} is older than MIN_TRITON")
-    kernels, num_warps = _hopper_kernels(layout, dtype, overrides)
-    for kernel, pointers, constexprs in kernels:
+    kernels, acc_pointer = _hopper_kernels(layout, dtype, overrides, variant)
+    for kernel, pointers, constexprs, num_warps in kernels:
         signature = {}
         for name in inspect.signature(kernel.fn).parameters:
             if name in constexprs:
                 signature[name] = "constexpr"
             elif name.endswith("_ptr"):
-                signature[name] = pointers.get(name, "*fp32")  # statistics, parameters, buffers: float32
+                signature[name] = pointers.get(name, acc_pointer)  # statistics, parameters, buffers
             else:
                 signature[name] = "fp32" if name in ("momentum", "eps") else "i32"
         src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
