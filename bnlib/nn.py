@@ -18,10 +18,12 @@ one, with the backward pass written by hand:
   parameters fixed, in every mode (``bnlib.frozen_batchnorm``; torchvision's
   ``FrozenBatchNorm2d`` for any ``(N, C, *)``)
 - ``InputError``, what they raise for a bad input: a ``ValueError`` and a
-  ``RuntimeError`` (torch's type for most of the same mistakes)
+  ``RuntimeError`` (torch's type for most of the same mistakes); for an
+  argument of the wrong type its subclass ``InputTypeError``, a
+  ``TypeError`` too
 """
 
-from bnlib._checks import InputError
+from bnlib._checks import InputError, InputTypeError
 from bnlib.alternatives import (
     BatchRenorm1d,
     FilterResponseNorm,
@@ -83,4 +85,5 @@ __all__ = [
     "weight_standardization",
     "spectral_norm",
     "InputError",
+    "InputTypeError",
 ]
