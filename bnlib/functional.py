@@ -994,7 +994,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     if input.is_cuda and not transformed:
         triton = _triton_path()
         if triton is not None:
-            return triton.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+            return triton._checked_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
 
     if not training:
         if transformed:

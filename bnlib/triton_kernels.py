@@ -757,7 +757,13 @@ def _on_device(device):
 def _forward(x, launch, weight, bias, running_mean, running_var, training, momentum, eps):
     """The forward kernels on ``x`` (laid out as ``launch`` says): ``(y, stats)``,
     with ``stats[0]``, ``stats[1]`` the batch mean and invstd in training mode
-    (eval mode leaves ``stats`` unwritten)."""
+    (eval mode leaves ``stats`` unwritten). Launched with x's device current.
+    """
+    with _on_device(x.device):
+        return _launch_forward(x, launch, weight, bias, running_mean, running_var, training, momentum, eps)
+
+
+def _launch_forward(x, launch, weight, bias, running_mean, running_var, training, momentum, eps):
     C = launch.C
     y = torch.empty_like(x)
     stats = torch.empty((2, C), dtype=launch.acc, device=x.device)  # mean, invstd
@@ -797,8 +803,7 @@ class _TritonBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps, config):
         x, launch = _view_and_launch(input, config)
-        with _on_device(x.device):
-            y, stats = _forward(x, launch, weight, bias, running_mean, running_var, training, momentum, eps)
+        y, stats = _forward(x, launch, weight, bias, running_mean, running_var, training, momentum, eps)
         ctx.training = training
         ctx.eps = eps
         ctx.launch = launch
@@ -910,6 +915,15 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     # bnlib.functional.batch_norm's checks (dims, dtype, per-channel tensors,
     # training arguments, eval's estimates), then what only the kernels need
     bnF.check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    return _checked_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, config)
+
+
+def _checked_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, config=None):
+    """:func:`batch_norm` after ``bnlib.functional.check_batch_norm_args``:
+    what ``bnlib.functional.batch_norm`` calls, having made those checks
+    (made twice, they cost a few microseconds per call)."""
+    from bnlib import functional as bnF
+
     if input.dtype not in _DTYPES:
         raise InputError(f"batch_norm's Triton kernels take float16, bfloat16, float32 or float64 input, got {input.dtype}")
     if not (_INTERPRET or input.is_cuda):

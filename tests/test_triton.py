@@ -196,6 +196,18 @@ def test_kernels_launch_on_the_input_device():
         assert isinstance(tk._on_device(here), contextlib.nullcontext)
 
 
+def test_functional_calls_the_kernels_past_its_own_checks():
+    """bnlib.functional.batch_norm makes the argument checks, then calls the
+    kernels' entry that skips them (on CUDA only, so checked here by name)."""
+    import inspect
+
+    import bnlib.functional as bnF
+
+    assert "triton._checked_batch_norm(" in inspect.getsource(bnF.batch_norm)
+    assert "check_batch_norm_args(" not in inspect.getsource(tk._checked_batch_norm)
+    assert "check_batch_norm_args(" in inspect.getsource(tk.batch_norm)
+
+
 @pytest.mark.skipif(INTERPRET, reason="this is the subprocess already")
 def test_interpreter_suite():
     """Every ``interp`` test below, through Triton's interpreter on CPU tensors."""
