@@ -11,7 +11,8 @@ may share one check. nbval's other escapes (skipping a cell, or a comment
 marker that a reader would not see in the cell's tags) are not used.
 
 And every chapter fits the page: printed lines of at most 72 characters,
-code lines of at most 78.
+code lines of at most 78; and a cell whose code the page hides opens with a
+comment that says what it does.
 """
 
 from pathlib import Path
@@ -86,6 +87,19 @@ def test_outputs_and_code_fit_the_page(path):
                 if len(line) > OUTPUT_WIDTH:
                     too_wide.append(f"code cell {index}, output ({len(line)}): {line[:50]}")
     assert not too_wide, f"{path.name}: lines wider than the page:\n" + "\n".join(too_wide)
+
+
+HIDDEN = ("hide-input", "remove-input", "hide-cell", "remove-cell")
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
+def test_hidden_cells_say_what_they_do(path):
+    """A cell whose code the page folds away opens with a comment (CONTRIBUTING.md):
+    it is the first thing a reader who unfolds it sees."""
+    nb = nbformat.read(path, as_version=4)
+    silent = [index for index, cell in enumerate(c for c in nb.cells if c.cell_type == "code")
+              if set(tags(cell)) & set(HIDDEN) and not cell.source.lstrip().startswith("#")]
+    assert not silent, f"{path.name}: hidden code cells {silent} do not open with a comment"
 
 
 @pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
