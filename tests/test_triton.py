@@ -672,6 +672,96 @@ def test_kernels_compile_for_hopper(layout, dtype, overrides, variant):
         assert compiled.asm.get("cubin"), f"{kernel.fn.__name__}: no cubin"
 
 
+
+# The launches of real calls, captured instead of run: bnlib's own host code
+# picks the kernels, block sizes and grids (with an H100's 132 SMs), and
+# Triton's own binder specializes the arguments as a launch on a GPU would
+# (an integer equal to 1 becomes a constant, multiples of 16 and 16-byte
+# aligned pointers are marked so). The shapes: ResNet-50's at batch 64,
+# (4096, 1024), and small ones whose sizes or strides are 1.
+_LAUNCH_SHAPES = [(64, 64, 112, 112), (64, 256, 56, 56), (64, 512, 28, 28), (64, 256, 14, 14),
+                  (64, 2048, 7, 7), (4096, 1024), (3, 5, 7, 7), (5, 3), (2, 1), (2, 3, 1, 1), (1, 7, 3, 3)]
+
+
+def _captured_launches(monkeypatch, backend):
+    """Every distinct (kernel, signature, constants, attributes, options) that
+    training and eval calls, forward and backward, launch over _LAUNCH_SHAPES
+    in every dtype and layout, with and without weight, bias and running
+    statistics: one launch per kernel, set of constant arguments, way of
+    getting the statistics or sums, and prefetch (the dtypes and the other
+    flags are test_kernels_compile_for_hopper's; all 467 distinct launches
+    took 3 minutes to compile here)."""
+    from triton.runtime.jit import create_function_from_signature
+
+    kernels = [tk._partial_stats_kernel, tk._finalize_stats_kernel, tk._normalize_kernel,
+               tk._partial_grad_sums_kernel, tk._finalize_grad_sums_kernel, tk._grad_input_kernel]
+    groups = {}
+
+    def capture(kernel):
+        binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+        declared = {p.name for p in kernel.params if p.is_constexpr}
+
+        def run(*args, grid, warmup, **kwargs):
+            kwargs = dict(kwargs, debug=False)
+            bound, specialization, options = binder(*args, **kwargs)
+            options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+            ones = tuple(n for n, t in signature.items() if t == "constexpr" and n not in declared)
+            key = (kernel.fn.__name__, ones, bound.get("STATS"), bound.get("SUMS"), bound.get("PREFETCH"))
+            groups.setdefault(key, (kernel, signature, constexprs, attrs, options))
+        return run
+
+    for kernel in kernels:
+        monkeypatch.setattr(kernel, "run", capture(kernel))
+    monkeypatch.setattr(tk, "_INTERPRET", True)  # let CPU tensors through to the (captured) launches
+    monkeypatch.setitem(tk._SMS, torch.device("cpu"), 132)
+    monkeypatch.setattr(tk, "_LAUNCHES", {})
+    for shape in _LAUNCH_SHAPES:
+        for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            layouts = (torch.contiguous_format, torch.channels_last) if len(shape) == 4 else (torch.contiguous_format,)
+            for layout in layouts:
+                x = torch.empty(shape, dtype=dtype).to(memory_format=layout).requires_grad_(True)
+                C, acc = shape[1], tk._acc_dtype(dtype)
+                for affine, running in ((True, True), (False, False)):
+                    w, b = ((torch.ones(C, dtype=dtype, requires_grad=True), torch.zeros(C, dtype=dtype, requires_grad=True))
+                            if affine else (None, None))
+                    rm, rv = (torch.zeros(C, dtype=acc), torch.ones(C, dtype=acc)) if running else (None, None)
+                    for training in (True, False) if running else (True,):
+                        y = tk.batch_norm(x, rm, rv, w, b, training=training)
+                        torch.autograd.grad(y, [x] + ([w, b] if affine else []), torch.empty_like(y))
+    return list(groups.values())
+
+
+@pytest.mark.skipif(INTERPRET, reason="compiles the kernels; under TRITON_INTERPRET they are interpreted")
+def test_launches_compile_for_hopper(monkeypatch):
+    """What real calls launch compiles to a cubin for sm_90, with the launch's
+    own specializations (test_kernels_compile_for_hopper compiles plain i32s)."""
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from triton.compiler.compiler import make_backend
+        from triton.runtime.jit import create_function_from_signature  # noqa: F401
+        target = GPUTarget("cuda", 90, 32)
+        backend = make_backend(target)
+        tk._partial_stats_kernel._pack_args  # noqa: B018
+    except (ImportError, AttributeError, RuntimeError) as e:
+        pytest.skip(f"Triton {triton.__version__} binds launches another way: {e}")
+    if tk._TRITON_VERSION < tk.MIN_TRITON:
+        pytest.skip(f"Triton {triton.__version__} is older than MIN_TRITON")
+    launches = _captured_launches(monkeypatch, backend)
+    names = {kernel.fn.__name__ for kernel, *_ in launches}
+    assert len(names) == 6, names  # every kernel was launched
+    ones = {n for _, signature, *_ in launches for n, t in signature.items() if t == "constexpr" and n in "R C S s_c"}
+    assert ones == {"R", "C", "S", "s_c"}, ones  # and arguments equal to 1 were made constants
+    for kernel, signature, constexprs, attrs, options in launches:
+        try:
+            compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
+                                      options=options.__dict__)
+        except RuntimeError as e:
+            if "ptxas" in str(e) and "not found" in str(e).lower():
+                pytest.skip(f"no ptxas in this Triton: {e}")
+            raise
+        assert compiled.asm.get("cubin"), f"{kernel.fn.__name__} {signature}: no cubin"
+
 def test_launch_cache():
     """A problem's launch is worked out once, and again when CONFIG or the overrides change."""
     if tk.triton is None:
