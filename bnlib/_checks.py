@@ -29,6 +29,15 @@ class InputTypeError(InputError, TypeError):
     which torch raises for these."""
 
 
+def _scalar(value):
+    """The number in a one-element (0-dim) tensor or array, which torch's
+    constructors take for ``eps`` and ``momentum`` (``eps=torch.tensor(1e-5)``);
+    anything else as it is. (Duck-typed: this file imports no torch.)"""
+    if not isinstance(value, numbers.Number) and getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        return value.item()
+    return value
+
+
 def check_norm_args(num_features, eps, momentum):
     """Validate constructor arguments: ``num_features >= 1``, ``eps > 0``,
     ``momentum`` in ``[0, 1]`` or ``None`` (cumulative average).
@@ -37,10 +46,10 @@ def check_norm_args(num_features, eps, momentum):
     """
     if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral) or num_features < 1:
         raise ValueError(f"num_features must be an integer >= 1, got {num_features!r}")
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (0 < eps < math.inf):
-        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+    check_positive_finite("eps", eps)
     if momentum is not None:
-        if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not (0 <= momentum <= 1):
+        value = _scalar(momentum)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (0 <= value <= 1):
             raise ValueError(f"momentum must be a number in [0, 1] or None, got {momentum!r}")
 
 
@@ -105,7 +114,8 @@ def check_batch_size(shape, size_text=None):
 def check_positive_finite(name, value):
     """``value`` is a real number (Python or NumPy, not a bool) with ``0 < value < inf``,
     or a ``ValueError`` naming ``name``: an ``eps``, a clipping threshold, a gain."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
+    number = _scalar(value)
+    if isinstance(number, bool) or not isinstance(number, numbers.Real) or not 0 < number < math.inf:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 

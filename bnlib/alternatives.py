@@ -764,7 +764,7 @@ class LayerNorm(NotScriptable, nn.Module):
 
     def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True, device=None, dtype=None):
         normalized_shape = _module_normalized_shape(normalized_shape)
-        _check_eps(eps)
+        check_positive_finite("eps", eps)
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
         self.normalized_shape = normalized_shape
@@ -799,7 +799,7 @@ class RMSNorm(NotScriptable, nn.Module):
     def __init__(self, normalized_shape, eps=None, elementwise_affine=True, device=None, dtype=None):
         normalized_shape = _module_normalized_shape(normalized_shape)
         if eps is not None:
-            _check_eps(eps)
+            check_positive_finite("eps", eps)
         super().__init__()
         self.normalized_shape = normalized_shape
         self.eps = eps
@@ -815,8 +815,8 @@ class RMSNorm(NotScriptable, nn.Module):
         if self.weight is not None:
             nn.init.ones_(self.weight)
 
-    def forward(self, input):
-        return rms_norm(input, self.normalized_shape, self.weight, self.eps)
+    def forward(self, x):  # torch's RMSNorm names it x (its other norms: input)
+        return rms_norm(x, self.normalized_shape, self.weight, self.eps)
 
     def extra_repr(self):
         return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
@@ -841,7 +841,7 @@ class FilterResponseNorm(NotScriptable, nn.Module):
     def __init__(self, num_features, eps=1e-6, learnable_eps=False, tlu=True, device=None, dtype=None,
                  *, learnable_eps_init=1e-4):
         _check_positive_int("num_features", num_features)
-        _check_eps(eps)
+        check_positive_finite("eps", eps)
         if learnable_eps:
             check_positive_finite("learnable_eps_init", learnable_eps_init)
         factory_kwargs = {"device": device, "dtype": dtype}
@@ -886,7 +886,7 @@ class GroupNorm(NotScriptable, nn.Module):
     def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, device=None, dtype=None, *, bias=True):
         _check_positive_int("num_groups", num_groups)
         _check_positive_int("num_channels", num_channels)
-        _check_eps(eps)
+        check_positive_finite("eps", eps)
         if num_channels % num_groups != 0:
             raise ValueError(f"num_channels ({num_channels}) must be divisible by num_groups ({num_groups})")
         factory_kwargs = {"device": device, "dtype": dtype}
@@ -937,12 +937,19 @@ class _InstanceNorm(_NormBase):
         check_norm_args(num_features, eps, momentum)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype, bias=bias)
 
+    def _get_no_batch_dim(self):
+        """The dims of an unbatched input, ``(C, *spatial)`` (torch's hook)."""
+        return self.allowed_dims[0] - 1
+
+    def _check_input_dim(self, input):
+        """torch's hook, which a subclass may override: batched or unbatched dims."""
+        check_input_dims(type(self).__name__, input.shape, (self._get_no_batch_dim(), self.allowed_dims[0]))
+
     def forward(self, input):
         name = type(self).__name__
         bnF.check_tensor_input(name, input)
-        batched = self.allowed_dims[0]
-        check_input_dims(name, input.shape, (batched - 1, batched))
-        unbatched = input.dim() == batched - 1
+        self._check_input_dim(input)
+        unbatched = input.dim() == self._get_no_batch_dim()
         channel_dim = 0 if unbatched else 1  # torch takes (C, ...) without the N axis
         if input.shape[channel_dim] != self.num_features:
             raise InputError(
@@ -1554,7 +1561,7 @@ def weight_standardization(module, name="weight", eps=1e-6, scaled=False):
     weight = getattr(module, name, None)
     if not isinstance(weight, torch.Tensor):
         raise ValueError(f"Module '{module}' has no parameter or buffer with name '{name}'")
-    _check_eps(eps)
+    check_positive_finite("eps", eps)
     if isinstance(module, nn.modules.conv._ConvTransposeNd):
         raise ValueError(f"weight_standardization standardizes each output unit's weights along dim 0; the weight "
                          f"of {type(module).__name__} has its input channels there, (in, out / groups, *kernel)")

@@ -71,6 +71,45 @@ def test_same_constructor_signature(ours, theirs):
     assert shape(ours) == shape(theirs)
 
 
+@pytest.mark.parametrize("name", ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "LayerNorm",
+                                  "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "RMSNorm"])
+def test_forward_takes_torchs_argument_name(name):
+    """A call by keyword works in both: ``norm(input=x)``, but ``RMSNorm(...)(x=x)``."""
+    def names(cls):
+        return list(inspect.signature(cls.forward).parameters)
+
+    assert names(getattr(bnlib.nn, name)) == names(getattr(nn, name))
+
+
+@pytest.mark.parametrize("name,args", [("BatchNorm2d", (3,)), ("InstanceNorm2d", (3,)), ("GroupNorm", (1, 3)),
+                                       ("LayerNorm", ((3, 2, 2),)), ("RMSNorm", ((3, 2, 2),))])
+def test_constructors_take_a_0_dim_tensor_eps_and_momentum(name, args):
+    """As torch's do; the layer then computes what torch's computes."""
+    kw = dict(eps=torch.tensor(1e-5))
+    if "momentum" in inspect.signature(getattr(nn, name).__init__).parameters:
+        kw["momentum"] = torch.tensor(0.1)
+    ours, theirs = getattr(bnlib.nn, name)(*args, **kw), getattr(nn, name)(*args, **kw)
+    x = torch.randn(4, 3, 2, 2)
+    assert_close(ours(x), theirs(x), dict(rtol=0, atol=1e-5), name)
+    assert repr(ours) == repr(theirs)
+    with pytest.raises(ValueError, match="eps"):
+        getattr(bnlib.nn, name)(*args, eps=torch.tensor(0.0))
+
+
+def test_instance_norm_calls_a_subclass_input_check():
+    """torch's instance norms check dims in ``_check_input_dim``, a hook a subclass may override."""
+    for lib in (nn, bnlib.nn):
+        class Strict(lib.InstanceNorm1d):
+            def _check_input_dim(self, input):
+                if input.dim() != 3:
+                    raise ValueError("custom: batched input only")
+
+        with pytest.raises(ValueError, match="custom"):
+            Strict(3)(torch.randn(3, 7))
+        assert Strict(3)(torch.randn(2, 3, 7)).shape == (2, 3, 7)
+        assert lib.InstanceNorm2d(3)._get_no_batch_dim() == 3
+
+
 # --------------------------------------------------------------------------
 # LayerNorm
 # --------------------------------------------------------------------------
@@ -274,10 +313,15 @@ def test_float32_large_mean_is_stable():
     (lambda **k: bnlib.nn.LayerNorm(4, **k), dict(eps=-1.0)),
     (lambda **k: bnlib.nn.InstanceNorm1d(0, **k), {}),
     (lambda **k: bnlib.nn.InstanceNorm2d(3, **k), dict(momentum=1.5)),
+    (lambda **k: bnlib.nn.RMSNorm(4, **k), dict(eps=0.0)),
+    (lambda **k: bnlib.nn.LayerNorm(4, **k), dict(eps=float("inf"))),
+    (lambda **k: bnlib.nn.FilterResponseNorm(4, **k), dict(eps=0)),
 ])
 def test_bad_constructor_arguments(make, kw):
-    with pytest.raises(ValueError):
+    """A plain ValueError, as the BN layers raise (the README): InputError is for calls."""
+    with pytest.raises(ValueError) as error:
         make(**kw)
+    assert type(error.value) is ValueError, type(error.value)
 
 
 def test_groupnorm_divisibility_message():
