@@ -46,7 +46,7 @@ def check_norm_args(num_features, eps, momentum):
     """
     if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral) or num_features < 1:
         raise ValueError(f"num_features must be an integer >= 1, got {num_features!r}")
-    check_positive_finite("eps", eps)
+    check_eps(eps)
     if momentum is not None:
         value = _scalar(momentum)
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (0 <= value <= 1):
@@ -114,9 +114,17 @@ def check_batch_size(shape, size_text=None):
 def check_positive_finite(name, value):
     """``value`` is a real number (Python or NumPy, not a bool) with ``0 < value < inf``,
     or a ``ValueError`` naming ``name``: an ``eps``, a clipping threshold, a gain."""
-    number = _scalar(value)
-    if isinstance(number, bool) or not isinstance(number, numbers.Real) or not 0 < number < math.inf:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def check_eps(eps):
+    """A normalization layer's ``eps``: :func:`check_positive_finite`'s rule,
+    and a 0-dim tensor taken for its number, as torch's layers take it."""
+    try:
+        check_positive_finite("eps", _scalar(eps))
+    except ValueError:
+        raise ValueError(f"eps must be a finite number > 0, got {eps!r}") from None
 
 
 def check_integer_at_least(name, value, least):

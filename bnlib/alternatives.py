@@ -53,6 +53,7 @@ from bnlib.functional import _compute_dtype
 from bnlib.batchnorm import NotScriptable, _LazyNorm, _NormBase, _version, register_affine_parameters, reset_affine_parameters
 from bnlib._checks import (
     InputError,
+    check_eps,
     check_floating_dtype,
     check_input_dims,
     check_norm_args,
@@ -90,10 +91,10 @@ __all__ = [
 
 
 def _check_eps(eps):
-    # numbers.Real: NumPy scalars too, as torch and the BN modules take them;
-    # InputError, as for the other bad arguments of a call
+    # numbers.Real: NumPy scalars and 0-dim tensors too, as torch and the BN
+    # modules take them; InputError, as for the other bad arguments of a call
     try:
-        check_positive_finite("eps", eps)
+        check_eps(eps)
     except ValueError as error:
         raise InputError(str(error)) from None
 
@@ -764,7 +765,7 @@ class LayerNorm(NotScriptable, nn.Module):
 
     def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True, device=None, dtype=None):
         normalized_shape = _module_normalized_shape(normalized_shape)
-        check_positive_finite("eps", eps)
+        check_eps(eps)
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
         self.normalized_shape = normalized_shape
@@ -799,7 +800,7 @@ class RMSNorm(NotScriptable, nn.Module):
     def __init__(self, normalized_shape, eps=None, elementwise_affine=True, device=None, dtype=None):
         normalized_shape = _module_normalized_shape(normalized_shape)
         if eps is not None:
-            check_positive_finite("eps", eps)
+            check_eps(eps)
         super().__init__()
         self.normalized_shape = normalized_shape
         self.eps = eps
@@ -841,7 +842,7 @@ class FilterResponseNorm(NotScriptable, nn.Module):
     def __init__(self, num_features, eps=1e-6, learnable_eps=False, tlu=True, device=None, dtype=None,
                  *, learnable_eps_init=1e-4):
         _check_positive_int("num_features", num_features)
-        check_positive_finite("eps", eps)
+        check_eps(eps)
         if learnable_eps:
             check_positive_finite("learnable_eps_init", learnable_eps_init)
         factory_kwargs = {"device": device, "dtype": dtype}
@@ -886,7 +887,7 @@ class GroupNorm(NotScriptable, nn.Module):
     def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, device=None, dtype=None, *, bias=True):
         _check_positive_int("num_groups", num_groups)
         _check_positive_int("num_channels", num_channels)
-        check_positive_finite("eps", eps)
+        check_eps(eps)
         if num_channels % num_groups != 0:
             raise ValueError(f"num_channels ({num_channels}) must be divisible by num_groups ({num_groups})")
         factory_kwargs = {"device": device, "dtype": dtype}

@@ -36,11 +36,11 @@ from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, is_l
 from bnlib import functional as bnF
 from bnlib._checks import (
     InputError,
+    check_eps,
     check_floating_dtype,
     check_input_dims,
     check_norm_args,
     check_num_channels,
-    check_positive_finite,
 )
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LazyBatchNorm1d", "LazyBatchNorm2d", "LazyBatchNorm3d"]
@@ -157,7 +157,7 @@ class _NormBase(NotScriptable, nn.Module):
         ``bnlib.functional.batch_norm``, whose checks cover the others."""
         name = type(self).__name__
         try:
-            check_positive_finite("eps", self.eps)
+            check_eps(self.eps)
         except ValueError as error:
             raise InputError(f"{name}: {error}") from None
         if updates and self.momentum is not None:
