@@ -134,11 +134,14 @@ class HistogramGrid:
                 ax.set_xlim(lo, hi)
                 ax.set_ylim(0, top)
                 ax.set_yticks([])
-                ax.tick_params(labelsize=7)
+                # sizes that stay legible when the page shrinks an 11-inch
+                # figure to its ~750-pixel column
+                ax.tick_params(labelsize=8)
                 if i == 0 and col_titles is not None:
-                    ax.set_title(col_titles[j], fontsize=9)
-            self.axes[i, 0].set_ylabel(k, fontsize=8)
-        self.suptitle = self.fig.suptitle(title or "", fontsize=10)
+                    ax.set_title(col_titles[j], fontsize=10)
+            # "no BN: tanh input" -> two short lines beside the row
+            self.axes[i, 0].set_ylabel(k.replace(": ", ":\n"), fontsize=9)
+        self.suptitle = self.fig.suptitle(title or "", fontsize=11)
         self.fig.tight_layout()
 
     def update(self, rows: Mapping[str, Sequence], title: str | None = None) -> list:
