@@ -125,7 +125,9 @@ class _NormBase(NotScriptable, nn.Module):
             self.num_batches_tracked.zero_()
 
     def reset_parameters(self):
-        """gamma = 1, beta = 0: at the start the layer only standardizes."""
+        """The running estimates reset (mean 0, variance 1, count 0) and
+        gamma = 1, beta = 0, as torch's ``reset_parameters`` does: at the
+        start the layer only standardizes."""
         self.reset_running_stats()
         reset_affine_parameters(self)
 
@@ -378,6 +380,10 @@ class _LazyNorm(LazyModuleMixin):
         shaped = {n: tuple(getattr(self, n).shape) for n in names
                   if getattr(self, n) is not None and not is_lazy(getattr(self, n))}
         channels = self._channels_of_first_input(input)  # raises before anything changes
+        # and so does an input on another device, which the plain module
+        # refuses only after the tensors would have been created here
+        bnF.check_same_device(input, **{n: getattr(self, n) for n in names + ("num_batches_tracked",)
+                                        if getattr(self, n, None) is not None})
         if channels < 1:  # the plain module's constructor refuses num_features=0
             raise InputError(f"{type(self).__name__} expected a first input with at least 1 channel, got input "
                              f"of shape {tuple(input.shape)}")

@@ -3,11 +3,12 @@
 ``torch.fx.symbolic_trace`` keeps torch's own layers as single nodes
 ("leaf modules": it records ``call_module`` and does not look inside), but it
 only knows them by the package they come from (``torch.nn``). A bnlib layer
-it walks into, and its ``forward`` checks the input's shape in Python, which
-a symbolic trace cannot do (``len`` of a proxy raises). Even where walking in
-worked, it would be wrong: a trace fixes what Python computed once, so the
-training flag and the running estimates' update factor (``momentum=None``'s
-``1 / num_batches_tracked``) would be frozen at their values during the trace.
+it walks into, and its ``forward`` checks the input (its type and shape) in
+Python, which fails on the trace's ``Proxy`` (``InputTypeError``). Even
+where walking in worked, it would be wrong: a trace fixes what Python
+computed once, so the training flag and the running estimates' update
+factor (``momentum=None``'s ``1 / num_batches_tracked``) would be frozen at
+their values during the trace.
 
 :class:`Tracer` keeps bnlib's normalization layers (:data:`LEAF_MODULES`)
 as leaves too: the traced graph calls the layer, which then does at every call

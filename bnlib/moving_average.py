@@ -421,10 +421,10 @@ def precise_bn(model, batches: Iterable, max_batches: int | None = None, estimat
             if n == 0:
                 raise ValueError("precise_bn expected at least one batch that is not empty, got none")
             # a layer no batch reached measured nothing: it keeps its old statistics
-            restore([int(bn.num_batches_tracked) == 0 for bn in layers])
+            reached = [int(bn.num_batches_tracked) > 0 for bn in layers]  # (before restore sets old counts)
+            restore([not r for r in reached])
             if pooled:
-                unseen = [bn for bn, summary in zip(layers, summaries)
-                          if summary is None and int(bn.num_batches_tracked) > 0]
+                unseen = [bn for bn, summary, r in zip(layers, summaries, reached) if summary is None and r]
                 if unseen:  # (a model that calls bn.forward(x) directly skips the hooks)
                     names = {id(m): name for name, m in model.named_modules()}
                     raise ValueError(f"precise_bn(estimator='pooled') could not read the inputs of "

@@ -150,7 +150,9 @@ def train(
     """Train ``model`` on ``x`` (``(N, d)``) and labels ``y`` (``(N,)``) in training mode.
 
     Give exactly one of ``steps`` (number of updates) or ``epochs`` (passes
-    over the data). ``batch_size=None`` means full-batch gradient descent.
+    over the data, each of ``N // batch_size`` full batches: the last
+    ``N % batch_size`` rows of each shuffled pass are left out).
+    ``batch_size=None`` means full-batch gradient descent.
     ``callback(step, model)`` is called with ``step=0`` before the first update
     and with ``step=t`` after update ``t``, so it sees the initial and every
     later state. ``decay_bn=False`` exempts the BN layers' ``gamma`` and
@@ -159,8 +161,11 @@ def train(
     the update, to change the ``.grad`` of the parameters in place (for
     example with :func:`adaptive_grad_clip_`); what it returns is ignored.
     Returns a :class:`History`; the model is trained in place. Bad arguments
-    raise ``ValueError`` before the model changes (a label past the last
-    class only in the loss of the first step).
+    raise ``ValueError`` before the model changes. Labels are not checked
+    against the model's classes: one past the last raises torch's
+    ``IndexError`` in the loss of the first step, after that step's forward
+    pass has put the model in training mode and updated BN's running
+    estimates.
     """
     if (steps is None) == (epochs is None):
         raise ValueError(f"give exactly one of steps or epochs, got steps={steps}, epochs={epochs}")

@@ -258,3 +258,17 @@ def test_to_float64_keeps_float64_off_mps():
     assert out.device.type == "cpu" and out.dtype == torch.float64 and not out.requires_grad
     assert BF.to_float64(t).device == t.device
     torch.testing.assert_close(out, t.detach().double())
+
+
+def test_update_running_estimates_skips_a_channel_with_any_non_finite_statistic():
+    """The public update (bnlib.sync_batchnorm.update_running_stats) takes
+    statistics from its caller: a NaN mean beside a finite variance must not
+    reach the buffers either."""
+    from bnlib.functional import update_running_estimates
+
+    nan, inf = float("nan"), float("inf")
+    running_mean, running_var = torch.zeros(4), torch.ones(4)
+    update_running_estimates(running_mean, running_var, torch.tensor([nan, 1.0, 2.0, inf]),
+                             torch.tensor([1.0, inf, 3.0, 1.0]), 0.5)
+    assert torch.equal(running_mean, torch.tensor([0.0, 0.0, 1.0, 0.0]))
+    assert torch.equal(running_var, torch.tensor([1.0, 1.0, 2.0, 1.0]))

@@ -122,6 +122,9 @@ def test_a_partly_loaded_state_keeps_what_was_loaded():
     (bnn.LazyInstanceNorm1d, torch.randn(5), r"LazyInstanceNorm1d expected 2D or 3D input \(got 1D input\)"),
     (bnn.LazyInstanceNorm2d, torch.randn(2, 3, 1, 1), "Expected more than 1 spatial element when training"),
     (bnn.LazyInstanceNorm1d, torch.ones(2, 3, 4, dtype=torch.int32), "LazyInstanceNorm1d.*floating"),
+    # another device (meta standing in for a GPU): refused before the tensors are made
+    (bnn.LazyBatchNorm1d, torch.randn(4, 3, device="meta"), "same device.*input on meta"),
+    (bnn.LazyInstanceNorm2d, torch.randn(2, 3, 4, 4, device="meta"), "same device.*input on meta"),
 ])
 def test_a_bad_first_input_raises_and_leaves_the_module_lazy(ours_cls, x, match):
     module = ours_cls(affine=True, track_running_stats=True)
