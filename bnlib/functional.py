@@ -815,8 +815,7 @@ def update_running_estimates(running_mean, running_var, mu, unbiased_var, moment
     pass statistics of its own (this is public, and SyncBatchNorm passes
     merged ones), so the mask tests both. A skipped channel gets
     ``lerp(running, running) = running``, exactly. ``lerp_`` is the update
-    in one op; on (C,) vectors the time is per-op overhead, so this is 8 ops
-    where the spelled-out formula took 14.
+    in one op: on (C,) vectors the time is per-op overhead.
     """
     transformed = _functorch_transforms_active()
     finite = torch.isfinite(unbiased_var) & torch.isfinite(mu)
