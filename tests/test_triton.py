@@ -662,14 +662,19 @@ def test_kernels_compile_for_hopper(layout, dtype, overrides, variant):
                 signature[name] = pointers.get(name, acc_pointer)  # statistics, parameters, buffers
             else:
                 signature[name] = "fp32" if name in ("momentum", "eps") else "i32"
-        src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-        try:
-            compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
-        except RuntimeError as e:
-            if "ptxas" in str(e) and "not found" in str(e).lower():
-                pytest.skip(f"no ptxas in this Triton: {e}")
-            raise
-        assert compiled.asm.get("cubin"), f"{kernel.fn.__name__}: no cubin"
+        _assert_compiles(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                         GPUTarget("cuda", 90, 32), {"num_warps": num_warps}, kernel.fn.__name__)
+
+
+def _assert_compiles(src, target, options, what):
+    """``src`` compiles to a cubin for ``target`` (a skip where this Triton has no ptxas)."""
+    try:
+        compiled = triton.compile(src, target=target, options=options)
+    except RuntimeError as e:
+        if "ptxas" in str(e) and "not found" in str(e).lower():
+            pytest.skip(f"no ptxas in this Triton: {e}")
+        raise
+    assert compiled.asm.get("cubin"), f"{what}: no cubin"
 
 
 
@@ -750,17 +755,12 @@ def test_launches_compile_for_hopper(monkeypatch):
     launches = _captured_launches(monkeypatch, backend)
     names = {kernel.fn.__name__ for kernel, *_ in launches}
     assert len(names) == 6, names  # every kernel was launched
-    ones = {n for _, signature, *_ in launches for n, t in signature.items() if t == "constexpr" and n in "R C S s_c"}
-    assert ones == {"R", "C", "S", "s_c"}, ones  # and arguments equal to 1 were made constants
+    sizes = {"R", "C", "S", "s_c"}
+    ones = {n for _, signature, *_ in launches for n, t in signature.items() if t == "constexpr" and n in sizes}
+    assert ones == sizes, ones  # and arguments equal to 1 were made constants
     for kernel, signature, constexprs, attrs, options in launches:
-        try:
-            compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
-                                      options=options.__dict__)
-        except RuntimeError as e:
-            if "ptxas" in str(e) and "not found" in str(e).lower():
-                pytest.skip(f"no ptxas in this Triton: {e}")
-            raise
-        assert compiled.asm.get("cubin"), f"{kernel.fn.__name__} {signature}: no cubin"
+        _assert_compiles(ASTSource(kernel, signature, constexprs, attrs), target, options.__dict__,
+                         f"{kernel.fn.__name__} {signature}")
 
 def test_launch_cache():
     """A problem's launch is worked out once, and again when CONFIG or the overrides change."""
