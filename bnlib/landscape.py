@@ -40,7 +40,10 @@ of BN numerically.
 - :func:`filter_normalized_direction`, :func:`loss_surface`,
   :func:`negative_curvature_mask` and :func:`negative_curvature_fraction`: the loss on a plane through the
   trained parameters, as Li, Xu, Taylor, Studer and Goldstein (2018),
-  *Visualizing the loss landscape of neural nets*, draw it.
+  *Visualizing the loss landscape of neural nets*, draw it;
+  :func:`filter_norm_growth` and ``loss_surface(..., keep_filter_norms=True)``
+  separate what the plane does to the weights' norms from what it does to
+  their directions.
 - Scale invariance: :func:`linear_bn`, :func:`scale_invariance`,
   :func:`weight_norms`, :func:`effective_lr` and the training callback
   :class:`WeightNorms`.
@@ -57,6 +60,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -81,6 +85,7 @@ __all__ = [
     "Landscape",
     "loss_landscape_along_gradient",
     "filter_normalized_direction",
+    "filter_norm_growth",
     "loss_surface",
     "negative_curvature_mask",
     "negative_curvature_fraction",
@@ -692,6 +697,55 @@ def filter_normalized_direction(model: nn.Module, generator: torch.Generator | N
     return directions
 
 
+def filter_norm_growth(
+    model: nn.Module, directions: Sequence[Sequence[torch.Tensor]], a: float, b: float
+) -> np.ndarray:
+    r"""How much a step ``(a, b)`` on the plane lengthens the filters: one factor per weight, shape ``(n_weights,)``.
+
+    For every parameter with two or more dimensions (in ``model.parameters()``
+    order), the mean over its filters ``k`` of
+
+    .. math::
+
+        \frac{\lVert \theta_k + a\, d_{1,k} + b\, d_{2,k} \rVert}{\lVert \theta_k \rVert}.
+
+    With filter-normalized directions (:func:`filter_normalized_direction`,
+    :math:`\lVert d_{1,k} \rVert = \lVert d_{2,k} \rVert = \lVert \theta_k \rVert`)
+    that are orthogonal to :math:`\theta_k` and to each other, every factor is
+    :math:`\sqrt{1 + a^2 + b^2}`; random directions in many dimensions are
+    nearly orthogonal, so it is close to that. Multiplying all :math:`L`
+    weights of a network without normalization by :math:`c` multiplies its
+    output by :math:`c^L` (exactly for ReLU without biases), so the product
+    of these factors estimates how much the step scales such a network's
+    output; a weight that feeds BN does not scale it. A filter that is zero
+    in ``theta`` has no ratio and is left out of the mean.
+    """
+    params = list(model.parameters())
+    _check_directions(params, directions)
+    if not all(isinstance(t, numbers.Real) and math.isfinite(t) for t in (a, b)):
+        raise ValueError(f"a and b must be finite numbers, got {a!r} and {b!r}")
+    factors = []
+    with torch.no_grad():
+        for p, u, v in zip(params, *directions):
+            if p.dim() >= 2:
+                norm = _filter_norms(p).flatten()
+                moved = _filter_norms(p + float(a) * u + float(b) * v).flatten()
+                # a zero filter has no ratio: the mean is over the others
+                factors.append(float((moved / norm)[norm > 0].double().mean()))
+    return np.array(factors)
+
+
+def _check_directions(params: list[torch.Tensor], directions: Sequence[Sequence[torch.Tensor]]) -> None:
+    if len(directions) != 2 or any(len(d) != len(params) for d in directions):
+        raise ValueError(f"directions must be two lists of {len(params)} tensors (one per parameter), "
+                         f"got {len(directions)} lists of lengths {[len(d) for d in directions]}")
+    for d in directions:
+        for p, t in zip(params, d):
+            if tuple(t.shape) != tuple(p.shape):
+                raise ValueError(f"a direction tensor must have its parameter's shape {tuple(p.shape)}, "
+                                 f"got {tuple(t.shape)}")
+
+
 def loss_surface(
     model: nn.Module,
     x: torch.Tensor,
@@ -700,6 +754,8 @@ def loss_surface(
     alphas: Sequence[float],
     betas: Sequence[float],
     loss_fn: _LossFn = F.cross_entropy,
+    *,
+    keep_filter_norms: bool = False,
 ) -> np.ndarray:
     r"""The loss on a plane through the parameters: ``S[j, i] = L(theta + alphas[i] d1 + betas[j] d2)``.
 
@@ -710,17 +766,26 @@ def loss_surface(
     the same buffers. Rows follow ``betas`` and columns ``alphas``, the layout
     ``matplotlib``'s ``contour(alphas, betas, S)`` expects. The model is left
     as it was (only ``.grad`` is cleared).
+
+    ``keep_filter_norms=True`` evaluates every point with each filter of
+    every weight of two or more dimensions rescaled to its norm in ``theta``,
+
+    .. math::
+
+        w_k = \frac{\theta_k + a\, d_{1,k} + b\, d_{2,k}}
+                   {\lVert \theta_k + a\, d_{1,k} + b\, d_{2,k} \rVert}\,
+              \lVert \theta_k \rVert ,
+
+    so the plane is bent onto the parameters with ``theta``'s filter norms
+    and only the filters' directions change. A weight that feeds BN gives
+    the same loss either way (BN is scale invariant in it, up to ``eps``);
+    for a network without normalization this removes the growth of the
+    norms along the plane (:func:`filter_norm_growth`), which its layers
+    multiply.
     """
     _check_xy(x, y)
     params = list(model.parameters())
-    if len(directions) != 2 or any(len(d) != len(params) for d in directions):
-        raise ValueError(f"directions must be two lists of {len(params)} tensors (one per parameter), "
-                         f"got {len(directions)} lists of lengths {[len(d) for d in directions]}")
-    for d in directions:
-        for p, t in zip(params, d):
-            if tuple(t.shape) != tuple(p.shape):
-                raise ValueError(f"a direction tensor must have its parameter's shape {tuple(p.shape)}, "
-                                 f"got {tuple(t.shape)}")
+    _check_directions(params, directions)
     grid_a = np.asarray(alphas, dtype=np.float64).ravel()
     grid_b = np.asarray(betas, dtype=np.float64).ravel()
     if grid_a.size == 0 or grid_b.size == 0 or not (np.all(np.isfinite(grid_a)) and np.all(np.isfinite(grid_b))):
@@ -732,7 +797,12 @@ def loss_surface(
         for j, b in enumerate(grid_b):
             for i, a in enumerate(grid_a):
                 for p, s, u, v in zip(params, start, *directions):
-                    p.copy_(s + float(a) * u + float(b) * v)
+                    w = s + float(a) * u + float(b) * v
+                    if keep_filter_norms and p.dim() >= 2:
+                        norm = _filter_norms(w)
+                        # a zero filter (of theta, with direction 0) stays zero
+                        w = w * torch.where(norm > 0, _filter_norms(s) / norm, 1.0)
+                    p.copy_(w)
                 _restore_buffers(model, buffers)
                 surface[j, i] = float(loss_fn(model(x), y))
     return surface

@@ -594,6 +594,83 @@ def test_loss_surface_leaves_the_model_as_it_was():
         landscape.loss_surface(model, x, y, d, [float("nan")], [0.0])
 
 
+def _orthogonal_directions(w, seed=0):
+    """Two directions whose every filter has w's filter norm and is orthogonal to w's filter and to the other."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for w_k in w:
+        basis = [w_k / w_k.norm()]
+        for _ in range(2):
+            v = torch.randn(w_k.shape, generator=g, dtype=F64)
+            for e in basis:
+                v = v - (v @ e) * e
+            basis.append(v / v.norm())
+        rows.append([e * w_k.norm() for e in basis[1:]])
+    return [torch.stack([r[0] for r in rows])], [torch.stack([r[1] for r in rows])]
+
+
+def test_filter_norm_growth_is_sqrt_of_1_plus_a2_plus_b2_for_orthogonal_directions():
+    model = nn.Linear(6, 3, bias=False).double()
+    d1, d2 = _orthogonal_directions(model.weight.detach())
+    for a, b in [(0.0, 0.0), (0.5, 0.0), (1.0, 1.0), (-0.3, 0.7)]:
+        np.testing.assert_allclose(landscape.filter_norm_growth(model, (d1, d2), a, b),
+                                   [math.sqrt(1 + a * a + b * b)], rtol=1e-12)
+    # random filter-normalized directions are nearly orthogonal in many
+    # dimensions (cosines of order 1 / sqrt(1000))
+    torch.manual_seed(0)
+    wide = nn.Sequential(nn.Linear(1000, 20), nn.ReLU(), nn.Linear(20, 3)).double()
+    d = [landscape.filter_normalized_direction(wide, torch.Generator().manual_seed(s)) for s in (0, 1)]
+    growth = landscape.filter_norm_growth(wide, d, 0.5, 0.0)
+    assert growth.shape == (2,), "one factor per weight, none for the biases"
+    assert growth[0] == pytest.approx(math.sqrt(1.25), rel=0.01)
+    # a zero filter has no ratio: left out, not a NaN
+    with torch.no_grad():
+        model.weight[0] = 0.0
+    d1[0][0] = 0.0
+    d2[0][0] = 0.0
+    np.testing.assert_allclose(landscape.filter_norm_growth(model, (d1, d2), 1.0, 1.0), [math.sqrt(3)], rtol=1e-12)
+    with pytest.raises(ValueError, match="finite"):
+        landscape.filter_norm_growth(model, (d1, d2), float("inf"), 0.0)
+    with pytest.raises(ValueError, match="two lists"):
+        landscape.filter_norm_growth(model, (d1,), 1.0, 0.0)
+
+
+def test_loss_surface_keeping_filter_norms():
+    x, _ = _data(n=20, d=6)
+    target = torch.randn(20, 4, generator=torch.Generator().manual_seed(3), dtype=F64)
+    alphas, betas = np.linspace(-1, 1, 5), np.linspace(-0.5, 1.5, 4)
+
+    def surfaces(model):
+        d = [landscape.filter_normalized_direction(model, torch.Generator().manual_seed(s)) for s in (1, 2)]
+        plain = landscape.loss_surface(model, x, target, d, alphas, betas, loss_fn=F.mse_loss)
+        kept = landscape.loss_surface(model, x, target, d, alphas, betas, loss_fn=F.mse_loss,
+                                      keep_filter_norms=True)
+        return d, plain, kept
+
+    # Truth 1: BN is scale invariant in the weights that feed it (up to eps),
+    # so keeping their norms changes nothing.
+    torch.manual_seed(0)
+    feeds_bn = nn.Sequential(nn.Linear(6, 4, bias=False), bnlib.nn.BatchNorm1d(4, eps=1e-12, affine=False)).double()
+    _, plain, kept = surfaces(feeds_bn)
+    np.testing.assert_allclose(kept, plain, rtol=1e-9)
+    # Truth 2: without BN, every point is the loss at the weights rescaled
+    # filter by filter, written out here for a ReLU network.
+    no_bn = nn.Sequential(nn.Linear(6, 5, bias=False), nn.ReLU(), nn.Linear(5, 4, bias=False)).double()
+    with torch.no_grad():
+        no_bn[0].weight[2] = 0.0   # a zero filter stays zero, without a NaN
+    (d1, d2), plain, kept = surfaces(no_bn)
+    w1, w2 = (m.weight.detach() for m in (no_bn[0], no_bn[2]))
+    for j, b in enumerate(betas):
+        for i, a in enumerate(alphas):
+            moved = [w + a * u + b * v for w, u, v in zip((w1, w2), (d1[0], d1[1]), (d2[0], d2[1]))]
+            kept_w = [m * torch.nan_to_num(w.norm(dim=1, keepdim=True) / m.norm(dim=1, keepdim=True))
+                      for w, m in zip((w1, w2), moved)]
+            want = F.mse_loss(torch.relu(x @ kept_w[0].T) @ kept_w[1].T, target)
+            assert kept[j, i] == pytest.approx(float(want), rel=1e-12)
+    assert np.all(np.isfinite(kept))
+    assert not np.allclose(kept, plain), "without BN the norms matter"
+
+
 def test_negative_curvature_fraction_of_known_surfaces():
     a = np.linspace(-1, 1, 9)
     b = np.linspace(-2, 2, 7)
