@@ -392,9 +392,12 @@ def test_huge_finite_mean(config):
     """A finite float32 batch of mean 3e19 (its variance 1e30): the merge of
     an empty summary with a block's took 0 * delta^2, and delta^2 overflowed
     to inf (inf * 0 = NaN): NaN output, and the channel's running estimates
-    kept as if the batch held a NaN. Now y and the estimates are torch's."""
+    kept as if the batch held a NaN. Now y and the estimates are torch's.
+    (Since the statistics are of x minus the channel's first value, this
+    input no longer gives that merge a large delta; the merge's own guard is
+    tested by test_merge_with_an_empty_summary.)"""
     g = torch.Generator().manual_seed(0)
-    x64 = torch.randn(8, 1, 1024, generator=g, dtype=torch.float64) * 1e15 + 3e19
+    x64 = torch.randn(8, 1, 128, generator=g, dtype=torch.float64) * 1e15 + 3e19
     rm, rv = torch.zeros(1), torch.ones(1)
     y = tk.batch_norm(x64.float(), rm, rv, None, None, True, 0.1, 1e-5, config=config)
     want_rm, want_rv = torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
@@ -414,6 +417,39 @@ def _tile_offsets_probe(out_ptr, C, S, s_r, s_c, BLOCK_S: tl.constexpr):
     c_offs = tl.program_id(0) + tl.arange(0, 1)
     offs, _ = tk._tile(0, 0, 1, c_offs, s_r, s_c, C, S, 1, BLOCK_S, True)
     tl.store(out_ptr + tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)[None, None, :], offs.to(tl.int64))
+
+
+@triton.jit
+def _chan_combine_probe(a_ptr, b_ptr, out_ptr):
+    """_chan_combine of the summaries (mean, M2, count) at a_ptr and b_ptr, into out_ptr."""
+    i = tl.arange(0, 1)
+    mean, m2, n = tk._chan_combine(tl.load(a_ptr + i), tl.load(a_ptr + 1 + i), tl.load(a_ptr + 2 + i),
+                                   tl.load(b_ptr + i), tl.load(b_ptr + 1 + i), tl.load(b_ptr + 2 + i))
+    tl.store(out_ptr + i, mean)
+    tl.store(out_ptr + 1 + i, m2)
+    tl.store(out_ptr + 2 + i, n)
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+# (the interpreter evaluates both sides of tl.where: NumPy warns of the inf)
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning",
+                            "ignore:invalid value encountered:RuntimeWarning")
+def test_merge_with_an_empty_summary(dtype):
+    """An empty side leaves the other summary as it is, even when delta^2
+    would overflow (3e19 in float32, 3e154 in float64: 0 * inf is NaN); two
+    non-empty sides follow Chan's formula."""
+    huge = 3e19 if dtype == torch.float32 else 3e154
+    empty = torch.tensor([0.0, 0.0, 0.0], dtype=dtype)
+    block = torch.tensor([huge, 5.0, 4.0], dtype=dtype)
+    out = torch.empty(3, dtype=dtype)
+    for a, b in ((empty, block), (block, empty)):
+        _chan_combine_probe[(1,)](a, b, out)
+        assert out.tolist() == block.tolist()
+    # {1, 3} and {6, 8, 10}: mean 5.6, M2 = 2 + 8 + 2 * 3 / 5 * (8 - 2)^2
+    _chan_combine_probe[(1,)](torch.tensor([2.0, 2.0, 2.0], dtype=dtype),
+                              torch.tensor([8.0, 8.0, 3.0], dtype=dtype), out)
+    assert out.tolist() == pytest.approx([5.6, 2.0 + 8.0 + 2 * 3 / 5 * 36, 5.0], rel=1e-6)
 
 
 @interp
