@@ -1144,7 +1144,26 @@ class BatchRenormTrainFunction(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None, None, None, None, None
 
 
-def _batch_renorm_train(input, running_mean, running_var, weight, bias, momentum, eps, r_max, d_max):
+def _batch_renorm_through_r_d(input, running_mean, running_var, weight, bias, eps, r_max, d_max):
+    """Training-mode batch renorm with gradients through ``r`` and ``d`` (not the paper's):
+    plain differentiable tensor ops; returns ``(y, mu_B, var_B, r, d)``, the last four detached."""
+    x = input.to(_compute_dtype(input.dtype))
+    ndim, dims = x.dim(), bnF._stat_dims(input.dim())
+    mu = x.mean(dims)
+    centered = x - bnF._per_channel(mu, ndim)
+    var = centered.square().mean(dims)
+    r, d = _renorm_correction(mu, var, running_mean, running_var, eps, r_max, d_max)
+    sigma_b = torch.sqrt(var + bnF._eps_in(eps, var.dtype))
+    y = centered * bnF._per_channel(r / sigma_b, ndim) + bnF._per_channel(d, ndim)
+    if weight is not None:
+        y = y * bnF._per_channel(weight.to(y.dtype), ndim)
+    if bias is not None:
+        y = y + bnF._per_channel(bias.to(y.dtype), ndim)
+    return y.to(input.dtype), mu.detach(), var.detach(), r.detach(), d.detach()
+
+
+def _batch_renorm_train(input, running_mean, running_var, weight, bias, momentum, eps, r_max, d_max,
+                        stop_gradient=True):
     """Training step of :func:`batch_renorm`; returns ``(y, r, d)``, ``r``, ``d`` of shape ``(C,)``."""
     if input.dim() < 2:
         raise InputError(f"batch_renorm expected an input with at least 2 dimensions (N, C, ...), got {input.dim()}D input")
@@ -1153,7 +1172,10 @@ def _batch_renorm_train(input, running_mean, running_var, weight, bias, momentum
     bnF.check_training_batch(input)
     _check_limit("r_max", r_max, 1.0)
     _check_limit("d_max", d_max, 0.0)
-    if bnF.under_func_transform():  # the formula, r and d constants (see bnF.under_func_transform)
+    _check_stop_gradient(stop_gradient)
+    if not stop_gradient:
+        y, mu, var, r, d = _batch_renorm_through_r_d(input, running_mean, running_var, weight, bias, eps, r_max, d_max)
+    elif bnF.under_func_transform():  # the formula, r and d constants (see bnF.under_func_transform)
         mu, var = bnF._detached_batch_stats(input)
         r, d = _renorm_correction(mu, var, running_mean, running_var, eps, r_max, d_max)
         y = _batch_renorm_formula(input, weight, bias, r, d, eps)
@@ -1164,22 +1186,31 @@ def _batch_renorm_train(input, running_mean, running_var, weight, bias, momentum
 
 
 def batch_renorm(input, running_mean, running_var, weight=None, bias=None, training=False,
-                 momentum=0.1, eps=1e-5, r_max=3.0, d_max=5.0):
+                 momentum=0.1, eps=1e-5, r_max=3.0, d_max=5.0, *, stop_gradient=True):
     """Batch renormalization; ``torch.nn.functional.batch_norm``'s arguments plus ``r_max``, ``d_max``.
 
     Training: normalize with the batch statistics corrected by ``r`` and ``d``
     (``BatchRenormTrainFunction``), then update the running estimates
     in place exactly as batch norm does (the unbiased batch variance goes into
     ``running_var``). Eval: batch norm with the running estimates.
+
+    ``stop_gradient=False`` lets the gradient flow through ``r`` and ``d``
+    too (the paper holds them constant). Where neither is clipped the
+    training output is then ``gamma * (x - running_mean) / sigma + beta``
+    as a function of ``x``, and so is its gradient: the batch's own
+    statistics cancel out of both. Where one is clipped, it is a constant
+    and its gradient is 0, as in the paper.
     """
     if running_mean is None or running_var is None:
         raise InputError("batch_renorm needs running_mean and running_var (r and d are measured against them)")
     _check_eps(eps)
+    _check_stop_gradient(stop_gradient)
     if training:
         bnF.check_momentum("batch_renorm", momentum)
     if not training:
         return bnF.batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
-    y, _, _ = _batch_renorm_train(input, running_mean, running_var, weight, bias, momentum, eps, r_max, d_max)
+    y, _, _ = _batch_renorm_train(input, running_mean, running_var, weight, bias, momentum, eps, r_max, d_max,
+                                  stop_gradient)
     return y
 
 
@@ -1223,6 +1254,11 @@ def paper_schedule(scale=1.0, r_max=3.0, d_max=5.0):
     }
 
 
+def _check_stop_gradient(value):
+    if not isinstance(value, bool):
+        raise ValueError(f"stop_gradient must be True or False, got {value!r}")
+
+
 def _check_limit(name, value, lowest):
     """``r_max`` must be a finite number >= 1, ``d_max`` one >= 0."""
     if isinstance(value, bool) or not isinstance(value, Real) or not (lowest <= value < math.inf):
@@ -1249,13 +1285,17 @@ class _BatchRenorm(_NormBase):
     ``track_running_stats`` must be True (``r`` and ``d`` need the estimates).
     After an eager training step ``last_r`` and ``last_d`` hold the ``(C,)`` values used
     (not in a program from ``torch.export``).
+
+    ``stop_gradient=False`` (not the paper's) lets the gradient flow through
+    ``r`` and ``d``; see :func:`batch_renorm`.
     """
 
     allowed_dims = ()
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 device=None, dtype=None, *, bias=True, r_max=3.0, d_max=5.0):
+                 device=None, dtype=None, *, bias=True, r_max=3.0, d_max=5.0, stop_gradient=True):
         check_norm_args(num_features, eps, momentum)
+        _check_stop_gradient(stop_gradient)
         if not track_running_stats:
             raise ValueError("BatchRenorm needs track_running_stats=True: r and d compare the batch with the running statistics")
         if not callable(r_max):
@@ -1265,6 +1305,7 @@ class _BatchRenorm(_NormBase):
         super().__init__(num_features, eps, momentum, affine, True, device=device, dtype=dtype, bias=bias)
         self.r_max = r_max
         self.d_max = d_max
+        self.stop_gradient = stop_gradient
         self.last_r = None
         self.last_d = None
 
@@ -1294,8 +1335,9 @@ class _BatchRenorm(_NormBase):
         factor = self._count_batch()
         version = _version(self.running_mean)
         try:
+            # (getattr: a module pickled before stop_gradient existed)
             y, r, d = _batch_renorm_train(input, self.running_mean, self.running_var, self.weight, self.bias,
-                                          factor, self.eps, r_max, d_max)
+                                          factor, self.eps, r_max, d_max, getattr(self, "stop_gradient", True))
         except Exception:
             if _version(self.running_mean) == version:
                 self._uncount_batch()  # the estimates are unchanged; so must the count be
@@ -1305,7 +1347,10 @@ class _BatchRenorm(_NormBase):
         return y
 
     def extra_repr(self):
-        return super().extra_repr() + f", r_max={self.r_max}, d_max={self.d_max}"
+        extra = f", r_max={self.r_max}, d_max={self.d_max}"
+        if not getattr(self, "stop_gradient", True):
+            extra += ", stop_gradient=False"
+        return super().extra_repr() + extra
 
 
 class BatchRenorm1d(_BatchRenorm):

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+import bnlib.alternatives
 import bnlib.nn
 import bnlib.reference as ref
 from bnlib.alternatives import BatchRenormTrainFunction, LinearRamp, paper_schedule
@@ -132,6 +133,73 @@ def test_gradcheck_where_r_and_d_are_clipped():
         return BatchRenormTrainFunction.apply(x, w, b, running_mean, running_var, 1e-5, 2.0, 0.5)[0]
 
     assert torch.autograd.gradcheck(f, (x, w, b), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("module_cls,shape", [(bnlib.nn.BatchRenorm1d, (16, 3)), (bnlib.nn.BatchRenorm2d, (4, 3, 2, 3))])
+def test_gradient_through_r_and_d_unclipped_is_the_running_statistics_map(module_cls, shape):
+    """stop_gradient=False, r and d unclipped: y = gamma (x - running_mean) / sigma + beta as a
+    function of x, so dx = gamma / sigma * dy, dgamma and dbeta those of that affine map."""
+    module = module_cls(3, dtype=torch.float64, r_max=1e6, d_max=1e6, momentum=0.3, stop_gradient=False)
+    _set_params(module)
+    running_mean, running_var = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64), torch.tensor([4.0, 0.25, 9.0], dtype=torch.float64)
+    with torch.no_grad():
+        module.running_mean.copy_(running_mean)
+        module.running_var.copy_(running_var)
+    x = random_input(shape, seed=3).requires_grad_()
+    dy = random_input(shape, seed=4)
+    y = module(x)
+    dx, dw, db = torch.autograd.grad(y, (x, module.weight, module.bias), dy)
+    view = (1, 3) + (1,) * (len(shape) - 2)
+    sigma = torch.sqrt(running_var + module.eps).view(view)
+    x_hat = (x.detach() - running_mean.view(view)) / sigma
+    w = module.weight.detach().view(view)
+    dims = [0] + list(range(2, len(shape)))
+    assert_close(y.detach(), w * x_hat + module.bias.detach().view(view), OUT_TOL[torch.float64], "y")
+    assert_close(dx, w / sigma * dy, GRAD_TOL[torch.float64], "dx")
+    assert_close(dw, (dy * x_hat).sum(dims), GRAD_TOL[torch.float64], "dgamma")
+    assert_close(db, dy.sum(dims), GRAD_TOL[torch.float64], "dbeta")
+    # the running estimates move as with the paper's stop-gradient
+    paper = module_cls(3, dtype=torch.float64, r_max=1e6, d_max=1e6, momentum=0.3)
+    with torch.no_grad():
+        paper.running_mean.copy_(running_mean)
+        paper.running_var.copy_(running_var)
+    paper(x.detach())
+    assert_close(module.running_mean, paper.running_mean, STAT_TOL[torch.float64], "running_mean")
+    assert_close(module.running_var, paper.running_var, STAT_TOL[torch.float64], "running_var")
+    assert "stop_gradient=False" in repr(module) and "stop_gradient" not in repr(paper)
+
+
+def test_gradient_through_r_and_d_clipped_is_batchnorms():
+    """stop_gradient=False with r_max = 1, d_max = 0: r and d are clipped constants, so
+    outputs and gradients are batch norm's (torch.nn.BatchNorm1d's)."""
+    ours = bnlib.nn.BatchRenorm1d(3, dtype=torch.float64, r_max=1.0, d_max=0.0, stop_gradient=False)
+    theirs = torch.nn.BatchNorm1d(3, dtype=torch.float64)
+    _set_params(ours, theirs)
+    x = random_input((8, 3, 4), seed=5).requires_grad_()
+    dy = random_input((8, 3, 4), seed=6)
+    got = torch.autograd.grad(ours(x), (x, ours.weight, ours.bias), dy)
+    want = torch.autograd.grad(theirs(x), (x, theirs.weight, theirs.bias), dy)
+    for name, a, b in zip(("dx", "dgamma", "dbeta"), got, want):
+        assert_close(a, b, GRAD_TOL[torch.float64], name)
+    assert_close(ours.running_var, theirs.running_var, STAT_TOL[torch.float64], "running_var")
+    # and where the limits leave room, the gradient differs from the paper's
+    free = bnlib.nn.BatchRenorm1d(3, dtype=torch.float64, r_max=3.0, d_max=5.0, stop_gradient=False)
+    paper = bnlib.nn.BatchRenorm1d(3, dtype=torch.float64, r_max=3.0, d_max=5.0)
+    dx_free, dx_paper = (torch.autograd.grad(m(x), x, dy)[0] for m in (free, paper))
+    assert not torch.allclose(dx_free, dx_paper)
+
+
+def test_gradient_through_r_and_d_functional_and_bad_values():
+    x = random_input((8, 3), seed=7).requires_grad_()
+    rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    y = bnlib.alternatives.batch_renorm(x, rm, rv, training=True, r_max=1e6, d_max=1e6, stop_gradient=False)
+    # running estimates 0 and ~1 before this step: y is x / sqrt(1 + eps)
+    assert_close(y.detach(), x.detach() / (1 + 1e-5) ** 0.5, OUT_TOL[torch.float64], "y")
+    for bad in (None, 1, "no"):
+        with pytest.raises(ValueError, match="stop_gradient"):
+            bnlib.nn.BatchRenorm1d(3, stop_gradient=bad)
+        with pytest.raises(ValueError, match="stop_gradient"):
+            bnlib.alternatives.batch_renorm(x, rm, rv, training=True, stop_gradient=bad)
 
 
 def test_state_dict_is_batchnorms():
