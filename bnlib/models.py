@@ -61,6 +61,7 @@ __all__ = [
     "NORM_POSITIONS",
     "activation_derivative",
     "make_mlp",
+    "cancels_bias",
     "get_layers",
     "ResidualBlock",
     "make_resmlp",
@@ -152,6 +153,31 @@ def _norm_factory(norm: str | None, norm_layer: Callable[[int], nn.Module] | Non
     raise ValueError(f"norm must be None or 'bn', got {norm!r}")
 
 
+def cancels_bias(layer: nn.Module) -> bool:
+    """Whether ``layer``, placed right after a linear map, makes that map's bias useless.
+
+    True for the layers that subtract each feature's mean over the batch in
+    training, BN and its variants (torch's and bnlib's batch norms, ghost
+    BN, batch renorm, and ``PartialBatchNorm1d`` when it centres): a bias
+    ``b`` shifts the feature and its batch mean alike, and cancels. False
+    for every other layer (layer, group, instance and RMS norm, frozen BN),
+    which a per-feature bias can change.
+    """
+    from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
+
+    from bnlib.alternatives import _BatchRenorm
+    from bnlib.batchnorm import _BatchNorm
+
+    return isinstance(layer, (_TorchBatchNorm, _BatchNorm, _BatchRenorm)) and bool(getattr(layer, "center", True))
+
+
+def _probe_cancels_bias(factory: Callable[[int], nn.Module], width: int) -> bool:
+    """:func:`cancels_bias` of ``factory(width)``, built on the side: the random
+    draws of the layers built after it stay as they were."""
+    with torch.random.fork_rng(devices=[]):
+        return cancels_bias(factory(width))
+
+
 @contextlib.contextmanager
 def _seeded(seed):
     """The draws of a ``with`` block: from ``torch.manual_seed(seed)``, the
@@ -208,10 +234,13 @@ def make_mlp(
         0, so ``s = 1`` keeps the variance of a linear map's output equal to that
         of its input; the ``out`` layer then gets ``s = 1``.
     bias
-        Whether hidden linear layers have a bias. Default: only where no
-        normalization layer follows the linear map directly, because BN
-        subtracts the mean and ``b`` cancels (so with ``norm_position="after"``
-        the layers keep theirs: the activation comes between).
+        Whether hidden linear layers have a bias. Default: yes, except where
+        a normalization layer that subtracts each feature's mean over the
+        batch follows the linear map directly (:func:`cancels_bias`: BN and
+        its variants), because ``b`` cancels there. Layer, group and RMS
+        norm keep a per-feature bias (layer norm cancels only its mean over
+        the features), and with ``norm_position="after"`` the activation
+        comes between, so those layers keep theirs.
     bias_init
         If given, every hidden bias is set to this constant (needs a bias).
     seed
@@ -237,7 +266,7 @@ def make_mlp(
     if norm_position not in NORM_POSITIONS:
         raise ValueError(f"norm_position must be one of {NORM_POSITIONS}, got {norm_position!r}")
     if bias is None:
-        bias = factory is None or norm_position == "after"
+        bias = factory is None or norm_position == "after" or not _probe_cancels_bias(factory, widths[0])
     if bias_init is not None and not bias:
         raise ValueError("bias_init needs hidden biases: pass bias=True")
     if weight_scale is not None:

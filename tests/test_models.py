@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import bnlib.landscape
 import bnlib.nn
 from bnlib import models
 
@@ -81,6 +82,46 @@ def test_weight_scale_sets_the_std():
     assert abs(float(m.fc1.weight.detach().std()) / (s / math.sqrt(400)) - 1) < 0.02
     assert abs(float(m.out.weight.detach().std()) / (1 / math.sqrt(300)) - 1) < 0.05  # the out layer gets s = 1
     assert float(m.fc1.bias.detach().abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("factory, cancels", [
+    (bnlib.nn.BatchNorm1d, True),
+    (torch.nn.BatchNorm1d, True),
+    (lambda c: bnlib.nn.GhostBatchNorm(c, 4), True),
+    (bnlib.nn.BatchRenorm1d, True),
+    (lambda c: bnlib.landscape.PartialBatchNorm1d(c, center=True, scale=False), True),
+    (lambda c: bnlib.landscape.PartialBatchNorm1d(c, center=False), False),
+    (bnlib.nn.LayerNorm, False),
+    (bnlib.nn.RMSNorm, False),
+    (lambda c: bnlib.nn.GroupNorm(2, c), False),
+    (bnlib.nn.FrozenBatchNorm, False),
+])
+def test_default_bias_only_where_the_norm_cancels_it(factory, cancels):
+    # a per-feature bias cancels under a norm that subtracts each feature's
+    # batch mean, not under layer, group or RMS norm
+    m = models.make_mlp(5, 4, 3, depth=2, norm_layer=factory, seed=0)
+    assert models.cancels_bias(m.norm1) is cancels
+    assert (m.fc1.bias is None) is cancels and (m.fc2.bias is None) is cancels
+    assert m.out.bias is not None
+    explicit = models.make_mlp(5, 4, 3, depth=2, norm_layer=factory, seed=0, bias=cancels)  # overrides
+    assert (explicit.fc1.bias is None) is (not cancels)
+    # norm_position="after": the activation comes between, the bias stays
+    assert models.make_mlp(5, 4, 3, depth=2, norm_layer=factory, norm_position="after", seed=0).fc1.bias is not None
+
+
+def test_default_bias_decision_draws_nothing():
+    # Deciding the default builds one norm layer on the side; the draws of
+    # the real layers (weights, and a noisy BN's seed taken from the global
+    # generator) are those of the same call with the bias given.
+    noisy = bnlib.landscape.NoisyBatchNorm1d
+    torch.manual_seed(5)
+    default = models.make_mlp(5, 4, 3, depth=2, norm_layer=noisy)
+    after_default = torch.rand(2)
+    torch.manual_seed(5)
+    given = models.make_mlp(5, 4, 3, depth=2, norm_layer=noisy, bias=False)
+    after_given = torch.rand(2)
+    assert all(torch.equal(a, b) for a, b in zip(default.state_dict().values(), given.state_dict().values()))
+    assert default.norm1.seed == given.norm1.seed and torch.equal(after_default, after_given)
 
 
 def test_bias_init():
