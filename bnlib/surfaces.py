@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from bnlib.features import standardize
+
 __all__ = [
     "design_matrix",
     "loss",
@@ -405,12 +407,17 @@ _ACTIVATIONS = {
 }
 
 
-def mlp_layers(X, layers, activation="sigmoid"):
+def mlp_layers(X, layers, activation="sigmoid", standardize_z=False):
     """Forward X through the MLP; keep every layer's ``z`` and ``a``.
 
     ``z^l = a^{l-1} W_l^T + b_l`` (the pre-activation), ``a^l = f(z^l)``,
     ``a^0 = X``. Returns ``(zs, acts)``: lists of arrays (n, h_l), one per layer.
     ``acts[l]`` is what layer l + 1 takes as its input: its "features".
+
+    ``standardize_z=True`` standardizes each unit's ``z`` over the ``n``
+    rows before the activation, ``a^l = f((z^l - mu) / sigma)``
+    (:func:`bnlib.features.standardize`), as batch normalization does with
+    a batch of ``n``; ``zs`` then holds the standardized values.
     """
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
@@ -419,6 +426,8 @@ def mlp_layers(X, layers, activation="sigmoid"):
     zs, acts = [], []
     for W, b in layers:
         z = a @ W.T + b
+        if standardize_z:
+            z = standardize(z)[0]
         a = f(z)
         zs.append(z)
         acts.append(a)

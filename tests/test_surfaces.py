@@ -254,6 +254,22 @@ def test_mlp_layers_match_torch(activation):
         np.testing.assert_allclose(a_ref, a.numpy(), rtol=1e-12, atol=1e-14)
 
 
+def test_mlp_layers_standardize_z_is_batch_norm_before_the_activation():
+    # Truth: torch's batch_norm in training mode (eps 0 is not allowed:
+    # eps=1e-12, far below these variances) before the sigmoid.
+    X = np.random.default_rng(0).standard_normal((50, 4))
+    layers = S.random_mlp((4, 6, 5), seed=1)
+    zs, acts = S.mlp_layers(X, layers, "sigmoid", standardize_z=True)
+    a = torch.from_numpy(X)
+    for (W, b), z_ref, a_ref in zip(layers, zs, acts):
+        z = torch.nn.functional.linear(a, torch.from_numpy(W), torch.from_numpy(b))
+        z = torch.nn.functional.batch_norm(z, None, None, training=True, eps=1e-12)
+        a = torch.sigmoid(z)
+        np.testing.assert_allclose(z_ref, z.numpy(), rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(a_ref, a.numpy(), rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(z_ref.std(axis=0), 1.0, rtol=1e-12)
+
+
 # --------------------------------------------------------------------------
 # Bad input
 # --------------------------------------------------------------------------
