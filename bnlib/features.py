@@ -197,8 +197,11 @@ def whitening_fit(X, method="zca", eps=1e-5):
 
     ``eps`` keeps directions of (almost) zero variance from being blown up; with
     ``eps = 0`` and a full-rank ``C``, ``W C W^T = I`` exactly.
-    The eigenvector signs are fixed (largest entry of each column positive) so
-    the PCA result is reproducible.
+    The eigenvector signs are fixed so the PCA result is reproducible: the
+    largest entry (in absolute value) of each column is positive, and where
+    several entries tie for largest (within a relative 1e-9, as for two
+    standardized features, whose eigenvectors are (1, 1)/sqrt(2) and
+    (1, -1)/sqrt(2) up to sign), the first of them.
 
     Returns ``(m, W)`` of shapes (d,), (d, d).
     """
@@ -210,7 +213,11 @@ def whitening_fit(X, method="zca", eps=1e-5):
     lam, U = np.linalg.eigh(C)             # ascending
     lam, U = lam[::-1], U[:, ::-1]         # largest variance first
     lam = np.clip(lam, 0.0, None)          # round-off can make tiny ones negative
-    signs = np.sign(U[np.argmax(np.abs(U), axis=0), np.arange(U.shape[1])])
+    size = np.abs(U)
+    # the first entry within round-off of the largest: a tie is not decided
+    # by the last bits of eigh's output
+    first_largest = np.argmax(size >= size.max(axis=0) * (1 - 1e-9), axis=0)
+    signs = np.sign(U[first_largest, np.arange(U.shape[1])])
     U = U * signs
     if eps == 0 and lam[-1] <= lam[0] * lam.shape[0] * np.finfo(float).eps:
         raise ValueError(

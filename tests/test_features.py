@@ -154,6 +154,21 @@ def test_pca_whitening_matches_sklearn(data):
     np.testing.assert_allclose(Z_test * signs, ref_test, rtol=WTOL, atol=WTOL)
 
 
+def test_pca_signs_do_not_depend_on_round_off():
+    # Two standardized features: the eigenvectors are (1, 1)/sqrt(2) and
+    # (1, -1)/sqrt(2) up to sign, their entries tie, and the tie-break (the
+    # first entry positive) must hold whatever the last bits: ten data sets,
+    # each also scaled by 1 + 1e-7.
+    for seed in range(10):
+        X = np.random.default_rng(seed).standard_normal((200, 2)) @ np.array([[1.0, 0.6], [0.0, 0.8]])
+        Z = F.standardize(X)[0]
+        for data in (Z, Z * (1 + 1e-7)):
+            _, W = F.whitening_fit(data, method="pca", eps=0.0)
+            assert (W[:, 0] > 0).all(), (seed, W)
+            np.testing.assert_allclose(np.abs(W[:, 0] * np.sqrt(np.linalg.eigvalsh(np.cov(data.T, bias=True))[::-1])),
+                                       np.sqrt(0.5), rtol=1e-6)
+
+
 def test_pca_components_ordered_by_variance(data):
     _, W = F.whitening_fit(data[0], method="pca", eps=0.0)
     lam = np.linalg.eigvalsh(np.cov(data[0], rowvar=False, bias=True))[::-1]
