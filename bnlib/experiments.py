@@ -799,6 +799,7 @@ def fine_tune_run(
     epochs: int = 30,
     lr: float = 0.05,
     seed: int = 0,
+    precise_bn_batch: int | None = None,
 ) -> float:
     """Fine-tune a copy of ``pretrained`` (from :func:`pretrain`) on ``n_per_class`` training
     examples of every class of ``target``; return the test accuracy on ``target`` (eval mode).
@@ -814,10 +815,19 @@ def fine_tune_run(
 
     ``pretrained=None`` trains the same network from scratch instead (the
     baseline; ``frozen`` must be False). ``pretrained`` itself is not changed.
-    Every argument is checked before any training.
+    ``precise_bn_batch=b`` (BN in training mode only): after fine-tuning,
+    recompute the running statistics with
+    :func:`bnlib.moving_average.precise_bn` over the fine-tuning examples in
+    batches of ``b``, in their order, before the test; this separates what
+    small batches did to the weights from what they did to the running
+    statistics. Every argument is checked before any training.
     """
     check_integer_at_least("batch_size", batch_size, 1 if frozen else 2)
     check_integer_at_least("epochs", epochs, 0)
+    if precise_bn_batch is not None:
+        if frozen:
+            raise ValueError("precise_bn_batch needs BN in training mode: frozen layers keep the pretrained statistics")
+        check_integer_at_least("precise_bn_batch", precise_bn_batch, 2)
     n_target_classes = int(target.y_train.max()) + 1
     if pretrained is None:
         if frozen:
@@ -832,6 +842,10 @@ def fine_tune_run(
             FrozenBatchNorm.convert_frozen_batchnorm(model)
     subset = class_subset(target, n_per_class, seed=seed)
     training.train(model, subset.x_train, subset.y_train, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+    if precise_bn_batch is not None:
+        from bnlib.moving_average import precise_bn
+
+        precise_bn(model, torch.split(subset.x_train, precise_bn_batch))
     return training.evaluate(model, target.x_test, target.y_test)[1]
 
 

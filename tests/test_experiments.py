@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import bnlib.moving_average
 import bnlib.nn
 from bnlib import data, experiments as ex, models, training
 from bnlib.data import Split
@@ -500,6 +501,31 @@ def test_fine_tune_run_checks_its_arguments_before_training(kwargs, match):
         ex.fine_tune_run(target, ex.build_mlp(5, 3, norm="bn"), batch_size=2, n_per_class=4)
     with pytest.raises(ValueError, match="batch_size must be an integer >= 2"):
         ex.pretrain(target, batch_size=1)
+
+
+def test_fine_tune_run_precise_bn_recomputes_the_statistics_after_training(monkeypatch):
+    """precise_bn_batch=b: the same training, then precise_bn over the fine-tuning
+    examples in batches of b, then the test."""
+    source, target = _source_target()
+    net = ex.pretrain(source, epochs=2, seed=1)
+    kw = dict(batch_size=2, n_per_class=4, epochs=2, seed=1)
+    calls = []
+    real_precise_bn = bnlib.moving_average.precise_bn
+
+    def spy(model, batches, *args, **kwargs):
+        batches = list(batches)
+        calls.append([len(b) for b in batches])
+        return real_precise_bn(model, batches, *args, **kwargs)
+
+    monkeypatch.setattr(bnlib.moving_average, "precise_bn", spy)
+    plain = ex.fine_tune_run(target, net, **kw)
+    recomputed = ex.fine_tune_run(target, net, precise_bn_batch=5, **kw)
+    assert calls == [[5, 5, 2]]  # 4 examples of each of the 3 classes
+    assert 0 <= recomputed <= 1 and 0 <= plain <= 1
+    with pytest.raises(ValueError, match="precise_bn_batch needs BN in training mode"):
+        ex.fine_tune_run(target, net, frozen=True, precise_bn_batch=5, **kw)
+    with pytest.raises(ValueError, match="precise_bn_batch must be an integer >= 2"):
+        ex.fine_tune_run(target, net, precise_bn_batch=1, **kw)
 
 
 def test_fine_tune_run_frozen_keeps_the_pretrained_statistics(monkeypatch):
