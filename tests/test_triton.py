@@ -1064,3 +1064,165 @@ def test_weight_or_bias_alone(which, config):
     assert rel_err(y, y2) < 1e-12
     for a, c in zip(torch.autograd.grad(y, p1, dy), torch.autograd.grad(y2, p2, dy)):
         assert rel_err(a, c) < 1e-12
+
+
+# --- from a second mutation run of the kernels in the interpreter (65
+# mutants): the cases that let real gaps through --------------------------
+
+
+@interp
+@pytest.mark.parametrize("config", [{**ONE_SPLIT, "tile": 8, "block_c": 2, "max_block_s": 4},
+                                    {**SPLITS, "prefetch": False}], ids=["one_split", "splits"])
+@pytest.mark.parametrize("shape, layout", [((4, 3, 10), "contiguous"), ((3, 4, 5, 6), "channels_last")],
+                         ids=["3d", "4d-channels_last"])
+def test_several_tiles_without_prefetch(shape, layout, config):
+    """Several tiles per program without prefetching: the backward loops load
+    each tile after the first themselves (the other configurations with
+    several tiles per program prefetch)."""
+    check(run_both(shape, torch.float64, "cpu", layout, config=config), torch.float64)
+
+
+@interp
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
+def test_parameter_gradients_without_input_gradient(config, training):
+    """Only weight and bias want gradients (x is data: BN as a network's first
+    layer): the sums are reduced although no dx is computed."""
+    x = make_input((4, 3, 10), torch.float64, "cpu")
+    w = torch.tensor([1.5, -0.5, 2.0], dtype=torch.float64, requires_grad=True)
+    b = torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    rm, rv = torch.tensor([0.5, 2.0, -1.0], dtype=torch.float64), torch.tensor([1.5, 9.0, 4.0], dtype=torch.float64)
+    dy = make_input((4, 3, 10), torch.float64, "cpu", mean=0.0, std=1.0, seed=2)
+    y = tk.batch_norm(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5, config=config)
+    want = F.batch_norm(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5)
+    for name, got, ref in zip(("dgamma", "dbeta"), torch.autograd.grad(y, (w, b), dy),
+                              torch.autograd.grad(want, (w, b), dy)):
+        assert rel_err(got, ref) < 1e-12, name
+
+
+@interp
+@pytest.mark.parametrize("config", [ONE_SPLIT, SPLITS], ids=["one_split", "splits"])
+def test_strided_weight_and_bias(config):
+    """Weight and bias that are strided views (every other element of one
+    tensor): the kernels read per-channel tensors with stride 1, so they get
+    contiguous copies; y and the gradients are torch's."""
+    x = make_input((4, 3, 10), torch.float64, "cpu").requires_grad_()
+    wb = torch.tensor([1.5, 0.3, -0.5, -1.0, 2.0, 2.0], dtype=torch.float64, requires_grad=True)
+    y = tk.batch_norm(x, None, None, wb[0::2], wb[1::2], True, 0.1, 1e-5, config=config)
+    x2 = x.detach().clone().requires_grad_()
+    wb2 = wb.detach().clone().requires_grad_()
+    y2 = F.batch_norm(x2, None, None, wb2[0::2], wb2[1::2], True, 0.1, 1e-5)
+    assert rel_err(y, y2) < 1e-12
+    dy = make_input((4, 3, 10), torch.float64, "cpu", mean=0.0, std=1.0, seed=2)
+    for got, ref in zip(torch.autograd.grad(y, (x, wb), dy), torch.autograd.grad(y2, (x2, wb2), dy)):
+        assert rel_err(got, ref) < 1e-12
+
+
+@interp
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_eval_subtracts_the_mean_first(layout):
+    """Eval with |mean| >> std (float32 values near 1e5, std 1): y = (x -
+    running_mean) * scale + beta keeps y to float32's precision; x * scale -
+    running_mean * scale would lose three digits of it (an ulp of 1e5 * scale)."""
+    x = make_input((3, 4, 5, 6), torch.float32, "cpu", layout, mean=1e5, std=1.0)
+    rm, rv = torch.full((4,), 1e5), torch.tensor([1.0, 0.5, 2.0, 1.5])
+    w, b = torch.tensor([1.5, -0.5, 2.0, 1.0]), torch.tensor([0.3, -1.0, 2.0, 0.0])
+    y = tk.batch_norm(x, rm, rv, w, b, False, 0.1, 1e-5)
+    want = F.batch_norm(x.double(), rm.double(), rv.double(), w.double(), b.double(), False, 0.1, 1e-5)
+    assert rel_err(y, want) < 1e-5
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
+def test_half_input_keeps_float32_statistics(dtype, config):
+    """Half input whose mean dwarfs its spread (mean 1000, std 4): the saved
+    mean and invstd (the finalize kernel's output, the backward's input) are
+    float32; in the input's dtype the mean would be off by up to half an ulp
+    of 1000 (0.25 in float16, 2 in bfloat16), y and dx by that over the std."""
+    x = make_input((4, 3, 10), dtype, "cpu", mean=1000.0, std=4.0).requires_grad_()
+    dy = make_input((4, 3, 10), dtype, "cpu", mean=0.0, std=1.0, seed=2)
+    y = tk.batch_norm(x, None, None, None, None, True, 0.1, 1e-5, config=config)
+    x2 = x.detach().double().requires_grad_()
+    y2 = F.batch_norm(x2, None, None, None, None, True, 0.1, 1e-5)
+    assert rel_err(y, y2) < TOL[dtype]
+    got, want = torch.autograd.grad(y, x, dy)[0], torch.autograd.grad(y2, x2, dy.double())[0]
+    assert rel_err(got, want) < TOL[dtype]
+
+
+@interp
+def test_non_contiguous_input_backward():
+    """An input in neither layout (a copy for the kernels): the backward reads
+    that copy too, not the input with its own strides."""
+    x = make_input((4, 6, 5), torch.float64, "cpu").transpose(0, 2).requires_grad_()  # (5, 6, 4)
+    w = torch.linspace(0.5, 2.0, 6, dtype=torch.float64, requires_grad=True)
+    b = torch.linspace(-1.0, 1.0, 6, dtype=torch.float64, requires_grad=True)
+    dy = make_input((5, 6, 4), torch.float64, "cpu", mean=0.0, std=1.0, seed=2)
+    for config in (ONE_SPLIT, SPLITS):
+        y = tk.batch_norm(x, None, None, w, b, True, 0.1, 1e-5, config=config)
+        want = F.batch_norm(x, None, None, w, b, True, 0.1, 1e-5)
+        for got, ref in zip(torch.autograd.grad(y, (x, w, b), dy), torch.autograd.grad(want, (x, w, b), dy)):
+            assert rel_err(got, ref) < 1e-12
+
+
+@interp
+def test_half_running_estimates_are_rounded_once():
+    """float16 running estimates are updated in float32 and rounded once: each
+    within half an ulp (float16) of the float64 update (computed in float16,
+    each of its three roundings would add to that)."""
+    x = make_input((16, 64), torch.float16, "cpu")
+    g = torch.Generator().manual_seed(5)
+    rm = (torch.randn(64, generator=g) * 3).half()
+    rv = (torch.rand(64, generator=g) * 4 + 1).half()
+    want_rm = 0.7 * rm.double() + 0.3 * x.double().mean(0)
+    want_rv = 0.7 * rv.double() + 0.3 * x.double().var(0, unbiased=True)
+    tk.batch_norm(x, rm, rv, None, None, True, 0.3, 1e-5, config=ONE_SPLIT)
+    for got, want in ((rm, want_rm), (rv, want_rv)):
+        ulp = torch.tensor([math.ulp(v) * 2.0**(53 - 11) if v != 0 else 2.0**-24 for v in want.abs().tolist()],
+                           dtype=torch.float64)
+        assert ((got.double() - want).abs() / ulp).max() <= 0.51
+
+
+def test_every_split_has_rows():
+    """Whole tiles per split, and the split count recomputed from them: no split
+    (no program of the grid) is left without rows."""
+    if tk.triton is None:
+        pytest.skip("needs Triton")
+    cpu = torch.device("cpu")
+    for R in range(1, 120):
+        for n in (2, 3, 5, 7, 11):
+            launch = tk._launch(R, 3, 5, torch.float32, cpu, {"n_split": n, "tile": 32, "max_block_s": 4})
+            assert launch.rows_per_split % launch.BLOCK_R == 0
+            assert (launch.n_split - 1) * launch.rows_per_split < R <= launch.n_split * launch.rows_per_split, (R, n)
+
+
+def test_launch_cache_is_bounded(monkeypatch):
+    """Programs that see ever new shapes: the cache of launches stays at most 1024 entries."""
+    if tk.triton is None:
+        pytest.skip("needs Triton")
+    monkeypatch.setattr(tk, "_LAUNCHES", {})
+    for R in range(1, 1100):
+        tk._launch(R, 3, 5, torch.float32, torch.device("cpu"))
+    assert 0 < len(tk._LAUNCHES) <= 1024
+
+
+@triton.jit
+def _pivot_probe(x_ptr, out_ptr, C, R, S, s_c, BLOCK_C: tl.constexpr):
+    """_pivot of channels [0, BLOCK_C), into out_ptr."""
+    c_offs = tl.arange(0, BLOCK_C)
+    tl.store(out_ptr + c_offs, tk._pivot(x_ptr, c_offs, s_c, C, R, S), mask=c_offs < C)
+
+
+@interp
+def test_pivot_offsets_past_int32():
+    """The pivot of channel 2 of a contiguous (1, 3, 2**30) input is element
+    2**31, past int32 (test_tile_offsets_past_int32 for _pivot). x is the
+    second half of 4 GiB of uint8 (never touched but for four bytes), so that
+    an offset wrapped to -2**31 reads buf[0] instead of faulting."""
+    buf = torch.empty(2**32 + 1, dtype=torch.uint8)
+    buf[0] = 9
+    x = buf[2**31:]
+    x[0], x[2**30], x[2**31] = 1, 2, 3
+    out = torch.zeros(3, dtype=torch.uint8)
+    _pivot_probe[(1,)](x, out, 3, 1, 2**30, 2**30, BLOCK_C=4)
+    assert out.tolist() == [1, 2, 3]
