@@ -1057,7 +1057,8 @@ class LazyInstanceNorm3d(_LazyInstanceNorm, InstanceNorm3d):
 
 
 def _batch_renorm_formula(input, weight, bias, r, d, eps):
-    """Training-mode batch renorm in plain differentiable tensor ops, ``r`` and ``d`` constants (for second derivatives)."""
+    """Training-mode batch renorm in plain differentiable tensor ops, with ``r`` and ``d`` as given: constants
+    (the paper's; for second derivatives), or with their graph (``stop_gradient=False``)."""
     y = bnF.batch_norm_formula(input.to(_compute_dtype(input.dtype)), None, None, eps)
     ndim = y.dim()
     y = y * bnF._per_channel(r, ndim) + bnF._per_channel(d, ndim)
@@ -1148,18 +1149,13 @@ def _batch_renorm_through_r_d(input, running_mean, running_var, weight, bias, ep
     """Training-mode batch renorm with gradients through ``r`` and ``d`` (not the paper's):
     plain differentiable tensor ops; returns ``(y, mu_B, var_B, r, d)``, the last four detached."""
     x = input.to(_compute_dtype(input.dtype))
-    ndim, dims = x.dim(), bnF._stat_dims(input.dim())
+    dims = bnF._stat_dims(x.dim())
     mu = x.mean(dims)
-    centered = x - bnF._per_channel(mu, ndim)
-    var = centered.square().mean(dims)
+    var = (x - bnF._per_channel(mu, x.dim())).square().mean(dims)
+    # r and d keep their graph: the paper's formula, differentiated through them
     r, d = _renorm_correction(mu, var, running_mean, running_var, eps, r_max, d_max)
-    sigma_b = torch.sqrt(var + bnF._eps_in(eps, var.dtype))
-    y = centered * bnF._per_channel(r / sigma_b, ndim) + bnF._per_channel(d, ndim)
-    if weight is not None:
-        y = y * bnF._per_channel(weight.to(y.dtype), ndim)
-    if bias is not None:
-        y = y + bnF._per_channel(bias.to(y.dtype), ndim)
-    return y.to(input.dtype), mu.detach(), var.detach(), r.detach(), d.detach()
+    y = _batch_renorm_formula(input, weight, bias, r, d, eps)
+    return y, mu.detach(), var.detach(), r.detach(), d.detach()
 
 
 def _batch_renorm_train(input, running_mean, running_var, weight, bias, momentum, eps, r_max, d_max,
