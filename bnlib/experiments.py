@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnlib import models, recorders, training
+from bnlib import models, moving_average, recorders, training
 from bnlib._checks import check_integer_at_least
 from bnlib.data import Split
 from bnlib.frozen_batchnorm import FrozenBatchNorm
@@ -843,9 +843,7 @@ def fine_tune_run(
     subset = class_subset(target, n_per_class, seed=seed)
     training.train(model, subset.x_train, subset.y_train, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
     if precise_bn_batch is not None:
-        from bnlib.moving_average import precise_bn
-
-        precise_bn(model, torch.split(subset.x_train, precise_bn_batch))
+        moving_average.precise_bn(model, torch.split(subset.x_train, precise_bn_batch))
     return training.evaluate(model, target.x_test, target.y_test)[1]
 
 
