@@ -66,20 +66,31 @@ book: $(STAMP)
 	@echo
 	@echo "The book is built: open $(CURDIR)/_build/html/index.html"
 
-# The book is built first: its build executes every chapter, and the browser
-# test reads the HTML it leaves in _build/html. pytest runs in $(TEST_WORKERS)
-# processes (pytest-xdist; one thread each, as above); --dist loadscope keeps
-# every notebook's cells, and every test module, in one process, in order.
+# Every chapter is executed once, by nbval: pytest runs the unit tests and
+# nbval on the chapters (compared with the stored outputs) in $(TEST_WORKERS)
+# processes (pytest-xdist; one thread each, as above). --dist loadscope keeps
+# every notebook's cells, and every test module, in one process, in order;
+# --no-loadscope-reorder keeps the order tests/conftest.py gives them (the
+# slowest first, so that both processes finish near the same time).
+# tools/nbval_store.py keeps each chapter's fresh outputs; the book is built
+# from them (the outputs the tests just checked, figures included), and the
+# browser test then reads the HTML in _build/html. Executing the chapters
+# for the build as well would take as long again.
 TEST_WORKERS ?= 2
-PARALLEL := -n $(TEST_WORKERS) --dist loadscope
-test: book
-	$(PY) -m pytest -q -p no:cacheprovider $(PARALLEL) --nbval --nbval-current-env --nbval-sanitize-with tests/sanitize.cfg tests chapters
+PARALLEL := -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
+NBVAL := --nbval --nbval-current-env --nbval-sanitize-with tests/sanitize.cfg
+test: $(STAMP)
+	rm -rf _build/html _build/.doctrees _build/jupyter_execute _build/.jupyter_cache _build/nbval
+	$(PY) -m pytest -q -p no:cacheprovider $(PARALLEL) $(NBVAL) -p tools.nbval_store --nbval-store _build/nbval -m "not browser" tests chapters
+	$(PY) tools/execute_chapters.py --from _build/nbval --cache _build/.jupyter_cache chapters/*.ipynb
+	$(VENV)/bin/jupyter-book build . -W -n --keep-going
+	$(PY) -m pytest -q -p no:cacheprovider -m browser tests
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider $(PARALLEL) tests -m "not browser"
 
 test-notebooks: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider $(PARALLEL) --nbval --nbval-current-env --nbval-sanitize-with tests/sanitize.cfg chapters
+	$(PY) -m pytest -q -p no:cacheprovider $(PARALLEL) $(NBVAL) chapters
 
 # Re-execute every chapter in place, storing fresh outputs. Run it after a
 # change to bnlib that moves any printed digit, then `make test-notebooks`.

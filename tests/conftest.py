@@ -68,7 +68,36 @@ def book_url(book_html_dir: Path):
         thread.join(timeout=5)
 
 
+# Seconds each of the slowest test files takes (measured on the 2-core
+# development machine, 2026-12-07: the chapters from a fresh-clone CI run, the
+# modules from pytest's junit report). Only their order matters: pytest-xdist
+# hands whole files to its processes in collection order, and starting the
+# longest first keeps one process from running a long file alone at the end
+# (chapter 11 last took four minutes after the other process had finished).
+SLOW_FILES_SECONDS = {
+    "chapters/11_bn_in_practice.ipynb": 260,
+    "tests/test_triton.py": 210,
+    "chapters/08_across_devices.ipynb": 120,
+    "chapters/09_alternatives.ipynb": 105,
+    "chapters/06_what_bn_does.ipynb": 94,
+    "chapters/04_bn_algorithm.ipynb": 90,
+    "chapters/07_why_bn_works.ipynb": 88,
+    "chapters/01_why_normalize.ipynb": 45,
+    "tests/test_cpu_kernels.py": 41,
+    "chapters/05_train_vs_inference.ipynb": 28,
+    "tests/test_export.py": 24,
+}
+
+
+@pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
+    _skip_bias_comparisons_on_old_torch(items)
+    # After pytest's own reordering (trylast), a stable sort by file keeps
+    # each file's tests in the order pytest gave them.
+    items.sort(key=lambda item: -SLOW_FILES_SECONDS.get(item.nodeid.split("::")[0], 0))
+
+
+def _skip_bias_comparisons_on_old_torch(items):
     """bnlib's modules follow the pinned torch (2.13), whose normalization
     modules take a keyword-only ``bias=`` and show it in their repr. On an
     older torch (the GPU machine has 2.11) the comparisons that need torch

@@ -15,6 +15,13 @@ chapter fresh (a cache kept across builds goes stale when bnlib changes: it is
 keyed on the cells' source only). With `--inplace` the outputs are written
 back into the notebooks instead (`make execute`).
 
+`make test` executes each chapter once, under nbval, and keeps what that run
+printed and drew (tools/nbval_store.py); `--from DIR` caches those copies
+instead of executing anything, so the book shows the outputs the tests
+checked:
+
+    python tools/execute_chapters.py --from _build/nbval --cache _build/.jupyter_cache chapters/*.ipynb
+
 A notebook whose cell raises is reported with its traceback and makes the
 script exit non-zero; nothing is cached for it.
 """
@@ -77,12 +84,38 @@ def store_in_cache(cache_path: str, path: str, notebook: nbformat.NotebookNode,
     )
 
 
+def cache_executed_copies(cache_path: str, executed_dir: Path, notebooks: list[str]) -> int:
+    """Cache ``executed_dir/<name>.ipynb`` for each notebook; 1 if any is missing or stale."""
+    problems = []
+    for path in notebooks:
+        copy_path = executed_dir / Path(path).name
+        if not copy_path.is_file():
+            problems.append(f"{path}: no executed copy {copy_path} (a cell failed or was skipped under nbval, "
+                            "or nbval did not run it)")
+            continue
+        executed = nbformat.read(copy_path, as_version=4)
+        # The copy must be of today's notebook: the cache is keyed on the cells' source.
+        stored = nbformat.read(path, as_version=4)
+        if [c.source for c in executed.cells] != [c.source for c in stored.cells]:
+            problems.append(f"{path}: {copy_path} has other cells than the notebook (edited since the test run?)")
+            continue
+        seconds = executed.metadata.get("nbval_store", {}).get("execution_seconds", 0.0)
+        store_in_cache(cache_path, path, executed, seconds)
+        print(f"cached {path}: the outputs of nbval's run ({seconds:.0f} s)", flush=True)
+    for problem in problems:
+        print(f"NOT CACHED  {problem}", file=sys.stderr, flush=True)
+    return 1 if problems else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("notebooks", nargs="+", help="the .ipynb files to execute")
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--cache", help="jupyter-cache folder to fill (the one _config.yml names)")
     target.add_argument("--inplace", action="store_true", help="write the outputs into the notebooks")
+    parser.add_argument("--from", dest="executed_dir", metavar="DIR",
+                        help="cache the executed copies DIR/<name>.ipynb (nbval's, see tools/nbval_store.py) "
+                             "instead of executing; needs --cache")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                         help="notebooks run at once (default: the number of CPUs)")
     args = parser.parse_args(argv)
@@ -91,6 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     missing = [nb for nb in args.notebooks if not Path(nb).is_file()]
     if missing:
         parser.error(f"expected existing .ipynb files, not found: {', '.join(missing)}")
+
+    if args.executed_dir is not None:
+        if args.cache is None:
+            parser.error("--from fills a cache: give --cache DIR")
+        return cache_executed_copies(args.cache, Path(args.executed_dir), args.notebooks)
 
     failed = []
     start = time.perf_counter()
