@@ -327,6 +327,15 @@ class _DefaultNorm:
 _BN = _DefaultNorm()
 
 
+def _resmlp_bias(bias, factory):
+    # the linear layers' biases: by default only without normalization
+    if bias is None:
+        return factory is None
+    if not isinstance(bias, bool):
+        raise ValueError(f"bias must be True, False or None (the default), got {bias!r}")
+    return bias
+
+
 def _resmlp_norm(norm_layer, zero_init):
     # the factory width -> nn.Module, or None; checks the combination
     if norm_layer is _BN:
@@ -350,8 +359,11 @@ class ResidualBlock(nn.Module):
 
     ``norm1``, ``norm2`` are ``bnlib.nn.BatchNorm1d`` by default, or the layers
     of ``norm_layer`` (a factory ``width -> nn.Module``); with
-    ``norm_layer=None`` they are ``nn.Identity`` and the linear layers get
-    biases (zero at the start). With ``zero_init=True`` the last norm layer
+    ``norm_layer=None`` they are ``nn.Identity``. ``bias``: whether ``fc1``
+    and ``fc2`` have biases (zero at the start); default: only without
+    normalization, as in ResNets, whose convolutions before a norm layer
+    have none, whatever the norm (:func:`make_mlp` instead keeps them unless
+    the norm cancels them; pass ``bias=True`` for that with layer norm). With ``zero_init=True`` the last norm layer
     starts with :math:`\gamma = 0` (Goyal et al. 2017), so the block starts
     as the identity on its input (after the final ReLU, which leaves a
     non-negative input unchanged). ``skip_init=True`` adds a learnable scalar
@@ -367,14 +379,16 @@ class ResidualBlock(nn.Module):
         *,
         norm_layer: Callable[[int], nn.Module] | None = _BN,
         skip_init: bool = False,
+        bias: bool | None = None,
     ):
         super().__init__()
         factory = _resmlp_norm(norm_layer, zero_init)
-        self.fc1 = nn.Linear(width, width, bias=factory is None)
+        bias = _resmlp_bias(bias, factory)
+        self.fc1 = nn.Linear(width, width, bias=bias)
         self.norm1 = nn.Identity() if factory is None else factory(width)
-        self.fc2 = nn.Linear(width, width, bias=factory is None)
+        self.fc2 = nn.Linear(width, width, bias=bias)
         self.norm2 = nn.Identity() if factory is None else factory(width)
-        if factory is None:
+        if bias:
             for fc in (self.fc1, self.fc2):
                 nn.init.zeros_(fc.bias)
         if zero_init:
@@ -402,6 +416,7 @@ def make_resmlp(
     norm_layer: Callable[[int], nn.Module] | None = _BN,
     skip_init: bool = False,
     weight_scale: float | None = None,
+    bias: bool | None = None,
     seed: int | None = None,
 ) -> nn.Sequential:
     r"""A residual MLP: ``stem`` (linear, norm, ReLU), ``block1`` ... ``block{blocks}`` (:class:`ResidualBlock`), ``out``.
@@ -411,8 +426,9 @@ def make_resmlp(
     :math:`\gamma = 0`. ``norm_layer``: the normalization of the stem and
     of the blocks, a factory ``width -> nn.Module`` (default
     ``bnlib.nn.BatchNorm1d``); ``None``: no normalization (``nn.Identity`` in
-    its place, so the module names stay; the stem's and blocks' linear layers
-    then have biases, all 0 at the start). ``skip_init``: a learnable scalar
+    its place, so the module names stay). ``bias``: whether the stem's and
+    blocks' linear layers have biases, all 0 at the start; default: only
+    without normalization (see :class:`ResidualBlock`). ``skip_init``: a learnable scalar
     :math:`\alpha = 0` on every block's branch (De and Smith 2020).
     ``weight_scale``: ``None`` for torch's default initialization, or ``s``:
     the stem's and blocks' weights drawn from :math:`\mathcal{N}(0, s^2 /
@@ -428,15 +444,16 @@ def make_resmlp(
     if weight_scale is not None:
         check_positive_finite("weight_scale", weight_scale)
     factory = _resmlp_norm(norm_layer, zero_init)
+    bias = _resmlp_bias(bias, factory)
     with _seeded(seed):
         layers: OrderedDict[str, nn.Module] = OrderedDict()
-        layers["stem"] = nn.Sequential(nn.Linear(in_features, width, bias=factory is None),
+        layers["stem"] = nn.Sequential(nn.Linear(in_features, width, bias=bias),
                                        nn.Identity() if factory is None else factory(width), nn.ReLU())
-        if factory is None:
+        if bias:
             nn.init.zeros_(layers["stem"][0].bias)
         for b in range(1, blocks + 1):
             layers[f"block{b}"] = ResidualBlock(width, zero_init=zero_init, norm_layer=factory,
-                                                skip_init=skip_init)
+                                                skip_init=skip_init, bias=bias)
         layers["out"] = nn.Linear(width, out_features)
         if weight_scale is not None:
             for module in layers.values():

@@ -387,6 +387,22 @@ def test_resmlp_other_norm_layer():
         models.make_resmlp(6, 5, 3, blocks=1, norm_layer=lambda c: nn.Identity(), zero_init=True)
 
 
+def test_resmlp_bias_option():
+    """Biases by default only without normalization, whatever the norm; bias=True gives
+    them (zero at the start) with layer norm, bias=False takes them away without one."""
+    layer_norm = models.make_resmlp(6, 5, 3, blocks=1, norm_layer=lambda c: nn.LayerNorm(c), seed=0)
+    assert layer_norm.stem[0].bias is None and layer_norm.block1.fc2.bias is None
+    with_bias = models.make_resmlp(6, 5, 3, blocks=1, norm_layer=lambda c: nn.LayerNorm(c), bias=True, seed=0)
+    assert all(torch.equal(b, torch.zeros(5))
+               for b in (with_bias.stem[0].bias, with_bias.block1.fc1.bias, with_bias.block1.fc2.bias))
+    plain = models.make_resmlp(6, 5, 3, blocks=1, norm_layer=None, bias=False, seed=0)
+    assert plain.stem[0].bias is None and plain.block1.fc1.bias is None
+    assert models.ResidualBlock(5, bias=True).fc1.bias is not None
+    for bad in ("yes", 1):
+        with pytest.raises(ValueError, match="bias must be True, False or None"):
+            models.make_resmlp(6, 5, 3, blocks=1, bias=bad)
+
+
 def test_resmlp_skip_init_starts_as_the_identity_and_learns_alpha():
     """SkipInit: alpha = 0 in every block, so after the stem every block returns its
     (non-negative) input; alpha gets a gradient."""
