@@ -161,6 +161,60 @@ def equivalent_batches(momentum, convention: str = "torch") -> float:
     return math.inf if alpha == 0 else (2.0 - alpha) / alpha
 
 
+def ema_sampling_std(momentum, batch_size: int, population: int, batches_per_epoch: int,
+                     convention: str = "torch") -> np.ndarray:
+    r"""Standard deviation of the EMA of batch means, in units of the population's, over epochs of disjoint batches.
+
+    Training deals each epoch's batches without replacement: batch means of
+    ``batch_size`` (:math:`B`) values from a population of ``population``
+    (:math:`N`, with variance :math:`\sigma^2` taken over :math:`N`) have
+    variance :math:`\frac{\sigma^2}{B}\frac{N - B}{N - 1}`, and two batches of one
+    epoch, being disjoint, have covariance :math:`-\sigma^2/(N - 1)`; batches of
+    different epochs are independent. The EMA with weights
+    :math:`w_j = \alpha (1 - \alpha)^j` then has, in the steady state,
+
+    .. math::
+
+        \frac{\mathrm{Var}}{\sigma^2} = \frac{N - B}{B (N - 1)} \sum_j w_j^2
+        - \frac{1}{N - 1} \sum_{\text{epochs } e}
+        \Bigl[\Bigl(\sum_{j \in e} w_j\Bigr)^2 - \sum_{j \in e} w_j^2\Bigr],
+
+    which depends on where in its epoch the newest batch is. Returns the
+    standard deviation :math:`\sqrt{\mathrm{Var}}/\sigma` after each of the
+    ``batches_per_epoch`` batches of an epoch (position 0: the epoch's first
+    batch is the newest). A plain average of :math:`n` batches of one epoch
+    has :math:`\frac{1}{nB}\frac{N - nB}{N - 1}`, less than independent batches
+    would give: the EMA, whose weights reach back across epoch boundaries,
+    gets less of that cancellation, so it is noisier than
+    :func:`equivalent_batches` batches of one epoch.
+    """
+    alpha = _alpha(momentum, convention, allow_none=False)
+    for name, value in (("batch_size", batch_size), ("population", population),
+                        ("batches_per_epoch", batches_per_epoch)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if batch_size * batches_per_epoch > population:
+        raise ValueError(f"an epoch of {batches_per_epoch} disjoint batches of {batch_size} needs at least "
+                         f"{batch_size * batches_per_epoch} values, got population={population}")
+    if alpha == 0:
+        raise ValueError("momentum 0 never moves the EMA from its start value: it has no sampling noise")
+    # enough weights that the rest of the sum is below 1e-16 of it
+    n_weights = 1 if alpha == 1 else int(math.ceil(math.log(1e-16) / math.log1p(-alpha))) + 1
+    weights = alpha * (1 - alpha) ** np.arange(n_weights)
+    own = (population - batch_size) / (batch_size * (population - 1)) * np.sum(weights ** 2)
+    std = np.empty(batches_per_epoch)
+    for position in range(batches_per_epoch):
+        # the weight j steps back falls in the newest batch's epoch while
+        # j <= position, then in the epochs before, batches_per_epoch each
+        epoch = np.where(np.arange(n_weights) <= position, 0,
+                         1 + (np.arange(n_weights) - position - 1) // batches_per_epoch)
+        per_epoch = np.bincount(epoch, weights=weights)
+        per_epoch_sq = np.bincount(epoch, weights=weights ** 2)
+        shared = np.sum(per_epoch ** 2 - per_epoch_sq) / (population - 1)
+        std[position] = math.sqrt(own - shared)
+    return std
+
+
 def steps_to_forget(momentum, tol: float = 0.01, convention: str = "torch") -> float:
     """The number of updates ``t`` after which the start value weighs less than ``tol``:
     the smallest ``t`` with ``(1 - alpha)^t < tol``, i.e. ``t > ln(tol) / ln(1 - alpha)``.

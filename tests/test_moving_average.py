@@ -375,6 +375,49 @@ def test_equivalent_batches_values():
     assert ma.equivalent_batches(0.0) == math.inf
 
 
+def test_ema_sampling_std_matches_a_simulation_of_epochs():
+    """Epochs of disjoint batches of a fixed population (a shuffle per epoch, the
+    leftover values unused, as training.minibatches deals them): the EMA's spread
+    at each position of the epoch, across many epochs, is the formula's."""
+    rng = np.random.default_rng(0)
+    population, batch, per_epoch, a = 40, 4, 8, 0.3
+    values = rng.standard_normal(population)
+    values = (values - values.mean()) / values.std()     # mean 0, sigma 1 (over N)
+    epochs = 20_000
+    order = np.argsort(rng.random((epochs, population)), axis=1)[:, :batch * per_epoch]
+    means = values[order].reshape(epochs * per_epoch, batch).mean(axis=1)
+    ema = ma.ema_trace(means, a).reshape(epochs, per_epoch)[100:]   # after the start
+    predicted = ma.ema_sampling_std(a, batch, population, per_epoch)
+    assert ema.std(axis=0) == pytest.approx(predicted, rel=0.04)
+    # the last batch of an epoch has most of its epoch behind it: least noise
+    assert predicted.argmin() == per_epoch - 1
+
+
+def test_ema_sampling_std_special_cases():
+    n, b = 1347, 32
+    one_batch = math.sqrt((n - b) / (b * (n - 1)))
+    # momentum 1: the newest batch alone
+    assert ma.ema_sampling_std(1.0, b, n, 42) == pytest.approx(np.full(42, one_batch))
+    # one batch per epoch: independent batches, the variance of equivalent_batches
+    assert ma.ema_sampling_std(0.1, b, n, 1) == pytest.approx([one_batch / math.sqrt(19)])
+    # the book's case: between 19 batches of one epoch and 19 independent ones
+    spread = ma.ema_sampling_std(0.1, b, n, 42)
+    assert math.sqrt((1 - 19 * b / n) / (19 * b)) < spread.mean() < math.sqrt(1 / (19 * b))
+
+
+@pytest.mark.parametrize("args, message", [
+    ((0.1, 0, 100, 2), "batch_size must be a positive integer"),
+    ((0.1, 4, 100, 2.0), "batches_per_epoch must be a positive integer"),
+    ((0.1, 4, True, 2), "population must be a positive integer"),
+    ((0.1, 10, 100, 11), "needs at least 110 values"),
+    ((0.0, 4, 100, 2), "momentum 0"),
+    ((None, 4, 100, 2), "not momentum=None"),
+])
+def test_ema_sampling_std_refuses(args, message):
+    with pytest.raises(ValueError, match=message):
+        ma.ema_sampling_std(*args)
+
+
 def test_equivalent_batches_matches_simulated_noise():
     # EMA of i.i.d. standard normal batch values: steady-state variance 1 / K
     rng = np.random.default_rng(0)
