@@ -404,11 +404,16 @@ _ACTIVATIONS = {
     "relu": lambda z: np.maximum(z, 0.0),
     "sigmoid": _sigmoid,
     "tanh": np.tanh,
+    # a control: the same network without any nonlinearity
+    "linear": lambda z: z,
 }
 
 
 def mlp_layers(X, layers, activation="sigmoid", standardize_z=False):
     """Forward X through the MLP; keep every layer's ``z`` and ``a``.
+
+    ``activation``: ``"sigmoid"``, ``"tanh"``, ``"relu"`` or ``"linear"``
+    (no nonlinearity, ``a = z``: a control).
 
     ``z^l = a^{l-1} W_l^T + b_l`` (the pre-activation), ``a^l = f(z^l)``,
     ``a^0 = X``. Returns ``(zs, acts)``: lists of arrays (n, h_l), one per layer.

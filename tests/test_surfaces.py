@@ -240,12 +240,13 @@ def test_random_mlp_init_bounds():
     assert np.abs(layers[0][0]).max() <= 0.5 and np.abs(layers[1][0]).max() <= 1 / np.sqrt(8)
 
 
-@pytest.mark.parametrize("activation", ["sigmoid", "tanh", "relu"])
+@pytest.mark.parametrize("activation", ["sigmoid", "tanh", "relu", "linear"])
 def test_mlp_layers_match_torch(activation):
     X = np.random.default_rng(0).standard_normal((10, 4))
     layers = S.random_mlp((4, 6, 5), seed=1)
     zs, acts = S.mlp_layers(X, layers, activation)
-    f = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu}[activation]
+    f = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "relu": torch.relu,
+         "linear": lambda z: z}[activation]
     a = torch.from_numpy(X)
     for (W, b), z_ref, a_ref in zip(layers, zs, acts):
         z = torch.nn.functional.linear(a, torch.from_numpy(W), torch.from_numpy(b))
