@@ -10,8 +10,9 @@ of BN numerically.
   distribution of every layer's input keeps shifting on purpose.
 - :class:`LpBatchNorm1d`: BN that divides by an :math:`\ell_p` average of
   the centered activations instead of their standard deviation (their
-  section 3.3): ``p = 2`` is BN, ``p = 1`` and ``p = inf`` leave the
-  variance of the normalized values uncontrolled.
+  section 3.3): ``p = 2`` is BN; ``p = 1`` and ``p = inf`` fix each unit's
+  spread at another constant than unit variance (for ``p = inf`` one that
+  depends on the batch size).
 - :func:`ics_gradient_change`: internal covariate shift as they define it
   (their section 2.2): for layer ``i`` with weight ``W_i``, the gradient
   ``G`` of the loss at the current parameters, and the gradient ``G'`` after
@@ -606,8 +607,9 @@ class Landscape:
         (the property is named ``beta``; it is not BN's shift :math:`\beta`).
 
         For a quadratic loss with Hessian ``H`` this is :math:`\lVert H g \rVert / \lVert g \rVert`
-        for every ``eta``: at most the largest eigenvalue of ``H``, equal to it
-        when ``g`` is a top eigenvector. NaN when ``g = 0`` or no ``eta > 0``.
+        for every ``eta``: at most the largest absolute eigenvalue of ``H``
+        (a direction of negative curvature counts too), equal to it when ``g``
+        is an eigenvector of that eigenvalue. NaN when ``g = 0`` or no ``eta > 0``.
         """
         pos = self.step_sizes > 0
         if not pos.any() or self.grad_norm == 0:
