@@ -11,8 +11,9 @@ of BN numerically.
 - :class:`LpBatchNorm1d`: BN that divides by an :math:`\ell_p` average of
   the centered activations instead of their standard deviation (their
   section 3.3): ``p = 2`` is BN; ``p = 1`` and ``p = inf`` fix each unit's
-  spread at another constant than unit variance (for ``p = inf`` one that
-  depends on the batch size).
+  :math:`\ell_p` spread at 1, so its variance at another value than 1
+  (:math:`\pi/2` for normal inputs at ``p = 1``; at ``p = inf`` one that
+  shrinks with the batch size).
 - :func:`ics_gradient_change`: internal covariate shift as they define it
   (their section 2.2): for layer ``i`` with weight ``W_i``, the gradient
   ``G`` of the loss at the current parameters, and the gradient ``G'`` after

@@ -46,6 +46,7 @@ __all__ = [
     "convert_momentum",
     "effective_window",
     "equivalent_batches",
+    "ema_sampling_std",
     "steps_to_forget",
     "ema_weights",
     "ema_trace",
@@ -153,7 +154,8 @@ def equivalent_batches(momentum, convention: str = "torch") -> float:
     ``K = (2 - alpha) / alpha`` (19 batches at the default 0.1; Kish's
     effective sample size ``1 / sum w_j^2``). That plain average also has the
     EMA's mean age, ``(K - 1) / 2 = (1 - alpha) / alpha``: in noise and in lag
-    the EMA behaves like the last ``K`` batches. This is about twice
+    the EMA behaves like the last ``K`` batches, for independent batch values
+    (for epochs of disjoint batches of a finite set, see :func:`ema_sampling_std`). This is about twice
     :func:`effective_window`, ``1 / alpha``, which matches only the newest
     batch's weight. ``alpha = 0`` gives ``inf``.
     """
