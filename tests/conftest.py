@@ -73,7 +73,8 @@ def book_url(book_html_dir: Path):
 # modules from pytest's junit report). Only their order matters: pytest-xdist
 # hands whole files to its processes in collection order, and starting the
 # longest first keeps one process from running a long file alone at the end
-# (chapter 11 last took four minutes after the other process had finished).
+# (chapter 11 alone takes over four minutes: started last, it would run on
+# long after the other process had finished).
 SLOW_FILES_SECONDS = {
     "chapters/11_bn_in_practice.ipynb": 260,
     "tests/test_triton.py": 210,
