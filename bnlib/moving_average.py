@@ -202,14 +202,14 @@ def ema_sampling_std(momentum, batch_size: int, population: int, batches_per_epo
         raise ValueError("momentum 0 never moves the EMA from its start value: it has no sampling noise")
     # enough weights that the rest of the sum is below 1e-16 of it
     n_weights = 1 if alpha == 1 else int(math.ceil(math.log(1e-16) / math.log1p(-alpha))) + 1
-    weights = alpha * (1 - alpha) ** np.arange(n_weights)
+    age = np.arange(n_weights)
+    weights = alpha * (1 - alpha) ** age
     own = (population - batch_size) / (batch_size * (population - 1)) * np.sum(weights ** 2)
     std = np.empty(batches_per_epoch)
     for position in range(batches_per_epoch):
         # the weight j steps back falls in the newest batch's epoch while
         # j <= position, then in the epochs before, batches_per_epoch each
-        epoch = np.where(np.arange(n_weights) <= position, 0,
-                         1 + (np.arange(n_weights) - position - 1) // batches_per_epoch)
+        epoch = np.where(age <= position, 0, 1 + (age - position - 1) // batches_per_epoch)
         per_epoch = np.bincount(epoch, weights=weights)
         per_epoch_sq = np.bincount(epoch, weights=weights ** 2)
         shared = np.sum(per_epoch ** 2 - per_epoch_sq) / (population - 1)

@@ -80,7 +80,7 @@ def executed_copy(notebook, fresh_outputs: dict[int, list]):
     if set(fresh_outputs) != set(range(len(code_cells))):
         return None
     for number, cell in enumerate(code_cells):
-        cell.outputs = copy.deepcopy(fresh_outputs[number])
+        cell.outputs = fresh_outputs[number]
         cell.execution_count = number + 1
         for output in cell.outputs:
             if output.get("output_type") == "execute_result":
