@@ -47,11 +47,13 @@ layer actually divided by in training. With ``k = 1`` it is BatchNorm's update.
 ``input[:virtual_batch_size]``. That is what ``k`` devices running
 ``DistributedDataParallel`` with local BN end with: each updates its buffers
 from its own slice, and DDP (``forward_sync_buffers=True``, its default;
-``broadcast_buffers`` before torch 2.13)
-overwrites every rank's buffers with rank 0's before each training forward
-pass, so rank 0's estimates (the ones a checkpoint saved by rank 0 holds)
-are moving averages of its own ``b`` rows of every step. Same expected
-values as the pooled ones, about ``k`` times their variance.
+the older argument ``broadcast_buffers`` is still accepted in torch 2.13,
+but deprecated) overwrites every rank's buffers with rank 0's at the start
+of each forward pass in training (precisely: of each forward that follows
+one run with gradients), so rank 0's estimates (the ones a checkpoint
+saved by rank 0 holds) are moving averages of its own ``b`` rows of every
+step. Same expected values as the pooled ones, about ``k`` times their
+variance.
 
 Eval mode with running estimates is plain BatchNorm. Without running
 estimates (``track_running_stats=False``) eval normalizes each virtual

@@ -439,8 +439,9 @@ def test_ddp_with_syncbn_equals_one_process_whole_batch(ranks):
 
 def test_ddp_with_local_bn_equals_ghost_bn_keeping_the_first_slices_statistics(ranks):
     """DDP, BN not synced: rank r normalizes its own 4 rows, and DDP's
-    forward_sync_buffers (its default; broadcast_buffers before torch 2.13) copies rank 0's running estimates to every
-    rank before each training forward. One process with
+    forward_sync_buffers (its default; the older broadcast_buffers is still
+    accepted in torch 2.13, but deprecated) copies rank 0's running estimates
+    to every rank at the start of each training forward. One process with
     GhostBatchNorm(virtual_batch_size=4, running_stats="first") is the same
     run: rank 0's parameters and buffers; rank 1's parameters, while its
     buffers hold one update from its own rows (overwritten at the next step)."""
