@@ -1280,7 +1280,8 @@ class _BatchRenorm(_NormBase):
     ``BatchNorm*d``'s, so a trained BN's state loads into it and back.
     ``track_running_stats`` must be True (``r`` and ``d`` need the estimates).
     After an eager training step ``last_r`` and ``last_d`` hold the ``(C,)`` values used
-    (not in a program from ``torch.export``).
+    and ``last_limits`` the step's ``(r_max, d_max)`` (not in a program from
+    ``torch.export``); :meth:`last_at_limits` says which were clipped.
 
     ``stop_gradient=False`` (not the paper's) lets the gradient flow through
     ``r`` and ``d``; see :func:`batch_renorm`.
@@ -1304,6 +1305,7 @@ class _BatchRenorm(_NormBase):
         self.stop_gradient = stop_gradient
         self.last_r = None
         self.last_d = None
+        self.last_limits = None
 
     def current_limits(self):
         """``(r_max, d_max)`` for the next training step."""
@@ -1316,6 +1318,23 @@ class _BatchRenorm(_NormBase):
         _check_limit("r_max", r_max, 1.0)
         _check_limit("d_max", d_max, 0.0)
         return float(r_max), float(d_max)
+
+    def last_at_limits(self):
+        """Which corrections the last training step clipped: boolean ``(C,)``
+        masks ``(r_low, r_high, d_clipped)`` for ``r = 1/r_max``,
+        ``r = r_max`` and ``|d| = d_max``, with the limits that step used
+        (``last_limits``; :meth:`current_limits` gives the next step's).
+        ``None`` before an eager training step. At ``r_max = 1`` (batch norm's
+        phase of a schedule) every ``r`` is at both limits, at ``d_max = 0``
+        every ``d`` at its limit."""
+        if getattr(self, "last_limits", None) is None or self.last_r is None:
+            return None
+        r_max, d_max = self.last_limits
+        r, d = self.last_r, self.last_d
+        # The clamp returns the limit itself, rounded to the statistics'
+        # dtype: a few units in the last place of slack.
+        slack = 4 * torch.finfo(r.dtype).eps
+        return r <= (1 / r_max) * (1 + slack), r >= r_max * (1 - slack), d.abs() >= d_max * (1 - slack)
 
     def forward(self, input):
         name = type(self).__name__
@@ -1339,7 +1358,7 @@ class _BatchRenorm(_NormBase):
                 self._uncount_batch()  # the estimates are unchanged; so must the count be
             raise
         if not bnF._is_exporting():  # (an exported program would hold them as constants, and warns)
-            self.last_r, self.last_d = r, d
+            self.last_r, self.last_d, self.last_limits = r, d, (r_max, d_max)
         return y
 
     def extra_repr(self):

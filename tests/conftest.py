@@ -83,7 +83,7 @@ SLOW_FILES_SECONDS = {
     "chapters/06_what_bn_does.ipynb": 94,
     "chapters/04_bn_algorithm.ipynb": 130,
     "chapters/07_why_bn_works.ipynb": 105,
-    "chapters/01_why_normalize.ipynb": 45,
+    "chapters/01_why_normalize.ipynb": 60,
     "tests/test_cpu_kernels.py": 41,
     "chapters/05_train_vs_inference.ipynb": 28,
     "tests/test_export.py": 24,

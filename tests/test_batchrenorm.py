@@ -307,3 +307,27 @@ def test_decay_bn_false_exempts_batch_renorm_parameters():
     decayed, exempt = _parameter_groups(model, 1e-4, decay_bn=False)
     assert {id(p) for p in exempt["params"]} == {id(model[1].weight), id(model[1].bias)}
     assert exempt["weight_decay"] == 0.0 and decayed["weight_decay"] == 1e-4
+
+
+def test_last_at_limits_marks_the_clipped_corrections_with_the_steps_limits():
+    """r clipped low, free and high in three channels (batch stds 0.5, 1, 3
+    against a running variance of 1), d clipped in the channel whose mean
+    sits far from the running mean; the masks use the limits of the step
+    taken, not the next step's (a schedule moves them)."""
+    module = bnlib.nn.BatchRenorm1d(3, dtype=torch.float64, r_max=LinearRamp(0, 2, 1.5, 2.5), d_max=0.5)
+    assert module.last_at_limits() is None
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(64, 3, dtype=torch.float64, generator=gen)
+    z = (z - z.mean(0)) / z.std(0, unbiased=False)  # exactly mean 0, std 1 per channel
+    x = z * torch.tensor([0.5, 1.0, 3.0], dtype=torch.float64) + torch.tensor([0.0, 0.0, 4.0], dtype=torch.float64)
+    module(x)
+    assert module.last_limits == (1.5, 0.5) and module.current_limits() == (2.0, 0.5)
+    r_low, r_high, d_clipped = module.last_at_limits()
+    assert r_low.tolist() == [True, False, False]
+    assert r_high.tolist() == [False, False, True]
+    assert d_clipped.tolist() == [False, False, True]
+    torch.testing.assert_close(module.last_r[[0, 2]], torch.tensor([1 / 1.5, 1.5], dtype=torch.float64))
+    # r_max = 1 and d_max = 0, batch norm: every correction at its limits
+    bn_phase = bnlib.nn.BatchRenorm1d(3, r_max=1.0, d_max=0.0)
+    bn_phase(x.float())
+    assert all(mask.all() for mask in bn_phase.last_at_limits())
