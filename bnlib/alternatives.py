@@ -1327,7 +1327,8 @@ class _BatchRenorm(_NormBase):
         ``None`` before an eager training step. At ``r_max = 1`` (batch norm's
         phase of a schedule) every ``r`` is at both limits, at ``d_max = 0``
         every ``d`` at its limit."""
-        if getattr(self, "last_limits", None) is None or self.last_r is None:
+        # (set with last_r and last_d; getattr: a module pickled before it existed)
+        if getattr(self, "last_limits", None) is None:
             return None
         r_max, d_max = self.last_limits
         r, d = self.last_r, self.last_d
