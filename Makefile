@@ -47,9 +47,12 @@ help:
 
 setup: $(STAMP)
 
+# pip --no-compile: byte-compiling every module of every package (torch alone
+# has thousands) is about half of a fresh install's time; Python compiles the
+# modules a run imports, once, when it first imports them.
 $(STAMP): requirements-lock.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements-lock.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-compile -r requirements-lock.txt
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	$(PY) -m ipykernel install --sys-prefix --name python3 $(KERNEL_ENV) >/dev/null
 	$(PY) -m bnlib.cpu_kernels

@@ -1011,12 +1011,12 @@ def test_more_than_256_splits():
 @pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
 def test_stable_variance_channels_of_different_means(config):
     """Each channel shifted by its own first value: channel 0 near 0, the
-    others near 1e4."""
+    others near 1e4 (8 channels: each program costs seconds here)."""
     g = torch.Generator().manual_seed(27)
-    x = (torch.randn(6, 64, 2, generator=g, dtype=torch.float64) + 1e4)
+    x = (torch.randn(6, 8, 2, generator=g, dtype=torch.float64) + 1e4)
     x[:, 0] -= 1e4
     x = x.float()
-    rm, rv = torch.zeros(64), torch.zeros(64)
+    rm, rv = torch.zeros(8), torch.zeros(8)
     tk.batch_norm(x, rm, rv, None, None, True, 1.0, 1e-5, config=config)
     want = x.double().var(dim=(0, 2), unbiased=True)
     assert ((rv.double() / want - 1).abs().max()) < 1e-5
