@@ -7,6 +7,8 @@ r"""Figures, animations and small text tables for the book's per-layer experimen
 - :func:`layer_curves`: one line per condition across layers, mean over seeds
   with the min-max band.
 - :func:`layer_table`: the same numbers as a fixed-width text table.
+- :func:`loss_contours`: the error surface of a linear model with two
+  weights, as contours around its minimum.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib import animation as mpl_animation
 
+from bnlib import surfaces
+
 __all__ = [
     "animation_html",
     "histogram_fractions",
@@ -26,6 +30,7 @@ __all__ = [
     "histogram_animation",
     "layer_curves",
     "layer_table",
+    "loss_contours",
 ]
 
 # matplotlib's HTMLWriter puts this stylesheet link (a CDN) in front of its player.
@@ -267,3 +272,22 @@ def layer_table(
     for label, row in cells.items():
         lines.append(label.ljust(w0) + "  " + "  ".join(c.rjust(w) for c, w in zip(row, ws)))
     return "\n".join(lines)
+
+
+def loss_contours(ax, X, y, theta, title=None, half=5.0, num=201, n_levels=12):
+    """Contours of a two-feature linear model's MSE over ``(w1, w2)``, bias held at ``theta[0]``.
+
+    ``theta = (b, w1, w2)``, usually the minimum (:func:`bnlib.surfaces.optimum`),
+    marked with a star. The window is :func:`bnlib.surfaces.grid_around`
+    (``half`` either side of ``theta``, equal scales on both axes), the levels
+    ``L(theta) + geomspace(0.02, 40, n_levels)``: the same heights above the
+    minimum in every panel, so panels of two problems compare. Returns the
+    ``QuadContourSet``.
+    """
+    w1, w2 = surfaces.grid_around(theta, half=half, num=num)
+    Z = surfaces.loss_grid(X, y, w1, w2, b=theta[0])
+    levels = surfaces.loss(theta, X, y) + np.geomspace(0.02, 40, n_levels)
+    contours = ax.contour(w1, w2, Z, levels=levels, cmap="viridis")
+    ax.plot(theta[1], theta[2], "k*", ms=10)
+    ax.set(xlabel="$w_1$", ylabel="$w_2$", title=title or "", aspect="equal")
+    return contours

@@ -25,6 +25,8 @@ each step, so
 - the best fixed ``lr = 2 / (lambda_min + lambda_max)`` gives
   ``rho = (kappa - 1) / (kappa + 1)`` with the condition number
   ``kappa = lambda_max / lambda_min``                  (:func:`condition_number`)
+- with momentum (:func:`heavy_ball`) and the best fixed lr and momentum the
+  factor is ``(sqrt(kappa) - 1) / (sqrt(kappa) + 1)`` instead
 
 Shapes: ``X`` (n, d), ``y`` (n,), ``theta`` (d + 1,). NumPy, float64.
 """
@@ -42,12 +44,14 @@ __all__ = [
     "hessian",
     "optimum",
     "loss_grid",
+    "grid_around",
     "eigenvalues",
     "condition_number",
     "max_stable_lr",
     "best_lr",
     "predicted_rate",
     "gradient_descent",
+    "heavy_ball",
     "adam",
     "diagonal_preconditioned",
     "linear_gd",
@@ -134,6 +138,19 @@ def loss_grid(X, y, w1, w2, b):
     return quad - 2.0 * np.einsum("i,i...->...", c, T) + np.mean(y ** 2)
 
 
+def grid_around(theta, half=5.0, num=201):
+    """The grids ``w1``, ``w2`` for :func:`loss_grid` around ``theta = (b, w1, w2)``.
+
+    ``num`` points each, from ``theta[i] - half`` to ``theta[i] + half``
+    (i = 1, 2): a square window of the same size around any minimum.
+    """
+    theta = np.asarray(theta, dtype=np.float64)
+    if theta.shape != (3,):
+        raise ValueError(f"theta must be (b, w1, w2), got shape {theta.shape}")
+    return (np.linspace(theta[1] - half, theta[1] + half, num),
+            np.linspace(theta[2] - half, theta[2] + half, num))
+
+
 # --------------------------------------------------------------------------
 # Curvature and what it says about gradient descent
 # --------------------------------------------------------------------------
@@ -198,6 +215,40 @@ def gradient_descent(grad, theta0, lr, steps):
     path[0] = theta = np.asarray(theta0, dtype=np.float64)
     for t in range(steps):
         theta = theta - lr * grad(theta)
+        path[t + 1] = theta
+    return path
+
+
+def heavy_ball(grad, theta0, lr, momentum, steps):
+    r"""Gradient descent with momentum (Polyak's heavy ball).
+
+    With ``v_0 = 0``::
+
+        v_t     = momentum * v_{t-1} - lr * grad(theta_{t-1})
+        theta_t = theta_{t-1} + v_t,
+
+    the steps of ``torch.optim.SGD(lr=lr, momentum=momentum)`` (which keeps
+    ``buf_t = momentum buf_{t-1} + g_t`` and moves by ``-lr buf_t``);
+    ``momentum = 0`` is :func:`gradient_descent`. On a quadratic whose
+    Hessian has its eigenvalues in ``[lambda_min, lambda_max]``, the error
+    along eigenvector i follows ``e_{t+1} = (1 + momentum - lr lambda_i) e_t
+    - momentum e_{t-1}``; with ``lr = 4 / (sqrt(lambda_max) +
+    sqrt(lambda_min))^2`` and ``momentum = ((sqrt(kappa) - 1) / (sqrt(kappa)
+    + 1))^2`` every direction shrinks by ``(sqrt(kappa) - 1) / (sqrt(kappa) +
+    1)`` per step in the long run, against gradient descent's
+    ``(kappa - 1) / (kappa + 1)``. Returns the path, shape
+    ``(steps + 1, len(theta0))``, as :func:`gradient_descent`.
+    """
+    if lr <= 0:
+        raise ValueError(f"lr must be positive, got {lr}")
+    if not 0 <= momentum < 1:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+    path = np.empty((steps + 1, len(theta0)))
+    path[0] = theta = np.asarray(theta0, dtype=np.float64)
+    velocity = np.zeros_like(theta)
+    for t in range(steps):
+        velocity = momentum * velocity - lr * grad(theta)
+        theta = theta + velocity
         path[t + 1] = theta
     return path
 

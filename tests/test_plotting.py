@@ -1,6 +1,6 @@
 """bnlib.plotting: offline, deterministic animation HTML; histogram grids; curves; tables.
 
-Truths: np.histogram on clipped values, counting frames in matplotlib's own
+Truths: np.histogram on clipped values, surfaces.loss at the contours' levels, counting frames in matplotlib's own
 HTML, geometric means by hand, a table typed out by hand.
 """
 
@@ -128,3 +128,20 @@ def test_histogram_fractions_leave_nan_out():
     assert fractions[0] == pytest.approx(0.25) and fractions[-1] == pytest.approx(0.25)
     with pytest.raises(ValueError, match="all NaN"):
         plotting.histogram_fractions([np.nan], 4, (-1, 1))
+
+
+def test_loss_contours_levels_window_and_star():
+    """Levels at the same heights above the minimum; the window centred on it."""
+    from bnlib import features, surfaces
+
+    X, y = features.make_regression(50, scales=(0.2, 2.0), noise=0.3, seed=0)
+    theta = surfaces.optimum(X, y)
+    fig, ax = plt.subplots()
+    contours = plotting.loss_contours(ax, X, y, theta, title="raw", half=2.0, num=21)
+    np.testing.assert_allclose(contours.levels, surfaces.loss(theta, X, y) + np.geomspace(0.02, 40, 12))
+    np.testing.assert_allclose(ax.get_xlim(), [theta[1] - 2.0, theta[1] + 2.0])
+    np.testing.assert_allclose(ax.get_ylim(), [theta[2] - 2.0, theta[2] + 2.0])
+    star = ax.lines[0]
+    assert star.get_marker() == "*" and list(star.get_xdata()) == [theta[1]]
+    assert ax.get_title() == "raw" and ax.get_aspect() == 1.0
+    plt.close(fig)

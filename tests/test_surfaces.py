@@ -317,6 +317,64 @@ def test_adam_matches_torch_optim_adam(reg):
         S.adam(lambda th: th, theta0, 0.0, 3)
 
 
+def test_heavy_ball_matches_torch_sgd_with_momentum(reg):
+    """The path, step for step, against torch.optim.SGD(momentum=...) in
+    float64; momentum 0 is plain gradient descent."""
+    X, y = reg
+    A = S.design_matrix(X)
+    grad = lambda th: S.gradient(th, X, y)
+    theta0 = S.optimum(X, y) + np.array([-1.0, -4.0, 3.0])
+    path = S.heavy_ball(grad, theta0, lr=0.01, momentum=0.8, steps=40)
+    theta = torch.tensor(theta0, requires_grad=True)
+    opt = torch.optim.SGD([theta], lr=0.01, momentum=0.8)
+    At, yt = torch.tensor(A), torch.tensor(y)
+    want = [theta.detach().clone().numpy()]
+    for _ in range(40):
+        opt.zero_grad()
+        ((At @ theta - yt) ** 2).mean().backward()
+        opt.step()
+        want.append(theta.detach().clone().numpy())
+    np.testing.assert_allclose(path, np.array(want), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(S.heavy_ball(grad, theta0, 0.01, 0.0, 40),
+                               S.gradient_descent(grad, theta0, 0.01, 40), rtol=RTOL)
+    with pytest.raises(ValueError, match="lr must be positive"):
+        S.heavy_ball(grad, theta0, 0.0, 0.5, 3)
+    with pytest.raises(ValueError, match="momentum"):
+        S.heavy_ball(grad, theta0, 0.01, 1.0, 3)
+
+
+def test_heavy_ball_rate_is_the_sqrt_kappa_formula():
+    """Polyak's lr and momentum on a quadratic with kappa = 1e4: the error
+    along each eigenvector follows (e_t, e_{t-1}) -> M (e_t, e_{t-1}) with
+    M = [[1 + momentum - lr lambda, -momentum], [1, 0]], whose spectral radius
+    is (sqrt(kappa) - 1) / (sqrt(kappa) + 1) for every lambda in the range
+    (numpy.linalg.eigvals; a double root at both ends, found to ~sqrt(eps),
+    hence 1e-6). The measured rate approaches it; at the ends the double root
+    adds a factor t to rho^t, (1000 / 980)^(1/20) ~ 1.001 over the last 20 of
+    1000 steps: hence 3e-3."""
+    lam = np.array([0.01, 0.3, 7.0, 100.0])
+    kappa = lam[-1] / lam[0]
+    lr = 4 / (np.sqrt(lam[-1]) + np.sqrt(lam[0])) ** 2
+    rho = (np.sqrt(kappa) - 1) / (np.sqrt(kappa) + 1)
+    momentum = rho ** 2
+    for l in lam:
+        M = np.array([[1 + momentum - lr * l, -momentum], [1.0, 0.0]])
+        assert np.abs(np.linalg.eigvals(M)).max() == pytest.approx(rho, abs=1e-6)
+    H = np.diag(lam)
+    path = S.heavy_ball(lambda th: H @ th, np.ones(4), lr, momentum, 1000)
+    assert S.measured_rate(path, np.zeros(4)) == pytest.approx(rho, abs=3e-3)
+    gd_rate = (kappa - 1) / (kappa + 1)
+    assert rho < gd_rate - 0.01   # 0.980 against 0.9998
+
+
+def test_grid_around():
+    w1, w2 = S.grid_around([9.0, 1.0, -2.0], half=5.0, num=11)
+    np.testing.assert_allclose(w1, np.linspace(-4.0, 6.0, 11))
+    np.testing.assert_allclose(w2, np.linspace(-7.0, 3.0, 11))
+    with pytest.raises(ValueError, match=r"\(b, w1, w2\)"):
+        S.grid_around([1.0, 2.0])
+
+
 def test_diagonal_preconditioning_is_standardizing_centred_inputs(reg):
     """Unit diagonal; for centred inputs the same eigenvalues as the Hessian of the standardized inputs."""
     X, y = reg
