@@ -47,6 +47,7 @@ __all__ = [
     "effective_window",
     "equivalent_batches",
     "ema_sampling_std",
+    "epoch_batch_stats",
     "steps_to_forget",
     "ema_weights",
     "ema_trace",
@@ -215,6 +216,59 @@ def ema_sampling_std(momentum, batch_size: int, population: int, batches_per_epo
         shared = np.sum(per_epoch ** 2 - per_epoch_sq) / (population - 1)
         std[position] = math.sqrt(own - shared)
     return std
+
+
+def epoch_batch_stats(z, batch_size: int, epochs: int, generator, batches: int | None = None):
+    r"""The mean and unbiased variance of every batch of ``epochs`` shuffled epochs of ``z``.
+
+    ``z``: shape ``(N, C)``, the values of ``C`` channels for ``N`` samples,
+    fixed (say a first layer's outputs ``fc1(x)`` under fixed weights: they
+    do not depend on the batch). Every epoch deals a new permutation of the
+    ``N`` rows, ``torch.randperm(N, generator=generator)``, into
+    ``K = N // batch_size`` disjoint batches of ``batch_size`` (:math:`m`)
+    rows, the leftover rows unused: the batches that
+    :func:`bnlib.training.minibatches` deals with the same generator. For
+    each batch, per channel, the mean :math:`\mu_t` and the unbiased variance
+    :math:`\frac{m}{m-1}\sigma^2_t`, what a BN layer fed ``z`` averages into its
+    running statistics: an EMA of ``means.reshape(-1, C)`` (:func:`ema_trace`),
+    or precise BN over the first ``k`` batches of an epoch,
+    ``means[e, :k].mean(0)`` and ``variances[e, :k].mean(0)``, without running
+    a model. ``batches``: keep only the first that many batches of each epoch
+    (precise BN over them needs no more; the permutations drawn are the same).
+    Returns float64 NumPy arrays ``(means, variances)``, each of shape
+    ``(epochs, K, C)`` (``K = batches`` when given).
+    """
+    import torch
+
+    for name, value in (("batch_size", batch_size), ("epochs", epochs)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if batch_size < 2:
+        raise ValueError(f"batch_size must be at least 2 (a variance of one value is undefined), got {batch_size}")
+    z = torch.as_tensor(z).detach().to(torch.float64)
+    if z.dim() != 2:
+        raise ValueError(f"z must have shape (N, C), got shape {tuple(z.shape)}")
+    n = z.shape[0]
+    if n < batch_size:
+        raise ValueError(f"an epoch needs at least one batch of {batch_size} rows, got N={n}")
+    k = n // batch_size
+    if batches is not None:
+        if isinstance(batches, bool) or not isinstance(batches, numbers.Integral) or not 1 <= batches <= k:
+            raise ValueError(f"batches must be an integer from 1 to N // batch_size = {k}, got {batches!r}")
+        k = int(batches)
+    means = np.empty((epochs, k, z.shape[1]))
+    variances = np.empty_like(means)
+    # the permutations drawn one by one, in order (as minibatches draws them);
+    # the batches of up to `chunk` epochs gathered at once (16 MB at most)
+    chunk = max(1, 2 ** 21 // (k * batch_size * max(1, z.shape[1])))
+    for start in range(0, epochs, chunk):
+        stop = min(epochs, start + chunk)
+        perms = torch.stack([torch.randperm(n, generator=generator)[:k * batch_size]
+                             for _ in range(start, stop)])
+        dealt = z[perms].reshape(stop - start, k, batch_size, -1)
+        means[start:stop] = dealt.mean(dim=2).numpy()
+        variances[start:stop] = dealt.var(dim=2, unbiased=True).numpy()
+    return means, variances
 
 
 def steps_to_forget(momentum, tol: float = 0.01, convention: str = "torch") -> float:

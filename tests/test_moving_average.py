@@ -418,6 +418,63 @@ def test_ema_sampling_std_refuses(args, message):
         ma.ema_sampling_std(*args)
 
 
+def test_epoch_batch_stats_are_the_batches_of_minibatches():
+    """Each epoch's batches are those training.minibatches deals with the same
+    generator (a new permutation per epoch, the leftover rows unused); their
+    means and unbiased variances against torch's, batch by batch, in float64."""
+    from bnlib.training import minibatches
+
+    z = torch.randn(50, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    means, variances = ma.epoch_batch_stats(z, 8, 3, torch.Generator().manual_seed(7))
+    assert means.shape == variances.shape == (3, 6, 3)
+    # the first batches only: the same permutations, the same values
+    first, first_var = ma.epoch_batch_stats(z, 8, 3, torch.Generator().manual_seed(7), batches=2)
+    np.testing.assert_array_equal(first, means[:, :2])
+    np.testing.assert_array_equal(first_var, variances[:, :2])
+    g = torch.Generator().manual_seed(7)
+    for e in range(3):
+        for t, idx in enumerate(minibatches(50, 8, g)):
+            np.testing.assert_allclose(means[e, t], z[idx].mean(0).numpy(), **F64)
+            np.testing.assert_allclose(variances[e, t], z[idx].var(0).numpy(), **F64)
+
+
+def test_epoch_batch_stats_give_precise_bn_of_a_first_layer():
+    """What the chapter relies on: for a BN layer right after a fixed linear map
+    of the inputs, precise BN over the first k batches of an epoch is the
+    average of those batches' means and unbiased variances (float64 model, so
+    only summation order differs)."""
+    from bnlib.training import minibatches
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(70, 5, dtype=torch.float64, generator=gen)
+    model = nn.Sequential(nn.Linear(5, 4, bias=False), bnlib.nn.BatchNorm1d(4)).double()
+    with torch.no_grad():
+        z = model[0](x)
+    means, variances = ma.epoch_batch_stats(z, 16, 1, torch.Generator().manual_seed(3))
+    batches = [x[idx] for idx in minibatches(70, 16, torch.Generator().manual_seed(3))][:3]
+    ma.precise_bn(model, batches)
+    np.testing.assert_allclose(model[1].running_mean.numpy(), means[0, :3].mean(0), **F64)
+    np.testing.assert_allclose(model[1].running_var.numpy(), variances[0, :3].mean(0), **F64)
+
+
+@pytest.mark.parametrize("args, message", [
+    ((torch.zeros(10, 2), 1, 2), "batch_size must be at least 2"),
+    ((torch.zeros(10, 2), 4, 0), "epochs must be a positive integer"),
+    ((torch.zeros(10, 2), 4.0, 1), "batch_size must be a positive integer"),
+    ((torch.zeros(10), 4, 1), r"shape \(N, C\)"),
+    ((torch.zeros(3, 2), 4, 1), "at least one batch of 4 rows"),
+])
+def test_epoch_batch_stats_refuses(args, message):
+    with pytest.raises(ValueError, match=message):
+        ma.epoch_batch_stats(*args, torch.Generator())
+
+
+@pytest.mark.parametrize("batches", [0, 3, 1.0, True])
+def test_epoch_batch_stats_refuses_batches(batches):
+    with pytest.raises(ValueError, match="batches must be an integer from 1 to"):
+        ma.epoch_batch_stats(torch.zeros(10, 2), 4, 1, torch.Generator(), batches=batches)
+
+
 def test_equivalent_batches_matches_simulated_noise():
     # EMA of i.i.d. standard normal batch values: steady-state variance 1 / K
     rng = np.random.default_rng(0)
