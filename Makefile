@@ -107,7 +107,7 @@ bench: $(STAMP)
 	OMP_NUM_THREADS=2 $(PY) bench/bench_batchnorm.py --threads 1 2 --clock thread
 	OMP_NUM_THREADS=2 $(PY) bench/bench_norms.py --threads 1 2 --clock thread
 	$(PY) bench/bench_sync.py --processes 2 4
-	$(PY) bench/bench_triton_host.py
+	$(PY) bench/bench_triton_host.py --commit b19d0fe --runs 3
 	@if $(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
 		$(PY) bench/bench_gpu.py --out bench/results; \
 	else echo "No CUDA GPU here: the GPU table is the committed bench/results/gpu_h100.md"; fi

@@ -15,7 +15,14 @@ With ``--threads 1 2`` the table has one row set per thread count. The
 thread clock counts one thread's CPU time only, so row sets with more than
 one thread are timed on the wall clock whatever ``--clock`` says.
 
-Usage: python bench/bench_batchnorm.py [--threads 1 2] [--clock thread] [--rounds 15] [--quick]
+With ``--pin-malloc`` glibc's allocator is pinned first, in the process
+(``bnlib.perf.pin_glibc_malloc``), as the environment variables
+``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` pin it for the
+tables of ``bench/results/cpu_dev_machine.md``: a freed tensor's memory is
+then reused instead of handed back to the system, and no candidate's time
+includes page faults that another's escapes.
+
+Usage: python bench/bench_batchnorm.py [--threads 1 2] [--clock thread] [--rounds 15] [--quick] [--pin-malloc]
 """
 
 import argparse
@@ -27,7 +34,7 @@ import torch
 
 import bnlib.functional as BF
 import bnlib.nn as bnn
-from bnlib import cpu_kernels, reference
+from bnlib import cpu_kernels, perf, reference
 
 SHAPES = [(256, 1024), (4096, 1024), (64, 64, 32, 32), (128, 256, 14, 14)]
 BYTES_PER_PASS = {"fwd": 2, "fwd+bwd": 5}  # the least a pass moves, in units of |x|
@@ -120,7 +127,18 @@ def common_arguments(description):
     parser.add_argument("--clock", choices=["wall", "thread"], default="wall",
                         help="'thread' counts only this thread's CPU time (steadier on a busy machine, "
                              "meaningful with --threads 1)")
+    parser.add_argument("--pin-malloc", action="store_true",
+                        help="pin glibc's allocator first (perf.pin_glibc_malloc), as MALLOC_MMAP_THRESHOLD_ and "
+                             "MALLOC_TRIM_THRESHOLD_ do: no candidate then pays for fresh pages that another escapes")
     return parser
+
+
+def pin_malloc(asked):
+    """With ``--pin-malloc``, pin glibc's allocator before anything is timed, and say so."""
+    if asked:
+        pinned = perf.pin_glibc_malloc()
+        print("glibc's allocator pinned (perf.pin_glibc_malloc)" if pinned
+              else "--pin-malloc: not glibc (or glibc refused): the allocator is left as it is")
 
 
 def use_threads(threads, clock):
@@ -136,6 +154,7 @@ def use_threads(threads, clock):
 
 def main():
     args = common_arguments(__doc__.splitlines()[0]).parse_args()
+    pin_malloc(args.pin_malloc)
     rounds = 3 if args.quick else args.rounds
     kernels = "fused C++ kernels" if cpu_kernels.is_available() else "tensor ops (the C++ kernels could not be built)"
     print(f"torch {torch.__version__}, numpy {np.__version__}; bnlib's CPU path: {kernels}")

@@ -7,7 +7,7 @@ same modules on the tensor-op path, and torch's modules, interleaved round
 after round in one process as in ``bench_batchnorm.py``, each round in
 another order; the median of the rounds, as time and as ratio to torch's.
 
-Usage: python bench/bench_norms.py [--threads 1 2] [--clock thread] [--rounds 15] [--quick]
+Usage: python bench/bench_norms.py [--threads 1 2] [--clock thread] [--rounds 15] [--quick] [--pin-malloc]
 """
 
 import statistics
@@ -15,7 +15,7 @@ import statistics
 import torch
 
 import bnlib.nn as bnn
-from bench_batchnorm import common_arguments, time_call, torch_steps, use_threads
+from bench_batchnorm import common_arguments, pin_malloc, time_call, torch_steps, use_threads
 
 # (label, bnlib module, torch module, input shape): a transformer's rows, a
 # normalized shape of three dims, ResNet-sized maps with 32 and 8 groups.
@@ -63,6 +63,7 @@ def bench_case(make_ours, make_native, shape, rounds, reps, memory_format=torch.
 
 def main():
     args = common_arguments(__doc__.splitlines()[0]).parse_args()
+    pin_malloc(args.pin_malloc)
     rounds = 3 if args.quick else args.rounds
     print(f"torch {torch.__version__}; median of {rounds} interleaved rounds; ratio = time / torch's time")
     header = (f"{'threads':<8}{'clock':<7}{'module':<26}{'shape':<19}{'pass':<9}{'torch ms':>9}{'bnlib ms':>9}"

@@ -11,11 +11,25 @@ CPU tensors, where allocation is free. torch's native CPU op on the same
 tensors is printed beside it as a yardstick (it includes its small amount of
 arithmetic).
 
-``--module LABEL=PATH`` times another version of ``triton_kernels.py`` too
-(e.g. an older commit's, saved with ``git show``), in the same interleaved
-rounds.
+``--commit REV`` times the ``triton_kernels.py`` of another commit too
+(``git show REV:bnlib/triton_kernels.py``), and ``--module LABEL=PATH``
+any other version of the file, in the same interleaved rounds. Each
+version is labelled with its commit; the checkout's own is labelled with
+``HEAD``'s commit, and ``+edits`` when its ``triton_kernels.py`` differs
+from it.
 
-Usage: python bench/bench_triton_host.py [--module before=/tmp/old.py] [--rounds 9] [--out bench/results]
+The machine this runs on is usually shared: ``--runs N`` repeats the
+whole interleaved measurement N times (each run its own warm-up and
+rounds) and keeps every run's medians, so that a reader compares versions
+by their ratio within a run, over several runs, rather than by absolute
+times that move with the machine's load.
+
+Times are the calling thread's CPU time by default (``--clock thread``), which
+leaves out the time it waits for a core on a busy machine; ``--clock wall``
+gives elapsed time, as the file's first version (commit 0ddd0ee) used.
+
+Usage: python bench/bench_triton_host.py [--commit b19d0fe] [--module before=/tmp/old.py] [--runs 5] [--rounds 9]
+[--clock thread] [--out bench/results]
 """
 
 import argparse
@@ -24,7 +38,9 @@ import importlib.util
 import json
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -73,63 +89,117 @@ def calls(batch_norm):
     return {"train fwd+bwd": train, "eval (no_grad)": evaluate}
 
 
+def git(*args):
+    """Output of a git command in the checkout (stripped), or None without git."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def checkout_label():
+    """The checkout's commit, with ``+edits`` when its triton_kernels.py is not the committed one."""
+    head = git("rev-parse", "--short", "HEAD")
+    if head is None:
+        return "bnlib"
+    edited = git("status", "--porcelain", "--", "bnlib/triton_kernels.py")
+    return head + ("+edits" if edited else "")
+
+
+CLOCKS = {"thread": time.thread_time, "wall": time.perf_counter}
+
+
+def measure(fns, rounds, n_calls, clock=time.thread_time):
+    """Median microseconds per call of each fn, over interleaved rounds (after a warm-up).
+
+    The default clock counts this thread's CPU time only: on a shared machine
+    the time the thread waits for a core is left out (everything here runs on
+    one thread)."""
+    for fn in fns.values():
+        for _ in range(100):
+            fn()
+    times = {key: [] for key in fns}
+    for _ in range(rounds):  # interleaved: every version sees the same machine state
+        for key, fn in fns.items():
+            t0 = clock()
+            for _ in range(n_calls):
+                fn()
+            times[key].append(1e6 * (clock() - t0) / n_calls)
+    return {key: statistics.median(t) for key, t in times.items()}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--commit", action="append", default=[], metavar="REV",
+                        help="also time this commit's bnlib/triton_kernels.py (git show)")
     parser.add_argument("--module", action="append", default=[], metavar="LABEL=PATH",
                         help="also time this version of triton_kernels.py")
+    parser.add_argument("--runs", type=int, default=1, help="independent interleaved measurements")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--calls", type=int, default=500, help="calls per round")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="thread",
+                        help="thread: this thread's CPU time (default); wall: elapsed time")
     parser.add_argument("--out", default=None, help="write triton_host_cpu.json and .md to this folder")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
     here = Path(__file__).resolve().parent.parent / "bnlib" / "triton_kernels.py"
-    versions = {"bnlib": "bnlib/triton_kernels.py (this checkout)"}
-    paths = {"bnlib": str(here)}
+    label = checkout_label()
+    versions = {label: "bnlib/triton_kernels.py (this checkout)"}
+    paths = {label: str(here)}
+    tmp = tempfile.TemporaryDirectory()
+    for rev in args.commit:
+        source = git("show", f"{rev}:bnlib/triton_kernels.py")
+        if source is None:
+            raise SystemExit(f"git show {rev}:bnlib/triton_kernels.py failed")
+        rev_label = git("rev-parse", "--short", rev) or rev
+        path = Path(tmp.name) / f"triton_kernels_{rev_label}.py"
+        path.write_text(source + "\n")
+        versions[rev_label] = f"git show {rev_label}:bnlib/triton_kernels.py"
+        paths[rev_label] = str(path)
     for item in args.module:
-        label, _, path = item.partition("=")
-        versions[label] = paths[label] = path
+        mod_label, _, path = item.partition("=")
+        versions[mod_label] = paths[mod_label] = path
     fns = {}
-    for i, (label, path) in enumerate(paths.items()):
+    for i, (mod_label, path) in enumerate(paths.items()):
         module = load_without_launches(path, f"_triton_kernels_{i}")
         for case, fn in calls(module.batch_norm).items():
-            fns[(label, case)] = fn
+            fns[(mod_label, case)] = fn
+    native = "torch native (CPU op)"
     for case, fn in calls(torch.nn.functional.batch_norm).items():
-        fns[("torch native (CPU op)", case)] = fn
+        fns[(native, case)] = fn
 
-    for fn in fns.values():  # warm-up
-        for _ in range(100):
-            fn()
-    times = {key: [] for key in fns}
-    for _ in range(args.rounds):  # interleaved: every version sees the same machine state
-        for key, fn in fns.items():
-            t0 = time.perf_counter()
-            for _ in range(args.calls):
-                fn()
-            times[key].append(1e6 * (time.perf_counter() - t0) / args.calls)
-    us = {key: statistics.median(t) for key, t in times.items()}
+    runs = [measure(fns, args.rounds, args.calls, CLOCKS[args.clock]) for _ in range(args.runs)]
 
-    labels = list(dict.fromkeys(label for label, _ in fns))
+    labels = list(dict.fromkeys(v for v, _ in fns))
     cases = list(dict.fromkeys(case for _, case in fns))
-    lines = ["| per call (us) | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
-    lines += [f"| {case} | " + " | ".join(f"{us[(label, case)]:.1f}" for label in labels) + " |" for case in cases]
+    header = "| run | case | " + " | ".join(labels) + " |"
+    lines = [header, "|---|---|" + "---:|" * len(labels)]
+    for i, us in enumerate(runs):
+        lines += [f"| {i + 1} | {case} | " + " | ".join(f"{us[(v, case)]:.1f}" for v in labels) + " |"
+                  for case in cases]
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": platform.processor() or platform.machine(), "python": platform.python_version(),
-            "torch": torch.__version__, "shape": list(SHAPE), "rounds": args.rounds, "calls": args.calls,
+            "torch": torch.__version__, "triton": module.triton.__version__,
+            "shape": list(SHAPE), "clock": args.clock, "runs": args.runs, "rounds": args.rounds, "calls": args.calls,
             "versions": versions}
-    print(f"bnlib.triton_kernels' host work per call, launches stubbed out, {SHAPE} float32 CPU tensors, "
-          f"1 thread, median of {args.rounds} interleaved rounds of {args.calls} calls")
+    print(f"bnlib.triton_kernels' host work per call (us), launches stubbed out, {SHAPE} float32 CPU tensors, "
+          f"1 thread, {args.clock} clock, median of {args.rounds} interleaved rounds of {args.calls} calls, {args.runs} run(s)")
     print("\n".join(lines))
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        rows = [{"version": label, "case": case, "us": round(us[(label, case)], 2)} for label, case in fns]
+        rows = [{"run": i + 1, "version": v, "case": case, "us": round(us[(v, case)], 2)}
+                for i, us in enumerate(runs) for v, case in fns]
         (out / "triton_host_cpu.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
         (out / "triton_host_cpu.md").write_text(
             "# bnlib.triton_kernels' host work per call, Triton's launches stubbed out\n\n"
-            f"`bench/bench_triton_host.py`, {meta['date']}, torch {meta['torch']}, Python {meta['python']}, "
-            f"on the development machine (CPU, 1 thread). Input {tuple(SHAPE)} float32; median of "
-            f"{args.rounds} interleaved rounds of {args.calls} calls. Versions: "
+            f"`bench/bench_triton_host.py`, {meta['date']}, torch {meta['torch']}, Triton {meta['triton']}, "
+            f"Python {meta['python']}, on the development machine (CPU, 1 thread, {args.clock} clock; on a shared machine "
+            f"compare versions within a run). Input {tuple(SHAPE)} float32; per run, the median of "
+            f"{args.rounds} interleaved rounds of {args.calls} calls; {args.runs} run(s). Versions: "
             + ", ".join(f"`{k}` = {v}" for k, v in versions.items()) + ".\n\n" + "\n".join(lines) + "\n")
         print(f"wrote {out / 'triton_host_cpu.json'} and .md", file=sys.stderr)
 

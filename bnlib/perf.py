@@ -10,10 +10,13 @@ that memory sets. Five groups of tools:
   (``torch.autograd.graph.saved_tensors_hooks``), and :func:`peak_bytes` the
   most bytes that the operations had allocated at once.
 - :func:`time_interleaved` and :func:`bench_cpu` time candidates round after
-  round in the same process, with a copy of the same bytes as the floor.
+  round in the same process, with a copy of the same bytes as the floor;
+  :func:`pin_glibc_malloc` keeps glibc's allocator from charging some of
+  them for fresh pages.
 - :func:`welford`, :func:`shifted_stats`, :func:`chan_merge` and
   :func:`naive_var`: per-channel statistics in float32, two one-pass ways
-  (the Triton kernels' and the C++ CPU kernels') and the way that fails.
+  (Welford + Chan, the Triton kernels' method, and shifted sums, the C++ CPU
+  kernels') and the way that fails.
 - :func:`cpu_path`: ``bnlib.functional.batch_norm`` on one CPU path, to put
   the fused C++ kernels and the tensor ops side by side; :func:`bench_results`
   reads a results file that ``make bench`` committed.
@@ -32,7 +35,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["tensor_bytes", "op_traffic", "traffic_table", "saved_tensors", "peak_bytes", "time_interleaved",
-           "pass_bytes", "bench_cpu", "cpu_path", "bench_results", "welford", "shifted_stats", "chan_merge", "naive_var"]
+           "pin_glibc_malloc", "pass_bytes", "bench_cpu", "cpu_path", "bench_results", "welford", "shifted_stats", "chan_merge", "naive_var"]
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
@@ -235,6 +238,40 @@ def time_interleaved(fns, rounds=5, min_time=2e-3, clock=time.perf_counter):
     return {name: statistics.median(v) for name, v in times.items()}
 
 
+# mallopt's parameters, from glibc's malloc.h
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def pin_glibc_malloc(threshold=1 << 30):
+    """Keep glibc's malloc from giving each large tensor fresh pages; True if done.
+
+    By default glibc serves a block larger than its mmap threshold (128 KiB
+    at first, raised up to 32 MiB as such blocks are freed) with a new
+    ``mmap``, and hands memory freed at the top of its heap back to the system
+    once more than its trim threshold is free. A tensor of a few MiB created
+    in a timing loop can then get fresh pages from the system on every call,
+    and their page faults (one per 4 KiB page, which the kernel fills with
+    zeros) count in its time; whether it does depends on what was allocated
+    and freed before, so it changes from one candidate, and one run, to the
+    next. With both thresholds at ``threshold`` bytes, every smaller block
+    comes from the heap and freed blocks are reused: what
+    ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` in the
+    environment do at the process's start, done here (``mallopt``) for the
+    allocations that follow. The process then keeps the memory it freed, up to
+    its peak.
+
+    Returns False, and changes nothing, where the C library is not glibc
+    (macOS, Windows, musl) or glibc refuses the value.
+    """
+    import ctypes
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL("libc.so.6")
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, threshold))
+
+
 def pass_bytes(kind, x_bytes):
     """Bytes a pass must move at least: ``fwd`` reads x once and writes y (``2|x|``);
     ``fwdbwd`` adds the backward's reads of x and dy and its write of dx (``5|x|``);
@@ -262,7 +299,7 @@ def _passes(bn_fn, x, dy, w, b):
     return {"fwd": fwd, "fwdbwd": fwdbwd, "eval": eval_}
 
 
-def bench_cpu(shapes, impls, rounds=5, min_time=2e-3, seed=0):
+def bench_cpu(shapes, impls, rounds=5, min_time=2e-3, seed=0, clock=time.perf_counter):
     """Time training forward, forward+backward and eval of each implementation on CPU.
 
     ``impls``: ``{name: fn}`` with the signature of ``torch.nn.functional.batch_norm``;
@@ -271,6 +308,11 @@ def bench_cpu(shapes, impls, rounds=5, min_time=2e-3, seed=0):
     Returns rows ``{"shape", "impl", "pass", "seconds", "bytes", "GBps",
     "copy_GBps", "pct_copy", "ratio"}``: ``bytes`` from :func:`pass_bytes`,
     ``pct_copy = 100 * (bytes / copy bandwidth) / seconds`` (100: as fast as a copy).
+    Each call allocates its outputs anew, as a training step does: with glibc,
+    call :func:`pin_glibc_malloc` first, or some candidates' times include
+    page faults that others escape. ``clock``: as in :func:`time_interleaved`;
+    ``time.thread_time`` (the calling thread's CPU time) leaves out the time the
+    thread waits for a core on a busy machine, and suits one-thread runs only.
     """
     rows = []
     base = next(iter(impls))
@@ -285,7 +327,7 @@ def bench_cpu(shapes, impls, rounds=5, min_time=2e-3, seed=0):
         for name, fn in impls.items():
             for kind, f in _passes(fn, x, dy, w, b).items():
                 fns[(name, kind)] = f
-        t = time_interleaved(fns, rounds, min_time)
+        t = time_interleaved(fns, rounds, min_time, clock)
         x_bytes = x.numel() * x.element_size()
         copy_bw = 2 * x_bytes / t[("copy", "copy")]
         for (name, kind), sec in t.items():
@@ -372,7 +414,11 @@ def chan_merge(a, b):
 
 def welford(x, lanes=256):
     """Per-column ``(count, mean, M2)`` of ``x`` (m, C) in x's dtype (float32 for
-    float16, as the kernels keep half inputs' statistics), the way the Triton kernels do it.
+    float16, as the kernels keep half inputs' statistics), the way the Triton kernels of
+    commit b19d0fe (those of ``bench/results/gpu_h100.json``) did it: of ``x`` itself.
+    Since commit c40a2e0 the kernels summarize each channel minus its first value
+    (``triton_kernels._pivot``), which keeps every stored mean of the order of the
+    spread: ``welford(x - x[0])`` is that method (its mean is then of ``x - x[0]``).
 
     The m rows are dealt to ``lanes`` lanes (row i to lane i % lanes); each lane runs
     Welford's update over its rows, ``count += 1; delta = x - mean;
@@ -408,7 +454,7 @@ def welford(x, lanes=256):
     return tuple(p[0] for p in parts)
 
 
-def shifted_stats(x, block=64):
+def shifted_stats(x, block=64, summary_dtype=np.float64):
     """Per-column ``(count, mean, M2)`` of ``x`` (m, C) the way bnlib's C++ CPU kernels do it.
 
     The rows are read once, ``block`` at a time. Each block is summed as
@@ -417,21 +463,29 @@ def shifted_stats(x, block=64):
     The block's mean is ``a + sum(d) / n_b`` and its ``M2 = sum(d**2) - sum(d)**2 / n_b``
     (exact algebra, and no cancellation, since ``d`` is on the scale of the
     spread); blocks are merged into the running summary with
-    :func:`chan_merge` in float64.
+    :func:`chan_merge` in ``summary_dtype``: float64, as the kernels do. With
+    ``np.float32`` (a control, not what the kernels do) the summary's mean,
+    near the data's mean, is rounded to float32 in every merge, and its error
+    reaches the variance as Welford's does.
     """
     x = np.asarray(x)
     if x.ndim != 2:
         raise ValueError(f"shifted_stats expects x of shape (m, C), got {x.ndim} dims")
     if block < 1:
         raise ValueError(f"block must be >= 1, got {block}")
+    summary_dtype = np.dtype(summary_dtype)
+    if summary_dtype not in (np.float32, np.float64):
+        raise ValueError(f"summary_dtype must be float32 or float64, got {summary_dtype}")
     C = x.shape[1]
-    summary = (0.0, np.zeros(C), np.zeros(C))
+    summary = (0, np.zeros(C, summary_dtype), np.zeros(C, summary_dtype))
     for start in range(0, x.shape[0], block):
         rows = x[start:start + block]
         n_b = rows.shape[0]
         a = rows.mean(axis=0, dtype=x.dtype) if summary[0] == 0 else summary[1].astype(x.dtype)
         d = rows - a
-        s1 = d.sum(axis=0, dtype=x.dtype).astype(np.float64)
-        s2 = (d * d).sum(axis=0, dtype=x.dtype).astype(np.float64)
-        summary = chan_merge(summary, (n_b, a.astype(np.float64) + s1 / n_b, s2 - s1 * s1 / n_b))
+        s1 = d.sum(axis=0, dtype=x.dtype).astype(summary_dtype)
+        s2 = (d * d).sum(axis=0, dtype=x.dtype).astype(summary_dtype)
+        block_mean = a.astype(summary_dtype) + s1 / summary_dtype.type(n_b)
+        block_m2 = s2 - s1 * s1 / summary_dtype.type(n_b)
+        summary = chan_merge(summary, (n_b, block_mean, block_m2))
     return summary

@@ -36,13 +36,20 @@ Any other strides are made contiguous first (a copy).
 **Grid and reductions.** The grid is ``(channel blocks, splits)``: split ``j``
 owns the rows ``[j * rows_per_split, (j + 1) * rows_per_split)``, so a channel
 with many values is reduced by many programs at once. Inside a program every
-lane keeps its own Welford summary ``(mean, M2, count)`` (``count += 1;
-delta = x - mean; mean += delta / count; M2 += delta * (x - mean)``); the
-lanes, then the splits, are merged with Chan's formula for k parts (never
+lane keeps its own Welford summary ``(mean, M2, count)`` of the channel's
+values minus its first one, ``pivot = x[0, c, 0]`` (``_pivot``; every program
+and split of the channel loads the same one): with ``v = x - pivot``,
+``count += 1; delta = v - mean; mean += delta / count; M2 += delta * (v - mean)``.
+The lanes, then the splits, are merged with Chan's formula for k parts (never
 ``E[x^2] - E[x]^2``):
 
     n = sum(n_i),  mean = sum(n_i * mean_i) / n,
     M2 = sum(M2_i) + sum(n_i * (mean_i - mean)^2)
+
+and the channel's mean is ``pivot + mean``. The shift (since commit c40a2e0)
+keeps every stored mean of the order of the channel's spread: unshifted, a
+lane's float32 mean of a few values near 1e4 is rounded by up to 5e-4, which
+the merge's ``(mean_i - mean)^2`` term carries into the variance.
 
 With several splits a pass is two or three launches: the partial summaries,
 then either the elementwise pass, each of whose programs merges the splits'
