@@ -297,22 +297,28 @@ def test_bad_input(reg):
         S.measured_rate(np.r_[[np.ones(3)], np.zeros((30, 3))], np.zeros(3))
 
 
+def torch_optimizer_path(X, y, theta0, make_optimizer, steps):
+    """The path of a torch optimizer on the linear model's MSE, in float64:
+    the truth for bnlib.surfaces' own optimizers."""
+    A, yt = torch.tensor(S.design_matrix(X)), torch.tensor(y)
+    theta = torch.tensor(theta0, requires_grad=True)
+    opt = make_optimizer([theta])
+    path = [theta.detach().clone().numpy()]
+    for _ in range(steps):
+        opt.zero_grad()
+        ((A @ theta - yt) ** 2).mean().backward()
+        opt.step()
+        path.append(theta.detach().clone().numpy())
+    return np.array(path)
+
+
 def test_adam_matches_torch_optim_adam(reg):
     """Adam's path on the linear model's MSE, step for step, against torch.optim.Adam (float64)."""
     X, y = reg
-    A = S.design_matrix(X)
     theta0 = S.optimum(X, y) + np.array([-1.0, -4.0, 3.0])
     path = S.adam(lambda th: S.gradient(th, X, y), theta0, lr=0.05, steps=40)
-    theta = torch.tensor(theta0, requires_grad=True)
-    opt = torch.optim.Adam([theta], lr=0.05)
-    At, yt = torch.tensor(A), torch.tensor(y)
-    want = [theta.detach().clone().numpy()]
-    for _ in range(40):
-        opt.zero_grad()
-        ((At @ theta - yt) ** 2).mean().backward()
-        opt.step()
-        want.append(theta.detach().clone().numpy())
-    np.testing.assert_allclose(path, np.array(want), rtol=1e-10, atol=1e-12)
+    want = torch_optimizer_path(X, y, theta0, lambda p: torch.optim.Adam(p, lr=0.05), 40)
+    np.testing.assert_allclose(path, want, rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="lr must be positive"):
         S.adam(lambda th: th, theta0, 0.0, 3)
 
@@ -321,20 +327,11 @@ def test_heavy_ball_matches_torch_sgd_with_momentum(reg):
     """The path, step for step, against torch.optim.SGD(momentum=...) in
     float64; momentum 0 is plain gradient descent."""
     X, y = reg
-    A = S.design_matrix(X)
     grad = lambda th: S.gradient(th, X, y)
     theta0 = S.optimum(X, y) + np.array([-1.0, -4.0, 3.0])
     path = S.heavy_ball(grad, theta0, lr=0.01, momentum=0.8, steps=40)
-    theta = torch.tensor(theta0, requires_grad=True)
-    opt = torch.optim.SGD([theta], lr=0.01, momentum=0.8)
-    At, yt = torch.tensor(A), torch.tensor(y)
-    want = [theta.detach().clone().numpy()]
-    for _ in range(40):
-        opt.zero_grad()
-        ((At @ theta - yt) ** 2).mean().backward()
-        opt.step()
-        want.append(theta.detach().clone().numpy())
-    np.testing.assert_allclose(path, np.array(want), rtol=1e-10, atol=1e-12)
+    want = torch_optimizer_path(X, y, theta0, lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.8), 40)
+    np.testing.assert_allclose(path, want, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(S.heavy_ball(grad, theta0, 0.01, 0.0, 40),
                                S.gradient_descent(grad, theta0, 0.01, 40), rtol=RTOL)
     with pytest.raises(ValueError, match="lr must be positive"):
