@@ -104,8 +104,8 @@ execute: $(STAMP)
 # gloo processes, and the Triton kernels' host work per call. On a machine with CUDA and Triton, also the GPU table,
 # written to bench/results/ (commit it, labelled with device and versions).
 bench: $(STAMP)
-	OMP_NUM_THREADS=2 $(PY) bench/bench_batchnorm.py --threads 1 2 --clock thread
-	OMP_NUM_THREADS=2 $(PY) bench/bench_norms.py --threads 1 2 --clock thread
+	OMP_NUM_THREADS=2 $(PY) bench/bench_batchnorm.py --threads 1 2 --clock thread --pin-malloc
+	OMP_NUM_THREADS=2 $(PY) bench/bench_norms.py --threads 1 2 --clock thread --pin-malloc
 	$(PY) bench/bench_sync.py --processes 2 4
 	$(PY) bench/bench_triton_host.py --commit b19d0fe --runs 3
 	@if $(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then \

@@ -15,7 +15,9 @@ that memory sets. Five groups of tools:
   them for fresh pages.
 - :func:`welford`, :func:`shifted_stats`, :func:`chan_merge` and
   :func:`naive_var`: per-channel statistics in float32, two one-pass ways
-  (Welford + Chan, the Triton kernels' method, and shifted sums, the C++ CPU
+  (Welford + Chan, the method of the Triton kernels of b19d0fe, whose GPU
+  times chapter 10 shows, and which since c40a2e0 they apply to each channel
+  minus its first value, ``welford(x - x[0])``; and shifted sums, the C++ CPU
   kernels') and the way that fails.
 - :func:`cpu_path`: ``bnlib.functional.batch_norm`` on one CPU path, to put
   the fused C++ kernels and the tensor ops side by side; :func:`bench_results`
