@@ -69,25 +69,34 @@ book: $(STAMP)
 	@echo
 	@echo "The book is built: open $(CURDIR)/_build/html/index.html"
 
-# Every chapter is executed once, by nbval: pytest runs the unit tests and
-# nbval on the chapters (compared with the stored outputs) in $(TEST_WORKERS)
-# processes (pytest-xdist; one thread each, as above). --dist loadscope keeps
-# every notebook's cells, and every test module, in one process, in order;
+# Every chapter is executed once, by nbval, in $(TEST_WORKERS) processes
+# (pytest-xdist; one thread each, as above): --dist loadscope keeps every
+# notebook's cells, and every test module, in one process, in order;
 # --no-loadscope-reorder keeps the order tests/conftest.py gives them (the
 # slowest first, so that both processes finish near the same time).
 # tools/nbval_store.py keeps each chapter's fresh outputs; the book is built
 # from them (the outputs the tests just checked, figures included), and the
 # browser test then reads the HTML in _build/html. Executing the chapters
-# for the build as well would take as long again.
+# for the build as well would take as long again. The build and the browser
+# test run beside bnlib's unit tests, whose processes keep the cores busy
+# while the build uses one: a minute or two less than one after the other.
+# Their output is kept in $(BOOK_LOG) and printed after the unit tests'.
 TEST_WORKERS ?= 2
 PARALLEL := -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 NBVAL := --nbval --nbval-current-env --nbval-sanitize-with tests/sanitize.cfg
+BOOK_LOG := _build/book-and-browser.log
 test: $(STAMP)
-	rm -rf _build/html _build/.doctrees _build/jupyter_execute _build/.jupyter_cache _build/nbval
-	$(PY) -m pytest -q -p no:cacheprovider $(PARALLEL) $(NBVAL) -p tools.nbval_store --nbval-store _build/nbval -m "not browser" tests chapters
+	rm -rf _build/html _build/.doctrees _build/jupyter_execute _build/.jupyter_cache _build/nbval $(BOOK_LOG)
+	$(PY) -m pytest -q -p no:cacheprovider $(PARALLEL) $(NBVAL) -p tools.nbval_store --nbval-store _build/nbval chapters
 	$(PY) tools/execute_chapters.py --from _build/nbval --cache _build/.jupyter_cache chapters/*.ipynb
-	$(VENV)/bin/jupyter-book build . -W -n --keep-going
-	$(PY) -m pytest -q -p no:cacheprovider -m browser tests
+	@echo "The book build and the browser test run beside the unit tests; their output follows."
+	{ $(VENV)/bin/jupyter-book build . -W -n --keep-going \
+	  && $(PY) -m pytest -q -p no:cacheprovider -m browser tests; } > $(BOOK_LOG) 2>&1 & book=$$!; \
+	$(PY) -m pytest -q -p no:cacheprovider $(PARALLEL) -m "not browser" tests; unit=$$?; \
+	wait $$book; built=$$?; \
+	echo "--- the book build and the browser test ($(BOOK_LOG)):"; cat $(BOOK_LOG); \
+	echo "unit tests: exit $$unit; book build and browser test: exit $$built"; \
+	test $$unit -eq 0 && test $$built -eq 0
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider $(PARALLEL) tests -m "not browser"
