@@ -520,12 +520,14 @@ class BatchNormTrainFunction(torch.autograd.Function):
         the mean's path contributes ``-sum(dy)/m`` and the variance's path
         ``-x_hat * sum(dy * x_hat) / m`` (derived in the chapter "The Batch
         Normalization algorithm"). With ``k = gamma * invstd`` it is affine in
-        ``dy`` and ``x``, per channel:
+        ``dy`` and ``x``, per channel, in the chapter's letters:
 
-        ``dx = k * dy + a * x + b``, ``a = -k * invstd^2 * mean(dy * (x - mu))``,
-        ``b = -k * mean(dy) - a * mu``,
+        ``dx = k * dy + c1 * (x - mu) + c0``,
+        ``c1 = -k * invstd^2 * mean(dy * (x - mu))``, ``c0 = -k * mean(dy)``.
 
-        so after the two reductions dx takes two passes over memory.
+        The code folds the constants into ``dx = k * dy + a * x + b`` with
+        ``a = c1`` and ``b = c0 - c1 * mu``, so after the two reductions dx
+        takes two passes over memory.
         """
         input, mu, invstd, weight, bias = ctx.saved_tensors
         if dy is None:  # grads are not materialized (see forward); no gradient reached y
