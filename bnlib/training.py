@@ -103,25 +103,49 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float,
         return float(F.cross_entropy(logits, y)), accuracy(logits, y)
 
 
-def _parameter_groups(model, weight_decay, decay_bn):
+def _exempt_parameters(model, exempt_from_decay):
+    """The parameters of the submodules named in ``exempt_from_decay`` (their
+    submodules' included), by ``id``; ValueError for a bare string or a name that
+    ``model.named_modules()`` does not have."""
+    if isinstance(exempt_from_decay, (str, bytes)):
+        # a bare string would be taken letter by letter
+        raise ValueError(f"exempt_from_decay must be a collection of module names, e.g. ('norm4',), "
+                         f"got the string {exempt_from_decay!r}")
+    try:
+        names = list(exempt_from_decay)
+    except TypeError:
+        raise ValueError(f"exempt_from_decay must be a collection of module names, "
+                         f"got {exempt_from_decay!r}") from None
+    modules = dict(model.named_modules())
+    unknown = [n for n in names if n not in modules]
+    if unknown:
+        raise ValueError(f"exempt_from_decay names modules the model does not have: {unknown}; "
+                         f"its modules are {[n for n in modules if n]}")
+    return {id(p) for n in names for p in modules[n].parameters()}
+
+
+def _parameter_groups(model, weight_decay, decay_bn, exempt_from_decay=()):
     """One group with ``weight_decay``; without ``decay_bn``, the BN layers' gamma and beta
-    (conditional BN's tables and batch renorm's too) in a second group with none."""
-    if decay_bn or weight_decay == 0:
+    (conditional BN's tables and batch renorm's too) in a second group with none, and
+    with them the parameters of the modules named in ``exempt_from_decay``."""
+    exempt = _exempt_parameters(model, exempt_from_decay)
+    if (decay_bn and not exempt) or weight_decay == 0:
         return [{"params": list(model.parameters()), "weight_decay": weight_decay}]
-    from bnlib.alternatives import _BatchRenorm
-    from bnlib.conditional import _ConditionalBatchNorm
-    from bnlib.moving_average import is_batchnorm
+    if not decay_bn:
+        from bnlib.alternatives import _BatchRenorm
+        from bnlib.conditional import _ConditionalBatchNorm
+        from bnlib.moving_average import is_batchnorm
 
-    # a conditional BN's class tables are its gamma and beta, one row per class
-    bn_params = {id(p) for m in model.modules()
-                 if is_batchnorm(m) or isinstance(m, (_ConditionalBatchNorm, _BatchRenorm))
-                 for p in m.parameters(recurse=False)}
-    return [{"params": [p for p in model.parameters() if id(p) not in bn_params], "weight_decay": weight_decay},
-            {"params": [p for p in model.parameters() if id(p) in bn_params], "weight_decay": 0.0}]
+        # a conditional BN's class tables are its gamma and beta, one row per class
+        exempt |= {id(p) for m in model.modules()
+                   if is_batchnorm(m) or isinstance(m, (_ConditionalBatchNorm, _BatchRenorm))
+                   for p in m.parameters(recurse=False)}
+    return [{"params": [p for p in model.parameters() if id(p) not in exempt], "weight_decay": weight_decay},
+            {"params": [p for p in model.parameters() if id(p) in exempt], "weight_decay": 0.0}]
 
 
-def _optimizer(model, optimizer, lr, momentum, weight_decay, decay_bn=True):
-    groups = _parameter_groups(model, weight_decay, decay_bn)
+def _optimizer(model, optimizer, lr, momentum, weight_decay, decay_bn=True, exempt_from_decay=()):
+    groups = _parameter_groups(model, weight_decay, decay_bn, exempt_from_decay)
     if optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum)
     if optimizer == "adam":
@@ -143,6 +167,7 @@ def train(
     momentum: float = 0.0,
     weight_decay: float = 0.0,
     decay_bn: bool = True,
+    exempt_from_decay: Iterable[str] = (),
     seed: int = 0,
     callback: Callable[[int, nn.Module], None] | None = None,
     clip_gradients: Callable[[nn.Module], object] | None = None,
@@ -157,6 +182,10 @@ def train(
     and with ``step=t`` after update ``t``, so it sees the initial and every
     later state. ``decay_bn=False`` exempts the BN layers' ``gamma`` and
     ``beta`` from ``weight_decay`` (the other parameters keep it).
+    ``exempt_from_decay`` names submodules (as ``model.named_modules()``
+    does, e.g. ``("norm4",)``) whose parameters, their submodules' included,
+    get no weight decay either: one BN layer's ``gamma`` and ``beta`` alone,
+    say.
     ``clip_gradients(model)`` is called after every backward pass, before
     the update, to change the ``.grad`` of the parameters in place (for
     example with :func:`adaptive_grad_clip_`); what it returns is ignored.
@@ -192,7 +221,7 @@ def train(
     m = n if batch_size is None else int(batch_size)
     per_epoch = n // m
     total = int(steps) if steps is not None else int(epochs) * per_epoch
-    opt = _optimizer(model, optimizer, lr, momentum, weight_decay, decay_bn)
+    opt = _optimizer(model, optimizer, lr, momentum, weight_decay, decay_bn, exempt_from_decay)
     gen = torch.Generator().manual_seed(seed)
     history = History()
     model.train()

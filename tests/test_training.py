@@ -171,6 +171,67 @@ def test_decay_bn_false_exempts_only_the_bn_parameters():
         assert torch.equal(pa, pb)
 
 
+def test_exempt_from_decay_spares_only_the_named_modules():
+    """One SGD step from zero gradient: weight decay alone moves a parameter by -lr * wd * p,
+    except in the modules named (alone, or together with decay_bn=False)."""
+    model = models.make_mlp(4, 6, 3, depth=2, norm="bn", seed=0)
+    for decay_bn, exempt, spared in ((True, ("norm2",), ("norm2.",)),
+                                     (True, ("norm1", "out"), ("norm1.", "out.")),
+                                     (False, ("fc1",), ("norm1.", "norm2.", "fc1."))):
+        net = copy.deepcopy(model)
+        before = {n: p.detach().clone() for n, p in net.named_parameters()}
+        opt = training._optimizer(net, "sgd", lr=0.5, momentum=0.0, weight_decay=0.1,
+                                  decay_bn=decay_bn, exempt_from_decay=exempt)
+        for p in net.parameters():
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        for n, p in net.named_parameters():
+            want = before[n] if n.startswith(spared) else before[n] * (1 - 0.05)
+            torch.testing.assert_close(p.detach(), want, rtol=1e-6, atol=1e-7)
+
+
+def test_exempt_from_decay_in_train_equals_adding_the_decay_by_hand():
+    """Exempting norm2 through train() gives the same weights, bit for bit, as decay_bn=False
+    with norm1's decay added to its gradient by hand (clip_gradients)."""
+    model = models.make_mlp(4, 6, 3, depth=2, norm="bn", seed=0)
+    x, y = torch.randn(32, 4, generator=torch.Generator().manual_seed(1)), torch.arange(32) % 3
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    training.train(a, x, y, steps=5, batch_size=8, lr=0.3, weight_decay=0.1, exempt_from_decay=["norm2"])
+
+    def decay_norm1(net):
+        with torch.no_grad():
+            for p in net.norm1.parameters():
+                p.grad.add_(p, alpha=0.1)
+
+    training.train(b, x, y, steps=5, batch_size=8, lr=0.3, weight_decay=0.1, decay_bn=False,
+                   clip_gradients=decay_norm1)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+    # and an empty collection is the default
+    c, d = copy.deepcopy(model), copy.deepcopy(model)
+    training.train(c, x, y, steps=3, batch_size=8, weight_decay=0.1)
+    training.train(d, x, y, steps=3, batch_size=8, weight_decay=0.1, exempt_from_decay=())
+    for pc, pd in zip(c.parameters(), d.parameters()):
+        assert torch.equal(pc, pd)
+
+
+@pytest.mark.parametrize("exempt, match", [("norm1", "got the string 'norm1'"),
+                                           (["norm9"], r"does not have: \['norm9'\]"),
+                                           (3, "collection of module names, got 3")],
+                         ids=["string", "unknown", "not-iterable"])
+def test_exempt_from_decay_refuses_bad_names_before_the_model_changes(exempt, match):
+    model = models.make_mlp(4, 6, 3, depth=2, norm="bn", seed=0)
+    before = copy.deepcopy(model.state_dict())
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    with pytest.raises(ValueError, match=match):
+        training.train(model, x, y, steps=1, batch_size=4, weight_decay=0.1, exempt_from_decay=exempt)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    # checked even where nothing decays
+    with pytest.raises(ValueError, match=match):
+        training.train(model, x, y, steps=1, batch_size=4, exempt_from_decay=exempt)
+
+
 @pytest.mark.parametrize("y", [torch.tensor([[0], [1], [2]]), torch.tensor([0])], ids=["column", "one"])
 def test_accuracy_refuses_labels_that_would_broadcast(y):
     """A (N, 1) or (1,) y broadcast into an N x N comparison (0.556, not 1)."""
