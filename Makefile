@@ -47,12 +47,15 @@ help:
 
 setup: $(STAMP)
 
-# pip --no-compile: byte-compiling every module of every package (torch alone
-# has thousands) is about half of a fresh install's time; Python compiles the
-# modules a run imports, once, when it first imports them.
+# pip byte-compiles every package as it installs it (about half of a fresh
+# install's time): keep it. With --no-compile, Python compiles the modules a
+# run imports when it first imports them, and where PYTHONDONTWRITEBYTECODE
+# is set (as on the project's machines) it does so again in every process:
+# each kernel and each worker then spends seconds compiling torch, and make
+# test took minutes longer.
 $(STAMP): requirements-lock.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check --no-compile -r requirements-lock.txt
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-lock.txt
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	$(PY) -m ipykernel install --sys-prefix --name python3 $(KERNEL_ENV) >/dev/null
 	$(PY) -m bnlib.cpu_kernels
