@@ -80,22 +80,26 @@ book: $(STAMP)
 # tools/nbval_store.py keeps each chapter's fresh outputs; the book is built
 # from them (the outputs the tests just checked, figures included), and the
 # browser test then reads the HTML in _build/html. Executing the chapters
-# for the build as well would take as long again. The build and the browser
-# test run beside bnlib's unit tests, whose processes keep the cores busy
-# while the build uses one: a minute or two less than one after the other.
-# Their output is kept in $(BOOK_LOG) and printed after the unit tests'.
+# for the build as well would take as long again.
+# The unit tests fill the cores in two parts. $(TEST_FIRST), the longest
+# (Triton's interpreter, about three minutes in one process), runs in the
+# chapters' pool, where it keeps a core busy while the other finishes the
+# last chapters. The rest, in one process, runs beside the book build and
+# the browser test, which use about one core: their output is kept in
+# $(BOOK_LOG) and printed after the unit tests'.
 TEST_WORKERS ?= 2
 PARALLEL := -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 NBVAL := --nbval --nbval-current-env --nbval-sanitize-with tests/sanitize.cfg
 BOOK_LOG := _build/book-and-browser.log
+TEST_FIRST := tests/test_triton.py
 test: $(STAMP)
 	rm -rf _build/html _build/.doctrees _build/jupyter_execute _build/.jupyter_cache _build/nbval $(BOOK_LOG)
-	$(PY) -m pytest -q -p no:cacheprovider $(PARALLEL) $(NBVAL) -p tools.nbval_store --nbval-store _build/nbval chapters
+	$(PY) -m pytest -q -p no:cacheprovider $(PARALLEL) $(NBVAL) -p tools.nbval_store --nbval-store _build/nbval chapters $(TEST_FIRST)
 	$(PY) tools/execute_chapters.py --from _build/nbval --cache _build/.jupyter_cache chapters/*.ipynb
-	@echo "The book build and the browser test run beside the unit tests; their output follows."
+	@echo "The book build and the browser test run beside the other unit tests; their output follows."
 	{ $(VENV)/bin/jupyter-book build . -W -n --keep-going \
 	  && $(PY) -m pytest -q -p no:cacheprovider -m browser tests; } > $(BOOK_LOG) 2>&1 & book=$$!; \
-	$(PY) -m pytest -q -p no:cacheprovider $(PARALLEL) -m "not browser" tests; unit=$$?; \
+	$(PY) -m pytest -q -p no:cacheprovider -m "not browser" $(addprefix --ignore=,$(TEST_FIRST)) tests; unit=$$?; \
 	wait $$book; built=$$?; \
 	echo "--- the book build and the browser test ($(BOOK_LOG)):"; cat $(BOOK_LOG); \
 	echo "unit tests: exit $$unit; book build and browser test: exit $$built"; \
