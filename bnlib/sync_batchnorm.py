@@ -316,14 +316,16 @@ class SyncBatchNormFunction(torch.autograd.Function):
             dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=ctx.process_group)
             total_dy, total_dy_x_hat = sums.unbind(0)
             k = invstd if weight is None else invstd * weight.to(invstd.dtype)
-            # dx = k * dy + a * (x - mu) + b, per channel
-            a = -k * invstd * total_dy_x_hat / count
-            b = -k * total_dy / count
+            # dx = k * dy + c1 * (x - mu) + c0, per channel, in the letters of
+            # the chapter and of functional.BatchNormTrainFunction.backward
+            # (the kernel's arguments a and b)
+            c1 = -k * invstd * total_dy_x_hat / count
+            c0 = -k * total_dy / count
             if kernels is not None:
-                dx = kernels.batch_norm_backward_elemt(dy32, x, mu, k.contiguous(), a, b)
+                dx = kernels.batch_norm_backward_elemt(dy32, x, mu, k.contiguous(), c1, c0)
             else:
-                dx = dy32 * _per_channel(k, ndim) + _per_channel(b, ndim)
-                dx += x_centered * _per_channel(a, ndim)
+                dx = dy32 * _per_channel(k, ndim) + _per_channel(c0, ndim)
+                dx += x_centered * _per_channel(c1, ndim)
             grad_input = dx.to(dy.dtype)
         if weight is not None and ctx.needs_input_grad[1]:
             grad_weight = sum_dy_x_hat.to(weight.dtype)
