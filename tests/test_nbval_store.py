@@ -39,6 +39,21 @@ def write_notebook(path: Path, *cells: tuple[str, str | dict | None, list[str]])
     return path
 
 
+def execute_chapters(*args: str, capsys) -> tuple[int, str]:
+    """tools/execute_chapters.py's main(args) in this process (a fresh
+    interpreter took seconds): its exit code and what it wrote to stderr."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("execute_chapters", EXECUTE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    try:
+        code = module.main(list(args))
+    except SystemExit as exit_:  # argparse's errors
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
 def run_nbval(store: Path, *notebooks: Path, workers: int = 0) -> subprocess.CompletedProcess:
     parallel = ["-n", str(workers), "--dist", "loadscope"] if workers else ["-p", "no:xdist"]
     return subprocess.run(
@@ -82,16 +97,15 @@ def test_a_notebook_with_a_failing_cell_is_not_written(nbval_run):
     assert not (store / "bad.ipynb").exists()
 
 
-def test_from_caches_the_copies_under_the_key_myst_nb_looks_up(nbval_run, tmp_path):
+def test_from_caches_the_copies_under_the_key_myst_nb_looks_up(nbval_run, tmp_path, capsys):
     from jupyter_cache import get_cache
 
     good, bad, store, _ = nbval_run
     cache_dir = tmp_path / "cache"
-    proc = subprocess.run([sys.executable, str(EXECUTE), "--from", str(store), "--cache", str(cache_dir),
-                           str(good), str(bad)], capture_output=True, text=True, timeout=120)
+    code, err = execute_chapters("--from", str(store), "--cache", str(cache_dir), str(good), str(bad), capsys=capsys)
 
-    assert proc.returncode == 1
-    assert "NOT CACHED" in proc.stderr and "bad.ipynb" in proc.stderr and "good.ipynb" not in proc.stderr
+    assert code == 1
+    assert "NOT CACHED" in err and "bad.ipynb" in err and "good.ipynb" not in err
     cache = get_cache(str(cache_dir))
     _, merged = cache.merge_match_into_notebook(nbformat.read(good, as_version=4))
     assert merged.cells[2].outputs[0]["text"] == "fresh\n"
@@ -99,22 +113,20 @@ def test_from_caches_the_copies_under_the_key_myst_nb_looks_up(nbval_run, tmp_pa
         cache.match_cache_notebook(nbformat.read(bad, as_version=4))
 
 
-def test_from_refuses_a_copy_of_an_edited_notebook(nbval_run, tmp_path):
+def test_from_refuses_a_copy_of_an_edited_notebook(nbval_run, tmp_path, capsys):
     good, _, store, _ = nbval_run
     edited = tmp_path / "good.ipynb"
     nb = nbformat.read(good, as_version=4)
     nb.cells[1].source = "print('edited')"
     nbformat.write(nb, edited)
-    proc = subprocess.run([sys.executable, str(EXECUTE), "--from", str(store), "--cache", str(tmp_path / "c"),
-                           str(edited)], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1 and "other cells than the notebook" in proc.stderr
+    code, err = execute_chapters("--from", str(store), "--cache", str(tmp_path / "c"), str(edited), capsys=capsys)
+    assert code == 1 and "other cells than the notebook" in err
 
 
-def test_from_needs_a_cache_and_the_plugin_needs_nbval(tmp_path):
+def test_from_needs_a_cache_and_the_plugin_needs_nbval(tmp_path, capsys):
     path = write_notebook(tmp_path / "nb.ipynb", ("1", None, []))
-    proc = subprocess.run([sys.executable, str(EXECUTE), "--from", str(tmp_path), "--inplace", str(path)],
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2 and "--from fills a cache" in proc.stderr
+    code, err = execute_chapters("--from", str(tmp_path), "--inplace", str(path), capsys=capsys)
+    assert code == 2 and "--from fills a cache" in err
     proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "tools.nbval_store",
                            "--nbval-store", str(tmp_path / "s"), str(path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
