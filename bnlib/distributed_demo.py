@@ -2,7 +2,7 @@ r"""Data-parallel training with SyncBatchNorm on CPU processes, for the chapter
 "Batch norm across devices".
 
 Everything runs on one machine: ``P`` processes started with
-``torch.multiprocessing`` (spawn), joined in a gloo process group over
+``torch.multiprocessing`` (forkserver), joined in a gloo process group over
 127.0.0.1, one thread each. What a process runs must live in an importable
 module, not in a notebook, hence this file. No process prints: results come
 back to the caller (:func:`launch`), which prints them, so a notebook shows
@@ -55,9 +55,18 @@ __all__ = [
 
 _TIMEOUT = timedelta(seconds=120)
 
+# What the fork server imports once, before it forks any process: torch,
+# torch._dynamo (which DistributedDataParallel imports when it is first
+# constructed), scikit-learn's datasets (bnlib.data's digits) and this
+# module. Spawned processes imported all of it again, each, about 4 s of
+# CPU per process and launch (most of a chapter 8 launch of 4 processes on
+# 2 cores); forked ones start with it. CUDA is not initialized by these
+# imports, so the nccl processes may still initialize it after the fork.
+_FORKSERVER_PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "sklearn.datasets", __name__]
+
 
 def _entry(rank, fn, world_size, port, out_dir, backend, args):
-    """What each spawned process runs: join the group, call ``fn``, save its result."""
+    """What each started process runs: join the group, call ``fn``, save its result."""
     torch.set_num_threads(1)
     if backend == "nccl":
         torch.cuda.set_device(rank)
@@ -75,10 +84,13 @@ def _entry(rank, fn, world_size, port, out_dir, backend, args):
 def launch(fn, world_size, *args, backend="gloo"):
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` new processes; return their results.
 
-    ``fn`` must be a module-level function of an importable module (spawn
-    pickles it by name). Each process gets one thread and a process group
-    that meets at a store this process holds on 127.0.0.1: gloo, or
-    ``backend="nccl"`` with rank ``r``
+    ``fn`` must be a module-level function of an importable module (the
+    forkserver start method, like spawn, pickles it by name). The
+    processes are forked by a fork server that this process starts on its
+    first launch and that has imported torch and bnlib once
+    (``_FORKSERVER_PRELOAD``), not started as fresh interpreters. Each
+    process gets one thread and a process group that meets at a store this
+    process holds on 127.0.0.1: gloo, or ``backend="nccl"`` with rank ``r``
     on GPU ``r``. Results travel through files (any
     size, no pipe to fill) and come back as a list in rank order. An
     exception in any process is raised here, and the others are stopped.
@@ -90,7 +102,9 @@ def launch(fn, world_size, *args, backend="gloo"):
     # book's chapter 8 once took the port in between (EADDRINUSE).
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=_TIMEOUT)
     with tempfile.TemporaryDirectory(prefix="bnlib-launch-") as out_dir:
-        mp.spawn(_entry, args=(fn, world_size, store.port, out_dir, backend, args), nprocs=world_size, join=True)
+        mp.get_context("forkserver").set_forkserver_preload(_FORKSERVER_PRELOAD)  # (once it runs, a no-op)
+        mp.start_processes(_entry, args=(fn, world_size, store.port, out_dir, backend, args), nprocs=world_size,
+                           join=True, start_method="forkserver")
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
 
 

@@ -69,26 +69,27 @@ def book_url(book_html_dir: Path):
 
 
 # Seconds each of the slowest test files takes (measured on the 2-core
-# development machine, 2026-12-07: the chapters from a fresh-clone CI run, the
-# modules from pytest's junit report). `make test` runs the chapters, then the
-# modules; each run starts its longest file first. Only their order matters: pytest-xdist
-# hands whole files to its processes in collection order, and starting the
-# longest first keeps one process from running a long file alone at the end
-# (chapter 11 alone takes over four minutes: started last, it would run on
-# long after the other process had finished).
+# development machine, 2026-12-07, under `make test`, and for the chapters
+# changed since then the saving their change measured). `make test` runs the
+# chapters with tests/test_triton.py in one pool of two processes, then the
+# other modules; each run starts its longest file first. Only their order
+# matters: pytest-xdist hands whole files to its processes in collection
+# order, and starting the longest first keeps one process from running a
+# long file alone at the end (chapter 11 alone takes about four minutes:
+# started last, it would run on long after the other process had finished).
 SLOW_FILES_SECONDS = {
-    "chapters/11_bn_in_practice.ipynb": 270,
-    "tests/test_triton.py": 210,
-    "chapters/08_across_devices.ipynb": 160,
-    "chapters/04_bn_algorithm.ipynb": 125,
-    "chapters/06_what_bn_does.ipynb": 110,
-    "chapters/09_alternatives.ipynb": 108,
-    "chapters/07_why_bn_works.ipynb": 105,
+    "chapters/11_bn_in_practice.ipynb": 235,
+    "tests/test_triton.py": 170,
+    "chapters/08_across_devices.ipynb": 125,
+    "chapters/09_alternatives.ipynb": 122,
+    "chapters/04_bn_algorithm.ipynb": 115,
+    "chapters/06_what_bn_does.ipynb": 113,
+    "chapters/07_why_bn_works.ipynb": 110,
     "chapters/01_why_normalize.ipynb": 55,
     "tests/test_cpu_kernels.py": 41,
-    "chapters/05_train_vs_inference.ipynb": 40,
+    "chapters/05_train_vs_inference.ipynb": 28,
     "tests/test_export.py": 24,
-    "chapters/10_making_bn_fast.ipynb": 20,
+    "chapters/10_making_bn_fast.ipynb": 13,
 }
 
 

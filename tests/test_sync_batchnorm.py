@@ -6,7 +6,7 @@ parameter gradients sum to the whole-batch ones; running statistics and
 num_batches_tracked equal the whole-batch ones on every rank.
 
 Processes are expensive here (each imports torch), so ONE launch of 3
-processes (spawn, gloo on 127.0.0.1) runs every multi-process case: the
+processes (forkserver, gloo on 127.0.0.1) runs every multi-process case: the
 3-rank cases use the default (world) group, the 2-rank cases a group of
 ranks {0, 1} (which also tests ``process_group``). The processes only run
 bnlib and return raw tensors; the comparisons with torch happen here, in
