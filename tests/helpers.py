@@ -7,9 +7,10 @@ forms; bnlib is only ever compared against those, never against itself.
 
 from __future__ import annotations
 
-import re
-
+import importlib.util
 import inspect
+import re
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -182,3 +183,17 @@ def assert_same_run(ours, theirs, x, dtype, seed=1):
     assert g1.keys() == g2.keys()
     for name in g1:
         assert_close(g1[name], g2[name], GRAD_TOL[dtype], f"{name} gradient")
+
+
+# --------------------------------------------------------------------------
+# The project's scripts
+# --------------------------------------------------------------------------
+def load_tool(name: str):
+    """``tools/<name>.py`` as a module, to call its functions in this process
+    (a script, not a package's module; a fresh interpreter per call takes
+    seconds)."""
+    path = Path(__file__).resolve().parent.parent / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

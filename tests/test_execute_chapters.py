@@ -6,13 +6,13 @@ would quietly execute every chapter again, one at a time. A cell that raises
 must fail the script and leave nothing in the cache.
 """
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import nbformat
 import pytest
+from helpers import load_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "tools" / "execute_chapters.py"
@@ -26,14 +26,6 @@ def write_notebook(path: Path, *sources: str) -> Path:
     nb.cells = [nbformat.v4.new_code_cell(src) for src in sources]
     nbformat.write(nb, path)
     return path
-
-
-def load_script():
-    """tools/execute_chapters.py as a module (it is a script, not a package's)."""
-    spec = importlib.util.spec_from_file_location("execute_chapters", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_script(*args: str) -> subprocess.CompletedProcess:
@@ -84,7 +76,7 @@ def test_inplace_writes_outputs_and_drops_stale_timings(tmp_path):
 def test_bad_arguments(args, message, capsys):
     # argparse's exit, in this process (a fresh interpreter per case took 2 s)
     with pytest.raises(SystemExit) as exit_:
-        load_script().main(args)
+        load_tool("execute_chapters").main(args)
     assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
@@ -96,7 +88,7 @@ def test_a_kernel_that_dies_at_start_is_started_again(tmp_path, monkeypatch):
 
     import jupyter_cache.executors.utils as utils
 
-    module = load_script()
+    module = load_tool("execute_chapters")
     path = write_notebook(tmp_path / "nb.ipynb", "1 + 1")
     calls = []
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from helpers import load_tool
 
 ROOT = Path(__file__).resolve().parent.parent
-EXECUTE = ROOT / "tools" / "execute_chapters.py"
 
 pytest.importorskip("nbval")
 pytest.importorskip("jupyter_cache")
@@ -42,13 +42,8 @@ def write_notebook(path: Path, *cells: tuple[str, str | dict | None, list[str]])
 def execute_chapters(*args: str, capsys) -> tuple[int, str]:
     """tools/execute_chapters.py's main(args) in this process (a fresh
     interpreter took seconds): its exit code and what it wrote to stderr."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("execute_chapters", EXECUTE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     try:
-        code = module.main(list(args))
+        code = load_tool("execute_chapters").main(list(args))
     except SystemExit as exit_:  # argparse's errors
         code = exit_.code
     return code, capsys.readouterr().err
