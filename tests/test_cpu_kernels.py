@@ -236,6 +236,102 @@ def test_running_update_is_an_inplace_change_autograd_sees():
     assert x.grad is not None and layer.weight.grad is not None
 
 
+# --------------------------------------------------------------------------
+# Training mode as one C++ autograd op: bnlib_cpu::batch_norm_train
+# --------------------------------------------------------------------------
+
+CPP_OP_LAYOUTS = ["(N,C)", "(N,C,L)", "NCHW", "NHWC", "NDHWC"]
+
+
+def _train_step(apply, x, weight, bias, wanted, running, dy):
+    """One training forward and backward through ``apply`` (the C++ op or
+    the Python Function, same arguments): outputs, running estimates, and
+    the gradients of the ``wanted`` inputs among x, weight, bias."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_(name in wanted)
+              for name, t in zip(("x", "weight", "bias"), (x, weight, bias))]
+    rm, rv = (torch.linspace(-1, 1, x.shape[1], dtype=x.dtype), torch.linspace(0.5, 2, x.shape[1], dtype=x.dtype))
+    y, mu, var = apply(leaves[0], leaves[1], leaves[2], *((rm, rv) if running else (None, None)), 0.1, 1e-5)
+    grads = torch.autograd.grad(y, [t for t in leaves if t is not None and t.requires_grad], dy)
+    return [y, mu, var, rm, rv, *grads]
+
+
+@pytest.mark.parametrize("running", [True, False], ids=["running", "no running"])
+@pytest.mark.parametrize("wanted", [("x", "weight", "bias"), ("x",), ("weight", "bias"), ("bias",)], ids="+".join)
+@pytest.mark.parametrize("affine", ["weight+bias", "weight", "bias", "none"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("layout", CPP_OP_LAYOUTS)
+def test_cpp_op_agrees_with_the_python_function_bit_for_bit(layout, dtype, affine, wanted, running):
+    """The C++ autograd op computes what FusedCPUTrainFunction computes, with
+    the same kernels: every output, running estimate and gradient is
+    identical, for every subset of inputs that wants a gradient."""
+    x = BF._dense(LAYOUTS[layout]().to(dtype))
+    w, b = random_affine(x.shape[1], dtype)
+    w, b = (w if "weight" in affine else None), (b if "bias" in affine else None)
+    if not any((t is not None) for name, t in (("x", x), ("weight", w), ("bias", b)) if name in wanted):
+        pytest.skip("no input that wants a gradient")
+    dy = random_input(x.shape, dtype, seed=12, spread=False)
+    assert BF._cpu_kernels(x) is not None  # (loads them for the Python Function too)
+    cpp = _train_step(cpu_kernels.ops().batch_norm_train, x, w, b, wanted, running, dy)
+    python = _train_step(BF.FusedCPUTrainFunction.apply, x, w, b, wanted, running, dy)
+    assert len(cpp) == len(python)
+    for ours, theirs in zip(cpp, python):
+        assert ours.dtype == theirs.dtype and ours.stride() == theirs.stride()
+        assert torch.equal(ours, theirs)
+
+
+def test_eager_training_records_the_cpp_node():
+    """Eager training with grad on records the C++ op's node (its name says
+    which); with grad off there is no node at all."""
+    x = random_input((6, 3), torch.float32, seed=1).requires_grad_()
+    with BF.cpu_backend("kernels"):
+        y = BF.batch_norm(x, None, None, None, None, True)
+    assert y.grad_fn.name() == "torch::autograd::CppNode<bnlib_cpu::BatchNormTrain>"
+
+
+def test_cpp_op_second_derivatives():
+    """create_graph=True: the op's backward differentiates the formula
+    (functional.batch_norm_formula written in ATen ops), so the gradient has
+    a graph of its own; gradgradcheck in float64 for x, weight and bias, and
+    a gradient penalty equal to torch's native op's."""
+    x = random_input((5, 3, 2, 2), torch.float64, seed=3).requires_grad_()
+    w, b = (t.requires_grad_() for t in random_affine(3, torch.float64))
+    op = cpu_kernels.ops().batch_norm_train
+    assert torch.autograd.gradgradcheck(lambda *a: op(*a, None, None, 0.1, 1e-5)[0], (x, w, b))
+    penalties = []
+    for bn in (lambda *a: op(*a, None, None, 0.1, 1e-5)[0], lambda *a: F.batch_norm(*a[:1], None, None, *a[1:], True)):
+        (dx,) = torch.autograd.grad((bn(x, w, b) ** 3).sum(), [x], create_graph=True)
+        penalties.append(torch.autograd.grad(dx.square().sum(), [x, w, b]))
+    for ours, native in zip(*penalties):
+        torch.testing.assert_close(ours, native, rtol=1e-9, atol=1e-9)
+
+
+def test_cpp_op_refuses_a_backward_after_its_input_changed():
+    """The op saves x for its backward; an in-place change of x after the
+    forward makes the backward fail, as autograd fails for torch's ops,
+    instead of computing with the new values."""
+    x = random_input((6, 3), torch.float32, seed=2).requires_grad_()
+    h = x * 1.0
+    y, _, _ = cpu_kernels.ops().batch_norm_train(h, None, None, None, None, 0.1, 1e-5)
+    h.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+def test_cpp_op_in_inference_mode_runs_the_forward_alone():
+    """Below autograd (inference mode) the op is the forward kernel: the same
+    y and the same update of the running estimates, and no graph."""
+    x = random_input((6, 3, 4), torch.float32, seed=4)
+    results = []
+    for inference in (False, True):
+        rm, rv = torch.zeros(3), torch.ones(3)
+        with torch.inference_mode(inference):
+            y, _, _ = cpu_kernels.ops().batch_norm_train(x, None, None, rm, rv, 0.1, 1e-5)
+        assert y.grad_fn is None
+        results.append((y, rm, rv))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 def test_torch_compile_traces_through_the_kernels():
     """The operators have shape-only ("fake") versions, so torch.compile can
     trace them in one graph, the running statistics' update included."""
