@@ -1499,21 +1499,37 @@ def weight_norm(module, name="weight", dim=0):
 
 
 def _standardize_rows(weight, gain, eps, scale):
-    """``(w_std, w_hat, invstd)`` for the rows ``weight.reshape(out, -1)``, in
-    plain differentiable tensor ops: ``w_std = factor * w_hat`` with ``factor =
-    scale * gain``, computed in float32 for half weights (``w_std`` in the
+    """``(w_std, w_hat, invstd, factor)`` for the rows ``weight.reshape(out,
+    -1)``, in plain differentiable tensor ops: ``w_std = factor * w_hat`` with
+    ``factor = scale * gain`` (a column, or the float ``scale`` without a
+    gain), computed in float32 for half weights (``w_std`` in the
     computation's dtype, shape ``(out, n)``)."""
-    rows = weight.to(_compute_dtype(weight.dtype)).reshape(weight.shape[0], -1)
+    # The weights are small, so each op's dispatch costs more than its
+    # arithmetic: a .to or .reshape that would return its input is skipped.
+    dtype = _compute_dtype(weight.dtype)
+    rows = weight if weight.dtype == dtype else weight.to(dtype)
+    if rows.dim() != 2:
+        rows = rows.reshape(rows.shape[0], -1)
     centered = rows - _row_mean(rows)  # a constant row standardizes to exactly 0
     invstd = torch.rsqrt(centered.square().mean(1, keepdim=True) + eps)
     w_hat = centered * invstd
-    factor = scale if gain is None else scale * gain.to(rows.dtype).unsqueeze(1)
-    return factor * w_hat, w_hat, invstd
+    if gain is None:
+        factor = scale
+    else:
+        factor = scale * (gain if gain.dtype == dtype else gain.to(dtype)).unsqueeze(1)
+    return factor * w_hat, w_hat, invstd, factor
+
+
+def _rows_to(rows, weight):
+    """``rows.reshape(weight.shape).to(weight.dtype)``, without the calls that would return their input."""
+    if rows.dim() != weight.dim():
+        rows = rows.reshape(weight.shape)
+    return rows if rows.dtype == weight.dtype else rows.to(weight.dtype)
 
 
 def _weight_std_formula(weight, gain, eps, scale):
     """``WeightStandardizationFunction``'s map in plain differentiable tensor ops."""
-    return _standardize_rows(weight, gain, eps, scale)[0].reshape(weight.shape).to(weight.dtype)
+    return _rows_to(_standardize_rows(weight, gain, eps, scale)[0], weight)
 
 
 class WeightStandardizationFunction(torch.autograd.Function):
@@ -1531,25 +1547,36 @@ class WeightStandardizationFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, gain, eps, scale):
-        w_std, w_hat, invstd = _standardize_rows(weight, gain, eps, scale)
-        ctx.save_for_backward(weight, gain, w_hat, invstd)
+        w_std, w_hat, invstd, factor = _standardize_rows(weight, gain, eps, scale)
+        # factor (gain * scale, a column) saved, so that backward need not compute it again
+        ctx.save_for_backward(weight, gain, w_hat, invstd, None if gain is None else factor)
         ctx.eps, ctx.scale = eps, scale
-        return w_std.reshape(weight.shape).to(weight.dtype)
+        return _rows_to(w_std, weight)
 
     @staticmethod
     def backward(ctx, dw_std):
-        weight, gain, w_hat, invstd = ctx.saved_tensors
+        weight, gain, w_hat, invstd, factor = ctx.saved_tensors
+        scale = ctx.scale
         if torch.is_grad_enabled():  # create_graph=True: gradients that can be differentiated again
-            eps, scale = ctx.eps, ctx.scale
+            eps = ctx.eps
             return (*bnF.grads_through_formula(lambda w, g: _weight_std_formula(w, g, eps, scale),
                                                (weight, gain), dw_std), None, None)
-        dw_std = dw_std.to(w_hat.dtype).reshape(w_hat.shape)
+        # dw_std in the rows' shape and dtype (the inverse of _rows_to)
+        if dw_std.dtype != w_hat.dtype:
+            dw_std = dw_std.to(w_hat.dtype)
+        if dw_std.dim() != 2:
+            dw_std = dw_std.reshape(w_hat.shape)
         dweight = dgain = None
         if ctx.needs_input_grad[0]:
-            factor = ctx.scale if gain is None else ctx.scale * gain.to(w_hat.dtype).unsqueeze(1)
-            dweight = _rows_backward(factor * dw_std, w_hat, invstd).reshape(weight.shape).to(weight.dtype)
+            if factor is None:  # no gain: dw_hat = scale * dw_std, and 1.0 * dw_std is dw_std, bit for bit
+                dw_hat = dw_std if scale == 1.0 else scale * dw_std
+            else:
+                dw_hat = factor * dw_std
+            dweight = _rows_to(_rows_backward(dw_hat, w_hat, invstd), weight)
         if gain is not None and ctx.needs_input_grad[1]:
-            dgain = (ctx.scale * (dw_std * w_hat).sum(1)).to(gain.dtype)
+            dgain = scale * (dw_std * w_hat).sum(1)
+            if dgain.dtype != gain.dtype:
+                dgain = dgain.to(gain.dtype)
         return dweight, dgain, None, None
 
 
@@ -1571,7 +1598,10 @@ class _WeightStandardization(NotScriptable, nn.Module):
             self.register_parameter("gain", None)
 
     def forward(self, weight):
-        if bnF.under_func_transform():
+        # Without grad there is nothing for the Function to record: the same
+        # ops without its overhead. Under a torch.func transform the formula
+        # is what the transform can differentiate (see bnF.under_func_transform).
+        if not torch.is_grad_enabled() or bnF.under_func_transform():
             return _weight_std_formula(weight, self.gain, self.eps, self.scale)
         return WeightStandardizationFunction.apply(weight, self.gain, self.eps, self.scale)
 

@@ -112,6 +112,19 @@ def test_reference_vs_layer_norm_of_the_rows(scaled, shape):
     assert ra.weightstd_backward(dy.numpy(), cache)[1] is None
 
 
+@pytest.mark.parametrize("name", MODULES)
+@pytest.mark.parametrize("scaled", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_no_grad_forward_is_the_functions_bit_for_bit(name, scaled, dtype):
+    """Without grad the parametrization skips the Function and computes its formula: the same ops, the same bits."""
+    ours, _, _ = _pair(name, dtype, scaled)
+    with torch.no_grad():
+        without = ours.weight
+    with_grad = ours.weight
+    assert with_grad.grad_fn is not None and without.dtype == with_grad.dtype == dtype
+    assert torch.equal(without, with_grad.detach())
+
+
 @pytest.mark.parametrize("with_gain", [False, True])
 @pytest.mark.parametrize("scale", [1.0, 0.25])
 def test_function_against_finite_differences(with_gain, scale):
