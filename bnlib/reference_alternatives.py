@@ -62,7 +62,6 @@ from numbers import Real
 import numpy as np
 
 from bnlib._checks import check_positive_finite, check_real_array
-from bnlib.reference import gradient_array
 
 __all__ = [
     "NormCache",
@@ -764,3 +763,12 @@ def batchrenorm_backward(dy, cache):
     dgamma = (dy * cache.x_hat).sum(axis=axes) if cache.has_gamma else None
     dbeta = sum_dy if cache.has_beta else None
     return dx, dgamma, dbeta
+
+
+# Last, not at the top: bnlib.reference re-exports this module's names with
+# `import *` at its own end. Imported first, this module used to load
+# bnlib.reference from its top, whose `import *` then found this module
+# still empty, and bnlib.reference lacked layernorm_forward and the rest. Here
+# every name is defined first; and when bnlib.reference is imported first,
+# gradient_array, near its top, already exists when this line runs.
+from bnlib.reference import gradient_array  # noqa: E402
