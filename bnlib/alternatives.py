@@ -175,7 +175,33 @@ def _grouped_norm(input, weight, bias, row_shape, param_view, param_dims, eps):
         if kernel is not None:
             y, mu, var, _ = _kernel_forward(kernel, input, weight, bias, row_shape, eps, centered=True)
             return y, mu.view(row_shape[:-1]), var.view(row_shape[:-1])
+    else:
+        out = _grouped_train_op(input, weight, bias, row_shape, param_view, eps, centered=True)
+        if out is not None:
+            y, mu, var = out
+            return y, mu.view(row_shape[:-1]), var.view(row_shape[:-1])
     return GroupedNormFunction.apply(input, weight, bias, row_shape, param_view, param_dims, eps)
+
+
+def _grouped_train_op(input, weight, bias, row_shape, param_view, eps, centered):
+    """``(y, mean, var)`` (the statistics one per row) from the C++ autograd
+    op ``bnlib_cpu::grouped_norm_train``: ``GroupedNormFunction`` (with
+    ``centered``) or ``RMSNormFunction`` (without) on the same loops, with
+    autograd's bookkeeping in C++, which on small inputs takes a fraction of
+    the Python Function's per-call time. None where it does not apply: no
+    loops for this input, a channels-last one (its own loops, left to the
+    Functions), or under ``torch.compile``, which traces the Functions."""
+    if torch.compiler.is_compiling():
+        return None
+    kernel = _grouped_kernel(input, row_shape, param_view)
+    if kernel is None or kernel[2]:
+        return None
+    inner, params, _ = kernel
+    # Conversions here, outside the op, so that autograd carries the
+    # gradients back through them (as batch norm's _per_channel_arg).
+    x = input.contiguous()
+    weight, bias = (t if t is None or t.dtype == x.dtype else t.to(x.dtype) for t in (weight, bias))
+    return bnF._cpu["ops"].grouped_norm_train(x, weight, bias, math.prod(row_shape[:-1]), inner, params, eps, centered)
 
 
 class GroupedNormFunction(torch.autograd.Function):
@@ -186,7 +212,9 @@ class GroupedNormFunction(torch.autograd.Function):
     normalized shape for layer norm), ``param_dims`` the input dims summed for
     their gradients. ``forward`` returns ``(y, mu, var)``, the per-row
     statistics (shape ``row_shape[:-1]``, not differentiable). Where
-    ``_grouped_kernel`` says the C++ loops can, both passes run there.
+    ``_grouped_kernel`` says the C++ loops can, both passes run there; an
+    eager call on contiguous rows takes this Function's C++ twin instead
+    (``_grouped_train_op``).
     """
 
     @staticmethod
@@ -603,7 +631,11 @@ def rms_norm(input, normalized_shape, weight=None, eps=None):
     if bnF.under_func_transform():
         y = _rms_norm_formula(input, weight, row_shape, eps)
     else:
-        y = RMSNormFunction.apply(input, weight, row_shape, param_dims, eps)
+        out = None
+        if torch.is_grad_enabled():
+            out = _grouped_train_op(input, weight, None, row_shape, (1,) if weight is None else weight.shape, eps,
+                                    centered=False)
+        y = RMSNormFunction.apply(input, weight, row_shape, param_dims, eps) if out is None else out[0]
     # as torch's: channels-last stays channels-last, anything else comes back contiguous
     fmt = bnF._channels_last_format(input)
     return y.contiguous() if fmt is None else y.contiguous(memory_format=fmt)

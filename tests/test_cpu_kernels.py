@@ -569,6 +569,85 @@ def test_grouped_norm_gradcheck_through_the_kernels():
         assert torch.autograd.gradcheck(lambda *a: alt.layer_norm(a[0], (5,), a[1], a[2]), (xl, wl, bl))
 
 
+# The C++ autograd op grouped_norm_train: layer, group, instance and RMS norm
+# on contiguous rows in eager mode (filter response norm and channels-last
+# inputs keep the Python Functions).
+OP_CASES = [case for case in GROUPED_CASES if not case.startswith("filter")]
+
+
+@pytest.mark.parametrize("wanted", [("x", "weight", "bias"), ("x",), ("weight", "bias"), ("weight",)], ids="+".join)
+@pytest.mark.parametrize("affine", ["both", "weight", "none"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("case", OP_CASES)
+def test_grouped_op_agrees_with_the_python_functions_bit_for_bit(case, dtype, affine, wanted, monkeypatch):
+    """What the op computes is what GroupedNormFunction and RMSNormFunction
+    compute on the same loops: outputs and every wanted gradient identical
+    (the Functions run when alternatives._grouped_train_op declines)."""
+    fn, shape, param_shape = GROUPED_CASES[case]
+    if case.startswith("RMS") and affine == "both":
+        pytest.skip("RMS norm has no bias")
+    param_shape = (param_shape,) if isinstance(param_shape, int) else param_shape
+    x = (random_input(shape, torch.float64, seed=21) * 2 + 3).to(dtype)
+    g = torch.Generator().manual_seed(22)
+    w = torch.rand(param_shape, generator=g, dtype=torch.float64).add(0.5).to(dtype) if affine != "none" else None
+    b = torch.randn(param_shape, generator=g, dtype=torch.float64).to(dtype) if affine == "both" else None
+    dy = random_input(shape, dtype, seed=23, spread=False)
+    leaves_of = dict(x=x, weight=w, bias=b)
+    if not any(leaves_of[name] is not None for name in wanted):
+        pytest.skip("no input that wants a gradient")
+    results = []
+    for op in (True, False):
+        if not op:
+            monkeypatch.setattr(alt, "_grouped_train_op", lambda *args, **kwargs: None)
+        leaves = {name: None if t is None else t.detach().clone().requires_grad_(name in wanted)
+                  for name, t in leaves_of.items()}
+        with BF.cpu_backend("kernels"):
+            y = fn(leaves["x"], leaves["weight"], leaves["bias"])
+        node = y.grad_fn.name()
+        assert ("GroupedNormTrain" in node) == op, node
+        results.append([y, *torch.autograd.grad(y, [t for t in leaves.values() if t is not None and t.requires_grad], dy)])
+    for ours, theirs in zip(*results):
+        assert ours.dtype == theirs.dtype and torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("centered", [True, False], ids=["centered", "RMS"])
+def test_grouped_op_second_derivatives(centered):
+    """create_graph=True through the op differentiates its formula in ATen
+    ops: gradgradcheck in float64 for x, weight and bias (group norm's
+    per-channel parameters, RMS norm's per-element weight)."""
+    x = random_input((3, 4, 2, 3), torch.float64, seed=29).requires_grad_()
+    w, b = (t.requires_grad_() for t in random_affine(4, torch.float64))
+    with BF.cpu_backend("kernels"):
+        if centered:
+            fn, inputs = (lambda *a: alt.group_norm(a[0], 2, a[1], a[2])), (x, w, b)
+        else:
+            w6 = random_affine(6, torch.float64)[0].requires_grad_()
+            fn, inputs = (lambda *a: alt.rms_norm(a[0], (2, 3), a[1].view(2, 3), 1e-6)), (x, w6)
+        assert "GroupedNormTrain" in fn(*inputs).grad_fn.name()
+        assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("name", ["LayerNorm", "GroupNorm", "RMSNorm"])
+def test_grouped_op_batched_gradients_match_torch(name):
+    """autograd.grad(..., is_grads_batched=True): a batched dy holds no data
+    for the loops, and the op's backward takes its formulas in ATen ops."""
+    make = {"LayerNorm": lambda m: m.LayerNorm(6), "GroupNorm": lambda m: m.GroupNorm(2, 4),
+            "RMSNorm": lambda m: m.RMSNorm(6, eps=1e-6)}[name]
+    shape = (3, 4, 5) if name == "GroupNorm" else (5, 6)
+    results = []
+    for module in (torch.nn, bnn):
+        layer = make(module)
+        with torch.no_grad():
+            layer.weight.copy_(torch.linspace(0.5, 2, layer.weight.numel()))
+        x = random_input(shape, torch.float32, seed=30).requires_grad_()
+        with BF.cpu_backend("kernels"):
+            y = layer(x)
+            v = torch.randn((4,) + y.shape, generator=torch.Generator().manual_seed(31))
+            results.append(torch.autograd.grad(y, [x, layer.weight], v, is_grads_batched=True))
+    for ours, theirs in zip(*results):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "contiguous, means +-1e4", "channels_last",
                                     "channels_last, means +-1e4"])
 def test_grouped_norm_statistics_are_stable_at_a_large_mean(layout):

@@ -1489,6 +1489,173 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_norm_backward_cl(
   return {dx, dw, db};
 }
 
+
+// ---------------------------------------------------------------------------
+// Layer, group, instance and RMS norm as one autograd op: grouped_norm_train
+//
+// What alternatives.py's GroupedNormFunction and RMSNormFunction do on these
+// loops (contiguous rows; channels-last inputs keep the Python Functions),
+// with autograd's bookkeeping in C++, as batch_norm_train does for batch norm.
+
+using GroupedForward = decltype(grouped_norm_forward);
+using GroupedBackward = decltype(grouped_norm_backward);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_grouped_forward(
+    const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, int64_t rows, int64_t inner,
+    int64_t params, double eps, bool centered) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("bnlib_cpu::grouped_norm_forward", "")
+                             .typed<GroupedForward>();
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return op.call(x, weight, bias, rows, inner, params, eps, centered);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dispatch_grouped_backward(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
+    const at::Tensor& weight, int64_t inner, bool centered, bool input_grad, bool param_grads) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("bnlib_cpu::grouped_norm_backward", "")
+                             .typed<GroupedBackward>();
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return op.call(dy, x, mean, invstd, weight, inner, centered, input_grad, param_grads);
+}
+
+// A parameter as the loops take it: `params` contiguous values (ones for none).
+at::Tensor param_values(const at::Tensor& param, int64_t params, const at::Tensor& x) {
+  if (!param.defined()) return at::ones({params}, x.options());
+  return param.reshape({-1}).contiguous();
+}
+
+// x viewed as (-1, params, inner): value i's parameter is (i / inner) % params,
+// the loops' rule, so a parameter viewed as (1, params, 1) broadcasts to it.
+at::Tensor by_param(const at::Tensor& t, int64_t params, int64_t inner) { return t.reshape({-1, params, inner}); }
+
+// The map in differentiable ATen ops (alternatives._grouped_norm_formula and
+// _rms_norm_formula): each of the `rows` rows normalized (centered, or
+// divided by its root mean square), then times weight, plus bias.
+at::Tensor grouped_formula(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, int64_t rows,
+                           int64_t inner, int64_t params, double eps, bool centered) {
+  const double tiny = x.scalar_type() == at::kFloat ? std::numeric_limits<float>::denorm_min()
+                                                     : std::numeric_limits<double>::denorm_min();
+  at::Tensor r = x.reshape({rows, -1});
+  if (centered) {
+    at::Tensor mu = r.mean(-1, /*keepdim=*/true);
+    r = r - (mu + (r - mu).mean(-1, /*keepdim=*/true));  // alternatives._row_mean's corrected mean
+  }
+  at::Tensor y = by_param(r * at::rsqrt(r.square().mean(-1, /*keepdim=*/true) + std::max(eps, tiny)), params, inner);
+  if (weight.defined()) y = y * weight.reshape({1, params, 1});
+  if (bias.defined()) y = y + bias.reshape({1, params, 1});
+  return y.reshape(x.sizes());
+}
+
+}  // namespace
+
+namespace bnlib_cpu {
+
+struct GroupedNormTrain : public torch::autograd::Function<GroupedNormTrain> {
+  // Inputs: x (contiguous), weight, bias (any shape of `params` values, in
+  // x's dtype), then rows, inner, params, eps, centered (see grouped_norm_forward).
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                               const c10::optional<at::Tensor>& bias, int64_t rows, int64_t inner, int64_t params,
+                               double eps, bool centered) {
+    const at::Tensor w = weight.value_or(at::Tensor()), b = bias.value_or(at::Tensor());
+    c10::optional<at::Tensor> bias_values;
+    if (b.defined()) bias_values = param_values(b, params, x);
+    auto [y, mean, var, invstd] =
+        dispatch_grouped_forward(x, param_values(w, params, x), bias_values, rows, inner, params, eps, centered);
+    ctx->save_for_backward({x, mean, invstd, w, b});
+    ctx->saved_data["rows"] = rows;
+    ctx->saved_data["inner"] = inner;
+    ctx->saved_data["params"] = params;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["centered"] = centered;
+    ctx->mark_non_differentiable({mean, var});
+    ctx->set_materialize_grads(false);
+    return {y, mean, var};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(8);  // one per forward input; undefined = no gradient
+    const at::Tensor& dy = grads[0];
+    if (!dy.defined()) return out;
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &mean = saved[1], &invstd = saved[2], &weight = saved[3], &bias = saved[4];
+    const int64_t rows = ctx->saved_data["rows"].toInt(), inner = ctx->saved_data["inner"].toInt();
+    const int64_t params = ctx->saved_data["params"].toInt();
+    const bool centered = ctx->saved_data["centered"].toBool();
+    if (at::GradMode::is_enabled()) {  // create_graph=True: see BatchNormTrain
+      const at::Tensor inputs[3] = {x, weight, bias};
+      variable_list wanted;
+      std::vector<int64_t> position;
+      for (int64_t i = 0; i < 3; ++i) {
+        if (inputs[i].defined() && inputs[i].requires_grad()) {
+          wanted.push_back(inputs[i]);
+          position.push_back(i);
+        }
+      }
+      if (wanted.empty()) return out;
+      at::Tensor y = grouped_formula(x, weight, bias, rows, inner, params, ctx->saved_data["eps"].toDouble(), centered);
+      variable_list g = torch::autograd::grad({y}, wanted, {dy}, /*retain_graph=*/true, /*create_graph=*/true,
+                                              /*allow_unused=*/true);
+      for (size_t j = 0; j < position.size(); ++j) out[position[j]] = g[j];
+      return out;
+    }
+    const bool dx_wanted = ctx->needs_input_grad(0);
+    const bool dweight_wanted = weight.defined() && ctx->needs_input_grad(1);
+    const bool dbias_wanted = bias.defined() && ctx->needs_input_grad(weight.defined() ? 2 : 1);
+    if (!dy.has_storage()) {
+      // A batched dy (is_grads_batched=True): the formulas in ATen ops, which
+      // vmap batches (alternatives._rows_backward, without the mean's term
+      // when not centered).
+      at::Tensor x_rows = x.reshape({rows, -1});
+      if (centered) x_rows = x_rows - mean.view({rows, 1});
+      const at::Tensor x_hat = x_rows * invstd.view({rows, 1});
+      const at::Tensor dy_by_param = by_param(dy, params, inner);
+      const at::Tensor x_hat_by_param = by_param(x_hat, params, inner);
+      if (dx_wanted) {
+        at::Tensor dx_hat = weight.defined() ? dy_by_param * weight.reshape({1, params, 1}) : dy_by_param;
+        dx_hat = dx_hat.reshape({rows, -1});
+        at::Tensor inner_term = dx_hat - x_hat * (dx_hat * x_hat).mean(-1, true);
+        if (centered) inner_term = inner_term - dx_hat.mean(-1, true);
+        out[0] = (invstd.view({rows, 1}) * inner_term).reshape(x.sizes());
+      }
+      if (dweight_wanted) out[1] = (dy_by_param * x_hat_by_param).sum({0, 2}).reshape(weight.sizes());
+      if (dbias_wanted) out[2] = dy_by_param.sum({0, 2}).reshape(bias.sizes());
+      return out;
+    }
+    const bool param_grads = dweight_wanted || dbias_wanted;
+    auto [dx, dw, db] = dispatch_grouped_backward(dy.contiguous(), x, mean, invstd, param_values(weight, params, x),
+                                                  inner, centered, dx_wanted, param_grads);
+    if (dx_wanted) out[0] = dx;
+    if (dweight_wanted) out[1] = dw.view(weight.sizes());
+    if (dbias_wanted) out[2] = db.view(bias.sizes());
+    return out;
+  }
+};
+
+}  // namespace bnlib_cpu
+
+namespace {
+
+// The op with autograd (the Autograd dispatch key): y, and each row's mean and var.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_norm_train_autograd(
+    const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    int64_t rows, int64_t inner, int64_t params, double eps, bool centered) {
+  variable_list out = bnlib_cpu::GroupedNormTrain::apply(x, weight, bias, rows, inner, params, eps, centered);
+  return {out[0], out[1], out[2]};
+}
+
+// Below autograd: the forward alone.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_norm_train_cpu(
+    const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    int64_t rows, int64_t inner, int64_t params, double eps, bool centered) {
+  c10::optional<at::Tensor> bias_values;
+  if (bias.has_value() && bias->defined()) bias_values = param_values(*bias, params, x);
+  auto [y, mean, var, invstd] = grouped_norm_forward(x, param_values(weight.value_or(at::Tensor()), params, x),
+                                                     bias_values, rows, inner, params, eps, centered);
+  return {y, mean, var};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(bnlib_cpu, m) {
@@ -1517,6 +1684,9 @@ TORCH_LIBRARY(bnlib_cpu, m) {
       "grouped_norm_backward(Tensor dy, Tensor x, Tensor mean, Tensor invstd, Tensor weight, SymInt inner,"
       " bool centered, bool input_grad, bool param_grads) -> (Tensor, Tensor, Tensor)");
   m.def(
+      "grouped_norm_train(Tensor x, Tensor? weight, Tensor? bias, SymInt rows, SymInt inner, SymInt params, float eps,"
+      " bool centered) -> (Tensor, Tensor, Tensor)");
+  m.def(
       "grouped_norm_forward_cl(Tensor x, Tensor weight, Tensor? bias, SymInt groups, float eps, bool centered)"
       " -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
@@ -1535,10 +1705,12 @@ TORCH_LIBRARY_IMPL(bnlib_cpu, CPU, m) {
   m.impl("batch_norm_backward_elemt", &batch_norm_backward_elemt);
   m.impl("grouped_norm_forward", &grouped_norm_forward);
   m.impl("grouped_norm_backward", &grouped_norm_backward);
+  m.impl("grouped_norm_train", &grouped_norm_train_cpu);
   m.impl("grouped_norm_forward_cl", &grouped_norm_forward_cl);
   m.impl("grouped_norm_backward_cl", &grouped_norm_backward_cl);
 }
 
 TORCH_LIBRARY_IMPL(bnlib_cpu, Autograd, m) {
   m.impl("batch_norm_train", &batch_norm_train_autograd);
+  m.impl("grouped_norm_train", &grouped_norm_train_autograd);
 }
