@@ -15,11 +15,15 @@ import statistics
 import torch
 
 import bnlib.nn as bnn
-from bench_batchnorm import common_arguments, pin_malloc, time_call, torch_steps, use_threads
+from bench_batchnorm import common_arguments, pin_malloc, repetitions, time_call, torch_steps, use_threads
 
-# (label, bnlib module, torch module, input shape): a transformer's rows, a
-# normalized shape of three dims, ResNet-sized maps with 32 and 8 groups.
+# (label, bnlib module, torch module, input shape): small inputs, where
+# per-call work sets the time; a transformer's rows, a normalized shape of
+# three dims, ResNet-sized maps with 32 and 8 groups.
 CASES = [
+    ("LayerNorm(64)", lambda: bnn.LayerNorm(64), lambda: torch.nn.LayerNorm(64), (32, 64)),
+    ("GroupNorm(4, 16)", lambda: bnn.GroupNorm(4, 16), lambda: torch.nn.GroupNorm(4, 16), (8, 16, 8, 8)),
+    ("RMSNorm(64)", lambda: bnn.RMSNorm(64), lambda: torch.nn.RMSNorm(64), (32, 64)),
     ("LayerNorm(1024)", lambda: bnn.LayerNorm(1024), lambda: torch.nn.LayerNorm(1024), (4096, 1024)),
     ("LayerNorm([64, 32, 32])", lambda: bnn.LayerNorm([64, 32, 32]), lambda: torch.nn.LayerNorm([64, 32, 32]),
      (32, 64, 32, 32)),
@@ -76,7 +80,7 @@ def main():
             numel = 1
             for size in shape:
                 numel *= size
-            result = bench_case(make_ours, make_native, shape, rounds, max(1, int(2e7 // numel)), *memory_format)
+            result = bench_case(make_ours, make_native, shape, rounds, repetitions(numel), *memory_format)
             for kind in ("fwd", "fwd+bwd"):
                 native, ours = result[("native", kind)], result[("bnlib", kind)]
                 print(f"{threads:<8}{clock:<7}{label:<26}{str(shape):<19}{kind:<9}{native * 1e3:>9.2f}{ours * 1e3:>9.2f}"
