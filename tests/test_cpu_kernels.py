@@ -627,6 +627,20 @@ def test_grouped_op_second_derivatives(centered):
         assert torch.autograd.gradgradcheck(fn, inputs)
 
 
+def test_grouped_op_without_grad_and_in_inference_mode():
+    """Without grad the op records nothing; in inference mode (below
+    autograd) it is the forward kernel alone: the same outputs either way."""
+    x = random_input((4, 6, 5), torch.float32, seed=32)
+    for layer in (bnn.LayerNorm(5), bnn.GroupNorm(2, 6), bnn.RMSNorm(5)):
+        with torch.no_grad():
+            without_grad = layer(x)
+        with torch.inference_mode():
+            inference = layer(x)
+        assert without_grad.grad_fn is None and inference.is_inference()
+        assert torch.equal(without_grad, inference)
+        assert torch.equal(without_grad, layer(x).detach())
+
+
 @pytest.mark.parametrize("name", ["LayerNorm", "GroupNorm", "RMSNorm"])
 def test_grouped_op_batched_gradients_match_torch(name):
     """autograd.grad(..., is_grads_batched=True): a batched dy holds no data
