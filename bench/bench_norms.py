@@ -83,7 +83,7 @@ def main():
             result = bench_case(make_ours, make_native, shape, rounds, repetitions(numel), *memory_format)
             for kind in ("fwd", "fwd+bwd"):
                 native, ours = result[("native", kind)], result[("bnlib", kind)]
-                print(f"{threads:<8}{clock:<7}{label:<26}{str(shape):<19}{kind:<9}{native * 1e3:>9.2f}{ours * 1e3:>9.2f}"
+                print(f"{threads:<8}{clock:<7}{label:<26}{str(shape):<19}{kind:<9}{native * 1e3:>9.3f}{ours * 1e3:>9.3f}"
                       f"{ours / native:>12.2f}{result[('tensor ops', kind)] / native:>17.2f}")
 
 
