@@ -673,6 +673,27 @@ at::Tensor batch_norm_formula(const at::Tensor& x, const at::Tensor& weight, con
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+// A backward asked for a graph (create_graph=True): gradients that can be
+// differentiated again, found by autograd through `formula()`, the layer's
+// map recomputed in ATen ops from its inputs x, weight and bias (the
+// hand-written gradients treat the saved statistics as constants; see
+// functional.grads_through_formula). Each goes to its input's place in `out`.
+template <typename Formula>
+void grads_through_formula(const at::Tensor (&inputs)[3], const at::Tensor& dy, Formula formula, variable_list& out) {
+  variable_list wanted;
+  std::vector<int64_t> position;
+  for (int64_t i = 0; i < 3; ++i) {
+    if (inputs[i].defined() && inputs[i].requires_grad()) {
+      wanted.push_back(inputs[i]);
+      position.push_back(i);
+    }
+  }
+  if (wanted.empty()) return;
+  variable_list grads = torch::autograd::grad({formula()}, wanted, {dy}, /*retain_graph=*/true,
+                                              /*create_graph=*/true, /*allow_unused=*/true);
+  for (size_t j = 0; j < position.size(); ++j) out[position[j]] = grads[j];
+}
+
 // The kernels are called through the dispatcher, below autograd, so that
 // what watches the dispatcher (a TorchDispatchMode such as bnlib.perf's
 // op_traffic, the profiler) sees them as it did under the Python Function.
@@ -726,22 +747,8 @@ struct BatchNormTrain : public torch::autograd::Function<BatchNormTrain> {
     const variable_list saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &mean = saved[1], &invstd = saved[2], &weight = saved[3], &bias = saved[4];
     if (at::GradMode::is_enabled()) {
-      // create_graph=True: gradients that can be differentiated again, by
-      // autograd through the formula (functional.grads_through_formula: the
-      // hand-written ones treat the saved statistics as constants).
-      variable_list wanted;
-      std::vector<int64_t> position;
-      for (int64_t i = 0; i < 3; ++i) {
-        if (saved_input(saved, i).defined() && saved_input(saved, i).requires_grad()) {
-          wanted.push_back(saved_input(saved, i));
-          position.push_back(i);
-        }
-      }
-      if (wanted.empty()) return out;
-      at::Tensor y = batch_norm_formula(x, weight, bias, ctx->saved_data["eps"].toDouble());
-      variable_list g = torch::autograd::grad({y}, wanted, {dy}, /*retain_graph=*/true, /*create_graph=*/true,
-                                              /*allow_unused=*/true);
-      for (size_t j = 0; j < position.size(); ++j) out[position[j]] = g[j];
+      const double eps = ctx->saved_data["eps"].toDouble();
+      grads_through_formula({x, weight, bias}, dy, [&] { return batch_norm_formula(x, weight, bias, eps); }, out);
       return out;
     }
     const bool dx_wanted = ctx->needs_input_grad(0);
@@ -771,11 +778,6 @@ struct BatchNormTrain : public torch::autograd::Function<BatchNormTrain> {
     if (dweight_wanted) out[1] = dweight;
     if (dbias_wanted) out[2] = dbias;
     return out;
-  }
-
-  // saved[0], saved[3], saved[4]: the inputs x, weight and bias.
-  static const at::Tensor& saved_input(const variable_list& saved, int64_t i) {
-    return saved[i == 0 ? 0 : i + 2];
   }
 };
 
@@ -1583,21 +1585,11 @@ struct GroupedNormTrain : public torch::autograd::Function<GroupedNormTrain> {
     const int64_t rows = ctx->saved_data["rows"].toInt(), inner = ctx->saved_data["inner"].toInt();
     const int64_t params = ctx->saved_data["params"].toInt();
     const bool centered = ctx->saved_data["centered"].toBool();
-    if (at::GradMode::is_enabled()) {  // create_graph=True: see BatchNormTrain
-      const at::Tensor inputs[3] = {x, weight, bias};
-      variable_list wanted;
-      std::vector<int64_t> position;
-      for (int64_t i = 0; i < 3; ++i) {
-        if (inputs[i].defined() && inputs[i].requires_grad()) {
-          wanted.push_back(inputs[i]);
-          position.push_back(i);
-        }
-      }
-      if (wanted.empty()) return out;
-      at::Tensor y = grouped_formula(x, weight, bias, rows, inner, params, ctx->saved_data["eps"].toDouble(), centered);
-      variable_list g = torch::autograd::grad({y}, wanted, {dy}, /*retain_graph=*/true, /*create_graph=*/true,
-                                              /*allow_unused=*/true);
-      for (size_t j = 0; j < position.size(); ++j) out[position[j]] = g[j];
+    if (at::GradMode::is_enabled()) {
+      const double eps = ctx->saved_data["eps"].toDouble();
+      grads_through_formula(
+          {x, weight, bias}, dy, [&] { return grouped_formula(x, weight, bias, rows, inner, params, eps, centered); },
+          out);
       return out;
     }
     const bool dx_wanted = ctx->needs_input_grad(0);
