@@ -683,7 +683,10 @@ class BatchNormEvalFunction(torch.autograd.Function):
     ``y = x * scale + shift`` with ``scale = gamma * invstd`` and
     ``shift = beta - mean * scale`` (the C++ kernels compute
     ``(x - mean) * scale + beta``, the same map), ``dx = dy * scale``,
-    ``dgamma = sum(dy * x_hat)``, ``dbeta = sum(dy)``.
+    ``dgamma = sum(dy * x_hat)``, ``dbeta = sum(dy)``. An eager call on the
+    C++ kernels takes this Function's C++ twin,
+    ``bnlib_cpu::batch_norm_eval_with_grad`` (the same ops); ``torch.compile``
+    and the tensor-op path take this one.
     """
 
     @staticmethod
@@ -1015,8 +1018,16 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     if not training:
         if transformed:
             return batch_norm_eval_formula(input, weight, bias, running_mean, running_var, eps)
-        if not torch.is_grad_enabled() and _cpu_kernels(input) is not None:
-            return _eval_kernel(input, weight, bias, running_mean, running_var, eps)[0]  # no graph to record
+        if _cpu_kernels(input) is not None:
+            if not torch.is_grad_enabled():
+                return _eval_kernel(input, weight, bias, running_mean, running_var, eps)[0]  # no graph to record
+            if not torch.compiler.is_compiling():
+                # BatchNormEvalFunction written in C++ (bnlib_cpu::batch_norm_eval_with_grad),
+                # the same numbers with autograd's bookkeeping in C++; the
+                # conversions outside it, where autograd carries gradients through them.
+                x = _dense(input)
+                return _cpu["ops"].batch_norm_eval_with_grad(
+                    x, *(_per_channel_arg(t, x) for t in (weight, bias, running_mean, running_var)), eps)
         # _dense: a strided input's output comes back contiguous, as torch's
         return BatchNormEvalFunction.apply(_dense(input), weight, bias, running_mean, running_var, eps)
     return batch_norm_train(input, weight, bias, eps, running_mean, running_var, momentum)[0]

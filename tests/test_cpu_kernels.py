@@ -279,6 +279,51 @@ def test_cpp_op_agrees_with_the_python_function_bit_for_bit(layout, dtype, affin
         assert torch.equal(ours, theirs)
 
 
+def _eval_step(apply, x, weight, bias, wanted, dy):
+    """Eval mode through ``apply`` (the C++ op or the Python Function, same
+    arguments): the output and the gradients of the ``wanted`` inputs."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_(name in wanted)
+              for name, t in zip(("x", "weight", "bias"), (x, weight, bias))]
+    rm, rv = torch.linspace(-1, 1, x.shape[1], dtype=x.dtype), torch.linspace(0.5, 2, x.shape[1], dtype=x.dtype)
+    y = apply(leaves[0], leaves[1], leaves[2], rm, rv, 1e-5)
+    return [y, *torch.autograd.grad(y, [t for t in leaves if t is not None and t.requires_grad], dy)]
+
+
+@pytest.mark.parametrize("wanted", [("x", "weight", "bias"), ("x",), ("weight", "bias"), ("bias",)], ids="+".join)
+@pytest.mark.parametrize("affine", ["weight+bias", "weight", "bias", "none"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("layout", CPP_OP_LAYOUTS)
+def test_cpp_eval_op_agrees_with_the_python_function_bit_for_bit(layout, dtype, affine, wanted):
+    """Eval mode with grad: bnlib_cpu::batch_norm_eval_with_grad computes what
+    BatchNormEvalFunction computes, output and gradients identical, the
+    input's gradient in its layout."""
+    x = BF._dense(LAYOUTS[layout]().to(dtype))
+    w, b = random_affine(x.shape[1], dtype)
+    w, b = (w if "weight" in affine else None), (b if "bias" in affine else None)
+    if not any(t is not None for name, t in (("x", x), ("weight", w), ("bias", b)) if name in wanted):
+        pytest.skip("no input that wants a gradient")
+    dy = random_input(x.shape, dtype, seed=13, spread=False)
+    assert BF._cpu_kernels(x) is not None
+    cpp = _eval_step(cpu_kernels.ops().batch_norm_eval_with_grad, x, w, b, wanted, dy)
+    python = _eval_step(BF.BatchNormEvalFunction.apply, x, w, b, wanted, dy)
+    for ours, theirs in zip(cpp, python, strict=True):
+        assert ours.dtype == theirs.dtype and ours.stride() == theirs.stride()
+        assert torch.equal(ours, theirs)
+
+
+def test_cpp_eval_op_second_derivatives_and_node():
+    """Eval mode's backward is ATen ops, so create_graph=True differentiates
+    it again: gradgradcheck in float64 for x, weight and bias; and the
+    layer's eval-mode call records the C++ node."""
+    x = random_input((5, 3, 2, 2), torch.float64, seed=5).requires_grad_()
+    w, b = (t.requires_grad_() for t in random_affine(3, torch.float64))
+    rm, rv = torch.linspace(-1, 1, 3, dtype=torch.float64), torch.linspace(0.5, 2, 3, dtype=torch.float64)
+    with BF.cpu_backend("kernels"):
+        fn = lambda *a: BF.batch_norm(a[0], rm, rv, a[1], a[2], False)  # noqa: E731
+        assert fn(x, w, b).grad_fn.name() == "torch::autograd::CppNode<bnlib_cpu::BatchNormEval>"
+        assert torch.autograd.gradgradcheck(fn, (x, w, b))
+
+
 def test_eager_training_records_the_cpp_node():
     """Eager training with grad on records the C++ op's node (its name says
     which); with grad off there is no node at all."""

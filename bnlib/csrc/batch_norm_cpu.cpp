@@ -708,6 +708,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_forward(
   return op.call(x, weight, bias, running_mean, running_var, momentum, eps);
 }
 
+std::tuple<at::Tensor, at::Tensor> dispatch_eval(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                                                 const c10::optional<at::Tensor>& bias, const at::Tensor& running_mean,
+                                                 const at::Tensor& running_var, double eps) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("bnlib_cpu::batch_norm_eval", "")
+                             .typed<decltype(batch_norm_eval)>();
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return op.call(x, weight, bias, running_mean, running_var, eps);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dispatch_backward(const at::Tensor& dy, const at::Tensor& x,
                                                                  const at::Tensor& mean, const at::Tensor& invstd,
                                                                  const c10::optional<at::Tensor>& weight,
@@ -781,9 +791,70 @@ struct BatchNormTrain : public torch::autograd::Function<BatchNormTrain> {
   }
 };
 
+// Eval mode with grad on: functional.py's BatchNormEvalFunction (a frozen
+// network fine-tuned, a gradient taken through a model in eval mode). The
+// running estimates are constants, so y is affine in x:
+//   dx = dy * scale, scale = gamma * invstd;  dgamma = sum(dy * x_hat);  dbeta = sum(dy)
+// in the same ATen ops as the Python Function's backward (the same bits),
+// which autograd can differentiate again (create_graph) and vmap batches.
+struct BatchNormEval : public torch::autograd::Function<BatchNormEval> {
+  // Inputs: x, weight, bias, running_mean, running_var (in x's dtype), eps.
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                            const c10::optional<at::Tensor>& bias, const at::Tensor& running_mean,
+                            const at::Tensor& running_var, double eps) {
+    auto [y, invstd] = dispatch_eval(x, weight, bias, running_mean, running_var, eps);
+    const at::Tensor w = weight.value_or(at::Tensor());
+    // The mean as this forward used it, for dgamma alone: a copy, since the
+    // buffer may be updated in place (a training-mode call of the layer)
+    // before this backward runs (functional._mean_for_backward).
+    const at::Tensor mean = w.defined() && w.requires_grad() ? running_mean.clone() : at::Tensor();
+    ctx->save_for_backward({x, mean, invstd, w});
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    ctx->set_materialize_grads(false);
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(6);  // one per forward input; undefined = no gradient
+    const at::Tensor& dy = grads[0];
+    if (!dy.defined()) return out;
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &mean = saved[1], &invstd = saved[2], &weight = saved[3];
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const int64_t ndim = x.dim();
+    const auto dims = stat_dims(ndim);
+    if (ctx->needs_input_grad(0)) {
+      at::Tensor dx = dy * per_channel_view(weight.defined() ? invstd * weight : invstd, ndim);
+      if (!x.is_contiguous()) {  // dx in x's channels-last layout, as torch's
+        const auto format = ndim == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d;
+        if (x.is_contiguous(format) && !dx.is_contiguous(format)) dx = dx.contiguous(format);
+      }
+      out[0] = dx;
+    }
+    if (weight.defined() && ctx->needs_input_grad(1)) {
+      const at::Tensor x_hat = (x - per_channel_view(mean, ndim)) * per_channel_view(invstd, ndim);
+      out[1] = (dy * x_hat).sum(dims);
+    }
+    if (has_bias && ctx->needs_input_grad(weight.defined() ? 2 : 1)) out[2] = dy.sum(dims);
+    return out;
+  }
+};
+
 }  // namespace bnlib_cpu
 
 namespace {
+
+at::Tensor batch_norm_eval_with_grad_autograd(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                                              const c10::optional<at::Tensor>& bias, const at::Tensor& running_mean,
+                                              const at::Tensor& running_var, double eps) {
+  return bnlib_cpu::BatchNormEval::apply(x, weight, bias, running_mean, running_var, eps);
+}
+
+at::Tensor batch_norm_eval_with_grad_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                                         const c10::optional<at::Tensor>& bias, const at::Tensor& running_mean,
+                                         const at::Tensor& running_var, double eps) {
+  return std::get<0>(batch_norm_eval(x, weight, bias, running_mean, running_var, eps));
+}
 
 // The op with autograd (the Autograd dispatch key): y, mean, var.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train_autograd(
@@ -1666,6 +1737,9 @@ TORCH_LIBRARY(bnlib_cpu, m) {
   m.def(
       "batch_norm_train(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var,"
       " float momentum, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "batch_norm_eval_with_grad(Tensor x, Tensor? weight, Tensor? bias, Tensor running_mean, Tensor running_var,"
+      " float eps) -> Tensor");
   m.def("batch_norm_stats(Tensor x) -> (Tensor, Tensor)");
   m.def("batch_norm_backward_reduce(Tensor dy, Tensor x, Tensor mean) -> (Tensor, Tensor)");
   m.def("batch_norm_backward_elemt(Tensor dy, Tensor x, Tensor mean, Tensor k, Tensor a, Tensor b) -> Tensor");
@@ -1692,6 +1766,7 @@ TORCH_LIBRARY_IMPL(bnlib_cpu, CPU, m) {
   m.impl("batch_norm_eval", &batch_norm_eval);
   m.impl("update_running_stats", &update_running_stats);
   m.impl("batch_norm_train", &batch_norm_train_cpu);
+  m.impl("batch_norm_eval_with_grad", &batch_norm_eval_with_grad_cpu);
   m.impl("batch_norm_stats", &batch_norm_stats);
   m.impl("batch_norm_backward_reduce", &batch_norm_backward_reduce);
   m.impl("batch_norm_backward_elemt", &batch_norm_backward_elemt);
@@ -1704,5 +1779,6 @@ TORCH_LIBRARY_IMPL(bnlib_cpu, CPU, m) {
 
 TORCH_LIBRARY_IMPL(bnlib_cpu, Autograd, m) {
   m.impl("batch_norm_train", &batch_norm_train_autograd);
+  m.impl("batch_norm_eval_with_grad", &batch_norm_eval_with_grad_autograd);
   m.impl("grouped_norm_train", &grouped_norm_train_autograd);
 }
