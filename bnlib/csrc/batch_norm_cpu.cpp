@@ -1682,8 +1682,10 @@ struct GroupedNormTrain : public torch::autograd::Function<GroupedNormTrain> {
         if (centered) inner_term = inner_term - dx_hat.mean(-1, true);
         out[0] = (invstd.view({rows, 1}) * inner_term).reshape(x.sizes());
       }
-      if (dweight_wanted) out[1] = (dy_by_param * x_hat_by_param).sum({0, 2}).reshape(weight.sizes());
-      if (dbias_wanted) out[2] = dy_by_param.sum({0, 2}).reshape(bias.sizes());
+      // (a named vector: torch 2.4's headers find sum({0, 2}) ambiguous)
+      const std::vector<int64_t> outside_params{0, 2};
+      if (dweight_wanted) out[1] = (dy_by_param * x_hat_by_param).sum(outside_params).reshape(weight.sizes());
+      if (dbias_wanted) out[2] = dy_by_param.sum(outside_params).reshape(bias.sizes());
       return out;
     }
     const bool param_grads = dweight_wanted || dbias_wanted;
