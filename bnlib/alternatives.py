@@ -170,32 +170,29 @@ def _grouped_norm(input, weight, bias, row_shape, param_view, param_dims, eps):
         var = (rows - mu).square().mean(-1)
         mu = mu.squeeze(-1)
         return _grouped_norm_formula(input, weight, bias, row_shape, param_view, eps), mu, var
-    out = _grouped_train_op(input, weight, bias, row_shape, param_view, eps, centered=True)
+    kernel = _grouped_kernel(input, row_shape, param_view)
+    out = _grouped_train_op(input, weight, bias, row_shape, kernel, eps, centered=True)
+    if out is None and kernel is not None and not torch.is_grad_enabled():
+        # nothing to record (a channels-last input): the C++ loops without the Function's overhead
+        out = _kernel_forward(kernel, input, weight, bias, row_shape, eps, centered=True)[:3]
     if out is not None:
         y, mu, var = out
         return y, mu.view(row_shape[:-1]), var.view(row_shape[:-1])
-    if not torch.is_grad_enabled():  # nothing to record: the C++ loops without the Function's overhead
-        kernel = _grouped_kernel(input, row_shape, param_view)
-        if kernel is not None:
-            y, mu, var, _ = _kernel_forward(kernel, input, weight, bias, row_shape, eps, centered=True)
-            return y, mu.view(row_shape[:-1]), var.view(row_shape[:-1])
     return GroupedNormFunction.apply(input, weight, bias, row_shape, param_view, param_dims, eps)
 
 
-def _grouped_train_op(input, weight, bias, row_shape, param_view, eps, centered):
+def _grouped_train_op(input, weight, bias, row_shape, kernel, eps, centered):
     """``(y, mean, var)`` (the statistics one per row) from the C++ autograd
     op ``bnlib_cpu::grouped_norm_train``: ``GroupedNormFunction`` (with
     ``centered``) or ``RMSNormFunction`` (without) on the same loops, with
     autograd's bookkeeping in C++, which on small inputs takes a fraction of
     the Python Function's per-call time. Without grad it records nothing,
-    and takes the parameters' conversions for the loops into C++ too. None
-    where it does not apply: no loops for this input, a channels-last one
-    (its own loops, left to the Functions), or under ``torch.compile``,
-    which traces the Functions."""
-    if torch.compiler.is_compiling():
-        return None
-    kernel = _grouped_kernel(input, row_shape, param_view)
-    if kernel is None or kernel[2]:
+    and takes the parameters' conversions for the loops into C++ too.
+    ``kernel``: what :func:`_grouped_kernel` said of this input. None where
+    the op does not apply: no loops for this input, a channels-last one (its
+    own loops, left to the Functions), or under ``torch.compile``, which
+    traces the Functions."""
+    if kernel is None or kernel[2] or torch.compiler.is_compiling():
         return None
     inner, params, _ = kernel
     # Conversions here, outside the op, so that autograd carries the
@@ -632,8 +629,8 @@ def rms_norm(input, normalized_shape, weight=None, eps=None):
     if bnF.under_func_transform():
         y = _rms_norm_formula(input, weight, row_shape, eps)
     else:
-        out = _grouped_train_op(input, weight, None, row_shape, (1,) if weight is None else weight.shape, eps,
-                                centered=False)
+        kernel = _grouped_kernel(input, row_shape, (1,) if weight is None else weight.shape)
+        out = _grouped_train_op(input, weight, None, row_shape, kernel, eps, centered=False)
         y = RMSNormFunction.apply(input, weight, row_shape, param_dims, eps) if out is None else out[0]
     # as torch's: channels-last stays channels-last, anything else comes back contiguous
     fmt = bnF._channels_last_format(input)
