@@ -635,10 +635,10 @@ at::Tensor batch_norm_backward_elemt(const at::Tensor& dy, const at::Tensor& x, 
 // Training mode as one autograd op: bnlib_cpu::batch_norm_train
 //
 // The same forward and backward as functional.py's FusedCPUTrainFunction,
-// with autograd's bookkeeping in C++: a Python autograd.Function costs about
-// 25 us a call each way (measured on (32, 64): the kernels themselves take
-// about 8), which on the small batches of the book's experiments was a
-// visible share of a training step. functional.batch_norm_train calls this
+// with autograd's bookkeeping in C++: a Python autograd.Function added 27 to
+// 29 us to a forward on (32, 64), where the kernel's call takes 14 to 16 and
+// this op's bookkeeping 8 to 9 (bench/results/cpu_dev_machine.md), a visible
+// share of a training step on the small batches of the book's experiments. functional.batch_norm_train calls this
 // op in eager mode; torch.compile, torch.export, tracing and the torch.func
 // transforms keep to the Python Function or the formulas, which they can
 // trace (this op has no fake kernel: its autograd kernel reads the data).
