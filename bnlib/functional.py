@@ -636,16 +636,16 @@ def batch_norm_train(input, weight, bias, eps, running_mean=None, running_var=No
         # the gradients back through them.
         args = (x, _per_channel_arg(weight, x), _per_channel_arg(bias, x), *(running or (None, None)),
                 float(momentum), eps)
-        if torch.is_grad_enabled() and torch.compiler.is_compiling():
+        if not torch.is_grad_enabled():  # no graph is recorded (inference, a benchmark): no Function at all
+            y, mu, var, _ = _cpu["ops"].batch_norm_forward(*args)
+        elif torch.compiler.is_compiling():
             y, mu, var = FusedCPUTrainFunction.apply(*args)  # the Python Function, which the compiler traces
-        elif torch.is_grad_enabled():
+        else:
             # The same Function written in C++ (bnlib_cpu::batch_norm_train),
             # the same numbers: on (32, 64) its forward adds 9 us to the
             # kernel's call where the Python one adds 29, and forward+backward
             # takes 35 us less.
             y, mu, var = _cpu["ops"].batch_norm_train(*args)
-        else:  # no graph is recorded (inference, a benchmark): skip the Function's bookkeeping
-            y, mu, var, _ = _cpu["ops"].batch_norm_forward(*args)
         if update and running is None:  # buffers the kernel cannot update in place
             _update_running_stats(running_mean, running_var, mu, var, values_per_channel(x.shape), momentum)
         return y, mu, var
