@@ -656,15 +656,19 @@ std::vector<int64_t> stat_dims(int64_t ndim) {
   return dims;
 }
 
+// eps as it can be added in x's dtype (float32 or float64): at least the
+// dtype's smallest subnormal, as functional._eps_in.
+double eps_in(double eps, const at::Tensor& x) {
+  return std::max(eps, x.scalar_type() == at::kFloat ? std::numeric_limits<float>::denorm_min()
+                                                     : std::numeric_limits<double>::denorm_min());
+}
+
 // functional.batch_norm_formula in differentiable ATen ops (x is float32 or
-// float64 here; weight and bias, when defined, in x's dtype). eps is at
-// least the dtype's smallest subnormal, as functional._eps_in.
+// float64 here; weight and bias, when defined, in x's dtype).
 at::Tensor batch_norm_formula(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps) {
-  const double tiny = x.scalar_type() == at::kFloat ? std::numeric_limits<float>::denorm_min()
-                                                     : std::numeric_limits<double>::denorm_min();
   const auto dims = stat_dims(x.dim());
   at::Tensor x_centered = x - x.mean(dims, /*keepdim=*/true);
-  at::Tensor y = x_centered * at::rsqrt(x_centered.square().mean(dims, /*keepdim=*/true) + std::max(eps, tiny));
+  at::Tensor y = x_centered * at::rsqrt(x_centered.square().mean(dims, /*keepdim=*/true) + eps_in(eps, x));
   if (weight.defined()) y = y * per_channel_view(weight, x.dim());
   if (bias.defined()) y = y + per_channel_view(bias, x.dim());
   return y;
@@ -1570,15 +1574,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_norm_backward_cl(
 // loops (contiguous rows; channels-last inputs keep the Python Functions),
 // with autograd's bookkeeping in C++, as batch_norm_train does for batch norm.
 
-using GroupedForward = decltype(grouped_norm_forward);
-using GroupedBackward = decltype(grouped_norm_backward);
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dispatch_grouped_forward(
     const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, int64_t rows, int64_t inner,
     int64_t params, double eps, bool centered) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("bnlib_cpu::grouped_norm_forward", "")
-                             .typed<GroupedForward>();
+                             .typed<decltype(grouped_norm_forward)>();
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   return op.call(x, weight, bias, rows, inner, params, eps, centered);
 }
@@ -1588,7 +1589,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dispatch_grouped_backward(
     const at::Tensor& weight, int64_t inner, bool centered, bool input_grad, bool param_grads) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("bnlib_cpu::grouped_norm_backward", "")
-                             .typed<GroupedBackward>();
+                             .typed<decltype(grouped_norm_backward)>();
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   return op.call(dy, x, mean, invstd, weight, inner, centered, input_grad, param_grads);
 }
@@ -1597,6 +1598,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dispatch_grouped_backward(
 at::Tensor param_values(const at::Tensor& param, int64_t params, const at::Tensor& x) {
   if (!param.defined()) return at::ones({params}, x.options());
   return param.reshape({-1}).contiguous();
+}
+
+// grouped_norm_forward with the layer's weight and bias (undefined when
+// absent) turned into the values the loops take.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_forward_of_layer(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, int64_t rows, int64_t inner, int64_t params,
+    double eps, bool centered) {
+  c10::optional<at::Tensor> bias_values;
+  if (bias.defined()) bias_values = param_values(bias, params, x);
+  return dispatch_grouped_forward(x, param_values(weight, params, x), bias_values, rows, inner, params, eps, centered);
 }
 
 // x viewed as (-1, params, inner): value i's parameter is (i / inner) % params,
@@ -1608,14 +1619,12 @@ at::Tensor by_param(const at::Tensor& t, int64_t params, int64_t inner) { return
 // divided by its root mean square), then times weight, plus bias.
 at::Tensor grouped_formula(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, int64_t rows,
                            int64_t inner, int64_t params, double eps, bool centered) {
-  const double tiny = x.scalar_type() == at::kFloat ? std::numeric_limits<float>::denorm_min()
-                                                     : std::numeric_limits<double>::denorm_min();
   at::Tensor r = x.reshape({rows, -1});
   if (centered) {
     at::Tensor mu = r.mean(-1, /*keepdim=*/true);
     r = r - (mu + (r - mu).mean(-1, /*keepdim=*/true));  // alternatives._row_mean's corrected mean
   }
-  at::Tensor y = by_param(r * at::rsqrt(r.square().mean(-1, /*keepdim=*/true) + std::max(eps, tiny)), params, inner);
+  at::Tensor y = by_param(r * at::rsqrt(r.square().mean(-1, /*keepdim=*/true) + eps_in(eps, x)), params, inner);
   if (weight.defined()) y = y * weight.reshape({1, params, 1});
   if (bias.defined()) y = y + bias.reshape({1, params, 1});
   return y.reshape(x.sizes());
@@ -1632,10 +1641,7 @@ struct GroupedNormTrain : public torch::autograd::Function<GroupedNormTrain> {
                                const c10::optional<at::Tensor>& bias, int64_t rows, int64_t inner, int64_t params,
                                double eps, bool centered) {
     const at::Tensor w = weight.value_or(at::Tensor()), b = bias.value_or(at::Tensor());
-    c10::optional<at::Tensor> bias_values;
-    if (b.defined()) bias_values = param_values(b, params, x);
-    auto [y, mean, var, invstd] =
-        dispatch_grouped_forward(x, param_values(w, params, x), bias_values, rows, inner, params, eps, centered);
+    auto [y, mean, var, invstd] = grouped_forward_of_layer(x, w, b, rows, inner, params, eps, centered);
     ctx->save_for_backward({x, mean, invstd, w, b});
     ctx->saved_data["rows"] = rows;
     ctx->saved_data["inner"] = inner;
@@ -1714,10 +1720,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_norm_train_autograd(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_norm_train_cpu(
     const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
     int64_t rows, int64_t inner, int64_t params, double eps, bool centered) {
-  c10::optional<at::Tensor> bias_values;
-  if (bias.has_value() && bias->defined()) bias_values = param_values(*bias, params, x);
-  auto [y, mean, var, invstd] = grouped_norm_forward(x, param_values(weight.value_or(at::Tensor()), params, x),
-                                                     bias_values, rows, inner, params, eps, centered);
+  auto [y, mean, var, invstd] = grouped_forward_of_layer(x, weight.value_or(at::Tensor()), bias.value_or(at::Tensor()),
+                                                         rows, inner, params, eps, centered);
   return {y, mean, var};
 }
 
